@@ -1,0 +1,214 @@
+//! The HTTP API: routing a request to the store and shaping the answer.
+//!
+//! | request                               | answer                                      |
+//! |---------------------------------------|---------------------------------------------|
+//! | `PUT`/`POST /<key>` `{"value": <json>}` | 200 `{"message": "Value stored successfully"}` |
+//! | `GET /<key>`                          | 200 `{"value": <json>}` or 404              |
+//! | `HEAD /<key>`                         | as `GET`, without the body                  |
+//! | `DELETE /<key>`                       | 200 `{"message": "Key deleted successfully"}` or 404 |
+//! | `GET /-/health`                       | 200 `{"status": "ok", ...}`                 |
+//!
+//! The store holds, for each key, the exact body a `GET` answers with
+//! (`{"value":<the JSON text the client sent>}`), so a read copies nothing and
+//! serialises nothing. Bodies end in a newline, as Flask's `jsonify` does.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use hyper::body::Incoming;
+use hyper::header::{HeaderMap, HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
+use hyper::{Method, Request, Response, StatusCode};
+use kv_store::Store;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use crate::error::ApiError;
+use crate::key;
+
+/// The response body type of every answer.
+pub type Body = Full<Bytes>;
+
+const STORED: &[u8] = b"{\"message\":\"Value stored successfully\"}\n";
+const DELETED: &[u8] = b"{\"message\":\"Key deleted successfully\"}\n";
+const KEY_METHODS: &str = "GET, HEAD, PUT, POST, DELETE";
+const ADMIN_METHODS: &str = "GET, HEAD";
+/// What a stored body looks like around the value's JSON text.
+const VALUE_PREFIX: &[u8] = b"{\"value\":";
+const VALUE_SUFFIX: &[u8] = b"}\n";
+
+/// What every request handler shares.
+pub struct App {
+    pub store: Store,
+    pub max_value_bytes: usize,
+    pub body_timeout: std::time::Duration,
+    pub started: Instant,
+}
+
+/// A response with a JSON body.
+pub fn json_response(status: StatusCode, body: Bytes) -> Response<Body> {
+    let mut response = Response::new(Full::new(body));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+}
+
+/// The service function: every request gets an answer, errors included.
+pub async fn handle(
+    app: Arc<App>,
+    request: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
+    Ok(route(&app, request)
+        .await
+        .unwrap_or_else(ApiError::into_response))
+}
+
+async fn route(app: &App, request: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    // Split the request so the key can borrow from the URI while the body is
+    // consumed: the common, undecoded key is never copied.
+    let (parts, body) = request.into_parts();
+    let path = parts.uri.path();
+    if let Some(admin) = path.strip_prefix("/-/") {
+        return admin_route(app, &parts.method, admin);
+    }
+    let key = key::parse(path)?;
+    match parts.method {
+        Method::GET | Method::HEAD => get(app, &key),
+        Method::PUT | Method::POST => put(app, &key, &parts.headers, body).await,
+        Method::DELETE => delete(app, &key).await,
+        _ => Err(ApiError::MethodNotAllowed { allow: KEY_METHODS }),
+    }
+}
+
+fn get(app: &App, key: &str) -> Result<Response<Body>, ApiError> {
+    log::debug!("GET - Key: {key}");
+    let body = app.store.get(key).ok_or(ApiError::KeyNotFound)?;
+    Ok(json_response(StatusCode::OK, body))
+}
+
+async fn put(
+    app: &App,
+    key: &str,
+    headers: &HeaderMap,
+    body: Incoming,
+) -> Result<Response<Body>, ApiError> {
+    let raw = read_body(app, headers, body).await?;
+    let stored = stored_body(&raw)?;
+    log::debug!("PUT - Key: {key}");
+    app.store.put(key, stored).await?;
+    Ok(json_response(StatusCode::OK, Bytes::from_static(STORED)))
+}
+
+async fn delete(app: &App, key: &str) -> Result<Response<Body>, ApiError> {
+    log::debug!("DELETE - Key: {key}");
+    if app.store.delete(key).await? {
+        Ok(json_response(StatusCode::OK, Bytes::from_static(DELETED)))
+    } else {
+        Err(ApiError::KeyNotFound)
+    }
+}
+
+/// Reads the whole request body, refusing more than `max_value_bytes` and a
+/// client that stalls for longer than `body_timeout`.
+async fn read_body(app: &App, headers: &HeaderMap, body: Incoming) -> Result<Bytes, ApiError> {
+    let limit = app.max_value_bytes;
+    // Refuse early, before reading a byte, when the client says it is too big.
+    let declared = headers
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > limit as u64) {
+        return Err(ApiError::BodyTooLarge { limit });
+    }
+    let collect = Limited::new(body, limit).collect();
+    match tokio::time::timeout(app.body_timeout, collect).await {
+        Err(_) => Err(ApiError::BodyTimeout),
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(error)) if error.is::<LengthLimitError>() => Err(ApiError::BodyTooLarge { limit }),
+        Ok(Err(error)) => Err(ApiError::BodyRead(error.to_string())),
+    }
+}
+
+#[derive(Deserialize)]
+struct PutBody<'a> {
+    #[serde(borrow)]
+    value: &'a RawValue,
+}
+
+/// Validates a PUT body and builds the body a later GET will answer with.
+pub fn stored_body(raw: &[u8]) -> Result<Bytes, ApiError> {
+    let parsed: PutBody<'_> = serde_json::from_slice(raw).map_err(|error| {
+        if error.is_data() {
+            ApiError::MissingValue
+        } else {
+            ApiError::MalformedJson(error.to_string())
+        }
+    })?;
+    Ok(value_body(parsed.value.get().as_bytes()))
+}
+
+/// `{"value":<json>}\n` around a value's JSON text.
+pub fn value_body(json: &[u8]) -> Bytes {
+    let mut body = BytesMut::with_capacity(VALUE_PREFIX.len() + json.len() + VALUE_SUFFIX.len());
+    body.put_slice(VALUE_PREFIX);
+    body.put_slice(json);
+    body.put_slice(VALUE_SUFFIX);
+    body.freeze()
+}
+
+fn admin_route(app: &App, method: &Method, path: &str) -> Result<Response<Body>, ApiError> {
+    match path {
+        "health" => {
+            if !matches!(*method, Method::GET | Method::HEAD) {
+                return Err(ApiError::MethodNotAllowed {
+                    allow: ADMIN_METHODS,
+                });
+            }
+            let body = serde_json::json!({
+                "status": "ok",
+                "keys": app.store.len(),
+                "uptime_seconds": app.started.elapsed().as_secs(),
+                "version": env!("CARGO_PKG_VERSION"),
+            });
+            let mut bytes = body.to_string().into_bytes();
+            bytes.push(b'\n');
+            Ok(json_response(StatusCode::OK, Bytes::from(bytes)))
+        }
+        _ => Err(ApiError::UnknownAdminPath),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stored_body_keeps_the_value_text() {
+        let body = stored_body(br#"{"value": {"b": [1, 2.50, null]}}"#).unwrap();
+        assert_eq!(&body[..], b"{\"value\":{\"b\": [1, 2.50, null]}}\n");
+    }
+
+    #[test]
+    fn stored_body_rejects_bad_input() {
+        assert!(matches!(stored_body(b"{"), Err(ApiError::MalformedJson(_))));
+        assert!(matches!(stored_body(b""), Err(ApiError::MalformedJson(_))));
+        assert!(matches!(stored_body(b"{}"), Err(ApiError::MissingValue)));
+        assert!(matches!(stored_body(b"[1]"), Err(ApiError::MissingValue)));
+        assert!(matches!(
+            stored_body(br#"{"value": 1} x"#),
+            Err(ApiError::MalformedJson(_))
+        ));
+    }
+
+    #[test]
+    fn null_is_a_value() {
+        assert_eq!(
+            &stored_body(br#"{"value":null}"#).unwrap()[..],
+            b"{\"value\":null}\n"
+        );
+    }
+}

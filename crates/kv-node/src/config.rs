@@ -1,0 +1,68 @@
+//! Command-line and environment configuration of a node.
+//!
+//! The struct lives in the library (not in `main.rs`) so tests can build a
+//! configuration in-process with [`Config::for_tests`] or `Config::parse_from`.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+
+/// One node of the key-value store, serving it over HTTP/1.1.
+#[derive(Parser, Debug, Clone)]
+#[command(name = "kv-node", version, about, long_about = None)]
+pub struct Config {
+    /// Address to listen on.
+    #[arg(long, env = "KV_BIND", default_value = "127.0.0.1")]
+    pub bind: IpAddr,
+
+    /// Port to listen on (0 picks a free one and logs it).
+    #[arg(long, env = "KV_PORT", default_value_t = 8081)]
+    pub port: u16,
+
+    /// Directory that holds this node's data [default: ./data/<port>].
+    #[arg(long, env = "KV_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+
+    /// Largest request body accepted, in bytes; larger ones get 413.
+    #[arg(long, env = "KV_MAX_VALUE_BYTES", default_value_t = 1024 * 1024)]
+    pub max_value_bytes: usize,
+
+    /// Most connections served at once; more are answered 503 and closed.
+    #[arg(long, env = "KV_MAX_CONNECTIONS", default_value_t = 4096)]
+    pub max_connections: usize,
+
+    /// Time a client has to send a request's headers; it also closes
+    /// keep-alive connections idle for that long.
+    #[arg(long, env = "KV_HEADER_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub header_timeout: Duration,
+
+    /// Time a client has to send a request's body once its headers arrived.
+    #[arg(long, env = "KV_BODY_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub body_timeout: Duration,
+
+    /// On SIGINT/SIGTERM, how long in-flight requests get to finish.
+    #[arg(long, env = "KV_SHUTDOWN_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub shutdown_timeout: Duration,
+}
+
+impl Config {
+    /// The data directory: `--data-dir`, or `./data/<port>`.
+    pub fn data_dir(&self) -> PathBuf {
+        self.data_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("data").join(self.port.to_string()))
+    }
+
+    /// Defaults with the given data directory, for in-process servers.
+    pub fn for_tests(data_dir: PathBuf) -> Self {
+        Self::parse_from([
+            "kv-node",
+            "--port",
+            "0",
+            "--data-dir",
+            &data_dir.to_string_lossy(),
+        ])
+    }
+}

@@ -1,0 +1,279 @@
+//! A consistent-hash ring with virtual nodes, hashed with xxh3.
+//!
+//! Each node is placed on a 64-bit ring at `vnodes` points, the xxh3 hashes of
+//! `"<node>#<i>"`. A key belongs to the node of the first point at or after the
+//! key's own xxh3 hash, wrapping around past the top. The points are sorted
+//! once into a boxed slice and searched by binary search, as pingora's
+//! load-balancing ring does; health is kept elsewhere (in the proxy), so the
+//! ring stays pure: the same node list gives the same owners in every process
+//! and every version, whatever order the list is given in.
+//!
+//! Adding a node moves only the keys that the new node's points take over;
+//! removing it gives them back to exactly their old owners.
+
+use std::fmt;
+
+use xxhash_rust::xxh3::xxh3_64;
+
+/// Virtual nodes per node unless told otherwise. Measured (see the
+/// `balance` tests and `examples/balance.rs`): with 3 nodes the most-loaded
+/// node owns on average ~1.03× the mean share of the hash space.
+pub const DEFAULT_VNODES: u32 = 1000;
+
+/// Why a ring could not be built.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RingError {
+    /// No nodes were given.
+    Empty,
+    /// `vnodes` was zero.
+    NoVirtualNodes,
+    /// The same node was named twice.
+    DuplicateNode(String),
+}
+
+impl fmt::Display for RingError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RingError::Empty => write!(f, "a ring needs at least one node"),
+            RingError::NoVirtualNodes => {
+                write!(f, "a ring needs at least one virtual node per node")
+            }
+            RingError::DuplicateNode(node) => write!(f, "node {node} is listed twice"),
+        }
+    }
+}
+
+impl std::error::Error for RingError {}
+
+#[derive(Debug, Clone, Copy)]
+struct Point {
+    hash: u64,
+    node: u32,
+}
+
+/// An immutable consistent-hash ring.
+#[derive(Debug, Clone)]
+pub struct Ring {
+    points: Box<[Point]>,
+    nodes: Box<[String]>,
+    vnodes: u32,
+}
+
+/// The hash a key is placed by.
+#[inline]
+pub fn key_hash(key: &[u8]) -> u64 {
+    xxh3_64(key)
+}
+
+impl Ring {
+    /// Builds a ring of `nodes` (for example `"127.0.0.1:8081"`), each with
+    /// `vnodes` points.
+    pub fn new<I, S>(nodes: I, vnodes: u32) -> Result<Self, RingError>
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        let nodes: Vec<String> = nodes.into_iter().map(Into::into).collect();
+        if nodes.is_empty() {
+            return Err(RingError::Empty);
+        }
+        if vnodes == 0 {
+            return Err(RingError::NoVirtualNodes);
+        }
+        for (i, node) in nodes.iter().enumerate() {
+            if nodes[..i].contains(node) {
+                return Err(RingError::DuplicateNode(node.clone()));
+            }
+        }
+        let mut points = Vec::with_capacity(nodes.len() * vnodes as usize);
+        let mut label = String::new();
+        for (index, node) in nodes.iter().enumerate() {
+            for i in 0..vnodes {
+                label.clear();
+                label.push_str(node);
+                label.push('#');
+                label.push_str(&i.to_string());
+                points.push(Point {
+                    hash: xxh3_64(label.as_bytes()),
+                    node: index as u32,
+                });
+            }
+        }
+        // Ties (vanishingly rare) are broken by node name, not list order, so
+        // the ring does not depend on the order the nodes were given in.
+        points.sort_unstable_by(|a, b| {
+            a.hash
+                .cmp(&b.hash)
+                .then_with(|| nodes[a.node as usize].cmp(&nodes[b.node as usize]))
+        });
+        Ok(Self {
+            points: points.into_boxed_slice(),
+            nodes: nodes.into_boxed_slice(),
+            vnodes,
+        })
+    }
+
+    /// The nodes, in the order they were given.
+    pub fn nodes(&self) -> &[String] {
+        &self.nodes
+    }
+
+    /// Virtual nodes per node.
+    pub fn vnodes(&self) -> u32 {
+        self.vnodes
+    }
+
+    /// Index of the point that owns `hash`.
+    #[inline]
+    fn point_index(&self, hash: u64) -> usize {
+        let index = self.points.partition_point(|point| point.hash < hash);
+        if index == self.points.len() {
+            0
+        } else {
+            index
+        }
+    }
+
+    /// Index (into [`Ring::nodes`]) of the node that owns `key`.
+    #[inline]
+    pub fn owner_index(&self, key: &[u8]) -> usize {
+        self.points[self.point_index(key_hash(key))].node as usize
+    }
+
+    /// The node that owns `key`.
+    #[inline]
+    pub fn owner(&self, key: &[u8]) -> &str {
+        &self.nodes[self.owner_index(key)]
+    }
+
+    /// The distinct nodes after `key` on the ring, its owner first: the order
+    /// replicas or fallbacks would be chosen in.
+    pub fn successors(&self, key: &[u8]) -> Successors<'_> {
+        Successors {
+            ring: self,
+            next: self.point_index(key_hash(key)),
+            walked: 0,
+            seen: vec![false; self.nodes.len()],
+            found: 0,
+        }
+    }
+
+    /// The fraction of the hash space each node owns, in node order.
+    pub fn shares(&self) -> Vec<f64> {
+        let mut owned = vec![0u128; self.nodes.len()];
+        let mut previous = match self.points.last() {
+            Some(last) => last.hash,
+            None => return Vec::new(),
+        };
+        for point in self.points.iter() {
+            // A point owns the arc from the previous point (exclusive) to
+            // itself (inclusive); the first point's arc wraps past zero.
+            owned[point.node as usize] += u128::from(point.hash.wrapping_sub(previous));
+            previous = point.hash;
+        }
+        if self.nodes.len() == 1 {
+            return vec![1.0];
+        }
+        let total = (u128::from(u64::MAX) + 1) as f64;
+        owned.iter().map(|&arc| arc as f64 / total).collect()
+    }
+}
+
+/// Iterator returned by [`Ring::successors`].
+pub struct Successors<'a> {
+    ring: &'a Ring,
+    next: usize,
+    walked: usize,
+    seen: Vec<bool>,
+    found: usize,
+}
+
+impl<'a> Iterator for Successors<'a> {
+    type Item = &'a str;
+
+    fn next(&mut self) -> Option<&'a str> {
+        let points = &self.ring.points;
+        while self.found < self.seen.len() && self.walked < points.len() {
+            let node = points[self.next].node as usize;
+            self.next = (self.next + 1) % points.len();
+            self.walked += 1;
+            if !self.seen[node] {
+                self.seen[node] = true;
+                self.found += 1;
+                return Some(&self.ring.nodes[node]);
+            }
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn three() -> Ring {
+        Ring::new(
+            ["127.0.0.1:8081", "127.0.0.1:8082", "127.0.0.1:8083"],
+            DEFAULT_VNODES,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn empty_ring_is_an_error() {
+        assert_eq!(
+            Ring::new(Vec::<String>::new(), 10).unwrap_err(),
+            RingError::Empty
+        );
+        assert_eq!(Ring::new(["a"], 0).unwrap_err(), RingError::NoVirtualNodes);
+        assert_eq!(
+            Ring::new(["a", "a"], 10).unwrap_err(),
+            RingError::DuplicateNode("a".into())
+        );
+    }
+
+    #[test]
+    fn single_node_owns_everything() {
+        let ring = Ring::new(["only"], 7).unwrap();
+        for i in 0..1000 {
+            assert_eq!(ring.owner(format!("k{i}").as_bytes()), "only");
+        }
+        assert_eq!(ring.shares(), vec![1.0]);
+        assert_eq!(ring.successors(b"x").collect::<Vec<_>>(), vec!["only"]);
+    }
+
+    #[test]
+    fn shares_add_up_to_one() {
+        let total: f64 = three().shares().iter().sum();
+        assert!((total - 1.0).abs() < 1e-9, "{total}");
+    }
+
+    #[test]
+    fn order_of_nodes_does_not_matter() {
+        let a = three();
+        let b = Ring::new(
+            ["127.0.0.1:8083", "127.0.0.1:8081", "127.0.0.1:8082"],
+            DEFAULT_VNODES,
+        )
+        .unwrap();
+        for i in 0..10_000 {
+            let key = format!("key_{i}");
+            assert_eq!(a.owner(key.as_bytes()), b.owner(key.as_bytes()));
+        }
+    }
+
+    #[test]
+    fn successors_are_distinct_and_start_with_the_owner() {
+        let ring = three();
+        for i in 0..1000 {
+            let key = format!("key_{i}");
+            let successors: Vec<&str> = ring.successors(key.as_bytes()).collect();
+            assert_eq!(successors.len(), 3);
+            assert_eq!(successors[0], ring.owner(key.as_bytes()));
+            let mut sorted = successors.clone();
+            sorted.sort_unstable();
+            sorted.dedup();
+            assert_eq!(sorted.len(), 3);
+        }
+    }
+}
