@@ -1,0 +1,44 @@
+//! The real `kv-node` binary, started as a process on a free port.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use kv_testkit::{binary, request, Process};
+
+fn start(dir: &tempfile::TempDir) -> Process {
+    Process::spawn(
+        &binary("kv-node"),
+        &["--port", "0", "--data-dir", dir.path().to_str().unwrap()],
+    )
+}
+
+#[test]
+fn api_rows_through_the_binary() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start(&dir);
+    let put = request(node.addr, "PUT", "/key_1", Some(br#"{"value": "value_1"}"#)).unwrap();
+    assert_eq!(put.status, 200);
+    assert_eq!(put.text(), "{\"message\":\"Value stored successfully\"}\n");
+    let get = request(node.addr, "GET", "/key_1", None).unwrap();
+    assert_eq!(
+        (get.status, get.text().as_str()),
+        (200, "{\"value\":\"value_1\"}\n")
+    );
+    assert_eq!(get.header("content-type"), Some("application/json"));
+    let delete = request(node.addr, "DELETE", "/key_1", None).unwrap();
+    assert_eq!(
+        delete.text(),
+        "{\"message\":\"Key deleted successfully\"}\n"
+    );
+    let missing = request(node.addr, "GET", "/key_1", None).unwrap();
+    assert_eq!(
+        (missing.status, missing.text().as_str()),
+        (404, "{\"error\":\"Key not found\"}\n")
+    );
+}
+
+#[test]
+fn sigterm_exits_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut node = start(&dir);
+    assert_eq!(node.terminate(), Some(0));
+    assert!(node.log().contains("kv-node stopped"), "{}", node.log());
+}

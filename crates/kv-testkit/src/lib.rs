@@ -1,0 +1,317 @@
+//! Test support shared by the workspace's integration tests: start the real
+//! `kv-node` / `kv-proxy` binaries as child processes and talk to them.
+//!
+//! * [`binary`] finds a workspace binary, building it first with the same
+//!   cargo that runs the tests (so `cargo test -p kv-proxy` works on its own).
+//! * [`Process::spawn`] starts a binary with `--port 0`, reads the port it
+//!   logged ("listening on http://ADDR"), then waits until `GET /-/health`
+//!   answers 200. No sleeps: every wait is for an event, bounded by a deadline.
+//! * [`Process`] kills its child on drop; [`Process::kill9`] is a crash.
+//!
+//! HTTP here is a tiny blocking HTTP/1.1 client over `std::net` on purpose:
+//! readiness checks must not depend on the code under test.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// How long a process gets to report its port and become healthy.
+pub const STARTUP_DEADLINE: Duration = Duration::from_secs(60);
+
+/// The workspace's target directory (the tests run from `target/<profile>/deps`).
+fn profile_dir() -> PathBuf {
+    let exe = std::env::current_exe().unwrap_or_default();
+    let mut dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    dir
+}
+
+/// Path to the workspace binary `name` (`kv-node`, `kv-proxy`, `kv-bench`),
+/// built on first use in this test process.
+pub fn binary(name: &str) -> PathBuf {
+    static BUILT: OnceLock<Mutex<Vec<String>>> = OnceLock::new();
+    let built = BUILT.get_or_init(|| Mutex::new(Vec::new()));
+    let mut built = built.lock().unwrap_or_else(|poison| poison.into_inner());
+    let dir = profile_dir();
+    if !built.iter().any(|b| b == name) {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+        let mut command = Command::new(cargo);
+        command.args(["build", "--quiet", "--bin", name]);
+        if dir.file_name().is_some_and(|p| p == "release") {
+            command.arg("--release");
+        }
+        let status = command.status();
+        assert!(
+            status.as_ref().is_ok_and(|s| s.success()),
+            "cargo build --bin {name} failed: {status:?}"
+        );
+        built.push(name.to_owned());
+    }
+    dir.join(name)
+}
+
+/// A child process running one of the workspace's servers.
+pub struct Process {
+    child: Child,
+    pub addr: SocketAddr,
+    /// Everything the child wrote to stderr so far (its log).
+    log: Arc<Mutex<String>>,
+    program: PathBuf,
+    args: Vec<String>,
+}
+
+impl Process {
+    /// Starts `program` with `args` (which should include `--port 0`, or a
+    /// fixed port), waits for it to log its address and to answer
+    /// `GET /-/health` with 200.
+    pub fn spawn(program: &Path, args: &[&str]) -> Process {
+        let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+        Self::start(program.to_path_buf(), args)
+    }
+
+    fn start(program: PathBuf, args: Vec<String>) -> Process {
+        let mut child = Command::new(&program)
+            .args(&args)
+            .env(
+                "RUST_LOG",
+                std::env::var("KV_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", program.display()));
+        let log = Arc::new(Mutex::new(String::new()));
+        let (addr_tx, addr_rx) = mpsc::channel();
+        let stderr = child.stderr.take().expect("stderr is piped");
+        let log_writer = log.clone();
+        thread::spawn(move || {
+            let mut sent = false;
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if !sent {
+                    if let Some(addr) = parse_listening(&line) {
+                        let _ = addr_tx.send(addr);
+                        sent = true;
+                    }
+                }
+                if let Ok(mut log) = log_writer.lock() {
+                    log.push_str(&line);
+                    log.push('\n');
+                }
+            }
+        });
+        let addr = match addr_rx.recv_timeout(STARTUP_DEADLINE) {
+            Ok(addr) => addr,
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                let log = log.lock().map(|l| l.clone()).unwrap_or_default();
+                panic!(
+                    "{} {args:?} never logged its address; log:\n{log}",
+                    program.display()
+                );
+            }
+        };
+        let process = Process {
+            child,
+            addr,
+            log,
+            program,
+            args,
+        };
+        process.wait_healthy();
+        process
+    }
+
+    /// Waits until `GET /-/health` answers 200, or panics with the log.
+    pub fn wait_healthy(&self) {
+        let deadline = Instant::now() + STARTUP_DEADLINE;
+        while Instant::now() < deadline {
+            if let Ok(response) = request(self.addr, "GET", "/-/health", None) {
+                if response.status == 200 {
+                    return;
+                }
+            }
+            // Polling a socket for readiness; not a synchronisation sleep.
+            thread::sleep(Duration::from_millis(10));
+        }
+        panic!(
+            "{} never became healthy; log:\n{}",
+            self.program.display(),
+            self.log()
+        );
+    }
+
+    /// `http://ADDR`
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The child's stderr so far.
+    pub fn log(&self) -> String {
+        self.log.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+
+    /// Sends SIGKILL (a crash) and waits for the process to be gone.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Sends SIGTERM and waits for the exit code (None if killed by a signal).
+    pub fn terminate(&mut self) -> Option<i32> {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        self.child.wait().ok().and_then(|s| s.code())
+    }
+
+    /// Whether the child has exited, and with what code.
+    pub fn try_exit_code(&mut self) -> Option<Option<i32>> {
+        self.child.try_wait().ok().flatten().map(|s| s.code())
+    }
+
+    /// Starts the same program with the same arguments again, on the same
+    /// port it had (so clients and proxies find it where it was).
+    pub fn restart(&mut self) {
+        self.kill9();
+        let port = self.addr.port().to_string();
+        let mut args = self.args.clone();
+        match args.iter().position(|a| a == "--port") {
+            Some(i) if i + 1 < args.len() => args[i + 1] = port,
+            _ => args.extend(["--port".to_owned(), port]),
+        }
+        let fresh = Self::start(self.program.clone(), args);
+        *self = fresh;
+    }
+
+    /// PID of the child.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Finds `http://ADDR` after "listening on " in a log line.
+fn parse_listening(line: &str) -> Option<SocketAddr> {
+    let rest = &line[line.find("listening on ")? + "listening on ".len()..];
+    let rest = rest.strip_prefix("http://").unwrap_or(rest);
+    let end = rest.find(|c: char| c.is_whitespace()).unwrap_or(rest.len());
+    rest[..end].parse().ok()
+}
+
+/// A response read by [`request`].
+#[derive(Debug, Clone)]
+pub struct Response {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Response {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// One HTTP/1.1 request on a fresh connection (`Connection: close`), with a
+/// 10 s I/O timeout.
+pub fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&[u8]>,
+) -> std::io::Result<Response> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    stream.set_write_timeout(Some(Duration::from_secs(10)))?;
+    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    if let Some(body) = body {
+        head.push_str(&format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            body.len()
+        ));
+    }
+    head.push_str("\r\n");
+    stream.write_all(head.as_bytes())?;
+    if let Some(body) = body {
+        stream.write_all(body)?;
+    }
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw)?;
+    parse_response(&raw, method == "HEAD")
+}
+
+fn parse_response(raw: &[u8], head_only: bool) -> std::io::Result<Response> {
+    let bad = |why: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, why.to_owned());
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| bad("no end of headers"))?;
+    let head = std::str::from_utf8(&raw[..split]).map_err(|_| bad("head is not UTF-8"))?;
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().ok_or_else(|| bad("no status line"))?;
+    let status = status_line
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| bad("bad status line"))?;
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_owned(), v.trim().to_owned()))
+        .collect();
+    let mut body = raw[split + 4..].to_vec();
+    if head_only {
+        body.clear();
+    }
+    Ok(Response {
+        status,
+        headers,
+        body,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_the_listening_address() {
+        let line = "[2026-01-01T00:00:00Z INFO  kv_node] kv-node 0.1.0 listening on http://127.0.0.1:40123 (data dir x)";
+        assert_eq!(
+            parse_listening(line),
+            Some("127.0.0.1:40123".parse().unwrap())
+        );
+        assert_eq!(parse_listening("nothing here"), None);
+    }
+
+    #[test]
+    fn parses_a_response() {
+        let raw = b"HTTP/1.1 404 Not Found\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}";
+        let response = parse_response(raw, false).unwrap();
+        assert_eq!(response.status, 404);
+        assert_eq!(response.header("Content-Type"), Some("application/json"));
+        assert_eq!(response.body, b"{}");
+    }
+}
