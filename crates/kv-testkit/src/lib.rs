@@ -11,6 +11,9 @@
 //! HTTP here is a tiny blocking HTTP/1.1 client over `std::net` on purpose:
 //! readiness checks must not depend on the code under test.
 
+// Test support: a panic is how it reports a failed setup to the test.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
