@@ -22,6 +22,7 @@ use hyper::body::Incoming;
 use hyper::header::{HeaderMap, HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
 use kv_store::Store;
+use serde::de::IgnoredAny;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
@@ -141,6 +142,14 @@ struct PutBody<'a> {
 
 /// Validates a PUT body and builds the body a later GET will answer with.
 pub fn stored_body(raw: &[u8]) -> Result<Bytes, ApiError> {
+    // serde would also accept `[<value>]` for a one-field struct: only a JSON
+    // object is a valid body.
+    if raw.trim_ascii_start().first() != Some(&b'{') {
+        return Err(match serde_json::from_slice::<IgnoredAny>(raw) {
+            Ok(_) => ApiError::MissingValue,
+            Err(error) => ApiError::MalformedJson(error.to_string()),
+        });
+    }
     let parsed: PutBody<'_> = serde_json::from_slice(raw).map_err(|error| {
         if error.is_data() {
             ApiError::MissingValue

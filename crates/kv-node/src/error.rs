@@ -2,7 +2,7 @@
 //! status and a JSON `{"error": "..."}` body.
 
 use bytes::Bytes;
-use hyper::header::{HeaderValue, ALLOW, CONTENT_TYPE, RETRY_AFTER};
+use hyper::header::{HeaderValue, ALLOW, CONNECTION, CONTENT_TYPE, RETRY_AFTER};
 use hyper::{Response, StatusCode};
 
 use crate::api::{json_response, Body};
@@ -81,6 +81,13 @@ impl ApiError {
                 response
                     .headers_mut()
                     .insert(ALLOW, HeaderValue::from_static(allow));
+            }
+            // The rest of the body may still be on its way (or never come):
+            // close rather than read it to find the next request.
+            ApiError::BodyTooLarge { .. } | ApiError::BodyTimeout | ApiError::BodyRead(_) => {
+                response
+                    .headers_mut()
+                    .insert(CONNECTION, HeaderValue::from_static("close"));
             }
             ApiError::Unavailable(_) => {
                 response

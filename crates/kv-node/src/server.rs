@@ -21,7 +21,7 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
@@ -36,7 +36,7 @@ pub struct ConnectionLimits {
 }
 
 const TOO_MANY_CONNECTIONS: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\n\
-content-type: application/json\r\nretry-after: 1\r\nconnection: close\r\ncontent-length: 34\r\n\r\n\
+content-type: application/json\r\nretry-after: 1\r\nconnection: close\r\ncontent-length: 33\r\n\r\n\
 {\"error\":\"Too many connections\"}\n";
 
 /// Serves `app` on `listener` until `shutdown` resolves, then drains.
@@ -95,11 +95,20 @@ pub async fn serve(
 }
 
 /// Answers a connection over the cap with a 503 and closes it.
+///
+/// The request is drained (briefly) before the socket is dropped: closing a
+/// socket with unread bytes makes the kernel send a reset, which can destroy
+/// the 503 before the client reads it.
 async fn refuse(mut stream: TcpStream) {
     log::warn!("connection refused: too many connections");
-    let write = stream.write_all(TOO_MANY_CONNECTIONS);
-    let _ = tokio::time::timeout(Duration::from_secs(1), write).await;
-    let _ = stream.shutdown().await;
+    let answer = async {
+        stream.write_all(TOO_MANY_CONNECTIONS).await?;
+        stream.shutdown().await?;
+        let mut sink = [0u8; 4096];
+        while stream.read(&mut sink).await? > 0 {}
+        Ok::<_, io::Error>(())
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(1), answer).await;
 }
 
 /// Accept fails when the process is out of file descriptors (EMFILE) or the

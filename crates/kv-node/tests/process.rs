@@ -14,9 +14,29 @@ fn start(dir: &tempfile::TempDir) -> Process {
 fn api_rows_through_the_binary() {
     let dir = tempfile::tempdir().unwrap();
     let node = start(&dir);
-    let put = request(node.addr, "PUT", "/key_1", Some(br#"{"value": "value_1"}"#)).unwrap();
-    assert_eq!(put.status, 200);
-    assert_eq!(put.text(), "{\"message\":\"Value stored successfully\"}\n");
+    for method in ["POST", "PUT"] {
+        let put = request(
+            node.addr,
+            method,
+            "/key_1",
+            Some(br#"{"value": "value_1"}"#),
+        )
+        .unwrap();
+        assert_eq!(put.status, 200);
+        assert_eq!(put.text(), "{\"message\":\"Value stored successfully\"}\n");
+    }
+    let head = request(node.addr, "HEAD", "/key_1", None).unwrap();
+    assert_eq!(
+        (head.status, head.header("content-length")),
+        (200, Some("20"))
+    );
+    let health = request(node.addr, "GET", "/-/health", None).unwrap();
+    assert_eq!(health.status, 200);
+    assert!(
+        health.text().contains("\"status\":\"ok\""),
+        "{}",
+        health.text()
+    );
     let get = request(node.addr, "GET", "/key_1", None).unwrap();
     assert_eq!(
         (get.status, get.text().as_str()),
