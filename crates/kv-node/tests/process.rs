@@ -62,3 +62,20 @@ fn sigterm_exits_zero() {
     assert_eq!(node.terminate(), Some(0));
     assert!(node.log().contains("kv-node stopped"), "{}", node.log());
 }
+
+#[test]
+fn kv_health_probe_tells_up_from_down() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut node = start(&dir);
+    let probe = |addr: String| {
+        std::process::Command::new(binary("kv-health"))
+            .arg(addr)
+            .output()
+            .unwrap()
+    };
+    assert!(probe(node.addr.to_string()).status.success());
+    node.kill9();
+    let down = probe(node.addr.to_string());
+    assert!(!down.status.success());
+    assert!(String::from_utf8_lossy(&down.stderr).contains("unhealthy"));
+}

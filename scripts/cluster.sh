@@ -1,0 +1,139 @@
+#!/usr/bin/env bash
+# A local 3-node cluster behind kv-proxy, in one command.
+#
+#   scripts/cluster.sh up       build (release), start kv-node on 8081-8083 and
+#                               kv-proxy on 8080, wait until healthy, show it working
+#   scripts/cluster.sh status   what is running, and each server's health
+#   scripts/cluster.sh bench    kv-bench over 1, 2 and 3 nodes, then through the proxy
+#   scripts/cluster.sh down     stop what `up` started (by its pid files)
+#
+# Data, logs and pid files live under ./data (KV_DATA to move it). KV_BASE_PORT
+# moves the ports (proxy on BASE, nodes on BASE+1..BASE+3; default 8080), and
+# KV_BUILD_PROFILE=debug uses debug builds (the test suite does).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/lib.sh
+
+DATA=${KV_DATA:-./data}
+BASE=${KV_BASE_PORT:-8080}
+PROFILE=${KV_BUILD_PROFILE:-release}
+PROXY_PORT=$BASE
+NODE_PORTS=($((BASE + 1)) $((BASE + 2)) $((BASE + 3)))
+BIN=target/$PROFILE
+PIDS=$DATA/pids
+LOGS=$DATA/logs
+
+node_list() { local IFS=,; local list=(); for p in "${NODE_PORTS[@]}"; do list+=("127.0.0.1:$p"); done; echo "${list[*]}"; }
+
+# Is the process in pid file $1 alive and one of ours?
+alive() {
+  local pid
+  [ -f "$1" ] || return 1
+  pid=$(cat "$1")
+  [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null && tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q 'kv-'
+}
+
+port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+start() { # name port command...
+  local name=$1 port=$2
+  shift 2
+  nohup "$@" >"$LOGS/$name.log" 2>&1 &
+  echo $! >"$PIDS/$name.pid"
+}
+
+up() {
+  mkdir -p "$PIDS" "$LOGS"
+  local running=0 f
+  for f in "$PIDS"/*.pid; do alive "$f" && running=$((running + 1)); done
+  if [ $running -gt 0 ]; then
+    echo "The cluster is already running ($running processes); not starting a second set."
+    status
+    return 0
+  fi
+  for port in "$PROXY_PORT" "${NODE_PORTS[@]}"; do
+    if port_in_use "$port"; then
+      echo "error: port $port is already in use by another program; stop it or set KV_BASE_PORT" >&2
+      exit 1
+    fi
+  done
+  echo "building ($PROFILE)..."
+  local flags=(-q --bin kv-node --bin kv-proxy --bin kv-bench)
+  [ "$PROFILE" = release ] && flags+=(--release)
+  cargo build "${flags[@]}"
+  for port in "${NODE_PORTS[@]}"; do
+    start "node-$port" "$port" "$BIN/kv-node" --port "$port" --data-dir "$DATA/node-$port"
+  done
+  start proxy "$PROXY_PORT" "$BIN/kv-proxy" --port "$PROXY_PORT" --nodes "$(node_list)"
+  for port in "${NODE_PORTS[@]}" "$PROXY_PORT"; do
+    if ! wait_healthy "127.0.0.1:$port" 30; then
+      echo "see the logs in $LOGS" >&2
+      down
+      exit 1
+    fi
+  done
+  local proxy=http://127.0.0.1:$PROXY_PORT
+  echo
+  echo "kv cluster is up: proxy $proxy, nodes $(node_list)"
+  echo "data in $DATA/node-*, logs in $LOGS"
+  echo
+  echo "\$ curl -X PUT $proxy/hello -H 'Content-Type: application/json' -d '{\"value\": \"world\"}'"
+  curl -sS -X PUT "$proxy/hello" -H 'Content-Type: application/json' -d '{"value": "world"}'
+  echo "\$ curl -i $proxy/hello"
+  curl -sS -i "$proxy/hello"
+  echo
+  echo "Try: curl -X DELETE $proxy/hello ; curl $proxy/-/ring ; scripts/cluster.sh status ; scripts/cluster.sh down"
+}
+
+status() {
+  local f name any=0
+  mkdir -p "$PIDS"
+  for port in "${NODE_PORTS[@]}" proxy; do
+    name=node-$port
+    [ "$port" = proxy ] && name=proxy
+    f=$PIDS/$name.pid
+    if alive "$f"; then
+      any=1
+      local addr_port=$port
+      [ "$port" = proxy ] && addr_port=$PROXY_PORT
+      printf '%-11s pid %-7s http://127.0.0.1:%-5s %s\n' "$name" "$(cat "$f")" "$addr_port" \
+        "$(curl -s --max-time 2 "http://127.0.0.1:$addr_port/-/health" || echo unreachable)"
+    else
+      printf '%-11s stopped\n' "$name"
+    fi
+  done
+  [ $any -eq 1 ] || echo "(nothing running; start it with scripts/cluster.sh up)"
+}
+
+down() {
+  local f pid deadline
+  mkdir -p "$PIDS"
+  for f in "$PIDS"/*.pid; do
+    [ -f "$f" ] || continue
+    if alive "$f"; then
+      pid=$(cat "$f")
+      kill -TERM "$pid" 2>/dev/null || true
+      deadline=$((SECONDS + 15))
+      while kill -0 "$pid" 2>/dev/null; do
+        if [ $SECONDS -ge $deadline ]; then kill -KILL "$pid" 2>/dev/null || true; fi
+        sleep 0.05
+      done
+      echo "stopped $(basename "$f" .pid) (pid $pid)"
+    fi
+    rm -f "$f"
+  done
+}
+
+bench() {
+  [ -x "$BIN/kv-bench" ] || cargo build -q $([ "$PROFILE" = release ] && echo --release) --bin kv-bench
+  "$BIN/kv-bench" --nodes 3 --base-port "${NODE_PORTS[0]}" "$@"
+  "$BIN/kv-bench" --proxy "http://127.0.0.1:$PROXY_PORT" "$@"
+}
+
+case "${1:-up}" in
+  up) up ;;
+  down) down ;;
+  status) status ;;
+  bench) shift; bench "$@" ;;
+  *) echo "usage: $0 up|status|bench|down" >&2; exit 2 ;;
+esac

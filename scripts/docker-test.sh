@@ -1,0 +1,114 @@
+#!/usr/bin/env bash
+# Tests the Docker image and the compose cluster for real, on a machine that
+# cannot pull images.
+#
+# It builds the binaries here, makes a small base image locally (busybox for a
+# shell plus the C libraries the binaries load, imported with `docker import`),
+# builds docker/Dockerfile on it through docker/docker-compose.yml (the same
+# files users run), then: writes and reads keys through the proxy, kills one
+# node's container, checks its keys answer 503 while the others still work,
+# restarts it and checks its data came back from its volume, and takes it all
+# down. Exit 0 only if every check passed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/lib.sh
+
+if ! docker info >/dev/null 2>&1; then
+  echo "docker-test: SKIPPED (no Docker engine reachable)"
+  exit 0
+fi
+ensure_packages busybox-static curl
+compose() {
+  if docker compose version >/dev/null 2>&1; then docker compose "$@"; else docker-compose "$@"; fi
+}
+
+export KV_PROXY_PORT=${KV_PROXY_PORT:-18180}
+export KV_NODE1_PORT=$((KV_PROXY_PORT + 1)) KV_NODE2_PORT=$((KV_PROXY_PORT + 2)) KV_NODE3_PORT=$((KV_PROXY_PORT + 3))
+export KV_BUILD_IMAGE=kv-local/base:latest KV_RUNTIME_IMAGE=kv-local/base:latest
+PROJECT=kvdockertest
+FILE=docker/docker-compose.yml
+work=$(mktemp -d)
+cleanup() {
+  compose -p "$PROJECT" -f "$FILE" down -v --remove-orphans >/dev/null 2>&1 || true
+  rm -rf "$work" docker/prebuilt
+}
+trap cleanup EXIT
+
+echo "== building the binaries"
+cargo build --release -q --bin kv-node --bin kv-proxy --bin kv-health
+mkdir -p docker/prebuilt
+cp target/release/kv-node target/release/kv-proxy target/release/kv-health docker/prebuilt/
+
+echo "== making the local base image"
+root=$work/rootfs
+mkdir -p "$root/bin" "$root/tmp" "$root/etc"
+cp /bin/busybox "$root/bin/busybox"
+for tool in sh cp mkdir ls cat; do ln -s busybox "$root/bin/$tool"; done
+for lib in $(ldd docker/prebuilt/* | awk '/=>/ {print $3} /ld-linux/ {print $1}' | sort -u); do
+  mkdir -p "$root$(dirname "$lib")"
+  cp -L "$lib" "$root$lib"
+done
+echo "kv:x:10001:10001::/data:/bin/sh" > "$root/etc/passwd"
+chmod 1777 "$root/tmp"
+tar -C "$root" -c . | docker import -c 'ENV PATH=/usr/local/bin:/bin' - kv-local/base:latest >/dev/null
+
+echo "== building the image and starting the cluster"
+compose -p "$PROJECT" -f "$FILE" up -d --build >"$work/up.log" 2>&1 || { cat "$work/up.log"; exit 1; }
+proxy=127.0.0.1:$KV_PROXY_PORT
+wait_healthy "$proxy" 60
+for port in $KV_NODE1_PORT $KV_NODE2_PORT $KV_NODE3_PORT; do wait_healthy "127.0.0.1:$port" 60; done
+
+fail() { echo "FAIL: $*" >&2; compose -p "$PROJECT" -f "$FILE" logs --tail 30 >&2 || true; exit 1; }
+status_of() { curl -s -o /dev/null -w '%{http_code}' "$@"; }
+
+echo "== writing 60 keys through the proxy"
+for i in $(seq 1 60); do
+  code=$(status_of -X PUT "http://$proxy/dk_$i" -H 'Content-Type: application/json' -d "{\"value\": $i}")
+  [ "$code" = 200 ] || fail "PUT dk_$i answered $code"
+done
+for i in $(seq 1 60); do
+  body=$(curl -s "http://$proxy/dk_$i")
+  [ "$body" = "{\"value\":$i}" ] || fail "GET dk_$i answered $body"
+done
+
+# Which container owns each key, from the proxy's X-Kv-Node header.
+owner_of() { curl -s -D - -o /dev/null "http://$proxy/$1" | awk -F': ' 'tolower($1) == "x-kv-node" {print $2}' | tr -d '\r'; }
+victim_keys=() other_keys=()
+for i in $(seq 1 60); do
+  if [ "$(owner_of "dk_$i")" = "node2:8081" ]; then victim_keys+=("dk_$i"); else other_keys+=("dk_$i"); fi
+done
+[ ${#victim_keys[@]} -gt 0 ] || fail "node2 owns none of 60 keys"
+echo "node2 owns ${#victim_keys[@]} of 60 keys"
+
+echo "== killing node2"
+compose -p "$PROJECT" -f "$FILE" kill -s SIGKILL node2 >/dev/null 2>&1
+deadline=$((SECONDS + 10))
+until [ "$(status_of "http://$proxy/${victim_keys[0]}")" = 503 ]; do
+  [ $SECONDS -lt $deadline ] || fail "node2's keys never answered 503"
+  sleep 0.1
+done
+for key in "${victim_keys[@]}"; do
+  code=$(status_of "http://$proxy/$key"); [ "$code" = 503 ] || fail "$key (node2) answered $code, not 503"
+done
+for key in "${other_keys[@]}"; do
+  code=$(status_of "http://$proxy/$key"); [ "$code" = 200 ] || fail "$key answered $code while node2 was down"
+done
+echo "node2's keys answer 503, the other ${#other_keys[@]} answer 200"
+
+echo "== restarting node2"
+compose -p "$PROJECT" -f "$FILE" start node2 >/dev/null 2>&1
+wait_healthy "127.0.0.1:$KV_NODE2_PORT" 60
+deadline=$((SECONDS + 10))
+until [ "$(status_of "http://$proxy/${victim_keys[0]}")" = 200 ]; do
+  [ $SECONDS -lt $deadline ] || fail "node2's keys never came back"
+  sleep 0.1
+done
+for key in "${victim_keys[@]}"; do
+  body=$(curl -s "http://$proxy/$key")
+  [ "$body" = "{\"value\":${key#dk_}}" ] || fail "$key came back as '$body'"
+done
+echo "node2's ${#victim_keys[@]} keys came back from its volume"
+
+echo "== health as Docker sees it"
+compose -p "$PROJECT" -f "$FILE" ps
+echo "docker-test: PASSED"
