@@ -28,6 +28,8 @@ use serde_json::value::RawValue;
 
 use crate::error::ApiError;
 use crate::key;
+use crate::metrics::{write_metric, Metrics, Operation};
+use crate::oplog::{Entry, OpLog};
 
 /// The response body type of every answer.
 pub type Body = Full<Bytes>;
@@ -43,6 +45,8 @@ const VALUE_SUFFIX: &[u8] = b"}\n";
 /// What every request handler shares.
 pub struct App {
     pub store: Store,
+    pub metrics: Metrics,
+    pub op_log: Option<OpLog>,
     pub max_value_bytes: usize,
     pub body_timeout: std::time::Duration,
     pub started: Instant,
@@ -63,9 +67,36 @@ pub async fn handle(
     app: Arc<App>,
     request: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
-    Ok(route(&app, request)
+    let started = Instant::now();
+    let operation = operation_of(request.method(), request.uri().path());
+    let response = route(&app, request)
         .await
-        .unwrap_or_else(ApiError::into_response))
+        .unwrap_or_else(ApiError::into_response);
+    app.metrics
+        .record(operation, response.status().as_u16(), started.elapsed());
+    Ok(response)
+}
+
+fn operation_of(method: &Method, path: &str) -> Operation {
+    if path.starts_with("/-/") {
+        return Operation::Admin;
+    }
+    match *method {
+        Method::GET => Operation::Get,
+        Method::HEAD => Operation::Head,
+        Method::PUT | Method::POST => Operation::Put,
+        Method::DELETE => Operation::Delete,
+        _ => Operation::Other,
+    }
+}
+
+impl App {
+    /// Hands an entry to the operation log, if there is one; builds it only then.
+    fn log_op(&self, entry: impl FnOnce() -> Entry) {
+        if let Some(op_log) = &self.op_log {
+            op_log.record(entry());
+        }
+    }
 }
 
 async fn route(app: &App, request: Request<Incoming>) -> Result<Response<Body>, ApiError> {
@@ -87,6 +118,7 @@ async fn route(app: &App, request: Request<Incoming>) -> Result<Response<Body>, 
 
 fn get(app: &App, key: &str) -> Result<Response<Body>, ApiError> {
     log::debug!("GET - Key: {key}");
+    app.log_op(|| Entry::Get(key.into()));
     let body = app.store.get(key).ok_or(ApiError::KeyNotFound)?;
     Ok(json_response(StatusCode::OK, body))
 }
@@ -100,12 +132,14 @@ async fn put(
     let raw = read_body(app, headers, body).await?;
     let stored = stored_body(&raw)?;
     log::debug!("PUT - Key: {key}");
+    app.log_op(|| Entry::Put(key.into(), stored.clone()));
     app.store.put(key, stored).await?;
     Ok(json_response(StatusCode::OK, Bytes::from_static(STORED)))
 }
 
 async fn delete(app: &App, key: &str) -> Result<Response<Body>, ApiError> {
     log::debug!("DELETE - Key: {key}");
+    app.log_op(|| Entry::Delete(key.into()));
     if app.store.delete(key).await? {
         Ok(json_response(StatusCode::OK, Bytes::from_static(DELETED)))
     } else {
@@ -172,11 +206,7 @@ pub fn value_body(json: &[u8]) -> Bytes {
 fn admin_route(app: &App, method: &Method, path: &str) -> Result<Response<Body>, ApiError> {
     match path {
         "health" => {
-            if !matches!(*method, Method::GET | Method::HEAD) {
-                return Err(ApiError::MethodNotAllowed {
-                    allow: ADMIN_METHODS,
-                });
-            }
+            only_get(method)?;
             let body = serde_json::json!({
                 "status": "ok",
                 "keys": app.store.len(),
@@ -187,8 +217,70 @@ fn admin_route(app: &App, method: &Method, path: &str) -> Result<Response<Body>,
             bytes.push(b'\n');
             Ok(json_response(StatusCode::OK, Bytes::from(bytes)))
         }
+        "ready" => {
+            only_get(method)?;
+            Ok(json_response(
+                StatusCode::OK,
+                Bytes::from_static(b"{\"ready\":true}\n"),
+            ))
+        }
+        "metrics" => {
+            only_get(method)?;
+            let mut response = Response::new(Full::new(Bytes::from(render_metrics(app))));
+            response.headers_mut().insert(
+                CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            Ok(response)
+        }
         _ => Err(ApiError::UnknownAdminPath),
     }
+}
+
+fn only_get(method: &Method) -> Result<(), ApiError> {
+    if matches!(*method, Method::GET | Method::HEAD) {
+        Ok(())
+    } else {
+        Err(ApiError::MethodNotAllowed {
+            allow: ADMIN_METHODS,
+        })
+    }
+}
+
+fn render_metrics(app: &App) -> String {
+    let mut out = String::with_capacity(8192);
+    app.metrics.render(&mut out);
+    write_metric(
+        &mut out,
+        "kv_keys",
+        "gauge",
+        "Keys held by this node.",
+        app.store.len(),
+    );
+    write_metric(
+        &mut out,
+        "kv_uptime_seconds",
+        "gauge",
+        "Seconds since the node started.",
+        app.started.elapsed().as_secs(),
+    );
+    if let Some(op_log) = &app.op_log {
+        write_metric(
+            &mut out,
+            "kv_op_log_written_total",
+            "counter",
+            "Operation log lines written.",
+            op_log.written(),
+        );
+        write_metric(
+            &mut out,
+            "kv_op_log_dropped_total",
+            "counter",
+            "Operation log lines dropped because the writer could not keep up.",
+            op_log.dropped(),
+        );
+    }
+    out
 }
 
 #[cfg(test)]

@@ -42,6 +42,16 @@ pub struct Config {
     #[arg(long, env = "KV_BODY_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub body_timeout: Duration,
 
+    /// Write one line per operation to this file, in the Flask store's
+    /// format ("2024-10-07 14:07:10 - PUT - Key: k, Value: v"), UTC.
+    #[arg(long, env = "KV_OP_LOG")]
+    pub op_log: Option<PathBuf>,
+
+    /// Operation-log lines buffered in memory; when the file cannot keep up,
+    /// further lines are dropped and counted rather than slowing requests.
+    #[arg(long, env = "KV_OP_LOG_BUFFER", default_value_t = 65_536)]
+    pub op_log_buffer: usize,
+
     /// On SIGINT/SIGTERM, how long in-flight requests get to finish.
     #[arg(long, env = "KV_SHUTDOWN_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub shutdown_timeout: Duration,

@@ -9,6 +9,8 @@
 //! * [`key`]: path → key decoding and validation.
 //! * [`api`]: routing and the JSON request/response shapes.
 //! * [`error`]: every failure, mapped to a status in one place.
+//! * [`metrics`]: counters and histograms for `GET /-/metrics`.
+//! * [`oplog`]: the Flask-format operation log, written off the request path.
 //! * [`server`]: the accept loop, connection limits, graceful shutdown.
 
 use std::future::Future;
@@ -23,6 +25,8 @@ pub mod api;
 pub mod config;
 pub mod error;
 pub mod key;
+pub mod metrics;
+pub mod oplog;
 pub mod server;
 
 pub use config::Config;
@@ -48,8 +52,17 @@ pub async fn run(
         listener.local_addr()?,
         data_dir.display()
     );
+    let op_log = match &config.op_log {
+        Some(path) => {
+            log::info!("operation log: {}", path.display());
+            Some(oplog::OpLog::start(path.clone(), config.op_log_buffer)?)
+        }
+        None => None,
+    };
     let app = Arc::new(api::App {
         store,
+        metrics: metrics::Metrics::default(),
+        op_log,
         max_value_bytes: config.max_value_bytes,
         body_timeout: config.body_timeout,
         started: Instant::now(),

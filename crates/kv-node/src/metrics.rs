@@ -1,0 +1,178 @@
+//! Request metrics, exposed at `GET /-/metrics` in the Prometheus text format.
+//!
+//! The hot path only does relaxed atomic adds into fixed arrays: a request
+//! counter per (operation, status) and a latency histogram per operation with
+//! fixed buckets. Nothing is allocated or locked per request; the text is
+//! built when Prometheus scrapes.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+/// What a request did, for labelling.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Operation {
+    Get,
+    Head,
+    Put,
+    Delete,
+    Admin,
+    Other,
+}
+
+impl Operation {
+    const ALL: [Operation; 6] = [
+        Operation::Get,
+        Operation::Head,
+        Operation::Put,
+        Operation::Delete,
+        Operation::Admin,
+        Operation::Other,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            Operation::Get => "get",
+            Operation::Head => "head",
+            Operation::Put => "put",
+            Operation::Delete => "delete",
+            Operation::Admin => "admin",
+            Operation::Other => "other",
+        }
+    }
+}
+
+/// The statuses this server answers with; anything else counts as "other".
+const STATUSES: [u16; 12] = [200, 400, 404, 405, 408, 413, 414, 431, 500, 503, 504, 0];
+
+fn status_index(status: u16) -> usize {
+    STATUSES
+        .iter()
+        .position(|&s| s == status)
+        .unwrap_or(STATUSES.len() - 1)
+}
+
+/// Upper bounds of the latency buckets, in seconds (the last is +Inf).
+const BUCKETS: [f64; 14] = [
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+    5.0,
+];
+
+#[derive(Default)]
+struct Histogram {
+    buckets: [AtomicU64; BUCKETS.len() + 1],
+    sum_nanos: AtomicU64,
+}
+
+/// Counters shared by every connection.
+#[derive(Default)]
+pub struct Metrics {
+    requests: [[AtomicU64; STATUSES.len()]; Operation::ALL.len()],
+    latency: [Histogram; Operation::ALL.len()],
+}
+
+impl Metrics {
+    /// Records one answered request.
+    #[inline]
+    pub fn record(&self, operation: Operation, status: u16, elapsed: Duration) {
+        let op = operation as usize;
+        self.requests[op][status_index(status)].fetch_add(1, Relaxed);
+        let seconds = elapsed.as_secs_f64();
+        let bucket = BUCKETS
+            .iter()
+            .position(|&bound| seconds <= bound)
+            .unwrap_or(BUCKETS.len());
+        let histogram = &self.latency[op];
+        histogram.buckets[bucket].fetch_add(1, Relaxed);
+        histogram.sum_nanos.fetch_add(
+            u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX),
+            Relaxed,
+        );
+    }
+
+    /// Appends the request counters and latency histograms to `out`.
+    pub fn render(&self, out: &mut String) {
+        out.push_str("# HELP kv_requests_total Requests answered, by operation and status.\n");
+        out.push_str("# TYPE kv_requests_total counter\n");
+        for operation in Operation::ALL {
+            for (i, &status) in STATUSES.iter().enumerate() {
+                let count = self.requests[operation as usize][i].load(Relaxed);
+                if count > 0 {
+                    let status = if status == 0 {
+                        "other".to_owned()
+                    } else {
+                        status.to_string()
+                    };
+                    let _ = writeln!(
+                        out,
+                        "kv_requests_total{{op=\"{}\",status=\"{status}\"}} {count}",
+                        operation.label()
+                    );
+                }
+            }
+        }
+        out.push_str("# HELP kv_request_duration_seconds Time from request head to response, by operation.\n");
+        out.push_str("# TYPE kv_request_duration_seconds histogram\n");
+        for operation in Operation::ALL {
+            let histogram = &self.latency[operation as usize];
+            let label = operation.label();
+            let mut cumulative = 0;
+            for (i, bucket) in histogram.buckets.iter().enumerate() {
+                cumulative += bucket.load(Relaxed);
+                let le = BUCKETS
+                    .get(i)
+                    .map_or_else(|| "+Inf".to_owned(), |b| b.to_string());
+                let _ = writeln!(
+                    out,
+                    "kv_request_duration_seconds_bucket{{op=\"{label}\",le=\"{le}\"}} {cumulative}"
+                );
+            }
+            let sum = histogram.sum_nanos.load(Relaxed) as f64 / 1e9;
+            let _ = writeln!(
+                out,
+                "kv_request_duration_seconds_sum{{op=\"{label}\"}} {sum}"
+            );
+            let _ = writeln!(
+                out,
+                "kv_request_duration_seconds_count{{op=\"{label}\"}} {cumulative}"
+            );
+        }
+    }
+}
+
+/// Appends one gauge or counter with its HELP and TYPE lines.
+pub fn write_metric(
+    out: &mut String,
+    name: &str,
+    kind: &str,
+    help: &str,
+    value: impl std::fmt::Display,
+) {
+    let _ = writeln!(
+        out,
+        "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_land_in_the_right_series() {
+        let metrics = Metrics::default();
+        metrics.record(Operation::Get, 200, Duration::from_micros(30));
+        metrics.record(Operation::Get, 404, Duration::from_millis(3));
+        metrics.record(Operation::Put, 299, Duration::from_secs(9));
+        let mut out = String::new();
+        metrics.render(&mut out);
+        assert!(out.contains("kv_requests_total{op=\"get\",status=\"200\"} 1\n"));
+        assert!(out.contains("kv_requests_total{op=\"get\",status=\"404\"} 1\n"));
+        assert!(out.contains("kv_requests_total{op=\"put\",status=\"other\"} 1\n"));
+        assert!(out.contains("kv_request_duration_seconds_bucket{op=\"get\",le=\"0.00005\"} 1\n"));
+        assert!(out.contains("kv_request_duration_seconds_bucket{op=\"get\",le=\"0.005\"} 2\n"));
+        assert!(out.contains("kv_request_duration_seconds_bucket{op=\"put\",le=\"5\"} 0\n"));
+        assert!(out.contains("kv_request_duration_seconds_bucket{op=\"put\",le=\"+Inf\"} 1\n"));
+        assert!(out.contains("kv_request_duration_seconds_count{op=\"get\"} 2\n"));
+    }
+}
