@@ -77,6 +77,21 @@ pub async fn run(
     Ok(())
 }
 
+/// Raises the soft open-file limit toward `wanted` (connections plus files),
+/// up to the hard limit, so `--max-connections` is not silently capped by a
+/// default `ulimit -n` of 1024. Logs a warning when it cannot be reached.
+pub fn raise_fd_limit(wanted: usize) {
+    let wanted = u64::try_from(wanted).unwrap_or(u64::MAX);
+    match rlimit::increase_nofile_limit(wanted) {
+        Ok(got) if got < wanted => log::warn!(
+            "open-file limit is {got}, below the {wanted} needed for --max-connections; \
+             connections past it will fail to be accepted"
+        ),
+        Ok(_) => {}
+        Err(error) => log::warn!("cannot raise the open-file limit: {error}"),
+    }
+}
+
 /// Resolves on SIGINT (Ctrl-C) or SIGTERM.
 pub async fn shutdown_signal() {
     let interrupt = async {

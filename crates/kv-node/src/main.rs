@@ -8,6 +8,8 @@ use kv_node::Config;
 fn main() -> ExitCode {
     let config = Config::parse();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    // Each connection is a descriptor; leave room for data files and logs.
+    kv_node::raise_fd_limit(config.max_connections + 256);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
