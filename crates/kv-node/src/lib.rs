@@ -41,6 +41,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()> {
     let data_dir = config.data_dir();
+    survive_file_size_limit();
     let store = Arc::new(open_store(&config, &data_dir).await?);
     if let Some(dump) = config.import.clone() {
         let started = Instant::now();
@@ -77,6 +78,28 @@ pub async fn run(
     served?;
     log::info!("kv-node stopped");
     Ok(())
+}
+
+/// A process over its file-size limit (`RLIMIT_FSIZE`) gets SIGXFSZ, whose
+/// default action kills it. Listening for the signal turns that into the
+/// write failing with EFBIG, which the store treats as a disk error: writers
+/// get 503, reads go on, as for a full disk.
+fn survive_file_size_limit() {
+    #[cfg(target_os = "linux")]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        const SIGXFSZ: i32 = 25;
+        match signal(SignalKind::from_raw(SIGXFSZ)) {
+            Ok(mut stream) => {
+                tokio::spawn(async move {
+                    while stream.recv().await.is_some() {
+                        log::warn!("SIGXFSZ: a write went past the process's file-size limit");
+                    }
+                });
+            }
+            Err(error) => log::warn!("cannot listen for SIGXFSZ: {error}"),
+        }
+    }
 }
 
 /// Opens the data dir (recovering it) off the async workers, and logs what
