@@ -44,7 +44,7 @@ const VALUE_SUFFIX: &[u8] = b"}\n";
 
 /// What every request handler shares.
 pub struct App {
-    pub store: Store,
+    pub store: Arc<Store>,
     pub metrics: Metrics,
     pub op_log: Option<OpLog>,
     pub max_value_bytes: usize,
@@ -210,6 +210,8 @@ fn admin_route(app: &App, method: &Method, path: &str) -> Result<Response<Body>,
             let body = serde_json::json!({
                 "status": "ok",
                 "keys": app.store.len(),
+                // false once a disk error stopped writes (reads still work).
+                "writable": app.store.writable().is_ok(),
                 "uptime_seconds": app.started.elapsed().as_secs(),
                 "version": env!("CARGO_PKG_VERSION"),
             });

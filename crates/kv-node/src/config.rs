@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
+use kv_store::{FsyncPolicy, StoreOptions};
 
 /// One node of the key-value store, serving it over HTTP/1.1.
 #[derive(Parser, Debug, Clone)]
@@ -55,6 +56,37 @@ pub struct Config {
     /// On SIGINT/SIGTERM, how long in-flight requests get to finish.
     #[arg(long, env = "KV_SHUTDOWN_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub shutdown_timeout: Duration,
+
+    /// When the write-ahead log is fsynced: `always` (a write is acknowledged
+    /// after an fdatasync covers it; concurrent writers share one), `everysec`
+    /// (once a second: a machine crash loses at most ~1 s, a process crash
+    /// nothing) or `never` (left to the kernel).
+    #[arg(long, env = "KV_FSYNC", default_value = "everysec", value_parser = parse_fsync)]
+    pub fsync: FsyncPolicy,
+
+    /// Take a snapshot of the map this often (when anything changed), then
+    /// delete the log it covers.
+    #[arg(long, env = "KV_SNAPSHOT_INTERVAL", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub snapshot_interval: Duration,
+
+    /// Also take a snapshot when the active log segment grows past this many
+    /// bytes.
+    #[arg(long, env = "KV_WAL_MAX_BYTES", default_value_t = 64 << 20)]
+    pub wal_max_bytes: u64,
+
+    /// Start even if the log is corrupt before its tail: cut it at the damage
+    /// and keep the cut bytes in a `*.corrupt-<offset>` side file.
+    #[arg(long, env = "KV_REPAIR")]
+    pub repair: bool,
+
+    /// Load a Flask store's dump (`kv_store.json`, a JSON object of key to
+    /// value) into the (empty) data dir before serving.
+    #[arg(long = "import", env = "KV_IMPORT", value_name = "KV_STORE_JSON")]
+    pub import: Option<PathBuf>,
+}
+
+fn parse_fsync(value: &str) -> Result<FsyncPolicy, String> {
+    value.parse()
 }
 
 impl Config {
@@ -63,6 +95,16 @@ impl Config {
         self.data_dir
             .clone()
             .unwrap_or_else(|| PathBuf::from("data").join(self.port.to_string()))
+    }
+
+    /// The storage engine's options.
+    pub fn store_options(&self) -> StoreOptions {
+        StoreOptions {
+            fsync: self.fsync,
+            snapshot_interval: self.snapshot_interval,
+            wal_max_bytes: self.wal_max_bytes,
+            repair: self.repair,
+        }
     }
 
     /// Defaults with the given data directory, for in-process servers.

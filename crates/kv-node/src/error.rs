@@ -105,6 +105,10 @@ impl From<kv_store::StoreError> for ApiError {
     fn from(error: kv_store::StoreError) -> Self {
         match error {
             kv_store::StoreError::Unavailable(why) => ApiError::Unavailable(why),
+            // `key::parse` caps keys far below the store's limit; kept total anyway.
+            kv_store::StoreError::KeyTooLong(_) => {
+                ApiError::InvalidKey("the key is longer than the store accepts")
+            }
         }
     }
 }

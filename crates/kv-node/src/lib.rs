@@ -12,6 +12,11 @@
 //! * [`metrics`]: counters and histograms for `GET /-/metrics`.
 //! * [`oplog`]: the Flask-format operation log, written off the request path.
 //! * [`server`]: the accept loop, connection limits, graceful shutdown.
+//! * [`import`]: loading a Flask store's `kv_store.json` dump.
+//!
+//! Storage (the map, write-ahead log, snapshots, recovery) is the `kv-store`
+//! crate; [`run`] opens it on the data dir before accepting connections and
+//! closes it (flushing the log) after the last request.
 
 use std::future::Future;
 use std::io;
@@ -24,6 +29,7 @@ use tokio::net::TcpListener;
 pub mod api;
 pub mod config;
 pub mod error;
+pub mod import;
 pub mod key;
 pub mod metrics;
 pub mod oplog;
@@ -39,18 +45,25 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()> {
     let data_dir = config.data_dir();
-    std::fs::create_dir_all(&data_dir).map_err(|error| {
-        io::Error::new(
-            error.kind(),
-            format!("cannot create data dir {}: {error}", data_dir.display()),
-        )
-    })?;
-    let store = Store::in_memory();
+    survive_file_size_limit();
+    let store = Arc::new(open_store(&config, &data_dir).await?);
+    if let Some(dump) = config.import.clone() {
+        let started = Instant::now();
+        let count = import::import(Arc::clone(&store), dump.clone())
+            .await
+            .map_err(io::Error::other)?;
+        log::info!(
+            "imported {count} keys from {} in {:.0?}",
+            dump.display(),
+            started.elapsed()
+        );
+    }
     log::info!(
-        "kv-node {} listening on http://{} (data dir {})",
+        "kv-node {} listening on http://{} (data dir {}, fsync {})",
         env!("CARGO_PKG_VERSION"),
         listener.local_addr()?,
-        data_dir.display()
+        data_dir.display(),
+        config.fsync
     );
     let op_log = match &config.op_log {
         Some(path) => {
@@ -60,7 +73,7 @@ pub async fn run(
         None => None,
     };
     let app = Arc::new(api::App {
-        store,
+        store: Arc::clone(&store),
         metrics: metrics::Metrics::default(),
         op_log,
         max_value_bytes: config.max_value_bytes,
@@ -72,7 +85,10 @@ pub async fn run(
         header_timeout: config.header_timeout,
         shutdown_timeout: config.shutdown_timeout,
     };
-    server::serve(listener, app, limits, shutdown).await?;
+    let served = server::serve(listener, app, limits, shutdown).await;
+    // Flush and sync the log even if serving failed; blocking, so off the workers.
+    let _ = tokio::task::spawn_blocking(move || store.close()).await;
+    served?;
     log::info!("kv-node stopped");
     Ok(())
 }
@@ -90,6 +106,64 @@ pub fn raise_fd_limit(wanted: usize) {
         Ok(_) => {}
         Err(error) => log::warn!("cannot raise the open-file limit: {error}"),
     }
+}
+
+/// A process over its file-size limit (`RLIMIT_FSIZE`) gets SIGXFSZ, whose
+/// default action kills it. Listening for the signal turns that into the
+/// write failing with EFBIG, which the store treats as a disk error: writers
+/// get 503, reads go on, as for a full disk.
+fn survive_file_size_limit() {
+    #[cfg(target_os = "linux")]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        const SIGXFSZ: i32 = 25;
+        match signal(SignalKind::from_raw(SIGXFSZ)) {
+            Ok(mut stream) => {
+                tokio::spawn(async move {
+                    while stream.recv().await.is_some() {
+                        log::warn!("SIGXFSZ: a write went past the process's file-size limit");
+                    }
+                });
+            }
+            Err(error) => log::warn!("cannot listen for SIGXFSZ: {error}"),
+        }
+    }
+}
+
+/// Opens the data dir (recovering it) off the async workers, and logs what
+/// recovery did.
+async fn open_store(config: &Config, data_dir: &std::path::Path) -> io::Result<Store> {
+    let options = config.store_options();
+    let dir = data_dir.to_path_buf();
+    let store = tokio::task::spawn_blocking(move || Store::open(&dir, options))
+        .await
+        .map_err(io::Error::other)?
+        .map_err(io::Error::other)?;
+    if let Some(report) = store.recovery() {
+        let seconds = report.elapsed.as_secs_f64();
+        let rate = if seconds > 0.0 {
+            (report.keys as f64 / seconds) as u64
+        } else {
+            0
+        };
+        let snapshot = match &report.snapshot {
+            Some((path, keys)) => format!("snapshot {} ({keys} keys)", path.display()),
+            None => "no snapshot".to_owned(),
+        };
+        log::info!(
+            "recovered {} keys in {:.1} ms ({rate} keys/s) from {snapshot} + {} log records in {} segments{}",
+            report.keys,
+            seconds * 1000.0,
+            report.records,
+            report.segments,
+            if report.cut_bytes > 0 {
+                format!(" ({} damaged bytes cut, see warnings)", report.cut_bytes)
+            } else {
+                String::new()
+            }
+        );
+    }
+    Ok(store)
 }
 
 /// Resolves on SIGINT (Ctrl-C) or SIGTERM.

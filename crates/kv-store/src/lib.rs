@@ -1,40 +1,62 @@
 //! The storage engine behind `kv-node`: keys (UTF-8 strings) mapped to opaque
-//! byte values, with no HTTP in it.
+//! byte values, kept in memory and made durable by a write-ahead log and
+//! snapshots. No HTTP in it.
 //!
 //! # Design
 //!
-//! The Flask store guarded its dict with per-key locks. Here the map is split
-//! into [`SHARD_COUNT`] shards, each a `parking_lot::RwLock<HashMap>`; a key's
-//! shard is picked by its xxh3 hash. Writers to different keys rarely touch
-//! the same lock, readers of one shard share it, and no lock is ever held for
-//! longer than one map operation (never across an `.await`).
+//! * [`map`]: the sharded in-memory map (64 `parking_lot::RwLock`ed hash
+//!   tables); a read is a lookup and a reference-count increment.
+//! * [`entry`]: a key and its value in one allocation, to keep memory per
+//!   key low.
+//! * [`journal`]: the write-ahead log (writer thread with group commit,
+//!   fsync policies), snapshots and recovery.
 //!
-//! Values are [`Bytes`], so a read is a reference-count increment, not a copy:
-//! `kv-node` stores the exact response body a `GET` returns and serves it
-//! without re-serialising anything.
+//! A write ([`Store::put`], [`Store::delete`]) takes its key's shard lock,
+//! changes the map and queues the change to the log writer *under that
+//! lock*, so the log holds each key's changes in the order the map saw them.
+//! It then awaits the writer thread's answer (after the `write`, and for
+//! [`FsyncPolicy::Always`] after an `fdatasync`) and only then returns `Ok`.
+//! A change is visible to readers from the moment it is in the map, as in
+//! Redis; it is acknowledged to its writer only once it is durable.
 //!
-//! Writes are `async` because they are durable only once the write-ahead log
-//! says so (see the durability work): the caller awaits the write and replies
-//! after it resolves.
+//! Once a log write or sync fails, writes answer [`StoreError::Unavailable`]
+//! and reads keep working.
 
-use std::collections::HashMap;
+use std::fs::{self, File, OpenOptions, TryLockError};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use bytes::Bytes;
-use parking_lot::RwLock;
 
+pub mod entry;
 mod error;
+pub mod journal;
+pub mod map;
+mod options;
 
-pub use error::StoreError;
+pub use error::{OpenError, StoreError};
+pub use journal::recovery::RecoveryReport;
+pub use map::SHARD_COUNT;
+pub use options::{FsyncPolicy, StoreOptions};
 
-/// How many shards the map is split into. A power of two, so a shard is picked
-/// with a mask; 64 is far more than the cores that contend for them.
-pub const SHARD_COUNT: usize = 64;
-
-type Shard = RwLock<HashMap<Box<str>, Bytes>>;
+use journal::snapshot::Snapshotter;
+use journal::writer::{self, Journal, Op, WriterConfig};
+use map::Map;
 
 /// A thread-safe map of keys to values, shared by every connection.
 pub struct Store {
-    shards: Box<[Shard]>,
+    map: Arc<Map>,
+    durable: Option<Durable>,
+}
+
+/// What a store backed by a data directory has besides its map.
+struct Durable {
+    journal: Arc<Journal>,
+    snapshotter: Snapshotter,
+    dir: PathBuf,
+    report: RecoveryReport,
+    /// Holds the directory's `flock` for as long as the store lives.
+    _lock: File,
 }
 
 impl Default for Store {
@@ -46,48 +68,212 @@ impl Default for Store {
 impl Store {
     /// A store that lives only in memory.
     pub fn in_memory() -> Self {
-        let shards = (0..SHARD_COUNT)
-            .map(|_| RwLock::new(HashMap::new()))
-            .collect();
-        Self { shards }
+        Self {
+            map: Arc::new(Map::new()),
+            durable: None,
+        }
     }
 
-    fn shard(&self, key: &str) -> &Shard {
-        // The low bits of xxh3 are well mixed; SHARD_COUNT is a power of two.
-        let index = xxhash_rust::xxh3::xxh3_64(key.as_bytes()) as usize & (SHARD_COUNT - 1);
-        &self.shards[index]
+    /// Opens (creating if needed) the data directory `dir`: takes its lock,
+    /// recovers its snapshot and log, and starts the log writer and snapshot
+    /// threads. Blocking: call it off the async workers.
+    pub fn open(dir: &Path, options: StoreOptions) -> Result<Store, OpenError> {
+        fs::create_dir_all(dir).map_err(|e| OpenError::io("create data dir", dir, e))?;
+        let lock_path = dir.join(journal::LOCK_FILE);
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| OpenError::io("open lock file", &lock_path, e))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(TryLockError::WouldBlock) => {
+                return Err(OpenError::Locked {
+                    dir: dir.to_path_buf(),
+                })
+            }
+            Err(TryLockError::Error(e)) => return Err(OpenError::io("lock", &lock_path, e)),
+        }
+
+        let map = Arc::new(Map::new());
+        let report = journal::recovery::recover(dir, &map, options.repair)?;
+        let segment = writer::create_segment(dir, report.next_segment).map_err(|e| {
+            OpenError::io(
+                "create log segment",
+                dir.join(journal::segment_name(report.next_segment)),
+                e,
+            )
+        })?;
+        let (signal, inbox) = Snapshotter::channel();
+        let signal = Arc::new(signal);
+        let on_full = {
+            let signal = Arc::clone(&signal);
+            Box::new(move || signal.wal_full())
+        };
+        let journal = Journal::start(
+            segment,
+            WriterConfig {
+                dir: dir.to_path_buf(),
+                seq: report.next_segment,
+                policy: options.fsync,
+                wal_max_bytes: options.wal_max_bytes,
+                on_full,
+            },
+        )
+        .map_err(|e| OpenError::io("start the log writer for", dir, e))?;
+        let journal = Arc::new(journal);
+        let snapshotter = Snapshotter::start(
+            &signal,
+            inbox,
+            Arc::clone(&map),
+            Arc::clone(&journal),
+            dir.to_path_buf(),
+            options.snapshot_interval,
+        )
+        .map_err(|e| OpenError::io("start the snapshot thread for", dir, e))?;
+        Ok(Store {
+            map,
+            durable: Some(Durable {
+                journal,
+                snapshotter,
+                dir: dir.to_path_buf(),
+                report,
+                _lock: lock,
+            }),
+        })
+    }
+
+    /// What recovery did when the store was opened (`None` in memory).
+    pub fn recovery(&self) -> Option<&RecoveryReport> {
+        self.durable.as_ref().map(|d| &d.report)
+    }
+
+    /// The data directory (`None` in memory).
+    pub fn dir(&self) -> Option<&Path> {
+        self.durable.as_ref().map(|d| d.dir.as_path())
     }
 
     /// The value stored under `key`, if any.
     pub fn get(&self, key: &str) -> Option<Bytes> {
-        self.shard(key).read().get(key).cloned()
+        self.map.get(key.as_bytes()).map(|e| entry::value_bytes(&e))
     }
 
-    /// Stores `value` under `key`, replacing any earlier value.
-    pub async fn put(&self, key: &str, value: Bytes) -> Result<(), StoreError> {
-        let mut shard = self.shard(key).write();
-        match shard.get_mut(key) {
-            Some(slot) => *slot = value,
+    /// `Err` when writes are refused (disk failed, or closing).
+    pub fn writable(&self) -> Result<(), StoreError> {
+        match &self.durable {
+            Some(durable) => durable.journal.health.check(),
+            None => Ok(()),
+        }
+    }
+
+    /// Applies `entry` to the map and queues it to the log, under the shard
+    /// lock; the receiver to await, if durable.
+    fn apply_put(
+        &self,
+        entry: entry::Entry,
+    ) -> Result<Option<tokio::sync::oneshot::Receiver<Result<(), StoreError>>>, StoreError> {
+        let (mut table, hash) = self.map.lock(entry::key(&entry));
+        match &self.durable {
             None => {
-                shard.insert(Box::from(key), value);
+                Map::insert(&mut table, hash, entry);
+                Ok(None)
+            }
+            Some(durable) => {
+                durable.journal.health.check()?;
+                Map::insert(&mut table, hash, Arc::clone(&entry));
+                durable.journal.submit(Op::Put(entry)).map(Some)
             }
         }
-        Ok(())
+    }
+
+    /// Stores `value` under `key`, replacing any earlier value; `Ok` once the
+    /// write is as durable as the fsync policy promises.
+    pub async fn put(&self, key: &str, value: Bytes) -> Result<(), StoreError> {
+        let entry = entry::new(key.as_bytes(), &value).ok_or(StoreError::KeyTooLong(key.len()))?;
+        match self.apply_put(entry)? {
+            Some(wait) => writer::wait(wait).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Stores many keys at once (an import): every write is queued before the
+    /// first is awaited, so they share log writes and fsyncs.
+    pub async fn put_all(
+        &self,
+        items: impl IntoIterator<Item = (String, Bytes)>,
+    ) -> Result<usize, StoreError> {
+        let mut waits = Vec::new();
+        let mut count = 0;
+        for (key, value) in items {
+            let entry =
+                entry::new(key.as_bytes(), &value).ok_or(StoreError::KeyTooLong(key.len()))?;
+            waits.extend(self.apply_put(entry)?);
+            count += 1;
+        }
+        for wait in waits {
+            writer::wait(wait).await?;
+        }
+        Ok(count)
     }
 
     /// Removes `key`; `Ok(false)` if it was not there.
     pub async fn delete(&self, key: &str) -> Result<bool, StoreError> {
-        Ok(self.shard(key).write().remove(key).is_some())
+        let key = key.as_bytes();
+        let wait = {
+            let (mut table, hash) = self.map.lock(key);
+            if let Some(durable) = &self.durable {
+                durable.journal.health.check()?;
+            }
+            if !Map::remove(&mut table, hash, key) {
+                return Ok(false);
+            }
+            match &self.durable {
+                Some(durable) => Some(durable.journal.submit(Op::Delete(key.into()))?),
+                None => None,
+            }
+        };
+        if let Some(wait) = wait {
+            writer::wait(wait).await?;
+        }
+        Ok(true)
+    }
+
+    /// Writes a snapshot now and retires the log it covers; blocking (call
+    /// it off the async workers). A no-op in memory.
+    pub fn snapshot_now(&self) -> Result<(), StoreError> {
+        match &self.durable {
+            Some(durable) => durable
+                .snapshotter
+                .snapshot_now()
+                .map_err(StoreError::Unavailable),
+            None => Ok(()),
+        }
+    }
+
+    /// Stops the snapshot and log threads after making every queued write
+    /// durable; later writes answer `Unavailable`. Blocking; idempotent.
+    pub fn close(&self) {
+        if let Some(durable) = &self.durable {
+            durable.snapshotter.close();
+            durable.journal.close();
+        }
     }
 
     /// How many keys the store holds.
     pub fn len(&self) -> usize {
-        self.shards.iter().map(|shard| shard.read().len()).sum()
+        self.map.len()
     }
 
     /// Whether the store holds no keys.
     pub fn is_empty(&self) -> bool {
-        self.shards.iter().all(|shard| shard.read().is_empty())
+        self.map.is_empty()
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        self.close();
     }
 }
 
@@ -119,7 +305,7 @@ mod tests {
                 .unwrap();
         }
         assert_eq!(store.len(), 10_000);
-        let busiest = store.shards.iter().map(|s| s.read().len()).max().unwrap();
+        let busiest = store.map.busiest_shard();
         // A uniform spread puts ~156 keys in each shard.
         assert!(busiest < 300, "busiest shard holds {busiest} keys");
     }

@@ -1,0 +1,125 @@
+//! Replaying one log segment, and what to do with damage in it.
+//!
+//! Damage at offset `o` of a segment is a **torn tail** when the segment is
+//! the last one and no valid record starts anywhere after `o`: the process
+//! (or machine) died mid-append, or garbage was appended. It is cut off with
+//! a warning naming the file, the offset and the bytes dropped; none of those
+//! bytes were acknowledged as a whole record.
+//!
+//! Anything else (a bad checksum with valid records after it, damage in a
+//! sealed segment, a well-checksummed record that makes no sense) is
+//! **corruption**: refuse to open, naming file and offset, unless `repair`
+//! is set; then cut the segment there and keep the cut bytes in
+//! `<segment>.corrupt-<offset>` so nothing is destroyed.
+
+use std::fs::{self, OpenOptions};
+use std::io::Write;
+use std::path::Path;
+use std::sync::Arc;
+
+use super::record::{self, Kind};
+use crate::entry;
+use crate::map::Map;
+use crate::OpenError;
+
+/// What replaying one segment did.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SegmentReplay {
+    pub records: u64,
+    /// Bytes cut off (torn tail or repair).
+    pub cut_bytes: u64,
+}
+
+/// Applies one decoded log record to the map; `Err` says why it makes no sense.
+fn apply(map: &Map, kind: Kind, body: &[u8]) -> Result<(), &'static str> {
+    match kind {
+        Kind::Put if entry::is_well_formed(body) => {
+            map.insert_entry(Arc::from(body));
+            Ok(())
+        }
+        Kind::Put => Err("malformed put record"),
+        Kind::Delete => {
+            map.remove_key(body);
+            Ok(())
+        }
+        Kind::End => Err("snapshot end record inside a log segment"),
+    }
+}
+
+/// Replays the segment at `path` into `map`, handling damage as the module
+/// docs say. `is_last`: the segment was being appended to when the process
+/// stopped.
+pub fn replay_segment(
+    path: &Path,
+    is_last: bool,
+    repair: bool,
+    map: &Map,
+) -> Result<SegmentReplay, OpenError> {
+    let buf = fs::read(path).map_err(|e| OpenError::io("read log segment", path, e))?;
+    let mut replay = SegmentReplay::default();
+    let mut pos = 0;
+    let damage = loop {
+        match record::decode(&buf[pos..]) {
+            Ok(None) => return Ok(replay),
+            Ok(Some(rec)) => match apply(map, rec.kind, rec.body) {
+                Ok(()) => {
+                    replay.records += 1;
+                    pos += rec.framed_len;
+                }
+                // A record that passed its checksum is never a torn tail.
+                Err(why) => break (why, false),
+            },
+            Err(damage) => break (damage.describe(), true),
+        }
+    };
+    let (reason, may_be_tail) = damage;
+    let dropped = buf.len() - pos;
+    replay.cut_bytes = dropped as u64;
+    if may_be_tail && is_last && record::valid_record_after(&buf, pos).is_none() {
+        log::warn!(
+            "{}: torn tail at offset {pos} ({reason}): dropping the last {dropped} bytes",
+            path.display()
+        );
+        truncate(path, pos as u64)?;
+        return Ok(replay);
+    }
+    if !repair {
+        return Err(OpenError::Corrupt {
+            file: path.to_path_buf(),
+            offset: pos as u64,
+            reason: reason.to_owned(),
+        });
+    }
+    let mut side_name = path.as_os_str().to_owned();
+    side_name.push(format!(".corrupt-{pos}"));
+    let side = Path::new(&side_name);
+    let saved = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(side)
+        .and_then(|mut file| {
+            file.write_all(&buf[pos..])?;
+            file.sync_all()
+        });
+    saved.map_err(|e| OpenError::io("save the cut bytes to", side, e))?;
+    log::warn!(
+        "repair: {} is corrupt at offset {pos} ({reason}); cut it there and moved the {dropped} \
+         bytes after it to {}",
+        path.display(),
+        side.display()
+    );
+    truncate(path, pos as u64)?;
+    Ok(replay)
+}
+
+fn truncate(path: &Path, len: u64) -> Result<(), OpenError> {
+    OpenOptions::new()
+        .write(true)
+        .open(path)
+        .and_then(|file| {
+            file.set_len(len)?;
+            file.sync_all()
+        })
+        .map_err(|e| OpenError::io("truncate log segment", path, e))
+}

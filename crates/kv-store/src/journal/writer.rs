@@ -1,0 +1,373 @@
+//! The writer thread: appends records to the active log segment, fsyncs them
+//! according to the [`FsyncPolicy`], and completes each writer's future.
+//!
+//! # Group commit
+//!
+//! Writers (tokio tasks) apply their change to the map and queue an [`Op`]
+//! over a channel under the key's shard lock, then await a oneshot. The
+//! thread takes every queued op (up to [`MAX_BATCH`] or [`MAX_BATCH_BYTES`]),
+//! frames them into one buffer, issues one `write`, then (for `always`) one
+//! `fdatasync`, and only then completes the batch's oneshots. While it waits
+//! on the disk, new writes queue up and form the next batch, so 64 concurrent
+//! writers share each `fdatasync` instead of paying one each.
+//!
+//! File I/O never runs on the async workers: this is a plain `std` thread.
+//!
+//! # Failures
+//!
+//! Once a `write` or `fdatasync` fails, the thread stops writing for good:
+//! after a failed fsync Linux may have dropped the dirty pages, so a retry
+//! that "succeeds" proves nothing. Every queued and later write is answered
+//! [`StoreError::Unavailable`]; reads keep working from memory.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use tokio::sync::oneshot;
+
+use super::record::{self, Kind};
+use super::{segment_name, sync_dir};
+use crate::entry::Entry;
+use crate::{FsyncPolicy, StoreError};
+
+/// Most ops framed into one write.
+pub const MAX_BATCH: usize = 4096;
+/// Most bytes framed into one write (a batch may exceed it by one record).
+pub const MAX_BATCH_BYTES: usize = 4 << 20;
+
+/// How often `everysec` syncs.
+const EVERYSEC: Duration = Duration::from_secs(1);
+
+/// A change to log.
+pub enum Op {
+    /// The entry's key now holds the entry's value.
+    Put(Entry),
+    /// The key is gone.
+    Delete(Box<[u8]>),
+}
+
+type Done = oneshot::Sender<Result<(), StoreError>>;
+
+enum Msg {
+    Write { op: Op, done: Done },
+    Rotate(mpsc::Sender<Result<u64, String>>),
+    Close,
+}
+
+/// Whether the store may acknowledge writes, shared by everything that
+/// writes to disk.
+#[derive(Default)]
+pub struct Health {
+    failed: AtomicBool,
+    reason: Mutex<String>,
+    /// Records appended since open (the snapshot thread skips a timed
+    /// snapshot when nothing changed).
+    appended: AtomicU64,
+}
+
+impl Health {
+    /// `Err` once the disk failed or the store closed.
+    pub fn check(&self) -> Result<(), StoreError> {
+        if self.failed.load(Ordering::Acquire) {
+            Err(StoreError::Unavailable(self.reason.lock().clone()))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Stops acknowledging writes, for `reason`; the first reason sticks.
+    pub fn fail(&self, reason: String, is_error: bool) {
+        let mut current = self.reason.lock();
+        if !self.failed.load(Ordering::Acquire) {
+            if is_error {
+                log::error!("{reason}; refusing writes from now on (reads keep working)");
+            }
+            *current = reason;
+            self.failed.store(true, Ordering::Release);
+        }
+    }
+
+    pub fn appended(&self) -> u64 {
+        self.appended.load(Ordering::Relaxed)
+    }
+}
+
+/// The handle writers and the snapshot thread use to reach the writer thread.
+pub struct Journal {
+    tx: Sender<Msg>,
+    pub health: std::sync::Arc<Health>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// What the writer thread needs besides its channel.
+pub struct WriterConfig {
+    pub dir: PathBuf,
+    pub seq: u64,
+    pub policy: FsyncPolicy,
+    pub wal_max_bytes: u64,
+    /// Told when the active segment passes `wal_max_bytes`.
+    pub on_full: Box<dyn Fn() + Send>,
+}
+
+/// Creates log segment `seq` and makes its directory entry durable.
+pub fn create_segment(dir: &Path, seq: u64) -> io::Result<File> {
+    let file = OpenOptions::new()
+        .append(true)
+        .create_new(true)
+        .open(dir.join(segment_name(seq)))?;
+    sync_dir(dir)?;
+    Ok(file)
+}
+
+impl Journal {
+    /// Starts the writer thread appending to the freshly created `file`.
+    pub fn start(file: File, config: WriterConfig) -> io::Result<Journal> {
+        let (tx, rx) = mpsc::channel();
+        let health = std::sync::Arc::new(Health::default());
+        let writer = Writer {
+            file,
+            segment_bytes: 0,
+            last_sync: Instant::now(),
+            unsynced: false,
+            asked_snapshot: false,
+            buf: Vec::with_capacity(64 << 10),
+            pending: Vec::new(),
+            health: health.clone(),
+            config,
+        };
+        let thread = std::thread::Builder::new()
+            .name("kv-wal-writer".into())
+            .spawn(move || writer.run(rx))?;
+        Ok(Journal {
+            tx,
+            health,
+            thread: Mutex::new(Some(thread)),
+        })
+    }
+
+    /// Queues `op`; the receiver completes once the policy says it is
+    /// durable. Call under the key's shard lock so log order is map order.
+    pub fn submit(&self, op: Op) -> Result<oneshot::Receiver<Result<(), StoreError>>, StoreError> {
+        self.health.check()?;
+        let (done, wait) = oneshot::channel();
+        self.tx
+            .send(Msg::Write { op, done })
+            .map_err(|_| closed())?;
+        Ok(wait)
+    }
+
+    /// Seals the active segment (fsynced) and starts the next one; its number.
+    pub fn rotate(&self) -> Result<u64, String> {
+        let (reply, wait) = mpsc::channel();
+        self.tx
+            .send(Msg::Rotate(reply))
+            .map_err(|_| "the log writer has stopped".to_owned())?;
+        wait.recv()
+            .map_err(|_| "the log writer has stopped".to_owned())?
+    }
+
+    /// Flushes and syncs what is queued, then stops the thread. Later writes
+    /// answer `Unavailable`.
+    pub fn close(&self) {
+        let Some(thread) = self.thread.lock().take() else {
+            return;
+        };
+        let _ = self.tx.send(Msg::Close);
+        if thread.join().is_err() {
+            log::error!("the log writer thread panicked");
+        }
+        self.health.fail("the store is shutting down".into(), false);
+    }
+}
+
+fn closed() -> StoreError {
+    StoreError::Unavailable("the store is shutting down".into())
+}
+
+/// Awaits a submitted op.
+pub async fn wait(rx: oneshot::Receiver<Result<(), StoreError>>) -> Result<(), StoreError> {
+    rx.await.unwrap_or_else(|_| Err(closed()))
+}
+
+struct Writer {
+    file: File,
+    segment_bytes: u64,
+    last_sync: Instant,
+    /// Bytes were written since the last fdatasync.
+    unsynced: bool,
+    asked_snapshot: bool,
+    buf: Vec<u8>,
+    pending: Vec<Done>,
+    health: std::sync::Arc<Health>,
+    config: WriterConfig,
+}
+
+impl Writer {
+    fn run(mut self, rx: Receiver<Msg>) {
+        while let Some(first) = self.next(&rx) {
+            let mut control = None;
+            self.take(first, &mut control);
+            while control.is_none()
+                && self.pending.len() < MAX_BATCH
+                && self.buf.len() < MAX_BATCH_BYTES
+            {
+                match rx.try_recv() {
+                    Ok(msg) => self.take(msg, &mut control),
+                    Err(_) => break,
+                }
+            }
+            self.commit();
+            match control {
+                Some(Msg::Rotate(reply)) => {
+                    let _ = reply.send(self.rotate());
+                }
+                Some(Msg::Close) => break,
+                _ => {}
+            }
+            if self.segment_bytes >= self.config.wal_max_bytes && !self.asked_snapshot {
+                self.asked_snapshot = true;
+                (self.config.on_full)();
+            }
+        }
+        // Closing (or every handle dropped): make everything written durable.
+        if self.unsynced {
+            self.sync();
+        }
+    }
+
+    /// The next message, running `everysec` syncs while waiting for it.
+    fn next(&mut self, rx: &Receiver<Msg>) -> Option<Msg> {
+        loop {
+            if self.config.policy != FsyncPolicy::EverySec || !self.unsynced {
+                return rx.recv().ok();
+            }
+            let due = self.last_sync + EVERYSEC;
+            let now = Instant::now();
+            if now >= due {
+                self.sync();
+                continue;
+            }
+            match rx.recv_timeout(due - now) {
+                Ok(msg) => return Some(msg),
+                Err(RecvTimeoutError::Timeout) => self.sync(),
+                Err(RecvTimeoutError::Disconnected) => return None,
+            }
+        }
+    }
+
+    fn take(&mut self, msg: Msg, control: &mut Option<Msg>) {
+        match msg {
+            Msg::Write { op, done } => {
+                match &op {
+                    Op::Put(entry) => record::encode(&mut self.buf, Kind::Put, entry),
+                    Op::Delete(key) => record::encode(&mut self.buf, Kind::Delete, key),
+                }
+                self.pending.push(done);
+            }
+            other => *control = Some(other),
+        }
+    }
+
+    /// Writes the batch, syncs it if the policy says so, answers its writers.
+    fn commit(&mut self) {
+        if self.pending.is_empty() {
+            return;
+        }
+        let result = if let Err(why) = self.health.check() {
+            Err(why)
+        } else {
+            let written = self.file.write_all(&self.buf).and_then(|()| {
+                if self.config.policy == FsyncPolicy::Always {
+                    self.file.sync_data()
+                } else {
+                    Ok(())
+                }
+            });
+            match written {
+                Ok(()) => {
+                    self.segment_bytes += self.buf.len() as u64;
+                    self.unsynced = self.config.policy != FsyncPolicy::Always;
+                    self.health
+                        .appended
+                        .fetch_add(self.pending.len() as u64, Ordering::Relaxed);
+                    Ok(())
+                }
+                Err(error) => {
+                    let reason = format!(
+                        "disk error appending to {}: {error}",
+                        self.segment_path().display()
+                    );
+                    self.health.fail(reason.clone(), true);
+                    Err(StoreError::Unavailable(reason))
+                }
+            }
+        };
+        for done in self.pending.drain(..) {
+            let _ = done.send(result.clone());
+        }
+        self.buf.clear();
+        // `everysec` syncs after answering, so the batch does not wait on it.
+        if self.config.policy == FsyncPolicy::EverySec
+            && self.unsynced
+            && self.last_sync.elapsed() >= EVERYSEC
+        {
+            self.sync();
+        }
+    }
+
+    fn sync(&mut self) {
+        if self.health.check().is_err() {
+            return;
+        }
+        match self.file.sync_data() {
+            Ok(()) => {
+                self.unsynced = false;
+                self.last_sync = Instant::now();
+            }
+            Err(error) => self.health.fail(
+                format!(
+                    "disk error syncing {}: {error}",
+                    self.segment_path().display()
+                ),
+                true,
+            ),
+        }
+    }
+
+    fn segment_path(&self) -> PathBuf {
+        self.config.dir.join(segment_name(self.config.seq))
+    }
+
+    fn rotate(&mut self) -> Result<u64, String> {
+        self.health.check().map_err(|e| e.to_string())?;
+        let next = self.config.seq + 1;
+        let result = self
+            .file
+            .sync_data()
+            .and_then(|()| create_segment(&self.config.dir, next));
+        match result {
+            Ok(file) => {
+                self.file = file;
+                self.config.seq = next;
+                self.segment_bytes = 0;
+                self.unsynced = false;
+                self.asked_snapshot = false;
+                Ok(next)
+            }
+            Err(error) => {
+                let reason = format!(
+                    "disk error starting log segment {}: {error}",
+                    self.config.dir.join(segment_name(next)).display()
+                );
+                self.health.fail(reason.clone(), true);
+                Err(reason)
+            }
+        }
+    }
+}

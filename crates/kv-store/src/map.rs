@@ -1,0 +1,156 @@
+//! The sharded in-memory map.
+//!
+//! The Flask store guarded its dict with per-key locks. Here the map is split
+//! into [`SHARD_COUNT`] shards, each a `parking_lot::RwLock` around a
+//! `hashbrown::HashTable` of [`Entry`]s; a key's shard is picked by its xxh3
+//! hash. Writers to different keys rarely touch the same lock, readers of one
+//! shard share it, and no lock is held across an `.await`.
+//!
+//! The shard is chosen from bits 32.. of the hash, while the table uses the
+//! low bits (bucket index) and the top 7 bits (control tag): reusing the same
+//! bits would leave all keys of a shard sharing their home buckets or tags.
+
+use hashbrown::HashTable;
+use parking_lot::{RwLock, RwLockWriteGuard};
+
+use crate::entry::{self, Entry};
+
+/// How many shards the map is split into. A power of two, so a shard is picked
+/// with a mask; 64 is far more than the cores that contend for them.
+pub const SHARD_COUNT: usize = 64;
+
+/// One shard's table.
+pub type Table = HashTable<Entry>;
+
+/// The map: shards of entries.
+pub struct Map {
+    shards: Box<[RwLock<Table>]>,
+}
+
+/// The hash every table and the shard choice use.
+pub fn hash(key: &[u8]) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(key)
+}
+
+fn entry_hash(entry: &Entry) -> u64 {
+    hash(entry::key(entry))
+}
+
+impl Default for Map {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Map {
+    pub fn new() -> Self {
+        let shards = (0..SHARD_COUNT)
+            .map(|_| RwLock::new(HashTable::new()))
+            .collect();
+        Self { shards }
+    }
+
+    fn shard_index(hash: u64) -> usize {
+        (hash >> 32) as usize & (SHARD_COUNT - 1)
+    }
+
+    /// The write lock of `key`'s shard, and the key's hash.
+    pub fn lock(&self, key: &[u8]) -> (RwLockWriteGuard<'_, Table>, u64) {
+        let hash = hash(key);
+        (self.shards[Self::shard_index(hash)].write(), hash)
+    }
+
+    /// The entry stored under `key`.
+    pub fn get(&self, key: &[u8]) -> Option<Entry> {
+        let hash = hash(key);
+        self.shards[Self::shard_index(hash)]
+            .read()
+            .find(hash, |e| entry::key(e) == key)
+            .cloned()
+    }
+
+    /// Stores `entry` in its (locked) shard, replacing any entry of its key.
+    pub fn insert(table: &mut Table, hash: u64, entry: Entry) {
+        let key = entry::key(&entry);
+        match table.find_mut(hash, |e| entry::key(e) == key) {
+            Some(slot) => *slot = entry,
+            None => {
+                table.insert_unique(hash, entry, entry_hash);
+            }
+        }
+    }
+
+    /// Removes `key` from its (locked) shard; whether it was there.
+    pub fn remove(table: &mut Table, hash: u64, key: &[u8]) -> bool {
+        match table.find_entry(hash, |e| entry::key(e) == key) {
+            Ok(found) => {
+                found.remove();
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Stores an entry (recovery: no durability wait, no log).
+    pub fn insert_entry(&self, entry: Entry) {
+        let (mut table, hash) = self.lock(entry::key(&entry));
+        Self::insert(&mut table, hash, entry);
+    }
+
+    /// Stores an entry whose key is known not to be in the map (loading a
+    /// snapshot into an empty map): skips the lookup.
+    pub fn insert_new(&self, entry: Entry) {
+        let (mut table, hash) = self.lock(entry::key(&entry));
+        table.insert_unique(hash, entry, entry_hash);
+    }
+
+    /// Removes a key (recovery).
+    pub fn remove_key(&self, key: &[u8]) {
+        let (mut table, hash) = self.lock(key);
+        Self::remove(&mut table, hash, key);
+    }
+
+    /// Makes room for about `keys` keys spread over the shards.
+    pub fn reserve(&self, keys: usize) {
+        let per_shard = keys / SHARD_COUNT + keys / SHARD_COUNT / 8 + 1;
+        for shard in self.shards.iter() {
+            shard.write().reserve(per_shard, entry_hash);
+        }
+    }
+
+    /// A copy of every entry (reference-count increments), taken one shard at
+    /// a time under its read lock, so writers wait at most one shard's copy.
+    pub fn entries(&self) -> Vec<Entry> {
+        let mut all = Vec::with_capacity(self.len());
+        for shard in self.shards.iter() {
+            all.extend(shard.read().iter().cloned());
+        }
+        all
+    }
+
+    /// Empties the map (recovery falling back to an older snapshot).
+    pub fn clear(&self) {
+        for shard in self.shards.iter() {
+            shard.write().clear();
+        }
+    }
+
+    /// How many keys the map holds.
+    pub fn len(&self) -> usize {
+        self.shards.iter().map(|shard| shard.read().len()).sum()
+    }
+
+    /// Whether the map holds no keys.
+    pub fn is_empty(&self) -> bool {
+        self.shards.iter().all(|shard| shard.read().is_empty())
+    }
+
+    /// Keys in the busiest shard (tests check the spread).
+    pub fn busiest_shard(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| s.read().len())
+            .max()
+            .unwrap_or(0)
+    }
+}
