@@ -46,7 +46,9 @@ pub fn binary(name: &str) -> PathBuf {
     if !built.iter().any(|b| b == name) {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
         let mut command = Command::new(cargo);
-        command.args(["build", "--quiet", "--bin", name]);
+        // `--workspace`: tests run in their own package's directory, where cargo
+        // would only see that package's binaries.
+        command.args(["build", "--quiet", "--workspace", "--bin", name]);
         if dir.file_name().is_some_and(|p| p == "release") {
             command.arg("--release");
         }

@@ -1,0 +1,118 @@
+//! Routing: admin paths are answered here, every key path is forwarded to
+//! its owner.
+//!
+//! | request               | answer                                                  |
+//! |-----------------------|---------------------------------------------------------|
+//! | `<any> /<key>`        | the owner node's answer, plus `X-Kv-Node: <owner>`      |
+//! | `GET /-/health`       | 200 `{"status": "ok", "nodes": N, "nodes_up": M, ...}`  |
+//! | `GET /-/ring`         | nodes, their health, vnodes, each node's share          |
+//! | `GET /-/owner/<key>`  | `{"key": ..., "owner": ..., "up": ...}`                 |
+//!
+//! The key is decoded with kv-node's own [`kv_node::key::parse`] and the
+//! ring hashes the decoded bytes, as kv-bench does, so `/caf%C3%A9` and
+//! `/café` go to the same node. A path kv-node would refuse is refused here
+//! with kv-node's own error, without bothering a node.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use kv_node::error::ApiError;
+use kv_node::key;
+use kv_ring::Ring;
+
+use crate::error::ProxyError;
+use crate::upstream::{self, Node, UpstreamClient};
+
+/// The response body: a node's streamed answer, or one made here.
+pub type Body = Either<Incoming, Full<Bytes>>;
+
+const ADMIN_METHODS: &str = "GET, HEAD";
+
+/// What every request handler shares.
+pub struct Proxy {
+    pub ring: Ring,
+    /// In ring order: `nodes[ring.owner_index(key)]` is the owner.
+    pub nodes: Box<[Node]>,
+    pub shares: Vec<f64>,
+    pub client: UpstreamClient,
+    pub request_timeout: Duration,
+    pub started: Instant,
+}
+
+/// The service function: every request gets an answer, errors included.
+pub async fn handle(
+    proxy: Arc<Proxy>,
+    request: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
+    Ok(match route(&proxy, request).await {
+        Ok(response) => response,
+        Err(error) => error.into_response().map(Either::Right),
+    })
+}
+
+async fn route(proxy: &Proxy, request: Request<Incoming>) -> Result<Response<Body>, ProxyError> {
+    let path = request.uri().path();
+    if let Some(admin) = path.strip_prefix("/-/") {
+        return admin_route(proxy, request.method(), admin).map(|r| r.map(Either::Right));
+    }
+    let owner = proxy.ring.owner_index(key::parse(path)?.as_bytes());
+    let node = &proxy.nodes[owner];
+    let response = upstream::forward(&proxy.client, node, request, proxy.request_timeout).await?;
+    Ok(response.map(Either::Left))
+}
+
+fn admin_route(
+    proxy: &Proxy,
+    method: &Method,
+    path: &str,
+) -> Result<Response<Full<Bytes>>, ProxyError> {
+    if !matches!(*method, Method::GET | Method::HEAD) {
+        return Err(ApiError::MethodNotAllowed {
+            allow: ADMIN_METHODS,
+        }
+        .into());
+    }
+    let body = match path {
+        "health" => serde_json::json!({
+            "status": "ok",
+            "role": "proxy",
+            "nodes": proxy.nodes.len(),
+            "nodes_up": proxy.nodes.iter().filter(|n| n.health.is_up()).count(),
+            "uptime_seconds": proxy.started.elapsed().as_secs(),
+            "version": env!("CARGO_PKG_VERSION"),
+        }),
+        "ring" => serde_json::json!({
+            "vnodes": proxy.ring.vnodes(),
+            "nodes": proxy.nodes.iter().zip(&proxy.shares).map(|(node, share)| {
+                serde_json::json!({
+                    "node": node.name,
+                    "up": node.health.is_up(),
+                    "share": share,
+                })
+            }).collect::<Vec<_>>(),
+        }),
+        _ => match path.strip_prefix("owner/") {
+            Some(encoded) => {
+                let key = key::parse(encoded)?;
+                let node = &proxy.nodes[proxy.ring.owner_index(key.as_bytes())];
+                serde_json::json!({
+                    "key": key,
+                    "owner": node.name,
+                    "up": node.health.is_up(),
+                })
+            }
+            None => return Err(ApiError::UnknownAdminPath.into()),
+        },
+    };
+    let mut bytes = body.to_string().into_bytes();
+    bytes.push(b'\n');
+    Ok(kv_node::api::json_response(
+        StatusCode::OK,
+        Bytes::from(bytes),
+    ))
+}

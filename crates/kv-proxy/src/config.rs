@@ -1,0 +1,75 @@
+//! Command-line and environment configuration of the proxy.
+//!
+//! The struct lives in the library so tests can build one with
+//! `Config::parse_from`.
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use clap::Parser;
+
+/// Routes each key to the kv-node that owns it on a consistent-hash ring.
+#[derive(Parser, Debug, Clone)]
+#[command(name = "kv-proxy", version, about, long_about = None)]
+pub struct Config {
+    /// Address to listen on.
+    #[arg(long, env = "KV_PROXY_BIND", default_value = "127.0.0.1")]
+    pub bind: IpAddr,
+
+    /// Port to listen on (0 picks a free one and logs it).
+    #[arg(long, env = "KV_PROXY_PORT", default_value_t = 8080)]
+    pub port: u16,
+
+    /// The kv-nodes, as comma-separated host:port. Every process routing to
+    /// the cluster (proxies, kv-bench) must be given the same names.
+    #[arg(
+        long,
+        env = "KV_PROXY_NODES",
+        value_delimiter = ',',
+        default_value = "127.0.0.1:8081,127.0.0.1:8082,127.0.0.1:8083"
+    )]
+    pub nodes: Vec<String>,
+
+    /// Virtual nodes per node on the ring.
+    #[arg(long, env = "KV_PROXY_VNODES", default_value_t = kv_ring::DEFAULT_VNODES)]
+    pub vnodes: u32,
+
+    /// Time to open a TCP connection to a node; past it the request gets 503.
+    #[arg(long, env = "KV_PROXY_CONNECT_TIMEOUT", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub connect_timeout: Duration,
+
+    /// Time a node has to answer (response headers); past it the request gets 504.
+    #[arg(long, env = "KV_PROXY_REQUEST_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub request_timeout: Duration,
+
+    /// Time between active health checks of each node (GET /-/health).
+    #[arg(long, env = "KV_PROXY_HEALTH_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub health_interval: Duration,
+
+    /// Time one health check may take before it counts as a failure.
+    #[arg(long, env = "KV_PROXY_HEALTH_TIMEOUT", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub health_timeout: Duration,
+
+    /// Idle pooled connections to nodes are closed after this long. Keep it
+    /// below kv-node's --header-timeout (30s), so the proxy closes an idle
+    /// connection before the node does and never reuses one being closed.
+    #[arg(long, env = "KV_PROXY_POOL_IDLE_TIMEOUT", default_value = "20s", value_parser = humantime::parse_duration)]
+    pub pool_idle_timeout: Duration,
+
+    /// Most idle pooled connections kept per node.
+    #[arg(long, env = "KV_PROXY_POOL_MAX_IDLE", default_value_t = 256)]
+    pub pool_max_idle: usize,
+
+    /// Most client connections served at once; more are answered 503 and closed.
+    #[arg(long, env = "KV_PROXY_MAX_CONNECTIONS", default_value_t = 4096)]
+    pub max_connections: usize,
+
+    /// Time a client has to send a request's headers; it also closes
+    /// keep-alive client connections idle for that long.
+    #[arg(long, env = "KV_PROXY_HEADER_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub header_timeout: Duration,
+
+    /// On SIGINT/SIGTERM, how long in-flight requests get to finish.
+    #[arg(long, env = "KV_PROXY_SHUTDOWN_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub shutdown_timeout: Duration,
+}

@@ -1,0 +1,186 @@
+//! Each node's health: active checks plus passive marking, beside the ring.
+//!
+//! The ring never changes when a node goes down: its keys are answered 503
+//! (fail closed) instead of being remapped to a node that doesn't hold them.
+//!
+//! * Active: every `--health-interval`, a `GET /-/health` on a fresh TCP
+//!   connection (never a pooled one, so a check sees what a new connection
+//!   would: a restarted or firewalled node). 200 is a success; anything else,
+//!   or no answer within `--health-timeout`, a failure.
+//! * Passive: a connect error while forwarding counts as a failure too.
+//! * A node is down after [`FAILURES_TO_DOWN`] consecutive failures and up
+//!   again after one success. The state is an atomic flag read on every
+//!   request; a change is logged once, by whichever check flips it.
+
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::task::JoinHandle;
+
+/// Consecutive failures that mark a node down.
+pub const FAILURES_TO_DOWN: u32 = 2;
+
+/// The health of one node.
+#[derive(Debug)]
+pub struct NodeHealth {
+    node: String,
+    up: AtomicBool,
+    failures: AtomicU32,
+}
+
+impl NodeHealth {
+    /// A node is presumed up until checks or requests say otherwise.
+    pub fn new(node: &str) -> Self {
+        Self {
+            node: node.to_owned(),
+            up: AtomicBool::new(true),
+            failures: AtomicU32::new(0),
+        }
+    }
+
+    /// Whether requests may be sent to the node.
+    #[inline]
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Relaxed)
+    }
+
+    /// A check or a request succeeded.
+    #[inline]
+    pub fn record_success(&self) {
+        // Read first: on the hot path the counter is already zero, and a
+        // load keeps the cache line shared between cores where a store
+        // would bounce it.
+        if self.failures.load(Ordering::Relaxed) != 0 {
+            self.failures.store(0, Ordering::Relaxed);
+        }
+        if !self.up.load(Ordering::Relaxed) && !self.up.swap(true, Ordering::AcqRel) {
+            log::info!("node {} is up", self.node);
+        }
+    }
+
+    /// A check failed, or a request could not connect.
+    pub fn record_failure(&self, why: &str) {
+        let failures = self
+            .failures
+            .fetch_add(1, Ordering::AcqRel)
+            .saturating_add(1);
+        if failures >= FAILURES_TO_DOWN && self.up.swap(false, Ordering::AcqRel) {
+            log::warn!(
+                "node {} is down after {failures} failures: {why}",
+                self.node
+            );
+        } else {
+            log::debug!("node {} failure {failures}: {why}", self.node);
+        }
+    }
+}
+
+/// Starts one checker task per node; abort the handles to stop them.
+pub fn spawn_checkers(
+    nodes: &[Arc<NodeHealth>],
+    interval: Duration,
+    timeout: Duration,
+) -> Vec<JoinHandle<()>> {
+    nodes
+        .iter()
+        .map(|health| {
+            let health = health.clone();
+            tokio::spawn(async move {
+                let mut ticks = tokio::time::interval(interval);
+                // A slow check delays the next one rather than firing a burst.
+                ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    ticks.tick().await;
+                    match check(&health.node, timeout).await {
+                        Ok(()) => health.record_success(),
+                        Err(why) => health.record_failure(&why),
+                    }
+                }
+            })
+        })
+        .collect()
+}
+
+const CHECK_REQUEST: &[u8] =
+    b"GET /-/health HTTP/1.1\r\nHost: kv-node\r\nUser-Agent: kv-proxy-health\r\nConnection: close\r\n\r\n";
+
+/// One active check: `GET /-/health` on a fresh connection, 200 or bust.
+/// Only the status line is read; the check does not need an HTTP client.
+pub async fn check(node: &str, timeout: Duration) -> Result<(), String> {
+    let exchange = async {
+        let mut stream = TcpStream::connect(node)
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        stream
+            .write_all(CHECK_REQUEST)
+            .await
+            .map_err(|e| format!("write: {e}"))?;
+        let mut head = [0u8; 64];
+        let mut filled = 0;
+        while !head[..filled].contains(&b'\n') && filled < head.len() {
+            let read = stream
+                .read(&mut head[filled..])
+                .await
+                .map_err(|e| format!("read: {e}"))?;
+            if read == 0 {
+                return Err("closed before answering".to_owned());
+            }
+            filled += read;
+        }
+        let line = String::from_utf8_lossy(&head[..filled]);
+        let status = line.split(' ').nth(1).unwrap_or("");
+        if status == "200" {
+            Ok(())
+        } else {
+            Err(format!("answered {:?}", line.lines().next().unwrap_or("")))
+        }
+    };
+    tokio::time::timeout(timeout, exchange)
+        .await
+        .unwrap_or_else(|_| Err(format!("no answer within {timeout:?}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn down_after_two_failures_up_after_one_success() {
+        let health = NodeHealth::new("n");
+        assert!(health.is_up());
+        health.record_failure("x");
+        assert!(health.is_up(), "one failure is not enough");
+        health.record_failure("x");
+        assert!(!health.is_up());
+        health.record_failure("x");
+        assert!(!health.is_up());
+        health.record_success();
+        assert!(health.is_up());
+        // The count restarted: one failure after a success is not enough.
+        health.record_failure("x");
+        assert!(health.is_up());
+    }
+
+    #[tokio::test]
+    async fn check_fails_on_a_closed_port_and_a_silent_node() {
+        // A port nothing listens on (bound, then released).
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        drop(listener);
+        assert!(check(&addr, Duration::from_secs(2)).await.is_err());
+
+        // A node that accepts and never answers.
+        let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = silent.local_addr().unwrap().to_string();
+        let holder = tokio::spawn(async move {
+            let (_stream, _) = silent.accept().await.unwrap();
+            std::future::pending::<()>().await;
+        });
+        let result = check(&addr, Duration::from_millis(200)).await;
+        assert!(result.unwrap_err().contains("no answer"));
+        holder.abort();
+    }
+}

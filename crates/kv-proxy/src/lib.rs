@@ -1,0 +1,81 @@
+//! `kv-proxy`: sends every request for a key to the one kv-node that owns it
+//! on the consistent-hash ring ([`kv_ring`]), so a client sees one store.
+//!
+//! The crate is a library with a thin binary, as kv-node is. Modules, one
+//! concern each:
+//! * [`config`]: flags and environment variables.
+//! * [`api`]: routing, admin endpoints (`/-/health`, `/-/ring`, `/-/owner/<key>`).
+//! * [`upstream`]: the pooled client and forwarding (streaming, retries, timeouts).
+//! * [`health`]: active and passive health of each node; fail closed.
+//! * [`error`]: every failure, mapped to a status in one place.
+//! * [`server`]: the accept loop, connection limits, graceful shutdown.
+
+use std::future::Future;
+use std::io;
+use std::sync::Arc;
+use std::time::Instant;
+
+use kv_ring::Ring;
+use tokio::net::TcpListener;
+
+pub mod api;
+pub mod config;
+pub mod error;
+pub mod health;
+pub mod server;
+pub mod upstream;
+
+pub use config::Config;
+pub use kv_node::shutdown_signal;
+
+/// Serves the proxy on an already-bound `listener` until `shutdown`
+/// resolves, then finishes in-flight requests (bounded) and returns.
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+) -> io::Result<()> {
+    let invalid = |why: String| io::Error::new(io::ErrorKind::InvalidInput, why);
+    let ring = Ring::new(config.nodes.iter().map(String::as_str), config.vnodes)
+        .map_err(|e| invalid(format!("cannot build the ring: {e}")))?;
+    let nodes = ring
+        .nodes()
+        .iter()
+        .map(|name| upstream::Node::new(name))
+        .collect::<Result<Box<[_]>, _>>()
+        .map_err(invalid)?;
+    let shares = ring.shares();
+    let health: Vec<_> = nodes.iter().map(|n| n.health.clone()).collect();
+    let proxy = Arc::new(api::Proxy {
+        ring,
+        nodes,
+        shares,
+        client: upstream::client(
+            config.connect_timeout,
+            config.pool_idle_timeout,
+            config.pool_max_idle,
+        ),
+        request_timeout: config.request_timeout,
+        started: Instant::now(),
+    });
+    log::info!(
+        "kv-proxy {} listening on http://{} (nodes {}; {} vnodes each)",
+        env!("CARGO_PKG_VERSION"),
+        listener.local_addr()?,
+        config.nodes.join(", "),
+        config.vnodes
+    );
+    let checkers = health::spawn_checkers(&health, config.health_interval, config.health_timeout);
+    let limits = kv_node::server::ConnectionLimits {
+        max_connections: config.max_connections,
+        header_timeout: config.header_timeout,
+        shutdown_timeout: config.shutdown_timeout,
+    };
+    let served = server::serve(listener, proxy, limits, shutdown).await;
+    for checker in checkers {
+        checker.abort();
+    }
+    served?;
+    log::info!("kv-proxy stopped");
+    Ok(())
+}

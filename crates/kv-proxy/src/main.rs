@@ -1,0 +1,40 @@
+//! The `kv-proxy` binary: parse flags, set up logging, bind, run.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use kv_proxy::Config;
+
+fn main() -> ExitCode {
+    let config = Config::parse();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            log::error!("cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        let address = (config.bind, config.port);
+        let listener = tokio::net::TcpListener::bind(address)
+            .await
+            .map_err(|error| {
+                std::io::Error::new(
+                    error.kind(),
+                    format!("cannot listen on {}:{}: {error}", config.bind, config.port),
+                )
+            })?;
+        kv_proxy::run(listener, config, kv_proxy::shutdown_signal()).await
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            log::error!("{error}");
+            ExitCode::FAILURE
+        }
+    }
+}

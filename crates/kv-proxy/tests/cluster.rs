@@ -1,0 +1,548 @@
+//! The real binaries: three kv-nodes and kv-proxy, each a process on a free
+//! port, talked to over HTTP.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::Read;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use kv_ring::Ring;
+use kv_testkit::{binary, request, Process, Response};
+use tempfile::TempDir;
+
+/// Started nodes and the proxy in front of them.
+struct Cluster {
+    nodes: Vec<Process>,
+    proxy: Process,
+    ring: Ring,
+    _dirs: Vec<TempDir>,
+}
+
+fn start_node(dir: &TempDir) -> Process {
+    Process::spawn(
+        &binary("kv-node"),
+        &["--port", "0", "--data-dir", dir.path().to_str().unwrap()],
+    )
+}
+
+fn start_proxy(names: &[String], extra: &[&str]) -> Process {
+    let nodes = names.join(",");
+    let mut args = vec!["--port", "0", "--nodes", &nodes];
+    args.extend_from_slice(extra);
+    Process::spawn(&binary("kv-proxy"), &args)
+}
+
+fn cluster(extra: &[&str]) -> Cluster {
+    let dirs: Vec<TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let nodes: Vec<Process> = dirs.iter().map(start_node).collect();
+    let names: Vec<String> = nodes.iter().map(|n| n.addr.to_string()).collect();
+    let proxy = start_proxy(&names, extra);
+    let ring = Ring::new(names, kv_ring::DEFAULT_VNODES).unwrap();
+    Cluster {
+        nodes,
+        proxy,
+        ring,
+        _dirs: dirs,
+    }
+}
+
+impl Cluster {
+    fn owner_of(&self, key: &str) -> usize {
+        self.ring.owner_index(key.as_bytes())
+    }
+}
+
+/// Calls `check` until it returns `Some`, or panics once `limit` has passed
+/// since `from`. The pause between tries is polling, not synchronisation.
+fn poll_until<T>(
+    from: Instant,
+    limit: Duration,
+    what: &str,
+    mut check: impl FnMut() -> Option<T>,
+) -> T {
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        assert!(from.elapsed() < limit, "{what}: not within {limit:?}");
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn body(value: &str) -> Vec<u8> {
+    format!("{{\"value\": {value}}}").into_bytes()
+}
+
+#[test]
+fn keys_live_on_their_owner_and_nowhere_else() {
+    let cluster = cluster(&[]);
+    let keys: Vec<String> = (0..3000).map(|i| format!("spread_{i}")).collect();
+    let proxy = cluster.proxy.addr;
+    // Eight writers: each request is its own connection, so this is mostly
+    // waiting on the loopback.
+    thread::scope(|scope| {
+        for chunk in keys.chunks(keys.len() / 8) {
+            let cluster = &cluster;
+            scope.spawn(move || {
+                for key in chunk {
+                    let put = request(
+                        proxy,
+                        "PUT",
+                        &format!("/{key}"),
+                        Some(&body(&format!("\"{key}\""))),
+                    )
+                    .unwrap();
+                    assert_eq!(put.status, 200, "{key}: {}", put.text());
+                    let owner = cluster.owner_of(key);
+                    assert_eq!(
+                        put.header("x-kv-node"),
+                        Some(cluster.nodes[owner].addr.to_string().as_str()),
+                        "{key}"
+                    );
+                }
+            });
+        }
+    });
+    let counts: Vec<AtomicUsize> = (0..3).map(|_| AtomicUsize::new(0)).collect();
+    thread::scope(|scope| {
+        for chunk in keys.chunks(keys.len() / 8) {
+            let (cluster, counts) = (&cluster, &counts);
+            scope.spawn(move || {
+                for key in chunk {
+                    let owner = cluster.owner_of(key);
+                    for (index, node) in cluster.nodes.iter().enumerate() {
+                        let got = request(node.addr, "GET", &format!("/{key}"), None).unwrap();
+                        if index == owner {
+                            assert_eq!(got.status, 200, "{key} missing on its owner");
+                            assert_eq!(got.text(), format!("{{\"value\":\"{key}\"}}\n"));
+                            counts[index].fetch_add(1, Ordering::Relaxed);
+                        } else {
+                            assert_eq!(got.status, 404, "{key} also on node {index}");
+                        }
+                    }
+                }
+            });
+        }
+    });
+    let shares = cluster.ring.shares();
+    for (index, count) in counts.iter().enumerate() {
+        let count = count.load(Ordering::Relaxed) as f64;
+        let expected = shares[index] * keys.len() as f64;
+        assert!(
+            (count - expected).abs() <= 0.10 * expected,
+            "node {index}: {count} keys, expected {expected:.0} ± 10%"
+        );
+    }
+    // The proxy's own view agrees with the ring kv-bench will use.
+    for key in keys.iter().take(50) {
+        let owner = request(proxy, "GET", &format!("/-/owner/{key}"), None).unwrap();
+        let expected = cluster.nodes[cluster.owner_of(key)].addr.to_string();
+        assert!(
+            owner.text().contains(&format!("\"owner\":\"{expected}\"")),
+            "{}",
+            owner.text()
+        );
+    }
+}
+
+/// One API row: method, path, body.
+type Row = (&'static str, String, Option<Vec<u8>>);
+
+fn api_rows() -> Vec<Row> {
+    let mut rows: Vec<Row> = vec![
+        ("PUT", "/key_1".into(), Some(body("\"value_1\""))),
+        ("GET", "/key_1".into(), None),
+        ("HEAD", "/key_1".into(), None),
+        (
+            "POST",
+            "/key_2".into(),
+            Some(body(r#"{"nested": [1, 2.50, null, true, "x"]}"#)),
+        ),
+        ("GET", "/key_2".into(), None),
+        ("PUT", "/n".into(), Some(body("-12.5e3"))),
+        ("GET", "/n".into(), None),
+        ("PUT", "/null".into(), Some(body("null"))),
+        ("GET", "/null".into(), None),
+        ("PUT", "/arr".into(), Some(body("[1, [2], {}]"))),
+        ("GET", "/arr".into(), None),
+        ("PUT", "/b".into(), Some(body("false"))),
+        ("GET", "/b".into(), None),
+        ("DELETE", "/key_1".into(), None),
+        ("GET", "/key_1".into(), None),
+        ("HEAD", "/key_1".into(), None),
+        ("DELETE", "/key_1".into(), None),
+        // Bad input.
+        ("PUT", "/bad".into(), Some(b"{".to_vec())),
+        ("PUT", "/bad".into(), Some(b"{}".to_vec())),
+        ("PUT", "/bad".into(), Some(b"[1]".to_vec())),
+        ("PUT", "/bad".into(), Some(Vec::new())),
+        ("GET", "/bad".into(), None),
+        ("PATCH", "/key_2".into(), Some(body("1"))),
+        ("OPTIONS", "/key_2".into(), None),
+        (
+            "PUT",
+            "/big".into(),
+            Some(body(&format!("\"{}\"", "x".repeat(1024 * 1024)))),
+        ),
+        ("GET", "/big".into(), None),
+        ("GET", "/".into(), None),
+        ("GET", "/a/b".into(), None),
+        ("GET", "/%FF".into(), None),
+        ("GET", format!("/{}", "k".repeat(1025)), None),
+        ("PUT", format!("/{}", "k".repeat(1024)), Some(body("1"))),
+        ("GET", format!("/{}", "k".repeat(1024)), None),
+        // Unicode and percent-encoded keys: the same key however spelt.
+        (
+            "PUT",
+            "/caf%C3%A9".into(),
+            Some(body("\"\u{e9}t\u{e9} \u{1F600}\"")),
+        ),
+        ("GET", "/caf%C3%A9".into(), None),
+        ("GET", "/caf%c3%a9".into(), None),
+        ("PUT", "/a%2Fb%20c".into(), Some(body("1"))),
+        ("GET", "/a%2Fb%20c".into(), None),
+        ("GET", "/key_2?ignored=1".into(), None),
+        // Admin paths the proxy shares with kv-node.
+        ("GET", "/-/nope".into(), None),
+        ("PUT", "/-/health".into(), Some(body("1"))),
+    ];
+    for i in 0..30 {
+        rows.push(("PUT", format!("/row_{i}"), Some(body(&i.to_string()))));
+        rows.push(("GET", format!("/row_{i}"), None));
+    }
+    rows
+}
+
+fn same(direct: &Response, proxied: &Response) -> bool {
+    direct.status == proxied.status
+        && direct.body == proxied.body
+        && direct.header("content-type") == proxied.header("content-type")
+        && direct.header("allow") == proxied.header("allow")
+        && direct.header("content-length") == proxied.header("content-length")
+}
+
+#[test]
+fn every_api_row_answers_as_a_node_would() {
+    let cluster = cluster(&[]);
+    // The same rows against one standalone node: each key lives on exactly
+    // one node of the cluster, so the answers must be identical.
+    let dir = tempfile::tempdir().unwrap();
+    let lone = start_node(&dir);
+    for (method, path, body) in api_rows() {
+        let direct = request(lone.addr, method, &path, body.as_deref()).unwrap();
+        let proxied = request(cluster.proxy.addr, method, &path, body.as_deref()).unwrap();
+        assert!(
+            same(&direct, &proxied),
+            "{method} {path}: direct {} {:?} {:?}, proxied {} {:?} {:?}",
+            direct.status,
+            direct.text(),
+            direct.headers,
+            proxied.status,
+            proxied.text(),
+            proxied.headers
+        );
+        // Forwarded answers name their node.
+        if !path.starts_with("/-/") && proxied.status != 400 {
+            assert!(proxied.header("x-kv-node").is_some(), "{method} {path}");
+        }
+    }
+}
+
+#[test]
+fn a_lost_node_fails_closed_and_comes_back() {
+    let mut cluster = cluster(&[]);
+    let proxy = cluster.proxy.addr;
+    let keys: Vec<String> = (0..150).map(|i| format!("loss_{i}")).collect();
+    for key in &keys {
+        let put = request(
+            proxy,
+            "PUT",
+            &format!("/{key}"),
+            Some(&body(&format!("\"{key}\""))),
+        )
+        .unwrap();
+        assert_eq!(put.status, 200);
+    }
+    let lost = 1;
+    let lost_name = cluster.nodes[lost].addr.to_string();
+    assert!(keys.iter().any(|k| cluster.owner_of(k) == lost));
+
+    cluster.nodes[lost].kill9();
+    let killed = Instant::now();
+    poll_until(
+        killed,
+        Duration::from_secs(3),
+        "lost keys 503, others 200",
+        || {
+            for key in &keys {
+                let got = request(proxy, "GET", &format!("/{key}"), None).unwrap();
+                if cluster.owner_of(key) == lost {
+                    if got.status != 503 {
+                        return None;
+                    }
+                    assert_eq!(
+                        got.text(),
+                        format!("{{\"error\":\"node {lost_name} unavailable\"}}\n")
+                    );
+                    assert!(got.header("retry-after").is_some());
+                } else {
+                    // Never affected, not even while the loss is being noticed.
+                    assert_eq!(got.status, 200, "{key}: {}", got.text());
+                    assert_eq!(got.text(), format!("{{\"value\":\"{key}\"}}\n"));
+                }
+            }
+            Some(())
+        },
+    );
+    // Writes to its keys fail closed too; nothing is remapped.
+    let lost_key = keys.iter().find(|k| cluster.owner_of(k) == lost).unwrap();
+    let put = request(proxy, "PUT", &format!("/{lost_key}"), Some(&body("2"))).unwrap();
+    assert_eq!(put.status, 503);
+    for (index, node) in cluster.nodes.iter().enumerate() {
+        if index != lost {
+            assert_eq!(
+                request(node.addr, "GET", &format!("/{lost_key}"), None)
+                    .unwrap()
+                    .status,
+                404
+            );
+        }
+    }
+    let ring = request(proxy, "GET", "/-/ring", None).unwrap().text();
+    assert!(
+        ring.contains(&format!("\"node\":\"{lost_name}\",\"share\"")),
+        "{ring}"
+    );
+    let health = request(proxy, "GET", "/-/health", None).unwrap();
+    assert_eq!(health.status, 200);
+    assert!(
+        health.text().contains("\"nodes_up\":2"),
+        "{}",
+        health.text()
+    );
+
+    cluster.nodes[lost].restart();
+    let restarted = Instant::now();
+    poll_until(
+        restarted,
+        Duration::from_secs(3),
+        "lost keys answer again",
+        || {
+            keys.iter()
+                .filter(|k| cluster.owner_of(k) == lost)
+                .all(|key| {
+                    let proxied = request(proxy, "GET", &format!("/{key}"), None).unwrap();
+                    // Whatever the node itself holds for the key (kv-node keeps
+                    // data in memory until the durability work lands).
+                    let direct =
+                        request(cluster.nodes[lost].addr, "GET", &format!("/{key}"), None).unwrap();
+                    proxied.status != 503 && same(&direct, &proxied)
+                })
+                .then_some(())
+        },
+    );
+    // And it takes writes again, on the same node.
+    let put = request(
+        proxy,
+        "PUT",
+        &format!("/{lost_key}"),
+        Some(&body("\"back\"")),
+    )
+    .unwrap();
+    assert_eq!(put.status, 200);
+    let direct = request(
+        cluster.nodes[lost].addr,
+        "GET",
+        &format!("/{lost_key}"),
+        None,
+    )
+    .unwrap();
+    assert_eq!(direct.text(), "{\"value\":\"back\"}\n");
+
+    // Each state change was logged once.
+    let log = cluster.proxy.log();
+    assert_eq!(
+        log.matches(&format!("node {lost_name} is down")).count(),
+        1,
+        "{log}"
+    );
+    assert_eq!(
+        log.matches(&format!("node {lost_name} is up")).count(),
+        1,
+        "{log}"
+    );
+}
+
+/// A fake node on a std listener: `answer` decides what each connection
+/// gets; health checks (which say who they are) are counted apart.
+struct FakeNode {
+    addr: SocketAddr,
+    requests: Arc<AtomicUsize>,
+}
+
+fn fake_node(answer: fn(TcpStream)) -> FakeNode {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let requests = Arc::new(AtomicUsize::new(0));
+    let counter = requests.clone();
+    thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let counter = counter.clone();
+            thread::spawn(move || {
+                let mut head = [0u8; 1024];
+                let read = stream.read(&mut head).unwrap_or(0);
+                if !String::from_utf8_lossy(&head[..read]).contains("kv-proxy-health") {
+                    counter.fetch_add(1, Ordering::SeqCst);
+                }
+                answer(stream);
+            });
+        }
+    });
+    FakeNode { addr, requests }
+}
+
+#[test]
+fn a_silent_node_gives_504_and_the_others_keep_serving() {
+    // Accepts and holds every connection, never answering.
+    let silent = fake_node(|stream| {
+        thread::sleep(Duration::from_secs(120));
+        drop(stream);
+    });
+    let dirs: Vec<TempDir> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let nodes: Vec<Process> = dirs.iter().map(start_node).collect();
+    let mut names: Vec<String> = nodes.iter().map(|n| n.addr.to_string()).collect();
+    names.push(silent.addr.to_string());
+    // Health checks every hour: only the first one runs, and one failure
+    // does not mark a node down, so the timeout itself is what is tested.
+    let proxy = start_proxy(
+        &names,
+        &["--request-timeout", "500ms", "--health-interval", "1h"],
+    );
+    let ring = Ring::new(names.clone(), kv_ring::DEFAULT_VNODES).unwrap();
+    let key_of = |owner: usize| {
+        (0..)
+            .map(|i| format!("k{i}"))
+            .find(|k| ring.owner_index(k.as_bytes()) == owner)
+            .unwrap()
+    };
+    let stuck_key = key_of(2);
+
+    let proxy_addr = proxy.addr;
+    let stuck = thread::spawn(move || {
+        let started = Instant::now();
+        let got = request(proxy_addr, "GET", &format!("/{stuck_key}"), None).unwrap();
+        (got, started.elapsed())
+    });
+    // While that request hangs, the other nodes' keys are served.
+    for (owner, name) in names.iter().enumerate().take(2) {
+        let key = key_of(owner);
+        let put = request(proxy.addr, "PUT", &format!("/{key}"), Some(&body("1"))).unwrap();
+        assert_eq!(
+            (put.status, put.header("x-kv-node")),
+            (200, Some(name.as_str()))
+        );
+        assert_eq!(
+            request(proxy.addr, "GET", &format!("/{key}"), None)
+                .unwrap()
+                .status,
+            200
+        );
+    }
+    let (got, waited) = stuck.join().unwrap();
+    assert_eq!(got.status, 504, "{}", got.text());
+    assert!(
+        waited >= Duration::from_millis(500),
+        "answered before the timeout: {waited:?}"
+    );
+    assert_eq!(
+        got.text(),
+        format!(
+            "{{\"error\":\"node {} did not answer within 500ms\"}}\n",
+            silent.addr
+        )
+    );
+    assert_eq!(got.header("x-kv-node"), Some(names[2].as_str()));
+    // A write to the silent node times out too.
+    let put = request(
+        proxy.addr,
+        "PUT",
+        &format!("/{}", key_of(2)),
+        Some(&body("1")),
+    )
+    .unwrap();
+    assert_eq!(put.status, 504);
+}
+
+#[test]
+fn gets_are_retried_once_on_a_broken_connection_and_writes_never() {
+    // Reads the request, then closes without answering.
+    let breaking = fake_node(drop);
+    let dir = tempfile::tempdir().unwrap();
+    let node = start_node(&dir);
+    let names = vec![node.addr.to_string(), breaking.addr.to_string()];
+    let proxy = start_proxy(&names, &["--health-interval", "1h"]);
+    let ring = Ring::new(names, kv_ring::DEFAULT_VNODES).unwrap();
+    let key = (0..)
+        .map(|i| format!("r{i}"))
+        .find(|k| ring.owner_index(k.as_bytes()) == 1)
+        .unwrap();
+
+    let get = request(proxy.addr, "GET", &format!("/{key}"), None).unwrap();
+    assert_eq!(get.status, 502, "{}", get.text());
+    assert_eq!(
+        breaking.requests.load(Ordering::SeqCst),
+        2,
+        "a GET is tried twice"
+    );
+
+    let put = request(proxy.addr, "PUT", &format!("/{key}"), Some(&body("1"))).unwrap();
+    assert_eq!(put.status, 502, "{}", put.text());
+    assert_eq!(
+        breaking.requests.load(Ordering::SeqCst),
+        3,
+        "a PUT is tried once"
+    );
+}
+
+#[test]
+fn sigterm_exits_zero() {
+    let cluster = cluster(&[]);
+    let mut proxy = cluster.proxy;
+    assert_eq!(proxy.terminate(), Some(0));
+    assert!(proxy.log().contains("kv-proxy stopped"), "{}", proxy.log());
+}
+
+#[test]
+fn help_documents_flags_env_and_defaults() {
+    let output = std::process::Command::new(binary("kv-proxy"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&output.stdout);
+    for expected in [
+        "--port",
+        "[env: KV_PROXY_PORT=]",
+        "[default: 8080]",
+        "--nodes",
+        "--vnodes",
+        "[default: 1000]",
+        "--connect-timeout",
+        "--request-timeout",
+        "[default: 5s]",
+        "--health-interval",
+        "[default: 1s]",
+        "--bind",
+    ] {
+        assert!(help.contains(expected), "{expected} missing from:\n{help}");
+    }
+    let bad = std::process::Command::new(binary("kv-proxy"))
+        .args(["--port", "0", "--nodes", "not-a-node"])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("not host:port"));
+}
