@@ -1,0 +1,532 @@
+//! One worker: a task with at most one request in flight, its own keys, its
+//! own connections (one per node, opened before the clock starts) and its
+//! own statistics (an HDR histogram, counters, error counts), merged by the
+//! run once every worker is done. Nothing is shared per request except a
+//! relaxed store into the worker's own progress slot.
+//!
+//! Closed loop (the default): the next request leaves when the previous
+//! answer is in. Open loop (`--rate`): request i of a worker is due at
+//! `start + offset + i·interval`; it leaves at that time or, when the worker
+//! is behind, at once. The raw latency is measured from when it left, the
+//! corrected one from when it was due whenever the worker was behind
+//! (wrk2's correction for coordinated omission: a stalled server cannot
+//! hide the requests it delayed). When the worker was ahead and slept, the
+//! server delayed nothing and both figures start when the request left, so
+//! the timer's own wake-up lag is not charged to the server.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use hdrhistogram::Histogram;
+use hyper::{Method, Uri};
+use kv_ring::Ring;
+use tokio::sync::{watch, Barrier};
+
+use crate::check::{check, ErrorCounts, Failure};
+use crate::client::{self, Answer, Conn, Endpoint};
+use crate::config::{Plan, Stop};
+use crate::workload::{
+    global_key, keys_of_worker, requests_of_worker, Expect, KeyPicker, OpKind, OpPicker, Rng,
+    SeedOp,
+};
+
+/// Highest latency the histograms hold, in microseconds (larger ones are
+/// clamped; the request timeout is far below it).
+const MAX_LATENCY_US: u64 = 3_600_000_000;
+
+pub fn new_histogram() -> Histogram<u64> {
+    // Bounds and precision are constants known to be valid.
+    Histogram::new_with_bounds(1, MAX_LATENCY_US, 3).unwrap_or_else(|_| {
+        Histogram::new(3).unwrap_or_else(|_| unreachable!("3 significant figures is valid"))
+    })
+}
+
+#[inline]
+fn micros(d: Duration) -> u64 {
+    (d.as_nanos() / 1000).max(1) as u64
+}
+
+/// A worker's live counters, on their own cache line so the progress reader
+/// never contends with other workers.
+#[derive(Default)]
+#[repr(align(128))]
+pub struct Live {
+    pub ops: AtomicU64,
+    pub errors: AtomicU64,
+}
+
+/// What every worker of a run shares (read-only).
+pub struct RunShared {
+    pub plan: Plan,
+    pub endpoints: Vec<Endpoint>,
+    pub workers: usize,
+    /// Released when every worker has connected (and preloaded).
+    pub ready: Barrier,
+    /// Seed workload: the end of a batch (every worker, not the run).
+    pub batch: Barrier,
+    /// The instant the run starts (warmup first), sent once all are ready.
+    pub start: watch::Receiver<Option<Instant>>,
+    pub live: Vec<Live>,
+    pub seed_ops: Vec<SeedOp>,
+    pub prefix: String,
+}
+
+/// A worker's results.
+pub struct WorkerStats {
+    pub latency: Histogram<u64>,
+    pub corrected: Option<Histogram<u64>>,
+    /// Measured operations by kind: set, get, delete.
+    pub ops: [u64; 3],
+    pub node_requests: Vec<u64>,
+    pub errors: ErrorCounts,
+    /// When its last measured request finished.
+    pub finished: Option<Instant>,
+    /// Set if the worker could not start (no connection to a node).
+    pub setup_failure: Option<Failure>,
+}
+
+impl WorkerStats {
+    fn new(nodes: usize, open_loop: bool) -> Self {
+        WorkerStats {
+            latency: new_histogram(),
+            corrected: open_loop.then(new_histogram),
+            ops: [0; 3],
+            node_requests: vec![0; nodes],
+            errors: ErrorCounts::default(),
+            finished: None,
+            setup_failure: None,
+        }
+    }
+}
+
+/// What the worker knows about one of its keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Absent,
+    /// Holds the value written with this sequence number.
+    Present(u64),
+    /// A write failed mid-way: it may or may not have been applied.
+    Unknown,
+}
+
+struct Key {
+    path: Uri,
+    node: u32,
+    state: State,
+}
+
+/// A value body `{"value":"<16 hex digits><padding>"}`, rewritten in place.
+struct ValueTemplate {
+    bytes: Vec<u8>,
+}
+
+const BODY_PREFIX: &[u8] = b"{\"value\":\"";
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
+impl ValueTemplate {
+    fn new(value_size: usize) -> Self {
+        let mut bytes = Vec::with_capacity(value_size + 12);
+        bytes.extend_from_slice(BODY_PREFIX);
+        bytes.resize(BODY_PREFIX.len() + value_size, b'x');
+        bytes.extend_from_slice(b"\"}");
+        ValueTemplate { bytes }
+    }
+
+    /// Writes `seq` into the value; returns the whole PUT body.
+    #[inline]
+    fn render(&mut self, seq: u64) -> &[u8] {
+        let digits = &mut self.bytes[BODY_PREFIX.len()..BODY_PREFIX.len() + 16];
+        for (i, digit) in digits.iter_mut().enumerate() {
+            *digit = HEX[((seq >> (60 - 4 * i)) & 0xf) as usize];
+        }
+        &self.bytes
+    }
+
+    /// The JSON text of the value with `seq` (what a GET must return).
+    #[inline]
+    fn value(&mut self, seq: u64) -> &[u8] {
+        let len = self.render(seq).len();
+        &self.bytes[BODY_PREFIX.len() - 1..len - 1]
+    }
+}
+
+/// A worker of the `mix` workload.
+pub struct MixWorker {
+    id: usize,
+    shared: Arc<RunShared>,
+    conns: Vec<Option<Conn>>,
+    keys: Vec<Key>,
+    put: ValueTemplate,
+    expected: ValueTemplate,
+    next_seq: u64,
+}
+
+impl MixWorker {
+    /// Worker `id`: builds its keys' paths and owners once, up front.
+    pub fn new(id: usize, shared: Arc<RunShared>, ring: Option<&Ring>) -> Self {
+        let plan = &shared.plan;
+        let count = keys_of_worker(plan.keys, shared.workers, id);
+        let keys = (0..count)
+            .map(|local| {
+                let name = format!("{}{}", shared.prefix, global_key(local, shared.workers, id));
+                Key {
+                    node: ring.map_or(0, |r| r.owner_index(name.as_bytes()) as u32),
+                    path: path_of(&name),
+                    state: State::Absent,
+                }
+            })
+            .collect();
+        MixWorker {
+            id,
+            conns: (0..shared.endpoints.len()).map(|_| None).collect(),
+            keys,
+            put: ValueTemplate::new(plan.value_size),
+            expected: ValueTemplate::new(plan.value_size),
+            next_seq: (id as u64) << 40,
+            shared,
+        }
+    }
+
+    /// Sends one operation on local key `local` and checks the answer.
+    async fn execute(&mut self, kind: OpKind, local: usize) -> (Result<(), Failure>, usize) {
+        let key = &self.keys[local];
+        let node = key.node as usize;
+        let endpoint = &self.shared.endpoints[node];
+        let timeout = self.shared.plan.timeout;
+        let mut seq = 0;
+        let (method, body, expect) = match kind {
+            OpKind::Set => {
+                self.next_seq += 1;
+                seq = self.next_seq;
+                let body = Bytes::copy_from_slice(self.put.render(seq));
+                (Method::PUT, Some(body), Expect::Stored)
+            }
+            OpKind::Get => (
+                Method::GET,
+                None,
+                match key.state {
+                    State::Absent => Expect::Missing,
+                    State::Present(_) => Expect::Value,
+                    State::Unknown => Expect::Anything,
+                },
+            ),
+            OpKind::Delete => (
+                Method::DELETE,
+                None,
+                match key.state {
+                    State::Absent => Expect::Missing,
+                    State::Present(_) => Expect::Deleted,
+                    State::Unknown => Expect::DeletedOrMissing,
+                },
+            ),
+        };
+        let request = client::request(endpoint, method, &key.path, body);
+        let answer = exchange(&mut self.conns[node], endpoint, request, timeout).await;
+        let key = &mut self.keys[local];
+        let verdict = match answer {
+            Ok(Answer { status, body }) => {
+                let value = match (kind, key.state) {
+                    (OpKind::Get, State::Present(seq)) => self.expected.value(seq),
+                    _ => &[],
+                };
+                let verdict = check(expect, status, &body, value, key.path.path());
+                key.state = match (kind, status) {
+                    (OpKind::Set, 200) => State::Present(seq),
+                    (OpKind::Set, _) => State::Unknown,
+                    (OpKind::Delete, 200 | 404) => State::Absent,
+                    (OpKind::Delete, _) => State::Unknown,
+                    (OpKind::Get, _) => key.state,
+                };
+                verdict
+            }
+            Err(failure) => {
+                if kind != OpKind::Get {
+                    key.state = State::Unknown;
+                }
+                Err(failure)
+            }
+        };
+        (verdict, node)
+    }
+
+    /// Runs the worker: connect, preload, wait for the start, loop, clean up.
+    pub async fn run(mut self) -> WorkerStats {
+        let shared = self.shared.clone();
+        let plan = &shared.plan;
+        let mut stats = WorkerStats::new(shared.endpoints.len(), plan.rate.is_some());
+        let setup = self.connect_all().await;
+        let setup = match setup {
+            Ok(()) if plan.preload => self.preload(&mut stats.errors).await,
+            other => other,
+        };
+        // Every worker reaches the barrier, even a failed one, so the others
+        // are not left waiting; a failed worker then sends nothing.
+        shared.ready.wait().await;
+        let Some(start) = wait_start(shared.start.clone()).await else {
+            return stats;
+        };
+        if let Err(failure) = setup {
+            stats.setup_failure = Some(failure);
+            shared.batch.wait().await;
+            return stats;
+        }
+
+        let measure_start = start + plan.warmup;
+        let deadline = match plan.stop {
+            Stop::Duration(d) => Some(measure_start + d),
+            Stop::Requests(_) => None,
+        };
+        let mut remaining = match plan.stop {
+            Stop::Requests(n) => requests_of_worker(n, shared.workers, self.id),
+            Stop::Duration(_) => u64::MAX,
+        };
+        let interval = plan
+            .rate
+            .map(|rate| Duration::from_secs_f64(shared.workers as f64 / rate));
+        // Spread the workers' schedules evenly over one interval.
+        let mut due = start
+            + interval.map_or(Duration::ZERO, |i| {
+                i.mul_f64(self.id as f64 / shared.workers as f64)
+            });
+        let ops = OpPicker::new(plan.mix);
+        let picker = KeyPicker::new(plan.distribution, self.keys.len() as u64);
+        let mut rng = Rng::for_worker(plan.rng_seed, self.id);
+        let live = &shared.live[self.id];
+        let (mut done, mut failed) = (0u64, 0u64);
+
+        while remaining > 0 {
+            let intended = match interval {
+                Some(interval) => {
+                    let this = due;
+                    due += interval;
+                    if deadline.is_some_and(|d| this >= d) {
+                        break;
+                    }
+                    if Instant::now() < this {
+                        // Ahead of schedule: the server delayed nothing, so
+                        // the corrected latency starts when the request
+                        // leaves, which keeps the timer's own lag (tokio's
+                        // 1 ms resolution) out of the figure.
+                        tokio::time::sleep_until(this.into()).await;
+                        None
+                    } else {
+                        Some(this)
+                    }
+                }
+                None => None,
+            };
+            let kind = ops.pick(&mut rng);
+            let local = picker.pick(&mut rng) as usize;
+            let sent = Instant::now();
+            if interval.is_none() && deadline.is_some_and(|d| sent >= d) {
+                break;
+            }
+            let (verdict, node) = self.execute(kind, local).await;
+            let finished = Instant::now();
+            // Behind schedule, the request was due before it could leave.
+            let due_at = intended.unwrap_or(sent);
+            if due_at >= measure_start {
+                let _ = stats.latency.record(micros(finished - sent));
+                if let Some(corrected) = stats.corrected.as_mut() {
+                    let _ = corrected.record(micros(finished - due_at));
+                }
+                stats.ops[kind as usize] += 1;
+                stats.node_requests[node] += 1;
+                stats.finished = Some(finished);
+                remaining -= 1;
+            }
+            done += 1;
+            if let Err(failure) = verdict {
+                failed += 1;
+                live.errors.store(failed, Ordering::Relaxed);
+                back_off(&failure).await;
+                stats.errors.record(failure);
+            }
+            live.ops.store(done, Ordering::Relaxed);
+        }
+        // Clean up only once every worker is done measuring, so cleanup
+        // traffic never overlaps the measured tail of slower workers.
+        shared.batch.wait().await;
+        self.cleanup(&mut stats.errors).await;
+        stats
+    }
+
+    async fn connect_all(&mut self) -> Result<(), Failure> {
+        for (node, endpoint) in self.shared.endpoints.iter().enumerate() {
+            if self.keys.iter().any(|k| k.node as usize == node) {
+                self.conns[node] = Some(client::connect(endpoint, self.shared.plan.timeout).await?);
+            }
+        }
+        Ok(())
+    }
+
+    /// Sets every key once (not measured), so GETs find values.
+    async fn preload(&mut self, errors: &mut ErrorCounts) -> Result<(), Failure> {
+        for local in 0..self.keys.len() {
+            if let (Err(failure), _) = self.execute(OpKind::Set, local).await {
+                errors.record(failure);
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes every key that may hold a value (not measured; answers are
+    /// still checked).
+    async fn cleanup(&mut self, errors: &mut ErrorCounts) {
+        for local in 0..self.keys.len() {
+            if self.keys[local].state != State::Absent {
+                if let (Err(failure), _) = self.execute(OpKind::Delete, local).await {
+                    errors.record(failure);
+                }
+            }
+        }
+    }
+}
+
+/// After a failure, a short pause so a dead node is not hammered with
+/// connection attempts in a tight loop.
+async fn back_off(failure: &Failure) {
+    if failure.kind == crate::check::ErrorKind::Connect {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Sends on the node's connection, opening it first if needed; a connection
+/// that failed is dropped (its state is unknown).
+async fn exchange(
+    slot: &mut Option<Conn>,
+    endpoint: &Endpoint,
+    request: hyper::Request<http_body_util::Full<Bytes>>,
+    timeout: Duration,
+) -> Result<Answer, Failure> {
+    let conn = match slot {
+        Some(conn) => conn,
+        None => slot.insert(client::connect(endpoint, timeout).await?),
+    };
+    let result = client::send(conn, request, timeout).await;
+    if result.is_err() {
+        *slot = None;
+    }
+    result
+}
+
+async fn wait_start(mut start: watch::Receiver<Option<Instant>>) -> Option<Instant> {
+    start.wait_for(Option::is_some).await.ok().and_then(|s| *s)
+}
+
+/// `/<name>`: keys in the default workloads need no percent-encoding.
+pub fn path_of(name: &str) -> Uri {
+    Uri::try_from(format!("/{name}")).unwrap_or_else(|_| Uri::from_static("/"))
+}
+
+/// A worker of the `seed` workload: op `b·C + id` of each batch `b`.
+pub struct SeedWorker {
+    id: usize,
+    shared: Arc<RunShared>,
+    ring: Option<Ring>,
+    conns: Vec<Option<Conn>>,
+}
+
+impl SeedWorker {
+    pub fn new(id: usize, shared: Arc<RunShared>, ring: Option<Ring>) -> Self {
+        SeedWorker {
+            id,
+            conns: (0..shared.endpoints.len()).map(|_| None).collect(),
+            shared,
+            ring,
+        }
+    }
+
+    fn node_of(&self, name: &str) -> usize {
+        self.ring
+            .as_ref()
+            .map_or(0, |r| r.owner_index(name.as_bytes()))
+    }
+
+    async fn execute(&mut self, op: SeedOp) -> (Result<(), Failure>, usize) {
+        let name = format!("{}key_{}", self.shared.prefix, op.index);
+        let value = format!("\"value_{}\"", op.index);
+        let node = self.node_of(&name);
+        let endpoint = &self.shared.endpoints[node];
+        let (method, body) = match op.kind {
+            // The Flask client POSTs `{"value": "value_i"}`.
+            OpKind::Set => (
+                Method::POST,
+                Some(Bytes::from(format!("{{\"value\": {value}}}"))),
+            ),
+            OpKind::Get => (Method::GET, None),
+            OpKind::Delete => (Method::DELETE, None),
+        };
+        let request = client::request(endpoint, method, &path_of(&name), body);
+        let verdict = match exchange(
+            &mut self.conns[node],
+            endpoint,
+            request,
+            self.shared.plan.timeout,
+        )
+        .await
+        {
+            Ok(answer) => check(
+                op.expect,
+                answer.status,
+                &answer.body,
+                value.as_bytes(),
+                &name,
+            ),
+            Err(failure) => Err(failure),
+        };
+        (verdict, node)
+    }
+
+    pub async fn run(mut self) -> WorkerStats {
+        let shared = self.shared.clone();
+        let mut stats = WorkerStats::new(shared.endpoints.len(), false);
+        let mut setup = Ok(());
+        for (node, endpoint) in shared.endpoints.iter().enumerate() {
+            match client::connect(endpoint, shared.plan.timeout).await {
+                Ok(conn) => self.conns[node] = Some(conn),
+                Err(failure) => {
+                    setup = Err(failure);
+                    break;
+                }
+            }
+        }
+        shared.ready.wait().await;
+        if wait_start(shared.start.clone()).await.is_none() {
+            return stats;
+        }
+        if let Err(failure) = setup {
+            stats.setup_failure = Some(failure);
+        }
+        let workers = shared.workers;
+        let batches = shared.seed_ops.len().div_ceil(workers);
+        let live = &shared.live[self.id];
+        let (mut done, mut failed) = (0u64, 0u64);
+        for batch in 0..batches {
+            if let Some(&op) = shared.seed_ops.get(batch * workers + self.id) {
+                if stats.setup_failure.is_none() {
+                    let sent = Instant::now();
+                    let (verdict, node) = self.execute(op).await;
+                    let finished = Instant::now();
+                    let _ = stats.latency.record(micros(finished - sent));
+                    stats.ops[op.kind as usize] += 1;
+                    stats.node_requests[node] += 1;
+                    stats.finished = Some(finished);
+                    done += 1;
+                    if let Err(failure) = verdict {
+                        failed += 1;
+                        live.errors.store(failed, Ordering::Relaxed);
+                        stats.errors.record(failure);
+                    }
+                    live.ops.store(done, Ordering::Relaxed);
+                }
+            }
+            // The next batch starts when the whole batch has answered; every
+            // worker takes part in every barrier, even with nothing to send.
+            shared.batch.wait().await;
+        }
+        stats
+    }
+}

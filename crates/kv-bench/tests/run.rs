@@ -1,0 +1,302 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! The real `kv-bench` binary against real `kv-node` processes, and against
+//! fake servers that answer wrongly or not at all.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Command, Output};
+use std::thread;
+
+use kv_testkit::{request, Process};
+use serde_json::Value;
+
+/// `kv_testkit::binary` runs `cargo build --bin NAME` in the current
+/// directory; from this package's directory cargo only sees kv-bench's
+/// binaries, so build from the workspace root (the same for every test, so
+/// tests running in parallel agree on it).
+fn binary(name: &str) -> std::path::PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    std::env::set_current_dir(root).unwrap();
+    kv_testkit::binary(name)
+}
+
+fn node(dir: &Path) -> Process {
+    Process::spawn(
+        &binary("kv-node"),
+        &["--port", "0", "--data-dir", dir.to_str().unwrap()],
+    )
+}
+
+fn bench(args: &[&str]) -> Output {
+    Command::new(binary("kv-bench"))
+        .args(args)
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("kv-bench runs")
+}
+
+fn runs(json: &Path) -> Vec<Value> {
+    std::fs::read_to_string(json)
+        .unwrap()
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect()
+}
+
+fn explain(output: &Output) -> String {
+    format!(
+        "status {:?}\nstdout:\n{}\nstderr:\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+#[test]
+fn runs_against_two_nodes_with_checked_answers_and_cleans_up() {
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let nodes = [node(dirs[0].path()), node(dirs[1].path())];
+    let out = tempfile::tempdir().unwrap();
+    let json = out.path().join("runs.json");
+    let urls = format!("{},{}", nodes[0].url(), nodes[1].url());
+    let output = bench(&[
+        "--urls",
+        &urls,
+        "--requests",
+        "3000",
+        "--concurrency",
+        "8",
+        "--keys",
+        "200",
+        "--mix",
+        "set=2,get=2,delete=1",
+        "--prefix",
+        "itest",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert!(output.status.success(), "{}", explain(&output));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("Final Results:"), "{stdout}");
+    assert!(
+        stdout.contains("Nodes: 2, Total operations: 3000"),
+        "{stdout}"
+    );
+
+    let runs = runs(&json);
+    assert_eq!(runs.len(), 2, "one object per run");
+    for (i, run) in runs.iter().enumerate() {
+        assert_eq!(run["nodes"], i + 1);
+        assert_eq!(run["operations"], 3000);
+        assert_eq!(run["errors_total"], 0, "{run}");
+        assert!(run["gets"].as_u64().unwrap() > 0);
+        let per_node: u64 = run["node_requests"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| n.as_u64().unwrap())
+            .sum();
+        assert_eq!(per_node, 3000);
+        assert_eq!(run["ring_share"].as_array().unwrap().len(), i + 1);
+        assert!(run["latency_ms"]["p99"].as_f64().unwrap() > 0.0);
+    }
+    // Both nodes served the 2-node run.
+    assert!(runs[1]["node_requests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|n| n.as_u64().unwrap() > 0));
+    assert!(runs[1]["speedup_vs_1_node"].as_f64().is_some());
+
+    // Cleanup: none of the 1-node run's keys is left on the node.
+    for i in 0..200 {
+        let response = request(nodes[0].addr, "GET", &format!("/itestn1_{i}"), None).unwrap();
+        assert_eq!(response.status, 404, "itestn1_{i} left behind");
+    }
+}
+
+#[test]
+fn spawn_flag_runs_the_seed_workload_standalone() {
+    // --spawn starts the kv-node found next to kv-bench.
+    binary("kv-node");
+    let out = tempfile::tempdir().unwrap();
+    let json = out.path().join("seed.json");
+    let output = bench(&[
+        "--spawn",
+        "--nodes",
+        "2",
+        "--workload",
+        "seed",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert!(output.status.success(), "{}", explain(&output));
+    let runs = runs(&json);
+    assert_eq!(runs.len(), 2);
+    for run in &runs {
+        assert_eq!(run["workload"], "seed");
+        assert_eq!(run["concurrency"], 250);
+        assert_eq!(
+            (&run["sets"], &run["gets"], &run["deletes"]),
+            (&Value::from(200), &Value::from(200), &Value::from(200))
+        );
+        assert_eq!(run["errors_total"], 0, "{run}");
+    }
+}
+
+/// A server that speaks HTTP/1.1 keep-alive and answers every request with
+/// `answer(method)`; `None` never answers.
+fn fake_server(answer: fn(&str) -> Option<&'static str>) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { continue };
+            thread::spawn(move || serve(stream, answer));
+        }
+    });
+    addr
+}
+
+fn serve(stream: TcpStream, answer: fn(&str) -> Option<&'static str>) {
+    let mut writer = stream.try_clone().unwrap();
+    let mut reader = BufReader::new(stream);
+    loop {
+        let mut method = String::new();
+        let mut content_length = 0usize;
+        let mut first = true;
+        loop {
+            let mut line = String::new();
+            if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                return;
+            }
+            let line = line.trim_end();
+            if line.is_empty() {
+                break;
+            }
+            if first {
+                method = line.split(' ').next().unwrap_or("").to_owned();
+                first = false;
+            } else if let Some((name, value)) = line.split_once(':') {
+                if name.eq_ignore_ascii_case("content-length") {
+                    content_length = value.trim().parse().unwrap_or(0);
+                }
+            }
+        }
+        let mut body = vec![0; content_length];
+        if reader.read_exact(&mut body).is_err() {
+            return;
+        }
+        let Some(reply) = answer(&method) else {
+            // Hold the connection open without answering.
+            let mut sink = Vec::new();
+            let _ = reader.read_to_end(&mut sink);
+            return;
+        };
+        let response = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{reply}",
+            reply.len()
+        );
+        if writer.write_all(response.as_bytes()).is_err() {
+            return;
+        }
+    }
+}
+
+fn wrong_values(method: &str) -> Option<&'static str> {
+    Some(match method {
+        "GET" => "{\"value\":\"not what you stored\"}\n",
+        "DELETE" => "{\"message\":\"Key deleted successfully\"}\n",
+        _ => "{\"message\":\"Value stored successfully\"}\n",
+    })
+}
+
+#[test]
+fn wrong_values_are_caught_and_fail_the_run() {
+    let addr = fake_server(wrong_values);
+    let out = tempfile::tempdir().unwrap();
+    let json = out.path().join("wrong.json");
+    let url = format!("http://{addr}");
+    let args = [
+        "--urls",
+        &url,
+        "--requests",
+        "300",
+        "--concurrency",
+        "4",
+        "--keys",
+        "50",
+        "--mix",
+        "set=1,get=1",
+        "--json",
+        json.to_str().unwrap(),
+    ];
+    let output = bench(&args);
+    assert_eq!(output.status.code(), Some(1), "{}", explain(&output));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("wrong_value"), "{stdout}");
+    let run = &runs(&json)[0];
+    assert!(run["errors"]["wrong_value"].as_u64().unwrap() > 0, "{run}");
+    assert_eq!(run["errors_total"], run["errors"]["wrong_value"]);
+
+    // --allow-errors reports the same errors but exits 0.
+    let mut allowed = args.to_vec();
+    allowed.push("--allow-errors");
+    let output = bench(&allowed);
+    assert!(output.status.success(), "{}", explain(&output));
+    assert!(runs(&json)[0]["errors"]["wrong_value"].as_u64().unwrap() > 0);
+}
+
+#[test]
+fn a_node_that_never_answers_counts_timeouts() {
+    let addr = fake_server(|_| None);
+    let out = tempfile::tempdir().unwrap();
+    let json = out.path().join("stalled.json");
+    let url = format!("http://{addr}");
+    let output = bench(&[
+        "--urls",
+        &url,
+        "--requests",
+        "3",
+        "--concurrency",
+        "1",
+        "--keys",
+        "5",
+        "--timeout",
+        "200ms",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert_eq!(output.status.code(), Some(1), "{}", explain(&output));
+    let run = &runs(&json)[0];
+    assert!(run["errors"]["timeout"].as_u64().unwrap() >= 3, "{run}");
+}
+
+#[test]
+fn an_unreachable_node_is_a_clear_setup_error() {
+    // A port nothing listens on: bind one, then free it.
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let output = bench(&["--base-port", &port.to_string(), "--requests", "10"]);
+    assert_eq!(output.status.code(), Some(2), "{}", explain(&output));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("cannot connect"), "{stderr}");
+    assert!(stderr.contains("--spawn"), "{stderr}");
+}
+
+#[test]
+fn bad_flags_are_refused_with_a_message() {
+    let output = bench(&["--mix", "set=1,fly=2"]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("unknown operation"));
+    let output = bench(&["--requests", "10", "--duration", "1s"]);
+    assert_eq!(output.status.code(), Some(2));
+    let output = bench(&["--help"]);
+    let help = String::from_utf8_lossy(&output.stdout);
+    assert!(help.contains("KV_BENCH_CONCURRENCY"), "{help}");
+    assert!(help.contains("[default: set=1,get=1,delete=1]"), "{help}");
+}
