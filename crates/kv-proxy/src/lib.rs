@@ -56,6 +56,7 @@ pub async fn run(
             config.pool_max_idle,
         ),
         request_timeout: config.request_timeout,
+        max_body_bytes: config.max_body_bytes,
         started: Instant::now(),
     });
     log::info!(

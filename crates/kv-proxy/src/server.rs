@@ -20,7 +20,7 @@ use tokio::sync::Semaphore;
 use crate::api::{self, Proxy};
 
 const TOO_MANY_CONNECTIONS: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\n\
-content-type: application/json\r\nretry-after: 1\r\nconnection: close\r\ncontent-length: 34\r\n\r\n\
+content-type: application/json\r\nretry-after: 1\r\nconnection: close\r\ncontent-length: 33\r\n\r\n\
 {\"error\":\"Too many connections\"}\n";
 
 /// Serves `proxy` on `listener` until `shutdown` resolves, then drains.
@@ -86,4 +86,17 @@ async fn refuse(mut stream: TcpStream) {
     let write = stream.write_all(TOO_MANY_CONNECTIONS);
     let _ = tokio::time::timeout(Duration::from_secs(1), write).await;
     let _ = stream.shutdown().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn canned_503_has_the_right_length() {
+        let text = std::str::from_utf8(TOO_MANY_CONNECTIONS).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        assert!(head.contains(&format!("content-length: {}", body.len())));
+        serde_json::from_str::<serde_json::Value>(body).unwrap();
+    }
 }
