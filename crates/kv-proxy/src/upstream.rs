@@ -102,6 +102,11 @@ pub fn client(
 }
 
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // One pass of cheap comparisons first: requests and answers almost never
+    // carry these, and six hashed removals per message would cost more.
+    if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
+        return;
+    }
     // Headers named in `Connection` are hop-by-hop too. Rare; only then
     // does this allocate.
     if let Some(connection) = headers.get(hyper::header::CONNECTION) {
@@ -260,5 +265,12 @@ mod tests {
         strip_hop_by_hop(&mut headers);
         assert_eq!(headers.len(), 1);
         assert!(headers.contains_key("content-type"));
+        // TE alone is found and dropped; end-to-end headers stay.
+        let mut headers = HeaderMap::new();
+        headers.insert("te", HeaderValue::from_static("trailers"));
+        headers.insert("x-end-to-end", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut headers);
+        assert_eq!(headers.len(), 1);
+        assert!(headers.contains_key("x-end-to-end"));
     }
 }
