@@ -593,3 +593,43 @@ fn help_documents_flags_env_and_defaults() {
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("not host:port"));
 }
+
+#[test]
+fn admin_endpoints_describe_the_ring() {
+    let cluster = cluster(&["--vnodes", "500"]);
+    let proxy = cluster.proxy.addr;
+    let ring = Ring::new(cluster.nodes.iter().map(|n| n.addr.to_string()), 500).unwrap();
+
+    let answer = request(proxy, "GET", "/-/ring", None).unwrap();
+    assert_eq!(answer.status, 200);
+    assert_eq!(answer.header("content-type"), Some("application/json"));
+    let text = answer.text();
+    assert!(text.contains("\"vnodes\":500"), "{text}");
+    for (node, share) in cluster.nodes.iter().zip(ring.shares()) {
+        let entry = format!(
+            "{{\"node\":\"{}\",\"share\":{share},\"up\":true}}",
+            node.addr
+        );
+        assert!(text.contains(&entry), "{entry} not in {text}");
+    }
+
+    let owner = request(proxy, "GET", "/-/owner/caf%C3%A9", None).unwrap();
+    let expected = ring.owner("caf\u{e9}".as_bytes());
+    assert_eq!(
+        owner.text(),
+        format!("{{\"key\":\"caf\u{e9}\",\"owner\":\"{expected}\",\"up\":true}}\n")
+    );
+    // The owner it names is the node a write lands on.
+    let put = request(proxy, "PUT", "/caf%C3%A9", Some(&body("1"))).unwrap();
+    assert_eq!(put.header("x-kv-node"), Some(expected));
+
+    let empty = request(proxy, "GET", "/-/owner/", None).unwrap();
+    assert_eq!(empty.status, 400, "{}", empty.text());
+    let health = request(proxy, "HEAD", "/-/health", None).unwrap();
+    assert_eq!((health.status, health.body.len()), (200, 0));
+    let wrong = request(proxy, "DELETE", "/-/ring", None).unwrap();
+    assert_eq!(
+        (wrong.status, wrong.header("allow")),
+        (405, Some("GET, HEAD"))
+    );
+}
