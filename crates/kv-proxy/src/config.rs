@@ -34,6 +34,11 @@ pub struct Config {
     #[arg(long, env = "KV_PROXY_VNODES", default_value_t = kv_ring::DEFAULT_VNODES)]
     pub vnodes: u32,
 
+    /// Worker threads serving connections, each with its own event loop
+    /// and node connection pool [default: the number of CPUs].
+    #[arg(long, env = "KV_PROXY_WORKERS")]
+    pub workers: Option<usize>,
+
     /// Largest request body forwarded, in bytes; a larger declared
     /// Content-Length gets kv-node's own 413 from the proxy. Keep it equal to
     /// the nodes' --max-value-bytes: a node that refuses a body mid-upload
@@ -80,4 +85,13 @@ pub struct Config {
     /// On SIGINT/SIGTERM, how long in-flight requests get to finish.
     #[arg(long, env = "KV_PROXY_SHUTDOWN_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub shutdown_timeout: Duration,
+}
+
+impl Config {
+    /// `--workers`, or one per CPU.
+    pub fn workers(&self) -> usize {
+        self.workers
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+            .max(1)
+    }
 }

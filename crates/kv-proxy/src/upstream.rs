@@ -52,8 +52,9 @@ const HOP_BY_HOP: [HeaderName; 6] = [
     hyper::header::UPGRADE,
 ];
 
-/// One node, as the forwarding path needs it.
-#[derive(Debug)]
+/// One node, as the forwarding path needs it. Each worker has its own
+/// copy; the health is shared.
+#[derive(Debug, Clone)]
 pub struct Node {
     /// The name on the ring (`host:port`), as given in `--nodes`.
     pub name: String,
