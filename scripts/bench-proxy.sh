@@ -183,7 +183,7 @@ run() { # name, port, pids whose CPU time is the proxy's
     shift 2
     # A short warm-up fills connection pools and caches; it is not measured.
     wrk -t"$THREADS" -c"$CONNECTIONS" -d2s -s "$WORK/get.lua" "http://127.0.0.1:$port" >/dev/null
-    local before after requests cpu_us=0
+    local before after requests cpu_us=-
     before=$(cpu_ticks "$@")
     wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency -s "$WORK/get.lua" "http://127.0.0.1:$port" >"$WORK/$name.wrk"
     after=$(cpu_ticks "$@")

@@ -8,7 +8,9 @@
 //! * [`upstream`]: the pooled client and forwarding (streaming, retries, timeouts).
 //! * [`health`]: active and passive health of each node; fail closed.
 //! * [`error`]: every failure, mapped to a status in one place.
-//! * [`server`]: the accept loop, connection limits, graceful shutdown.
+//! * [`server`]: the accept loop, the worker threads (one single-threaded
+//!   runtime and node connection pool each, as nginx's worker processes),
+//!   connection limits, graceful shutdown.
 
 use std::future::Future;
 use std::io;

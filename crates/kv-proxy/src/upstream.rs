@@ -1,7 +1,7 @@
 //! Forwarding a request to the node that owns its key.
 //!
-//! * One hyper-util legacy [`Client`] holds a keep-alive pool per node, so a
-//!   request costs no TCP connect. Idle pooled connections are closed after
+//! * A hyper-util legacy [`Client`] per worker thread holds a keep-alive pool
+//!   per node, so a request costs no TCP connect. Idle pooled connections are closed after
 //!   `--pool-idle-timeout`, which is shorter than kv-node's idle timeout, so
 //!   the proxy never picks a connection the node is closing.
 //! * Bodies stream both ways: the client's body is handed to the node as it
