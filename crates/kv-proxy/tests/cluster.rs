@@ -633,3 +633,30 @@ fn admin_endpoints_describe_the_ring() {
         (405, Some("GET, HEAD"))
     );
 }
+
+#[test]
+fn sigterm_lets_in_flight_requests_finish() {
+    let silent = fake_node(|stream| {
+        thread::sleep(Duration::from_secs(120));
+        drop(stream);
+    });
+    let names = vec![silent.addr.to_string()];
+    let mut proxy = start_proxy(
+        &names,
+        &["--request-timeout", "1s", "--health-interval", "1h"],
+    );
+    let addr = proxy.addr;
+    let in_flight = thread::spawn(move || request(addr, "GET", "/k", None).unwrap());
+    // Wait until the request has reached the node, i.e. is in flight.
+    poll_until(
+        Instant::now(),
+        Duration::from_secs(10),
+        "request in flight",
+        || (silent.requests.load(Ordering::SeqCst) >= 1).then_some(()),
+    );
+    assert_eq!(proxy.terminate(), Some(0));
+    // The request was answered (504 once its timeout passed), not dropped.
+    let answer = in_flight.join().unwrap();
+    assert_eq!(answer.status, 504, "{}", answer.text());
+    assert!(proxy.log().contains("kv-proxy stopped"), "{}", proxy.log());
+}
