@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
+use hyper::header::CONTENT_LENGTH;
 use hyper::{Method, Request, Response, StatusCode};
 use kv_node::error::ApiError;
 use kv_node::key;
@@ -41,6 +42,7 @@ pub struct Proxy {
     pub shares: Vec<f64>,
     pub client: UpstreamClient,
     pub request_timeout: Duration,
+    pub max_body_bytes: usize,
     pub started: Instant,
 }
 
@@ -61,6 +63,19 @@ async fn route(proxy: &Proxy, request: Request<Incoming>) -> Result<Response<Bod
         return admin_route(proxy, request.method(), admin).map(|r| r.map(Either::Right));
     }
     let owner = proxy.ring.owner_index(key::parse(path)?.as_bytes());
+    // Refused here, from the declared length, as kv-node would: a node that
+    // refuses mid-upload closes on us and its answer can be lost.
+    let declared = request
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|length| length > proxy.max_body_bytes as u64) {
+        return Err(ApiError::BodyTooLarge {
+            limit: proxy.max_body_bytes,
+        }
+        .into());
+    }
     let node = &proxy.nodes[owner];
     let response = upstream::forward(&proxy.client, node, request, proxy.request_timeout).await?;
     Ok(response.map(Either::Left))

@@ -34,11 +34,24 @@ pub struct Config {
     #[arg(long, env = "KV_PROXY_VNODES", default_value_t = kv_ring::DEFAULT_VNODES)]
     pub vnodes: u32,
 
+    /// Worker threads serving connections, each with its own event loop
+    /// and node connection pool [default: the number of CPUs].
+    #[arg(long, env = "KV_PROXY_WORKERS")]
+    pub workers: Option<usize>,
+
+    /// Largest request body forwarded, in bytes; a larger declared
+    /// Content-Length gets kv-node's own 413 from the proxy. Keep it equal to
+    /// the nodes' --max-value-bytes: a node that refuses a body mid-upload
+    /// closes the connection, and its 413 can be lost to the reset.
+    #[arg(long, env = "KV_PROXY_MAX_BODY_BYTES", default_value_t = 1024 * 1024)]
+    pub max_body_bytes: usize,
+
     /// Time to open a TCP connection to a node; past it the request gets 503.
     #[arg(long, env = "KV_PROXY_CONNECT_TIMEOUT", default_value = "1s", value_parser = humantime::parse_duration)]
     pub connect_timeout: Duration,
 
-    /// Time a node has to answer (response headers); past it the request gets 504.
+    /// Time a node has to answer (until its response headers, including
+    /// forwarding the request body); past it the request gets 504.
     #[arg(long, env = "KV_PROXY_REQUEST_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     pub request_timeout: Duration,
 
@@ -72,4 +85,13 @@ pub struct Config {
     /// On SIGINT/SIGTERM, how long in-flight requests get to finish.
     #[arg(long, env = "KV_PROXY_SHUTDOWN_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub shutdown_timeout: Duration,
+}
+
+impl Config {
+    /// `--workers`, or one per CPU.
+    pub fn workers(&self) -> usize {
+        self.workers
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+            .max(1)
+    }
 }

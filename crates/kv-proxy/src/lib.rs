@@ -8,7 +8,9 @@
 //! * [`upstream`]: the pooled client and forwarding (streaming, retries, timeouts).
 //! * [`health`]: active and passive health of each node; fail closed.
 //! * [`error`]: every failure, mapped to a status in one place.
-//! * [`server`]: the accept loop, connection limits, graceful shutdown.
+//! * [`server`]: the accept loop, the worker threads (one single-threaded
+//!   runtime and node connection pool each, as nginx's worker processes),
+//!   connection limits, graceful shutdown.
 
 use std::future::Future;
 use std::io;
@@ -46,24 +48,33 @@ pub async fn run(
         .map_err(invalid)?;
     let shares = ring.shares();
     let health: Vec<_> = nodes.iter().map(|n| n.health.clone()).collect();
-    let proxy = Arc::new(api::Proxy {
-        ring,
-        nodes,
-        shares,
-        client: upstream::client(
-            config.connect_timeout,
-            config.pool_idle_timeout,
-            config.pool_max_idle,
-        ),
-        request_timeout: config.request_timeout,
-        started: Instant::now(),
-    });
+    let started = Instant::now();
+    // One copy per worker thread, each with its own connection pool; the
+    // nodes' health is shared through `Arc`s.
+    let workers: Vec<Arc<api::Proxy>> = (0..config.workers())
+        .map(|_| {
+            Arc::new(api::Proxy {
+                ring: ring.clone(),
+                nodes: nodes.clone(),
+                shares: shares.clone(),
+                client: upstream::client(
+                    config.connect_timeout,
+                    config.pool_idle_timeout,
+                    config.pool_max_idle,
+                ),
+                request_timeout: config.request_timeout,
+                max_body_bytes: config.max_body_bytes,
+                started,
+            })
+        })
+        .collect();
     log::info!(
-        "kv-proxy {} listening on http://{} (nodes {}; {} vnodes each)",
+        "kv-proxy {} listening on http://{} (nodes {}; {} vnodes each; {} workers)",
         env!("CARGO_PKG_VERSION"),
         listener.local_addr()?,
         config.nodes.join(", "),
-        config.vnodes
+        config.vnodes,
+        workers.len()
     );
     let checkers = health::spawn_checkers(&health, config.health_interval, config.health_timeout);
     let limits = kv_node::server::ConnectionLimits {
@@ -71,7 +82,7 @@ pub async fn run(
         header_timeout: config.header_timeout,
         shutdown_timeout: config.shutdown_timeout,
     };
-    let served = server::serve(listener, proxy, limits, shutdown).await;
+    let served = server::serve(listener, workers, limits, shutdown).await;
     for checker in checkers {
         checker.abort();
     }

@@ -5,10 +5,19 @@ use std::process::ExitCode;
 use clap::Parser;
 use kv_proxy::Config;
 
+/// hyper and hyper-util allocate per request (futures, header maps, pool
+/// handles); mimalloc's thread-local free lists make that cheaper than
+/// glibc's malloc, which profiles showed at ~7% of the proxy's CPU. Set in
+/// the binary only: the library leaves the choice to whoever embeds it.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let config = Config::parse();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    // This runtime only accepts connections and runs health checks; the
+    // requests are served by the worker threads `run` starts.
+    let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {

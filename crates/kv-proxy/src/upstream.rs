@@ -1,7 +1,7 @@
 //! Forwarding a request to the node that owns its key.
 //!
-//! * One hyper-util legacy [`Client`] holds a keep-alive pool per node, so a
-//!   request costs no TCP connect. Idle pooled connections are closed after
+//! * A hyper-util legacy [`Client`] per worker thread holds a keep-alive pool
+//!   per node, so a request costs no TCP connect. Idle pooled connections are closed after
 //!   `--pool-idle-timeout`, which is shorter than kv-node's idle timeout, so
 //!   the proxy never picks a connection the node is closing.
 //! * Bodies stream both ways: the client's body is handed to the node as it
@@ -52,8 +52,9 @@ const HOP_BY_HOP: [HeaderName; 6] = [
     hyper::header::UPGRADE,
 ];
 
-/// One node, as the forwarding path needs it.
-#[derive(Debug)]
+/// One node, as the forwarding path needs it. Each worker has its own
+/// copy; the health is shared.
+#[derive(Debug, Clone)]
 pub struct Node {
     /// The name on the ring (`host:port`), as given in `--nodes`.
     pub name: String,
@@ -102,6 +103,11 @@ pub fn client(
 }
 
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // One pass of cheap comparisons first: requests and answers almost never
+    // carry these, and six hashed removals per message would cost more.
+    if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
+        return;
+    }
     // Headers named in `Connection` are hop-by-hop too. Rare; only then
     // does this allocate.
     if let Some(connection) = headers.get(hyper::header::CONNECTION) {
@@ -260,5 +266,12 @@ mod tests {
         strip_hop_by_hop(&mut headers);
         assert_eq!(headers.len(), 1);
         assert!(headers.contains_key("content-type"));
+        // TE alone is found and dropped; end-to-end headers stay.
+        let mut headers = HeaderMap::new();
+        headers.insert("te", HeaderValue::from_static("trailers"));
+        headers.insert("x-end-to-end", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut headers);
+        assert_eq!(headers.len(), 1);
+        assert!(headers.contains_key("x-end-to-end"));
     }
 }
