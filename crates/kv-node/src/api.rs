@@ -149,23 +149,49 @@ async fn delete(app: &App, key: &str) -> Result<Response<Body>, ApiError> {
 
 /// Reads the whole request body, refusing more than `max_value_bytes` and a
 /// client that stalls for longer than `body_timeout`.
-async fn read_body(app: &App, headers: &HeaderMap, body: Incoming) -> Result<Bytes, ApiError> {
+async fn read_body(app: &App, headers: &HeaderMap, mut body: Incoming) -> Result<Bytes, ApiError> {
     let limit = app.max_value_bytes;
-    // Refuse early, before reading a byte, when the client says it is too big.
     let declared = headers
         .get(CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|len| len > limit as u64) {
+        drain(&mut body).await;
         return Err(ApiError::BodyTooLarge { limit });
     }
-    let collect = Limited::new(body, limit).collect();
+    let collect = Limited::new(&mut body, limit).collect();
     match tokio::time::timeout(app.body_timeout, collect).await {
         Err(_) => Err(ApiError::BodyTimeout),
         Ok(Ok(collected)) => Ok(collected.to_bytes()),
-        Ok(Err(error)) if error.is::<LengthLimitError>() => Err(ApiError::BodyTooLarge { limit }),
+        Ok(Err(error)) if error.is::<LengthLimitError>() => {
+            drain(&mut body).await;
+            Err(ApiError::BodyTooLarge { limit })
+        }
         Ok(Err(error)) => Err(ApiError::BodyRead(error.to_string())),
     }
+}
+
+/// How much of an oversized body is read and thrown away before answering.
+const DRAIN_MAX_BYTES: usize = 16 << 20;
+/// How long that may take.
+const DRAIN_MAX_TIME: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Reads and discards the rest of an oversized body (up to a bound), so the
+/// 413 reaches the client: closing a socket with unread bytes makes the
+/// kernel send a reset, which destroys a response the client has not read
+/// yet (nginx calls this lingering close). Past the bound we answer anyway.
+async fn drain(body: &mut Incoming) {
+    let discard = async {
+        let mut left = DRAIN_MAX_BYTES;
+        while let Some(Ok(frame)) = body.frame().await {
+            let len = frame.data_ref().map_or(0, Bytes::len);
+            if len > left {
+                return;
+            }
+            left -= len;
+        }
+    };
+    let _ = tokio::time::timeout(DRAIN_MAX_TIME, discard).await;
 }
 
 #[derive(Deserialize)]

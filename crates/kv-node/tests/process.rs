@@ -79,3 +79,23 @@ fn kv_health_probe_tells_up_from_down() {
     assert!(!down.status.success());
     assert!(String::from_utf8_lossy(&down.stderr).contains("unhealthy"));
 }
+
+#[test]
+fn an_oversized_upload_reads_its_413() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start(&dir);
+    // A client that writes its whole 12 MiB body (more than loopback buffers
+    // hold) before reading: without the
+    // server draining it, the close would reset the connection and lose the 413.
+    let big = format!(r#"{{"value": "{}"}}"#, "x".repeat(12 << 20));
+    for _ in 0..3 {
+        let response = request(node.addr, "PUT", "/big", Some(big.as_bytes())).unwrap();
+        assert_eq!(response.status, 413);
+        assert!(
+            response.text().contains("Request body too large"),
+            "{}",
+            response.text()
+        );
+    }
+    assert_eq!(request(node.addr, "GET", "/big", None).unwrap().status, 404);
+}
