@@ -68,26 +68,13 @@ pub async fn handle(
     request: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
     let started = Instant::now();
-    let operation = operation_of(request.method(), request.uri().path());
+    let operation = Operation::of(request.method(), request.uri().path());
     let response = route(&app, request)
         .await
         .unwrap_or_else(ApiError::into_response);
     app.metrics
         .record(operation, response.status().as_u16(), started.elapsed());
     Ok(response)
-}
-
-fn operation_of(method: &Method, path: &str) -> Operation {
-    if path.starts_with("/-/") {
-        return Operation::Admin;
-    }
-    match *method {
-        Method::GET => Operation::Get,
-        Method::HEAD => Operation::Head,
-        Method::PUT | Method::POST => Operation::Put,
-        Method::DELETE => Operation::Delete,
-        _ => Operation::Other,
-    }
 }
 
 impl App {

@@ -9,6 +9,8 @@ use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
+use hyper::Method;
+
 /// What a request did, for labelling.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Operation {
@@ -29,6 +31,20 @@ impl Operation {
         Operation::Admin,
         Operation::Other,
     ];
+
+    /// The operation a request asks for, from its method and path.
+    pub fn of(method: &Method, path: &str) -> Operation {
+        if path.starts_with("/-/") {
+            return Operation::Admin;
+        }
+        match *method {
+            Method::GET => Operation::Get,
+            Method::HEAD => Operation::Head,
+            Method::PUT | Method::POST => Operation::Put,
+            Method::DELETE => Operation::Delete,
+            _ => Operation::Other,
+        }
+    }
 
     fn label(self) -> &'static str {
         match self {

@@ -20,10 +20,11 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
-use hyper::header::CONTENT_LENGTH;
+use hyper::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
 use kv_node::error::ApiError;
 use kv_node::key;
+use kv_node::metrics::{Metrics, Operation};
 use kv_ring::Ring;
 
 use crate::error::ProxyError;
@@ -44,6 +45,8 @@ pub struct Proxy {
     pub request_timeout: Duration,
     pub max_body_bytes: usize,
     pub started: Instant,
+    /// Requests by operation and status, and latency; shared by the workers.
+    pub metrics: Arc<Metrics>,
 }
 
 /// The service function: every request gets an answer, errors included.
@@ -51,10 +54,17 @@ pub async fn handle(
     proxy: Arc<Proxy>,
     request: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
-    Ok(match route(&proxy, request).await {
+    let started = Instant::now();
+    let operation = Operation::of(request.method(), request.uri().path());
+    let response = match route(&proxy, request).await {
         Ok(response) => response,
         Err(error) => error.into_response().map(Either::Right),
-    })
+    };
+    // Time to the response head: the body streams on after this.
+    proxy
+        .metrics
+        .record(operation, response.status().as_u16(), started.elapsed());
+    Ok(response)
 }
 
 async fn route(proxy: &Proxy, request: Request<Incoming>) -> Result<Response<Body>, ProxyError> {
@@ -77,8 +87,9 @@ async fn route(proxy: &Proxy, request: Request<Incoming>) -> Result<Response<Bod
         .into());
     }
     let node = &proxy.nodes[owner];
-    let response = upstream::forward(&proxy.client, node, request, proxy.request_timeout).await?;
-    Ok(response.map(Either::Left))
+    let result = upstream::forward(&proxy.client, node, request, proxy.request_timeout).await;
+    node.stats.record(&result);
+    Ok(result?.map(Either::Left))
 }
 
 fn admin_route(
@@ -92,7 +103,16 @@ fn admin_route(
         }
         .into());
     }
+    if path == "metrics" {
+        let mut response = Response::new(Full::new(Bytes::from(render_metrics(proxy))));
+        response.headers_mut().insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        );
+        return Ok(response);
+    }
     let body = match path {
+        "ready" => serde_json::json!({ "ready": true }),
         "health" => serde_json::json!({
             "status": "ok",
             "role": "proxy",
@@ -130,4 +150,47 @@ fn admin_route(
         StatusCode::OK,
         Bytes::from(bytes),
     ))
+}
+
+/// The proxy's metrics in the Prometheus text format.
+fn render_metrics(proxy: &Proxy) -> String {
+    use std::fmt::Write as _;
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut out = String::with_capacity(8192);
+    proxy.metrics.render(&mut out);
+    out.push_str("# HELP kv_proxy_node_up Whether health checks consider the node up.\n");
+    out.push_str("# TYPE kv_proxy_node_up gauge\n");
+    for node in proxy.nodes.iter() {
+        let up = u8::from(node.health.is_up());
+        let _ = writeln!(out, "kv_proxy_node_up{{node=\"{}\"}} {up}", node.name);
+    }
+    out.push_str("# HELP kv_proxy_forwarded_total Requests a node answered (any status).\n");
+    out.push_str("# TYPE kv_proxy_forwarded_total counter\n");
+    for node in proxy.nodes.iter() {
+        let count = node.stats.forwarded.load(Relaxed);
+        let _ = writeln!(
+            out,
+            "kv_proxy_forwarded_total{{node=\"{}\"}} {count}",
+            node.name
+        );
+    }
+    out.push_str("# HELP kv_proxy_errors_total Requests not answered by their node, by reason.\n");
+    out.push_str("# TYPE kv_proxy_errors_total counter\n");
+    for node in proxy.nodes.iter() {
+        let stats = &node.stats;
+        for (kind, counter) in [
+            ("down", &stats.down),
+            ("connect", &stats.connect),
+            ("timeout", &stats.timeout),
+            ("upstream", &stats.upstream),
+        ] {
+            let _ = writeln!(
+                out,
+                "kv_proxy_errors_total{{node=\"{}\",kind=\"{kind}\"}} {}",
+                node.name,
+                counter.load(Relaxed)
+            );
+        }
+    }
+    out
 }

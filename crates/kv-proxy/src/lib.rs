@@ -4,7 +4,8 @@
 //! The crate is a library with a thin binary, as kv-node is. Modules, one
 //! concern each:
 //! * [`config`]: flags and environment variables.
-//! * [`api`]: routing, admin endpoints (`/-/health`, `/-/ring`, `/-/owner/<key>`).
+//! * [`api`]: routing, admin endpoints (`/-/health`, `/-/ready`, `/-/ring`,
+//!   `/-/owner/<key>`, `/-/metrics`).
 //! * [`upstream`]: the pooled client and forwarding (streaming, retries, timeouts).
 //! * [`health`]: active and passive health of each node; fail closed.
 //! * [`error`]: every failure, mapped to a status in one place.
@@ -49,6 +50,7 @@ pub async fn run(
     let shares = ring.shares();
     let health: Vec<_> = nodes.iter().map(|n| n.health.clone()).collect();
     let started = Instant::now();
+    let metrics = Arc::new(kv_node::metrics::Metrics::default());
     // One copy per worker thread, each with its own connection pool; the
     // nodes' health is shared through `Arc`s.
     let workers: Vec<Arc<api::Proxy>> = (0..config.workers())
@@ -65,6 +67,7 @@ pub async fn run(
                 request_timeout: config.request_timeout,
                 max_body_bytes: config.max_body_bytes,
                 started,
+                metrics: Arc::clone(&metrics),
             })
         })
         .collect();

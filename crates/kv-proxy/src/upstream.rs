@@ -15,6 +15,7 @@
 //!   HEAD without a body is retried once after a connection error, since it
 //!   cannot have changed anything; writes are never retried.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -63,6 +64,39 @@ pub struct Node {
     /// `X-Kv-Node: <name>`, built once.
     pub header: HeaderValue,
     pub health: Arc<NodeHealth>,
+    /// Forwarding counters, shared by every worker.
+    pub stats: Arc<NodeStats>,
+}
+
+/// Per-node counters for `/-/metrics`: relaxed atomic adds, no lock.
+#[derive(Debug, Default)]
+pub struct NodeStats {
+    /// Requests the node answered (any status).
+    pub forwarded: AtomicU64,
+    /// Requests refused because the node was marked down.
+    pub down: AtomicU64,
+    /// Requests whose connection to the node failed.
+    pub connect: AtomicU64,
+    /// Requests the node did not answer in time.
+    pub timeout: AtomicU64,
+    /// Requests the node broke off mid-exchange.
+    pub upstream: AtomicU64,
+}
+
+impl NodeStats {
+    /// Counts one forwarding attempt's outcome.
+    #[inline]
+    pub fn record<T>(&self, result: &Result<T, ProxyError>) {
+        let counter = match result {
+            Ok(_) => &self.forwarded,
+            Err(ProxyError::NodeDown { .. }) => &self.down,
+            Err(ProxyError::Connect { .. }) => &self.connect,
+            Err(ProxyError::Timeout { .. }) => &self.timeout,
+            Err(ProxyError::Upstream { .. }) => &self.upstream,
+            Err(ProxyError::Api(_)) => return,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 impl Node {
@@ -81,6 +115,7 @@ impl Node {
             authority,
             header,
             health: Arc::new(NodeHealth::new(name)),
+            stats: Arc::new(NodeStats::default()),
         })
     }
 }

@@ -657,3 +657,72 @@ fn sigterm_lets_in_flight_requests_finish() {
     assert_eq!(answer.status, 504, "{}", answer.text());
     assert!(proxy.log().contains("kv-proxy stopped"), "{}", proxy.log());
 }
+
+/// `name{labels} value` lines of a Prometheus text page, checked for shape.
+fn prometheus(text: &str) -> std::collections::HashMap<String, f64> {
+    text.lines()
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(|l| {
+            let (series, value) = l.rsplit_once(' ').unwrap_or_else(|| panic!("{l:?}"));
+            (
+                series.to_owned(),
+                value.parse().unwrap_or_else(|_| panic!("{l:?}")),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn metrics_count_forwarding_per_node_and_node_health() {
+    let mut cluster = cluster(&["--health-interval", "100ms"]);
+    let proxy = cluster.proxy.addr;
+    let mut per_node = [0u32; 3];
+    for i in 0..30 {
+        let key = format!("metric_{i}");
+        per_node[cluster.owner_of(&key)] += 1;
+        assert_eq!(
+            request(proxy, "PUT", &format!("/{key}"), Some(&body("1")))
+                .unwrap()
+                .status,
+            200
+        );
+    }
+    let page = request(proxy, "GET", "/-/metrics", None).unwrap();
+    assert_eq!(page.status, 200);
+    let metrics = prometheus(&page.text());
+    assert_eq!(
+        metrics["kv_requests_total{op=\"put\",status=\"200\"}"],
+        30.0
+    );
+    for (index, node) in cluster.nodes.iter().enumerate() {
+        let forwarded = format!("kv_proxy_forwarded_total{{node=\"{}\"}}", node.addr);
+        assert_eq!(metrics[&forwarded], f64::from(per_node[index]));
+        assert_eq!(
+            metrics[&format!("kv_proxy_node_up{{node=\"{}\"}}", node.addr)],
+            1.0
+        );
+    }
+
+    let lost = cluster.owner_of("metric_0");
+    let lost_name = cluster.nodes[lost].addr.to_string();
+    cluster.nodes[lost].kill9();
+    let up = format!("kv_proxy_node_up{{node=\"{lost_name}\"}}");
+    poll_until(
+        Instant::now(),
+        Duration::from_secs(5),
+        "node_up drops to 0",
+        || {
+            let page = request(proxy, "GET", "/-/metrics", None).unwrap();
+            (prometheus(&page.text())[&up] == 0.0).then_some(())
+        },
+    );
+    assert_eq!(
+        request(proxy, "GET", "/metric_0", None).unwrap().status,
+        503
+    );
+    let metrics = prometheus(&request(proxy, "GET", "/-/metrics", None).unwrap().text());
+    assert!(
+        metrics[&format!("kv_proxy_errors_total{{node=\"{lost_name}\",kind=\"down\"}}")] >= 1.0
+    );
+    assert_eq!(metrics["kv_requests_total{op=\"get\",status=\"503\"}"], 1.0);
+}
