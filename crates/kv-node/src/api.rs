@@ -234,10 +234,23 @@ fn admin_route(app: &App, method: &Method, path: &str) -> Result<Response<Body>,
         }
         "ready" => {
             only_get(method)?;
-            Ok(json_response(
-                StatusCode::OK,
-                Bytes::from_static(b"{\"ready\":true}\n"),
-            ))
+            // The listener opens only after recovery, so "ready" means the
+            // store still accepts writes (no disk failure, not closing).
+            match app.store.writable() {
+                Ok(()) => Ok(json_response(
+                    StatusCode::OK,
+                    Bytes::from_static(b"{\"ready\":true}\n"),
+                )),
+                Err(error) => {
+                    let body = serde_json::json!({ "ready": false, "error": error.to_string() });
+                    let mut bytes = body.to_string().into_bytes();
+                    bytes.push(b'\n');
+                    Ok(json_response(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        Bytes::from(bytes),
+                    ))
+                }
+            }
         }
         "metrics" => {
             only_get(method)?;

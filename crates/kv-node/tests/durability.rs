@@ -353,6 +353,9 @@ fn a_disk_error_answers_503_to_writes_and_reads_keep_working() {
         "{}",
         health.text()
     );
+    let ready = request(node.addr, "GET", "/-/ready", None).unwrap();
+    assert_eq!(ready.status, 503, "{}", ready.text());
+    assert!(ready.text().contains("disk error"), "{}", ready.text());
     assert!(node.log().contains("disk error"), "{}", node.log());
 }
 
