@@ -403,10 +403,12 @@ async fn exchange(
 ) -> Result<Answer, Failure> {
     let conn = match slot {
         Some(conn) => conn,
-        None => slot.insert(client::connect(endpoint, timeout).await?),
+        // Boxed: the connect future is large and rarely used; inline, it
+        // would make every request's future that much bigger to move.
+        None => slot.insert(Box::pin(client::connect(endpoint, timeout)).await?),
     };
     let result = client::send(conn, request, timeout).await;
-    if result.is_err() {
+    if result.is_err() || !conn.is_alive() {
         *slot = None;
     }
     result

@@ -194,11 +194,17 @@ fn serve(stream: TcpStream, answer: fn(&str) -> Option<&'static str>) {
             let _ = reader.read_to_end(&mut sink);
             return;
         };
+        // "404 " in front of a reply: answer 404 and close the connection
+        // after it, as a server at its keep-alive limit does.
+        let (status, reply, close) = match reply.strip_prefix("404 ") {
+            Some(reply) => ("404 Not Found", reply, "connection: close\r\n"),
+            None => ("200 OK", reply, ""),
+        };
         let response = format!(
-            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{reply}",
+            "HTTP/1.1 {status}\r\ncontent-type: application/json\r\n{close}content-length: {}\r\n\r\n{reply}",
             reply.len()
         );
-        if writer.write_all(response.as_bytes()).is_err() {
+        if writer.write_all(response.as_bytes()).is_err() || !close.is_empty() {
             return;
         }
     }
@@ -299,4 +305,32 @@ fn bad_flags_are_refused_with_a_message() {
     let help = String::from_utf8_lossy(&output.stdout);
     assert!(help.contains("KV_BENCH_CONCURRENCY"), "{help}");
     assert!(help.contains("[default: set=1,get=1,delete=1]"), "{help}");
+}
+
+#[test]
+fn a_server_that_closes_after_each_answer_is_followed_without_errors() {
+    // Every key is absent, so 404 is the right answer to each GET; the
+    // server closes the connection after each one and kv-bench reconnects.
+    let addr = fake_server(|_| Some("404 {\"error\":\"Key not found\"}\n"));
+    let out = tempfile::tempdir().unwrap();
+    let json = out.path().join("close.json");
+    let url = format!("http://{addr}");
+    let output = bench(&[
+        "--urls",
+        &url,
+        "--requests",
+        "200",
+        "--concurrency",
+        "4",
+        "--keys",
+        "40",
+        "--mix",
+        "get=1",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert!(output.status.success(), "{}", explain(&output));
+    let run = &runs(&json)[0];
+    assert_eq!(run["operations"], 200);
+    assert_eq!(run["errors_total"], 0, "{run}");
 }
