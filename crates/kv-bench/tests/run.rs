@@ -334,3 +334,35 @@ fn a_server_that_closes_after_each_answer_is_followed_without_errors() {
     assert_eq!(run["operations"], 200);
     assert_eq!(run["errors_total"], 0, "{run}");
 }
+
+#[test]
+fn seed_batches_that_race_are_checked_and_leave_nothing_behind() {
+    // 30 requests in one batch of 100: each key's SET, GET and DELETE race.
+    let dir = tempfile::tempdir().unwrap();
+    let node = node(dir.path());
+    let out = tempfile::tempdir().unwrap();
+    let json = out.path().join("race.json");
+    let url = node.url();
+    let output = bench(&[
+        "--urls",
+        &url,
+        "--workload",
+        "seed",
+        "--requests",
+        "30",
+        "--concurrency",
+        "100",
+        "--prefix",
+        "race",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert!(output.status.success(), "{}", explain(&output));
+    let run = &runs(&json)[0];
+    assert_eq!(run["operations"], 30);
+    assert_eq!(run["errors_total"], 0, "{run}");
+    for i in 0..10 {
+        let response = request(node.addr, "GET", &format!("/racen1_key_{i}"), None).unwrap();
+        assert_eq!(response.status, 404, "racen1_key_{i} left behind");
+    }
+}
