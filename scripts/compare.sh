@@ -109,10 +109,20 @@ p99() {
     sed -n "${2:-1}p" "$1" | grep -o '"latency_ms":{[^}]*}' | grep -o '"p99":[0-9.]*' | cut -d: -f2
 }
 errors() { field errors_total "$1" "${2:-1}"; }
+# checked FILE OUTPUT: stop if a kv-bench run saw any error (a wrong answer
+# makes every figure of the run meaningless)
+checked() {
+    if grep -q '"errors_total":[1-9]' "$1"; then
+        cat "$2" >&2
+        echo "kv-bench saw errors in $1" >&2
+        exit 1
+    fi
+}
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "n/a" }'; }
 round() { awk -v a="$1" 'BEGIN { printf "%.0f", a }'; }
 
-KVB=("$BIN/kv-bench" --quiet --concurrency "$CONNS" --value-size "$VALUE_SIZE" --keys "$KEYS")
+# --allow-errors: `checked` below shows the run's output and stops instead.
+KVB=("$BIN/kv-bench" --quiet --allow-errors --concurrency "$CONNS" --value-size "$VALUE_SIZE" --keys "$KEYS")
 ROWS=()   # "what|kv|peer|ratio" lines for the table
 JSON=()   # JSON objects
 
@@ -132,7 +142,7 @@ start_node "${NODE_PORTS[0]}"
     --duration "$DURATION" --json "$TMP/kv-mix.json" >"$TMP/kv-mix.out"
 KV_OPS=$(field ops_per_sec "$TMP/kv-mix.json")
 KV_P99=$(p99 "$TMP/kv-mix.json")
-[ "$(errors "$TMP/kv-mix.json")" = 0 ] || { cat "$TMP/kv-mix.out"; echo "kv-bench saw errors" >&2; exit 1; }
+checked "$TMP/kv-mix.json" "$TMP/kv-mix.out"
 stop_all
 
 redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no \
@@ -169,6 +179,7 @@ WRK_P99=$(awk '$1 == "99%" { v = $2; if (v ~ /us$/) { sub(/us$/, "", v); v /= 10
 # GET of a never-set key must answer 404, which is checked all the same.
 { time "${KVB[@]}" --urls "127.0.0.1:${NODE_PORTS[0]}" --mix get=1 \
     --duration "$DURATION" --json "$TMP/kv-get.json" >"$TMP/kv-get.out"; } 2>"$TMP/kvb.time"
+checked "$TMP/kv-get.json" "$TMP/kv-get.out"
 KVG_OPS=$(field ops_per_sec "$TMP/kv-get.json")
 KVG_P99=$(p99 "$TMP/kv-get.json")
 stop_all
@@ -185,8 +196,9 @@ log "generator CPU per request: kv-bench $KVB_CPU us, wrk $WRK_CPU us"
 # --- 3. seed workload vs the Flask store ----------------------------------------
 log "3/4 --workload seed over 1, 2, 3 kv-nodes vs the Flask store's published figures"
 for p in "${NODE_PORTS[@]}"; do start_node "$p"; done
-"$BIN/kv-bench" --quiet --workload seed --nodes 3 --base-port "$BASE_PORT" \
+"$BIN/kv-bench" --quiet --allow-errors --workload seed --nodes 3 --base-port "$BASE_PORT" \
     --json "$TMP/seed.json" >"$TMP/seed.out"
+checked "$TMP/seed.json" "$TMP/seed.out"
 stop_all
 FLASK=(1100 1700 2000)
 for n in 1 2 3; do
@@ -234,6 +246,7 @@ PIDS+=($!)
 wait_for "http://127.0.0.1:$NGINX_PORT/-/health"
 "${KVB[@]}" --proxy "http://127.0.0.1:$NGINX_PORT" --mix set=1,get=1 --preload \
     --duration "$DURATION" --json "$TMP/nginx.json" >"$TMP/nginx-bench.out"
+checked "$TMP/nginx.json" "$TMP/nginx-bench.out"
 NGINX_OPS=$(field ops_per_sec "$TMP/nginx.json")
 NGINX_P99=$(p99 "$TMP/nginx.json")
 if [ "$HAVE_PROXY" = 1 ]; then
@@ -244,6 +257,7 @@ if [ "$HAVE_PROXY" = 1 ]; then
     wait_for "http://127.0.0.1:$PROXY_PORT/-/health"
     "${KVB[@]}" --proxy "http://127.0.0.1:$PROXY_PORT" --mix set=1,get=1 --preload \
         --duration "$DURATION" --json "$TMP/proxy.json" >"$TMP/proxy-bench.out"
+    checked "$TMP/proxy.json" "$TMP/proxy-bench.out"
     row "kv-proxy vs nginx (3 nodes, set/get 1:1)" "kv-proxy" "$(field ops_per_sec "$TMP/proxy.json")" \
         "$(p99 "$TMP/proxy.json")" "nginx hash consistent" "$NGINX_OPS" "$NGINX_P99" \
         "both driven by kv-bench --proxy, every answer checked"
