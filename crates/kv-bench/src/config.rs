@@ -17,7 +17,19 @@ use clap::{Parser, ValueEnum};
 /// does), checks every answer, and reports throughput, latency, errors and
 /// each node's share of the requests.
 #[derive(Parser, Debug, Clone)]
-#[command(name = "kv-bench", version, about, long_about = None)]
+#[command(
+    name = "kv-bench",
+    version,
+    about,
+    long_about = None,
+    after_help = "Exit status: 0 when every answer was right; 1 when any request failed or got a wrong \
+answer (unless --allow-errors); 2 on bad flags or when a node cannot be reached.\n\n\
+Examples:\n  kv-bench --nodes 3                      # 1, 2, then 3 nodes on 127.0.0.1:8081..8083\n  \
+kv-bench --nodes 3 --spawn              # the same, starting the nodes itself\n  \
+kv-bench --workload seed --nodes 3      # the Flask benchmark's sequence\n  \
+kv-bench --proxy http://127.0.0.1:8080 --mix set=1,get=8 --distribution zipf\n  \
+kv-bench --rate 20000 --duration 30s    # open loop, latency corrected for coordinated omission"
+)]
 pub struct Config {
     /// Run against 1 node, then 2, ... up to this many [default: 1, or the
     /// number of --urls].
@@ -36,6 +48,10 @@ pub struct Config {
     /// --nodes defaults to their count.
     #[arg(long, env = "KV_BENCH_URLS", value_delimiter = ',', conflicts_with_all = ["proxy", "spawn"])]
     pub urls: Vec<String>,
+
+    /// Only the run with all the nodes, not 1, 2, ... first.
+    #[arg(long, env = "KV_BENCH_ONLY_MAX")]
+    pub only_max: bool,
 
     /// Send every request through this proxy instead of routing client-side
     /// (one run).

@@ -138,6 +138,8 @@ pub fn run(config: Config) -> Result<Outcome, BenchError> {
     let show_progress = progress::wanted(config.quiet);
     let node_counts: Vec<usize> = if target == "proxy" {
         vec![1]
+    } else if config.only_max {
+        vec![endpoints.len()]
     } else {
         (1..=endpoints.len()).collect()
     };

@@ -305,6 +305,7 @@ fn bad_flags_are_refused_with_a_message() {
     let help = String::from_utf8_lossy(&output.stdout);
     assert!(help.contains("KV_BENCH_CONCURRENCY"), "{help}");
     assert!(help.contains("[default: set=1,get=1,delete=1]"), "{help}");
+    assert!(help.contains("--only-max"), "{help}");
 }
 
 #[test]
