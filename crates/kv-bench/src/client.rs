@@ -68,9 +68,68 @@ impl Endpoint {
     }
 }
 
-/// An open keep-alive connection: the request handle and the driver that
-/// moves bytes, both owned (and polled) by the worker.
-pub struct Conn {
+/// Which HTTP client the workers use.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientKind {
+    /// hyper's `client::conn::http1`.
+    Hyper,
+    /// The minimal client in [`crate::lean`].
+    Lean,
+}
+
+/// An open keep-alive connection of either client.
+pub enum Conn {
+    Hyper(HyperConn),
+    Lean(crate::lean::LeanConn),
+}
+
+impl Conn {
+    /// False once the connection must not be used again.
+    pub fn is_alive(&self) -> bool {
+        match self {
+            Conn::Hyper(conn) => conn.alive,
+            Conn::Lean(conn) => conn.is_alive(),
+        }
+    }
+}
+
+/// Opens a connection of the `kind` client.
+pub async fn connect(
+    endpoint: &Endpoint,
+    timeout: Duration,
+    kind: ClientKind,
+) -> Result<Conn, Failure> {
+    Ok(match kind {
+        ClientKind::Hyper => Conn::Hyper(connect_hyper(endpoint, timeout).await?),
+        ClientKind::Lean => Conn::Lean(crate::lean::connect(endpoint, timeout).await?),
+    })
+}
+
+/// Sends `method uri` with an optional JSON `body` and reads the whole answer
+/// within `timeout`.
+pub async fn send(
+    conn: &mut Conn,
+    endpoint: &Endpoint,
+    method: Method,
+    uri: &Uri,
+    body: Option<&[u8]>,
+    timeout: Duration,
+) -> Result<Answer, Failure> {
+    match conn {
+        Conn::Hyper(conn) => {
+            let request = request(endpoint, method, uri, body.map(Bytes::copy_from_slice));
+            send_hyper(conn, request, timeout).await
+        }
+        Conn::Lean(conn) => {
+            crate::lean::send(conn, endpoint, method.as_str(), uri.path(), body, timeout).await
+        }
+    }
+}
+
+/// An open keep-alive hyper connection: the request handle and the driver
+/// that moves bytes, both owned (and polled) by the worker.
+pub struct HyperConn {
     sender: SendRequest<Full<Bytes>>,
     driver: Pin<Box<Connection<TokioIo<TcpStream>, Full<Bytes>>>>,
     /// The request timeout, reused: moving a registered tokio timer to a
@@ -82,14 +141,8 @@ pub struct Conn {
     alive: bool,
 }
 
-impl Conn {
-    pub fn is_alive(&self) -> bool {
-        self.alive
-    }
-}
-
-/// Opens a connection to `endpoint` within `timeout`.
-pub async fn connect(endpoint: &Endpoint, timeout: Duration) -> Result<Conn, Failure> {
+/// Opens a hyper connection to `endpoint` within `timeout`.
+async fn connect_hyper(endpoint: &Endpoint, timeout: Duration) -> Result<HyperConn, Failure> {
     let open = async {
         let stream = TcpStream::connect(&endpoint.authority).await?;
         // Small requests, one at a time: send each at once.
@@ -113,7 +166,7 @@ pub async fn connect(endpoint: &Endpoint, timeout: Duration) -> Result<Conn, Fai
             ))
         }
     };
-    Ok(Conn {
+    Ok(HyperConn {
         sender,
         driver: Box::pin(connection),
         timer: Box::pin(tokio::time::sleep(timeout)),
@@ -131,7 +184,7 @@ pub struct Answer {
 /// Builds a request. `uri` is a path (`/key`); cloning it only bumps a
 /// reference count.
 #[inline]
-pub fn request(
+fn request(
     endpoint: &Endpoint,
     method: Method,
     uri: &Uri,
@@ -150,8 +203,8 @@ pub fn request(
 }
 
 /// Sends `request` on `conn` and reads the whole answer within `timeout`.
-pub async fn send(
-    conn: &mut Conn,
+async fn send_hyper(
+    conn: &mut HyperConn,
     request: Request<Full<Bytes>>,
     timeout: Duration,
 ) -> Result<Answer, Failure> {

@@ -12,6 +12,8 @@ use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 
+use crate::client::ClientKind;
+
 /// Load generator for kv: runs a set/get/delete workload against 1, then 2,
 /// ... up to --nodes nodes (routing each key with the ring, as kv-proxy
 /// does), checks every answer, and reports throughput, latency, errors and
@@ -141,6 +143,12 @@ pub struct Config {
     /// Seed of the operation and key choices (same seed, same sequence).
     #[arg(long, env = "KV_BENCH_RNG_SEED", default_value_t = 1)]
     pub rng_seed: u64,
+
+    /// HTTP client: `hyper` (hyper's client::conn), or `lean` (a minimal
+    /// HTTP/1.1 client that allocates nothing per request; Content-Length
+    /// answers only).
+    #[arg(long, env = "KV_BENCH_CLIENT", value_enum, default_value_t = ClientKind::Hyper)]
+    pub client: ClientKind,
 
     /// Runtime worker threads [default: one per CPU].
     #[arg(long, env = "KV_BENCH_THREADS")]
@@ -296,6 +304,7 @@ pub struct Plan {
     pub rate: Option<f64>,
     pub timeout: Duration,
     pub rng_seed: u64,
+    pub client: ClientKind,
 }
 
 /// Smallest value: 16 hex digits of the write's sequence number.
@@ -387,6 +396,7 @@ impl Config {
             rate: self.rate,
             timeout: self.timeout,
             rng_seed: self.rng_seed,
+            client: self.client,
         })
     }
 }

@@ -367,3 +367,55 @@ fn seed_batches_that_race_are_checked_and_leave_nothing_behind() {
         assert_eq!(response.status, 404, "racen1_key_{i} left behind");
     }
 }
+
+#[test]
+fn the_lean_client_checks_answers_like_hyper() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = node(dir.path());
+    let out = tempfile::tempdir().unwrap();
+    let json = out.path().join("lean.json");
+    let common = |url: &str, mix: &'static str| {
+        vec![
+            "--client".to_owned(),
+            "lean".to_owned(),
+            "--urls".to_owned(),
+            url.to_owned(),
+            "--requests".to_owned(),
+            "2000".to_owned(),
+            "--concurrency".to_owned(),
+            "4".to_owned(),
+            "--keys".to_owned(),
+            "40".to_owned(),
+            "--mix".to_owned(),
+            mix.to_owned(),
+            "--json".to_owned(),
+            json.to_str().unwrap().to_owned(),
+        ]
+    };
+    fn args(v: &[String]) -> Vec<&str> {
+        v.iter().map(String::as_str).collect()
+    }
+
+    // A real node: every answer right.
+    let real = common(&node.url(), "set=2,get=2,delete=1");
+    let output = bench(&args(&real));
+    assert!(output.status.success(), "{}", explain(&output));
+    let run = &runs(&json)[0];
+    assert_eq!(run["operations"], 2000);
+    assert_eq!(run["errors_total"], 0, "{run}");
+
+    // Wrong values are caught.
+    let fake = format!("http://{}", fake_server(wrong_values));
+    let output = bench(&args(&common(&fake, "set=1,get=1")));
+    assert_eq!(output.status.code(), Some(1), "{}", explain(&output));
+    assert!(runs(&json)[0]["errors"]["wrong_value"].as_u64().unwrap() > 0);
+
+    // A server that closes after each answer is followed.
+    let closing = format!(
+        "http://{}",
+        fake_server(|_| Some("404 {\"error\":\"Key not found\"}\n"))
+    );
+    let output = bench(&args(&common(&closing, "get=1")));
+    assert!(output.status.success(), "{}", explain(&output));
+    assert_eq!(runs(&json)[0]["errors_total"], 0);
+}
