@@ -4,7 +4,8 @@
 #
 #   1. kv-node vs Redis: the same set/get mix, value size and connection count
 #      (kv-bench drives kv-node, redis-benchmark drives Redis).
-#   2. kv-bench vs wrk as load generators against the same kv-node (GETs).
+#   2. kv-bench (with each of its two HTTP clients) vs wrk as load generators
+#      against the same kv-node (GETs), with each generator's CPU per request.
 #   3. kv-node with `kv-bench --workload seed` (the Flask tool's exact
 #      sequence) vs the Flask store's published figures.
 #   4. kv-proxy vs nginx `hash $request_uri consistent` over the same 3 nodes
@@ -177,26 +178,36 @@ curl -sf -X PUT -H 'content-type: application/json' \
 # Each generator's own CPU (user + system seconds, bash's `time`) per request.
 TIMEFORMAT='%U %S'
 cpu_per_request() { awk -v n="$2" '{ printf "%.1f", ($1 + $2) * 1e6 / n }' "$1"; }
-WRK_RPS=(); WRK_P99=(); WRK_CPU=(); KVG_OPS=(); KVG_P99=(); KVB_CPU=()
+WRK_RPS=(); WRK_P99=(); WRK_CPU=()
+declare -A KVG_OPS=() KVG_P99=() KVB_CPU=()
 for round in $(seq 1 "$ROUNDS"); do
     { time wrk -t2 -c"$CONNS" -d"$DURATION" --latency "http://127.0.0.1:${NODE_PORTS[0]}/wrk-key" >"$TMP/wrk.out"; } 2>"$TMP/wrk.time"
     WRK_RPS+=("$(awk '/^Requests\/sec:/ { print $2 }' "$TMP/wrk.out")")
     # wrk prints "99%  1.23ms" (or us / s)
     WRK_P99+=("$(awk '$1 == "99%" { v = $2; if (v ~ /us$/) { sub(/us$/, "", v); v /= 1000 } else if (v ~ /ms$/) { sub(/ms$/, "", v) } else if (v ~ /s$/) { sub(/s$/, "", v); v *= 1000 } print v }' "$TMP/wrk.out")")
     WRK_CPU+=("$(cpu_per_request "$TMP/wrk.time" "$(awk '/requests in/ { print $1 }' "$TMP/wrk.out")")")
-    # No --preload here (its SETs would cost CPU without counting as
-    # requests): every GET of a never-set key must answer 404, checked too.
-    { time "${KVB[@]}" --urls "127.0.0.1:${NODE_PORTS[0]}" --mix get=1 \
-        --duration "$DURATION" --json "$TMP/kv-get.json" >"$TMP/kv-get.out"; } 2>"$TMP/kvb.time"
-    checked "$TMP/kv-get.json" "$TMP/kv-get.out"
-    KVG_OPS+=("$(field ops_per_sec "$TMP/kv-get.json")"); KVG_P99+=("$(p99 "$TMP/kv-get.json")")
-    KVB_CPU+=("$(cpu_per_request "$TMP/kvb.time" "$(field operations "$TMP/kv-get.json")")")
-    log "  round $round: wrk ${WRK_RPS[-1]} req/s (${WRK_CPU[-1]} us CPU/req), kv-bench ${KVG_OPS[-1]} ops/s (${KVB_CPU[-1]} us CPU/req)"
+    line="wrk ${WRK_RPS[-1]} req/s (${WRK_CPU[-1]} us CPU/req)"
+    for client in hyper lean; do
+        # No --preload here (its SETs would cost CPU without counting as
+        # requests): every GET of a never-set key must answer 404, checked too.
+        { time "${KVB[@]}" --client "$client" --urls "127.0.0.1:${NODE_PORTS[0]}" --mix get=1 \
+            --duration "$DURATION" --json "$TMP/kv-get.json" >"$TMP/kv-get.out"; } 2>"$TMP/kvb.time"
+        checked "$TMP/kv-get.json" "$TMP/kv-get.out"
+        ops=$(field ops_per_sec "$TMP/kv-get.json")
+        cpu=$(cpu_per_request "$TMP/kvb.time" "$(field operations "$TMP/kv-get.json")")
+        KVG_OPS[$client]+="$ops "; KVG_P99[$client]+="$(p99 "$TMP/kv-get.json") "; KVB_CPU[$client]+="$cpu "
+        line="$line, kv-bench --client $client $ops ops/s ($cpu us CPU/req)"
+    done
+    log "  round $round: $line"
 done
 stop_all
-row "kv-bench vs wrk (GET, same kv-node)" "kv-bench" "$(median "${KVG_OPS[@]}")" "$(median "${KVG_P99[@]}")" \
-    "wrk -t2" "$(median "${WRK_RPS[@]}")" "$(median "${WRK_P99[@]}")" \
-    "medians of $ROUNDS alternating rounds; generator CPU per request: kv-bench $(median "${KVB_CPU[@]}") us, wrk $(median "${WRK_CPU[@]}") us; wrk GETs one key and checks nothing, kv-bench GETs $KEYS keys and checks every answer"
+for client in hyper lean; do
+    # shellcheck disable=SC2086 # the per-round figures are space-separated
+    row "kv-bench --client $client vs wrk (GET, same kv-node)" "kv-bench --client $client" \
+        "$(median ${KVG_OPS[$client]})" "$(median ${KVG_P99[$client]})" \
+        "wrk -t2" "$(median "${WRK_RPS[@]}")" "$(median "${WRK_P99[@]}")" \
+        "medians of $ROUNDS alternating rounds; generator CPU per request: kv-bench $(median ${KVB_CPU[$client]}) us, wrk $(median "${WRK_CPU[@]}") us; wrk GETs one key and checks nothing, kv-bench GETs $KEYS keys and checks every answer"
+done
 
 # --- 3. seed workload vs the Flask store ----------------------------------------
 log "3/4 --workload seed over 1, 2, 3 kv-nodes vs the Flask store's published figures"
