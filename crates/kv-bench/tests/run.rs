@@ -419,3 +419,48 @@ fn the_lean_client_checks_answers_like_hyper() {
     assert!(output.status.success(), "{}", explain(&output));
     assert_eq!(runs(&json)[0]["errors_total"], 0);
 }
+
+#[test]
+fn open_loop_reports_corrected_latency_and_warmup_is_not_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = node(dir.path());
+    let out = tempfile::tempdir().unwrap();
+    let json = out.path().join("rate.json");
+    let url = node.url();
+    let output = bench(&[
+        "--urls",
+        &url,
+        "--rate",
+        "1000",
+        "--requests",
+        "400",
+        "--warmup",
+        "100ms",
+        "--concurrency",
+        "4",
+        "--keys",
+        "40",
+        "--mix",
+        "set=1,get=3",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert!(output.status.success(), "{}", explain(&output));
+    let run = &runs(&json)[0];
+    assert_eq!(run["operations"], 400, "warmup requests are not counted");
+    assert_eq!(run["errors_total"], 0, "{run}");
+    assert_eq!(run["rate"], 1000.0);
+    // 400 requests on a 1000/s schedule cannot be done much before 0.4 s
+    // (a lower bound set by the schedule, not a speed threshold).
+    assert!(run["seconds"].as_f64().unwrap() >= 0.35, "{run}");
+    // Each request's corrected latency (from when it was due) is at least
+    // its raw latency (from when it left), so every percentile is too.
+    let raw = &run["latency_ms"];
+    let corrected = &run["corrected_latency_ms"];
+    for q in ["p50", "p90", "p99", "p999", "max"] {
+        assert!(
+            corrected[q].as_f64().unwrap() >= raw[q].as_f64().unwrap(),
+            "{q}: {run}"
+        );
+    }
+}
