@@ -4,19 +4,26 @@
 //! client: a worker has at most one request in flight, so it owns its
 //! connections outright — no pool lookups, no locks, no per-request
 //! allocation beyond the request head's header map and the response body.
-//! A connection that fails or times out is dropped (its state is unknown)
-//! and reopened on the next request to that node.
+//! The connection's driver future is polled by the worker itself, beside the
+//! request (not spawned as its own task), so a request costs no cross-task
+//! wake-up. A connection that fails or times out is dropped (its state is
+//! unknown) and reopened on the next request to that node.
 
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http_body_util::{BodyExt, Full};
-use hyper::client::conn::http1::SendRequest;
+use hyper::body::Incoming;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::Poll;
+
+use hyper::client::conn::http1::{Connection, SendRequest};
 use hyper::header::{HeaderValue, CONTENT_TYPE, HOST};
 use hyper::{Method, Request, Uri};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
-use tokio::task::JoinHandle;
+use tokio::time::Sleep;
 
 use crate::check::{ErrorKind, Failure};
 
@@ -61,20 +68,81 @@ impl Endpoint {
     }
 }
 
-/// An open keep-alive connection.
-pub struct Conn {
-    sender: SendRequest<Full<Bytes>>,
-    driver: JoinHandle<()>,
+/// Which HTTP client the workers use.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientKind {
+    /// hyper's `client::conn::http1`.
+    Hyper,
+    /// The minimal client in [`crate::lean`].
+    Lean,
 }
 
-impl Drop for Conn {
-    fn drop(&mut self) {
-        self.driver.abort();
+/// An open keep-alive connection of either client.
+pub enum Conn {
+    Hyper(HyperConn),
+    Lean(crate::lean::LeanConn),
+}
+
+impl Conn {
+    /// False once the connection must not be used again.
+    pub fn is_alive(&self) -> bool {
+        match self {
+            Conn::Hyper(conn) => conn.alive,
+            Conn::Lean(conn) => conn.is_alive(),
+        }
     }
 }
 
-/// Opens a connection to `endpoint` within `timeout`.
-pub async fn connect(endpoint: &Endpoint, timeout: Duration) -> Result<Conn, Failure> {
+/// Opens a connection of the `kind` client.
+pub async fn connect(
+    endpoint: &Endpoint,
+    timeout: Duration,
+    kind: ClientKind,
+) -> Result<Conn, Failure> {
+    Ok(match kind {
+        ClientKind::Hyper => Conn::Hyper(connect_hyper(endpoint, timeout).await?),
+        ClientKind::Lean => Conn::Lean(crate::lean::connect(endpoint, timeout).await?),
+    })
+}
+
+/// Sends `method uri` with an optional JSON `body` and reads the whole answer
+/// within `timeout`.
+pub async fn send(
+    conn: &mut Conn,
+    endpoint: &Endpoint,
+    method: Method,
+    uri: &Uri,
+    body: Option<&[u8]>,
+    timeout: Duration,
+) -> Result<Answer, Failure> {
+    match conn {
+        Conn::Hyper(conn) => {
+            let request = request(endpoint, method, uri, body.map(Bytes::copy_from_slice));
+            send_hyper(conn, request, timeout).await
+        }
+        Conn::Lean(conn) => {
+            crate::lean::send(conn, endpoint, method.as_str(), uri.path(), body, timeout).await
+        }
+    }
+}
+
+/// An open keep-alive hyper connection: the request handle and the driver
+/// that moves bytes, both owned (and polled) by the worker.
+pub struct HyperConn {
+    sender: SendRequest<Full<Bytes>>,
+    driver: Pin<Box<Connection<TokioIo<TcpStream>, Full<Bytes>>>>,
+    /// The request timeout, reused: moving a registered tokio timer to a
+    /// later deadline is one atomic store, where a fresh `timeout()` per
+    /// request registers and deregisters a timer under the driver's lock.
+    timer: Pin<Box<Sleep>>,
+    /// False once the driver has finished (the server closed, or an error):
+    /// the connection must not be used, nor its driver polled, again.
+    alive: bool,
+}
+
+/// Opens a hyper connection to `endpoint` within `timeout`.
+async fn connect_hyper(endpoint: &Endpoint, timeout: Duration) -> Result<HyperConn, Failure> {
     let open = async {
         let stream = TcpStream::connect(&endpoint.authority).await?;
         // Small requests, one at a time: send each at once.
@@ -98,12 +166,12 @@ pub async fn connect(endpoint: &Endpoint, timeout: Duration) -> Result<Conn, Fai
             ))
         }
     };
-    let driver = tokio::spawn(async move {
-        if let Err(error) = connection.await {
-            log::debug!("connection ended: {error}");
-        }
-    });
-    Ok(Conn { sender, driver })
+    Ok(HyperConn {
+        sender,
+        driver: Box::pin(connection),
+        timer: Box::pin(tokio::time::sleep(timeout)),
+        alive: true,
+    })
 }
 
 /// A response: status and whole body.
@@ -116,7 +184,7 @@ pub struct Answer {
 /// Builds a request. `uri` is a path (`/key`); cloning it only bumps a
 /// reference count.
 #[inline]
-pub fn request(
+fn request(
     endpoint: &Endpoint,
     method: Method,
     uri: &Uri,
@@ -135,26 +203,88 @@ pub fn request(
 }
 
 /// Sends `request` on `conn` and reads the whole answer within `timeout`.
-pub async fn send(
-    conn: &mut Conn,
+async fn send_hyper(
+    conn: &mut HyperConn,
     request: Request<Full<Bytes>>,
     timeout: Duration,
 ) -> Result<Answer, Failure> {
+    conn.timer
+        .as_mut()
+        .reset(tokio::time::Instant::now() + timeout);
+    let sender = &mut conn.sender;
     let exchange = async {
-        conn.sender.ready().await?;
-        let response = conn.sender.send_request(request).await?;
+        sender.ready().await?;
+        let response = sender.send_request(request).await?;
         let status = response.status().as_u16();
-        let body = response.into_body().collect().await?.to_bytes();
+        let body = read_body(response.into_body()).await?;
         Ok::<_, hyper::Error>(Answer { status, body })
     };
-    match tokio::time::timeout(timeout, exchange).await {
-        Ok(Ok(answer)) => Ok(answer),
-        Ok(Err(error)) => Err(Failure::new(ErrorKind::Connection, error.to_string())),
-        Err(_) => Err(Failure::new(
-            ErrorKind::Timeout,
-            format!("no answer within {timeout:?}"),
-        )),
+    let mut exchange = std::pin::pin!(exchange);
+    let driver = &mut conn.driver;
+    let timer = &mut conn.timer;
+    let alive = &mut conn.alive;
+    std::future::poll_fn(|cx| {
+        // The driver first: in the poll where it reads the answer it hands
+        // it over, and the exchange below picks it up at once instead of on
+        // one more wake-up of this task.
+        if *alive {
+            if let Poll::Ready(ended) = driver.as_mut().poll(cx) {
+                *alive = false;
+                if let Poll::Ready(answer) = exchange.as_mut().poll(cx) {
+                    return Poll::Ready(answer.map_err(connection_failure));
+                }
+                return Poll::Ready(Err(Failure::new(
+                    ErrorKind::Connection,
+                    match ended {
+                        Ok(()) => "the server closed the connection".to_owned(),
+                        Err(error) => error.to_string(),
+                    },
+                )));
+            }
+        }
+        if let Poll::Ready(answer) = exchange.as_mut().poll(cx) {
+            return Poll::Ready(answer.map_err(connection_failure));
+        }
+        if timer.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Err(Failure::new(
+                ErrorKind::Timeout,
+                format!("no answer within {timeout:?}"),
+            )));
+        }
+        Poll::Pending
+    })
+    .await
+}
+
+fn connection_failure(error: hyper::Error) -> Failure {
+    Failure::new(ErrorKind::Connection, error.to_string())
+}
+
+/// Reads a whole body; a body of one chunk (every small answer) is kept
+/// as it came, without `collect()`'s buffer list.
+async fn read_body(mut body: Incoming) -> Result<Bytes, hyper::Error> {
+    let mut first: Option<Bytes> = None;
+    let mut rest: Option<BytesMut> = None;
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame?.into_data() else {
+            continue; // trailers
+        };
+        match (&mut first, &mut rest) {
+            (None, _) => first = Some(data),
+            (Some(head), None) => {
+                let mut joined = BytesMut::with_capacity(head.len() + data.len());
+                joined.extend_from_slice(head);
+                joined.extend_from_slice(&data);
+                rest = Some(joined);
+            }
+            (Some(_), Some(joined)) => joined.extend_from_slice(&data),
+        }
     }
+    Ok(match (first, rest) {
+        (_, Some(joined)) => joined.freeze(),
+        (Some(head), None) => head,
+        (None, None) => Bytes::new(),
+    })
 }
 
 #[cfg(test)]

@@ -12,12 +12,26 @@ use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 
+use crate::client::ClientKind;
+
 /// Load generator for kv: runs a set/get/delete workload against 1, then 2,
 /// ... up to --nodes nodes (routing each key with the ring, as kv-proxy
 /// does), checks every answer, and reports throughput, latency, errors and
 /// each node's share of the requests.
 #[derive(Parser, Debug, Clone)]
-#[command(name = "kv-bench", version, about, long_about = None)]
+#[command(
+    name = "kv-bench",
+    version,
+    about,
+    long_about = None,
+    after_help = "Exit status: 0 when every answer was right; 1 when any request failed or got a wrong \
+answer (unless --allow-errors); 2 on bad flags or when a node cannot be reached.\n\n\
+Examples:\n  kv-bench --nodes 3                      # 1, 2, then 3 nodes on 127.0.0.1:8081..8083\n  \
+kv-bench --nodes 3 --spawn              # the same, starting the nodes itself\n  \
+kv-bench --workload seed --nodes 3      # the Flask benchmark's sequence\n  \
+kv-bench --proxy http://127.0.0.1:8080 --mix set=1,get=8 --distribution zipf\n  \
+kv-bench --rate 20000 --duration 30s    # open loop, latency corrected for coordinated omission"
+)]
 pub struct Config {
     /// Run against 1 node, then 2, ... up to this many [default: 1, or the
     /// number of --urls].
@@ -36,6 +50,10 @@ pub struct Config {
     /// --nodes defaults to their count.
     #[arg(long, env = "KV_BENCH_URLS", value_delimiter = ',', conflicts_with_all = ["proxy", "spawn"])]
     pub urls: Vec<String>,
+
+    /// Only the run with all the nodes, not 1, 2, ... first.
+    #[arg(long, env = "KV_BENCH_ONLY_MAX")]
+    pub only_max: bool,
 
     /// Send every request through this proxy instead of routing client-side
     /// (one run).
@@ -125,6 +143,12 @@ pub struct Config {
     /// Seed of the operation and key choices (same seed, same sequence).
     #[arg(long, env = "KV_BENCH_RNG_SEED", default_value_t = 1)]
     pub rng_seed: u64,
+
+    /// HTTP client: `hyper` (hyper's client::conn), or `lean` (a minimal
+    /// HTTP/1.1 client that allocates nothing per request; Content-Length
+    /// answers only).
+    #[arg(long, env = "KV_BENCH_CLIENT", value_enum, default_value_t = ClientKind::Hyper)]
+    pub client: ClientKind,
 
     /// Runtime worker threads [default: one per CPU].
     #[arg(long, env = "KV_BENCH_THREADS")]
@@ -280,6 +304,7 @@ pub struct Plan {
     pub rate: Option<f64>,
     pub timeout: Duration,
     pub rng_seed: u64,
+    pub client: ClientKind,
 }
 
 /// Smallest value: 16 hex digits of the write's sequence number.
@@ -371,6 +396,7 @@ impl Config {
             rate: self.rate,
             timeout: self.timeout,
             rng_seed: self.rng_seed,
+            client: self.client,
         })
     }
 }

@@ -12,7 +12,8 @@
 //! * [`config`]: flags, environment variables, resolved into a [`config::Plan`].
 //! * [`workload`]: operation and key choice, the seed (Flask) sequence.
 //! * [`check`]: what each answer must be; failures counted by kind.
-//! * [`client`]: one hyper HTTP/1.1 connection per worker and node.
+//! * [`client`]: one HTTP/1.1 connection per worker and node (hyper's, or
+//!   [`lean`]'s minimal one).
 //! * [`worker`]: the closed- and open-loop request loops.
 //! * [`report`]: merging, printing and JSON.
 //! * [`spawn`]: `--spawn`, local kv-node processes.
@@ -29,6 +30,7 @@ use tokio::sync::{watch, Barrier};
 pub mod check;
 pub mod client;
 pub mod config;
+pub mod lean;
 pub mod progress;
 pub mod report;
 pub mod spawn;
@@ -138,6 +140,8 @@ pub fn run(config: Config) -> Result<Outcome, BenchError> {
     let show_progress = progress::wanted(config.quiet);
     let node_counts: Vec<usize> = if target == "proxy" {
         vec![1]
+    } else if config.only_max {
+        vec![endpoints.len()]
     } else {
         (1..=endpoints.len()).collect()
     };

@@ -29,6 +29,8 @@ pub fn start(
     tokio::spawn(async move {
         let mut ticker = tokio::time::interval(Duration::from_millis(500));
         let (mut last_ops, mut last_at) = (0u64, start);
+        // The first tick is immediate; the first line comes after 500 ms.
+        ticker.tick().await;
         loop {
             ticker.tick().await;
             let now = Instant::now();

@@ -18,14 +18,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use hdrhistogram::Histogram;
 use hyper::{Method, Uri};
 use kv_ring::Ring;
 use tokio::sync::{watch, Barrier};
 
 use crate::check::{check, ErrorCounts, Failure};
-use crate::client::{self, Answer, Conn, Endpoint};
+use crate::client::{self, Answer, ClientKind, Conn, Endpoint};
 use crate::config::{Plan, Stop};
 use crate::workload::{
     global_key, keys_of_worker, requests_of_worker, Expect, KeyPicker, OpKind, OpPicker, Rng,
@@ -200,12 +199,12 @@ impl MixWorker {
             OpKind::Set => {
                 self.next_seq += 1;
                 seq = self.next_seq;
-                let body = Bytes::copy_from_slice(self.put.render(seq));
-                (Method::PUT, Some(body), Expect::Stored)
+                self.put.render(seq);
+                (Method::PUT, true, Expect::Stored)
             }
             OpKind::Get => (
                 Method::GET,
-                None,
+                false,
                 match key.state {
                     State::Absent => Expect::Missing,
                     State::Present(_) => Expect::Value,
@@ -214,7 +213,7 @@ impl MixWorker {
             ),
             OpKind::Delete => (
                 Method::DELETE,
-                None,
+                false,
                 match key.state {
                     State::Absent => Expect::Missing,
                     State::Present(_) => Expect::Deleted,
@@ -222,8 +221,18 @@ impl MixWorker {
                 },
             ),
         };
-        let request = client::request(endpoint, method, &key.path, body);
-        let answer = exchange(&mut self.conns[node], endpoint, request, timeout).await;
+        let body = body.then_some(self.put.bytes.as_slice());
+        let client = self.shared.plan.client;
+        let answer = exchange(
+            &mut self.conns[node],
+            endpoint,
+            client,
+            method,
+            &key.path,
+            body,
+            timeout,
+        )
+        .await;
         let key = &mut self.keys[local];
         let verdict = match answer {
             Ok(Answer { status, body }) => {
@@ -356,7 +365,10 @@ impl MixWorker {
     async fn connect_all(&mut self) -> Result<(), Failure> {
         for (node, endpoint) in self.shared.endpoints.iter().enumerate() {
             if self.keys.iter().any(|k| k.node as usize == node) {
-                self.conns[node] = Some(client::connect(endpoint, self.shared.plan.timeout).await?);
+                self.conns[node] = Some(
+                    client::connect(endpoint, self.shared.plan.timeout, self.shared.plan.client)
+                        .await?,
+                );
             }
         }
         Ok(())
@@ -398,15 +410,20 @@ async fn back_off(failure: &Failure) {
 async fn exchange(
     slot: &mut Option<Conn>,
     endpoint: &Endpoint,
-    request: hyper::Request<http_body_util::Full<Bytes>>,
+    client: ClientKind,
+    method: Method,
+    uri: &Uri,
+    body: Option<&[u8]>,
     timeout: Duration,
 ) -> Result<Answer, Failure> {
     let conn = match slot {
         Some(conn) => conn,
-        None => slot.insert(client::connect(endpoint, timeout).await?),
+        // Boxed: the connect future is large and rarely used; inline, it
+        // would make every request's future that much bigger to move.
+        None => slot.insert(Box::pin(client::connect(endpoint, timeout, client)).await?),
     };
-    let result = client::send(conn, request, timeout).await;
-    if result.is_err() {
+    let result = client::send(conn, endpoint, method, uri, body, timeout).await;
+    if result.is_err() || !conn.is_alive() {
         *slot = None;
     }
     result
@@ -427,6 +444,8 @@ pub struct SeedWorker {
     shared: Arc<RunShared>,
     ring: Option<Ring>,
     conns: Vec<Option<Conn>>,
+    /// Keys a DELETE may not have removed.
+    leftovers: Vec<u64>,
 }
 
 impl SeedWorker {
@@ -436,6 +455,7 @@ impl SeedWorker {
             conns: (0..shared.endpoints.len()).map(|_| None).collect(),
             shared,
             ring,
+            leftovers: Vec::new(),
         }
     }
 
@@ -452,32 +472,59 @@ impl SeedWorker {
         let endpoint = &self.shared.endpoints[node];
         let (method, body) = match op.kind {
             // The Flask client POSTs `{"value": "value_i"}`.
-            OpKind::Set => (
-                Method::POST,
-                Some(Bytes::from(format!("{{\"value\": {value}}}"))),
-            ),
+            OpKind::Set => (Method::POST, Some(format!("{{\"value\": {value}}}"))),
             OpKind::Get => (Method::GET, None),
             OpKind::Delete => (Method::DELETE, None),
         };
-        let request = client::request(endpoint, method, &path_of(&name), body);
         let verdict = match exchange(
             &mut self.conns[node],
             endpoint,
-            request,
+            self.shared.plan.client,
+            method,
+            &path_of(&name),
+            body.as_deref().map(str::as_bytes),
             self.shared.plan.timeout,
         )
         .await
         {
-            Ok(answer) => check(
-                op.expect,
-                answer.status,
-                &answer.body,
-                value.as_bytes(),
-                &name,
-            ),
-            Err(failure) => Err(failure),
+            Ok(answer) => {
+                // A DELETE that found nothing raced its key's SET, which may
+                // land after it: delete that key again once the run is over.
+                if op.kind == OpKind::Delete && answer.status != 200 {
+                    self.leftovers.push(op.index);
+                }
+                check(
+                    op.expect,
+                    answer.status,
+                    &answer.body,
+                    value.as_bytes(),
+                    &name,
+                )
+            }
+            Err(failure) => {
+                if op.kind == OpKind::Delete {
+                    self.leftovers.push(op.index);
+                }
+                Err(failure)
+            }
         };
         (verdict, node)
+    }
+
+    /// Deletes the keys whose DELETE may have left them (not measured; 200
+    /// and 404 are both right).
+    async fn cleanup(&mut self, errors: &mut ErrorCounts) {
+        for index in std::mem::take(&mut self.leftovers) {
+            let op = SeedOp {
+                kind: OpKind::Delete,
+                index,
+                expect: Expect::DeletedOrMissing,
+            };
+            if let (Err(failure), _) = self.execute(op).await {
+                errors.record(failure);
+            }
+        }
+        self.leftovers.clear();
     }
 
     pub async fn run(mut self) -> WorkerStats {
@@ -485,7 +532,7 @@ impl SeedWorker {
         let mut stats = WorkerStats::new(shared.endpoints.len(), false);
         let mut setup = Ok(());
         for (node, endpoint) in shared.endpoints.iter().enumerate() {
-            match client::connect(endpoint, shared.plan.timeout).await {
+            match client::connect(endpoint, shared.plan.timeout, shared.plan.client).await {
                 Ok(conn) => self.conns[node] = Some(conn),
                 Err(failure) => {
                     setup = Err(failure);
@@ -527,6 +574,7 @@ impl SeedWorker {
             // worker takes part in every barrier, even with nothing to send.
             shared.batch.wait().await;
         }
+        self.cleanup(&mut stats.errors).await;
         stats
     }
 }

@@ -194,11 +194,17 @@ fn serve(stream: TcpStream, answer: fn(&str) -> Option<&'static str>) {
             let _ = reader.read_to_end(&mut sink);
             return;
         };
+        // "404 " in front of a reply: answer 404 and close the connection
+        // after it, as a server at its keep-alive limit does.
+        let (status, reply, close) = match reply.strip_prefix("404 ") {
+            Some(reply) => ("404 Not Found", reply, "connection: close\r\n"),
+            None => ("200 OK", reply, ""),
+        };
         let response = format!(
-            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{reply}",
+            "HTTP/1.1 {status}\r\ncontent-type: application/json\r\n{close}content-length: {}\r\n\r\n{reply}",
             reply.len()
         );
-        if writer.write_all(response.as_bytes()).is_err() {
+        if writer.write_all(response.as_bytes()).is_err() || !close.is_empty() {
             return;
         }
     }
@@ -299,4 +305,162 @@ fn bad_flags_are_refused_with_a_message() {
     let help = String::from_utf8_lossy(&output.stdout);
     assert!(help.contains("KV_BENCH_CONCURRENCY"), "{help}");
     assert!(help.contains("[default: set=1,get=1,delete=1]"), "{help}");
+    assert!(help.contains("--only-max"), "{help}");
+}
+
+#[test]
+fn a_server_that_closes_after_each_answer_is_followed_without_errors() {
+    // Every key is absent, so 404 is the right answer to each GET; the
+    // server closes the connection after each one and kv-bench reconnects.
+    let addr = fake_server(|_| Some("404 {\"error\":\"Key not found\"}\n"));
+    let out = tempfile::tempdir().unwrap();
+    let json = out.path().join("close.json");
+    let url = format!("http://{addr}");
+    let output = bench(&[
+        "--urls",
+        &url,
+        "--requests",
+        "200",
+        "--concurrency",
+        "4",
+        "--keys",
+        "40",
+        "--mix",
+        "get=1",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert!(output.status.success(), "{}", explain(&output));
+    let run = &runs(&json)[0];
+    assert_eq!(run["operations"], 200);
+    assert_eq!(run["errors_total"], 0, "{run}");
+}
+
+#[test]
+fn seed_batches_that_race_are_checked_and_leave_nothing_behind() {
+    // 30 requests in one batch of 100: each key's SET, GET and DELETE race.
+    let dir = tempfile::tempdir().unwrap();
+    let node = node(dir.path());
+    let out = tempfile::tempdir().unwrap();
+    let json = out.path().join("race.json");
+    let url = node.url();
+    let output = bench(&[
+        "--urls",
+        &url,
+        "--workload",
+        "seed",
+        "--requests",
+        "30",
+        "--concurrency",
+        "100",
+        "--prefix",
+        "race",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert!(output.status.success(), "{}", explain(&output));
+    let run = &runs(&json)[0];
+    assert_eq!(run["operations"], 30);
+    assert_eq!(run["errors_total"], 0, "{run}");
+    for i in 0..10 {
+        let response = request(node.addr, "GET", &format!("/racen1_key_{i}"), None).unwrap();
+        assert_eq!(response.status, 404, "racen1_key_{i} left behind");
+    }
+}
+
+#[test]
+fn the_lean_client_checks_answers_like_hyper() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = node(dir.path());
+    let out = tempfile::tempdir().unwrap();
+    let json = out.path().join("lean.json");
+    let common = |url: &str, mix: &'static str| {
+        vec![
+            "--client".to_owned(),
+            "lean".to_owned(),
+            "--urls".to_owned(),
+            url.to_owned(),
+            "--requests".to_owned(),
+            "2000".to_owned(),
+            "--concurrency".to_owned(),
+            "4".to_owned(),
+            "--keys".to_owned(),
+            "40".to_owned(),
+            "--mix".to_owned(),
+            mix.to_owned(),
+            "--json".to_owned(),
+            json.to_str().unwrap().to_owned(),
+        ]
+    };
+    fn args(v: &[String]) -> Vec<&str> {
+        v.iter().map(String::as_str).collect()
+    }
+
+    // A real node: every answer right.
+    let real = common(&node.url(), "set=2,get=2,delete=1");
+    let output = bench(&args(&real));
+    assert!(output.status.success(), "{}", explain(&output));
+    let run = &runs(&json)[0];
+    assert_eq!(run["operations"], 2000);
+    assert_eq!(run["errors_total"], 0, "{run}");
+
+    // Wrong values are caught.
+    let fake = format!("http://{}", fake_server(wrong_values));
+    let output = bench(&args(&common(&fake, "set=1,get=1")));
+    assert_eq!(output.status.code(), Some(1), "{}", explain(&output));
+    assert!(runs(&json)[0]["errors"]["wrong_value"].as_u64().unwrap() > 0);
+
+    // A server that closes after each answer is followed.
+    let closing = format!(
+        "http://{}",
+        fake_server(|_| Some("404 {\"error\":\"Key not found\"}\n"))
+    );
+    let output = bench(&args(&common(&closing, "get=1")));
+    assert!(output.status.success(), "{}", explain(&output));
+    assert_eq!(runs(&json)[0]["errors_total"], 0);
+}
+
+#[test]
+fn open_loop_reports_corrected_latency_and_warmup_is_not_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = node(dir.path());
+    let out = tempfile::tempdir().unwrap();
+    let json = out.path().join("rate.json");
+    let url = node.url();
+    let output = bench(&[
+        "--urls",
+        &url,
+        "--rate",
+        "1000",
+        "--requests",
+        "400",
+        "--warmup",
+        "100ms",
+        "--concurrency",
+        "4",
+        "--keys",
+        "40",
+        "--mix",
+        "set=1,get=3",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert!(output.status.success(), "{}", explain(&output));
+    let run = &runs(&json)[0];
+    assert_eq!(run["operations"], 400, "warmup requests are not counted");
+    assert_eq!(run["errors_total"], 0, "{run}");
+    assert_eq!(run["rate"], 1000.0);
+    // 400 requests on a 1000/s schedule cannot be done much before 0.4 s
+    // (a lower bound set by the schedule, not a speed threshold).
+    assert!(run["seconds"].as_f64().unwrap() >= 0.35, "{run}");
+    // Each request's corrected latency (from when it was due) is at least
+    // its raw latency (from when it left), so every percentile is too.
+    let raw = &run["latency_ms"];
+    let corrected = &run["corrected_latency_ms"];
+    for q in ["p50", "p90", "p99", "p999", "max"] {
+        assert!(
+            corrected[q].as_f64().unwrap() >= raw[q].as_f64().unwrap(),
+            "{q}: {run}"
+        );
+    }
 }
