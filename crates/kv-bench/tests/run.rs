@@ -369,15 +369,15 @@ fn seed_batches_that_race_are_checked_and_leave_nothing_behind() {
 }
 
 #[test]
-fn the_lean_client_checks_answers_like_hyper() {
+fn the_hyper_client_checks_answers_like_the_lean_default() {
     let dir = tempfile::tempdir().unwrap();
     let node = node(dir.path());
     let out = tempfile::tempdir().unwrap();
-    let json = out.path().join("lean.json");
+    let json = out.path().join("hyper.json");
     let common = |url: &str, mix: &'static str| {
         vec![
             "--client".to_owned(),
-            "lean".to_owned(),
+            "hyper".to_owned(),
             "--urls".to_owned(),
             url.to_owned(),
             "--requests".to_owned(),
