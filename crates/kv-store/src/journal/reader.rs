@@ -1,6 +1,7 @@
 //! Replaying one log segment, and what to do with damage in it.
 //!
-//! Damage at offset `o` of a segment is a **torn tail** when the segment is
+//! An all-zero tail is the writer's unused preallocation: cut silently.
+//! Other damage at offset `o` of a segment is a **torn tail** when the segment is
 //! the last one and no valid record starts anywhere after `o`: the process
 //! (or machine) died mid-append, or garbage was appended. It is cut off with
 //! a warning naming the file, the offset and the bytes dropped; none of those
@@ -73,6 +74,12 @@ pub fn replay_segment(
         }
     };
     let (reason, may_be_tail) = damage;
+    if may_be_tail && buf[pos..].iter().all(|&b| b == 0) {
+        // The unused part of the writer's zero-filled preallocation.
+        log::debug!("{}: preallocated tail from offset {pos}", path.display());
+        truncate(path, pos as u64)?;
+        return Ok(replay);
+    }
     let dropped = buf.len() - pos;
     replay.cut_bytes = dropped as u64;
     if may_be_tail && is_last && record::valid_record_after(&buf, pos).is_none() {
