@@ -88,8 +88,10 @@ fn load_buf(buf: &[u8], map: &Map) -> Result<usize, (u64, String)> {
     // Trust the count only as far as the file could hold that many records.
     let plausible = (buf.len() / record::HEADER_LEN) as u64;
     map.reserve(count.min(plausible) as usize);
+    // Phase 1, sequential (records have variable lengths): check every
+    // frame and find the entries.
+    let mut bodies: Vec<&[u8]> = Vec::with_capacity(count.min(plausible) as usize);
     let mut pos = PREAMBLE;
-    let mut loaded = 0u64;
     loop {
         let rec = match record::decode(&buf[pos..]) {
             Ok(Some(rec)) => rec,
@@ -97,29 +99,49 @@ fn load_buf(buf: &[u8], map: &Map) -> Result<usize, (u64, String)> {
             Err(damage) => return Err((pos as u64, damage.describe().into())),
         };
         match rec.kind {
-            Kind::Put if entry::is_well_formed(rec.body) => {
-                map.insert_new(Arc::from(rec.body));
-                loaded += 1;
-            }
-            Kind::End if rec.body == count_bytes && loaded == count => {
+            Kind::Put if entry::is_well_formed(rec.body) => bodies.push(rec.body),
+            Kind::End if rec.body == count_bytes && bodies.len() as u64 == count => {
                 if pos + rec.framed_len != buf.len() {
                     return Err((
                         (pos + rec.framed_len) as u64,
                         "bytes after the end record".into(),
                     ));
                 }
-                return Ok(loaded as usize);
+                break;
             }
             Kind::End => {
                 return Err((
                     pos as u64,
-                    format!("end record does not match the {loaded} entries read"),
+                    format!(
+                        "end record does not match the {} entries read",
+                        bodies.len()
+                    ),
                 ))
             }
             _ => return Err((pos as u64, "unexpected record in a snapshot".into())),
         }
         pos += rec.framed_len;
     }
+    // Phase 2, on every core: allocate the entries and insert them. The keys
+    // of a snapshot are distinct, so no lookup is needed; threads meet only
+    // on shard locks, held for one insert.
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(8));
+    if threads == 1 || bodies.len() < 10_000 {
+        bodies
+            .iter()
+            .for_each(|body| map.insert_new(Arc::from(*body)));
+    } else {
+        std::thread::scope(|scope| {
+            for chunk in bodies.chunks(bodies.len().div_ceil(threads)) {
+                scope.spawn(move || {
+                    chunk
+                        .iter()
+                        .for_each(|body| map.insert_new(Arc::from(*body)))
+                });
+            }
+        });
+    }
+    Ok(bodies.len())
 }
 
 /// Takes a snapshot now: rotate the log, copy the map, write, retire.
