@@ -1,7 +1,8 @@
 //! Times `Store::open` of a data dir holding N keys in a snapshot plus a log
 //! on top of it (16-byte keys, 100-byte values by default).
 //!
-//! `cargo run --release -p kv-store --example recovery_time -- [keys] [dir]`
+//! `cargo run --release -p kv-store --example recovery_time -- [keys] [dir] [keep]`
+//! (`keep` leaves the data dir behind, e.g. to time `kv-node` on it).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::time::{Duration, Instant};
@@ -47,5 +48,7 @@ fn main() {
         store.len() as f64 / elapsed.as_secs_f64()
     );
     drop(store);
-    let _ = std::fs::remove_dir_all(&dir);
+    if args.next().as_deref() != Some("keep") {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
