@@ -16,11 +16,10 @@
 use std::fs::{self, OpenOptions};
 use std::io::Write;
 use std::path::Path;
-use std::sync::Arc;
 
 use super::record::{self, Kind};
 use crate::entry;
-use crate::map::Map;
+use crate::map::{Change, Map, Recovered};
 use crate::OpenError;
 
 /// What replaying one segment did.
@@ -31,18 +30,12 @@ pub struct SegmentReplay {
     pub cut_bytes: u64,
 }
 
-/// Applies one decoded log record to the map; `Err` says why it makes no sense.
-fn apply(map: &Map, kind: Kind, body: &[u8]) -> Result<(), &'static str> {
+/// The change a decoded log record makes; `Err` says why it makes no sense.
+fn change(kind: Kind, body: &[u8]) -> Result<Recovered<'_>, &'static str> {
     match kind {
-        Kind::Put if entry::is_well_formed(body) => {
-            map.insert_entry(Arc::from(body));
-            Ok(())
-        }
+        Kind::Put if entry::is_well_formed(body) => Ok(Recovered::new(Change::Put(body))),
         Kind::Put => Err("malformed put record"),
-        Kind::Delete => {
-            map.remove_key(body);
-            Ok(())
-        }
+        Kind::Delete => Ok(Recovered::new(Change::Delete(body))),
         Kind::End => Err("snapshot end record inside a log segment"),
     }
 }
@@ -57,38 +50,59 @@ pub fn replay_segment(
     map: &Map,
 ) -> Result<SegmentReplay, OpenError> {
     let buf = fs::read(path).map_err(|e| OpenError::io("read log segment", path, e))?;
-    let mut replay = SegmentReplay::default();
+    // Read every record first, then apply them on every core, and only if
+    // the segment is usable.
+    let mut changes = Vec::new();
     let mut pos = 0;
     let damage = loop {
         match record::decode(&buf[pos..]) {
-            Ok(None) => return Ok(replay),
-            Ok(Some(rec)) => match apply(map, rec.kind, rec.body) {
-                Ok(()) => {
-                    replay.records += 1;
+            Ok(None) => break None,
+            Ok(Some(rec)) => match change(rec.kind, rec.body) {
+                Ok(change) => {
+                    changes.push(change);
                     pos += rec.framed_len;
                 }
                 // A record that passed its checksum is never a torn tail.
-                Err(why) => break (why, false),
+                Err(why) => break Some((why, false)),
             },
-            Err(damage) => break (damage.describe(), true),
+            Err(damage) => break Some((damage.describe(), true)),
         }
     };
-    let (reason, may_be_tail) = damage;
+    let cut_bytes = cut_damage(path, &buf, pos, damage, is_last, repair)?;
+    map.apply_recovered(&changes);
+    Ok(SegmentReplay {
+        records: changes.len() as u64,
+        cut_bytes,
+    })
+}
+
+/// Handles the damage found at `pos` (if any) as the module docs say; the
+/// bytes cut.
+fn cut_damage(
+    path: &Path,
+    buf: &[u8],
+    pos: usize,
+    damage: Option<(&'static str, bool)>,
+    is_last: bool,
+    repair: bool,
+) -> Result<u64, OpenError> {
+    let Some((reason, may_be_tail)) = damage else {
+        return Ok(0);
+    };
     if may_be_tail && buf[pos..].iter().all(|&b| b == 0) {
         // The unused part of the writer's zero-filled preallocation.
         log::debug!("{}: preallocated tail from offset {pos}", path.display());
         truncate(path, pos as u64)?;
-        return Ok(replay);
+        return Ok(0);
     }
     let dropped = buf.len() - pos;
-    replay.cut_bytes = dropped as u64;
-    if may_be_tail && is_last && record::valid_record_after(&buf, pos).is_none() {
+    if may_be_tail && is_last && record::valid_record_after(buf, pos).is_none() {
         log::warn!(
             "{}: torn tail at offset {pos} ({reason}): dropping the last {dropped} bytes",
             path.display()
         );
         truncate(path, pos as u64)?;
-        return Ok(replay);
+        return Ok(dropped as u64);
     }
     if !repair {
         return Err(OpenError::Corrupt {
@@ -117,7 +131,7 @@ pub fn replay_segment(
         side.display()
     );
     truncate(path, pos as u64)?;
-    Ok(replay)
+    Ok(dropped as u64)
 }
 
 fn truncate(path: &Path, len: u64) -> Result<(), OpenError> {

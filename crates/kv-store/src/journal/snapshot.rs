@@ -25,7 +25,7 @@ use super::record::{self, Kind};
 use super::writer::Journal;
 use super::{classify, snapshot_name, sync_dir, FileKind};
 use crate::entry::{self, Entry};
-use crate::map::Map;
+use crate::map::{Change, Map, Recovered};
 
 const MAGIC: &[u8; 8] = b"KVSNAP1\n";
 const PREAMBLE: usize = 16;
@@ -90,7 +90,7 @@ fn load_buf(buf: &[u8], map: &Map) -> Result<usize, (u64, String)> {
     map.reserve(count.min(plausible) as usize);
     // Phase 1, sequential (records have variable lengths): check every
     // frame and find the entries.
-    let mut bodies: Vec<&[u8]> = Vec::with_capacity(count.min(plausible) as usize);
+    let mut bodies: Vec<Recovered<'_>> = Vec::with_capacity(count.min(plausible) as usize);
     let mut pos = PREAMBLE;
     loop {
         let rec = match record::decode(&buf[pos..]) {
@@ -99,7 +99,9 @@ fn load_buf(buf: &[u8], map: &Map) -> Result<usize, (u64, String)> {
             Err(damage) => return Err((pos as u64, damage.describe().into())),
         };
         match rec.kind {
-            Kind::Put if entry::is_well_formed(rec.body) => bodies.push(rec.body),
+            Kind::Put if entry::is_well_formed(rec.body) => {
+                bodies.push(Recovered::new(Change::PutNew(rec.body)));
+            }
             Kind::End if rec.body == count_bytes && bodies.len() as u64 == count => {
                 if pos + rec.framed_len != buf.len() {
                     return Err((
@@ -122,25 +124,8 @@ fn load_buf(buf: &[u8], map: &Map) -> Result<usize, (u64, String)> {
         }
         pos += rec.framed_len;
     }
-    // Phase 2, on every core: allocate the entries and insert them. The keys
-    // of a snapshot are distinct, so no lookup is needed; threads meet only
-    // on shard locks, held for one insert.
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(8));
-    if threads == 1 || bodies.len() < 10_000 {
-        bodies
-            .iter()
-            .for_each(|body| map.insert_new(Arc::from(*body)));
-    } else {
-        std::thread::scope(|scope| {
-            for chunk in bodies.chunks(bodies.len().div_ceil(threads)) {
-                scope.spawn(move || {
-                    chunk
-                        .iter()
-                        .for_each(|body| map.insert_new(Arc::from(*body)))
-                });
-            }
-        });
-    }
+    // Phase 2, on every core: allocate the entries and insert them.
+    map.apply_recovered(&bodies);
     Ok(bodies.len())
 }
 
