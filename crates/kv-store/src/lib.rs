@@ -181,7 +181,7 @@ impl Store {
             }
             Some(durable) => {
                 durable.journal.health.check()?;
-                Map::insert(&mut table, hash, Arc::clone(&entry));
+                Map::insert(&mut table, hash, entry.clone());
                 durable.journal.submit(Op::Put(entry)).map(Some)
             }
         }
