@@ -36,6 +36,7 @@ mod options;
 
 pub use error::{OpenError, StoreError};
 pub use journal::recovery::RecoveryReport;
+pub use journal::writer::LogStats;
 pub use map::SHARD_COUNT;
 pub use options::{FsyncPolicy, StoreOptions};
 
@@ -157,6 +158,11 @@ impl Store {
     /// The value stored under `key`, if any.
     pub fn get(&self, key: &str) -> Option<Bytes> {
         self.map.get(key.as_bytes()).map(|e| entry::value_bytes(&e))
+    }
+
+    /// How well the log writer batched so far (`None` in memory).
+    pub fn log_stats(&self) -> Option<LogStats> {
+        self.durable.as_ref().map(|d| d.journal.health.stats())
     }
 
     /// `Err` when writes are refused (disk failed, or closing).

@@ -409,6 +409,14 @@ fn concurrent_writers_under_always_are_all_durable() {
         }
     });
     drop(runtime);
+    // Group commit: 64 writers that queued while a sync ran shared it.
+    eprintln!("group commit: {:?}", store.log_stats());
+    let stats = store.log_stats().unwrap();
+    assert_eq!(stats.records, 64 * 20);
+    assert!(
+        stats.syncs < stats.records,
+        "every write paid its own fdatasync: {stats:?}"
+    );
     drop(std::sync::Arc::try_unwrap(store).ok().unwrap());
     let store = open(dir.path());
     assert_eq!(store.len(), 64 * 20);

@@ -81,6 +81,8 @@ pub struct Health {
     /// Records appended since open (the snapshot thread skips a timed
     /// snapshot when nothing changed).
     appended: AtomicU64,
+    writes: AtomicU64,
+    syncs: AtomicU64,
 }
 
 impl Health {
@@ -107,6 +109,15 @@ impl Health {
 
     pub fn appended(&self) -> u64 {
         self.appended.load(Ordering::Relaxed)
+    }
+
+    /// The writer's counters so far.
+    pub fn stats(&self) -> LogStats {
+        LogStats {
+            records: self.appended(),
+            writes: self.writes.load(Ordering::Relaxed),
+            syncs: self.syncs.load(Ordering::Relaxed),
+        }
     }
 }
 
@@ -177,7 +188,6 @@ impl Journal {
             pending: Vec::new(),
             health: health.clone(),
             config,
-            stats: Stats::default(),
         };
         let thread = std::thread::Builder::new()
             .name("kv-wal-writer".into())
@@ -247,15 +257,15 @@ struct Writer {
     pending: Vec<Done>,
     health: std::sync::Arc<Health>,
     config: WriterConfig,
-    stats: Stats,
 }
 
-/// Counters logged when the writer stops: how well group commit batched.
-#[derive(Default)]
-struct Stats {
-    records: u64,
-    batches: u64,
-    syncs: u64,
+/// How well group commit batched: records written, in how many writes, with
+/// how many fdatasyncs (since open).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LogStats {
+    pub records: u64,
+    pub writes: u64,
+    pub syncs: u64,
 }
 
 impl Writer {
@@ -297,11 +307,12 @@ impl Writer {
                 );
             }
         }
+        let stats = self.health.stats();
         log::info!(
             "log writer stopped: {} records in {} writes, {} fdatasyncs (fsync {})",
-            self.stats.records,
-            self.stats.batches,
-            self.stats.syncs,
+            stats.records,
+            stats.writes,
+            stats.syncs,
             self.config.policy
         );
     }
@@ -360,10 +371,9 @@ impl Writer {
                 });
             match written {
                 Ok(()) => {
-                    self.stats.records += self.pending.len() as u64;
-                    self.stats.batches += 1;
+                    self.health.writes.fetch_add(1, Ordering::Relaxed);
                     if self.config.policy == FsyncPolicy::Always {
-                        self.stats.syncs += 1;
+                        self.health.syncs.fetch_add(1, Ordering::Relaxed);
                     }
                     self.segment_bytes += self.buf.len() as u64;
                     self.unsynced = self.config.policy != FsyncPolicy::Always;
@@ -401,7 +411,7 @@ impl Writer {
         }
         match self.file.sync_data() {
             Ok(()) => {
-                self.stats.syncs += 1;
+                self.health.syncs.fetch_add(1, Ordering::Relaxed);
                 self.unsynced = false;
                 self.last_sync = Instant::now();
             }
