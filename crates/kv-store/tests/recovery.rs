@@ -422,3 +422,22 @@ fn concurrent_writers_under_always_are_all_durable() {
     assert_eq!(store.len(), 64 * 20);
     assert_eq!(&store.get("w63_19").unwrap()[..], b"63:19");
 }
+
+#[test]
+fn everysec_syncs_in_the_background() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), options(FsyncPolicy::EverySec)).unwrap();
+    apply(&store, &[Change::Put("a".into(), b"1".to_vec())]);
+    assert_eq!(store.log_stats().unwrap().records, 1);
+    // The syncer runs once a second; wait for its first sync (an event), bounded.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while store.log_stats().unwrap().syncs == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "everysec never synced"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    drop(store);
+    assert_eq!(&open(dir.path()).get("a").unwrap()[..], b"1");
+}

@@ -12,6 +12,11 @@
 //! writers share each `fdatasync` instead of paying one each.
 //!
 //! File I/O never runs on the async workers: this is a plain `std` thread.
+//! For `everysec` a second thread fdatasyncs the active segment once a second
+//! when anything was written, so appends never wait for that sync (as
+//! Redis's background fsync); `never` leaves flushing to the kernel. Under
+//! every policy a write is acknowledged only after its `write` to the file,
+//! so killing the process loses nothing acknowledged.
 //!
 //! # Preallocation
 //!
@@ -37,8 +42,9 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use parking_lot::Mutex;
 use tokio::sync::oneshot;
@@ -53,7 +59,7 @@ pub const MAX_BATCH: usize = 4096;
 /// Most bytes framed into one write (a batch may exceed it by one record).
 pub const MAX_BATCH_BYTES: usize = 4 << 20;
 
-/// How often `everysec` syncs.
+/// How often `everysec`'s syncer thread syncs.
 const EVERYSEC: Duration = Duration::from_secs(1);
 
 /// A change to log.
@@ -124,9 +130,14 @@ impl Health {
 /// The handle writers and the snapshot thread use to reach the writer thread.
 pub struct Journal {
     tx: Sender<Msg>,
-    pub health: std::sync::Arc<Health>,
+    pub health: Arc<Health>,
     thread: Mutex<Option<JoinHandle<()>>>,
+    /// `everysec`'s syncer: its stop signal and thread.
+    syncer: Mutex<Option<(Sender<()>, JoinHandle<()>)>>,
 }
+
+/// The segment being appended to, shared with the `everysec` syncer.
+type Active = Arc<Mutex<(Arc<File>, PathBuf)>>;
 
 /// What the writer thread needs besides its channel.
 pub struct WriterConfig {
@@ -176,13 +187,24 @@ impl Journal {
     /// Starts the writer thread appending to the freshly created `file`.
     pub fn start(file: File, config: WriterConfig) -> io::Result<Journal> {
         let (tx, rx) = mpsc::channel();
-        let health = std::sync::Arc::new(Health::default());
+        let health = Arc::new(Health::default());
+        let file = Arc::new(file);
+        let dirty = Arc::new(AtomicBool::new(false));
+        let (active, syncer) = if config.policy == FsyncPolicy::EverySec {
+            let path = config.dir.join(segment_name(config.seq));
+            let active: Active = Arc::new(Mutex::new((Arc::clone(&file), path)));
+            let syncer =
+                spawn_syncer(Arc::clone(&active), Arc::clone(&dirty), Arc::clone(&health))?;
+            (Some(active), Some(syncer))
+        } else {
+            (None, None)
+        };
         let writer = Writer {
             file,
             segment_bytes: 0,
             allocated: FIRST_CHUNK,
-            last_sync: Instant::now(),
-            unsynced: false,
+            active,
+            dirty,
             asked_snapshot: false,
             buf: Vec::with_capacity(64 << 10),
             pending: Vec::new(),
@@ -196,6 +218,7 @@ impl Journal {
             tx,
             health,
             thread: Mutex::new(Some(thread)),
+            syncer: Mutex::new(syncer),
         })
     }
 
@@ -223,6 +246,12 @@ impl Journal {
     /// Flushes and syncs what is queued, then stops the thread. Later writes
     /// answer `Unavailable`.
     pub fn close(&self) {
+        if let Some((stop, thread)) = self.syncer.lock().take() {
+            let _ = stop.send(());
+            if thread.join().is_err() {
+                log::error!("the log syncer thread panicked");
+            }
+        }
         let Some(thread) = self.thread.lock().take() else {
             return;
         };
@@ -232,6 +261,40 @@ impl Journal {
         }
         self.health.fail("the store is shutting down".into(), false);
     }
+}
+
+/// `everysec`: a thread that fdatasyncs the active segment once a second if
+/// anything was written, so appends never wait for a sync (as Redis's
+/// background fsync).
+fn spawn_syncer(
+    active: Active,
+    dirty: Arc<AtomicBool>,
+    health: Arc<Health>,
+) -> io::Result<(Sender<()>, JoinHandle<()>)> {
+    let (stop, stopped) = mpsc::channel::<()>();
+    let thread = std::thread::Builder::new()
+        .name("kv-wal-syncer".into())
+        .spawn(move || loop {
+            match stopped.recv_timeout(EVERYSEC) {
+                Err(RecvTimeoutError::Timeout) => {}
+                _ => return,
+            }
+            // Swapped before syncing: a write after this point sets it again.
+            if !dirty.swap(false, Ordering::AcqRel) || health.check().is_err() {
+                continue;
+            }
+            let (file, path) = active.lock().clone();
+            match file.sync_data() {
+                Ok(()) => {
+                    health.syncs.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(error) => health.fail(
+                    format!("disk error syncing {}: {error}", path.display()),
+                    true,
+                ),
+            }
+        })?;
+    Ok((stop, thread))
 }
 
 fn closed() -> StoreError {
@@ -244,18 +307,19 @@ pub async fn wait(rx: oneshot::Receiver<Result<(), StoreError>>) -> Result<(), S
 }
 
 struct Writer {
-    file: File,
+    file: Arc<File>,
     /// Where the next record goes: the bytes of records in the segment.
     segment_bytes: u64,
     /// The end of the zero-filled part of the segment.
     allocated: u64,
-    last_sync: Instant,
-    /// Bytes were written since the last fdatasync.
-    unsynced: bool,
+    /// `everysec`: the segment the syncer syncs, and whether it has unsynced
+    /// writes.
+    active: Option<Active>,
+    dirty: Arc<AtomicBool>,
     asked_snapshot: bool,
     buf: Vec<u8>,
     pending: Vec<Done>,
-    health: std::sync::Arc<Health>,
+    health: Arc<Health>,
     config: WriterConfig,
 }
 
@@ -317,24 +381,9 @@ impl Writer {
         );
     }
 
-    /// The next message, running `everysec` syncs while waiting for it.
+    /// The next message; `None` once every handle is gone.
     fn next(&mut self, rx: &Receiver<Msg>) -> Option<Msg> {
-        loop {
-            if self.config.policy != FsyncPolicy::EverySec || !self.unsynced {
-                return rx.recv().ok();
-            }
-            let due = self.last_sync + EVERYSEC;
-            let now = Instant::now();
-            if now >= due {
-                self.sync();
-                continue;
-            }
-            match rx.recv_timeout(due - now) {
-                Ok(msg) => return Some(msg),
-                Err(RecvTimeoutError::Timeout) => self.sync(),
-                Err(RecvTimeoutError::Disconnected) => return None,
-            }
-        }
+        rx.recv().ok()
     }
 
     fn take(&mut self, msg: Msg, control: &mut Option<Msg>) {
@@ -376,7 +425,7 @@ impl Writer {
                         self.health.syncs.fetch_add(1, Ordering::Relaxed);
                     }
                     self.segment_bytes += self.buf.len() as u64;
-                    self.unsynced = self.config.policy != FsyncPolicy::Always;
+                    self.dirty.store(true, Ordering::Release);
                     self.health
                         .appended
                         .fetch_add(self.pending.len() as u64, Ordering::Relaxed);
@@ -396,33 +445,6 @@ impl Writer {
             let _ = done.send(result.clone());
         }
         self.buf.clear();
-        // `everysec` syncs after answering, so the batch does not wait on it.
-        if self.config.policy == FsyncPolicy::EverySec
-            && self.unsynced
-            && self.last_sync.elapsed() >= EVERYSEC
-        {
-            self.sync();
-        }
-    }
-
-    fn sync(&mut self) {
-        if self.health.check().is_err() {
-            return;
-        }
-        match self.file.sync_data() {
-            Ok(()) => {
-                self.health.syncs.fetch_add(1, Ordering::Relaxed);
-                self.unsynced = false;
-                self.last_sync = Instant::now();
-            }
-            Err(error) => self.health.fail(
-                format!(
-                    "disk error syncing {}: {error}",
-                    self.segment_path().display()
-                ),
-                true,
-            ),
-        }
     }
 
     /// Zero-fills chunks until the segment is allocated up to `end`, and
@@ -444,8 +466,11 @@ impl Writer {
         self.file.sync_data()?;
         self.file.set_len(self.segment_bytes)?;
         self.file.sync_all()?;
-        self.unsynced = false;
         Ok(())
+    }
+
+    fn segment_path_for(&self, seq: u64) -> PathBuf {
+        self.config.dir.join(segment_name(seq))
     }
 
     fn segment_path(&self) -> PathBuf {
@@ -460,11 +485,13 @@ impl Writer {
             .and_then(|()| create_segment(&self.config.dir, next));
         match result {
             Ok(file) => {
-                self.file = file;
+                self.file = Arc::new(file);
+                if let Some(active) = &self.active {
+                    *active.lock() = (Arc::clone(&self.file), self.segment_path_for(next));
+                }
                 self.config.seq = next;
                 self.segment_bytes = 0;
                 self.allocated = FIRST_CHUNK;
-                self.unsynced = false;
                 self.asked_snapshot = false;
                 Ok(next)
             }
