@@ -47,13 +47,16 @@ pub struct Recovered<'a> {
 impl<'a> Recovered<'a> {
     /// `body` must be a well-formed entry.
     pub fn new(what: Change<'a>) -> Self {
-        let key = match what {
+        let mut change = Self { hash: 0, what };
+        change.hash = hash(change.key());
+        change
+    }
+
+    /// The key the change is about.
+    pub fn key(&self) -> &'a [u8] {
+        match self.what {
             Change::Put(body) | Change::PutNew(body) => entry::key(body),
             Change::Delete(key) => key,
-        };
-        Self {
-            hash: hash(key),
-            what,
         }
     }
 }

@@ -246,6 +246,10 @@ fn snapshot_then_log_recovers_and_retires_covered_files() {
         .collect();
     let mut second: Vec<Change> = (0..50).map(|i| Change::Delete(format!("k{i}"))).collect();
     second.extend((150..250).map(|i| Change::Put(format!("k{i}"), format!("w{i}").into_bytes())));
+    // Deleted then written again, and written twice: the last change wins.
+    second.extend((0..5).map(|i| Change::Put(format!("k{i}"), b"again".to_vec())));
+    second.extend((150..155).map(|i| Change::Put(format!("k{i}"), b"twice".to_vec())));
+    second.push(Change::Delete("k151".into()));
     let store = open(dir.path());
     apply(&store, &first);
     store.snapshot_now().unwrap();

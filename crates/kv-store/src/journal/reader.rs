@@ -1,4 +1,4 @@
-//! Replaying one log segment, and what to do with damage in it.
+//! Reading log segments, and what to do with damage in them.
 //!
 //! An all-zero tail is the writer's unused preallocation: cut silently.
 //! Other damage at offset `o` of a segment is a **torn tail** when the segment is
@@ -19,16 +19,8 @@ use std::path::Path;
 
 use super::record::{self, Kind};
 use crate::entry;
-use crate::map::{Change, Map, Recovered};
+use crate::map::{Change, Recovered};
 use crate::OpenError;
-
-/// What replaying one segment did.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct SegmentReplay {
-    pub records: u64,
-    /// Bytes cut off (torn tail or repair).
-    pub cut_bytes: u64,
-}
 
 /// The change a decoded log record makes; `Err` says why it makes no sense.
 fn change(kind: Kind, body: &[u8]) -> Result<Recovered<'_>, &'static str> {
@@ -40,18 +32,9 @@ fn change(kind: Kind, body: &[u8]) -> Result<Recovered<'_>, &'static str> {
     }
 }
 
-/// Replays the segment at `path` into `map`, handling damage as the module
-/// docs say. `is_last`: the segment was being appended to when the process
-/// stopped.
-pub fn replay_segment(
-    path: &Path,
-    is_last: bool,
-    repair: bool,
-    map: &Map,
-) -> Result<SegmentReplay, OpenError> {
-    let buf = fs::read(path).map_err(|e| OpenError::io("read log segment", path, e))?;
-    // Read every record first, then apply them on every core, and only if
-    // the segment is usable.
+/// Decodes the changes of `buf` up to the first damage: the changes, where
+/// they end, and the damage (its reason, and whether it may be a torn tail).
+pub fn decode_changes(buf: &[u8]) -> (Vec<Recovered<'_>>, usize, Option<(&'static str, bool)>) {
     let mut changes = Vec::new();
     let mut pos = 0;
     let damage = loop {
@@ -68,12 +51,19 @@ pub fn replay_segment(
             Err(damage) => break Some((damage.describe(), true)),
         }
     };
+    (changes, pos, damage)
+}
+
+/// Reads the segment at `path` and handles damage in it as the module docs
+/// say. `is_last`: the segment was being appended to when the process
+/// stopped. Returns its usable bytes (decode them with [`decode_changes`])
+/// and the bytes cut.
+pub fn read_segment(path: &Path, is_last: bool, repair: bool) -> Result<(Vec<u8>, u64), OpenError> {
+    let mut buf = fs::read(path).map_err(|e| OpenError::io("read log segment", path, e))?;
+    let (_, pos, damage) = decode_changes(&buf);
     let cut_bytes = cut_damage(path, &buf, pos, damage, is_last, repair)?;
-    map.apply_recovered(&changes);
-    Ok(SegmentReplay {
-        records: changes.len() as u64,
-        cut_bytes,
-    })
+    buf.truncate(pos);
+    Ok((buf, cut_bytes))
 }
 
 /// Handles the damage found at `pos` (if any) as the module docs say; the

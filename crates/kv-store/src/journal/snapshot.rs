@@ -71,14 +71,26 @@ fn write_file(tmp: &Path, entries: &[Entry]) -> io::Result<u64> {
     Ok(size)
 }
 
-/// Loads the snapshot at `path` into the (empty) `map`; the entry count, or
-/// the offset and reason it is damaged.
-pub fn load(path: &Path, map: &Map) -> Result<Result<usize, (u64, String)>, io::Error> {
-    let buf = fs::read(path)?;
-    Ok(load_buf(&buf, map))
+/// Checks a snapshot read into `buf` and decodes its entries (all distinct
+/// keys): the entries, or the offset and reason it is damaged.
+pub fn decode(buf: &[u8]) -> Result<Vec<Recovered<'_>>, (u64, String)> {
+    let mut entries = Vec::new();
+    scan(buf, Some(&mut entries))?;
+    Ok(entries)
 }
 
-fn load_buf(buf: &[u8], map: &Map) -> Result<usize, (u64, String)> {
+/// Checks a snapshot read into `buf`: its entry count, or the offset and
+/// reason it is damaged.
+pub fn check(buf: &[u8]) -> Result<usize, (u64, String)> {
+    scan(buf, None)
+}
+
+/// Checks every record of a snapshot, collecting its entries into `sink` if
+/// given; the entry count.
+fn scan<'a>(
+    buf: &'a [u8],
+    mut sink: Option<&mut Vec<Recovered<'a>>>,
+) -> Result<usize, (u64, String)> {
     if buf.len() < PREAMBLE || &buf[..8] != MAGIC {
         return Err((0, "not a snapshot file (bad magic)".into()));
     }
@@ -87,10 +99,10 @@ fn load_buf(buf: &[u8], map: &Map) -> Result<usize, (u64, String)> {
     let count = u64::from_le_bytes(count_bytes);
     // Trust the count only as far as the file could hold that many records.
     let plausible = (buf.len() / record::HEADER_LEN) as u64;
-    map.reserve(count.min(plausible) as usize);
-    // Phase 1, sequential (records have variable lengths): check every
-    // frame and find the entries.
-    let mut bodies: Vec<Recovered<'_>> = Vec::with_capacity(count.min(plausible) as usize);
+    if let Some(sink) = sink.as_deref_mut() {
+        sink.reserve_exact(count.min(plausible) as usize);
+    }
+    let mut seen = 0u64;
     let mut pos = PREAMBLE;
     loop {
         let rec = match record::decode(&buf[pos..]) {
@@ -100,33 +112,30 @@ fn load_buf(buf: &[u8], map: &Map) -> Result<usize, (u64, String)> {
         };
         match rec.kind {
             Kind::Put if entry::is_well_formed(rec.body) => {
-                bodies.push(Recovered::new(Change::PutNew(rec.body)));
+                if let Some(sink) = sink.as_deref_mut() {
+                    sink.push(Recovered::new(Change::PutNew(rec.body)));
+                }
+                seen += 1;
             }
-            Kind::End if rec.body == count_bytes && bodies.len() as u64 == count => {
+            Kind::End if rec.body == count_bytes && seen == count => {
                 if pos + rec.framed_len != buf.len() {
                     return Err((
                         (pos + rec.framed_len) as u64,
                         "bytes after the end record".into(),
                     ));
                 }
-                break;
+                return Ok(seen as usize);
             }
             Kind::End => {
                 return Err((
                     pos as u64,
-                    format!(
-                        "end record does not match the {} entries read",
-                        bodies.len()
-                    ),
+                    format!("end record does not match the {seen} entries read"),
                 ))
             }
             _ => return Err((pos as u64, "unexpected record in a snapshot".into())),
         }
         pos += rec.framed_len;
     }
-    // Phase 2, on every core: allocate the entries and insert them.
-    map.apply_recovered(&bodies);
-    Ok(bodies.len())
 }
 
 /// Takes a snapshot now: rotate the log, copy the map, write, retire.
