@@ -75,12 +75,12 @@ pub struct Config {
     pub wal_max_bytes: u64,
 
     /// Start even if the log is corrupt before its tail: cut it at the damage
-    /// and keep the cut bytes in a `*.corrupt-<offset>` side file.
+    /// and keep the cut bytes in a `*.corrupt-<offset>` side file [default: off].
     #[arg(long, env = "KV_REPAIR")]
     pub repair: bool,
 
     /// Load a Flask store's dump (`kv_store.json`, a JSON object of key to
-    /// value) into the (empty) data dir before serving.
+    /// value) into the (empty) data dir before serving [default: none].
     #[arg(long = "import", env = "KV_IMPORT", value_name = "KV_STORE_JSON")]
     pub import: Option<PathBuf>,
 }

@@ -36,6 +36,7 @@ mod options;
 
 pub use error::{OpenError, StoreError};
 pub use journal::recovery::RecoveryReport;
+pub use journal::writer::LogStats;
 pub use map::SHARD_COUNT;
 pub use options::{FsyncPolicy, StoreOptions};
 
@@ -159,6 +160,11 @@ impl Store {
         self.map.get(key.as_bytes()).map(|e| entry::value_bytes(&e))
     }
 
+    /// How well the log writer batched so far (`None` in memory).
+    pub fn log_stats(&self) -> Option<LogStats> {
+        self.durable.as_ref().map(|d| d.journal.health.stats())
+    }
+
     /// `Err` when writes are refused (disk failed, or closing).
     pub fn writable(&self) -> Result<(), StoreError> {
         match &self.durable {
@@ -181,7 +187,7 @@ impl Store {
             }
             Some(durable) => {
                 durable.journal.health.check()?;
-                Map::insert(&mut table, hash, Arc::clone(&entry));
+                Map::insert(&mut table, hash, entry.clone());
                 durable.journal.submit(Op::Put(entry)).map(Some)
             }
         }

@@ -27,6 +27,40 @@ pub struct Map {
     shards: Box<[RwLock<Table>]>,
 }
 
+/// A change read back from a snapshot or the log.
+#[derive(Clone, Copy)]
+pub enum Change<'a> {
+    /// Store this entry (`[key len][key][value]`).
+    Put(&'a [u8]),
+    /// Store this entry, whose key is not in the map (a snapshot's).
+    PutNew(&'a [u8]),
+    /// Remove this key.
+    Delete(&'a [u8]),
+}
+
+/// A [`Change`] with its key's hash, computed while reading.
+pub struct Recovered<'a> {
+    pub hash: u64,
+    pub what: Change<'a>,
+}
+
+impl<'a> Recovered<'a> {
+    /// `body` must be a well-formed entry.
+    pub fn new(what: Change<'a>) -> Self {
+        let mut change = Self { hash: 0, what };
+        change.hash = hash(change.key());
+        change
+    }
+
+    /// The key the change is about.
+    pub fn key(&self) -> &'a [u8] {
+        match self.what {
+            Change::Put(body) | Change::PutNew(body) => entry::key(body),
+            Change::Delete(key) => key,
+        }
+    }
+}
+
 /// The hash every table and the shard choice use.
 pub fn hash(key: &[u8]) -> u64 {
     xxhash_rust::xxh3::xxh3_64(key)
@@ -91,23 +125,38 @@ impl Map {
         }
     }
 
-    /// Stores an entry (recovery: no durability wait, no log).
-    pub fn insert_entry(&self, entry: Entry) {
-        let (mut table, hash) = self.lock(entry::key(&entry));
-        Self::insert(&mut table, hash, entry);
-    }
-
-    /// Stores an entry whose key is known not to be in the map (loading a
-    /// snapshot into an empty map): skips the lookup.
-    pub fn insert_new(&self, entry: Entry) {
-        let (mut table, hash) = self.lock(entry::key(&entry));
-        table.insert_unique(hash, entry, entry_hash);
-    }
-
-    /// Removes a key (recovery).
-    pub fn remove_key(&self, key: &[u8]) {
-        let (mut table, hash) = self.lock(key);
-        Self::remove(&mut table, hash, key);
+    /// Applies recovered changes, in order per key, using every core: each
+    /// thread owns a disjoint set of shards (all of a key's changes are in
+    /// its shard, so their order holds) and no lock is ever contended.
+    pub fn apply_recovered(&self, changes: &[Recovered<'_>]) {
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(8));
+        let run = |part: usize, parts: usize| {
+            for change in changes {
+                let index = Self::shard_index(change.hash);
+                if index % parts != part {
+                    continue;
+                }
+                let mut table = self.shards[index].write();
+                match change.what {
+                    Change::Put(body) => Self::insert(&mut table, change.hash, Entry::from(body)),
+                    Change::PutNew(body) => {
+                        table.insert_unique(change.hash, Entry::from(body), entry_hash);
+                    }
+                    Change::Delete(key) => {
+                        Self::remove(&mut table, change.hash, key);
+                    }
+                }
+            }
+        };
+        if threads == 1 || changes.len() < 10_000 {
+            run(0, 1);
+        } else {
+            std::thread::scope(|scope| {
+                for part in 0..threads {
+                    scope.spawn(move || run(part, threads));
+                }
+            });
+        }
     }
 
     /// Makes room for about `keys` keys spread over the shards.

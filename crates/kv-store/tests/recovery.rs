@@ -246,6 +246,10 @@ fn snapshot_then_log_recovers_and_retires_covered_files() {
         .collect();
     let mut second: Vec<Change> = (0..50).map(|i| Change::Delete(format!("k{i}"))).collect();
     second.extend((150..250).map(|i| Change::Put(format!("k{i}"), format!("w{i}").into_bytes())));
+    // Deleted then written again, and written twice: the last change wins.
+    second.extend((0..5).map(|i| Change::Put(format!("k{i}"), b"again".to_vec())));
+    second.extend((150..155).map(|i| Change::Put(format!("k{i}"), b"twice".to_vec())));
+    second.push(Change::Delete("k151".into()));
     let store = open(dir.path());
     apply(&store, &first);
     store.snapshot_now().unwrap();
@@ -409,8 +413,35 @@ fn concurrent_writers_under_always_are_all_durable() {
         }
     });
     drop(runtime);
+    // Group commit: 64 writers that queued while a sync ran shared it.
+    eprintln!("group commit: {:?}", store.log_stats());
+    let stats = store.log_stats().unwrap();
+    assert_eq!(stats.records, 64 * 20);
+    assert!(
+        stats.syncs < stats.records,
+        "every write paid its own fdatasync: {stats:?}"
+    );
     drop(std::sync::Arc::try_unwrap(store).ok().unwrap());
     let store = open(dir.path());
     assert_eq!(store.len(), 64 * 20);
     assert_eq!(&store.get("w63_19").unwrap()[..], b"63:19");
+}
+
+#[test]
+fn everysec_syncs_in_the_background() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), options(FsyncPolicy::EverySec)).unwrap();
+    apply(&store, &[Change::Put("a".into(), b"1".to_vec())]);
+    assert_eq!(store.log_stats().unwrap().records, 1);
+    // The syncer runs once a second; wait for its first sync (an event), bounded.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while store.log_stats().unwrap().syncs == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "everysec never synced"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    drop(store);
+    assert_eq!(&open(dir.path()).get("a").unwrap()[..], b"1");
 }

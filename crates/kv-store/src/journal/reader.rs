@@ -1,6 +1,7 @@
-//! Replaying one log segment, and what to do with damage in it.
+//! Reading log segments, and what to do with damage in them.
 //!
-//! Damage at offset `o` of a segment is a **torn tail** when the segment is
+//! An all-zero tail is the writer's unused preallocation: cut silently.
+//! Other damage at offset `o` of a segment is a **torn tail** when the segment is
 //! the last one and no valid record starts anywhere after `o`: the process
 //! (or machine) died mid-append, or garbage was appended. It is cut off with
 //! a warning naming the file, the offset and the bytes dropped; none of those
@@ -15,73 +16,83 @@
 use std::fs::{self, OpenOptions};
 use std::io::Write;
 use std::path::Path;
-use std::sync::Arc;
 
 use super::record::{self, Kind};
 use crate::entry;
-use crate::map::Map;
+use crate::map::{Change, Recovered};
 use crate::OpenError;
 
-/// What replaying one segment did.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct SegmentReplay {
-    pub records: u64,
-    /// Bytes cut off (torn tail or repair).
-    pub cut_bytes: u64,
-}
-
-/// Applies one decoded log record to the map; `Err` says why it makes no sense.
-fn apply(map: &Map, kind: Kind, body: &[u8]) -> Result<(), &'static str> {
+/// The change a decoded log record makes; `Err` says why it makes no sense.
+fn change(kind: Kind, body: &[u8]) -> Result<Recovered<'_>, &'static str> {
     match kind {
-        Kind::Put if entry::is_well_formed(body) => {
-            map.insert_entry(Arc::from(body));
-            Ok(())
-        }
+        Kind::Put if entry::is_well_formed(body) => Ok(Recovered::new(Change::Put(body))),
         Kind::Put => Err("malformed put record"),
-        Kind::Delete => {
-            map.remove_key(body);
-            Ok(())
-        }
+        Kind::Delete => Ok(Recovered::new(Change::Delete(body))),
         Kind::End => Err("snapshot end record inside a log segment"),
     }
 }
 
-/// Replays the segment at `path` into `map`, handling damage as the module
-/// docs say. `is_last`: the segment was being appended to when the process
-/// stopped.
-pub fn replay_segment(
-    path: &Path,
-    is_last: bool,
-    repair: bool,
-    map: &Map,
-) -> Result<SegmentReplay, OpenError> {
-    let buf = fs::read(path).map_err(|e| OpenError::io("read log segment", path, e))?;
-    let mut replay = SegmentReplay::default();
+/// Decodes the changes of `buf` up to the first damage: the changes, where
+/// they end, and the damage (its reason, and whether it may be a torn tail).
+pub fn decode_changes(buf: &[u8]) -> (Vec<Recovered<'_>>, usize, Option<(&'static str, bool)>) {
+    let mut changes = Vec::new();
     let mut pos = 0;
     let damage = loop {
         match record::decode(&buf[pos..]) {
-            Ok(None) => return Ok(replay),
-            Ok(Some(rec)) => match apply(map, rec.kind, rec.body) {
-                Ok(()) => {
-                    replay.records += 1;
+            Ok(None) => break None,
+            Ok(Some(rec)) => match change(rec.kind, rec.body) {
+                Ok(change) => {
+                    changes.push(change);
                     pos += rec.framed_len;
                 }
                 // A record that passed its checksum is never a torn tail.
-                Err(why) => break (why, false),
+                Err(why) => break Some((why, false)),
             },
-            Err(damage) => break (damage.describe(), true),
+            Err(damage) => break Some((damage.describe(), true)),
         }
     };
-    let (reason, may_be_tail) = damage;
+    (changes, pos, damage)
+}
+
+/// Reads the segment at `path` and handles damage in it as the module docs
+/// say. `is_last`: the segment was being appended to when the process
+/// stopped. Returns its usable bytes (decode them with [`decode_changes`])
+/// and the bytes cut.
+pub fn read_segment(path: &Path, is_last: bool, repair: bool) -> Result<(Vec<u8>, u64), OpenError> {
+    let mut buf = fs::read(path).map_err(|e| OpenError::io("read log segment", path, e))?;
+    let (_, pos, damage) = decode_changes(&buf);
+    let cut_bytes = cut_damage(path, &buf, pos, damage, is_last, repair)?;
+    buf.truncate(pos);
+    Ok((buf, cut_bytes))
+}
+
+/// Handles the damage found at `pos` (if any) as the module docs say; the
+/// bytes cut.
+fn cut_damage(
+    path: &Path,
+    buf: &[u8],
+    pos: usize,
+    damage: Option<(&'static str, bool)>,
+    is_last: bool,
+    repair: bool,
+) -> Result<u64, OpenError> {
+    let Some((reason, may_be_tail)) = damage else {
+        return Ok(0);
+    };
+    if may_be_tail && buf[pos..].iter().all(|&b| b == 0) {
+        // The unused part of the writer's zero-filled preallocation.
+        log::debug!("{}: preallocated tail from offset {pos}", path.display());
+        truncate(path, pos as u64)?;
+        return Ok(0);
+    }
     let dropped = buf.len() - pos;
-    replay.cut_bytes = dropped as u64;
-    if may_be_tail && is_last && record::valid_record_after(&buf, pos).is_none() {
+    if may_be_tail && is_last && record::valid_record_after(buf, pos).is_none() {
         log::warn!(
             "{}: torn tail at offset {pos} ({reason}): dropping the last {dropped} bytes",
             path.display()
         );
         truncate(path, pos as u64)?;
-        return Ok(replay);
+        return Ok(dropped as u64);
     }
     if !repair {
         return Err(OpenError::Corrupt {
@@ -110,7 +121,7 @@ pub fn replay_segment(
         side.display()
     );
     truncate(path, pos as u64)?;
-    Ok(replay)
+    Ok(dropped as u64)
 }
 
 fn truncate(path: &Path, len: u64) -> Result<(), OpenError> {

@@ -6,16 +6,22 @@
 //!    and offset) unless `repair`, which sets it aside as `*.corrupt` and
 //!    falls back to the next older snapshot.
 //! 3. Delete segments the snapshot covers (a crash between a snapshot's
-//!    rename and its retiring of old segments leaves them), then replay the
+//!    rename and its retiring of old segments leaves them), then read the
 //!    rest in order, the last one allowing a torn tail ([`super::reader`]).
+//! 4. Apply: the snapshot's entries for keys the log does not touch, then the
+//!    last change the log holds for each key it touches. That ends in the
+//!    state a full replay would, without allocating values that a later
+//!    record frees (resident heap holes), and on every core
+//!    ([`Map::apply_recovered`]).
 
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use super::reader::replay_segment;
-use super::{classify, snapshot, FileKind};
-use crate::map::Map;
+use hashbrown::HashTable;
+
+use super::{classify, reader, snapshot, FileKind};
+use crate::map::{Map, Recovered};
 use crate::OpenError;
 
 /// What recovery found and did; `kv-node` logs it.
@@ -63,17 +69,17 @@ pub fn recover(dir: &Path, map: &Map, repair: bool) -> Result<RecoveryReport, Op
 
     let mut report = RecoveryReport::default();
     let mut base = 0;
+    let mut snapshot_buf = Vec::new();
     while let Some((seq, path)) = snapshots.pop() {
-        let loaded =
-            snapshot::load(&path, map).map_err(|e| OpenError::io("read snapshot", &path, e))?;
-        match loaded {
-            Ok(keys) => {
+        let buf = fs::read(&path).map_err(|e| OpenError::io("read snapshot", &path, e))?;
+        match snapshot::check(&buf) {
+            Ok(count) => {
+                report.snapshot = Some((path, count));
                 base = seq;
-                report.snapshot = Some((path, keys));
+                snapshot_buf = buf;
                 break;
             }
             Err((offset, reason)) if repair => {
-                map.clear();
                 let mut aside = path.as_os_str().to_owned();
                 aside.push(".corrupt");
                 log::warn!(
@@ -110,16 +116,79 @@ pub fn recover(dir: &Path, map: &Map, repair: bool) -> Result<RecoveryReport, Op
             }
         })
         .collect();
+    let mut log_bufs = Vec::with_capacity(live.len());
     for (index, (seq, path)) in live.iter().enumerate() {
         let is_last = index + 1 == live.len();
-        let replay = replay_segment(path, is_last, repair, map)?;
+        let (buf, cut_bytes) = reader::read_segment(path, is_last, repair)?;
+        log_bufs.push(buf);
         report.segments += 1;
-        report.records += replay.records;
-        report.cut_bytes += replay.cut_bytes;
+        report.cut_bytes += cut_bytes;
         next = next.max(seq + 1);
     }
+
+    // The snapshot was checked above and the segments cut to their usable
+    // bytes, so decoding them again finds no damage.
+    let mut entries = match (&report.snapshot, snapshot::decode(&snapshot_buf)) {
+        (None, _) => Vec::new(),
+        (Some(_), Ok(entries)) => entries,
+        (Some((path, _)), Err((offset, reason))) => {
+            return Err(OpenError::Corrupt {
+                file: path.clone(),
+                offset,
+                reason,
+            })
+        }
+    };
+    let mut changes = Vec::new();
+    for buf in &log_bufs {
+        changes.extend(reader::decode_changes(buf).0);
+    }
+    report.records = changes.len() as u64;
+    let changes = last_change_per_key(changes);
+    if !changes.is_empty() {
+        // A key the log changes ends as the log says: skip its snapshot entry
+        // instead of allocating it only to free it.
+        let mut touched: HashTable<usize> = HashTable::with_capacity(changes.len());
+        for (index, change) in changes.iter().enumerate() {
+            touched.insert_unique(change.hash, index, |&i| changes[i].hash);
+        }
+        entries.retain(|entry| {
+            touched
+                .find(entry.hash, |&i| changes[i].key() == entry.key())
+                .is_none()
+        });
+    }
+    map.reserve(entries.len() + changes.len());
+    map.apply_recovered(&entries);
+    drop(entries);
+    drop(snapshot_buf);
+    map.apply_recovered(&changes);
     report.keys = map.len();
     report.next_segment = next;
     report.elapsed = started.elapsed();
     Ok(report)
+}
+
+/// Only the last change of each key, in log order: applying them ends in the
+/// same state as applying all, without allocating entries that a later
+/// change would free (freed chunks stay resident as heap holes).
+fn last_change_per_key(changes: Vec<Recovered<'_>>) -> Vec<Recovered<'_>> {
+    let mut last: HashTable<usize> = HashTable::with_capacity(changes.len());
+    for (index, change) in changes.iter().enumerate() {
+        match last.find_mut(change.hash, |&i| changes[i].key() == change.key()) {
+            Some(slot) => *slot = index,
+            None => {
+                last.insert_unique(change.hash, index, |&i| changes[i].hash);
+            }
+        }
+    }
+    let mut keep = vec![false; changes.len()];
+    for &index in last.iter() {
+        keep[index] = true;
+    }
+    changes
+        .into_iter()
+        .zip(keep)
+        .filter_map(|(change, keep)| keep.then_some(change))
+        .collect()
 }

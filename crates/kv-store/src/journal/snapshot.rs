@@ -25,7 +25,7 @@ use super::record::{self, Kind};
 use super::writer::Journal;
 use super::{classify, snapshot_name, sync_dir, FileKind};
 use crate::entry::{self, Entry};
-use crate::map::Map;
+use crate::map::{Change, Map, Recovered};
 
 const MAGIC: &[u8; 8] = b"KVSNAP1\n";
 const PREAMBLE: usize = 16;
@@ -71,14 +71,26 @@ fn write_file(tmp: &Path, entries: &[Entry]) -> io::Result<u64> {
     Ok(size)
 }
 
-/// Loads the snapshot at `path` into the (empty) `map`; the entry count, or
-/// the offset and reason it is damaged.
-pub fn load(path: &Path, map: &Map) -> Result<Result<usize, (u64, String)>, io::Error> {
-    let buf = fs::read(path)?;
-    Ok(load_buf(&buf, map))
+/// Checks a snapshot read into `buf` and decodes its entries (all distinct
+/// keys): the entries, or the offset and reason it is damaged.
+pub fn decode(buf: &[u8]) -> Result<Vec<Recovered<'_>>, (u64, String)> {
+    let mut entries = Vec::new();
+    scan(buf, Some(&mut entries))?;
+    Ok(entries)
 }
 
-fn load_buf(buf: &[u8], map: &Map) -> Result<usize, (u64, String)> {
+/// Checks a snapshot read into `buf`: its entry count, or the offset and
+/// reason it is damaged.
+pub fn check(buf: &[u8]) -> Result<usize, (u64, String)> {
+    scan(buf, None)
+}
+
+/// Checks every record of a snapshot, collecting its entries into `sink` if
+/// given; the entry count.
+fn scan<'a>(
+    buf: &'a [u8],
+    mut sink: Option<&mut Vec<Recovered<'a>>>,
+) -> Result<usize, (u64, String)> {
     if buf.len() < PREAMBLE || &buf[..8] != MAGIC {
         return Err((0, "not a snapshot file (bad magic)".into()));
     }
@@ -87,9 +99,11 @@ fn load_buf(buf: &[u8], map: &Map) -> Result<usize, (u64, String)> {
     let count = u64::from_le_bytes(count_bytes);
     // Trust the count only as far as the file could hold that many records.
     let plausible = (buf.len() / record::HEADER_LEN) as u64;
-    map.reserve(count.min(plausible) as usize);
+    if let Some(sink) = sink.as_deref_mut() {
+        sink.reserve_exact(count.min(plausible) as usize);
+    }
+    let mut seen = 0u64;
     let mut pos = PREAMBLE;
-    let mut loaded = 0u64;
     loop {
         let rec = match record::decode(&buf[pos..]) {
             Ok(Some(rec)) => rec,
@@ -98,22 +112,24 @@ fn load_buf(buf: &[u8], map: &Map) -> Result<usize, (u64, String)> {
         };
         match rec.kind {
             Kind::Put if entry::is_well_formed(rec.body) => {
-                map.insert_new(Arc::from(rec.body));
-                loaded += 1;
+                if let Some(sink) = sink.as_deref_mut() {
+                    sink.push(Recovered::new(Change::PutNew(rec.body)));
+                }
+                seen += 1;
             }
-            Kind::End if rec.body == count_bytes && loaded == count => {
+            Kind::End if rec.body == count_bytes && seen == count => {
                 if pos + rec.framed_len != buf.len() {
                     return Err((
                         (pos + rec.framed_len) as u64,
                         "bytes after the end record".into(),
                     ));
                 }
-                return Ok(loaded as usize);
+                return Ok(seen as usize);
             }
             Kind::End => {
                 return Err((
                     pos as u64,
-                    format!("end record does not match the {loaded} entries read"),
+                    format!("end record does not match the {seen} entries read"),
                 ))
             }
             _ => return Err((pos as u64, "unexpected record in a snapshot".into())),
