@@ -213,9 +213,12 @@ impl Snapshotter {
         interval: Duration,
     ) -> io::Result<Snapshotter> {
         let tx = signal.0.lock().clone();
+        // Read before the thread starts: writes may begin as soon as `open`
+        // returns, and a late-starting thread would count them as covered.
+        let snapshotted_at = journal.health.appended();
         let thread = std::thread::Builder::new()
             .name("kv-snapshot".into())
-            .spawn(move || run(inbox.0, &map, &journal, &dir, interval))?;
+            .spawn(move || run(inbox.0, &map, &journal, &dir, interval, snapshotted_at))?;
         Ok(Snapshotter {
             tx: Mutex::new(tx),
             thread: Mutex::new(Some(thread)),
@@ -257,18 +260,28 @@ impl SnapshotSignal {
 /// The receiving end, handed to [`Snapshotter::start`].
 pub struct SnapshotInbox(Receiver<Msg>);
 
-fn run(rx: Receiver<Msg>, map: &Map, journal: &Journal, dir: &Path, interval: Duration) {
-    let mut snapshotted_at = journal.health.appended();
+fn run(
+    rx: Receiver<Msg>,
+    map: &Map,
+    journal: &Journal,
+    dir: &Path,
+    interval: Duration,
+    mut snapshotted_at: u64,
+) {
     let mut due = Instant::now() + interval;
     loop {
         let wait = due.saturating_duration_since(Instant::now());
-        let reply = match rx.recv_timeout(wait) {
-            Ok(Msg::WalFull) | Err(RecvTimeoutError::Timeout) => None,
-            Ok(Msg::Now(reply)) => Some(reply),
+        // A full log always gets its snapshot; a timer tick only when
+        // something was written since the last one.
+        let (reply, wal_full) = match rx.recv_timeout(wait) {
+            Ok(Msg::WalFull) => (None, true),
+            Err(RecvTimeoutError::Timeout) => (None, false),
+            Ok(Msg::Now(reply)) => (Some(reply), false),
             Ok(Msg::Close) | Err(RecvTimeoutError::Disconnected) => return,
         };
         let appended = journal.health.appended();
-        if reply.is_none() && (appended == snapshotted_at || journal.health.check().is_err()) {
+        let unchanged = appended == snapshotted_at && !wal_full;
+        if reply.is_none() && (unchanged || journal.health.check().is_err()) {
             due = Instant::now() + interval;
             continue;
         }
