@@ -46,7 +46,7 @@ const VALUE_SUFFIX: &[u8] = b"}\n";
 pub struct App {
     pub store: Arc<Store>,
     pub metrics: Metrics,
-    pub op_log: Option<OpLog>,
+    pub op_log: Option<Arc<OpLog>>,
     pub max_value_bytes: usize,
     pub body_timeout: std::time::Duration,
     pub started: Instant,
@@ -292,6 +292,71 @@ fn render_metrics(app: &App) -> String {
         "Seconds since the node started.",
         app.started.elapsed().as_secs(),
     );
+    if let Some(log) = app.store.log_stats() {
+        write_metric(
+            &mut out,
+            "kv_wal_records_total",
+            "counter",
+            "Records appended to the write-ahead log since start.",
+            log.records,
+        );
+        write_metric(
+            &mut out,
+            "kv_wal_writes_total",
+            "counter",
+            "Batched writes to the log (group commit: many records each).",
+            log.writes,
+        );
+        write_metric(
+            &mut out,
+            "kv_wal_fsyncs_total",
+            "counter",
+            "fdatasyncs of the log since start.",
+            log.syncs,
+        );
+        write_metric(
+            &mut out,
+            "kv_wal_fsync_seconds_total",
+            "counter",
+            "Time spent in log fdatasyncs (divide by kv_wal_fsyncs_total for the mean).",
+            log.sync_nanos as f64 / 1e9,
+        );
+        write_metric(
+            &mut out,
+            "kv_wal_active_bytes",
+            "gauge",
+            "Bytes in the active log segment.",
+            log.active_log_bytes,
+        );
+        write_metric(
+            &mut out,
+            "kv_snapshots_total",
+            "counter",
+            "Snapshots written since start.",
+            log.snapshots,
+        );
+        write_metric(
+            &mut out,
+            "kv_snapshot_bytes",
+            "gauge",
+            "Size of the newest snapshot written since start (0 if none).",
+            log.snapshot_bytes,
+        );
+        write_metric(
+            &mut out,
+            "kv_snapshot_last_unix_seconds",
+            "gauge",
+            "When the newest snapshot was written (0 if none since start).",
+            log.snapshot_unix_secs,
+        );
+        write_metric(
+            &mut out,
+            "kv_writable",
+            "gauge",
+            "1 while the node accepts writes, 0 after a disk error.",
+            u8::from(app.store.writable().is_ok()),
+        );
+    }
     if let Some(op_log) = &app.op_log {
         write_metric(
             &mut out,

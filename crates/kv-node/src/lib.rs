@@ -68,7 +68,14 @@ pub async fn run(
     let op_log = match &config.op_log {
         Some(path) => {
             log::info!("operation log: {}", path.display());
-            Some(oplog::OpLog::start(path.clone(), config.op_log_buffer)?)
+            let op_log = Arc::new(oplog::OpLog::start(path.clone(), config.op_log_buffer)?);
+            let saves = Arc::clone(&op_log);
+            store.on_snapshot(move |keys, bytes| {
+                saves.record(oplog::Entry::Save(format!(
+                    "Snapshot of {keys} keys written ({bytes} bytes)"
+                )));
+            });
+            Some(op_log)
         }
         None => None,
     };

@@ -86,6 +86,10 @@ fn metrics_parse_and_move_with_requests() {
         after["kv_request_duration_seconds_bucket{op=\"put\",le=\"+Inf\"}"],
         7.0
     );
+    assert_eq!(after["kv_wal_records_total"], 7.0);
+    assert!(after["kv_wal_active_bytes"] > 7.0 * 20.0, "{after:?}");
+    assert!(after["kv_wal_writes_total"] >= 1.0);
+    assert_eq!(after["kv_writable"], 1.0);
     let ready = request(node.addr, "GET", "/-/ready", None).unwrap();
     assert_eq!(ready.status, 200);
 }
@@ -183,4 +187,35 @@ fn a_stuck_op_log_never_blocks_requests() {
         "{}",
         node.log()
     );
+}
+
+#[test]
+fn snapshots_show_in_the_op_log_and_the_metrics() {
+    let dir = tempfile::tempdir().unwrap();
+    let log_path = dir.path().join("kv_store.log");
+    let node = Process::spawn(
+        &binary("kv-node"),
+        &[
+            "--port",
+            "0",
+            "--data-dir",
+            dir.path().join("data").to_str().unwrap(),
+            "--op-log",
+            log_path.to_str().unwrap(),
+            "--snapshot-interval",
+            "100ms",
+        ],
+    );
+    request(node.addr, "PUT", "/saved", Some(br#"{"value": 1}"#)).unwrap();
+    // The PUT, then the SAVE of the snapshot that follows it.
+    let text = wait_for_lines(&log_path, 2);
+    let save = text
+        .lines()
+        .find(|l| l.contains(" - SAVE: Snapshot of 1 keys written ("))
+        .unwrap_or_else(|| panic!("no SAVE line in:\n{text}"));
+    assert_eq!(save.find(" - SAVE"), Some(19), "{save}");
+    let m = metrics(&node);
+    assert!(m["kv_snapshots_total"] >= 1.0, "{m:?}");
+    assert!(m["kv_snapshot_bytes"] > 0.0);
+    assert!(m["kv_snapshot_last_unix_seconds"] > 1.7e9);
 }

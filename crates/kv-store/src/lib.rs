@@ -165,6 +165,17 @@ impl Store {
         self.durable.as_ref().map(|d| d.journal.health.stats())
     }
 
+    /// Calls `observer(keys, bytes)` after each snapshot is written (from
+    /// the snapshot thread; keep it short). A no-op in memory.
+    pub fn on_snapshot(&self, observer: impl Fn(usize, u64) + Send + 'static) {
+        if let Some(durable) = &self.durable {
+            durable
+                .journal
+                .health
+                .set_snapshot_observer(Box::new(observer));
+        }
+    }
+
     /// `Err` when writes are refused (disk failed, or closing).
     pub fn writable(&self) -> Result<(), StoreError> {
         match &self.durable {

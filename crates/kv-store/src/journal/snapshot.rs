@@ -158,6 +158,7 @@ pub fn take(map: &Map, journal: &Journal, dir: &Path) -> Result<(), String> {
         snapshot_name(seq),
         started.elapsed()
     );
+    journal.health.snapshot_written(keys, size);
     Ok(())
 }
 

@@ -44,7 +44,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use tokio::sync::oneshot;
@@ -89,7 +89,20 @@ pub struct Health {
     appended: AtomicU64,
     writes: AtomicU64,
     syncs: AtomicU64,
+    /// Time spent in log fdatasyncs, for the mean sync latency.
+    sync_nanos: AtomicU64,
+    /// Bytes in the active log segment.
+    active_log_bytes: AtomicU64,
+    /// The newest snapshot: size, when (Unix seconds), and how many so far.
+    snapshot_bytes: AtomicU64,
+    snapshot_unix_secs: AtomicU64,
+    snapshots: AtomicU64,
+    /// Told of each snapshot written (keys, bytes), e.g. for the op log.
+    on_snapshot: Mutex<Option<SnapshotObserver>>,
 }
+
+/// A callback told of each snapshot written: its key count and size.
+pub type SnapshotObserver = Box<dyn Fn(usize, u64) + Send>;
 
 impl Health {
     /// `Err` once the disk failed or the store closed.
@@ -123,7 +136,40 @@ impl Health {
             records: self.appended(),
             writes: self.writes.load(Ordering::Relaxed),
             syncs: self.syncs.load(Ordering::Relaxed),
+            sync_nanos: self.sync_nanos.load(Ordering::Relaxed),
+            active_log_bytes: self.active_log_bytes.load(Ordering::Relaxed),
+            snapshot_bytes: self.snapshot_bytes.load(Ordering::Relaxed),
+            snapshot_unix_secs: self.snapshot_unix_secs.load(Ordering::Relaxed),
+            snapshots: self.snapshots.load(Ordering::Relaxed),
         }
+    }
+
+    /// An fdatasync of the log, counted and timed.
+    pub fn sync(&self, file: &File) -> io::Result<()> {
+        let started = Instant::now();
+        file.sync_data()?;
+        let nanos = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.sync_nanos.fetch_add(nanos, Ordering::Relaxed);
+        self.syncs.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Records a snapshot just written and tells the observer.
+    pub fn snapshot_written(&self, keys: usize, bytes: u64) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        self.snapshot_bytes.store(bytes, Ordering::Relaxed);
+        self.snapshot_unix_secs.store(now, Ordering::Relaxed);
+        self.snapshots.fetch_add(1, Ordering::Relaxed);
+        if let Some(observer) = self.on_snapshot.lock().as_ref() {
+            observer(keys, bytes);
+        }
+    }
+
+    /// Sets the callback told of each snapshot written.
+    pub fn set_snapshot_observer(&self, observer: SnapshotObserver) {
+        *self.on_snapshot.lock() = Some(observer);
     }
 }
 
@@ -284,10 +330,8 @@ fn spawn_syncer(
                 continue;
             }
             let (file, path) = active.lock().clone();
-            match file.sync_data() {
-                Ok(()) => {
-                    health.syncs.fetch_add(1, Ordering::Relaxed);
-                }
+            match health.sync(&file) {
+                Ok(()) => {}
                 Err(error) => health.fail(
                     format!("disk error syncing {}: {error}", path.display()),
                     true,
@@ -330,6 +374,16 @@ pub struct LogStats {
     pub records: u64,
     pub writes: u64,
     pub syncs: u64,
+    /// Total time spent in those fdatasyncs.
+    pub sync_nanos: u64,
+    /// Bytes in the active log segment.
+    pub active_log_bytes: u64,
+    /// Size of the newest snapshot written since open (0 if none).
+    pub snapshot_bytes: u64,
+    /// When it was written, in Unix seconds (0 if none).
+    pub snapshot_unix_secs: u64,
+    /// Snapshots written since open.
+    pub snapshots: u64,
 }
 
 impl Writer {
@@ -413,7 +467,7 @@ impl Writer {
                 .and_then(|()| self.file.write_all_at(&self.buf, self.segment_bytes))
                 .and_then(|()| {
                     if self.config.policy == FsyncPolicy::Always {
-                        self.file.sync_data()
+                        self.health.sync(&self.file)
                     } else {
                         Ok(())
                     }
@@ -421,10 +475,10 @@ impl Writer {
             match written {
                 Ok(()) => {
                     self.health.writes.fetch_add(1, Ordering::Relaxed);
-                    if self.config.policy == FsyncPolicy::Always {
-                        self.health.syncs.fetch_add(1, Ordering::Relaxed);
-                    }
                     self.segment_bytes += self.buf.len() as u64;
+                    self.health
+                        .active_log_bytes
+                        .store(self.segment_bytes, Ordering::Relaxed);
                     self.dirty.store(true, Ordering::Release);
                     self.health
                         .appended
@@ -491,6 +545,7 @@ impl Writer {
                 }
                 self.config.seq = next;
                 self.segment_bytes = 0;
+                self.health.active_log_bytes.store(0, Ordering::Relaxed);
                 self.allocated = FIRST_CHUNK;
                 self.asked_snapshot = false;
                 Ok(next)
