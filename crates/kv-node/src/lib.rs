@@ -173,6 +173,17 @@ async fn open_store(config: &Config, data_dir: &std::path::Path) -> io::Result<S
     Ok(store)
 }
 
+/// Binds a listener on `ip:port`, with an error that names the address (a
+/// taken port is the common startup failure). Used by kv-node and kv-proxy.
+pub async fn bind(ip: std::net::IpAddr, port: u16) -> io::Result<TcpListener> {
+    TcpListener::bind((ip, port)).await.map_err(|error| {
+        io::Error::new(
+            error.kind(),
+            format!("cannot listen on {ip}:{port}: {error}"),
+        )
+    })
+}
+
 /// Resolves on SIGINT (Ctrl-C) or SIGTERM.
 pub async fn shutdown_signal() {
     let interrupt = async {

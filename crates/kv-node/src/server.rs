@@ -23,7 +23,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::api::{self, App};
 
@@ -56,22 +56,10 @@ pub async fn serve(
     tokio::pin!(shutdown);
 
     loop {
-        let stream = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _peer)) => stream,
-                Err(error) => {
-                    accept_error_pause(&error).await;
-                    continue;
-                }
-            },
+        let (stream, permit) = tokio::select! {
+            next = next_connection(&listener, &permits) => next,
             () = &mut shutdown => break,
         };
-        let Ok(permit) = permits.clone().try_acquire_owned() else {
-            tokio::spawn(refuse(stream));
-            continue;
-        };
-        // Small request/response pairs: send each answer at once.
-        let _ = stream.set_nodelay(true);
         let app = app.clone();
         let service = service_fn(move |request| api::handle(app.clone(), request));
         let connection = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
@@ -92,6 +80,31 @@ pub async fn serve(
         }
     }
     Ok(())
+}
+
+/// The next connection to serve, with its slot under the cap. Connections
+/// over the cap are answered 503 and closed here; accept errors are logged
+/// and paused on. Cancel-safe (for `select!` against a shutdown signal).
+/// Shared with kv-proxy's accept loop.
+pub async fn next_connection(
+    listener: &TcpListener,
+    permits: &Arc<Semaphore>,
+) -> (TcpStream, OwnedSemaphorePermit) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _peer)) => match permits.clone().try_acquire_owned() {
+                Ok(permit) => {
+                    // Small request/response pairs: send each answer at once.
+                    let _ = stream.set_nodelay(true);
+                    return (stream, permit);
+                }
+                Err(_) => {
+                    tokio::spawn(refuse(stream));
+                }
+            },
+            Err(error) => accept_error_pause(&error).await,
+        }
+    }
 }
 
 /// Answers a connection over the cap with a 503 and closes it.

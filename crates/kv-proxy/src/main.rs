@@ -28,15 +28,7 @@ fn main() -> ExitCode {
         }
     };
     let result = runtime.block_on(async {
-        let address = (config.bind, config.port);
-        let listener = tokio::net::TcpListener::bind(address)
-            .await
-            .map_err(|error| {
-                std::io::Error::new(
-                    error.kind(),
-                    format!("cannot listen on {}:{}: {error}", config.bind, config.port),
-                )
-            })?;
+        let listener = kv_node::bind(config.bind, config.port).await?;
         kv_proxy::run(listener, config, kv_proxy::shutdown_signal()).await
     });
     match result {
