@@ -7,13 +7,15 @@
 # kv-node and against nginx answering a fixed JSON body with `return 200` (the
 # HTTP ceiling: a server that does no work at all). PUT run: the same against
 # kv-node with PUTs of a 64-byte value, and nginx `return 200` on PUT.
-# Prints both figures and the ratio. Installs wrk and nginx when missing.
+# The same two runs against a node with --op-log show what the operation log
+# costs. Prints the figures and the ratios. Installs wrk and nginx when missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
 
 SECS=${1:-10}
 NODE_PORT=${NODE_PORT:-18081}
+OPLOG_PORT=${OPLOG_PORT:-18082}
 NGINX_PORT=${NGINX_PORT:-18090}
 KEYS=10000
 
@@ -31,6 +33,9 @@ cleanup() {
 trap cleanup EXIT
 
 RUST_LOG=warn target/release/kv-node --port "$NODE_PORT" --data-dir "$work/node" &
+pids+=($!)
+# The same node with --op-log, to measure what the operation log costs.
+RUST_LOG=warn target/release/kv-node --port "$OPLOG_PORT" --data-dir "$work/node-oplog" --op-log "$work/ops.log" &
 pids+=($!)
 
 body='{"value":"'$(printf 'v%.0s' $(seq 64))'"}'
@@ -50,8 +55,10 @@ NGINX
 nginx -c "$work/nginx.conf" -p "$work"
 
 wait_healthy "127.0.0.1:$NODE_PORT"
+wait_healthy "127.0.0.1:$OPLOG_PORT"
 wait_port "$NGINX_PORT"
 preload_keys "127.0.0.1:$NODE_PORT" "$KEYS"
+preload_keys "127.0.0.1:$OPLOG_PORT" "$KEYS"
 
 cat > "$work/get.lua" <<LUA
 request = function() return wrk.format("GET", "/bench_" .. math.random($KEYS)) end
@@ -79,6 +86,8 @@ results=$(
   run "nginx-return200-GET" "http://127.0.0.1:$NGINX_PORT" "$work/get.lua"
   run "kv-node-PUT" "http://127.0.0.1:$NODE_PORT" "$work/put.lua"
   run "nginx-return200-PUT" "http://127.0.0.1:$NGINX_PORT" "$work/put.lua"
+  run "kv-node+oplog-GET" "http://127.0.0.1:$OPLOG_PORT" "$work/get.lua"
+  run "kv-node+oplog-PUT" "http://127.0.0.1:$OPLOG_PORT" "$work/put.lua"
 )
 printf '%-22s %12s %10s %10s\n' "server" "requests/s" "p50" "p99"
 echo "$results" | while read -r name rps p50 p99; do
@@ -89,4 +98,6 @@ echo "$results" | awk '
   END {
     printf "kv-node / nginx, GET: %.2fx\n", rps["kv-node-GET"] / rps["nginx-return200-GET"]
     printf "kv-node / nginx, PUT: %.2fx\n", rps["kv-node-PUT"] / rps["nginx-return200-PUT"]
+    printf "with --op-log / without, GET: %.2fx, PUT: %.2fx\n", rps["kv-node+oplog-GET"] / rps["kv-node-GET"], rps["kv-node+oplog-PUT"] / rps["kv-node-PUT"]
   }'
+curl -s "http://127.0.0.1:$OPLOG_PORT/-/metrics" | awk '/^kv_op_log_(written|dropped)_total/ {printf "%s %s\n", $1, $2}'
