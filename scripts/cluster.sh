@@ -2,7 +2,8 @@
 # A local 3-node cluster behind kv-proxy, in one command.
 #
 #   scripts/cluster.sh up       build (release), start kv-node on 8081-8083 and
-#                               kv-proxy on 8080, wait until healthy, show it working
+#                               kv-proxy on 8080, wait until healthy, show it working;
+#                               on a running cluster, starts only what is missing
 #   scripts/cluster.sh status   what is running, and each server's health
 #   scripts/cluster.sh bench    kv-bench over 1, 2 and 3 nodes, then through the proxy
 #   scripts/cluster.sh down     stop what `up` started (by its pid files)
@@ -44,14 +45,21 @@ start() { # name port command...
 
 up() {
   mkdir -p "$PIDS" "$LOGS"
-  local running=0 f
-  for f in "$PIDS"/*.pid; do alive "$f" && running=$((running + 1)); done
-  if [ $running -gt 0 ]; then
-    echo "The cluster is already running ($running processes); not starting a second set."
+  # Members already running are left alone (no second set); missing ones
+  # (never started, or killed) are started, so `up` also repairs a cluster.
+  local missing=() port
+  for port in "${NODE_PORTS[@]}"; do
+    alive "$PIDS/node-$port.pid" || missing+=("node-$port")
+  done
+  alive "$PIDS/proxy.pid" || missing+=(proxy)
+  if [ ${#missing[@]} -eq 0 ]; then
+    echo "The cluster is already running; not starting a second set."
     status
     return 0
   fi
-  for port in "$PROXY_PORT" "${NODE_PORTS[@]}"; do
+  for name in "${missing[@]}"; do
+    port=${name#node-}
+    [ "$name" = proxy ] && port=$PROXY_PORT
     if port_in_use "$port"; then
       echo "error: port $port is already in use by another program; stop it or set KV_BASE_PORT" >&2
       exit 1
@@ -61,10 +69,15 @@ up() {
   local flags=(-q --bin kv-node --bin kv-proxy --bin kv-bench)
   [ "$PROFILE" = release ] && flags+=(--release)
   cargo build "${flags[@]}"
-  for port in "${NODE_PORTS[@]}"; do
-    start "node-$port" "$port" "$BIN/kv-node" --port "$port" --data-dir "$DATA/node-$port"
+  for name in "${missing[@]}"; do
+    if [ "$name" = proxy ]; then
+      start proxy "$PROXY_PORT" "$BIN/kv-proxy" --port "$PROXY_PORT" --nodes "$(node_list)"
+    else
+      port=${name#node-}
+      start "$name" "$port" "$BIN/kv-node" --port "$port" --data-dir "$DATA/$name"
+    fi
+    echo "started $name"
   done
-  start proxy "$PROXY_PORT" "$BIN/kv-proxy" --port "$PROXY_PORT" --nodes "$(node_list)"
   for port in "${NODE_PORTS[@]}" "$PROXY_PORT"; do
     if ! wait_healthy "127.0.0.1:$port" 30; then
       echo "see the logs in $LOGS" >&2

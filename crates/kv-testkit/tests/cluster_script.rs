@@ -78,6 +78,14 @@ fn up_write_status_down() {
     let get = kv_testkit::request(proxy, "GET", "/cluster_key", None).unwrap();
     assert_eq!(get.text(), "{\"value\":[1, 2]}\n");
 
+    // Enough keys that every node owns some.
+    for i in 0..30 {
+        let body = format!("{{\"value\": {i}}}");
+        let put =
+            kv_testkit::request(proxy, "PUT", &format!("/ck_{i}"), Some(body.as_bytes())).unwrap();
+        assert_eq!(put.status, 200);
+    }
+
     let status = cluster(data.path(), base, "status");
     assert!(status.status.success());
     assert_eq!(
@@ -95,6 +103,67 @@ fn up_write_status_down() {
         started,
         "a second up must not start a second set"
     );
+
+    // kill -9 one node: `up` starts just that one again, and its data is back.
+    let victim_file = data.path().join(format!("pids/node-{}.pid", base + 1));
+    let victim: u32 = std::fs::read_to_string(&victim_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let killed = Command::new("kill")
+        .args(["-9", &victim.to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while is_running(victim) {
+        assert!(std::time::Instant::now() < deadline, "kill -9 did not take");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let repair = cluster(data.path(), base, "up");
+    assert!(repair.status.success(), "{}", text(&repair));
+    assert!(
+        text(&repair).contains(&format!("started node-{}", base + 1)),
+        "{}",
+        text(&repair)
+    );
+    assert_eq!(
+        text(&repair).matches("started ").count(),
+        1,
+        "{}",
+        text(&repair)
+    );
+    let mut now = pids(data.path());
+    now.sort_unstable();
+    let mut expected: Vec<u32> = started.iter().copied().filter(|&p| p != victim).collect();
+    let restarted: u32 = std::fs::read_to_string(&victim_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    expected.push(restarted);
+    expected.sort_unstable();
+    assert_eq!(now, expected, "only the killed node was started again");
+    // Every key, whichever node owns it, answers with its value (the proxy
+    // notices the node is back within a health-check interval).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    for i in 0..30 {
+        loop {
+            let get = kv_testkit::request(proxy, "GET", &format!("/ck_{i}"), None).unwrap();
+            if get.status == 200 {
+                assert_eq!(get.text(), format!("{{\"value\":{i}}}\n"));
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "ck_{i}: {}",
+                get.status
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+    let started = pids(data.path());
 
     let down = cluster(data.path(), base, "down");
     assert!(down.status.success(), "{}", text(&down));
