@@ -39,7 +39,8 @@ port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 start() { # name port command...
   local name=$1 port=$2
   shift 2
-  nohup "$@" >"$LOGS/$name.log" 2>&1 &
+  # Appended, so a restart keeps the log of what happened before it.
+  nohup "$@" >>"$LOGS/$name.log" 2>&1 &
   echo $! >"$PIDS/$name.pid"
 }
 
