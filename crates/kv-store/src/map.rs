@@ -62,8 +62,21 @@ impl<'a> Recovered<'a> {
 }
 
 /// The hash every table and the shard choice use.
+///
+/// Seeded once per process at random: keys come from the network, and with a
+/// fixed hash a client could pick keys that all land in one shard and one
+/// probe sequence (hash flooding). Nothing on disk depends on this hash.
 pub fn hash(key: &[u8]) -> u64 {
-    xxhash_rust::xxh3::xxh3_64(key)
+    xxhash_rust::xxh3::xxh3_64_with_seed(key, seed())
+}
+
+fn seed() -> u64 {
+    static SEED: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *SEED.get_or_init(|| {
+        use std::hash::BuildHasher;
+        // std's RandomState is seeded from the OS's randomness.
+        std::collections::hash_map::RandomState::new().hash_one(0x6b76_u64)
+    })
 }
 
 fn entry_hash(entry: &Entry) -> u64 {
