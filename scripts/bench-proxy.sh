@@ -88,37 +88,8 @@ PROXY_PID=$!
 PIDS+=($PROXY_PID)
 wait_healthy "$PROXY_PORT" kv-proxy
 
-mkdir -p "$WORK/nginx"
-cat >"$WORK/nginx/nginx.conf" <<CONF
-worker_processes auto;
-daemon off;
-pid $WORK/nginx/nginx.pid;
-error_log $WORK/nginx/error.log warn;
-events { worker_connections 4096; }
-http {
-    access_log off;
-    client_body_temp_path $WORK/nginx/body;
-    proxy_temp_path $WORK/nginx/proxy;
-    fastcgi_temp_path $WORK/nginx/fastcgi;
-    uwsgi_temp_path $WORK/nginx/uwsgi;
-    scgi_temp_path $WORK/nginx/scgi;
-    upstream kv {
-        hash \$request_uri consistent;
-        server 127.0.0.1:${NODE_PORTS[0]};
-        server 127.0.0.1:${NODE_PORTS[1]};
-        server 127.0.0.1:${NODE_PORTS[2]};
-        keepalive 64;
-    }
-    server {
-        listen 127.0.0.1:$NGINX_PORT;
-        location / {
-            proxy_pass http://kv;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-        }
-    }
-}
-CONF
+. scripts/nginx-hash.sh
+nginx_hash_conf "$WORK/nginx" "$NGINX_PORT" "${NODE_PORTS[@]}"
 "$NGINX" -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf" 2>"$WORK/nginx/stderr.log" &
 NGINX_PID=$!
 PIDS+=($NGINX_PID)

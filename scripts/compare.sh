@@ -233,38 +233,9 @@ done
 # --- 4. kv-proxy vs nginx -------------------------------------------------------
 log "4/4 proxies over 3 kv-nodes (set=1,get=1, $CONNS connections)"
 for p in "${NODE_PORTS[@]}"; do start_node "$p"; done
-mkdir -p "$TMP/nginx"
-cat >"$TMP/nginx.conf" <<EOF
-worker_processes auto;
-daemon off;
-pid $TMP/nginx/nginx.pid;
-error_log $TMP/nginx/error.log warn;
-events { worker_connections 4096; }
-http {
-    access_log off;
-    client_body_temp_path $TMP/nginx/body;
-    proxy_temp_path $TMP/nginx/proxy;
-    fastcgi_temp_path $TMP/nginx/fastcgi;
-    uwsgi_temp_path $TMP/nginx/uwsgi;
-    scgi_temp_path $TMP/nginx/scgi;
-    upstream kv {
-        hash \$request_uri consistent;
-        server 127.0.0.1:${NODE_PORTS[0]};
-        server 127.0.0.1:${NODE_PORTS[1]};
-        server 127.0.0.1:${NODE_PORTS[2]};
-        keepalive 64;
-    }
-    server {
-        listen 127.0.0.1:$NGINX_PORT;
-        location / {
-            proxy_pass http://kv;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-        }
-    }
-}
-EOF
-"$NGINX" -p "$TMP/nginx" -c "$TMP/nginx.conf" >"$TMP/nginx/stdout.log" 2>&1 &
+. scripts/nginx-hash.sh
+nginx_hash_conf "$TMP/nginx" "$NGINX_PORT" "${NODE_PORTS[@]}"
+"$NGINX" -p "$TMP/nginx" -c "$TMP/nginx/nginx.conf" >"$TMP/nginx/stdout.log" 2>&1 &
 PIDS+=($!)
 wait_for "http://127.0.0.1:$NGINX_PORT/-/health"
 if [ "$HAVE_PROXY" = 1 ]; then
