@@ -141,31 +141,33 @@ pub struct HyperConn {
     alive: bool,
 }
 
+/// Opens a TCP connection to `endpoint` within `timeout`, with Nagle off
+/// (small requests, one at a time: send each at once). Both clients use it.
+pub(crate) async fn connect_tcp(
+    endpoint: &Endpoint,
+    timeout: Duration,
+) -> Result<TcpStream, Failure> {
+    let failure =
+        |why: String| Failure::new(ErrorKind::Connect, format!("{}: {why}", endpoint.url));
+    let stream = match tokio::time::timeout(timeout, TcpStream::connect(&endpoint.authority)).await
+    {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(error)) => return Err(failure(error.to_string())),
+        Err(_) => return Err(failure(format!("no connection within {timeout:?}"))),
+    };
+    stream
+        .set_nodelay(true)
+        .map_err(|error| failure(error.to_string()))?;
+    Ok(stream)
+}
+
 /// Opens a hyper connection to `endpoint` within `timeout`.
 async fn connect_hyper(endpoint: &Endpoint, timeout: Duration) -> Result<HyperConn, Failure> {
-    let open = async {
-        let stream = TcpStream::connect(&endpoint.authority).await?;
-        // Small requests, one at a time: send each at once.
-        stream.set_nodelay(true)?;
-        hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(std::io::Error::other)
-    };
-    let (sender, connection) = match tokio::time::timeout(timeout, open).await {
-        Ok(Ok(pair)) => pair,
-        Ok(Err(error)) => {
-            return Err(Failure::new(
-                ErrorKind::Connect,
-                format!("{}: {error}", endpoint.url),
-            ))
-        }
-        Err(_) => {
-            return Err(Failure::new(
-                ErrorKind::Connect,
-                format!("{}: no connection within {timeout:?}", endpoint.url),
-            ))
-        }
-    };
+    let stream = connect_tcp(endpoint, timeout).await?;
+    // An HTTP/1 handshake does no I/O: it only sets up the connection state.
+    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|error| Failure::new(ErrorKind::Connect, format!("{}: {error}", endpoint.url)))?;
     Ok(HyperConn {
         sender,
         driver: Box::pin(connection),

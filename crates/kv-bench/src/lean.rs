@@ -51,25 +51,7 @@ impl LeanConn {
 
 /// Opens a connection to `endpoint` within `timeout`.
 pub async fn connect(endpoint: &Endpoint, timeout: Duration) -> Result<LeanConn, Failure> {
-    let stream = match tokio::time::timeout(timeout, TcpStream::connect(&endpoint.authority)).await
-    {
-        Ok(Ok(stream)) => stream,
-        Ok(Err(error)) => {
-            return Err(Failure::new(
-                ErrorKind::Connect,
-                format!("{}: {error}", endpoint.url),
-            ))
-        }
-        Err(_) => {
-            return Err(Failure::new(
-                ErrorKind::Connect,
-                format!("{}: no connection within {timeout:?}", endpoint.url),
-            ))
-        }
-    };
-    stream
-        .set_nodelay(true)
-        .map_err(|e| Failure::new(ErrorKind::Connect, format!("{}: {e}", endpoint.url)))?;
+    let stream = crate::client::connect_tcp(endpoint, timeout).await?;
     Ok(LeanConn {
         stream,
         read: BytesMut::with_capacity(READ_BUFFER),

@@ -48,11 +48,7 @@ pub async fn serve(
 ) -> io::Result<()> {
     let permits = Arc::new(Semaphore::new(limits.max_connections));
     let graceful = GracefulShutdown::new();
-    let mut builder = http1::Builder::new();
-    builder
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_timeout)
-        .keep_alive(true);
+    let builder = limits.http1();
     tokio::pin!(shutdown);
 
     loop {
@@ -73,13 +69,33 @@ pub async fn serve(
 
     drop(listener);
     log::info!("shutting down: no new connections, finishing in-flight requests");
+    drain(graceful, limits.shutdown_timeout).await;
+    Ok(())
+}
+
+impl ConnectionLimits {
+    /// hyper's HTTP/1.1 connection settings for these limits (header-read
+    /// timeout, which also closes idle keep-alive connections). Shared by
+    /// kv-node and kv-proxy so both treat clients alike.
+    pub fn http1(&self) -> http1::Builder {
+        let mut builder = http1::Builder::new();
+        builder
+            .timer(TokioTimer::new())
+            .header_read_timeout(self.header_timeout)
+            .keep_alive(true);
+        builder
+    }
+}
+
+/// Lets the watched connections finish their in-flight requests and close,
+/// for at most `timeout`.
+pub async fn drain(graceful: GracefulShutdown, timeout: Duration) {
     tokio::select! {
         () = graceful.shutdown() => log::info!("all connections closed"),
-        () = tokio::time::sleep(limits.shutdown_timeout) => {
-            log::warn!("shutdown timeout ({:?}) passed with connections still open", limits.shutdown_timeout);
+        () = tokio::time::sleep(timeout) => {
+            log::warn!("shutdown timeout ({timeout:?}) passed with connections still open");
         }
     }
-    Ok(())
 }
 
 /// The next connection to serve, with its slot under the cap. Connections

@@ -7,6 +7,14 @@ use std::time::{Duration, Instant};
 
 use kv_testkit::{binary, request, Process};
 
+/// The kv-node binary on a free port, its data under `dir/data`, plus `extra` flags.
+fn start_node(dir: &std::path::Path, extra: &[&str]) -> Process {
+    let data = dir.join("data");
+    let mut args = vec!["--port", "0", "--data-dir", data.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    Process::spawn(&binary("kv-node"), &args)
+}
+
 /// Parses Prometheus text exposition into `series -> value`, failing on any
 /// line that is not a comment, blank, or `name{labels} value`.
 fn parse_prometheus(text: &str) -> HashMap<String, f64> {
@@ -53,10 +61,7 @@ fn metrics(node: &Process) -> HashMap<String, f64> {
 #[test]
 fn metrics_parse_and_move_with_requests() {
     let dir = tempfile::tempdir().unwrap();
-    let node = Process::spawn(
-        &binary("kv-node"),
-        &["--port", "0", "--data-dir", dir.path().to_str().unwrap()],
-    );
+    let node = start_node(dir.path(), &[]);
     let before = metrics(&node);
     let put_200 = "kv_requests_total{op=\"put\",status=\"200\"}";
     let get_404 = "kv_requests_total{op=\"get\",status=\"404\"}";
@@ -110,17 +115,7 @@ fn wait_for_lines(path: &std::path::Path, lines: usize) -> String {
 fn op_log_has_flask_format_lines() {
     let dir = tempfile::tempdir().unwrap();
     let log_path = dir.path().join("kv_store.log");
-    let node = Process::spawn(
-        &binary("kv-node"),
-        &[
-            "--port",
-            "0",
-            "--data-dir",
-            dir.path().join("data").to_str().unwrap(),
-            "--op-log",
-            log_path.to_str().unwrap(),
-        ],
-    );
+    let node = start_node(dir.path(), &["--op-log", log_path.to_str().unwrap()]);
     request(node.addr, "PUT", "/key_1", Some(br#"{"value": "value_1"}"#)).unwrap();
     request(node.addr, "GET", "/key_1", None).unwrap();
     request(node.addr, "DELETE", "/key_1", None).unwrap();
@@ -156,18 +151,9 @@ fn a_stuck_op_log_never_blocks_requests() {
         .status()
         .unwrap();
     assert!(made.success());
-    let node = Process::spawn(
-        &binary("kv-node"),
-        &[
-            "--port",
-            "0",
-            "--data-dir",
-            dir.path().join("data").to_str().unwrap(),
-            "--op-log",
-            fifo.to_str().unwrap(),
-            "--op-log-buffer",
-            "4",
-        ],
+    let node = start_node(
+        dir.path(),
+        &["--op-log", fifo.to_str().unwrap(), "--op-log-buffer", "4"],
     );
     for i in 0..100 {
         let r = request(
@@ -193,13 +179,9 @@ fn a_stuck_op_log_never_blocks_requests() {
 fn snapshots_show_in_the_op_log_and_the_metrics() {
     let dir = tempfile::tempdir().unwrap();
     let log_path = dir.path().join("kv_store.log");
-    let node = Process::spawn(
-        &binary("kv-node"),
+    let node = start_node(
+        dir.path(),
         &[
-            "--port",
-            "0",
-            "--data-dir",
-            dir.path().join("data").to_str().unwrap(),
             "--op-log",
             log_path.to_str().unwrap(),
             "--snapshot-interval",

@@ -20,11 +20,10 @@ use std::future::Future;
 use std::io;
 use std::sync::Arc;
 
-use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use hyper_util::server::graceful::GracefulShutdown;
-use kv_node::server::{next_connection, ConnectionLimits};
+use kv_node::server::{drain, next_connection, ConnectionLimits};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -111,11 +110,7 @@ async fn worker(
     limits: ConnectionLimits,
 ) {
     let graceful = GracefulShutdown::new();
-    let mut builder = http1::Builder::new();
-    builder
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_timeout)
-        .keep_alive(true);
+    let builder = limits.http1();
     while let Some((stream, permit)) = connections.recv().await {
         let stream = match TcpStream::from_std(stream) {
             Ok(stream) => stream,
@@ -134,10 +129,5 @@ async fn worker(
             drop(permit);
         });
     }
-    tokio::select! {
-        () = graceful.shutdown() => log::debug!("worker: all connections closed"),
-        () = tokio::time::sleep(limits.shutdown_timeout) => {
-            log::warn!("shutdown timeout ({:?}) passed with connections still open", limits.shutdown_timeout);
-        }
-    }
+    drain(graceful, limits.shutdown_timeout).await;
 }
