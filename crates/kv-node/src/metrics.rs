@@ -4,9 +4,14 @@
 //! counter per (operation, status) and a latency histogram per operation with
 //! fixed buckets. Nothing is allocated or locked per request; the text is
 //! built when Prometheus scrapes.
+//!
+//! The arrays are sharded by thread ([`thread_slot`]), each shard on its own
+//! cache lines: worker threads adding to one shared counter would pass its
+//! cache line back and forth between cores on every request. A scrape sums
+//! the shards.
 
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::time::Duration;
 
 use hyper::Method;
@@ -80,25 +85,66 @@ struct Histogram {
     sum_nanos: AtomicU64,
 }
 
-/// Counters shared by every connection.
+/// How many shards per-thread counters are split into.
+pub const SHARDS: usize = 16;
+
+/// A small number for the calling thread, given on its first call: threads
+/// counting at once use different shards (`thread_slot() % SHARDS`).
+#[inline]
+pub fn thread_slot() -> usize {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    thread_local! {
+        static SLOT: usize = NEXT.fetch_add(1, Relaxed);
+    }
+    SLOT.with(|slot| *slot)
+}
+
+/// Aligned to two cache lines (the unit adjacent-line prefetch pulls in),
+/// so neighbouring shards never share one.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+pub struct CachePadded<T>(pub T);
+
 #[derive(Default)]
-pub struct Metrics {
+struct Shard {
     requests: [[AtomicU64; STATUSES.len()]; Operation::ALL.len()],
     latency: [Histogram; Operation::ALL.len()],
 }
 
+/// Counters shared by every connection.
+pub struct Metrics {
+    shards: Box<[CachePadded<Shard>]>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            shards: (0..SHARDS).map(|_| CachePadded::default()).collect(),
+        }
+    }
+}
+
 impl Metrics {
+    /// The sum of one counter over all shards.
+    fn total(&self, counter: impl Fn(&Shard) -> &AtomicU64) -> u64 {
+        self.shards
+            .iter()
+            .map(|shard| counter(&shard.0).load(Relaxed))
+            .sum()
+    }
+
     /// Records one answered request.
     #[inline]
     pub fn record(&self, operation: Operation, status: u16, elapsed: Duration) {
         let op = operation as usize;
-        self.requests[op][status_index(status)].fetch_add(1, Relaxed);
+        let shard = &self.shards[thread_slot() % self.shards.len()].0;
+        shard.requests[op][status_index(status)].fetch_add(1, Relaxed);
         let seconds = elapsed.as_secs_f64();
         let bucket = BUCKETS
             .iter()
             .position(|&bound| seconds <= bound)
             .unwrap_or(BUCKETS.len());
-        let histogram = &self.latency[op];
+        let histogram = &shard.latency[op];
         histogram.buckets[bucket].fetch_add(1, Relaxed);
         histogram.sum_nanos.fetch_add(
             u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX),
@@ -112,7 +158,7 @@ impl Metrics {
         out.push_str("# TYPE kv_requests_total counter\n");
         for operation in Operation::ALL {
             for (i, &status) in STATUSES.iter().enumerate() {
-                let count = self.requests[operation as usize][i].load(Relaxed);
+                let count = self.total(|shard| &shard.requests[operation as usize][i]);
                 if count > 0 {
                     let status = if status == 0 {
                         "other".to_owned()
@@ -130,11 +176,11 @@ impl Metrics {
         out.push_str("# HELP kv_request_duration_seconds Time from request head to response, by operation.\n");
         out.push_str("# TYPE kv_request_duration_seconds histogram\n");
         for operation in Operation::ALL {
-            let histogram = &self.latency[operation as usize];
+            let op = operation as usize;
             let label = operation.label();
             let mut cumulative = 0;
-            for (i, bucket) in histogram.buckets.iter().enumerate() {
-                cumulative += bucket.load(Relaxed);
+            for i in 0..=BUCKETS.len() {
+                cumulative += self.total(|shard| &shard.latency[op].buckets[i]);
                 let le = BUCKETS
                     .get(i)
                     .map_or_else(|| "+Inf".to_owned(), |b| b.to_string());
@@ -143,7 +189,7 @@ impl Metrics {
                     "kv_request_duration_seconds_bucket{{op=\"{label}\",le=\"{le}\"}} {cumulative}"
                 );
             }
-            let sum = histogram.sum_nanos.load(Relaxed) as f64 / 1e9;
+            let sum = self.total(|shard| &shard.latency[op].sum_nanos) as f64 / 1e9;
             let _ = writeln!(
                 out,
                 "kv_request_duration_seconds_sum{{op=\"{label}\"}} {sum}"
@@ -173,6 +219,37 @@ pub fn write_metric(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn records_from_many_threads_are_summed() {
+        let metrics = std::sync::Arc::new(Metrics::default());
+        let threads: Vec<_> = (0..SHARDS + 3)
+            .map(|_| {
+                let metrics = metrics.clone();
+                std::thread::spawn(move || {
+                    for _ in 0..100 {
+                        metrics.record(Operation::Put, 200, Duration::from_micros(70));
+                    }
+                })
+            })
+            .collect();
+        for thread in threads {
+            thread.join().unwrap();
+        }
+        let mut out = String::new();
+        metrics.render(&mut out);
+        let total = (SHARDS + 3) * 100;
+        assert!(
+            out.contains(&format!(
+                "kv_requests_total{{op=\"put\",status=\"200\"}} {total}\n"
+            )),
+            "{out}"
+        );
+        assert!(out.contains("kv_request_duration_seconds_bucket{op=\"put\",le=\"0.00005\"} 0\n"));
+        assert!(out.contains(&format!(
+            "kv_request_duration_seconds_bucket{{op=\"put\",le=\"0.0001\"}} {total}\n"
+        )));
+    }
 
     #[test]
     fn records_land_in_the_right_series() {

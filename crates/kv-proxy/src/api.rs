@@ -28,10 +28,11 @@ use kv_node::metrics::{Metrics, Operation};
 use kv_ring::Ring;
 
 use crate::error::ProxyError;
-use crate::upstream::{self, Node, UpstreamClient};
+use crate::pool::{NodePool, PooledBody};
+use crate::upstream::{self, Node, Outcome};
 
 /// The response body: a node's streamed answer, or one made here.
-pub type Body = Either<Incoming, Full<Bytes>>;
+pub type Body = Either<PooledBody, Full<Bytes>>;
 
 const ADMIN_METHODS: &str = "GET, HEAD";
 
@@ -41,7 +42,8 @@ pub struct Proxy {
     /// In ring order: `nodes[ring.owner_index(key)]` is the owner.
     pub nodes: Box<[Node]>,
     pub shares: Vec<f64>,
-    pub client: UpstreamClient,
+    /// This worker's connections to each node, in the same order.
+    pub pools: Box<[Arc<NodePool>]>,
     pub request_timeout: Duration,
     pub max_body_bytes: usize,
     pub started: Instant,
@@ -87,7 +89,7 @@ async fn route(proxy: &Proxy, request: Request<Incoming>) -> Result<Response<Bod
         .into());
     }
     let node = &proxy.nodes[owner];
-    let result = upstream::forward(&proxy.client, node, request, proxy.request_timeout).await;
+    let result = upstream::forward(&proxy.pools[owner], node, request, proxy.request_timeout).await;
     node.stats.record(&result);
     Ok(result?.map(Either::Left))
 }
@@ -155,7 +157,6 @@ fn admin_route(
 /// The proxy's metrics in the Prometheus text format.
 fn render_metrics(proxy: &Proxy) -> String {
     use std::fmt::Write as _;
-    use std::sync::atomic::Ordering::Relaxed;
     let mut out = String::with_capacity(8192);
     proxy.metrics.render(&mut out);
     out.push_str("# HELP kv_proxy_node_up Whether health checks consider the node up.\n");
@@ -167,7 +168,7 @@ fn render_metrics(proxy: &Proxy) -> String {
     out.push_str("# HELP kv_proxy_forwarded_total Requests a node answered (any status).\n");
     out.push_str("# TYPE kv_proxy_forwarded_total counter\n");
     for node in proxy.nodes.iter() {
-        let count = node.stats.forwarded.load(Relaxed);
+        let count = node.stats.count(Outcome::Forwarded);
         let _ = writeln!(
             out,
             "kv_proxy_forwarded_total{{node=\"{}\"}} {count}",
@@ -177,18 +178,17 @@ fn render_metrics(proxy: &Proxy) -> String {
     out.push_str("# HELP kv_proxy_errors_total Requests not answered by their node, by reason.\n");
     out.push_str("# TYPE kv_proxy_errors_total counter\n");
     for node in proxy.nodes.iter() {
-        let stats = &node.stats;
-        for (kind, counter) in [
-            ("down", &stats.down),
-            ("connect", &stats.connect),
-            ("timeout", &stats.timeout),
-            ("upstream", &stats.upstream),
+        for (kind, outcome) in [
+            ("down", Outcome::Down),
+            ("connect", Outcome::Connect),
+            ("timeout", Outcome::Timeout),
+            ("upstream", Outcome::Upstream),
         ] {
             let _ = writeln!(
                 out,
                 "kv_proxy_errors_total{{node=\"{}\",kind=\"{kind}\"}} {}",
                 node.name,
-                counter.load(Relaxed)
+                node.stats.count(outcome)
             );
         }
     }

@@ -6,7 +6,8 @@
 //! * [`config`]: flags and environment variables.
 //! * [`api`]: routing, admin endpoints (`/-/health`, `/-/ready`, `/-/ring`,
 //!   `/-/owner/<key>`, `/-/metrics`).
-//! * [`upstream`]: the pooled client and forwarding (streaming, retries, timeouts).
+//! * [`upstream`]: forwarding (streaming, retries, timeouts).
+//! * [`pool`]: each worker's keep-alive connections to the nodes.
 //! * [`health`]: active and passive health of each node; fail closed.
 //! * [`error`]: every failure, mapped to a status in one place.
 //! * [`server`]: the accept loop, the worker threads (one single-threaded
@@ -25,6 +26,7 @@ pub mod api;
 pub mod config;
 pub mod error;
 pub mod health;
+pub mod pool;
 pub mod server;
 pub mod upstream;
 
@@ -50,6 +52,11 @@ pub async fn run(
     let shares = ring.shares();
     let health: Vec<_> = nodes.iter().map(|n| n.health.clone()).collect();
     let started = Instant::now();
+    let pool_settings = pool::PoolSettings {
+        connect_timeout: config.connect_timeout,
+        idle_timeout: config.pool_idle_timeout,
+        max_idle: config.pool_max_idle,
+    };
     let metrics = Arc::new(kv_node::metrics::Metrics::default());
     // One copy per worker thread, each with its own connection pool; the
     // nodes' health is shared through `Arc`s.
@@ -59,11 +66,10 @@ pub async fn run(
                 ring: ring.clone(),
                 nodes: nodes.clone(),
                 shares: shares.clone(),
-                client: upstream::client(
-                    config.connect_timeout,
-                    config.pool_idle_timeout,
-                    config.pool_max_idle,
-                ),
+                pools: nodes
+                    .iter()
+                    .map(|node| Arc::new(pool::NodePool::new(&node.name, pool_settings)))
+                    .collect(),
                 request_timeout: config.request_timeout,
                 max_body_bytes: config.max_body_bytes,
                 started,

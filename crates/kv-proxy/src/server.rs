@@ -29,6 +29,7 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::api::{self, Proxy};
+use crate::pool;
 
 /// A connection handed to a worker, with its slot under the cap.
 type Handoff = (std::net::TcpStream, OwnedSemaphorePermit);
@@ -111,6 +112,7 @@ async fn worker(
 ) {
     let graceful = GracefulShutdown::new();
     let builder = limits.http1();
+    let evictor = tokio::spawn(pool::evict_idle_forever(proxy.pools.to_vec()));
     while let Some((stream, permit)) = connections.recv().await {
         let stream = match TcpStream::from_std(stream) {
             Ok(stream) => stream,
@@ -130,4 +132,5 @@ async fn worker(
         });
     }
     drain(graceful, limits.shutdown_timeout).await;
+    evictor.abort();
 }

@@ -1,19 +1,19 @@
 //! Forwarding a request to the node that owns its key.
 //!
-//! * A hyper-util legacy [`Client`] per worker thread holds a keep-alive pool
-//!   per node, so a request costs no TCP connect. Idle pooled connections are closed after
-//!   `--pool-idle-timeout`, which is shorter than kv-node's idle timeout, so
-//!   the proxy never picks a connection the node is closing.
+//! * Connections come from the worker's keep-alive pool for the node
+//!   ([`crate::pool`]), so a request costs no TCP connect.
 //! * Bodies stream both ways: the client's body is handed to the node as it
 //!   arrives, the node's answer is handed back the same way. Nothing is
 //!   buffered in full.
-//! * Each node's URI authority and `X-Kv-Node` header value are parsed once at
-//!   start-up; per request, the URI is rebuilt from parts (the client's own
-//!   path and query, moved, not copied) and no string is formatted.
+//! * The request goes on as the client sent it: its own path and query
+//!   (moved, not copied), its headers minus the hop-by-hop ones. The
+//!   `X-Kv-Node` header value is built once at start-up; per request no
+//!   string is formatted.
 //! * Connect errors count against the node's health (passive marking) and
 //!   answer 503; no answer within `--request-timeout` answers 504. A GET or
 //!   HEAD without a body is retried once after a connection error, since it
-//!   cannot have changed anything; writes are never retried.
+//!   cannot have changed anything; writes are retried only when hyper hands
+//!   them back unsent.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -22,25 +22,18 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::{Either, Empty};
 use hyper::body::{Body as _, Incoming};
-use hyper::header::{HeaderMap, HeaderName, HeaderValue};
-use hyper::http::uri::{Authority, Scheme};
+use hyper::header::{HeaderMap, HeaderName, HeaderValue, HOST};
+use hyper::http::uri::Authority;
 use hyper::{Method, Request, Response, Uri, Version};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
-use tokio::time::Instant;
+
+use kv_node::metrics::{thread_slot, CachePadded, SHARDS};
 
 use crate::error::ProxyError;
 use crate::health::NodeHealth;
+use crate::pool::{NodePool, PooledBody, UpstreamBody};
 
 /// The header naming the node that answered (or should have).
 pub const X_KV_NODE: HeaderName = HeaderName::from_static("x-kv-node");
-
-/// The body sent to a node: the client's, or none for a retried GET.
-pub type UpstreamBody = Either<Incoming, Empty<Bytes>>;
-
-/// The pooled client shared by all requests.
-pub type UpstreamClient = Client<HttpConnector, UpstreamBody>;
 
 /// Headers that describe one hop's connection, not the message: never
 /// forwarded (RFC 9110 §7.6.1). hyper re-frames bodies itself.
@@ -59,43 +52,81 @@ const HOP_BY_HOP: [HeaderName; 6] = [
 pub struct Node {
     /// The name on the ring (`host:port`), as given in `--nodes`.
     pub name: String,
-    /// `host:port`, parsed once for building upstream URIs.
-    pub authority: Authority,
-    /// `X-Kv-Node: <name>`, built once.
+    /// `X-Kv-Node: <name>` (and `Host` when the client sent none), built once.
     pub header: HeaderValue,
     pub health: Arc<NodeHealth>,
     /// Forwarding counters, shared by every worker.
     pub stats: Arc<NodeStats>,
 }
 
-/// Per-node counters for `/-/metrics`: relaxed atomic adds, no lock.
-#[derive(Debug, Default)]
+/// What became of one forwarding attempt, for `/-/metrics`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The node answered (any status).
+    Forwarded,
+    /// Refused because the node was marked down.
+    Down,
+    /// The connection to the node failed.
+    Connect,
+    /// The node did not answer in time.
+    Timeout,
+    /// The node broke off mid-exchange.
+    Upstream,
+}
+
+impl Outcome {
+    pub const ALL: [Outcome; 5] = [
+        Outcome::Forwarded,
+        Outcome::Down,
+        Outcome::Connect,
+        Outcome::Timeout,
+        Outcome::Upstream,
+    ];
+
+    fn of<T>(result: &Result<T, ProxyError>) -> Option<Outcome> {
+        Some(match result {
+            Ok(_) => Outcome::Forwarded,
+            Err(ProxyError::NodeDown { .. }) => Outcome::Down,
+            Err(ProxyError::Connect { .. }) => Outcome::Connect,
+            Err(ProxyError::Timeout { .. }) => Outcome::Timeout,
+            Err(ProxyError::Upstream { .. }) => Outcome::Upstream,
+            Err(ProxyError::Api(_)) => return None,
+        })
+    }
+}
+
+/// Per-node counters for `/-/metrics`: relaxed atomic adds, no lock, one
+/// shard per thread (as kv-node's [`Metrics`](kv_node::metrics::Metrics)),
+/// so workers do not pass a cache line back and forth per request.
+#[derive(Debug)]
 pub struct NodeStats {
-    /// Requests the node answered (any status).
-    pub forwarded: AtomicU64,
-    /// Requests refused because the node was marked down.
-    pub down: AtomicU64,
-    /// Requests whose connection to the node failed.
-    pub connect: AtomicU64,
-    /// Requests the node did not answer in time.
-    pub timeout: AtomicU64,
-    /// Requests the node broke off mid-exchange.
-    pub upstream: AtomicU64,
+    shards: Box<[CachePadded<[AtomicU64; Outcome::ALL.len()]>]>,
+}
+
+impl Default for NodeStats {
+    fn default() -> Self {
+        Self {
+            shards: (0..SHARDS).map(|_| CachePadded::default()).collect(),
+        }
+    }
 }
 
 impl NodeStats {
     /// Counts one forwarding attempt's outcome.
     #[inline]
     pub fn record<T>(&self, result: &Result<T, ProxyError>) {
-        let counter = match result {
-            Ok(_) => &self.forwarded,
-            Err(ProxyError::NodeDown { .. }) => &self.down,
-            Err(ProxyError::Connect { .. }) => &self.connect,
-            Err(ProxyError::Timeout { .. }) => &self.timeout,
-            Err(ProxyError::Upstream { .. }) => &self.upstream,
-            Err(ProxyError::Api(_)) => return,
-        };
-        counter.fetch_add(1, Ordering::Relaxed);
+        if let Some(outcome) = Outcome::of(result) {
+            let shard = &self.shards[thread_slot() % self.shards.len()].0;
+            shard[outcome as usize].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// How many attempts had `outcome`, over all threads.
+    pub fn count(&self, outcome: Outcome) -> u64 {
+        self.shards
+            .iter()
+            .map(|shard| shard.0[outcome as usize].load(Ordering::Relaxed))
+            .sum()
     }
 }
 
@@ -112,29 +143,11 @@ impl Node {
             .map_err(|e| format!("node {name:?} cannot be a header value: {e}"))?;
         Ok(Self {
             name: name.to_owned(),
-            authority,
             header,
             health: Arc::new(NodeHealth::new(name)),
             stats: Arc::new(NodeStats::default()),
         })
     }
-}
-
-/// Builds the pooled client.
-pub fn client(
-    connect_timeout: Duration,
-    pool_idle_timeout: Duration,
-    pool_max_idle: usize,
-) -> UpstreamClient {
-    let mut connector = HttpConnector::new();
-    connector.set_connect_timeout(Some(connect_timeout));
-    // Small request/response pairs: send each at once.
-    connector.set_nodelay(true);
-    Client::builder(TokioExecutor::new())
-        .pool_timer(TokioTimer::new())
-        .pool_idle_timeout(pool_idle_timeout)
-        .pool_max_idle_per_host(pool_max_idle)
-        .build(connector)
 }
 
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
@@ -161,31 +174,37 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-/// Sends `request` to `node` and returns its answer, streaming, with
-/// `X-Kv-Node` added.
+/// Sends `request` to `node` over a connection from `pool` and returns its
+/// answer, streaming, with `X-Kv-Node` added.
 pub async fn forward(
-    client: &UpstreamClient,
+    pool: &Arc<NodePool>,
     node: &Node,
     request: Request<Incoming>,
     request_timeout: Duration,
-) -> Result<Response<Incoming>, ProxyError> {
+) -> Result<Response<PooledBody>, ProxyError> {
     if !node.health.is_up() {
         return Err(ProxyError::NodeDown {
             node: node.name.clone(),
         });
     }
-    let deadline = Instant::now() + request_timeout;
     let (mut parts, body) = request.into_parts();
-    let mut uri = std::mem::take(&mut parts.uri).into_parts();
-    uri.scheme = Some(Scheme::HTTP);
-    uri.authority = Some(node.authority.clone());
-    parts.uri = Uri::from_parts(uri)
-        .map_err(|_| kv_node::error::ApiError::InvalidKey("the path is not a valid URI"))?;
+    // Origin form (`/key?query`) to the node, even if the client sent the
+    // absolute form.
+    if parts.uri.authority().is_some() {
+        parts.uri = parts
+            .uri
+            .path_and_query()
+            .map_or_else(|| Uri::from_static("/"), |pq| Uri::from(pq.clone()));
+    }
     // Speak HTTP/1.1 with the node whatever the client spoke, so the pooled
     // connection stays alive; hyper answers the client in its own version.
     parts.version = Version::HTTP_11;
     parts.extensions = Default::default();
     strip_hop_by_hop(&mut parts.headers);
+    // HTTP/1.1 requires one; an HTTP/1.0 client may not have sent it.
+    if !parts.headers.contains_key(HOST) {
+        parts.headers.insert(HOST, node.header.clone());
+    }
 
     // What a retry needs, kept only for requests that may be retried.
     let retry =
@@ -197,45 +216,27 @@ pub async fn forward(
             )
         });
 
-    let first = Request::from_parts(parts, Either::Left(body));
-    let error = match send(client, node, first, deadline, request_timeout).await? {
-        Ok(response) => return Ok(finish(node, response)),
-        Err(error) => error,
-    };
-    let Some((method, uri, headers)) = retry else {
-        return Err(classify(node, error));
-    };
-    log::debug!("retrying {method} {uri} once after: {error}");
-    let mut again = Request::new(Either::Right(Empty::new()));
-    *again.method_mut() = method;
-    *again.uri_mut() = uri;
-    *again.headers_mut() = headers;
-    match send(client, node, again, deadline, request_timeout).await? {
-        Ok(response) => Ok(finish(node, response)),
-        Err(error) => Err(classify(node, error)),
-    }
-}
-
-/// One attempt. The outer error is the deadline (final); the inner one a
-/// failed exchange (maybe retried).
-async fn send(
-    client: &UpstreamClient,
-    node: &Node,
-    request: Request<UpstreamBody>,
-    deadline: Instant,
-    request_timeout: Duration,
-) -> Result<Result<Response<Incoming>, hyper_util::client::legacy::Error>, ProxyError> {
-    match tokio::time::timeout_at(deadline, client.request(request)).await {
-        Ok(Ok(response)) => {
-            node.health.record_success();
-            Ok(Ok(response))
+    let request = Request::from_parts(parts, Either::Left(body));
+    let exchange = async {
+        let error = match send(pool, node, request).await? {
+            Ok(response) => return Ok(response),
+            Err(error) => error,
+        };
+        let Some((method, uri, headers)) = retry else {
+            return Err(upstream_error(node, &error));
+        };
+        log::debug!("retrying {method} {uri} once after: {error}");
+        let mut again = Request::new(Either::Right(Empty::new()));
+        *again.method_mut() = method;
+        *again.uri_mut() = uri;
+        *again.headers_mut() = headers;
+        match send(pool, node, again).await? {
+            Ok(response) => Ok(response),
+            Err(error) => Err(upstream_error(node, &error)),
         }
-        Ok(Err(error)) => {
-            if error.is_connect() {
-                node.health.record_failure(&error_chain(&error));
-            }
-            Ok(Err(error))
-        }
+    };
+    match tokio::time::timeout(request_timeout, exchange).await {
+        Ok(result) => result,
         Err(_) => Err(ProxyError::Timeout {
             node: node.name.clone(),
             after: request_timeout,
@@ -243,18 +244,60 @@ async fn send(
     }
 }
 
-fn classify(node: &Node, error: hyper_util::client::legacy::Error) -> ProxyError {
-    let node_name = node.name.clone();
-    if error.is_connect() {
-        ProxyError::Connect {
-            node: node_name,
-            why: error_chain(&error),
+/// One exchange. The outer error is final (no connection could be made);
+/// the inner one is a failure after the request may have reached the node,
+/// which the caller may retry.
+async fn send(
+    pool: &Arc<NodePool>,
+    node: &Node,
+    mut request: Request<UpstreamBody>,
+) -> Result<Result<Response<PooledBody>, hyper::Error>, ProxyError> {
+    let mut fresh = false;
+    loop {
+        let checked_out = if fresh {
+            pool.connect().await
+        } else {
+            pool.checkout().await
+        };
+        let mut sender = checked_out.map_err(|why| {
+            node.health.record_failure(&why);
+            ProxyError::Connect {
+                node: node.name.clone(),
+                why,
+            }
+        })?;
+        match sender.try_send_request(request).await {
+            Ok(response) => {
+                node.health.record_success();
+                let (mut parts, body) = response.into_parts();
+                strip_hop_by_hop(&mut parts.headers);
+                parts.headers.insert(X_KV_NODE, node.header.clone());
+                let body = PooledBody::new(body, sender, Arc::clone(pool));
+                return Ok(Ok(Response::from_parts(parts, body)));
+            }
+            Err(mut error) => match error.take_message() {
+                // The connection could not take it (closed meanwhile): the
+                // node never saw it, so any method may go again, once, on
+                // a new connection.
+                Some(unsent) if !fresh => {
+                    log::debug!(
+                        "pooled connection to {} unusable: {}",
+                        node.name,
+                        error.error()
+                    );
+                    request = unsent;
+                    fresh = true;
+                }
+                _ => return Ok(Err(error.into_error())),
+            },
         }
-    } else {
-        ProxyError::Upstream {
-            node: node_name,
-            why: error_chain(&error),
-        }
+    }
+}
+
+fn upstream_error(node: &Node, error: &hyper::Error) -> ProxyError {
+    ProxyError::Upstream {
+        node: node.name.clone(),
+        why: error_chain(error),
     }
 }
 
@@ -268,13 +311,6 @@ fn error_chain(error: &dyn std::error::Error) -> String {
         source = cause.source();
     }
     text
-}
-
-fn finish(node: &Node, response: Response<Incoming>) -> Response<Incoming> {
-    let (mut parts, body) = response.into_parts();
-    strip_hop_by_hop(&mut parts.headers);
-    parts.headers.insert(X_KV_NODE, node.header.clone());
-    Response::from_parts(parts, body)
 }
 
 #[cfg(test)]
