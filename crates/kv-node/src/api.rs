@@ -167,7 +167,7 @@ const DRAIN_MAX_TIME: std::time::Duration = std::time::Duration::from_secs(2);
 /// 413 reaches the client: closing a socket with unread bytes makes the
 /// kernel send a reset, which destroys a response the client has not read
 /// yet (nginx calls this lingering close). Past the bound we answer anyway.
-async fn drain(body: &mut Incoming) {
+pub async fn drain(body: &mut Incoming) {
     let discard = async {
         let mut left = DRAIN_MAX_BYTES;
         while let Some(Ok(frame)) = body.frame().await {

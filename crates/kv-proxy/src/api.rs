@@ -83,13 +83,23 @@ async fn route(proxy: &Proxy, request: Request<Incoming>) -> Result<Response<Bod
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|length| length > proxy.max_body_bytes as u64) {
+        // Read and discarded first, as kv-node does, so the 413 is not
+        // lost to a reset.
+        kv_node::api::drain(&mut request.into_body()).await;
         return Err(ApiError::BodyTooLarge {
             limit: proxy.max_body_bytes,
         }
         .into());
     }
     let node = &proxy.nodes[owner];
-    let result = upstream::forward(&proxy.pools[owner], node, request, proxy.request_timeout).await;
+    let result = upstream::forward(
+        &proxy.pools[owner],
+        node,
+        request,
+        proxy.request_timeout,
+        proxy.max_body_bytes,
+    )
+    .await;
     node.stats.record(&result);
     Ok(result?.map(Either::Left))
 }

@@ -39,10 +39,10 @@ pub struct Config {
     #[arg(long, env = "KV_PROXY_WORKERS")]
     pub workers: Option<usize>,
 
-    /// Largest request body forwarded, in bytes; a larger declared
-    /// Content-Length gets kv-node's own 413 from the proxy. Keep it equal to
-    /// the nodes' --max-value-bytes: a node that refuses a body mid-upload
-    /// closes the connection, and its 413 can be lost to the reset.
+    /// Largest request body forwarded, in bytes; a larger one gets kv-node's
+    /// own 413 from the proxy (a declared Content-Length before forwarding,
+    /// a chunked body when it crosses the limit, which the node never sees).
+    /// Keep it no larger than the nodes' --max-value-bytes.
     #[arg(long, env = "KV_PROXY_MAX_BODY_BYTES", default_value_t = 1024 * 1024)]
     pub max_body_bytes: usize,
 

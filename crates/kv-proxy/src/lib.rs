@@ -8,6 +8,7 @@
 //!   `/-/owner/<key>`, `/-/metrics`).
 //! * [`upstream`]: forwarding (streaming, retries, timeouts).
 //! * [`pool`]: each worker's keep-alive connections to the nodes.
+//! * [`request_body`]: the body sent on, and the limit on chunked ones.
 //! * [`health`]: active and passive health of each node; fail closed.
 //! * [`error`]: every failure, mapped to a status in one place.
 //! * [`server`]: the accept loop, the worker threads (one single-threaded
@@ -27,6 +28,7 @@ pub mod config;
 pub mod error;
 pub mod health;
 pub mod pool;
+pub mod request_body;
 pub mod server;
 pub mod upstream;
 

@@ -31,15 +31,13 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http_body_util::{Either, Empty};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
 use parking_lot::Mutex;
 use tokio::net::TcpStream;
 
-/// The body sent to a node: the client's, or none for a retried GET.
-pub type UpstreamBody = Either<Incoming, Empty<Bytes>>;
+use crate::request_body::UpstreamBody;
 
 /// The sending half of one connection to a node.
 pub type Sender = SendRequest<UpstreamBody>;

@@ -20,7 +20,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{Either, Empty};
 use hyper::body::{Body as _, Incoming};
 use hyper::header::{HeaderMap, HeaderName, HeaderValue, HOST};
 use hyper::http::uri::Authority;
@@ -28,9 +27,12 @@ use hyper::{Method, Request, Response, Uri, Version};
 
 use kv_node::metrics::{thread_slot, CachePadded, SHARDS};
 
+use kv_node::error::ApiError;
+
 use crate::error::ProxyError;
 use crate::health::NodeHealth;
-use crate::pool::{NodePool, PooledBody, UpstreamBody};
+use crate::pool::{NodePool, PooledBody};
+use crate::request_body::{CappedBody, UpstreamBody};
 
 /// The header naming the node that answered (or should have).
 pub const X_KV_NODE: HeaderName = HeaderName::from_static("x-kv-node");
@@ -181,6 +183,7 @@ pub async fn forward(
     node: &Node,
     request: Request<Incoming>,
     request_timeout: Duration,
+    max_body_bytes: usize,
 ) -> Result<Response<PooledBody>, ProxyError> {
     if !node.health.is_up() {
         return Err(ProxyError::NodeDown {
@@ -216,7 +219,15 @@ pub async fn forward(
             )
         });
 
-    let request = Request::from_parts(parts, Either::Left(body));
+    // A declared length was checked against the limit already; a chunked
+    // body is counted as it goes.
+    let (body, overflow) = if body.size_hint().exact().is_some() {
+        (UpstreamBody::Client(body), None)
+    } else {
+        let (capped, overflow) = CappedBody::new(body, max_body_bytes);
+        (UpstreamBody::Capped(capped), Some(overflow))
+    };
+    let request = Request::from_parts(parts, body);
     let exchange = async {
         let error = match send(pool, node, request).await? {
             Ok(response) => return Ok(response),
@@ -226,7 +237,7 @@ pub async fn forward(
             return Err(upstream_error(node, &error));
         };
         log::debug!("retrying {method} {uri} once after: {error}");
-        let mut again = Request::new(Either::Right(Empty::new()));
+        let mut again = Request::new(UpstreamBody::Empty);
         *again.method_mut() = method;
         *again.uri_mut() = uri;
         *again.headers_mut() = headers;
@@ -235,13 +246,26 @@ pub async fn forward(
             Err(error) => Err(upstream_error(node, &error)),
         }
     };
-    match tokio::time::timeout(request_timeout, exchange).await {
+    let result = match tokio::time::timeout(request_timeout, exchange).await {
         Ok(result) => result,
         Err(_) => Err(ProxyError::Timeout {
             node: node.name.clone(),
             after: request_timeout,
         }),
+    };
+    if result.is_err() {
+        // Failed because the body crossed the limit: the node got no more
+        // than the limit and will discard it; the client gets kv-node's 413.
+        let oversized = overflow.and_then(|slot| slot.lock().take());
+        if let Some(mut body) = oversized {
+            kv_node::api::drain(&mut body).await;
+            return Err(ApiError::BodyTooLarge {
+                limit: max_body_bytes,
+            }
+            .into());
+        }
     }
+    result
 }
 
 /// One exchange. The outer error is final (no connection could be made);

@@ -298,6 +298,83 @@ fn oversize_bodies_get_413_as_direct() {
     assert_eq!(got.status, 200, "{}", got.text());
 }
 
+/// PUTs `body` with chunked framing (no declared length), in 64 KiB
+/// chunks, and reads the whole answer: (status, body).
+fn put_chunked(addr: SocketAddr, path: &str, body: &[u8]) -> (u16, String) {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    write!(
+        stream,
+        "PUT {path} HTTP/1.1\r\nHost: kv\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )
+    .unwrap();
+    for chunk in body.chunks(64 * 1024) {
+        write!(stream, "{:x}\r\n", chunk.len()).unwrap();
+        stream.write_all(chunk).unwrap();
+        stream.write_all(b"\r\n").unwrap();
+    }
+    stream.write_all(b"0\r\n\r\n").unwrap();
+    // Close-delimited or not, the answer is small: read its head and
+    // declared body.
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let text = String::from_utf8_lossy(&raw).into_owned();
+        if let Some((head, rest)) = text.split_once("\r\n\r\n") {
+            let length = head
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length: ")
+                        .map(str::to_owned)
+                })
+                .and_then(|v| v.trim().parse::<usize>().ok())
+                .unwrap_or(0);
+            if rest.len() >= length {
+                let status = head
+                    .split(' ')
+                    .nth(1)
+                    .and_then(|s| s.parse().ok())
+                    .unwrap_or(0);
+                return (status, rest[..length].to_owned());
+            }
+        }
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => panic!("connection ended before a whole answer: {text:?}"),
+            Ok(read) => raw.extend_from_slice(&buf[..read]),
+        }
+    }
+}
+
+#[test]
+fn chunked_bodies_are_held_to_the_proxy_limit() {
+    // A proxy limit below the nodes' (1 MiB): only the proxy can refuse.
+    let cluster = cluster(&["--max-body-bytes", "4096"]);
+    let owner = cluster.owner_of("chunky");
+    // With no declared length, the body is counted as it passes, cut off at
+    // the limit, and answered 413 in kv-node's words; nothing is stored.
+    let big = body(&format!("\"{}\"", "x".repeat(10_000)));
+    let proxied = put_chunked(cluster.proxy.addr, "/chunky", &big);
+    assert_eq!(
+        proxied,
+        (
+            413,
+            "{\"error\":\"Request body too large: the limit is 4096 bytes\"}\n".to_owned()
+        )
+    );
+    let get = request(cluster.nodes[owner].addr, "GET", "/chunky", None).unwrap();
+    assert_eq!(get.status, 404, "{}", get.text());
+    // Under the limit, chunked bodies pass through whole.
+    let fits = body(&format!("\"{}\"", "y".repeat(4000)));
+    let put = put_chunked(cluster.proxy.addr, "/chunky", &fits);
+    assert_eq!(put.0, 200, "{put:?}");
+    let get = request(cluster.nodes[owner].addr, "GET", "/chunky", None).unwrap();
+    assert_eq!(get.status, 200);
+    assert_eq!(get.body.len(), fits.len(), "stored whole");
+}
+
 #[test]
 fn a_lost_node_fails_closed_and_comes_back() {
     let mut cluster = cluster(&[]);
