@@ -50,8 +50,9 @@ pub struct Config {
     #[arg(long, env = "KV_PROXY_CONNECT_TIMEOUT", default_value = "1s", value_parser = humantime::parse_duration)]
     pub connect_timeout: Duration,
 
-    /// Time a node has to answer (until its response headers, including
-    /// forwarding the request body); past it the request gets 504.
+    /// Time a node has to answer (until its response headers), counted from
+    /// the last byte of the request body sent on; past it the request gets
+    /// 504. A client that stops sending its body for this long gets 408.
     #[arg(long, env = "KV_PROXY_REQUEST_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     pub request_timeout: Duration,
 

@@ -1,37 +1,42 @@
-//! The request body sent on to a node, and the size limit on bodies whose
-//! length the client did not declare.
+//! The request body sent on to a node: the size limit on bodies whose
+//! length the client did not declare, and the clock of the upload.
 //!
 //! A declared `Content-Length` over `--max-body-bytes` is refused before any
 //! node is asked (see [`crate::api`]). A chunked body has no declared
-//! length, so it is counted as it streams through: [`CappedBody`] stops at
+//! length, so it is counted as it streams through: [`ClientBody`] stops at
 //! the limit without passing on the byte that crosses it, so the node never
 //! sees an oversized body (it would refuse mid-upload and close, and the
 //! client could get a 502 instead of its 413). The client's body is handed
-//! back through an [`Overflow`] slot, so the proxy can read and discard the
+//! back through the [`Upload`] handle, so the proxy can read and discard the
 //! rest before answering 413, as kv-node does (a close with unread bytes
 //! resets the connection, and the client may lose the answer).
+//!
+//! The body also notes when it last passed bytes on ([`Upload`]): the
+//! node's time to answer (`--request-timeout`) counts from the end of the
+//! upload, not from its start, so a slow client's large upload is not
+//! taken for a slow node.
 
 use std::error::Error as StdError;
 use std::fmt;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use parking_lot::Mutex;
+use tokio::time::Instant;
 
 /// An error from a request body, as hyper's client takes it.
 pub type BoxError = Box<dyn StdError + Send + Sync>;
 
 /// What is sent to a node as the request body.
 pub enum UpstreamBody {
-    /// The client's body; its declared length (if any) is within the limit
-    /// and hyper enforces it.
-    Client(Incoming),
-    /// The client's body of undeclared length, counted against the limit.
-    Capped(CappedBody),
-    /// No body (a retried GET or HEAD).
+    /// The client's body, counted against the limit as it passes.
+    Client(ClientBody),
+    /// No body (a GET, or a retried one).
     Empty,
 }
 
@@ -44,26 +49,21 @@ impl Body for UpstreamBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
-            UpstreamBody::Client(body) => Pin::new(body)
-                .poll_frame(cx)
-                .map(|frame| frame.map(|result| result.map_err(Into::into))),
-            UpstreamBody::Capped(body) => Pin::new(body).poll_frame(cx),
+            UpstreamBody::Client(body) => Pin::new(body).poll_frame(cx),
             UpstreamBody::Empty => Poll::Ready(None),
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
-            UpstreamBody::Client(body) => body.is_end_stream(),
-            UpstreamBody::Capped(body) => body.body.as_ref().is_none_or(Body::is_end_stream),
+            UpstreamBody::Client(body) => body.body.as_ref().is_none_or(Body::is_end_stream),
             UpstreamBody::Empty => true,
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
-            UpstreamBody::Client(body) => body.size_hint(),
-            UpstreamBody::Capped(body) => body
+            UpstreamBody::Client(body) => body
                 .body
                 .as_ref()
                 .map_or_else(|| SizeHint::with_exact(0), Body::size_hint),
@@ -72,11 +72,7 @@ impl Body for UpstreamBody {
     }
 }
 
-/// Where a [`CappedBody`] leaves the client's body when it crosses the
-/// limit.
-pub type Overflow = Arc<Mutex<Option<Incoming>>>;
-
-/// The error a [`CappedBody`] ends with at the limit.
+/// The error a [`ClientBody`] ends with at the limit.
 #[derive(Debug)]
 pub struct TooLarge;
 
@@ -88,27 +84,65 @@ impl fmt::Display for TooLarge {
 
 impl StdError for TooLarge {}
 
-/// A client body passed on until `limit` bytes, then cut off.
-pub struct CappedBody {
-    body: Option<Incoming>,
-    left: usize,
-    overflow: Overflow,
+/// What the forwarding side can learn of a body while hyper sends it.
+#[derive(Debug)]
+pub struct Upload {
+    started: Instant,
+    /// When bytes last went on, in microseconds after `started`.
+    last_progress: AtomicU64,
+    finished: AtomicBool,
+    /// The client's body, left here when it crosses the limit.
+    overflow: Mutex<Option<Incoming>>,
 }
 
-impl CappedBody {
-    /// Wraps `body`; the returned slot holds it once it crosses `limit`.
-    pub fn new(body: Incoming, limit: usize) -> (Self, Overflow) {
-        let overflow = Overflow::default();
-        let capped = Self {
-            body: Some(body),
-            left: limit,
-            overflow: overflow.clone(),
-        };
-        (capped, overflow)
+impl Upload {
+    /// When the node's time to answer starts: the last time bytes went on.
+    pub fn last_progress(&self) -> Instant {
+        self.started + Duration::from_micros(self.last_progress.load(Ordering::Relaxed))
+    }
+
+    /// Whether the whole body has been handed to the node.
+    pub fn finished(&self) -> bool {
+        self.finished.load(Ordering::Relaxed)
+    }
+
+    /// The client's body, if it crossed the limit (once).
+    pub fn take_overflow(&self) -> Option<Incoming> {
+        self.overflow.lock().take()
+    }
+
+    fn progressed(&self) {
+        let micros = u64::try_from(self.started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        self.last_progress.store(micros, Ordering::Relaxed);
     }
 }
 
-impl Body for CappedBody {
+/// A client body passed on until `limit` bytes, then cut off.
+pub struct ClientBody {
+    body: Option<Incoming>,
+    left: usize,
+    upload: Arc<Upload>,
+}
+
+impl ClientBody {
+    /// Wraps `body`; the returned handle follows the upload.
+    pub fn new(body: Incoming, limit: usize) -> (Self, Arc<Upload>) {
+        let upload = Arc::new(Upload {
+            started: Instant::now(),
+            last_progress: AtomicU64::new(0),
+            finished: AtomicBool::new(false),
+            overflow: Mutex::new(None),
+        });
+        let client = Self {
+            body: Some(body),
+            left: limit,
+            upload: upload.clone(),
+        };
+        (client, upload)
+    }
+}
+
+impl Body for ClientBody {
     type Data = Bytes;
     type Error = BoxError;
 
@@ -123,15 +157,24 @@ impl Body for CappedBody {
         let frame = match Pin::new(body).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => frame,
             Poll::Ready(Some(Err(error))) => return Poll::Ready(Some(Err(error.into()))),
-            Poll::Ready(None) => return Poll::Ready(None),
+            Poll::Ready(None) => {
+                this.upload.progressed();
+                this.upload.finished.store(true, Ordering::Relaxed);
+                return Poll::Ready(None);
+            }
             Poll::Pending => return Poll::Pending,
         };
         let len = frame.data_ref().map_or(0, Bytes::len);
         if len > this.left {
-            *this.overflow.lock() = this.body.take();
+            *this.upload.overflow.lock() = this.body.take();
             return Poll::Ready(Some(Err(Box::new(TooLarge))));
         }
         this.left -= len;
+        this.upload.progressed();
+        if this.body.as_ref().is_some_and(Body::is_end_stream) {
+            // hyper stops polling a body of known length at its end.
+            this.upload.finished.store(true, Ordering::Relaxed);
+        }
         Poll::Ready(Some(Ok(frame)))
     }
 }

@@ -24,6 +24,7 @@ use hyper::body::{Body as _, Incoming};
 use hyper::header::{HeaderMap, HeaderName, HeaderValue, HOST};
 use hyper::http::uri::Authority;
 use hyper::{Method, Request, Response, Uri, Version};
+use tokio::time::Instant;
 
 use kv_node::metrics::{thread_slot, CachePadded, SHARDS};
 
@@ -32,7 +33,7 @@ use kv_node::error::ApiError;
 use crate::error::ProxyError;
 use crate::health::NodeHealth;
 use crate::pool::{NodePool, PooledBody};
-use crate::request_body::{CappedBody, UpstreamBody};
+use crate::request_body::{ClientBody, UpstreamBody};
 
 /// The header naming the node that answered (or should have).
 pub const X_KV_NODE: HeaderName = HeaderName::from_static("x-kv-node");
@@ -220,12 +221,13 @@ pub async fn forward(
         });
 
     // A declared length was checked against the limit already; a chunked
-    // body is counted as it goes.
-    let (body, overflow) = if body.size_hint().exact().is_some() {
-        (UpstreamBody::Client(body), None)
+    // body is counted as it goes. A request without a body (a GET) costs
+    // no allocation here.
+    let (body, upload) = if body.is_end_stream() {
+        (UpstreamBody::Empty, None)
     } else {
-        let (capped, overflow) = CappedBody::new(body, max_body_bytes);
-        (UpstreamBody::Capped(capped), Some(overflow))
+        let (client, upload) = ClientBody::new(body, max_body_bytes);
+        (UpstreamBody::Client(client), Some(upload))
     };
     let request = Request::from_parts(parts, body);
     let exchange = async {
@@ -246,17 +248,31 @@ pub async fn forward(
             Err(error) => Err(upstream_error(node, &error)),
         }
     };
-    let result = match tokio::time::timeout(request_timeout, exchange).await {
-        Ok(result) => result,
-        Err(_) => Err(ProxyError::Timeout {
-            node: node.name.clone(),
-            after: request_timeout,
-        }),
+    tokio::pin!(exchange);
+    let mut deadline = Instant::now() + request_timeout;
+    let result = loop {
+        if let Ok(result) = tokio::time::timeout_at(deadline, &mut exchange).await {
+            break result;
+        }
+        // The node's time counts from the last byte of the upload: a client
+        // still sending (slowly) is not the node's fault.
+        let Some(upload) = &upload else {
+            break Err(node_timeout(node, request_timeout));
+        };
+        let later = upload.last_progress() + request_timeout;
+        if later > deadline {
+            deadline = later;
+        } else if upload.finished() {
+            break Err(node_timeout(node, request_timeout));
+        } else {
+            // The client stopped sending its body: kv-node's own answer.
+            break Err(ApiError::BodyTimeout.into());
+        }
     };
     if result.is_err() {
         // Failed because the body crossed the limit: the node got no more
         // than the limit and will discard it; the client gets kv-node's 413.
-        let oversized = overflow.and_then(|slot| slot.lock().take());
+        let oversized = upload.and_then(|upload| upload.take_overflow());
         if let Some(mut body) = oversized {
             kv_node::api::drain(&mut body).await;
             return Err(ApiError::BodyTooLarge {
@@ -266,6 +282,13 @@ pub async fn forward(
         }
     }
     result
+}
+
+fn node_timeout(node: &Node, after: Duration) -> ProxyError {
+    ProxyError::Timeout {
+        node: node.name.clone(),
+        after,
+    }
 }
 
 /// One exchange. The outer error is final (no connection could be made);

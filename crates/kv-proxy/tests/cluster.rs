@@ -316,8 +316,14 @@ fn put_chunked(addr: SocketAddr, path: &str, body: &[u8]) -> (u16, String) {
         stream.write_all(b"\r\n").unwrap();
     }
     stream.write_all(b"0\r\n\r\n").unwrap();
-    // Close-delimited or not, the answer is small: read its head and
-    // declared body.
+    read_answer(&mut stream)
+}
+
+/// Reads one answer with a Content-Length body: (status, body).
+fn read_answer(stream: &mut TcpStream) -> (u16, String) {
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
     let mut raw = Vec::new();
     let mut buf = [0u8; 4096];
     loop {
@@ -346,6 +352,43 @@ fn put_chunked(addr: SocketAddr, path: &str, body: &[u8]) -> (u16, String) {
             Ok(read) => raw.extend_from_slice(&buf[..read]),
         }
     }
+}
+
+#[test]
+fn the_request_timeout_counts_from_the_end_of_the_upload() {
+    let cluster = cluster(&["--request-timeout", "400ms"]);
+    let head = |length: usize| {
+        format!("PUT /slow HTTP/1.1\r\nHost: kv\r\nContent-Type: application/json\r\nContent-Length: {length}\r\n\r\n")
+    };
+    // A slow client: its body comes in pieces over three times the
+    // timeout. The node answers once it has it all, and that is in time.
+    let value = body("\"slow\"");
+    let mut stream = TcpStream::connect(cluster.proxy.addr).unwrap();
+    stream.write_all(head(value.len()).as_bytes()).unwrap();
+    for piece in value.chunks(value.len() / 6 + 1) {
+        thread::sleep(Duration::from_millis(200));
+        stream.write_all(piece).unwrap();
+    }
+    let answer = read_answer(&mut stream);
+    assert_eq!(answer.0, 200, "{answer:?}");
+    // A client that stops mid-body: 408 in kv-node's words once it has
+    // been silent for the timeout, and nothing is written.
+    let other = body("\"stalled\"");
+    let mut stalled = TcpStream::connect(cluster.proxy.addr).unwrap();
+    stalled.write_all(head(other.len()).as_bytes()).unwrap();
+    stalled.write_all(&other[..other.len() - 3]).unwrap();
+    let started = Instant::now();
+    let answer = read_answer(&mut stalled);
+    assert_eq!(
+        answer,
+        (
+            408,
+            "{\"error\":\"Timed out waiting for the request body\"}\n".to_owned()
+        )
+    );
+    assert!(started.elapsed() >= Duration::from_millis(400));
+    let got = request(cluster.proxy.addr, "GET", "/slow", None).unwrap();
+    assert_eq!(got.text(), "{\"value\":\"slow\"}\n");
 }
 
 #[test]
