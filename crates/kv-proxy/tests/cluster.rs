@@ -302,9 +302,6 @@ fn oversize_bodies_get_413_as_direct() {
 /// chunks, and reads the whole answer: (status, body).
 fn put_chunked(addr: SocketAddr, path: &str, body: &[u8]) -> (u16, String) {
     let mut stream = TcpStream::connect(addr).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
     write!(
         stream,
         "PUT {path} HTTP/1.1\r\nHost: kv\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
