@@ -279,6 +279,55 @@ fn snapshot_then_log_recovers_and_retires_covered_files() {
     assert!(!dir.path().join(segment_name(1)).exists());
 }
 
+/// The log segment files in `dir`.
+fn segments_in(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| name.starts_with("wal-"))
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn restarts_without_writes_do_not_pile_up_segments() {
+    let dir = tempfile::tempdir().unwrap();
+    let changes = sample_changes();
+    let store = open(dir.path());
+    apply(&store, &changes);
+    drop(store);
+    let after_writes = segments_in(dir.path());
+    assert_eq!(after_writes.len(), 1, "{after_writes:?}");
+    // Restarts without writes, and what a kill -9 right after a start
+    // leaves: a new segment that is only zero-filled preallocation.
+    for _ in 0..5 {
+        drop(open(dir.path()));
+    }
+    let last = segments_in(dir.path()).last().unwrap().clone();
+    let killed_seq: u64 = last[4..24].parse::<u64>().unwrap() + 1;
+    fs::write(
+        dir.path().join(segment_name(killed_seq)),
+        vec![0u8; 64 << 10],
+    )
+    .unwrap();
+    let store = open(dir.path());
+    assert_state(
+        &store,
+        &expected(&changes),
+        &all_keys(&changes),
+        "after restarts",
+    );
+    let report = store.recovery().unwrap().clone();
+    assert_eq!(report.segments, 1, "{report:?}");
+    // The next segment is numbered past every one seen, removed or not.
+    assert!(report.next_segment > killed_seq, "{report:?}");
+    drop(store);
+    let now = segments_in(dir.path());
+    assert!(now.len() <= 2, "segments piled up: {now:?}");
+    assert!(now.contains(&after_writes[0]), "{now:?}");
+}
+
 #[test]
 fn a_half_written_snapshot_temp_file_is_ignored() {
     let dir = tempfile::tempdir().unwrap();

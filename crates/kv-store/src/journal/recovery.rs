@@ -8,6 +8,7 @@
 //! 3. Delete segments the snapshot covers (a crash between a snapshot's
 //!    rename and its retiring of old segments leaves them), then read the
 //!    rest in order, the last one allowing a torn tail ([`super::reader`]).
+//!    Segments with no records (every start opens one) are deleted.
 //! 4. Apply: the snapshot's entries for keys the log does not touch, then the
 //!    last change the log holds for each key it touches. That ends in the
 //!    state a full replay would, without allocating values that a later
@@ -120,10 +121,21 @@ pub fn recover(dir: &Path, map: &Map, repair: bool) -> Result<RecoveryReport, Op
     for (index, (seq, path)) in live.iter().enumerate() {
         let is_last = index + 1 == live.len();
         let (buf, cut_bytes) = reader::read_segment(path, is_last, repair)?;
+        report.cut_bytes += cut_bytes;
+        // Numbers are never reused, even those of segments removed below.
+        next = next.max(seq + 1);
+        if buf.is_empty() {
+            // Each start opens a new segment; one that got no records (a
+            // restart without writes, or a kill right after one) would
+            // otherwise pile up until the next snapshot. Best effort: a
+            // leftover empty segment is harmless.
+            if let Err(error) = fs::remove_file(path) {
+                log::warn!("cannot remove empty segment {}: {error}", path.display());
+            }
+            continue;
+        }
         log_bufs.push(buf);
         report.segments += 1;
-        report.cut_bytes += cut_bytes;
-        next = next.max(seq + 1);
     }
 
     // The snapshot was checked above and the segments cut to their usable
