@@ -96,17 +96,17 @@ async fn route(app: &App, request: Request<Incoming>) -> Result<Response<Body>, 
     }
     let key = key::parse(path)?;
     match parts.method {
-        Method::GET | Method::HEAD => get(app, &key),
+        Method::GET | Method::HEAD => get(app, &key).await,
         Method::PUT | Method::POST => put(app, &key, &parts.headers, body).await,
         Method::DELETE => delete(app, &key).await,
         _ => Err(ApiError::MethodNotAllowed { allow: KEY_METHODS }),
     }
 }
 
-fn get(app: &App, key: &str) -> Result<Response<Body>, ApiError> {
+async fn get(app: &App, key: &str) -> Result<Response<Body>, ApiError> {
     log::debug!("GET - Key: {key}");
     app.log_op(|| Entry::Get(key.into()));
-    let body = app.store.get(key).ok_or(ApiError::KeyNotFound)?;
+    let body = app.store.get(key).await.ok_or(ApiError::KeyNotFound)?;
     Ok(json_response(StatusCode::OK, body))
 }
 

@@ -72,8 +72,16 @@ pub enum Op {
 
 type Done = oneshot::Sender<Result<(), StoreError>>;
 
+/// What a writer awaits for its submitted op.
+pub type Submitted = oneshot::Receiver<Result<(), StoreError>>;
+
 enum Msg {
-    Write { op: Op, done: Done },
+    /// `ticket`: this write's place in the log, 1, 2, 3... in channel order.
+    Write {
+        op: Op,
+        done: Done,
+        ticket: u64,
+    },
     Rotate(mpsc::Sender<Result<u64, String>>),
     Close,
 }
@@ -99,6 +107,11 @@ pub struct Health {
     snapshots: AtomicU64,
     /// Told of each snapshot written (keys, bytes), e.g. for the op log.
     on_snapshot: Mutex<Option<SnapshotObserver>>,
+    /// The newest write ticket as durable as the policy promises (written;
+    /// for `always`, synced too). Every lower ticket is as well.
+    durable: AtomicU64,
+    /// Wakes readers waiting for `durable` to pass their ticket.
+    durable_changed: tokio::sync::Notify,
 }
 
 /// A callback told of each snapshot written: its key count and size.
@@ -124,6 +137,32 @@ impl Health {
             *current = reason;
             self.failed.store(true, Ordering::Release);
         }
+        drop(current);
+        // Readers waiting for a write that will never be durable stop
+        // waiting (and see what memory holds).
+        self.durable_changed.notify_waiters();
+    }
+
+    /// Waits until write `ticket` is as durable as the policy promises, or
+    /// the log has failed or closed (then there is nothing to wait for).
+    pub async fn wait_durable(&self, ticket: u64) {
+        loop {
+            let changed = self.durable_changed.notified();
+            tokio::pin!(changed);
+            // Registered before checking, so a change in between still wakes us.
+            changed.as_mut().enable();
+            if self.durable.load(Ordering::Acquire) >= ticket || self.failed.load(Ordering::Acquire)
+            {
+                return;
+            }
+            changed.await;
+        }
+    }
+
+    /// Whether write `ticket` is durable already (the fast path of a read).
+    #[inline]
+    pub fn is_durable(&self, ticket: u64) -> bool {
+        self.durable.load(Ordering::Acquire) >= ticket
     }
 
     pub fn appended(&self) -> u64 {
@@ -176,6 +215,9 @@ impl Health {
 /// The handle writers and the snapshot thread use to reach the writer thread.
 pub struct Journal {
     tx: Sender<Msg>,
+    /// The last write ticket handed out; held while sending, so tickets
+    /// enter the channel in order.
+    last_ticket: Mutex<u64>,
     pub health: Arc<Health>,
     thread: Mutex<Option<JoinHandle<()>>>,
     /// `everysec`'s syncer: its stop signal and thread.
@@ -254,6 +296,7 @@ impl Journal {
             asked_snapshot: false,
             buf: Vec::with_capacity(64 << 10),
             pending: Vec::new(),
+            batch_ticket: 0,
             health: health.clone(),
             config,
         };
@@ -262,6 +305,7 @@ impl Journal {
             .spawn(move || writer.run(rx))?;
         Ok(Journal {
             tx,
+            last_ticket: Mutex::new(0),
             health,
             thread: Mutex::new(Some(thread)),
             syncer: Mutex::new(syncer),
@@ -269,14 +313,19 @@ impl Journal {
     }
 
     /// Queues `op`; the receiver completes once the policy says it is
-    /// durable. Call under the key's shard lock so log order is map order.
-    pub fn submit(&self, op: Op) -> Result<oneshot::Receiver<Result<(), StoreError>>, StoreError> {
+    /// durable, and the ticket tells readers what to wait for
+    /// ([`Health::wait_durable`]). Call under the key's shard lock so log
+    /// order is map order.
+    pub fn submit(&self, op: Op) -> Result<(Submitted, u64), StoreError> {
         self.health.check()?;
         let (done, wait) = oneshot::channel();
+        let mut last = self.last_ticket.lock();
+        let ticket = *last + 1;
         self.tx
-            .send(Msg::Write { op, done })
+            .send(Msg::Write { op, done, ticket })
             .map_err(|_| closed())?;
-        Ok(wait)
+        *last = ticket;
+        Ok((wait, ticket))
     }
 
     /// Seals the active segment (fsynced) and starts the next one; its number.
@@ -363,6 +412,8 @@ struct Writer {
     asked_snapshot: bool,
     buf: Vec<u8>,
     pending: Vec<Done>,
+    /// The highest ticket in `pending`.
+    batch_ticket: u64,
     health: Arc<Health>,
     config: WriterConfig,
 }
@@ -442,12 +493,13 @@ impl Writer {
 
     fn take(&mut self, msg: Msg, control: &mut Option<Msg>) {
         match msg {
-            Msg::Write { op, done } => {
+            Msg::Write { op, done, ticket } => {
                 match &op {
                     Op::Put(entry) => record::encode(&mut self.buf, Kind::Put, entry),
                     Op::Delete(key) => record::encode(&mut self.buf, Kind::Delete, key),
                 }
                 self.pending.push(done);
+                self.batch_ticket = ticket;
             }
             other => *control = Some(other),
         }
@@ -483,6 +535,10 @@ impl Writer {
                     self.health
                         .appended
                         .fetch_add(self.pending.len() as u64, Ordering::Relaxed);
+                    self.health
+                        .durable
+                        .store(self.batch_ticket, Ordering::Release);
+                    self.health.durable_changed.notify_waiters();
                     Ok(())
                 }
                 Err(error) => {
