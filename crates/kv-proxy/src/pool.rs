@@ -134,8 +134,13 @@ impl NodePool {
             self.push(sender);
             return;
         }
+        // A body can be dropped as the worker's runtime shuts down, outside
+        // it: then the connection just closes.
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
         let idle_timeout = self.settings.idle_timeout;
-        tokio::spawn(async move {
+        runtime.spawn(async move {
             if let Ok(Ok(())) = tokio::time::timeout(idle_timeout, sender.ready()).await {
                 self.push(sender);
             }
