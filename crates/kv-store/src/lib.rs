@@ -24,7 +24,11 @@
 //! thread to pass it (usually one group commit). So no client, writer or
 //! reader, can see a value that `kill -9` (or, with `always`, a power cut)
 //! would take back. Redis gives the same with `appendfsync always` by
-//! sending every reply after its event loop's fsync.
+//! sending every reply after its event loop's fsync. A write is queued to
+//! the log before it changes the map, so a write the log refuses is never
+//! seen; one whose log write then fails, or that is not durable within
+//! [`READ_WAIT_LIMIT`] (a stalled disk), makes reads of its slot answer
+//! [`StoreError::Unavailable`] rather than show it.
 //!
 //! Once a log write or sync fails, writes answer [`StoreError::Unavailable`]
 //! and reads keep working.
@@ -50,6 +54,10 @@ pub use options::{FsyncPolicy, StoreOptions};
 use journal::snapshot::Snapshotter;
 use journal::writer::{self, Journal, Op, WriterConfig};
 use map::Map;
+
+/// Longest a read waits for the write it would show to become durable
+/// before answering [`StoreError::Unavailable`] (the disk is stalled).
+pub const READ_WAIT_LIMIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// A thread-safe map of keys to values, shared by every connection.
 pub struct Store {
@@ -163,16 +171,33 @@ impl Store {
     }
 
     /// The value stored under `key`, if any, once the write that stored it
-    /// (or removed it) is durable; at once in the usual case.
-    pub async fn get(&self, key: &str) -> Option<Bytes> {
+    /// (or removed it) is durable; at once in the usual case. `Err` when that
+    /// write failed, or is not durable within [`READ_WAIT_LIMIT`] (a stalled
+    /// disk): showing it could show what a crash takes back.
+    pub async fn get(&self, key: &str) -> Result<Option<Bytes>, StoreError> {
         let (entry, ticket) = self.map.get_with_ticket(key.as_bytes());
-        if let Some(durable) = &self.durable {
-            let health = &durable.journal.health;
-            if !health.is_durable(ticket) {
-                health.wait_durable(ticket).await;
-            }
+        self.wait_durable(ticket).await?;
+        Ok(entry.map(|e| entry::value_bytes(&e)))
+    }
+
+    /// Waits until log write `ticket` is durable (see [`Store::get`]).
+    async fn wait_durable(&self, ticket: u64) -> Result<(), StoreError> {
+        let Some(durable) = &self.durable else {
+            return Ok(());
+        };
+        let health = &durable.journal.health;
+        if health.is_durable(ticket) {
+            return Ok(());
         }
-        entry.map(|e| entry::value_bytes(&e))
+        match tokio::time::timeout(READ_WAIT_LIMIT, health.wait_durable(ticket)).await {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(health.check().err().unwrap_or_else(|| {
+                StoreError::Unavailable("the last write to this key was not logged".into())
+            })),
+            Err(_) => Err(StoreError::Unavailable(format!(
+                "the last write to this key is not durable after {READ_WAIT_LIMIT:?} (slow disk)"
+            ))),
+        }
     }
 
     /// How well the log writer batched so far (`None` in memory).
@@ -209,9 +234,9 @@ impl Store {
                 Ok(None)
             }
             Some(durable) => {
-                durable.journal.health.check()?;
-                Map::insert(&mut table, hash, entry.clone());
-                let (wait, ticket) = durable.journal.submit(Op::Put(entry))?;
+                // Logged first: a change the log refuses never reaches the map.
+                let (wait, ticket) = durable.journal.submit(Op::Put(entry.clone()))?;
+                Map::insert(&mut table, hash, entry);
                 self.map.mark_written(hash, ticket);
                 Ok(Some(wait))
             }
@@ -250,28 +275,37 @@ impl Store {
 
     /// Removes `key`; `Ok(false)` if it was not there.
     pub async fn delete(&self, key: &str) -> Result<bool, StoreError> {
+        enum Outcome {
+            Deleted(Option<writer::Submitted>),
+            /// Not there: as of log write `ticket` (a delete may be in flight).
+            Absent(u64),
+        }
         let key = key.as_bytes();
-        let wait = {
+        let outcome = {
             let (mut table, hash) = self.map.lock(key);
-            if let Some(durable) = &self.durable {
-                durable.journal.health.check()?;
-            }
-            if !Map::remove(&mut table, hash, key) {
-                return Ok(false);
-            }
             match &self.durable {
-                Some(durable) => {
-                    let (wait, ticket) = durable.journal.submit(Op::Delete(key.into()))?;
-                    self.map.mark_written(hash, ticket);
-                    Some(wait)
+                None => match Map::remove(&mut table, hash, key) {
+                    true => Outcome::Deleted(None),
+                    false => Outcome::Absent(0),
+                },
+                Some(_) if !Map::contains(&table, hash, key) => {
+                    Outcome::Absent(self.map.ticket(hash))
                 }
-                None => None,
+                Some(durable) => {
+                    // Logged first: a change the log refuses never reaches the map.
+                    let (wait, ticket) = durable.journal.submit(Op::Delete(key.into()))?;
+                    Map::remove(&mut table, hash, key);
+                    self.map.mark_written(hash, ticket);
+                    Outcome::Deleted(Some(wait))
+                }
             }
         };
-        if let Some(wait) = wait {
-            writer::wait(wait).await?;
+        match outcome {
+            Outcome::Deleted(Some(wait)) => writer::wait(wait).await.map(|()| true),
+            Outcome::Deleted(None) => Ok(true),
+            // A 404 is a read: only once the delete it reflects is durable.
+            Outcome::Absent(ticket) => self.wait_durable(ticket).await.map(|()| false),
         }
-        Ok(true)
     }
 
     /// Writes a snapshot now and retires the log it covers; blocking (call
@@ -319,11 +353,17 @@ mod tests {
     #[tokio::test]
     async fn put_get_delete_round_trip() {
         let store = Store::in_memory();
-        assert_eq!(store.get("a").await, None);
+        assert_eq!(store.get("a").await.unwrap(), None);
         store.put("a", Bytes::from_static(b"1")).await.unwrap();
-        assert_eq!(store.get("a").await, Some(Bytes::from_static(b"1")));
+        assert_eq!(
+            store.get("a").await.unwrap(),
+            Some(Bytes::from_static(b"1"))
+        );
         store.put("a", Bytes::from_static(b"2")).await.unwrap();
-        assert_eq!(store.get("a").await, Some(Bytes::from_static(b"2")));
+        assert_eq!(
+            store.get("a").await.unwrap(),
+            Some(Bytes::from_static(b"2"))
+        );
         assert_eq!(store.len(), 1);
         assert!(store.delete("a").await.unwrap());
         assert!(!store.delete("a").await.unwrap());
@@ -355,7 +395,7 @@ mod tests {
             if i > 0 {
                 assert!(store.delete(&format!("seen{}", i - 1)).await.unwrap());
             }
-            while store.get(&key).await.is_none() {
+            while store.get(&key).await.unwrap().is_none() {
                 tokio::task::yield_now().await;
             }
             let written = store.log_stats().unwrap().records;

@@ -125,6 +125,17 @@ impl Map {
         self.tickets[Self::ticket_index(hash)].store(ticket, Ordering::Relaxed);
     }
 
+    /// The ticket of the newest log write to `hash`'s slot. Call with its
+    /// shard locked.
+    pub fn ticket(&self, hash: u64) -> u64 {
+        self.tickets[Self::ticket_index(hash)].load(Ordering::Relaxed)
+    }
+
+    /// Whether `key` is in its (locked) shard.
+    pub fn contains(table: &Table, hash: u64, key: &[u8]) -> bool {
+        table.find(hash, |e| entry::key(e) == key).is_some()
+    }
+
     /// The entry stored under `key`, and the ticket of the newest log write
     /// that may have changed it (0: none since open): the read is durable
     /// once that ticket is.

@@ -143,17 +143,21 @@ impl Health {
         self.durable_changed.notify_waiters();
     }
 
-    /// Waits until write `ticket` is as durable as the policy promises, or
-    /// the log has failed or closed (then there is nothing to wait for).
-    pub async fn wait_durable(&self, ticket: u64) {
+    /// Waits until write `ticket` is as durable as the policy promises
+    /// (`true`), or the log has failed or closed first (`false`: it never
+    /// will be).
+    pub async fn wait_durable(&self, ticket: u64) -> bool {
         loop {
             let changed = self.durable_changed.notified();
             tokio::pin!(changed);
             // Registered before checking, so a change in between still wakes us.
             changed.as_mut().enable();
-            if self.durable.load(Ordering::Acquire) >= ticket || self.failed.load(Ordering::Acquire)
-            {
-                return;
+            if self.is_durable(ticket) {
+                return true;
+            }
+            if self.failed.load(Ordering::Acquire) {
+                // A last commit may have landed just before the failure.
+                return self.is_durable(ticket);
             }
             changed.await;
         }
