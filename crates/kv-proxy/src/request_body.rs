@@ -11,10 +11,13 @@
 //! rest before answering 413, as kv-node does (a close with unread bytes
 //! resets the connection, and the client may lose the answer).
 //!
-//! The body also notes when it last passed bytes on ([`Upload`]): the
-//! node's time to answer (`--request-timeout`) counts from the end of the
-//! upload, not from its start, so a slow client's large upload is not
-//! taken for a slow node.
+//! The body also notes when it last passed bytes on, and whether it is
+//! waiting for the client ([`Upload`]): the node's time to answer
+//! (`--request-timeout`) counts from the end of the upload, not from its
+//! start, so a slow client's large upload is not taken for a slow node, and
+//! a stall is blamed on the client (408) only when the client is what the
+//! upload waits for. A client's broken body (a bad chunk) is the client's
+//! error (400), not the node's.
 
 use std::error::Error as StdError;
 use std::fmt;
@@ -91,8 +94,13 @@ pub struct Upload {
     /// When bytes last went on, in microseconds after `started`.
     last_progress: AtomicU64,
     finished: AtomicBool,
+    /// Whether hyper's last poll found no bytes from the client yet (as
+    /// opposed to hyper not asking: the node is not reading).
+    waiting_on_client: AtomicBool,
     /// The client's body, left here when it crosses the limit.
     overflow: Mutex<Option<Incoming>>,
+    /// Why reading the client's body failed (a bad chunk, the client gone).
+    client_error: Mutex<Option<String>>,
 }
 
 impl Upload {
@@ -104,6 +112,17 @@ impl Upload {
     /// Whether the whole body has been handed to the node.
     pub fn finished(&self) -> bool {
         self.finished.load(Ordering::Relaxed)
+    }
+
+    /// Whether the upload is stalled on the client: it has not finished, and
+    /// the node side last asked for bytes the client has not sent.
+    pub fn stalled_on_client(&self) -> bool {
+        !self.finished() && self.waiting_on_client.load(Ordering::Relaxed)
+    }
+
+    /// Why the client's body could not be read, if it could not (once).
+    pub fn take_client_error(&self) -> Option<String> {
+        self.client_error.lock().take()
     }
 
     /// The client's body, if it crossed the limit (once).
@@ -131,7 +150,9 @@ impl ClientBody {
             started: Instant::now(),
             last_progress: AtomicU64::new(0),
             finished: AtomicBool::new(false),
+            waiting_on_client: AtomicBool::new(false),
             overflow: Mutex::new(None),
+            client_error: Mutex::new(None),
         });
         let client = Self {
             body: Some(body),
@@ -154,9 +175,16 @@ impl Body for ClientBody {
         let Some(body) = this.body.as_mut() else {
             return Poll::Ready(Some(Err(Box::new(TooLarge))));
         };
-        let frame = match Pin::new(body).poll_frame(cx) {
+        let polled = Pin::new(body).poll_frame(cx);
+        this.upload
+            .waiting_on_client
+            .store(polled.is_pending(), Ordering::Relaxed);
+        let frame = match polled {
             Poll::Ready(Some(Ok(frame))) => frame,
-            Poll::Ready(Some(Err(error))) => return Poll::Ready(Some(Err(error.into()))),
+            Poll::Ready(Some(Err(error))) => {
+                *this.upload.client_error.lock() = Some(error.to_string());
+                return Poll::Ready(Some(Err(error.into())));
+            }
             Poll::Ready(None) => {
                 this.upload.progressed();
                 this.upload.finished.store(true, Ordering::Relaxed);

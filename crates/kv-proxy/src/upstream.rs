@@ -10,10 +10,11 @@
 //!   `X-Kv-Node` header value is built once at start-up; per request no
 //!   string is formatted.
 //! * Connect errors count against the node's health (passive marking) and
-//!   answer 503; no answer within `--request-timeout` answers 504. A GET or
-//!   HEAD without a body is retried once after a connection error, since it
-//!   cannot have changed anything; writes are retried only when hyper hands
-//!   them back unsent.
+//!   answer 503 at once (a refused connect is not retried: the next health
+//!   check decides). No answer within `--request-timeout` answers 504. A GET
+//!   or HEAD without a body is retried once after an exchange broke, since
+//!   it cannot have changed anything; writes are retried only when hyper
+//!   hands them back unsent (the node never saw them).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -262,14 +263,22 @@ pub async fn forward(
         let later = upload.last_progress() + request_timeout;
         if later > deadline {
             deadline = later;
-        } else if upload.finished() {
-            break Err(node_timeout(node, request_timeout));
-        } else {
+        } else if upload.stalled_on_client() {
             // The client stopped sending its body: kv-node's own answer.
             break Err(ApiError::BodyTimeout.into());
+        } else {
+            // Sent, or the node stopped reading it.
+            break Err(node_timeout(node, request_timeout));
         }
     };
     if result.is_err() {
+        let client_error = upload
+            .as_ref()
+            .and_then(|upload| upload.take_client_error());
+        if let Some(why) = client_error {
+            // The client's body broke, not the node: kv-node's own answer.
+            return Err(ApiError::BodyRead(why).into());
+        }
         // Failed because the body crossed the limit: the node got no more
         // than the limit and will discard it; the client gets kv-node's 413.
         let oversized = upload.and_then(|upload| upload.take_overflow());

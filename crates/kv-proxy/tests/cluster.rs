@@ -352,6 +352,31 @@ fn read_answer(stream: &mut TcpStream) -> (u16, String) {
 }
 
 #[test]
+fn a_broken_chunked_body_is_the_clients_error_as_direct() {
+    let cluster = cluster(&[]);
+    let owner = cluster.owner_of("broken");
+    let send = |addr: SocketAddr| {
+        let mut stream = TcpStream::connect(addr).unwrap();
+        // A chunk-size line that is not hex.
+        stream
+            .write_all(b"PUT /broken HTTP/1.1\r\nHost: kv\r\nTransfer-Encoding: chunked\r\n\r\n5\r\n{\"val\r\nzz\r\n")
+            .unwrap();
+        read_answer(&mut stream)
+    };
+    let direct = send(cluster.nodes[owner].addr);
+    assert_eq!(direct.0, 400, "{direct:?}");
+    let proxied = send(cluster.proxy.addr);
+    assert_eq!(proxied, direct);
+    // Not counted against the node.
+    let metrics = request(cluster.proxy.addr, "GET", "/-/metrics", None).unwrap();
+    assert!(
+        !metrics.text().contains("kind=\"upstream\"} 1"),
+        "{}",
+        metrics.text()
+    );
+}
+
+#[test]
 fn the_request_timeout_counts_from_the_end_of_the_upload() {
     let cluster = cluster(&["--request-timeout", "400ms"]);
     let head = |length: usize| {
@@ -636,6 +661,16 @@ fn a_silent_node_gives_504_and_the_others_keep_serving() {
     )
     .unwrap();
     assert_eq!(put.status, 504);
+    // So does a GET with a chunked body: hyper sends GETs without one, so
+    // its upload never "finishes", yet the client is not what it waits for.
+    let mut stream = TcpStream::connect(proxy.addr).unwrap();
+    write!(
+        stream,
+        "GET /{} HTTP/1.1\r\nHost: kv\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+        key_of(2)
+    )
+    .unwrap();
+    assert_eq!(read_answer(&mut stream).0, 504);
 }
 
 #[test]
