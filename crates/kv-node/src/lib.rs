@@ -79,6 +79,7 @@ pub async fn run(
         }
         None => None,
     };
+    let op_log_at_exit = op_log.clone();
     let app = Arc::new(api::App {
         store: Arc::clone(&store),
         metrics: metrics::Metrics::default(),
@@ -94,7 +95,14 @@ pub async fn run(
     };
     let served = server::serve(listener, app, limits, shutdown).await;
     // Flush and sync the log even if serving failed; blocking, so off the workers.
-    let _ = tokio::task::spawn_blocking(move || store.close()).await;
+    // Then the op log's last lines (the snapshot at close included).
+    let _ = tokio::task::spawn_blocking(move || {
+        store.close();
+        if let Some(op_log) = op_log_at_exit {
+            op_log.close();
+        }
+    })
+    .await;
     served?;
     log::info!("kv-node stopped");
     Ok(())

@@ -34,12 +34,24 @@ pub enum Entry {
     Save(String),
 }
 
+/// What the writer thread is handed.
+enum Msg {
+    /// An entry and its time (Unix seconds).
+    Entry(u64, Entry),
+    /// Write what came before, then stop.
+    Close,
+}
+
 /// The request side of the operation log.
 pub struct OpLog {
-    sender: SyncSender<(u64, Entry)>,
+    sender: SyncSender<Msg>,
     dropped: AtomicU64,
     written: Arc<AtomicU64>,
+    thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
 }
+
+/// How long [`OpLog::close`] waits for the last lines to be written.
+const CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 impl OpLog {
     /// Starts the writer thread for `path`, with room for `capacity` entries.
@@ -49,14 +61,45 @@ impl OpLog {
         let (sender, receiver) = sync_channel(capacity.max(1));
         let written = Arc::new(AtomicU64::new(0));
         let counter = written.clone();
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("kv-op-log".into())
             .spawn(move || write_loop(path, receiver, counter))?;
         Ok(OpLog {
             sender,
             dropped: AtomicU64::new(0),
             written,
+            thread: std::sync::Mutex::new(Some(thread)),
         })
+    }
+
+    /// Writes what is queued and stops the writer thread; blocking, for at
+    /// most a few seconds (a stuck disk does not hold up shutdown). Later
+    /// entries are dropped.
+    pub fn close(&self) {
+        let Some(thread) = self.thread.lock().ok().and_then(|mut thread| thread.take()) else {
+            return;
+        };
+        let deadline = std::time::Instant::now() + CLOSE_WAIT;
+        // The buffer may be full for a moment: the writer is draining it.
+        let mut close = Msg::Close;
+        loop {
+            match self.sender.try_send(close) {
+                Ok(()) | Err(TrySendError::Disconnected(_)) => break,
+                Err(TrySendError::Full(back)) if std::time::Instant::now() < deadline => {
+                    close = back;
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+                Err(TrySendError::Full(_)) => break,
+            }
+        }
+        while !thread.is_finished() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        if thread.is_finished() {
+            let _ = thread.join();
+        } else {
+            log::warn!("op log: the last lines were not written within {CLOSE_WAIT:?}");
+        }
     }
 
     /// Queues `entry` without ever blocking; drops it if the buffer is full.
@@ -65,7 +108,7 @@ impl OpLog {
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
         if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) =
-            self.sender.try_send((now, entry))
+            self.sender.try_send(Msg::Entry(now, entry))
         {
             let dropped = self.dropped.fetch_add(1, Relaxed) + 1;
             if dropped.is_power_of_two() {
@@ -85,7 +128,7 @@ impl OpLog {
     }
 }
 
-fn write_loop(path: PathBuf, receiver: Receiver<(u64, Entry)>, written: Arc<AtomicU64>) {
+fn write_loop(path: PathBuf, receiver: Receiver<Msg>, written: Arc<AtomicU64>) {
     let file = match OpenOptions::new().create(true).append(true).open(&path) {
         Ok(file) => file,
         Err(error) => {
@@ -100,21 +143,30 @@ fn write_loop(path: PathBuf, receiver: Receiver<(u64, Entry)>, written: Arc<Atom
     };
     let mut out = BufWriter::new(file);
     let mut line = String::new();
+    let mut closing = false;
     while let Ok(first) = receiver.recv() {
         let mut next = Some(first);
         // Write everything queued, then flush once: one syscall per burst.
-        while let Some((time, entry)) = next {
-            line.clear();
-            format_line(&mut line, time, &entry);
-            if let Err(error) = out.write_all(line.as_bytes()) {
-                log::error!("op log write failed: {error}");
-            } else {
-                written.fetch_add(1, Relaxed);
+        while let Some(msg) = next {
+            match msg {
+                Msg::Entry(time, entry) => {
+                    line.clear();
+                    format_line(&mut line, time, &entry);
+                    if let Err(error) = out.write_all(line.as_bytes()) {
+                        log::error!("op log write failed: {error}");
+                    } else {
+                        written.fetch_add(1, Relaxed);
+                    }
+                }
+                Msg::Close => closing = true,
             }
             next = receiver.try_recv().ok();
         }
         if let Err(error) = out.flush() {
             log::error!("op log flush failed: {error}");
+        }
+        if closing {
+            return;
         }
         // Let entries gather before the next drain. A sender wakes this
         // thread (a futex syscall, and a context switch on a busy core) only

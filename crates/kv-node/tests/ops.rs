@@ -141,6 +141,24 @@ fn op_log_has_flask_format_lines() {
 }
 
 #[test]
+fn every_op_log_line_is_written_by_a_clean_stop() {
+    let dir = tempfile::tempdir().unwrap();
+    let log_path = dir.path().join("kv_store.log");
+    let mut node = start_node(dir.path(), &["--op-log", log_path.to_str().unwrap()]);
+    for i in 0..300 {
+        request(node.addr, "GET", &format!("/k{i}"), None).unwrap();
+    }
+    // Stopped at once: lines still queued must be written before exit.
+    assert_eq!(node.terminate(), Some(0));
+    let text = std::fs::read_to_string(&log_path).unwrap();
+    let gets = text
+        .lines()
+        .filter(|l| l.contains(" - GET - Key: k"))
+        .count();
+    assert_eq!(gets, 300, "{text}");
+}
+
+#[test]
 fn a_stuck_op_log_never_blocks_requests() {
     let dir = tempfile::tempdir().unwrap();
     // A FIFO nobody reads: opening it for writing blocks forever, so the log
