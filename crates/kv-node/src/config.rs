@@ -50,6 +50,7 @@ pub struct Config {
 
     /// Operation-log lines buffered in memory; when the file cannot keep up,
     /// further lines are dropped and counted rather than slowing requests.
+    /// The writer drains it every 5 ms, so keep it above 5 ms of requests.
     #[arg(long, env = "KV_OP_LOG_BUFFER", default_value_t = 65_536)]
     pub op_log_buffer: usize,
 
