@@ -260,9 +260,10 @@ fn snapshot_then_log_recovers_and_retires_covered_files() {
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
     assert!(names.contains(&snapshot_name(2)), "{names:?}");
-    assert!(!names.contains(&segment_name(1)), "{names:?}");
-    // A covered segment left by a crash before retiring is ignored (its
-    // content here would be corruption if replayed).
+    // The segment snapshot 2 covers stays, as the fallback generation.
+    assert!(names.contains(&segment_name(1)), "{names:?}");
+    // A covered segment is never read on open (its content here would be
+    // corruption if replayed).
     fs::write(
         dir.path().join(segment_name(1)),
         b"stale, covered by the snapshot",
@@ -275,8 +276,25 @@ fn snapshot_then_log_recovers_and_retires_covered_files() {
     let report = store.recovery().unwrap().clone();
     assert_eq!(report.snapshot.as_ref().unwrap().1, 200);
     assert_state(&store, &expected(&all), &keys, "snapshot + log");
+    // Each snapshot keeps one generation back and retires the one before.
+    store.snapshot_now().unwrap();
+    let seqs = |kind: &str| -> Vec<u64> {
+        let mut seqs: Vec<u64> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|name| name.starts_with(kind))
+            .map(|name| name[kind.len()..kind.len() + 20].parse().unwrap())
+            .collect();
+        seqs.sort_unstable();
+        seqs
+    };
+    let newest = *seqs("snap-").last().unwrap();
+    assert_eq!(seqs("snap-"), vec![2, newest]);
+    assert!(seqs("wal-").iter().all(|&s| s >= 2), "{:?}", seqs("wal-"));
+    store.snapshot_now().unwrap();
+    assert_eq!(seqs("snap-").len(), 2);
+    assert!(seqs("wal-").iter().all(|&s| s >= newest));
     drop(store);
-    assert!(!dir.path().join(segment_name(1)).exists());
 }
 
 /// The log segment files in `dir`.
@@ -357,10 +375,25 @@ fn a_half_written_snapshot_temp_file_is_ignored() {
 fn a_damaged_snapshot_refuses_and_repair_falls_back() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path());
-    apply(&store, &[Change::Put("a".into(), b"1".to_vec())]);
+    let changes = vec![
+        Change::Put("a".into(), b"1".to_vec()),
+        Change::Put("b".into(), b"2".to_vec()),
+        Change::Put("a".into(), b"3".to_vec()),
+        Change::Put("c".into(), b"4".to_vec()),
+    ];
+    apply(&store, &changes[..1]);
     store.snapshot_now().unwrap();
+    apply(&store, &changes[1..3]);
+    store.snapshot_now().unwrap();
+    apply(&store, &changes[3..]);
     drop(store);
-    let path = dir.path().join(snapshot_name(2));
+    let newest = fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "snap"))
+        .max()
+        .unwrap();
+    let path = newest;
     let mut bytes = fs::read(&path).unwrap();
     let middle = bytes.len() / 2;
     bytes[middle] ^= 1;
@@ -375,12 +408,13 @@ fn a_damaged_snapshot_refuses_and_repair_falls_back() {
     let mut repair = options(FsyncPolicy::Never);
     repair.repair = true;
     let store = Store::open(dir.path(), repair).unwrap();
-    // The only snapshot is gone and the segment it covered was retired.
-    assert!(store.is_empty());
-    assert!(dir
-        .path()
-        .join(format!("{}.corrupt", snapshot_name(2)))
-        .exists());
+    // Back to the previous snapshot plus the log since it: nothing lost.
+    let report = store.recovery().unwrap().clone();
+    assert_eq!(report.snapshot.as_ref().unwrap().1, 1, "{report:?}");
+    assert_state(&store, &expected(&changes), &all_keys(&changes), "fallback");
+    let mut aside = path.into_os_string();
+    aside.push(".corrupt");
+    assert!(std::path::Path::new(&aside).exists());
 }
 
 #[test]

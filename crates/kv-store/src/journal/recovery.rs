@@ -4,10 +4,10 @@
 //!    segments they would have covered are all still there.
 //! 2. Load the newest snapshot. A damaged one refuses to open (naming file
 //!    and offset) unless `repair`, which sets it aside as `*.corrupt` and
-//!    falls back to the next older snapshot.
-//! 3. Delete segments the snapshot covers (a crash between a snapshot's
-//!    rename and its retiring of old segments leaves them), then read the
-//!    rest in order, the last one allowing a torn tail ([`super::reader`]).
+//!    falls back to the next older snapshot, whose log is still there.
+//! 3. Skip segments the snapshot covers (the previous generation, kept for
+//!    a fallback until the next snapshot retires it), then read the rest in
+//!    order, the last one allowing a torn tail ([`super::reader`]).
 //!    Segments with no records (every start opens one) are deleted.
 //! 4. Apply: the snapshot's entries for keys the log does not touch, then the
 //!    last change the log holds for each key it touches. That ends in the
@@ -103,19 +103,11 @@ pub fn recover(dir: &Path, map: &Map, repair: bool) -> Result<RecoveryReport, Op
     }
 
     let mut next = base.max(1);
+    // Segments the snapshot covers are not read. They stay (the previous
+    // generation, for a fallback) until the next snapshot retires them.
     let live: Vec<_> = segments
         .into_iter()
-        .filter(|(seq, path)| {
-            if *seq < base {
-                // Covered by the snapshot; best effort, replaying it would be harmless too.
-                if let Err(error) = fs::remove_file(path) {
-                    log::warn!("cannot remove covered segment {}: {error}", path.display());
-                }
-                false
-            } else {
-                true
-            }
-        })
+        .filter(|(seq, _)| *seq >= base)
         .collect();
     let mut log_bufs = Vec::with_capacity(live.len());
     for (index, (seq, path)) in live.iter().enumerate() {

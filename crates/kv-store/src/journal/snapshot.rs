@@ -162,18 +162,32 @@ pub fn take(map: &Map, journal: &Journal, dir: &Path) -> Result<(), String> {
     Ok(())
 }
 
-/// Deletes segments and snapshots that snapshot `seq` covers.
+/// Deletes what snapshot `seq` makes unneeded, keeping one generation back:
+/// the previous snapshot and every log segment since it stay, so that if
+/// snapshot `seq` turns out damaged, `--repair` falls back to the previous
+/// one and replays the log after it, losing nothing. Older files go.
 pub fn retire(dir: &Path, seq: u64) -> io::Result<usize> {
-    let mut retired = 0;
+    let mut files = Vec::new();
     for item in fs::read_dir(dir)? {
         let item = item?;
-        let name = item.file_name();
-        let covered = match classify(&name.to_string_lossy()) {
-            FileKind::Segment(s) | FileKind::Snapshot(s) => s < seq,
+        files.push((classify(&item.file_name().to_string_lossy()), item.path()));
+    }
+    let keep_from = files
+        .iter()
+        .filter_map(|(kind, _)| match kind {
+            FileKind::Snapshot(s) if *s < seq => Some(*s),
+            _ => None,
+        })
+        .max()
+        .unwrap_or(0);
+    let mut retired = 0;
+    for (kind, path) in &files {
+        let old = match kind {
+            FileKind::Segment(s) | FileKind::Snapshot(s) => *s < keep_from,
             _ => false,
         };
-        if covered {
-            fs::remove_file(item.path())?;
+        if old {
+            fs::remove_file(path)?;
             retired += 1;
         }
     }
