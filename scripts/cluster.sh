@@ -87,6 +87,16 @@ up() {
     fi
   done
   local proxy=http://127.0.0.1:$PROXY_PORT
+  # A restarted node is back for clients once the proxy's health check has
+  # seen it (within --health-interval, 1 s): wait for that, not the caller.
+  local deadline=$((SECONDS + 10))
+  until curl -fsS "$proxy/-/health" 2>/dev/null | grep -q "\"nodes_up\":${#NODE_PORTS[@]}[,}]"; do
+    if [ $SECONDS -ge $deadline ]; then
+      echo "warning: the proxy does not see every node up yet: $(curl -sS "$proxy/-/health" 2>&1)" >&2
+      break
+    fi
+    sleep 0.05
+  done
   echo
   echo "kv cluster is up: proxy $proxy, nodes $(node_list)"
   echo "data in $DATA/node-*, logs in $LOGS"
