@@ -76,6 +76,16 @@ impl fmt::Display for OpenError {
                 file,
                 offset,
                 reason,
+            } if is_snapshot(file) => write!(
+                f,
+                "{} is corrupt at offset {offset} ({reason}); refusing to start. Start with \
+                 --repair to set it aside and start from the previous snapshot and the log since it",
+                file.display()
+            ),
+            OpenError::Corrupt {
+                file,
+                offset,
+                reason,
             } => write!(
                 f,
                 "{} is corrupt at offset {offset} ({reason}); refusing to start rather than drop \
@@ -84,6 +94,14 @@ impl fmt::Display for OpenError {
             ),
         }
     }
+}
+
+fn is_snapshot(file: &std::path::Path) -> bool {
+    matches!(
+        file.file_name()
+            .map(|name| crate::journal::classify(&name.to_string_lossy())),
+        Some(crate::journal::FileKind::Snapshot(_))
+    )
 }
 
 impl std::error::Error for OpenError {

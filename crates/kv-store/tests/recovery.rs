@@ -405,6 +405,11 @@ fn a_damaged_snapshot_refuses_and_repair_falls_back() {
         matches!(&error, OpenError::Corrupt { file, .. } if file == &path),
         "{error}"
     );
+    // The message says what --repair would do with a snapshot.
+    assert!(
+        error.to_string().contains("start from the previous snapshot"),
+        "{error}"
+    );
     let mut repair = options(FsyncPolicy::Never);
     repair.repair = true;
     let store = Store::open(dir.path(), repair).unwrap();

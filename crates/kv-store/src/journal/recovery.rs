@@ -85,7 +85,7 @@ pub fn recover(dir: &Path, map: &Map, repair: bool) -> Result<RecoveryReport, Op
                 aside.push(".corrupt");
                 log::warn!(
                     "repair: snapshot {} is corrupt at offset {offset} ({reason}); moved it to {} \
-                     and falling back to an older snapshot: writes it alone held are lost",
+                     and falling back to the previous snapshot and the log since it",
                     path.display(),
                     Path::new(&aside).display()
                 );
