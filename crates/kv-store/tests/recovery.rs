@@ -407,7 +407,9 @@ fn a_damaged_snapshot_refuses_and_repair_falls_back() {
     );
     // The message says what --repair would do with a snapshot.
     assert!(
-        error.to_string().contains("start from the previous snapshot"),
+        error
+            .to_string()
+            .contains("start from the previous snapshot"),
         "{error}"
     );
     let mut repair = options(FsyncPolicy::Never);
