@@ -136,8 +136,13 @@ fn write_loop(path: PathBuf, receiver: Receiver<Msg>, written: Arc<AtomicU64>) {
                 "cannot open op log {}: {error}; operations will not be logged",
                 path.display()
             );
-            // Keep draining so senders see a full buffer only if we stop.
-            for _ in receiver {}
+            // Keep draining so senders see a full buffer only if we stop;
+            // stop when asked, so shutdown does not wait for nothing.
+            for msg in receiver {
+                if matches!(msg, Msg::Close) {
+                    return;
+                }
+            }
             return;
         }
     };
