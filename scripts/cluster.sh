@@ -90,9 +90,12 @@ up() {
   # A restarted node is back for clients once the proxy's health check has
   # seen it (within --health-interval, 1 s): wait for that, not the caller.
   local deadline=$((SECONDS + 10))
-  until curl -fsS "$proxy/-/health" 2>/dev/null | grep -q "\"nodes_up\":${#NODE_PORTS[@]}[,}]"; do
+  local health
+  while :; do
+    health=$(curl -fsS --max-time 1 "$proxy/-/health" 2>&1 || true)
+    [[ $health == *"\"nodes_up\":${#NODE_PORTS[@]},"* ]] && break
     if [ $SECONDS -ge $deadline ]; then
-      echo "warning: the proxy does not see every node up yet: $(curl -sS "$proxy/-/health" 2>&1)" >&2
+      echo "warning: the proxy does not see every node up yet: $health" >&2
       break
     fi
     sleep 0.05
