@@ -26,12 +26,22 @@ LOGS=$DATA/logs
 
 node_list() { local IFS=,; local list=(); for p in "${NODE_PORTS[@]}"; do list+=("127.0.0.1:$p"); done; echo "${list[*]}"; }
 
+# Is process $1 running? An exited child of a script that has gone is a
+# zombie until init reaps it (some inits take seconds): that counts as gone.
+running() {
+  kill -0 "$1" 2>/dev/null || return 1
+  local stat
+  stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
+  stat=${stat##*) }
+  [ "${stat%% *}" != Z ]
+}
+
 # Is the process in pid file $1 alive and one of ours?
 alive() {
   local pid
   [ -f "$1" ] || return 1
   pid=$(cat "$1")
-  [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null && tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q 'kv-'
+  [ -n "$pid" ] && running "$pid" && tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q 'kv-'
 }
 
 port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
@@ -66,9 +76,13 @@ up() {
       exit 1
     fi
   done
-  echo "building ($PROFILE)..."
-  local flags=(-q --bin kv-node --bin kv-proxy --bin kv-bench)
+  local flags=(--bin kv-node --bin kv-proxy --bin kv-bench)
   [ "$PROFILE" = release ] && flags+=(--release)
+  # cargo prints its own progress; a first release build takes 3-5 minutes
+  # on 2 cores, later ones a few seconds.
+  if [ ! -x "$BIN/kv-node" ]; then
+    echo "building ($PROFILE); the first build takes 3-5 minutes on 2 cores..."
+  fi
   cargo build "${flags[@]}"
   for name in "${missing[@]}"; do
     if [ "$name" = proxy ]; then
@@ -104,12 +118,17 @@ up() {
   echo "kv cluster is up: proxy $proxy, nodes $(node_list)"
   echo "data in $DATA/node-*, logs in $LOGS"
   echo
-  echo "\$ curl -X PUT $proxy/hello -H 'Content-Type: application/json' -d '{\"value\": \"world\"}'"
-  curl -sS -X PUT "$proxy/hello" -H 'Content-Type: application/json' -d '{"value": "world"}'
-  echo "\$ curl -i $proxy/hello"
-  curl -sS -i "$proxy/hello"
+  # The demo uses a key of its own and deletes it, so `up` never touches
+  # data a user stored.
+  local key=cluster-demo-$$
+  echo "\$ curl -X PUT $proxy/$key -H 'Content-Type: application/json' -d '{\"value\": \"world\"}'"
+  curl -sS -X PUT "$proxy/$key" -H 'Content-Type: application/json' -d '{"value": "world"}'
+  echo "\$ curl -i $proxy/$key"
+  curl -sS -i "$proxy/$key"
+  echo "\$ curl -X DELETE $proxy/$key"
+  curl -sS -X DELETE "$proxy/$key"
   echo
-  echo "Try: curl -X DELETE $proxy/hello ; curl $proxy/-/ring ; scripts/cluster.sh status ; scripts/cluster.sh down"
+  echo "Try: curl -X PUT $proxy/hello -d '{\"value\": 1}' ; curl $proxy/-/ring ; scripts/cluster.sh status ; scripts/cluster.sh down"
 }
 
 status() {
@@ -133,21 +152,33 @@ status() {
 }
 
 down() {
-  local f pid deadline
   mkdir -p "$PIDS"
-  for f in "$PIDS"/*.pid; do
+  # The proxy first (so no client is sent to a node that is stopping), then
+  # every node at once: each drains its own connections in parallel.
+  stop_all "$PIDS/proxy.pid"
+  stop_all "$PIDS"/node-*.pid
+}
+
+# Sends SIGTERM to every live process named by the pid files given, then
+# waits for them all (SIGKILL after 15 s), and removes the pid files.
+stop_all() {
+  local f pid pids=() names=() deadline=$((SECONDS + 15)) i
+  for f in "$@"; do
     [ -f "$f" ] || continue
     if alive "$f"; then
       pid=$(cat "$f")
       kill -TERM "$pid" 2>/dev/null || true
-      deadline=$((SECONDS + 15))
-      while kill -0 "$pid" 2>/dev/null; do
-        if [ $SECONDS -ge $deadline ]; then kill -KILL "$pid" 2>/dev/null || true; fi
-        sleep 0.05
-      done
-      echo "stopped $(basename "$f" .pid) (pid $pid)"
+      pids+=("$pid")
+      names+=("$(basename "$f" .pid)")
     fi
     rm -f "$f"
+  done
+  for i in "${!pids[@]}"; do
+    while running "${pids[$i]}"; do
+      if [ $SECONDS -ge $deadline ]; then kill -KILL "${pids[$i]}" 2>/dev/null || true; fi
+      sleep 0.05
+    done
+    echo "stopped ${names[$i]} (pid ${pids[$i]})"
   done
 }
 

@@ -70,6 +70,14 @@ fn up_write_status_down() {
     assert!(text(&up).contains("kv cluster is up"), "{}", text(&up));
     let started = pids(data.path());
     assert_eq!(started.len(), 4, "{}", text(&up));
+    // The demo showed a key round trip and deleted its key: `up` leaves no
+    // data of its own behind (it used to overwrite `hello`).
+    assert!(text(&up).contains("{\"value\":\"world\"}"), "{}", text(&up));
+    for port in base + 1..=base + 3 {
+        let node: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let health = kv_testkit::request(node, "GET", "/-/health", None).unwrap();
+        assert!(health.text().contains("\"keys\":0,"), "{}", health.text());
+    }
 
     let proxy: SocketAddr = format!("127.0.0.1:{base}").parse().unwrap();
     let put =
