@@ -128,7 +128,8 @@ pub struct Config {
     #[arg(long, env = "KV_BENCH_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     pub timeout: Duration,
 
-    /// Write every figure to FILE as JSON, one object per run and line.
+    /// Append every figure to FILE as JSON, one object per run and line
+    /// (earlier lines are kept: delete the file to start afresh).
     #[arg(long, env = "KV_BENCH_JSON")]
     pub json: Option<PathBuf>,
 

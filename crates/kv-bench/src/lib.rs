@@ -158,8 +158,8 @@ pub fn run(config: Config) -> Result<Outcome, BenchError> {
         println!("{}", report.details());
         reports.push(report);
         report::set_speedups(&mut reports);
-        if let Some(path) = &config.json {
-            report::write_json(path, &reports)
+        if let (Some(path), Some(last)) = (&config.json, reports.last()) {
+            report::append_json(path, last)
                 .map_err(|e| BenchError::Other(format!("cannot write {}: {e}", path.display())))?;
         }
     }

@@ -199,14 +199,23 @@ impl RunReport {
     pub fn details(&self) -> String {
         let mut out = String::new();
         let _ = writeln!(out, "{}", self.flask_row());
-        let _ = writeln!(out, "  latency ms: {}", self.latency_ms.line());
-        if let Some(corrected) = &self.corrected_latency_ms {
-            let _ = writeln!(
-                out,
-                "  corrected:  {} (from each request's due time at {:.0} req/s)",
-                corrected.line(),
-                self.rate.unwrap_or_default()
-            );
+        match &self.corrected_latency_ms {
+            Some(corrected) => {
+                let _ = writeln!(
+                    out,
+                    "  corrected latency ms: {} (from each request's due time at {:.0} req/s)",
+                    corrected.line(),
+                    self.rate.unwrap_or_default()
+                );
+                let _ = writeln!(
+                    out,
+                    "  uncorrected (from send): {}",
+                    self.latency_ms.line()
+                );
+            }
+            None => {
+                let _ = writeln!(out, "  latency ms: {}", self.latency_ms.line());
+            }
         }
         let _ = writeln!(
             out,
@@ -251,18 +260,25 @@ pub fn set_speedups(reports: &mut [RunReport]) {
     }
 }
 
-/// The summary printed after the last run.
+/// The summary printed after the last run. In rate mode (open loop) the
+/// latency figures are the corrected ones, measured from each request's due
+/// time, and labelled so: the uncorrected figures hide a server stall
+/// (requests not sent while it lasts are never timed).
 pub fn final_results(reports: &[RunReport]) -> String {
     let mut out = String::from("\nFinal Results:\n");
     for report in reports {
+        let (label, latency) = match &report.corrected_latency_ms {
+            Some(corrected) => ("corrected latency: ", corrected),
+            None => ("", &report.latency_ms),
+        };
         let _ = writeln!(
             out,
-            "{}, p50 {:.3} ms, p99 {:.3} ms, p99.9 {:.3} ms, max {:.3} ms, errors {}",
+            "{}, {label}p50 {:.3} ms, p99 {:.3} ms, p99.9 {:.3} ms, max {:.3} ms, errors {}",
             report.flask_row(),
-            report.latency_ms.p50,
-            report.latency_ms.p99,
-            report.latency_ms.p999,
-            report.latency_ms.max,
+            latency.p50,
+            latency.p99,
+            latency.p999,
+            latency.max,
             report.errors_total
         );
     }
@@ -280,12 +296,16 @@ pub fn final_results(reports: &[RunReport]) -> String {
     out
 }
 
-/// Writes one JSON object per run, one per line.
-pub fn write_json(path: &std::path::Path, reports: &[RunReport]) -> std::io::Result<()> {
-    let mut file = std::io::BufWriter::new(std::fs::File::create(path)?);
-    for report in reports {
-        serde_json::to_writer(&mut file, report)?;
-        file.write_all(b"\n")?;
-    }
-    file.flush()
+/// Appends `report` to `path` as one JSON object on one line, so every run
+/// of a sweep (several runs here, or several kv-bench invocations) is kept.
+pub fn append_json(path: &std::path::Path, report: &RunReport) -> std::io::Result<()> {
+    let mut line = serde_json::to_vec(report)?;
+    line.push(b'\n');
+    // One write of the whole line, in append mode: lines of runs written
+    // at once by several processes never interleave.
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)?
+        .write_all(&line)
 }

@@ -251,7 +251,10 @@ fn wrong_values_are_caught_and_fail_the_run() {
     allowed.push("--allow-errors");
     let output = bench(&allowed);
     assert!(output.status.success(), "{}", explain(&output));
-    assert!(runs(&json)[0]["errors"]["wrong_value"].as_u64().unwrap() > 0);
+    // --json appends: this run is the second line.
+    let all = runs(&json);
+    assert_eq!(all.len(), 2);
+    assert!(all[1]["errors"]["wrong_value"].as_u64().unwrap() > 0);
 }
 
 #[test]
@@ -408,7 +411,10 @@ fn the_hyper_client_checks_answers_like_the_lean_default() {
     let fake = format!("http://{}", fake_server(wrong_values));
     let output = bench(&args(&common(&fake, "set=1,get=1")));
     assert_eq!(output.status.code(), Some(1), "{}", explain(&output));
-    assert!(runs(&json)[0]["errors"]["wrong_value"].as_u64().unwrap() > 0);
+    // --json appends: this run is the second line.
+    let all = runs(&json);
+    assert_eq!(all.len(), 2);
+    assert!(all[1]["errors"]["wrong_value"].as_u64().unwrap() > 0);
 
     // A server that closes after each answer is followed.
     let closing = format!(
@@ -417,7 +423,7 @@ fn the_hyper_client_checks_answers_like_the_lean_default() {
     );
     let output = bench(&args(&common(&closing, "get=1")));
     assert!(output.status.success(), "{}", explain(&output));
-    assert_eq!(runs(&json)[0]["errors_total"], 0);
+    assert_eq!(runs(&json)[2]["errors_total"], 0);
 }
 
 #[test]
@@ -463,4 +469,40 @@ fn open_loop_reports_corrected_latency_and_warmup_is_not_counted() {
             "{q}: {run}"
         );
     }
+    // The summary row shows the corrected figures, labelled, not the raw
+    // ones (which hide a server stall).
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let row = stdout
+        .lines()
+        .skip_while(|line| !line.starts_with("Final Results"))
+        .find(|line| line.starts_with("Nodes: 1"))
+        .unwrap_or_else(|| panic!("no summary row: {stdout}"));
+    let expected = format!(
+        "corrected latency: p50 {:.3} ms, p99 {:.3} ms",
+        corrected["p50"].as_f64().unwrap(),
+        corrected["p99"].as_f64().unwrap()
+    );
+    assert!(row.contains(&expected), "{row}\nexpected {expected}");
+
+    // A sweep: a second run with the same --json keeps the first.
+    let output = bench(&[
+        "--urls",
+        &url,
+        "--rate",
+        "500",
+        "--requests",
+        "50",
+        "--concurrency",
+        "2",
+        "--keys",
+        "10",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert!(output.status.success(), "{}", explain(&output));
+    let rates: Vec<f64> = runs(&json)
+        .iter()
+        .map(|run| run["rate"].as_f64().unwrap())
+        .collect();
+    assert_eq!(rates, [1000.0, 500.0]);
 }
