@@ -53,8 +53,21 @@ pub enum BenchError {
     Spawn(String),
     /// A node or proxy could not be reached before the run started.
     Unreachable(String),
+    /// SIGINT or SIGTERM stopped the runs (spawned nodes were stopped and
+    /// their data removed); the signal's number.
+    Interrupted(i32),
     /// Anything else: runtime, output file.
     Other(String),
+}
+
+impl BenchError {
+    /// The exit status: 2, or 128 + the signal's number when interrupted.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            BenchError::Interrupted(signal) => u8::try_from(128 + signal).unwrap_or(2),
+            _ => 2,
+        }
+    }
 }
 
 impl fmt::Display for BenchError {
@@ -66,6 +79,7 @@ impl fmt::Display for BenchError {
                 f,
                 "{why}\n(start the nodes first, e.g. `kv-node --port 8081`, or pass --spawn)"
             ),
+            BenchError::Interrupted(signal) => write!(f, "interrupted by signal {signal}"),
             BenchError::Other(why) => write!(f, "{why}"),
         }
     }
@@ -107,6 +121,21 @@ pub fn run(config: Config) -> Result<Outcome, BenchError> {
         }
         None => random_prefix(),
     };
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.enable_all();
+    if let Some(threads) = config.threads.filter(|&t| t > 0) {
+        builder.worker_threads(threads);
+    }
+    let runtime = builder
+        .build()
+        .map_err(|e| BenchError::Other(format!("cannot start the async runtime: {e}")))?;
+    // From here on SIGINT and SIGTERM end the runs through the normal
+    // return path, so spawned nodes are stopped and their data removed.
+    let mut interrupted = {
+        let _entered = runtime.enter();
+        Interrupts::new()
+            .map_err(|e| BenchError::Other(format!("cannot listen for signals: {e}")))?
+    };
     // Spawned nodes live until the end of this function.
     let mut _spawned = Vec::new();
     let (target, urls) = match &plan.target {
@@ -128,15 +157,6 @@ pub fn run(config: Config) -> Result<Outcome, BenchError> {
         .collect::<Result<Vec<_>, _>>()
         .map_err(BenchError::Config)?;
 
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    builder.enable_all();
-    if let Some(threads) = config.threads.filter(|&t| t > 0) {
-        builder.worker_threads(threads);
-    }
-    let runtime = builder
-        .build()
-        .map_err(|e| BenchError::Other(format!("cannot start the async runtime: {e}")))?;
-
     let show_progress = progress::wanted(config.quiet);
     let node_counts: Vec<usize> = if target == "proxy" {
         vec![1]
@@ -154,7 +174,12 @@ pub fn run(config: Config) -> Result<Outcome, BenchError> {
         };
         let nodes = endpoints[..count].to_vec();
         println!("{}", describe(&plan, target, &nodes));
-        let report = runtime.block_on(run_once(&plan, target, nodes, run_prefix, show_progress))?;
+        let report = runtime.block_on(async {
+            tokio::select! {
+                report = run_once(&plan, target, nodes, run_prefix, show_progress) => report,
+                signal = interrupted.recv() => Err(BenchError::Interrupted(signal)),
+            }
+        })?;
         println!("{}", report.details());
         reports.push(report);
         report::set_speedups(&mut reports);
@@ -212,6 +237,32 @@ fn describe(plan: &Plan, target: &str, nodes: &[Endpoint]) -> String {
         "Run: {who}: {what}, concurrency {}, {stop}{pace}",
         plan.concurrency
     )
+}
+
+/// SIGINT and SIGTERM, caught instead of killing the process.
+struct Interrupts {
+    interrupt: tokio::signal::unix::Signal,
+    terminate: tokio::signal::unix::Signal,
+}
+
+impl Interrupts {
+    /// Needs to be called inside the runtime.
+    fn new() -> std::io::Result<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Self {
+            interrupt: signal(SignalKind::interrupt())?,
+            terminate: signal(SignalKind::terminate())?,
+        })
+    }
+
+    /// The next signal's number (a signal that came before this call
+    /// counts).
+    async fn recv(&mut self) -> i32 {
+        tokio::select! {
+            _ = self.interrupt.recv() => 2,
+            _ = self.terminate.recv() => 15,
+        }
+    }
 }
 
 /// One run over `endpoints`.

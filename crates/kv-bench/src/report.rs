@@ -207,11 +207,7 @@ impl RunReport {
                     corrected.line(),
                     self.rate.unwrap_or_default()
                 );
-                let _ = writeln!(
-                    out,
-                    "  uncorrected (from send): {}",
-                    self.latency_ms.line()
-                );
+                let _ = writeln!(out, "  uncorrected (from send): {}", self.latency_ms.line());
             }
             None => {
                 let _ = writeln!(out, "  latency ms: {}", self.latency_ms.line());

@@ -4,7 +4,13 @@
 //! Each node gets `--port 0` and a temporary data directory; its address is
 //! read from its log line "listening on http://ADDR", then `GET /-/health`
 //! is polled until it answers 200. Nodes are killed, and their directories
-//! removed, when the [`LocalNode`]s are dropped.
+//! removed, when the [`LocalNode`]s are dropped, which kv-bench also does on
+//! SIGINT and SIGTERM.
+//!
+//! A kv-bench killed outright (SIGKILL) runs no drop: its nodes are started
+//! with `--exit-with-parent`, so they stop by themselves within a fraction of
+//! a second, and their directories (named `kv-bench-node-<kv-bench pid>-*`)
+//! are removed by the next `--spawn` once no process holds their lock.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -54,14 +60,48 @@ pub fn node_binary(explicit: Option<&Path>) -> Result<PathBuf, String> {
     }
 }
 
+/// Prefix of the spawned nodes' data directories in the temp dir.
+const DIR_PREFIX: &str = "kv-bench-node-";
+
 /// Starts `count` nodes and waits until each is healthy.
 pub fn spawn_nodes(binary: &Path, count: usize) -> Result<Vec<LocalNode>, String> {
+    remove_stale_dirs(&std::env::temp_dir());
     (0..count).map(|_| spawn_node(binary)).collect()
+}
+
+/// Removes the data directories of nodes spawned by a kv-bench that is gone
+/// (killed before it could clean up), unless a node still holds one's lock.
+pub fn remove_stale_dirs(temp: &Path) {
+    let Ok(entries) = std::fs::read_dir(temp) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(owner) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(DIR_PREFIX))
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|pid| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if Path::new(&format!("/proc/{owner}")).exists() {
+            continue;
+        }
+        let dir = entry.path();
+        // A node that has not finished stopping still holds the lock.
+        let in_use = std::fs::File::open(dir.join("LOCK"))
+            .map(|lock| lock.try_lock().is_err())
+            .unwrap_or(false);
+        if !in_use && std::fs::remove_dir_all(&dir).is_ok() {
+            log::info!("removed {} (left by kv-bench pid {owner})", dir.display());
+        }
+    }
 }
 
 fn spawn_node(binary: &Path) -> Result<LocalNode, String> {
     let data_dir = tempfile::Builder::new()
-        .prefix("kv-bench-node")
+        .prefix(&format!("{DIR_PREFIX}{}-", std::process::id()))
         .tempdir()
         .map_err(|e| format!("cannot create a data directory: {e}"))?;
     let mut child = Command::new(binary)
@@ -69,6 +109,7 @@ fn spawn_node(binary: &Path) -> Result<LocalNode, String> {
         .arg("0")
         .arg("--data-dir")
         .arg(data_dir.path())
+        .arg("--exit-with-parent")
         // The address is read from the info-level log line.
         .env("RUST_LOG", "info")
         .stdin(Stdio::null())

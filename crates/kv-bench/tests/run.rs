@@ -506,3 +506,127 @@ fn open_loop_reports_corrected_latency_and_warmup_is_not_counted() {
         .collect();
     assert_eq!(rates, [1000.0, 500.0]);
 }
+
+/// The kv-node processes whose parent is `parent`.
+fn children(parent: u32) -> Vec<u32> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // "pid (comm) state ppid ...": comm may hold spaces, so split after ')'.
+        let Some((head, rest)) = stat.rsplit_once(") ") else {
+            continue;
+        };
+        let fields: Vec<&str> = rest.split(' ').collect();
+        if head.ends_with("(kv-node") && fields[0] != "Z" && fields[1] == parent.to_string() {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|stat| !stat.contains(") Z "))
+        .unwrap_or(false)
+}
+
+fn node_dirs(temp: &Path) -> Vec<std::path::PathBuf> {
+    std::fs::read_dir(temp)
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("kv-bench-node-")
+        })
+        .map(|e| e.path())
+        .collect()
+}
+
+fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !done() {
+        assert!(std::time::Instant::now() < deadline, "timed out: {what}");
+        thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// Starts `kv-bench --spawn --nodes 2` for a long run with its temp dir in
+/// `temp`, and returns once both nodes serve and the run has begun.
+fn long_spawned_run(temp: &Path) -> (std::process::Child, Vec<u32>) {
+    let mut child = Command::new(binary("kv-bench"))
+        .args([
+            "--spawn",
+            "--nodes",
+            "2",
+            "--only-max",
+            "-d",
+            "60s",
+            "--quiet",
+        ])
+        .env("TMPDIR", temp)
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if line.starts_with("Run:") {
+                let _ = tx.send(());
+            }
+        }
+    });
+    rx.recv_timeout(std::time::Duration::from_secs(60))
+        .expect("kv-bench started its run");
+    let nodes = children(child.id());
+    assert_eq!(nodes.len(), 2, "two spawned kv-nodes");
+    assert_eq!(node_dirs(temp).len(), 2);
+    (child, nodes)
+}
+
+#[test]
+fn spawned_nodes_and_their_data_go_when_kv_bench_is_stopped() {
+    for (signal, code) in [("-TERM", 143), ("-INT", 130)] {
+        let temp = tempfile::tempdir().unwrap();
+        let (mut child, nodes) = long_spawned_run(temp.path());
+        let sent = Command::new("kill")
+            .args([signal, &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+        let status = child.wait().unwrap();
+        assert_eq!(status.code(), Some(code), "{signal}");
+        for pid in nodes {
+            wait_until(&format!("node {pid} stops after {signal}"), || !alive(pid));
+        }
+        assert_eq!(node_dirs(temp.path()), Vec::<std::path::PathBuf>::new());
+    }
+}
+
+#[test]
+fn spawned_nodes_stop_when_kv_bench_is_killed_and_the_next_run_removes_their_data() {
+    let temp = tempfile::tempdir().unwrap();
+    let (mut child, nodes) = long_spawned_run(temp.path());
+    child.kill().unwrap(); // SIGKILL: no handler runs in kv-bench
+    child.wait().unwrap();
+    for pid in nodes {
+        wait_until(&format!("node {pid} stops with its parent"), || !alive(pid));
+    }
+    assert_eq!(node_dirs(temp.path()).len(), 2, "left for the next run");
+    let output = Command::new(binary("kv-bench"))
+        .args(["--spawn", "--nodes", "1", "--requests", "50", "--quiet"])
+        .env("TMPDIR", temp.path())
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", explain(&output));
+    assert_eq!(node_dirs(temp.path()), Vec::<std::path::PathBuf>::new());
+}

@@ -84,6 +84,12 @@ pub struct Config {
     /// value) into the (empty) data dir before serving [default: none].
     #[arg(long = "import", env = "KV_IMPORT", value_name = "KV_STORE_JSON")]
     pub import: Option<PathBuf>,
+
+    /// Stop (cleanly, as on SIGTERM) when the process that started this one
+    /// exits, even by SIGKILL: for tools that spawn throwaway nodes, such as
+    /// `kv-bench --spawn`. Checked every 200 ms.
+    #[arg(long, env = "KV_EXIT_WITH_PARENT")]
+    pub exit_with_parent: bool,
 }
 
 fn parse_fsync(value: &str) -> Result<FsyncPolicy, String> {

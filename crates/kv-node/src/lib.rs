@@ -192,6 +192,21 @@ pub async fn bind(ip: std::net::IpAddr, port: u16) -> io::Result<TcpListener> {
     })
 }
 
+/// Resolves once this process's parent has exited (it was re-parented to
+/// init or a subreaper), polling every 200 ms: Linux offers no signal for it
+/// that a child can ask for without `unsafe` (`PR_SET_PDEATHSIG` must be set
+/// between fork and exec, by the parent).
+pub async fn parent_exited() {
+    let parent = std::os::unix::process::parent_id();
+    loop {
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        if std::os::unix::process::parent_id() != parent {
+            log::info!("parent process {parent} exited; stopping");
+            return;
+        }
+    }
+}
+
 /// Resolves on SIGINT (Ctrl-C) or SIGTERM.
 pub async fn shutdown_signal() {
     let interrupt = async {

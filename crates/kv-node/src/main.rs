@@ -20,9 +20,16 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let exit_with_parent = config.exit_with_parent;
     let result = runtime.block_on(async {
         let listener = kv_node::bind(config.bind, config.port).await?;
-        kv_node::run(listener, config, kv_node::shutdown_signal()).await
+        let stop = async {
+            tokio::select! {
+                () = kv_node::shutdown_signal() => {}
+                () = kv_node::parent_exited(), if exit_with_parent => {}
+            }
+        };
+        kv_node::run(listener, config, stop).await
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -53,6 +53,16 @@ fn pids(data: &Path) -> Vec<u32> {
         .unwrap_or_default()
 }
 
+/// Runs `cluster.sh down` when dropped, so a failed assertion does not leave
+/// a cluster running on the machine.
+struct DownOnDrop<'a>(&'a Path, u16);
+
+impl Drop for DownOnDrop<'_> {
+    fn drop(&mut self) {
+        let _ = cluster(self.0, self.1, "down");
+    }
+}
+
 fn is_running(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
         && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
@@ -64,6 +74,7 @@ fn is_running(pid: u32) -> bool {
 fn up_write_status_down() {
     let data = tempfile::tempdir().unwrap();
     let base = free_base_port();
+    let _down = DownOnDrop(data.path(), base);
 
     let up = cluster(data.path(), base, "up");
     assert!(up.status.success(), "{}", text(&up));
