@@ -2,13 +2,13 @@
 # Tests the Docker image and the compose cluster for real, on a machine that
 # cannot pull images.
 #
-# It builds the binaries here, makes a small base image locally (busybox for a
-# shell plus the C libraries the binaries load, imported with `docker import`),
-# builds docker/Dockerfile on it through docker/docker-compose.yml (the same
+# It builds the binaries here and makes a small base image locally with
+# scripts/docker-offline.sh (the route the README gives users without a
+# registry), builds docker/Dockerfile on it through docker/docker-compose.yml (the same
 # files users run), then: writes and reads keys through the proxy, kills one
 # node's container, checks its keys answer 503 while the others still work,
 # restarts it and checks its data came back from its volume, and takes it all
-# down. Exit 0 only if every check passed.
+# down, removing the images it made. Exit 0 only if every check passed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
@@ -17,40 +17,34 @@ if ! docker info >/dev/null 2>&1; then
   echo "docker-test: SKIPPED (no Docker engine reachable)"
   exit 0
 fi
-ensure_packages busybox-static curl
+ensure_packages curl
 compose() {
   if docker compose version >/dev/null 2>&1; then docker compose "$@"; else docker-compose "$@"; fi
 }
 
 export KV_PROXY_PORT=${KV_PROXY_PORT:-18180}
 export KV_NODE1_PORT=$((KV_PROXY_PORT + 1)) KV_NODE2_PORT=$((KV_PROXY_PORT + 2)) KV_NODE3_PORT=$((KV_PROXY_PORT + 3))
-export KV_BUILD_IMAGE=kv-local/base:latest KV_RUNTIME_IMAGE=kv-local/base:latest
+# Images of this run's own, so a user's kv:local and kv-local/base are never
+# touched, and all of them are removed at the end (KV_KEEP_IMAGES=1 keeps
+# them for a look).
+run_tag=$$
+export KV_BASE_IMAGE=kv-test/base:$run_tag KV_IMAGE=kv-test/kv:$run_tag
+export KV_BUILD_IMAGE=$KV_BASE_IMAGE KV_RUNTIME_IMAGE=$KV_BASE_IMAGE
 PROJECT=kvdockertest
 FILE=docker/docker-compose.yml
 work=$(mktemp -d)
 cleanup() {
   compose -p "$PROJECT" -f "$FILE" down -v --remove-orphans >/dev/null 2>&1 || true
+  if [ "${KV_KEEP_IMAGES:-0}" != 1 ]; then
+    docker rmi -f "$KV_IMAGE" "$KV_BASE_IMAGE" >/dev/null 2>&1 || true
+    # The build stage's image is left untagged: remove it by its label.
+    docker image prune -f --filter label=kv.stage=build >/dev/null 2>&1 || true
+  fi
   rm -rf "$work" docker/prebuilt
 }
 trap cleanup EXIT
 
-echo "== building the binaries"
-cargo build --release -q --bin kv-node --bin kv-proxy --bin kv-health
-mkdir -p docker/prebuilt
-cp target/release/kv-node target/release/kv-proxy target/release/kv-health docker/prebuilt/
-
-echo "== making the local base image"
-root=$work/rootfs
-mkdir -p "$root/bin" "$root/tmp" "$root/etc"
-cp /bin/busybox "$root/bin/busybox"
-for tool in sh cp mkdir ls cat; do ln -s busybox "$root/bin/$tool"; done
-for lib in $(ldd docker/prebuilt/* | awk '/=>/ {print $3} /ld-linux/ {print $1}' | sort -u); do
-  mkdir -p "$root$(dirname "$lib")"
-  cp -L "$lib" "$root$lib"
-done
-echo "kv:x:10001:10001::/data:/bin/sh" > "$root/etc/passwd"
-chmod 1777 "$root/tmp"
-tar -C "$root" -c . | docker import -c 'ENV PATH=/usr/local/bin:/bin' - kv-local/base:latest >/dev/null
+scripts/docker-offline.sh
 
 echo "== building the image and starting the cluster"
 compose -p "$PROJECT" -f "$FILE" up -d --build >"$work/up.log" 2>&1 || { cat "$work/up.log"; exit 1; }
