@@ -163,6 +163,14 @@ impl Ring {
     /// replicas or fallbacks would be chosen in.
     pub fn successors(&self, key: &[u8]) -> Successors<'_> {
         Successors {
+            indices: self.successor_indices(key),
+        }
+    }
+
+    /// [`Ring::successors`] as indexes into [`Ring::nodes`], for callers that
+    /// keep their own per-node data (kv-cluster maps them back to member ids).
+    pub fn successor_indices(&self, key: &[u8]) -> SuccessorIndices<'_> {
+        SuccessorIndices {
             ring: self,
             next: self.point_index(key_hash(key)),
             walked: 0,
@@ -194,6 +202,23 @@ impl Ring {
 
 /// Iterator returned by [`Ring::successors`].
 pub struct Successors<'a> {
+    indices: SuccessorIndices<'a>,
+}
+
+impl<'a> Iterator for Successors<'a> {
+    type Item = &'a str;
+
+    fn next(&mut self) -> Option<&'a str> {
+        let index = self.indices.next()?;
+        Some(&self.indices.ring.nodes[index])
+    }
+}
+
+/// Iterator returned by [`Ring::successor_indices`]: walks the points
+/// clockwise from the key's hash, yielding each node the first time one of its
+/// points is passed, and stops once every node was yielded or the whole ring
+/// was walked.
+pub struct SuccessorIndices<'a> {
     ring: &'a Ring,
     next: usize,
     walked: usize,
@@ -201,10 +226,10 @@ pub struct Successors<'a> {
     found: usize,
 }
 
-impl<'a> Iterator for Successors<'a> {
-    type Item = &'a str;
+impl Iterator for SuccessorIndices<'_> {
+    type Item = usize;
 
-    fn next(&mut self) -> Option<&'a str> {
+    fn next(&mut self) -> Option<usize> {
         let points = &self.ring.points;
         while self.found < self.seen.len() && self.walked < points.len() {
             let node = points[self.next].node as usize;
@@ -213,7 +238,7 @@ impl<'a> Iterator for Successors<'a> {
             if !self.seen[node] {
                 self.seen[node] = true;
                 self.found += 1;
-                return Some(&self.ring.nodes[node]);
+                return Some(node);
             }
         }
         None
@@ -288,6 +313,34 @@ mod tests {
             sorted.dedup();
             assert_eq!(sorted.len(), 3);
         }
+    }
+
+    #[test]
+    fn successor_indices_match_successors_and_walk_clockwise() {
+        let ring = three();
+        for i in 0..1000 {
+            let key = format!("key_{i}");
+            let names: Vec<&str> = ring.successors(key.as_bytes()).collect();
+            let indices: Vec<usize> = ring.successor_indices(key.as_bytes()).collect();
+            let by_index: Vec<&str> = indices.iter().map(|&n| ring.nodes()[n].as_str()).collect();
+            assert_eq!(names, by_index, "{key}");
+            assert_eq!(indices[0], ring.owner_index(key.as_bytes()));
+        }
+        // Walked by hand: the node of each point at or after the key's hash,
+        // in ring order, first sightings only.
+        let key = b"shard-7";
+        let start = ring.point_index(key_hash(key));
+        let mut expected = Vec::new();
+        for step in 0..ring.points.len() {
+            let node = ring.points[(start + step) % ring.points.len()].node as usize;
+            if !expected.contains(&node) {
+                expected.push(node);
+            }
+        }
+        assert_eq!(ring.successor_indices(key).collect::<Vec<_>>(), expected);
+        // A one-point ring yields its node once and stops.
+        let single = Ring::new(["only"], 1).unwrap();
+        assert_eq!(single.successor_indices(b"k").collect::<Vec<_>>(), vec![0]);
     }
 
     /// Keys → owners (and their xxh3) for the default list, computed once.
