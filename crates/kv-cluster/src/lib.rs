@@ -1,0 +1,30 @@
+//! The pure part of kv's replication: shards, where their replicas live, who
+//! should lead them, the leaders' table clients route by, and the cluster
+//! spec a node stores in its data dir. No async, no HTTP, no openraft: kv-node,
+//! kv-proxy and kv-bench all compute the same answers from the same inputs.
+//!
+//! The design is `docs/replication.md`; each module cites its section:
+//!
+//! - [`spec`](ClusterSpec): `--node-id`, `--peers`, `--shards`, `--replicas`,
+//!   parsed and validated with errors that name the bad part (§8).
+//! - [`shard_of`]: a key's shard, a fixed seeded xxh3 that is part of the
+//!   on-disk format (§3).
+//! - [`placement`] and [`preferred_leaders`]: each shard's replicas, the first
+//!   `replicas` members clockwise on a kv-ring over member ids, and a
+//!   deterministic leader per shard spread evenly over its replicas (§3, §9).
+//!
+//! Everything here is deterministic and order-independent: two processes
+//! given the same members in any order agree on every shard's replicas and
+//! preferred leader, which is what lets a fresh cluster initialise each Raft
+//! group exactly once (§8).
+
+mod placement;
+mod shard;
+mod spec;
+
+pub use placement::{placement, preferred_leaders, shard_point, NO_LEADER, PLACEMENT_VNODES};
+pub use shard::{shard_of, MAX_SHARDS, SHARD_SEED};
+pub use spec::{
+    format_peers, parse_peers, AddrProblem, ClusterSpec, PeersError, SpecError, DEFAULT_REPLICAS,
+    DEFAULT_SHARDS,
+};
