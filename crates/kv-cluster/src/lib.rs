@@ -12,6 +12,9 @@
 //! - [`placement`] and [`preferred_leaders`]: each shard's replicas, the first
 //!   `replicas` members clockwise on a kv-ring over member ids, and a
 //!   deterministic leader per shard spread evenly over its replicas (§3, §9).
+//! - [`ShardTable`]: the `GET /-/shards` answer ([`ShardsView`]) as key →
+//!   shard → leader address, updated from 421 answers ([`NotLeader`]) only
+//!   when they carry a newer term (§6.1, §11, §12).
 //!
 //! Everything here is deterministic and order-independent: two processes
 //! given the same members in any order agree on every shard's replicas and
@@ -21,10 +24,15 @@
 mod placement;
 mod shard;
 mod spec;
+mod table;
 
 pub use placement::{placement, preferred_leaders, shard_point, NO_LEADER, PLACEMENT_VNODES};
 pub use shard::{shard_of, MAX_SHARDS, SHARD_SEED};
 pub use spec::{
     format_peers, parse_peers, AddrProblem, ClusterSpec, PeersError, SpecError, DEFAULT_REPLICAS,
     DEFAULT_SHARDS,
+};
+pub use table::{
+    GroupView, Leader, NotLeader, ShardTable, ShardsView, TableError, LEADER_HEADER,
+    LEADER_ID_HEADER, NOT_LEADER_ERROR, NOT_LEADER_STATUS, ROUTE_DIRECT, ROUTE_HEADER,
 };

@@ -1,0 +1,658 @@
+//! The leaders' table clients route by, and the wire types it is built from
+//! (design §6.1, §11, §12).
+//!
+//! A node answers `GET /-/shards` with a [`ShardsView`]: per shard its
+//! replicas, preferred leader, and the node's own view of the leader and term.
+//! kv-proxy and kv-bench turn that into a [`ShardTable`] (key → shard →
+//! leader address), send each request to the leader with `X-Kv-Route:
+//! direct`, and learn from a `421` whose body is a [`NotLeader`]. The types
+//! live here, not in kv-node, because node, proxy and bench must agree on
+//! them field for field.
+//!
+//! **Terms order what a client believes.** Answers arrive from different
+//! nodes at different times; one may still name a deposed leader. Raft has
+//! at most one leader per term, so the table takes a leader only from a
+//! newer term than it knows (or the same term when it knows no leader for
+//! it, or the same leader at a new address): an old answer can never replace
+//! a newer one. A view that knows only a newer term, without a leader (an
+//! election in progress), clears the leader, so the client waits for one
+//! instead of hammering the deposed node.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::shard::{shard_of, MAX_SHARDS};
+use crate::spec::check_addr;
+
+/// Status of a "not leader" answer: `421 Misdirected Request`.
+pub const NOT_LEADER_STATUS: u16 = 421;
+/// The `error` field of a [`NotLeader`] body.
+pub const NOT_LEADER_ERROR: &str = "not leader";
+/// Request header by which kv-proxy and kv-bench ask for a 421 instead of
+/// the node forwarding to the leader itself.
+pub const ROUTE_HEADER: &str = "x-kv-route";
+/// The value of [`ROUTE_HEADER`] that asks for it.
+pub const ROUTE_DIRECT: &str = "direct";
+/// Response header of a 421 carrying the leader's address.
+pub const LEADER_HEADER: &str = "x-kv-leader";
+/// Response header of a forwarded answer carrying the leader's id.
+pub const LEADER_ID_HEADER: &str = "x-kv-leader-id";
+
+/// The body of `GET /-/shards` (design §11).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardsView {
+    /// Number of shards.
+    pub shards: u32,
+    /// Replicas per shard.
+    pub replicas: u32,
+    /// The answering node.
+    pub node_id: u64,
+    /// Member id → address (JSON object keys are the ids as strings).
+    pub members: BTreeMap<u64, String>,
+    /// One entry per shard, in shard order.
+    pub groups: Vec<GroupView>,
+}
+
+/// One shard in a [`ShardsView`]. `leader` and `term` are the answering
+/// node's view; the indexes are its own replica's (`null` when it does not
+/// host the shard, or has no snapshot yet).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupView {
+    /// Shard number.
+    pub shard: u32,
+    /// Member ids holding it, in placement order.
+    pub replicas: Vec<u64>,
+    /// Who should lead it ([`crate::preferred_leaders`]).
+    pub preferred_leader: u64,
+    /// Current leader, if known.
+    pub leader: Option<u64>,
+    /// Term of that knowledge, if any.
+    pub term: Option<u64>,
+    /// Highest index known committed on this replica.
+    #[serde(default)]
+    pub committed: Option<u64>,
+    /// Highest index applied on this replica.
+    #[serde(default)]
+    pub applied: Option<u64>,
+    /// Index of the newest snapshot.
+    #[serde(default)]
+    pub snapshot: Option<u64>,
+    /// Highest index dropped from the log.
+    #[serde(default)]
+    pub purged: Option<u64>,
+    /// Whether the answering node holds a replica.
+    pub hosted: bool,
+}
+
+/// The body of a 421 answer (design §6.1): given before anything was
+/// proposed, so retrying at `leader_addr` is safe.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NotLeader {
+    /// Always [`NOT_LEADER_ERROR`], the same `error` field every error has.
+    pub error: String,
+    /// The key's shard.
+    pub shard: u32,
+    /// The leader's member id.
+    pub leader: u64,
+    /// Where to send the request instead.
+    pub leader_addr: String,
+    /// The term in which `leader` leads.
+    pub term: u64,
+}
+
+impl NotLeader {
+    /// A 421 body naming `leader` at `leader_addr` for `shard` in `term`.
+    pub fn new(shard: u32, leader: u64, leader_addr: impl Into<String>, term: u64) -> Self {
+        Self {
+            error: NOT_LEADER_ERROR.to_owned(),
+            shard,
+            leader,
+            leader_addr: leader_addr.into(),
+            term,
+        }
+    }
+}
+
+/// Why a `/-/shards` answer cannot be routed by.
+#[derive(Debug, thiserror::Error)]
+pub enum TableError {
+    /// Not the JSON shape of [`ShardsView`].
+    #[error("/-/shards answer is not valid: {0}")]
+    Json(#[from] serde_json::Error),
+    /// `shards` outside 1..=[`MAX_SHARDS`].
+    #[error("/-/shards says {shards} shards; expected 1..={MAX_SHARDS}")]
+    ShardCount {
+        /// The count given.
+        shards: u32,
+    },
+    /// `groups` does not list every shard once, in order.
+    #[error("/-/shards lists shard {found:?} at position {position} of {shards}; expected every shard once, in order")]
+    Groups {
+        /// Where in `groups`.
+        position: usize,
+        /// What was there (`None`: the list ended early).
+        found: Option<u32>,
+        /// The shard count.
+        shards: u32,
+    },
+    /// A leader or replica id that is not a member, so it has no address.
+    #[error("/-/shards names node {id} for shard {shard}, which is not among its members")]
+    UnknownMember {
+        /// The shard.
+        shard: u32,
+        /// The id.
+        id: u64,
+    },
+    /// A member address a client could not connect to.
+    #[error("/-/shards gives member {id} the address {addr:?}, which is not HOST:PORT")]
+    BadAddr {
+        /// The member.
+        id: u64,
+        /// Its address.
+        addr: String,
+    },
+    /// A refresh from a cluster with another shard count: the client was
+    /// pointed at a different cluster.
+    #[error(
+        "/-/shards now says {got} shards, but this table has {had}; is this the same cluster?"
+    )]
+    ShardCountChanged {
+        /// The table's count.
+        had: u32,
+        /// The answer's count.
+        got: u32,
+    },
+}
+
+/// A shard's leader as the table knows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Leader {
+    /// Member id.
+    pub id: u64,
+    /// Where to send requests.
+    pub addr: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Entry {
+    replicas: Vec<u64>,
+    term: Option<u64>,
+    leader: Option<Leader>,
+}
+
+/// Key → shard → leader address, kept fresh from `/-/shards` answers and
+/// 421s by the rules in the module docs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShardTable {
+    shards: u32,
+    members: BTreeMap<u64, String>,
+    entries: Vec<Entry>,
+}
+
+impl ShardsView {
+    /// Parses a `GET /-/shards` body and checks it can be routed by.
+    pub fn parse(body: &[u8]) -> Result<Self, TableError> {
+        let view: Self = serde_json::from_slice(body)?;
+        view.check()?;
+        Ok(view)
+    }
+
+    /// Shard count in range, every shard once and in order, every id named
+    /// a member, every address `HOST:PORT`.
+    pub fn check(&self) -> Result<(), TableError> {
+        if self.shards == 0 || self.shards > MAX_SHARDS {
+            return Err(TableError::ShardCount {
+                shards: self.shards,
+            });
+        }
+        for (&id, addr) in &self.members {
+            if check_addr(addr).is_err() {
+                return Err(TableError::BadAddr {
+                    id,
+                    addr: addr.clone(),
+                });
+            }
+        }
+        for position in 0..(self.shards as usize).max(self.groups.len()) {
+            let found = self.groups.get(position).map(|group| group.shard);
+            if found != Some(position as u32) || position >= self.shards as usize {
+                return Err(TableError::Groups {
+                    position,
+                    found,
+                    shards: self.shards,
+                });
+            }
+        }
+        for group in &self.groups {
+            for &id in group.replicas.iter().chain(&group.leader) {
+                if !self.members.contains_key(&id) {
+                    return Err(TableError::UnknownMember {
+                        shard: group.shard,
+                        id,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl ShardTable {
+    /// Parses a `GET /-/shards` body into a table.
+    pub fn parse(body: &[u8]) -> Result<Self, TableError> {
+        Self::from_view(ShardsView::parse(body)?)
+    }
+
+    /// A table from a view (checked again: it may not come from `parse`).
+    pub fn from_view(view: ShardsView) -> Result<Self, TableError> {
+        view.check()?;
+        let entries = view
+            .groups
+            .iter()
+            .map(|group| Entry {
+                replicas: group.replicas.clone(),
+                term: group.term,
+                leader: group.leader.and_then(|id| {
+                    view.members.get(&id).map(|addr| Leader {
+                        id,
+                        addr: addr.clone(),
+                    })
+                }),
+            })
+            .collect();
+        Ok(Self {
+            shards: view.shards,
+            members: view.members,
+            entries,
+        })
+    }
+
+    /// Merges a newer answer from any node: members and replicas are taken
+    /// as given, leaders only by the term rules. Returns how many shards'
+    /// leader or term changed.
+    pub fn refresh(&mut self, view: ShardsView) -> Result<usize, TableError> {
+        view.check()?;
+        if view.shards != self.shards {
+            return Err(TableError::ShardCountChanged {
+                had: self.shards,
+                got: view.shards,
+            });
+        }
+        self.members = view.members;
+        let mut changed = 0;
+        for group in view.groups {
+            let shard = group.shard;
+            if let Some(entry) = self.entries.get_mut(shard as usize) {
+                entry.replicas = group.replicas;
+            }
+            let learned = match (group.leader, group.term) {
+                (Some(id), Some(term)) => match self.members.get(&id).cloned() {
+                    Some(addr) => self.update_leader(shard, id, addr, term),
+                    None => false,
+                },
+                (None, Some(term)) => self.newer_term_without_leader(shard, term),
+                // A leader without a term cannot be ordered; ignore it.
+                (_, None) => false,
+            };
+            changed += usize::from(learned);
+        }
+        Ok(changed)
+    }
+
+    /// Takes `id` at `addr` as the leader of `shard` if `term` is newer than
+    /// the table's, or equal with no leader known, or equal naming the same
+    /// leader (an address update). Returns whether it took it.
+    pub fn update_leader(
+        &mut self,
+        shard: u32,
+        id: u64,
+        addr: impl Into<String>,
+        term: u64,
+    ) -> bool {
+        let addr = addr.into();
+        if check_addr(&addr).is_err() {
+            return false;
+        }
+        let Some(entry) = self.entries.get_mut(shard as usize) else {
+            return false;
+        };
+        let newer = match entry.term {
+            None => true,
+            Some(known) if term > known => true,
+            Some(known) if term == known => match &entry.leader {
+                None => true,
+                Some(leader) => leader.id == id && leader.addr != addr,
+            },
+            Some(_) => false,
+        };
+        if newer {
+            entry.term = Some(term);
+            entry.leader = Some(Leader { id, addr });
+        }
+        newer
+    }
+
+    /// [`ShardTable::update_leader`] from a 421 body.
+    pub fn apply_not_leader(&mut self, answer: &NotLeader) -> bool {
+        self.update_leader(
+            answer.shard,
+            answer.leader,
+            answer.leader_addr.clone(),
+            answer.term,
+        )
+    }
+
+    /// Forgets `shard`'s leader but keeps its term (its address refused a
+    /// connection): the next answer of the same term or newer is taken.
+    pub fn clear_leader(&mut self, shard: u32) {
+        if let Some(entry) = self.entries.get_mut(shard as usize) {
+            entry.leader = None;
+        }
+    }
+
+    fn newer_term_without_leader(&mut self, shard: u32, term: u64) -> bool {
+        match self.entries.get_mut(shard as usize) {
+            Some(entry) if entry.term.is_none_or(|known| term > known) => {
+                entry.term = Some(term);
+                entry.leader = None;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Number of shards.
+    pub fn shards(&self) -> u32 {
+        self.shards
+    }
+
+    /// The shard of `key` in this cluster.
+    pub fn shard_of(&self, key: &[u8]) -> u32 {
+        shard_of(key, self.shards)
+    }
+
+    /// Where to send a request for `key`, if its shard's leader is known.
+    pub fn leader_addr(&self, key: &[u8]) -> Option<&str> {
+        self.leader(self.shard_of(key))
+            .map(|leader| leader.addr.as_str())
+    }
+
+    /// `shard`'s leader, if known.
+    pub fn leader(&self, shard: u32) -> Option<&Leader> {
+        self.entries.get(shard as usize)?.leader.as_ref()
+    }
+
+    /// The newest term known for `shard`.
+    pub fn term(&self, shard: u32) -> Option<u64> {
+        self.entries.get(shard as usize)?.term
+    }
+
+    /// `shard`'s replicas, in placement order.
+    pub fn replicas(&self, shard: u32) -> &[u64] {
+        self.entries
+            .get(shard as usize)
+            .map_or(&[], |entry| entry.replicas.as_slice())
+    }
+
+    /// Member id → address, as last answered.
+    pub fn members(&self) -> &BTreeMap<u64, String> {
+        &self.members
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The example of design §11, extended to 4 shards.
+    const VIEW: &str = r#"{"shards": 4, "replicas": 3, "node_id": 1,
+        "members": {"1": "127.0.0.1:8081", "2": "127.0.0.1:8082", "3": "127.0.0.1:8083"},
+        "groups": [
+          {"shard": 0, "replicas": [1, 2, 3], "preferred_leader": 2, "leader": 2, "term": 5,
+           "committed": 1234, "applied": 1234, "snapshot": 1000, "purged": 1000, "hosted": true},
+          {"shard": 1, "replicas": [2, 3, 1], "preferred_leader": 3, "leader": 3, "term": 2,
+           "committed": 10, "applied": 9, "snapshot": null, "purged": null, "hosted": true},
+          {"shard": 2, "replicas": [3, 1, 2], "preferred_leader": 1, "leader": null, "term": 7,
+           "committed": 0, "applied": 0, "snapshot": null, "purged": null, "hosted": true},
+          {"shard": 3, "replicas": [1, 3, 2], "preferred_leader": 1, "leader": 1, "term": 1,
+           "committed": null, "applied": null, "snapshot": null, "purged": null, "hosted": false}
+        ]}"#;
+
+    fn table() -> ShardTable {
+        ShardTable::parse(VIEW.as_bytes()).unwrap()
+    }
+
+    fn key_in(table: &ShardTable, shard: u32) -> Vec<u8> {
+        (0..)
+            .map(|i| format!("key_{i}").into_bytes())
+            .find(|key| table.shard_of(key) == shard)
+            .unwrap()
+    }
+
+    #[test]
+    fn parses_the_documented_shape_and_round_trips() {
+        let view = ShardsView::parse(VIEW.as_bytes()).unwrap();
+        assert_eq!(view.groups[0].preferred_leader, 2);
+        assert_eq!(view.groups[1].snapshot, None);
+        assert_eq!(view.groups[2].leader, None);
+        assert!(!view.groups[3].hosted);
+        assert_eq!(view.members[&3], "127.0.0.1:8083");
+        let json = serde_json::to_string(&view).unwrap();
+        assert!(
+            json.contains(r#""members":{"1":"127.0.0.1:8081""#),
+            "{json}"
+        );
+        assert!(json.contains(r#""leader":null"#), "{json}");
+        assert_eq!(ShardsView::parse(json.as_bytes()).unwrap(), view);
+        // Clients need only shards, members and leaders: the replica's own
+        // indexes may be left out.
+        let lean = r#"{"shards": 1, "replicas": 1, "node_id": 1, "members": {"1": "h:1"},
+            "groups": [{"shard": 0, "replicas": [1], "preferred_leader": 1, "leader": 1,
+                        "term": 1, "hosted": true}]}"#;
+        assert_eq!(
+            ShardTable::parse(lean.as_bytes())
+                .unwrap()
+                .leader(0)
+                .unwrap()
+                .id,
+            1
+        );
+    }
+
+    #[test]
+    fn routes_keys_to_their_shards_leader() {
+        let table = table();
+        assert_eq!(table.shards(), 4);
+        assert_eq!(
+            table.leader_addr(&key_in(&table, 0)),
+            Some("127.0.0.1:8082")
+        );
+        assert_eq!(
+            table.leader_addr(&key_in(&table, 1)),
+            Some("127.0.0.1:8083")
+        );
+        assert_eq!(table.leader_addr(&key_in(&table, 2)), None, "election");
+        assert_eq!(
+            table.leader_addr(&key_in(&table, 3)),
+            Some("127.0.0.1:8081")
+        );
+        assert_eq!(table.shard_of(b"hello"), shard_of(b"hello", 4));
+        assert_eq!(table.replicas(1), &[2, 3, 1]);
+        assert_eq!(table.replicas(9), &[] as &[u64]);
+        assert_eq!(table.term(2), Some(7));
+    }
+
+    #[test]
+    fn leaders_are_taken_only_from_newer_terms() {
+        let mut table = table();
+        // Older or equal term naming another leader: ignored.
+        assert!(!table.update_leader(0, 3, "127.0.0.1:8083", 4));
+        assert!(!table.update_leader(0, 3, "127.0.0.1:8083", 5));
+        assert_eq!(table.leader(0).unwrap().id, 2);
+        // Newer term: taken, even at an address not yet in members.
+        assert!(table.update_leader(0, 3, "10.0.0.3:9000", 6));
+        assert_eq!(
+            table.leader(0),
+            Some(&Leader {
+                id: 3,
+                addr: "10.0.0.3:9000".into()
+            })
+        );
+        assert_eq!(table.term(0), Some(6));
+        // The same leader at a new address in the same term: taken; the
+        // same answer again: nothing changes.
+        assert!(table.update_leader(0, 3, "127.0.0.1:8083", 6));
+        assert!(!table.update_leader(0, 3, "127.0.0.1:8083", 6));
+        // Shard 2 knows term 7 but no leader: the first leader of term 7 wins.
+        assert!(table.update_leader(2, 1, "127.0.0.1:8081", 7));
+        assert!(!table.update_leader(2, 2, "127.0.0.1:8082", 7));
+        // Out-of-range shards and unusable addresses change nothing.
+        assert!(!table.update_leader(4, 1, "127.0.0.1:8081", 99));
+        assert!(!table.update_leader(1, 1, "not an address", 99));
+        assert_eq!(table.leader(1).unwrap().id, 3);
+    }
+
+    #[test]
+    fn not_leader_body_is_the_documented_json_and_updates_the_table() {
+        let body = NotLeader::new(17, 2, "127.0.0.1:8082", 5);
+        assert_eq!(
+            serde_json::to_string(&body).unwrap(),
+            r#"{"error":"not leader","shard":17,"leader":2,"leader_addr":"127.0.0.1:8082","term":5}"#
+        );
+        let parsed: NotLeader = serde_json::from_str(
+            r#"{"error": "not leader", "shard": 1, "leader": 1, "leader_addr": "127.0.0.1:8081", "term": 3}"#,
+        )
+        .unwrap();
+        let mut table = table();
+        assert!(table.apply_not_leader(&parsed));
+        assert_eq!(
+            table.leader_addr(&key_in(&table, 1)),
+            Some("127.0.0.1:8081")
+        );
+        // A stale 421 (an older term) does not undo it.
+        assert!(!table.apply_not_leader(&NotLeader::new(1, 3, "127.0.0.1:8083", 2)));
+        assert_eq!(table.leader(1).unwrap().id, 1);
+    }
+
+    #[test]
+    fn refresh_merges_by_term() {
+        let mut table = table();
+        let mut view = ShardsView::parse(VIEW.as_bytes()).unwrap();
+        // Another node's view: shard 0 is a term behind (stale), shard 1 is
+        // in a newer term with no leader yet, shard 2 got its leader.
+        view.groups[0].leader = Some(1);
+        view.groups[0].term = Some(4);
+        view.groups[1].leader = None;
+        view.groups[1].term = Some(3);
+        view.groups[2].leader = Some(3);
+        view.members.insert(3, "127.0.0.1:9083".into());
+        assert_eq!(table.refresh(view.clone()).unwrap(), 2);
+        assert_eq!(table.leader(0).unwrap().id, 2, "stale view ignored");
+        assert_eq!(table.leader(1), None, "newer term clears the old leader");
+        assert_eq!(table.term(1), Some(3));
+        assert_eq!(table.leader(2).unwrap().addr, "127.0.0.1:9083");
+        assert_eq!(table.members()[&3], "127.0.0.1:9083");
+        // The same view again changes nothing.
+        assert_eq!(table.refresh(view.clone()).unwrap(), 0);
+        // A cluster with another shard count is refused.
+        let other = r#"{"shards": 1, "replicas": 1, "node_id": 1, "members": {"1": "h:1"},
+            "groups": [{"shard": 0, "replicas": [1], "preferred_leader": 1, "leader": 1,
+                        "term": 1, "hosted": true}]}"#;
+        let err = table
+            .refresh(ShardsView::parse(other.as_bytes()).unwrap())
+            .unwrap_err();
+        assert!(matches!(
+            err,
+            TableError::ShardCountChanged { had: 4, got: 1 }
+        ));
+        // clear_leader keeps the term, so a same-term answer is taken again.
+        table.clear_leader(2);
+        assert_eq!(table.leader(2), None);
+        assert!(table.update_leader(2, 3, "127.0.0.1:8083", 7));
+    }
+
+    #[test]
+    fn malformed_views_are_refused_with_the_reason() {
+        let view = ShardsView::parse(VIEW.as_bytes()).unwrap();
+        let refuse = |change: &dyn Fn(&mut ShardsView)| {
+            let mut bad = view.clone();
+            change(&mut bad);
+            let err = ShardTable::from_view(bad.clone()).unwrap_err();
+            // And the same through the JSON path.
+            let json = serde_json::to_vec(&bad).unwrap();
+            assert_eq!(
+                ShardTable::parse(&json).unwrap_err().to_string(),
+                err.to_string()
+            );
+            err
+        };
+        assert!(matches!(
+            refuse(&|v| v.shards = 0),
+            TableError::ShardCount { shards: 0 }
+        ));
+        assert!(matches!(
+            refuse(&|v| v.shards = 5),
+            TableError::Groups {
+                position: 4,
+                found: None,
+                ..
+            }
+        ));
+        assert!(matches!(
+            refuse(&|v| v.groups.swap(1, 2)),
+            TableError::Groups {
+                position: 1,
+                found: Some(2),
+                ..
+            }
+        ));
+        assert!(matches!(
+            refuse(&|v| v.groups.push(v.groups[3].clone())),
+            TableError::Groups { position: 4, .. }
+        ));
+        let unknown = refuse(&|v| v.groups[1].leader = Some(9));
+        assert!(matches!(
+            unknown,
+            TableError::UnknownMember { shard: 1, id: 9 }
+        ));
+        assert!(
+            unknown.to_string().contains("node 9 for shard 1"),
+            "{unknown}"
+        );
+        assert!(matches!(
+            refuse(&|v| v.groups[0].replicas.push(4)),
+            TableError::UnknownMember { shard: 0, id: 4 }
+        ));
+        assert!(matches!(
+            refuse(&|v| {
+                v.members.insert(2, "http://x/".into());
+            }),
+            TableError::BadAddr { id: 2, .. }
+        ));
+        // Not JSON, the wrong shape, a 404 page.
+        for body in [
+            &b""[..],
+            b"not found",
+            b"{\"shards\": 4}",
+            b"[]",
+            b"{\"error\": \"x\"}",
+        ] {
+            assert!(matches!(
+                ShardTable::parse(body).unwrap_err(),
+                TableError::Json(_)
+            ));
+        }
+    }
+
+    /// Every prefix of a valid answer (a connection cut mid-body) is refused,
+    /// never half-applied.
+    #[test]
+    fn truncated_answers_are_refused() {
+        let json = serde_json::to_vec(&ShardsView::parse(VIEW.as_bytes()).unwrap()).unwrap();
+        for len in 0..json.len() {
+            assert!(ShardTable::parse(&json[..len]).is_err(), "prefix of {len}");
+        }
+        assert!(ShardTable::parse(&json).is_ok());
+    }
+}
