@@ -15,17 +15,26 @@
 //! - [`ShardTable`]: the `GET /-/shards` answer ([`ShardsView`]) as key →
 //!   shard → leader address, updated from 421 answers ([`NotLeader`]) only
 //!   when they carry a newer term (§6.1, §11, §12).
+//! - [`read_cluster`], [`write_cluster`] and [`check_flags`]:
+//!   `<data-dir>/cluster.json`, written atomically and checksummed, and the
+//!   refusal of restart flags that contradict it, with the fix in the
+//!   message (§8).
 //!
 //! Everything here is deterministic and order-independent: two processes
 //! given the same members in any order agree on every shard's replicas and
 //! preferred leader, which is what lets a fresh cluster initialise each Raft
 //! group exactly once (§8).
 
+mod file;
 mod placement;
 mod shard;
 mod spec;
 mod table;
 
+pub use file::{
+    check_flags, cluster_file, decode, encode, read_cluster, write_cluster, ClusterFileError,
+    Difference, Flags, Mismatch, StoredCluster, CLUSTER_FILE, CLUSTER_FORMAT,
+};
 pub use placement::{placement, preferred_leaders, shard_point, NO_LEADER, PLACEMENT_VNODES};
 pub use shard::{shard_of, MAX_SHARDS, SHARD_SEED};
 pub use spec::{
