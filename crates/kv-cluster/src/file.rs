@@ -8,9 +8,9 @@
 //! difference is refused with a message that says what differs and what to
 //! type instead ([`check_flags`]).
 //!
-//! **On disk**: pretty JSON,
-//! `{"format": 1, "node_id": 1, "shards": 64, "replicas": 3, "members": {"1": "127.0.0.1:8081", ...},
-//! "seen": [2, 3], "checksum": "<16 hex digits>"}`. `seen` lists the members
+//! **On disk**: pretty JSON, `{"checksum": "<16 hex digits>", "format": 1,
+//! "node_id": 1, "shards": 64, "replicas": 3, "members": {"1": "127.0.0.1:8081", ...},
+//! "seen": [2, 3]}`. `seen` lists the members
 //! this node has exchanged Raft traffic with (the first-start guard of §8:
 //! a peer that has seen a node whose data dir is empty knows its data was
 //! lost). `checksum` is the xxh3 of the compact JSON of everything else, so
@@ -125,6 +125,11 @@ struct Body<'a> {
 #[derive(Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct OnDisk {
+    /// Absent only in a file edited by hand (see [`RESTORE`]); every file kv
+    /// writes has one. First, so deleting its line leaves valid JSON; a torn
+    /// write cannot drop it without dropping the closing brace too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    checksum: Option<String>,
     format: u64,
     node_id: u64,
     shards: u32,
@@ -132,11 +137,6 @@ struct OnDisk {
     members: BTreeMap<u64, String>,
     #[serde(default)]
     seen: BTreeSet<u64>,
-    /// Absent only in a file written by hand (see [`RESTORE`]); every file
-    /// kv writes has one, and a torn write cannot drop just this last field
-    /// (it would lose the closing brace too).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    checksum: Option<String>,
 }
 
 impl OnDisk {
@@ -184,11 +184,11 @@ pub fn read_cluster(dir: &Path) -> Result<Option<StoredCluster>, ClusterFileErro
             })
         }
     };
-    decode(&path, &bytes).map(Some)
+    decode_cluster(&path, &bytes).map(Some)
 }
 
 /// Parses and checks the bytes of a cluster file (`path` for messages).
-pub fn decode(path: &Path, bytes: &[u8]) -> Result<StoredCluster, ClusterFileError> {
+pub fn decode_cluster(path: &Path, bytes: &[u8]) -> Result<StoredCluster, ClusterFileError> {
     let corrupt = |source| ClusterFileError::Corrupt {
         path: path.to_owned(),
         source,
@@ -231,7 +231,7 @@ pub fn decode(path: &Path, bytes: &[u8]) -> Result<StoredCluster, ClusterFileErr
 }
 
 /// The bytes [`write_cluster`] puts on disk.
-pub fn encode(cluster: &StoredCluster) -> Result<Vec<u8>, serde_json::Error> {
+pub fn encode_cluster(cluster: &StoredCluster) -> Result<Vec<u8>, serde_json::Error> {
     let mut file = OnDisk {
         format: u64::from(CLUSTER_FORMAT),
         node_id: cluster.spec.node_id,
@@ -260,7 +260,7 @@ pub fn write_cluster(dir: &Path, cluster: &StoredCluster) -> Result<(), ClusterF
         })?;
     // Serialising maps with integer keys and strings cannot fail; if it ever
     // did, say so as an I/O error on the file rather than panic.
-    let bytes = encode(cluster).map_err(|e| ClusterFileError::Io {
+    let bytes = encode_cluster(cluster).map_err(|e| ClusterFileError::Io {
         op: "encode",
         path: path.clone(),
         source: io::Error::other(e),
@@ -496,8 +496,8 @@ mod tests {
     fn every_corrupted_byte_is_caught() {
         let path = Path::new("/data/cluster.json");
         let cluster = three(1);
-        let good = encode(&cluster).unwrap();
-        assert_eq!(decode(path, &good).unwrap(), cluster);
+        let good = encode_cluster(&cluster).unwrap();
+        assert_eq!(decode_cluster(path, &good).unwrap(), cluster);
         let mut refused = 0usize;
         for position in 0..good.len() {
             for value in 0..=u8::MAX {
@@ -506,7 +506,7 @@ mod tests {
                 }
                 let mut bad = good.clone();
                 bad[position] = value;
-                match decode(path, &bad) {
+                match decode_cluster(path, &bad) {
                     Ok(read) => assert_eq!(
                         read, cluster,
                         "byte {position} set to {value:#x} read back another cluster"
@@ -525,16 +525,16 @@ mod tests {
     #[test]
     fn torn_files_are_refused() {
         let path = Path::new("/data/cluster.json");
-        let good = encode(&three(1)).unwrap();
+        let good = encode_cluster(&three(1)).unwrap();
         // The trailing newline is the only byte a file can lose and stay whole.
         for len in 0..good.len() - 1 {
-            let err = decode(path, &good[..len]).unwrap_err();
+            let err = decode_cluster(path, &good[..len]).unwrap_err();
             assert!(
                 matches!(err, ClusterFileError::Corrupt { .. }),
                 "{len}: {err}"
             );
         }
-        let err = decode(path, b"").unwrap_err();
+        let err = decode_cluster(path, b"").unwrap_err();
         assert!(
             err.to_string().starts_with("/data/cluster.json is damaged"),
             "{err}"
@@ -544,7 +544,7 @@ mod tests {
             "{err}"
         );
         assert!(matches!(
-            decode(path, b"\xff\xfe{}").unwrap_err(),
+            decode_cluster(path, b"\xff\xfe{}").unwrap_err(),
             ClusterFileError::Corrupt { .. }
         ));
         // Through the file system too.
@@ -561,20 +561,40 @@ mod tests {
     #[test]
     fn a_changed_value_fails_the_checksum() {
         let path = Path::new("cluster.json");
-        let good = String::from_utf8(encode(&three(1)).unwrap()).unwrap();
+        let good = String::from_utf8(encode_cluster(&three(1)).unwrap()).unwrap();
         let bad = good.replace("127.0.0.1:8082", "127.0.0.1:8092");
-        let err = decode(path, bad.as_bytes()).unwrap_err();
+        let err = decode_cluster(path, bad.as_bytes()).unwrap_err();
         assert!(matches!(err, ClusterFileError::Checksum { .. }), "{err}");
         let bad = good.replace("\"shards\": 64", "\"shards\": 32");
         assert!(matches!(
-            decode(path, bad.as_bytes()).unwrap_err(),
+            decode_cluster(path, bad.as_bytes()).unwrap_err(),
             ClusterFileError::Checksum { .. }
         ));
         // A damaged key is refused even where its value would default.
         let bad = good.replace("\"seen\"", "\"sean\"");
         assert!(matches!(
-            decode(path, bad.as_bytes()).unwrap_err(),
+            decode_cluster(path, bad.as_bytes()).unwrap_err(),
             ClusterFileError::Corrupt { .. }
+        ));
+    }
+
+    /// The repair the error message describes: a peer's file with its
+    /// checksum line deleted and `node_id` changed.
+    #[test]
+    fn a_peers_copy_edited_as_the_message_says_is_accepted() {
+        let peer = String::from_utf8(encode_cluster(&three(2)).unwrap()).unwrap();
+        let edited: String = peer
+            .lines()
+            .filter(|line| !line.contains("\"checksum\""))
+            .map(|line| line.replace("\"node_id\": 2", "\"node_id\": 1") + "\n")
+            .collect();
+        let read = decode_cluster(Path::new("cluster.json"), edited.as_bytes()).unwrap();
+        assert_eq!(read.spec, three(1).spec);
+        // Without the deletion, the edit is caught.
+        let unchecked = peer.replace("\"node_id\": 2", "\"node_id\": 1");
+        assert!(matches!(
+            decode_cluster(Path::new("cluster.json"), unchecked.as_bytes()).unwrap_err(),
+            ClusterFileError::Checksum { .. }
         ));
     }
 
@@ -582,7 +602,7 @@ mod tests {
     fn other_formats_and_invalid_clusters_are_named() {
         let path = Path::new("d/cluster.json");
         let newer = br#"{"format": 2, "something": "else"}"#;
-        let err = decode(path, newer).unwrap_err();
+        let err = decode_cluster(path, newer).unwrap_err();
         assert!(
             matches!(err, ClusterFileError::UnsupportedFormat { found: 2, .. }),
             "{err}"
@@ -591,13 +611,13 @@ mod tests {
         // Hand-written (no checksum) is accepted when valid...
         let by_hand = br#"{"format": 1, "node_id": 2, "shards": 8, "replicas": 1,
             "members": {"1": "a:1", "2": "b:2"}}"#;
-        let read = decode(path, by_hand).unwrap();
+        let read = decode_cluster(path, by_hand).unwrap();
         assert_eq!((read.spec.node_id, read.spec.shards), (2, 8));
         assert!(read.seen.is_empty());
         // ...and refused, naming the file, when the cluster is not.
         let invalid = br#"{"format": 1, "node_id": 2, "shards": 8, "replicas": 3,
             "members": {"1": "a:1", "2": "b:2"}}"#;
-        let err = decode(path, invalid).unwrap_err();
+        let err = decode_cluster(path, invalid).unwrap_err();
         assert!(
             matches!(
                 &err,

@@ -32,8 +32,8 @@ mod spec;
 mod table;
 
 pub use file::{
-    check_flags, cluster_file, decode, encode, read_cluster, write_cluster, ClusterFileError,
-    Difference, Flags, Mismatch, StoredCluster, CLUSTER_FILE, CLUSTER_FORMAT,
+    check_flags, cluster_file, decode_cluster, encode_cluster, read_cluster, write_cluster,
+    ClusterFileError, Difference, Flags, Mismatch, StoredCluster, CLUSTER_FILE, CLUSTER_FORMAT,
 };
 pub use placement::{placement, preferred_leaders, shard_point, NO_LEADER, PLACEMENT_VNODES};
 pub use shard::{shard_of, MAX_SHARDS, SHARD_SEED};
