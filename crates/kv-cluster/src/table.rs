@@ -127,7 +127,7 @@ pub enum TableError {
         shards: u32,
     },
     /// `groups` does not list every shard once, in order.
-    #[error("/-/shards lists shard {found:?} at position {position} of {shards}; expected every shard once, in order")]
+    #[error("/-/shards lists {} at position {position} (of {shards} shards); expected every shard once, in order", found.map_or("nothing".to_owned(), |shard| format!("shard {shard}")))]
     Groups {
         /// Where in `groups`.
         position: usize,
@@ -599,14 +599,21 @@ mod tests {
                 ..
             }
         ));
+        let swapped = refuse(&|v| v.groups.swap(1, 2));
         assert!(matches!(
-            refuse(&|v| v.groups.swap(1, 2)),
+            swapped,
             TableError::Groups {
                 position: 1,
                 found: Some(2),
                 ..
             }
         ));
+        assert!(
+            swapped
+                .to_string()
+                .contains("lists shard 2 at position 1 (of 4 shards)"),
+            "{swapped}"
+        );
         assert!(matches!(
             refuse(&|v| v.groups.push(v.groups[3].clone())),
             TableError::Groups { position: 4, .. }
