@@ -39,11 +39,11 @@ use std::fs::File;
 use std::io;
 use std::path::Path;
 
-pub mod reader;
+pub(crate) mod reader;
 pub mod record;
-pub mod recovery;
-pub mod snapshot;
-pub mod writer;
+pub(crate) mod recovery;
+pub(crate) mod snapshot;
+pub(crate) mod writer;
 
 /// The lock file in a data directory.
 pub const LOCK_FILE: &str = "LOCK";
