@@ -55,7 +55,7 @@ pub(crate) mod snapshot;
 pub(crate) mod writer;
 
 /// The lock file in a data directory.
-pub const LOCK_FILE: &str = "LOCK";
+pub(crate) const LOCK_FILE: &str = "LOCK";
 
 /// File name of log segment `seq`.
 pub fn segment_name(seq: u64) -> String {
@@ -69,7 +69,7 @@ pub fn snapshot_name(seq: u64) -> String {
 
 /// What a file in the data directory is.
 #[derive(Debug, PartialEq, Eq)]
-pub enum FileKind {
+pub(crate) enum FileKind {
     Segment(u64),
     Snapshot(u64),
     /// An unfinished snapshot.
@@ -78,7 +78,7 @@ pub enum FileKind {
 }
 
 /// Classifies a data-directory file by its name.
-pub fn classify(name: &str) -> FileKind {
+pub(crate) fn classify(name: &str) -> FileKind {
     let seq = |s: &str| (s.len() == 20).then(|| s.parse::<u64>().ok()).flatten();
     if let Some(seq) = name
         .strip_prefix("wal-")
@@ -101,7 +101,7 @@ pub fn classify(name: &str) -> FileKind {
 }
 
 /// Makes renames, creations and deletions in `dir` durable.
-pub fn sync_dir(dir: &Path) -> io::Result<()> {
+pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
