@@ -20,11 +20,15 @@
 //! share each `fdatasync` instead of paying one each.
 //!
 //! The apply runs on this thread, right after the commit, not on a separate
-//! applier thread pipelined with the next batch's I/O: applying a batch
-//! costs a lock and a hash-table insert per op, a small fraction of the
-//! `write` (see the README's figures), and a second thread would add a
-//! wake-up per batch and a hand-off that [`Journal::rotate`] must wait for
-//! (segment `S` may only start once every write before it is in the map).
+//! applier thread pipelined with the next batch's I/O. Measured with 64
+//! writers and `never` on 2 cores: this thread, apply included, uses ~6% of
+//! a core at ~59k PUTs/s, while the HTTP workers use the rest; a pipelined
+//! applier thread (tried) used ~9.5% for the two threads, for no more
+//! throughput, since it adds a wake-up and a hand-off per batch. Applying
+//! here also keeps rotation simple: [`Journal::rotate`] is handled between
+//! batches, so every write before the new segment is in the map already.
+//! Should the apply ever become the bottleneck, it can be split per shard,
+//! each shard's ops still in log order.
 //!
 //! File I/O never runs on the async workers: this is a plain `std` thread.
 //! For `everysec` a second thread fdatasyncs the active segment once a second
