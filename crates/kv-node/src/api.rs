@@ -106,7 +106,7 @@ async fn route(app: &App, request: Request<Incoming>) -> Result<Response<Body>, 
 async fn get(app: &App, key: &str) -> Result<Response<Body>, ApiError> {
     log::debug!("GET - Key: {key}");
     app.log_op(|| Entry::Get(key.into()));
-    let body = app.store.get(key).await?.ok_or(ApiError::KeyNotFound)?;
+    let body = app.store.get(key).ok_or(ApiError::KeyNotFound)?;
     Ok(json_response(StatusCode::OK, body))
 }
 

@@ -26,8 +26,9 @@ pub struct Config {
     #[arg(long, env = "KV_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
 
-    /// Largest request body accepted, in bytes; larger ones get 413.
-    #[arg(long, env = "KV_MAX_VALUE_BYTES", default_value_t = 1024 * 1024)]
+    /// Largest request body accepted, in bytes; larger ones get 413. At most
+    /// what one log record can hold (256 MiB less a few KiB).
+    #[arg(long, env = "KV_MAX_VALUE_BYTES", default_value_t = 1024 * 1024, value_parser = parse_max_value_bytes)]
     pub max_value_bytes: usize,
 
     /// Most connections served at once; more are answered 503 and closed.
@@ -90,6 +91,23 @@ pub struct Config {
     /// `kv-bench --spawn`. Checked every 200 ms.
     #[arg(long, env = "KV_EXIT_WITH_PARENT")]
     pub exit_with_parent: bool,
+}
+
+/// The largest `--max-value-bytes`: a stored value is the body less its
+/// whitespace plus a newline, so a body of this size always fits one log
+/// record with the longest key.
+pub const MAX_VALUE_BYTES_LIMIT: usize = kv_store::MAX_VALUE_BYTES - 1;
+
+fn parse_max_value_bytes(value: &str) -> Result<usize, String> {
+    let bytes: usize = value
+        .parse()
+        .map_err(|e| format!("not a number of bytes: {e}"))?;
+    if bytes > MAX_VALUE_BYTES_LIMIT {
+        return Err(format!(
+            "{bytes} is more than the log can hold in one record; the most is {MAX_VALUE_BYTES_LIMIT}"
+        ));
+    }
+    Ok(bytes)
 }
 
 fn parse_fsync(value: &str) -> Result<FsyncPolicy, String> {

@@ -4,6 +4,7 @@
 use bytes::Bytes;
 use hyper::header::{HeaderValue, ALLOW, CONNECTION, CONTENT_TYPE, RETRY_AFTER};
 use hyper::{Response, StatusCode};
+use kv_store::StoreError;
 
 use crate::api::{json_response, Body};
 
@@ -28,8 +29,8 @@ pub enum ApiError {
     MethodNotAllowed { allow: &'static str },
     /// An admin path (`/-/...`) that does not exist.
     UnknownAdminPath,
-    /// The store cannot take writes right now (for example a disk error).
-    Unavailable(String),
+    /// The store refused the operation (a disk error, closing, too large).
+    Store(kv_store::StoreError),
 }
 
 impl ApiError {
@@ -44,7 +45,14 @@ impl ApiError {
             ApiError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
-            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Store(error) => match error {
+                StoreError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+                // `key::parse` caps keys far below the store's limit; kept total anyway.
+                StoreError::KeyTooLong(_) => StatusCode::BAD_REQUEST,
+                StoreError::DiskFailed { .. } | StoreError::Closed | StoreError::Snapshot(_) => {
+                    StatusCode::SERVICE_UNAVAILABLE
+                }
+            },
         }
     }
 
@@ -66,7 +74,11 @@ impl ApiError {
                 format!("Method not allowed; this path accepts {allow}")
             }
             ApiError::UnknownAdminPath => "Unknown admin path".to_owned(),
-            ApiError::Unavailable(why) => format!("Service unavailable: {why}"),
+            ApiError::Store(error @ StoreError::TooLarge { .. }) => {
+                format!("Request body too large: {error}")
+            }
+            ApiError::Store(error @ StoreError::KeyTooLong(_)) => format!("Invalid key: {error}"),
+            ApiError::Store(error) => format!("Service unavailable: {error}"),
         }
     }
 
@@ -89,7 +101,7 @@ impl ApiError {
                     .headers_mut()
                     .insert(CONNECTION, HeaderValue::from_static("close"));
             }
-            ApiError::Unavailable(_) => {
+            _ if response.status() == StatusCode::SERVICE_UNAVAILABLE => {
                 response
                     .headers_mut()
                     .insert(RETRY_AFTER, HeaderValue::from_static("1"));
@@ -101,14 +113,51 @@ impl ApiError {
     }
 }
 
-impl From<kv_store::StoreError> for ApiError {
-    fn from(error: kv_store::StoreError) -> Self {
-        match error {
-            kv_store::StoreError::Unavailable(why) => ApiError::Unavailable(why),
-            // `key::parse` caps keys far below the store's limit; kept total anyway.
-            kv_store::StoreError::KeyTooLong(_) => {
-                ApiError::InvalidKey("the key is longer than the store accepts")
-            }
+impl From<StoreError> for ApiError {
+    fn from(error: StoreError) -> Self {
+        ApiError::Store(error)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn store_errors_map_to_their_statuses() {
+        let disk = StoreError::DiskFailed {
+            action: "appending to",
+            path: "data/wal-1.log".into(),
+            source: std::sync::Arc::new(std::io::Error::from_raw_os_error(28)),
+        };
+        let cases = [
+            (
+                disk,
+                503,
+                "Service unavailable: disk error appending to data/wal-1.log: ",
+            ),
+            (
+                StoreError::Closed,
+                503,
+                "Service unavailable: the store is shutting down",
+            ),
+            (
+                StoreError::TooLarge { len: 10, max: 5 },
+                413,
+                "Request body too large: value of 10 bytes",
+            ),
+            (
+                StoreError::KeyTooLong(70_000),
+                400,
+                "Invalid key: key of 70000 bytes",
+            ),
+        ];
+        for (error, status, message) in cases {
+            let error = ApiError::from(error);
+            assert_eq!(error.status().as_u16(), status, "{error:?}");
+            assert!(error.message().starts_with(message), "{}", error.message());
+            let response = error.into_response();
+            assert_eq!(response.headers().contains_key(RETRY_AFTER), status == 503);
         }
     }
 }

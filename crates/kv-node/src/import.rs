@@ -92,7 +92,7 @@ pub async fn import(store: Arc<Store>, path: PathBuf) -> Result<usize, ImportErr
     let count = store.put_all(entries).await.map_err(ImportError::Store)?;
     tokio::task::spawn_blocking(move || store.snapshot_now())
         .await
-        .map_err(|e| ImportError::Store(kv_store::StoreError::Unavailable(e.to_string())))?
+        .map_err(|e| ImportError::Store(kv_store::StoreError::Snapshot(e.to_string())))?
         .map_err(ImportError::Store)?;
     Ok(count)
 }

@@ -347,13 +347,10 @@ fn a_disk_error_answers_503_to_writes_and_reads_keep_working() {
             (200, format!("{{\"value\":{value}}}\n"))
         );
     }
-    // The write that hit the error never reached the log: no reader is
-    // shown it (a restart would take it back). One refused up front never
-    // reached the map.
+    // The write that hit the error was never applied: no reader is shown
+    // it (a restart would take it back), nor one refused up front.
     let failed = format!("k{}", stored.len());
-    let (status, text) = get(node.addr, &failed);
-    assert_eq!(status, 503, "{text}");
-    assert!(text.contains("disk error"), "{text}");
+    assert_eq!(get(node.addr, &failed).0, 404);
     assert_eq!(get(node.addr, "other").0, 404);
     let health = request(node.addr, "GET", "/-/health", None).unwrap();
     assert!(
@@ -456,4 +453,26 @@ fn recovery_time_and_key_count_are_logged() {
     node.restart();
     let log = node.log();
     assert!(log.contains("recovered 20 keys in"), "{log}");
+}
+
+/// The log frames at most 256 MiB per record: a larger `--max-value-bytes`
+/// would let a PUT be acknowledged and then dropped by recovery as damage.
+#[test]
+fn a_max_value_bytes_the_log_cannot_frame_is_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let too_large = (300usize << 20).to_string();
+    let (code, log) = run_to_exit(&node_args(dir.path(), &["--max-value-bytes", &too_large]));
+    assert_ne!(code, Some(0), "{log}");
+    assert!(log.contains("--max-value-bytes"), "{log}");
+    assert!(
+        log.contains("more than the log can hold in one record"),
+        "{log}"
+    );
+    // The largest accepted one starts.
+    let most = kv_node::config::MAX_VALUE_BYTES_LIMIT.to_string();
+    let node = Process::spawn(
+        &binary("kv-node"),
+        &node_args(dir.path(), &["--max-value-bytes", &most]),
+    );
+    assert_eq!(put(node.addr, "k", "1"), 200);
 }

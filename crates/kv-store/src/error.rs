@@ -1,33 +1,54 @@
-//! Errors the storage engine reports to its caller.
+//! Errors the storage engine reports to its caller: typed (`thiserror`), so
+//! a caller maps each kind to its own answer (kv-node: an HTTP status) and
+//! keeps the underlying `io::Error` as the source.
 
 use std::fmt;
 use std::io;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 /// Why a store operation failed.
-#[derive(Debug, Clone)]
+///
+/// Cheap to clone: every writer of a failed batch gets the same error, so
+/// the `io::Error` is shared behind an [`Arc`].
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
-    /// The store cannot accept writes (for example the disk failed); reads
-    /// keep working.
-    Unavailable(String),
+    /// A log write or fdatasync failed (a full disk, EIO, a file-size
+    /// limit). The write it carried was not applied, and the store refuses
+    /// writes from now on: after a failed fsync Linux may have dropped the
+    /// dirty pages, so a retry that "succeeds" proves nothing. Reads keep
+    /// working.
+    #[error("disk error {action} {}: {source}", path.display())]
+    DiskFailed {
+        /// What the log was doing, e.g. "appending to".
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: Arc<io::Error>,
+    },
+    /// The store is closing (or closed): no more writes.
+    #[error("the store is shutting down")]
+    Closed,
+    /// The value is larger than one log record can frame with its key.
+    #[error("value of {len} bytes is larger than the {max} bytes the log can frame with its key")]
+    TooLarge { len: usize, max: usize },
     /// The key is longer than the store can frame.
+    #[error("key of {0} bytes is longer than the {max} the store accepts", max = crate::entry::MAX_KEY_BYTES)]
     KeyTooLong(usize),
+    /// A snapshot could not be taken (the log still holds every write).
+    #[error("snapshot failed: {0}")]
+    Snapshot(String),
 }
 
-impl fmt::Display for StoreError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            StoreError::Unavailable(why) => write!(f, "store unavailable: {why}"),
-            StoreError::KeyTooLong(len) => write!(
-                f,
-                "key of {len} bytes is longer than the {} the store accepts",
-                crate::entry::MAX_KEY_BYTES
-            ),
+impl StoreError {
+    pub(crate) fn disk(action: &'static str, path: PathBuf, source: io::Error) -> Self {
+        StoreError::DiskFailed {
+            action,
+            path,
+            source: Arc::new(source),
         }
     }
 }
-
-impl std::error::Error for StoreError {}
 
 /// Why [`crate::Store::open`] could not open a data directory.
 #[derive(Debug)]

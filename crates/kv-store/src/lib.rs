@@ -4,34 +4,35 @@
 //!
 //! # Design
 //!
-//! * [`map`]: the sharded in-memory map (64 `parking_lot::RwLock`ed hash
+//! * `map`: the sharded in-memory map (64 `parking_lot::RwLock`ed hash
 //!   tables); a read is a lookup and a reference-count increment.
-//! * [`entry`]: a key and its value in one allocation, to keep memory per
+//! * `entry`: a key and its value in one allocation, to keep memory per
 //!   key low.
-//! * [`journal`]: the write-ahead log (writer thread with group commit,
-//!   fsync policies), snapshots and recovery.
+//! * `apply`: the state machine, applying committed operations to the map
+//!   in log order (the one thing replication's Raft state machine will do).
+//! * [`journal`]: the write-ahead log (the log thread with group commit and
+//!   the fsync policies), snapshots and recovery.
 //!
-//! A write ([`Store::put`], [`Store::delete`]) takes its key's shard lock,
-//! changes the map and queues the change to the log writer *under that
-//! lock*, so the log holds each key's changes in the order the map saw them.
-//! It then awaits the writer thread's answer (after the `write`, and for
-//! [`FsyncPolicy::Always`] after an `fdatasync`) and only then returns `Ok`.
-//! It is acknowledged to its writer only once it is durable.
+//! # Log, commit, apply, publish
 //!
-//! Readers see only durable data too. Each write gets a ticket (its place in
-//! the log), noted in the map beside its key's slot under the same lock; a
-//! read that finds its slot's ticket not yet durable waits for the writer
-//! thread to pass it (usually one group commit). So no client, writer or
-//! reader, can see a value that `kill -9` (or, with `always`, a power cut)
-//! would take back. Redis gives the same with `appendfsync always` by
-//! sending every reply after its event loop's fsync. A write is queued to
-//! the log before it changes the map, so a write the log refuses is never
-//! seen; one whose log write then fails, or that is not durable within
-//! [`READ_WAIT_LIMIT`] (a stalled disk), makes reads of its slot answer
-//! [`StoreError::Unavailable`] rather than show it.
+//! A write ([`Store::put`], [`Store::delete`]) submits an operation to the
+//! log thread and awaits it. The thread writes a batch of operations with
+//! one `write`, commits it ([`FsyncPolicy::Always`]: an `fdatasync`;
+//! `everysec` and `never`: the `write` itself, which survives `kill -9`),
+//! and only then applies the batch to the map in log order and wakes its
+//! writers with their outcome. A DELETE learns whether it found its key at
+//! that point, in log order.
 //!
-//! Once a log write or sync fails, writes answer [`StoreError::Unavailable`]
-//! and reads keep working.
+//! So the map holds committed writes only. A read ([`Store::get`]) is a
+//! plain lookup that never waits, and never shows a write that a crash
+//! (with `always`, a power cut) could take back; Redis gives the same by
+//! replying after its event loop's write. The cost: a write becomes visible
+//! only after its group commit, not at once, which is also when its writer
+//! hears back.
+//!
+//! A write the disk refuses is never applied: its writers get
+//! [`StoreError::DiskFailed`], no reader and no snapshot ever sees it, and
+//! from then on every write is refused while reads keep working.
 
 use std::fs::{self, File, OpenOptions, TryLockError};
 use std::path::{Path, PathBuf};
@@ -39,25 +40,31 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-pub mod entry;
+mod apply;
+mod entry;
 mod error;
 pub mod journal;
-pub mod map;
+mod map;
 mod options;
 
 pub use error::{OpenError, StoreError};
 pub use journal::recovery::RecoveryReport;
+#[cfg(feature = "test-hooks")]
+pub use journal::writer::hooks;
 pub use journal::writer::LogStats;
-pub use map::SHARD_COUNT;
 pub use options::{FsyncPolicy, StoreOptions};
 
+use apply::Op;
 use journal::snapshot::Snapshotter;
-use journal::writer::{self, Journal, Op, WriterConfig};
+use journal::writer::{self, Journal, WriterConfig};
 use map::Map;
 
-/// Longest a read waits for the write it would show to become durable
-/// before answering [`StoreError::Unavailable`] (the disk is stalled).
-pub const READ_WAIT_LIMIT: std::time::Duration = std::time::Duration::from_secs(2);
+/// The largest value the log can frame in one record with any key up to
+/// the longest one ([`MAX_KEY_BYTES`]); a value under a shorter key may be
+/// a little larger ([`StoreError::TooLarge`] says exactly).
+pub const MAX_VALUE_BYTES: usize = journal::record::MAX_PAYLOAD - 1 - 2 - MAX_KEY_BYTES;
+
+pub use entry::MAX_KEY_BYTES;
 
 /// A thread-safe map of keys to values, shared by every connection.
 pub struct Store {
@@ -127,6 +134,7 @@ impl Store {
             let signal = Arc::clone(&signal);
             Box::new(move || signal.wal_full())
         };
+        let applier: Arc<dyn apply::Apply> = Arc::clone(&map) as _;
         let journal = Journal::start(
             segment,
             WriterConfig {
@@ -136,6 +144,7 @@ impl Store {
                 wal_max_bytes: options.wal_max_bytes,
                 on_full,
             },
+            applier,
         )
         .map_err(|e| OpenError::io("start the log writer for", dir, e))?;
         let journal = Arc::new(journal);
@@ -170,34 +179,10 @@ impl Store {
         self.durable.as_ref().map(|d| d.dir.as_path())
     }
 
-    /// The value stored under `key`, if any, once the write that stored it
-    /// (or removed it) is durable; at once in the usual case. `Err` when that
-    /// write failed, or is not durable within [`READ_WAIT_LIMIT`] (a stalled
-    /// disk): showing it could show what a crash takes back.
-    pub async fn get(&self, key: &str) -> Result<Option<Bytes>, StoreError> {
-        let (entry, ticket) = self.map.get_with_ticket(key.as_bytes());
-        self.wait_durable(ticket).await?;
-        Ok(entry.map(|e| entry::value_bytes(&e)))
-    }
-
-    /// Waits until log write `ticket` is durable (see [`Store::get`]).
-    async fn wait_durable(&self, ticket: u64) -> Result<(), StoreError> {
-        let Some(durable) = &self.durable else {
-            return Ok(());
-        };
-        let health = &durable.journal.health;
-        if health.is_durable(ticket) {
-            return Ok(());
-        }
-        match tokio::time::timeout(READ_WAIT_LIMIT, health.wait_durable(ticket)).await {
-            Ok(true) => Ok(()),
-            Ok(false) => Err(health.check().err().unwrap_or_else(|| {
-                StoreError::Unavailable("the last write to this key was not logged".into())
-            })),
-            Err(_) => Err(StoreError::Unavailable(format!(
-                "the last write to this key is not durable after {READ_WAIT_LIMIT:?} (slow disk)"
-            ))),
-        }
+    /// The value stored under `key`, if any: a plain lookup that never
+    /// waits, since the map holds committed writes only.
+    pub fn get(&self, key: &str) -> Option<Bytes> {
+        self.map.get(key.as_bytes()).map(|e| entry::value_bytes(&e))
     }
 
     /// How well the log writer batched so far (`None` in memory).
@@ -224,33 +209,21 @@ impl Store {
         }
     }
 
-    /// Applies `entry` to the map and queues it to the log, under the shard
-    /// lock; the receiver to await, if durable.
-    fn apply_put(&self, entry: entry::Entry) -> Result<Option<writer::Submitted>, StoreError> {
-        let (mut table, hash) = self.map.lock(entry::key(&entry));
+    /// Hands `op` to the log thread (or, in memory, applies it at once);
+    /// what to await for its outcome.
+    fn submit(&self, op: Op) -> Result<Submitted, StoreError> {
         match &self.durable {
-            None => {
-                Map::insert(&mut table, hash, entry);
-                Ok(None)
-            }
-            Some(durable) => {
-                // Logged first: a change the log refuses never reaches the map.
-                let (wait, ticket) = durable.journal.submit(Op::Put(entry.clone()))?;
-                Map::insert(&mut table, hash, entry);
-                self.map.mark_written(hash, ticket);
-                Ok(Some(wait))
-            }
+            None => Ok(Submitted::Applied(self.map.apply_one(op))),
+            Some(durable) => durable.journal.submit(op).map(Submitted::Queued),
         }
     }
 
     /// Stores `value` under `key`, replacing any earlier value; `Ok` once the
-    /// write is as durable as the fsync policy promises.
+    /// write is committed (as durable as the fsync policy promises) and
+    /// visible to readers.
     pub async fn put(&self, key: &str, value: Bytes) -> Result<(), StoreError> {
-        let entry = entry::new(key.as_bytes(), &value).ok_or(StoreError::KeyTooLong(key.len()))?;
-        match self.apply_put(entry)? {
-            Some(wait) => writer::wait(wait).await,
-            None => Ok(()),
-        }
+        let entry = new_entry(key, &value)?;
+        self.submit(Op::Put(entry))?.outcome().await.map(drop)
     }
 
     /// Stores many keys at once (an import): every write is queued before the
@@ -260,52 +233,29 @@ impl Store {
         items: impl IntoIterator<Item = (String, Bytes)>,
     ) -> Result<usize, StoreError> {
         let mut waits = Vec::new();
-        let mut count = 0;
         for (key, value) in items {
-            let entry =
-                entry::new(key.as_bytes(), &value).ok_or(StoreError::KeyTooLong(key.len()))?;
-            waits.extend(self.apply_put(entry)?);
-            count += 1;
+            let entry = new_entry(&key, &value)?;
+            waits.push(self.submit(Op::Put(entry))?);
         }
+        let count = waits.len();
         for wait in waits {
-            writer::wait(wait).await?;
+            wait.outcome().await?;
         }
         Ok(count)
     }
 
-    /// Removes `key`; `Ok(false)` if it was not there.
+    /// Removes `key`; `Ok(false)` if it was not there, decided in log order.
     pub async fn delete(&self, key: &str) -> Result<bool, StoreError> {
-        enum Outcome {
-            Deleted(Option<writer::Submitted>),
-            /// Not there: as of log write `ticket` (a delete may be in flight).
-            Absent(u64),
+        // Absent from the map means absent as of the last committed write:
+        // answering so is a read, and needs no log record (Redis logs a DEL
+        // only when it removed something).
+        if self.map.get(key.as_bytes()).is_none() {
+            return Ok(false);
         }
-        let key = key.as_bytes();
-        let outcome = {
-            let (mut table, hash) = self.map.lock(key);
-            match &self.durable {
-                None => match Map::remove(&mut table, hash, key) {
-                    true => Outcome::Deleted(None),
-                    false => Outcome::Absent(0),
-                },
-                Some(_) if !Map::contains(&table, hash, key) => {
-                    Outcome::Absent(self.map.ticket(hash))
-                }
-                Some(durable) => {
-                    // Logged first: a change the log refuses never reaches the map.
-                    let (wait, ticket) = durable.journal.submit(Op::Delete(key.into()))?;
-                    Map::remove(&mut table, hash, key);
-                    self.map.mark_written(hash, ticket);
-                    Outcome::Deleted(Some(wait))
-                }
-            }
-        };
-        match outcome {
-            Outcome::Deleted(Some(wait)) => writer::wait(wait).await.map(|()| true),
-            Outcome::Deleted(None) => Ok(true),
-            // A 404 is a read: only once the delete it reflects is durable.
-            Outcome::Absent(ticket) => self.wait_durable(ticket).await.map(|()| false),
-        }
+        // A concurrent DELETE may still win: the log order decides.
+        self.submit(Op::Delete(key.as_bytes().into()))?
+            .outcome()
+            .await
     }
 
     /// Writes a snapshot now and retires the log it covers; blocking (call
@@ -315,13 +265,14 @@ impl Store {
             Some(durable) => durable
                 .snapshotter
                 .snapshot_now()
-                .map_err(StoreError::Unavailable),
+                .map_err(StoreError::Snapshot),
             None => Ok(()),
         }
     }
 
-    /// Stops the snapshot and log threads after making every queued write
-    /// durable; later writes answer `Unavailable`. Blocking; idempotent.
+    /// Stops the snapshot and log threads after committing and applying
+    /// every queued write; later writes get [`StoreError::Closed`].
+    /// Blocking; idempotent.
     pub fn close(&self) {
         if let Some(durable) = &self.durable {
             durable.snapshotter.close();
@@ -340,6 +291,50 @@ impl Store {
     }
 }
 
+/// Builds the entry for a PUT, refusing what the log could not frame.
+fn new_entry(key: &str, value: &[u8]) -> Result<entry::Entry, StoreError> {
+    if key.len() > MAX_KEY_BYTES {
+        return Err(StoreError::KeyTooLong(key.len()));
+    }
+    // The record's payload: kind byte, key length, key, value.
+    let max = journal::record::MAX_PAYLOAD - 1 - 2 - key.len();
+    if value.len() > max {
+        return Err(StoreError::TooLarge {
+            len: value.len(),
+            max,
+        });
+    }
+    entry::new(key.as_bytes(), value).ok_or(StoreError::KeyTooLong(key.len()))
+}
+
+/// What a writer awaits.
+enum Submitted {
+    /// In memory: applied already; whether its key was there.
+    Applied(bool),
+    /// Queued to the log thread.
+    Queued(writer::Submitted),
+}
+
+impl Submitted {
+    async fn outcome(self) -> Result<bool, StoreError> {
+        match self {
+            Submitted::Applied(found) => Ok(found),
+            Submitted::Queued(wait) => writer::wait(wait).await,
+        }
+    }
+}
+
+#[cfg(feature = "test-hooks")]
+impl Store {
+    /// Test hook: `hook` is called on the log thread at each
+    /// [`hooks::Event`]; it may block the thread or fail a write.
+    pub fn set_log_hook(&self, hook: hooks::Hook) {
+        if let Some(durable) = &self.durable {
+            durable.journal.set_hook(hook);
+        }
+    }
+}
+
 impl Drop for Store {
     fn drop(&mut self) {
         self.close();
@@ -353,17 +348,11 @@ mod tests {
     #[tokio::test]
     async fn put_get_delete_round_trip() {
         let store = Store::in_memory();
-        assert_eq!(store.get("a").await.unwrap(), None);
+        assert_eq!(store.get("a"), None);
         store.put("a", Bytes::from_static(b"1")).await.unwrap();
-        assert_eq!(
-            store.get("a").await.unwrap(),
-            Some(Bytes::from_static(b"1"))
-        );
+        assert_eq!(store.get("a"), Some(Bytes::from_static(b"1")));
         store.put("a", Bytes::from_static(b"2")).await.unwrap();
-        assert_eq!(
-            store.get("a").await.unwrap(),
-            Some(Bytes::from_static(b"2"))
-        );
+        assert_eq!(store.get("a"), Some(Bytes::from_static(b"2")));
         assert_eq!(store.len(), 1);
         assert!(store.delete("a").await.unwrap());
         assert!(!store.delete("a").await.unwrap());
@@ -371,9 +360,7 @@ mod tests {
     }
 
     /// A reader must never see a write the log does not hold yet: the
-    /// moment a GET finds the new value, the writer thread has written it.
-    /// Without the wait, the GET finds it right after the map insert, tens
-    /// of microseconds before the writer thread wakes up.
+    /// moment a GET finds the new value, the log thread has written it.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn reads_see_only_written_values() {
         let dir = tempfile::tempdir().unwrap();
@@ -395,7 +382,7 @@ mod tests {
             if i > 0 {
                 assert!(store.delete(&format!("seen{}", i - 1)).await.unwrap());
             }
-            while store.get(&key).await.unwrap().is_none() {
+            while store.get(&key).is_none() {
                 tokio::task::yield_now().await;
             }
             let written = store.log_stats().unwrap().records;

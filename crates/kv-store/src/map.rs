@@ -10,8 +10,6 @@
 //! low bits (bucket index) and the top 7 bits (control tag): reusing the same
 //! bits would leave all keys of a shard sharing their home buckets or tags.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-
 use hashbrown::HashTable;
 use parking_lot::{RwLock, RwLockWriteGuard};
 
@@ -24,17 +22,11 @@ pub const SHARD_COUNT: usize = 64;
 /// One shard's table.
 pub type Table = HashTable<Entry>;
 
-/// Write tickets kept per shard: a key's slot is picked by more bits of its
-/// hash, so a read waits only for writes to keys sharing its slot.
-const TICKET_SLOTS_PER_SHARD: usize = 64;
-
-/// The map: shards of entries.
+/// The map: shards of entries. It holds committed writes only: the log
+/// thread changes it through [`crate::apply`] after each commit (recovery
+/// before the store opens), so readers just read.
 pub struct Map {
     shards: Box<[RwLock<Table>]>,
-    /// The log ticket of the newest write to each slot's keys (see
-    /// [`Map::mark_written`]); a slot belongs to one shard and changes only
-    /// under its write lock.
-    tickets: Box<[AtomicU64]>,
 }
 
 /// A change read back from a snapshot or the log.
@@ -104,49 +96,11 @@ impl Map {
         let shards = (0..SHARD_COUNT)
             .map(|_| RwLock::new(HashTable::new()))
             .collect();
-        let tickets = (0..SHARD_COUNT * TICKET_SLOTS_PER_SHARD)
-            .map(|_| AtomicU64::new(0))
-            .collect();
-        Self { shards, tickets }
+        Self { shards }
     }
 
     fn shard_index(hash: u64) -> usize {
         (hash >> 32) as usize & (SHARD_COUNT - 1)
-    }
-
-    fn ticket_index(hash: u64) -> usize {
-        Self::shard_index(hash) * TICKET_SLOTS_PER_SHARD
-            + ((hash >> 38) as usize & (TICKET_SLOTS_PER_SHARD - 1))
-    }
-
-    /// Notes that the key hashing to `hash` was changed by the log write
-    /// `ticket`. Call with the key's shard write-locked, after the change.
-    pub fn mark_written(&self, hash: u64, ticket: u64) {
-        self.tickets[Self::ticket_index(hash)].store(ticket, Ordering::Relaxed);
-    }
-
-    /// The ticket of the newest log write to `hash`'s slot. Call with its
-    /// shard locked.
-    pub fn ticket(&self, hash: u64) -> u64 {
-        self.tickets[Self::ticket_index(hash)].load(Ordering::Relaxed)
-    }
-
-    /// Whether `key` is in its (locked) shard.
-    pub fn contains(table: &Table, hash: u64, key: &[u8]) -> bool {
-        table.find(hash, |e| entry::key(e) == key).is_some()
-    }
-
-    /// The entry stored under `key`, and the ticket of the newest log write
-    /// that may have changed it (0: none since open): the read is durable
-    /// once that ticket is.
-    pub fn get_with_ticket(&self, key: &[u8]) -> (Option<Entry>, u64) {
-        let hash = hash(key);
-        let table = self.shards[Self::shard_index(hash)].read();
-        let entry = table.find(hash, |e| entry::key(e) == key).cloned();
-        // Read under the same lock as the entry: a writer stores both under
-        // the write lock, so the ticket covers the entry seen.
-        let ticket = self.tickets[Self::ticket_index(hash)].load(Ordering::Relaxed);
-        (entry, ticket)
     }
 
     /// The write lock of `key`'s shard, and the key's hash.
@@ -164,13 +118,18 @@ impl Map {
             .cloned()
     }
 
-    /// Stores `entry` in its (locked) shard, replacing any entry of its key.
-    pub fn insert(table: &mut Table, hash: u64, entry: Entry) {
+    /// Stores `entry` in its (locked) shard, replacing any entry of its
+    /// key; whether there was one.
+    pub fn insert(table: &mut Table, hash: u64, entry: Entry) -> bool {
         let key = entry::key(&entry);
         match table.find_mut(hash, |e| entry::key(e) == key) {
-            Some(slot) => *slot = entry,
+            Some(slot) => {
+                *slot = entry;
+                true
+            }
             None => {
                 table.insert_unique(hash, entry, entry_hash);
+                false
             }
         }
     }
@@ -199,7 +158,9 @@ impl Map {
                 }
                 let mut table = self.shards[index].write();
                 match change.what {
-                    Change::Put(body) => Self::insert(&mut table, change.hash, Entry::from(body)),
+                    Change::Put(body) => {
+                        Self::insert(&mut table, change.hash, Entry::from(body));
+                    }
                     Change::PutNew(body) => {
                         table.insert_unique(change.hash, Entry::from(body), entry_hash);
                     }
@@ -238,13 +199,6 @@ impl Map {
         all
     }
 
-    /// Empties the map (recovery falling back to an older snapshot).
-    pub fn clear(&self) {
-        for shard in self.shards.iter() {
-            shard.write().clear();
-        }
-    }
-
     /// How many keys the map holds.
     pub fn len(&self) -> usize {
         self.shards.iter().map(|shard| shard.read().len()).sum()
@@ -256,6 +210,7 @@ impl Map {
     }
 
     /// Keys in the busiest shard (tests check the spread).
+    #[cfg(test)]
     pub fn busiest_shard(&self) -> usize {
         self.shards
             .iter()

@@ -68,7 +68,7 @@ fn expected(changes: &[Change]) -> Vec<(String, Vec<u8>)> {
 
 fn assert_state(store: &Store, want: &[(String, Vec<u8>)], keys: &[String], context: &str) {
     for key in keys {
-        let have = block(store.get(key)).unwrap().map(|b| b.to_vec());
+        let have = store.get(key).map(|b| b.to_vec());
         let should = want.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone());
         assert_eq!(have, should, "key {key} ({context})");
     }
@@ -514,7 +514,7 @@ fn concurrent_writers_under_always_are_all_durable() {
     drop(std::sync::Arc::try_unwrap(store).ok().unwrap());
     let store = open(dir.path());
     assert_eq!(store.len(), 64 * 20);
-    assert_eq!(&block(store.get("w63_19")).unwrap().unwrap()[..], b"63:19");
+    assert_eq!(&store.get("w63_19").unwrap()[..], b"63:19");
 }
 
 #[test]
@@ -533,8 +533,5 @@ fn everysec_syncs_in_the_background() {
         std::thread::sleep(Duration::from_millis(10));
     }
     drop(store);
-    assert_eq!(
-        &block(open(dir.path()).get("a")).unwrap().unwrap()[..],
-        b"1"
-    );
+    assert_eq!(&open(dir.path()).get("a").unwrap()[..], b"1");
 }

@@ -3,10 +3,11 @@
 //! Split like fjall's journal, one concern per module:
 //! * [`record`]: framing (length, header check, xxh3 checksum) shared by log
 //!   segments and snapshots.
-//! * [`writer`]: the writer thread; group commit and the fsync policies.
-//! * [`reader`]: replaying one log segment; torn tails and corruption.
-//! * [`snapshot`]: writing and loading snapshots, the snapshot thread.
-//! * [`recovery`]: putting a data directory back into memory on open.
+//! * `writer`: the log thread; group commit, the fsync policies, and the
+//!   hand-off of each committed batch to the applier (`crate::apply`).
+//! * `reader`: replaying one log segment; torn tails and corruption.
+//! * `snapshot`: writing and loading snapshots, the snapshot thread.
+//! * `recovery`: putting a data directory back into memory on open.
 //!
 //! # Files in a data directory
 //!
@@ -18,35 +19,43 @@
 //! | `snap-<seq>.snap.tmp` | a snapshot being written; removed on start if a crash left it |
 //! | `*.corrupt-<offset>` | bytes `--repair` cut from a damaged segment |
 //!
-//! # Why nothing is lost at any step of a snapshot
+//! # Why a snapshot holds every committed write and nothing else
 //!
-//! 1. The writer rotates to segment `S` (the old one is fsynced first, the new
-//!    one's directory entry is fsynced). Every write in segments `< S` is
-//!    already in the map, since writes are applied to the map and queued to
-//!    the log under the same shard lock.
+//! The map holds committed writes only: the log thread applies a batch to it
+//! right after the batch's commit, and never applies a batch the disk
+//! refused. Snapshots need nothing more than that:
+//!
+//! 1. The log thread rotates to segment `S` (the old one is fsynced first,
+//!    the new one's directory entry is fsynced). It handles the rotation
+//!    between two batches, after applying the earlier one, so every write in
+//!    segments `< S` is in the map by then.
 //! 2. The map is copied one shard at a time (reference-count increments under
 //!    a read lock) and written to `snap-S.snap.tmp` by the snapshot thread,
-//!    while writers go on appending to segment `S`.
+//!    while writers go on appending to segment `S`. The copy may hold some of
+//!    their writes, each one already committed to segment `S`; it cannot
+//!    hold a write that failed on disk, since such a write never reaches the
+//!    map.
 //! 3. The temp file is fsynced, renamed to `snap-S.snap`, the directory is
 //!    fsynced. Only then are the segments `< S` and older snapshots deleted.
 //!
 //! A crash before 3 leaves a temp file (ignored) and every segment; a crash
 //! after it leaves a complete snapshot and, at worst, segments it covers
-//! (deleted on start). The copy may hold writes that segment `S` also holds:
-//! replaying `S` over it repeats them in order, which ends in the same state.
+//! (deleted on start). Recovery replays segment `S` over the snapshot:
+//! writes the copy already holds are repeated in log order, which ends in
+//! the same state.
 
 use std::fs::File;
 use std::io;
 use std::path::Path;
 
-pub mod reader;
+pub(crate) mod reader;
 pub mod record;
-pub mod recovery;
-pub mod snapshot;
-pub mod writer;
+pub(crate) mod recovery;
+pub(crate) mod snapshot;
+pub(crate) mod writer;
 
 /// The lock file in a data directory.
-pub const LOCK_FILE: &str = "LOCK";
+pub(crate) const LOCK_FILE: &str = "LOCK";
 
 /// File name of log segment `seq`.
 pub fn segment_name(seq: u64) -> String {
@@ -60,7 +69,7 @@ pub fn snapshot_name(seq: u64) -> String {
 
 /// What a file in the data directory is.
 #[derive(Debug, PartialEq, Eq)]
-pub enum FileKind {
+pub(crate) enum FileKind {
     Segment(u64),
     Snapshot(u64),
     /// An unfinished snapshot.
@@ -69,7 +78,7 @@ pub enum FileKind {
 }
 
 /// Classifies a data-directory file by its name.
-pub fn classify(name: &str) -> FileKind {
+pub(crate) fn classify(name: &str) -> FileKind {
     let seq = |s: &str| (s.len() == 20).then(|| s.parse::<u64>().ok()).flatten();
     if let Some(seq) = name
         .strip_prefix("wal-")
@@ -92,7 +101,7 @@ pub fn classify(name: &str) -> FileKind {
 }
 
 /// Makes renames, creations and deletions in `dir` durable.
-pub fn sync_dir(dir: &Path) -> io::Result<()> {
+pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
