@@ -10,29 +10,31 @@
 //! nginx; with 8 and 64 connections the shared runtime fell behind, the
 //! single driver discovering many sockets' readiness in turn.
 //!
-//! Otherwise as kv-node's accept loop (`kv_node::server`): a cap on
-//! concurrent client connections (beyond it a canned 503, closed at once;
-//! the accept step is kv-node's [`next_connection`]),
-//! hyper's header-read timeout against dribbling or idle clients, and
-//! graceful shutdown bounded by `--shutdown-timeout`.
+//! Otherwise as kv-node's accept loop (both are kv-http's
+//! [`kv_http::server`]): a cap on concurrent client connections (past it a
+//! small reserve for health and readiness probes, then a canned JSON 503,
+//! closed at once; the accept step is [`next_connection`]), hyper's
+//! header-read timeout against dribbling or idle clients, hyper's own
+//! answers in the JSON contract, and graceful shutdown bounded by
+//! `--shutdown-timeout`.
 
 use std::future::Future;
 use std::io;
 use std::sync::Arc;
 
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
 use hyper_util::server::graceful::GracefulShutdown;
-use kv_node::server::{drain, next_connection, ConnectionLimits};
+use kv_http::server::{
+    drain, next_connection, serve_connection, Admission, ConnectionLimits, Slot,
+};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::api::{self, Proxy};
 use crate::pool;
 
 /// A connection handed to a worker, with its slot under the cap.
-type Handoff = (std::net::TcpStream, OwnedSemaphorePermit);
+type Handoff = (std::net::TcpStream, Slot);
 
 /// Serves on `listener` with one worker thread per element of `workers`
 /// until `shutdown` resolves, then drains every worker.
@@ -42,7 +44,7 @@ pub async fn serve(
     limits: ConnectionLimits,
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()> {
-    let permits = Arc::new(Semaphore::new(limits.max_connections));
+    let admission = Admission::new(limits.max_connections);
     let mut senders: Vec<UnboundedSender<Handoff>> = Vec::with_capacity(workers.len());
     let mut threads = Vec::with_capacity(workers.len());
     for (index, proxy) in workers.into_iter().enumerate() {
@@ -67,8 +69,8 @@ pub async fn serve(
 
     let mut next = 0;
     loop {
-        let (stream, permit) = tokio::select! {
-            accepted = next_connection(&listener, &permits) => accepted,
+        let (stream, slot) = tokio::select! {
+            accepted = next_connection(&listener, &admission) => accepted,
             () = &mut shutdown => break,
         };
         // Deregistered here, registered again with the worker's driver.
@@ -81,7 +83,7 @@ pub async fn serve(
         };
         // Round robin: connections are long-lived and alike.
         next = (next + 1) % senders.len();
-        if senders[next].send((stream, permit)).is_err() {
+        if senders[next].send((stream, slot)).is_err() {
             log::error!("worker {next} has stopped");
         }
     }
@@ -112,8 +114,9 @@ async fn worker(
 ) {
     let graceful = GracefulShutdown::new();
     let builder = limits.http1();
+    let probe_builder = limits.http1_probe();
     let evictor = tokio::spawn(pool::evict_idle_forever(proxy.pools.to_vec()));
-    while let Some((stream, permit)) = connections.recv().await {
+    while let Some((stream, slot)) = connections.recv().await {
         let stream = match TcpStream::from_std(stream) {
             Ok(stream) => stream,
             Err(error) => {
@@ -122,13 +125,20 @@ async fn worker(
             }
         };
         let proxy = proxy.clone();
-        let service = service_fn(move |request| api::handle(proxy.clone(), request));
-        let connection = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
+        let reserve = slot.reserve();
+        let builder = if reserve.is_probe_only() {
+            &probe_builder
+        } else {
+            &builder
+        };
+        let service =
+            service_fn(move |request| api::handle(proxy.clone(), reserve.clone(), request));
+        let connection = graceful.watch(serve_connection(builder, stream, service));
         tokio::spawn(async move {
             if let Err(error) = connection.await {
                 log::debug!("connection ended with an error: {error}");
             }
-            drop(permit);
+            drop(slot);
         });
     }
     drain(graceful, limits.shutdown_timeout).await;

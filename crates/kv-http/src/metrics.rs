@@ -6,9 +6,14 @@
 //! built when Prometheus scrapes.
 //!
 //! The arrays are sharded by thread ([`thread_slot`]), each shard on its own
-//! cache lines: worker threads adding to one shared counter would pass its
-//! cache line back and forth between cores on every request. A scrape sums
-//! the shards.
+//! cache lines ([`CachePadded`]): worker threads adding to one shared counter
+//! would pass its cache line back and forth between cores on every request.
+//! A scrape sums the shards.
+//!
+//! Every status either server answers with has its own label (the proxy's
+//! 502 and 504 included); a status missing from [`STATUSES`] would be
+//! counted as `status="other"`, and a test keeps the list and
+//! [`crate::ApiError::status`] in step.
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
@@ -63,8 +68,11 @@ impl Operation {
     }
 }
 
-/// The statuses this server answers with; anything else counts as "other".
-const STATUSES: [u16; 12] = [200, 400, 404, 405, 408, 413, 414, 431, 500, 503, 504, 0];
+/// The statuses kv-node and kv-proxy answer with; anything else counts as
+/// "other" (the trailing 0).
+pub const STATUSES: [u16; 17] = [
+    200, 204, 400, 404, 405, 408, 411, 413, 414, 417, 431, 500, 501, 502, 503, 504, 0,
+];
 
 fn status_index(status: u16) -> usize {
     STATUSES
@@ -99,11 +107,7 @@ pub fn thread_slot() -> usize {
     SLOT.with(|slot| *slot)
 }
 
-/// Aligned to two cache lines (the unit adjacent-line prefetch pulls in),
-/// so neighbouring shards never share one.
-#[derive(Debug, Default)]
-#[repr(align(128))]
-pub struct CachePadded<T>(pub T);
+pub use crossbeam_utils::CachePadded;
 
 #[derive(Default)]
 struct Shard {
@@ -129,7 +133,7 @@ impl Metrics {
     fn total(&self, counter: impl Fn(&Shard) -> &AtomicU64) -> u64 {
         self.shards
             .iter()
-            .map(|shard| counter(&shard.0).load(Relaxed))
+            .map(|shard| counter(shard).load(Relaxed))
             .sum()
     }
 
@@ -137,7 +141,7 @@ impl Metrics {
     #[inline]
     pub fn record(&self, operation: Operation, status: u16, elapsed: Duration) {
         let op = operation as usize;
-        let shard = &self.shards[thread_slot() % self.shards.len()].0;
+        let shard = &self.shards[thread_slot() % self.shards.len()];
         shard.requests[op][status_index(status)].fetch_add(1, Relaxed);
         let seconds = elapsed.as_secs_f64();
         let bucket = BUCKETS
@@ -219,6 +223,34 @@ pub fn write_metric(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_error_status_has_its_own_label() {
+        use crate::ApiError;
+        let errors = [
+            ApiError::BadRequest("x"),
+            ApiError::ExpectationFailed,
+            ApiError::UriTooLong,
+            ApiError::HeadersTooLarge,
+            ApiError::BodyTimeout,
+            ApiError::BodyTooLarge { limit: 1 },
+            ApiError::MethodNotAllowed { allow: "GET" },
+            ApiError::KeyNotFound,
+            ApiError::TooManyConnections,
+            ApiError::NodeFailed {
+                node: "n".into(),
+                why: "x".into(),
+            },
+            ApiError::NodeTimeout {
+                node: "n".into(),
+                after: Duration::from_secs(1),
+            },
+        ];
+        for error in errors {
+            let status = error.status().as_u16();
+            assert_ne!(status_index(status), STATUSES.len() - 1, "{status}");
+        }
+    }
 
     #[test]
     fn records_from_many_threads_are_summed() {
