@@ -14,9 +14,11 @@
 //!   `Expect`), and discarding a refused body without inviting it.
 //! * [`canned`]: an I/O wrapper that turns hyper's own bodiless answers to
 //!   unparseable requests (400, 414, 431) into the JSON contract.
-//! * [`server`]: bind, the accept loop with its connection cap (and a small
+//! * [`server`]: bind, accepting with its connection cap (and a small
 //!   reserve that keeps `/-/health` and `/-/ready` answerable at the cap),
 //!   per-connection timeouts, graceful drain, signals.
+//! * [`workers`]: thread per core (as nginx's worker processes), each
+//!   worker a single-threaded runtime serving the connections it is handed.
 //! * [`metrics`]: request counters and latency histograms, sharded by
 //!   thread, and their Prometheus text.
 //! * [`probe`]: the one `GET /-/health` probe (kv-health, kv-bench,
@@ -29,5 +31,6 @@ pub mod metrics;
 pub mod probe;
 pub mod request;
 pub mod server;
+pub mod workers;
 
 pub use error::{json_response, ApiError, Body};

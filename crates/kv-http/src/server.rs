@@ -20,7 +20,6 @@
 //!   connection is told to finish its in-flight request and close, and the
 //!   wait for them is bounded by `--shutdown-timeout`.
 
-use std::future::Future;
 use std::io;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -278,55 +277,6 @@ where
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     builder.serve_connection(TokioIo::new(JsonErrors::new(stream)), service)
-}
-
-/// Serves connections from `listener` on the current runtime until
-/// `shutdown` resolves, then drains. `service` makes each connection's
-/// service, given the connection's [`Reserve`] to check requests with.
-pub async fn serve<S, B>(
-    listener: TcpListener,
-    limits: ConnectionLimits,
-    service: impl Fn(Reserve) -> S,
-    shutdown: impl Future<Output = ()>,
-) -> io::Result<()>
-where
-    S: HttpService<Incoming, ResBody = B> + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    B: HttpBody + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    let admission = Admission::new(limits.max_connections);
-    let graceful = GracefulShutdown::new();
-    let builder = limits.http1();
-    let probe_builder = limits.http1_probe();
-    tokio::pin!(shutdown);
-
-    loop {
-        let (stream, slot) = tokio::select! {
-            next = next_connection(&listener, &admission) => next,
-            () = &mut shutdown => break,
-        };
-        let reserve = slot.reserve();
-        let builder = if reserve.is_probe_only() {
-            &probe_builder
-        } else {
-            &builder
-        };
-        let connection = graceful.watch(serve_connection(builder, stream, service(reserve)));
-        tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                log::debug!("connection ended with an error: {error}");
-            }
-            drop(slot);
-        });
-    }
-
-    drop(listener);
-    log::info!("shutting down: no new connections, finishing in-flight requests");
-    drain(graceful, limits.shutdown_timeout).await;
-    Ok(())
 }
 
 /// Lets the watched connections finish their in-flight requests and close,

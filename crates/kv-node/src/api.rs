@@ -58,6 +58,29 @@ pub struct App {
     pub started: Instant,
 }
 
+/// What each worker thread serves with: the shared [`App`].
+pub struct NodeWorker(pub Arc<App>);
+
+impl kv_http::workers::Worker for NodeWorker {
+    type Body = Body;
+
+    fn service(
+        &self,
+        reserve: Reserve,
+    ) -> impl hyper::service::HttpService<
+        Incoming,
+        ResBody = Body,
+        Future: Send + 'static,
+        Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    > + Send
+           + 'static {
+        let app = Arc::clone(&self.0);
+        hyper::service::service_fn(move |request| {
+            handle(Arc::clone(&app), reserve.clone(), request)
+        })
+    }
+}
+
 /// The service function: every request gets an answer, errors included.
 /// A connection in the probe reserve (over `--max-connections`) is served
 /// `/-/health` and `/-/ready` only.

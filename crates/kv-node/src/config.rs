@@ -30,6 +30,11 @@ pub struct Config {
     #[arg(long, env = "KV_MAX_VALUE_BYTES", default_value_t = 1024 * 1024)]
     pub max_value_bytes: usize,
 
+    /// Worker threads serving connections, each with its own event loop
+    /// [default: the number of CPUs].
+    #[arg(long, env = "KV_WORKERS")]
+    pub workers: Option<usize>,
+
     /// Most connections served at once; more are answered 503 and closed.
     #[arg(long, env = "KV_MAX_CONNECTIONS", default_value_t = 4096)]
     pub max_connections: usize,
@@ -102,6 +107,13 @@ impl Config {
         self.data_dir
             .clone()
             .unwrap_or_else(|| PathBuf::from("data").join(self.port.to_string()))
+    }
+
+    /// `--workers`, or one per CPU.
+    pub fn workers(&self) -> usize {
+        self.workers
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+            .max(1)
     }
 
     /// The storage engine's options.

@@ -92,13 +92,11 @@ pub async fn run(
         header_timeout: config.header_timeout,
         shutdown_timeout: config.shutdown_timeout,
     };
-    let service = |reserve: kv_http::server::Reserve| {
-        let app = Arc::clone(&app);
-        hyper::service::service_fn(move |request| {
-            api::handle(app.clone(), reserve.clone(), request)
-        })
-    };
-    let served = kv_http::server::serve(listener, limits, service, shutdown).await;
+    // Thread per core (kv-http's workers); the store is shared.
+    let workers = (0..config.workers())
+        .map(|_| api::NodeWorker(Arc::clone(&app)))
+        .collect();
+    let served = kv_http::workers::serve(listener, limits, workers, shutdown).await;
     // Flush and sync the log even if serving failed; blocking, so off the workers.
     // Then the op log's last lines (the snapshot at close included).
     let _ = tokio::task::spawn_blocking(move || {
@@ -136,8 +134,7 @@ fn survive_file_size_limit() {
     #[cfg(target_os = "linux")]
     {
         use tokio::signal::unix::{signal, SignalKind};
-        const SIGXFSZ: i32 = 25;
-        match signal(SignalKind::from_raw(SIGXFSZ)) {
+        match signal(SignalKind::from_raw(libc::SIGXFSZ)) {
             Ok(mut stream) => {
                 tokio::spawn(async move {
                     while stream.recv().await.is_some() {

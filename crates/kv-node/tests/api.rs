@@ -296,9 +296,12 @@ async fn bad_input_matrix_then_still_serving() {
         answer.starts_with("HTTP/1.1 414") || answer.starts_with("HTTP/1.1 431"),
         "{answer:.80}"
     );
+    // More headers than hyper takes (100). (A head over hyper's buffer
+    // size is refused only when it arrives in more reads than it takes to
+    // fill the buffer, which depends on timing.)
     let long_header = format!(
-        "GET /k HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
-        "h".repeat(500_000)
+        "GET /k HTTP/1.1\r\nHost: x\r\n{}\r\n",
+        "X-Many: h\r\n".repeat(150)
     );
     let answer = raw_exchange(server.addr, long_header.as_bytes()).await;
     assert!(answer.starts_with("HTTP/1.1 431"), "{answer:.80}");

@@ -11,9 +11,9 @@
 //! * [`request_body`]: the body sent on, and the limit on chunked ones.
 //! * [`health`]: active and passive health of each node; fail closed.
 //! * [`error`]: every failure, mapped to a status in one place.
-//! * [`server`]: the accept loop, the worker threads (one single-threaded
-//!   runtime and node connection pool each, as nginx's worker processes),
-//!   connection limits, graceful shutdown.
+//! * [`server`]: what each worker thread serves with (kv-http's thread per
+//!   core, one single-threaded runtime and node connection pool each, as
+//!   nginx's worker processes).
 
 use std::future::Future;
 use std::io;
@@ -93,7 +93,8 @@ pub async fn run(
         header_timeout: config.header_timeout,
         shutdown_timeout: config.shutdown_timeout,
     };
-    let served = server::serve(listener, workers, limits, shutdown).await;
+    let workers = workers.into_iter().map(server::ProxyWorker).collect();
+    let served = kv_http::workers::serve(listener, limits, workers, shutdown).await;
     for checker in checkers {
         checker.abort();
     }

@@ -52,9 +52,11 @@ fn assert_json_error(layer: &str, what: &str, response: &Response) {
 fn answers_from_hypers_parser_keep_the_json_contract() {
     let layers = layers(&[], &[]);
     let long_uri = format!("GET /{} HTTP/1.1\r\nHost: x\r\n\r\n", "u".repeat(70_000));
+    // More headers than hyper takes (a head over its buffer size is
+    // refused only when it takes more reads than filling the buffer).
     let long_header = format!(
-        "GET /k HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
-        "h".repeat(500_000)
+        "GET /k HTTP/1.1\r\nHost: x\r\n{}\r\n",
+        "X-Many: h\r\n".repeat(150)
     );
     let cases: [(&str, &[u8], u16); 5] = [
         ("over-long URI", long_uri.as_bytes(), 414),
