@@ -2,8 +2,12 @@
 //!
 //! The hot path only does relaxed atomic adds into fixed arrays: a request
 //! counter per (operation, status) and a latency histogram per operation with
-//! fixed buckets. Nothing is allocated or locked per request; the text is
-//! built when Prometheus scrapes.
+//! fixed buckets. Nothing is allocated or locked per request. The text is
+//! built when Prometheus scrapes, by `prometheus-client`'s encoder over a
+//! [`Scrape`] of those counters (and of whatever else the server adds):
+//! the encoder takes care of the format (names, escaping, `_total`, `le`),
+//! our atomics of the hot path, whose cost prometheus-client's own metric
+//! types (one shared atomic each, a lock per labelled family) would raise.
 //!
 //! The arrays are sharded by thread ([`thread_slot`]), each shard on its own
 //! cache lines ([`CachePadded`]): worker threads adding to one shared counter
@@ -15,11 +19,19 @@
 //! counted as `status="other"`, and a test keeps the list and
 //! [`crate::ApiError::status`] in step.
 
-use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::time::Duration;
 
 use hyper::Method;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, NoLabelSet};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
+
+/// The `Content-Type` of [`Scrape::encode`]'s text.
+pub const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
 
 /// What a request did, for labelling.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -156,68 +168,192 @@ impl Metrics {
         );
     }
 
-    /// Appends the request counters and latency histograms to `out`.
-    pub fn render(&self, out: &mut String) {
-        out.push_str("# HELP kv_requests_total Requests answered, by operation and status.\n");
-        out.push_str("# TYPE kv_requests_total counter\n");
+    /// What the counters hold now, summed over the shards.
+    fn snapshot(&self) -> RequestSeries {
+        let mut requests = Vec::new();
+        let mut latency = Vec::new();
         for operation in Operation::ALL {
+            let op = operation as usize;
             for (i, &status) in STATUSES.iter().enumerate() {
-                let count = self.total(|shard| &shard.requests[operation as usize][i]);
+                let count = self.total(|shard| &shard.requests[op][i]);
                 if count > 0 {
                     let status = if status == 0 {
                         "other".to_owned()
                     } else {
                         status.to_string()
                     };
-                    let _ = writeln!(
-                        out,
-                        "kv_requests_total{{op=\"{}\",status=\"{status}\"}} {count}",
-                        operation.label()
-                    );
+                    requests.push((operation.label(), status, count));
                 }
             }
-        }
-        out.push_str("# HELP kv_request_duration_seconds Time from request head to response, by operation.\n");
-        out.push_str("# TYPE kv_request_duration_seconds histogram\n");
-        for operation in Operation::ALL {
-            let op = operation as usize;
-            let label = operation.label();
-            let mut cumulative = 0;
-            for i in 0..=BUCKETS.len() {
-                cumulative += self.total(|shard| &shard.latency[op].buckets[i]);
-                let le = BUCKETS
-                    .get(i)
-                    .map_or_else(|| "+Inf".to_owned(), |b| b.to_string());
-                let _ = writeln!(
-                    out,
-                    "kv_request_duration_seconds_bucket{{op=\"{label}\",le=\"{le}\"}} {cumulative}"
-                );
-            }
+            // Per bucket, not cumulative: the encoder sums them up.
+            let buckets: Vec<(f64, u64)> = BUCKETS
+                .iter()
+                .chain([f64::INFINITY].iter())
+                .enumerate()
+                .map(|(i, &bound)| (bound, self.total(|shard| &shard.latency[op].buckets[i])))
+                .collect();
+            let count = buckets.iter().map(|(_, n)| n).sum();
             let sum = self.total(|shard| &shard.latency[op].sum_nanos) as f64 / 1e9;
-            let _ = writeln!(
-                out,
-                "kv_request_duration_seconds_sum{{op=\"{label}\"}} {sum}"
-            );
-            let _ = writeln!(
-                out,
-                "kv_request_duration_seconds_count{{op=\"{label}\"}} {cumulative}"
-            );
+            latency.push(Latency {
+                op: operation.label(),
+                sum,
+                count,
+                buckets,
+            });
         }
+        RequestSeries { requests, latency }
     }
 }
 
-/// Appends one gauge or counter with its HELP and TYPE lines.
-pub fn write_metric(
-    out: &mut String,
-    name: &str,
-    kind: &str,
-    help: &str,
-    value: impl std::fmt::Display,
-) {
-    let _ = writeln!(
-        out,
-        "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
-    );
+/// The request series at one scrape.
+#[derive(Debug)]
+struct RequestSeries {
+    /// (op, status, count)
+    requests: Vec<(&'static str, String, u64)>,
+    latency: Vec<Latency>,
+}
+
+/// One operation's latency histogram at one scrape.
+#[derive(Debug)]
+struct Latency {
+    op: &'static str,
+    /// In seconds.
+    sum: f64,
+    count: u64,
+    /// (upper bound, count) per bucket, not cumulative.
+    buckets: Vec<(f64, u64)>,
+}
+
+impl Collector for RequestSeries {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let mut family = encoder.encode_descriptor(
+            "kv_requests",
+            "Requests answered, by operation and status.",
+            None,
+            MetricType::Counter,
+        )?;
+        for (op, status, count) in &self.requests {
+            let labels = [("op", *op), ("status", status.as_str())];
+            ConstCounter::new(*count).encode(family.encode_family(&labels)?)?;
+        }
+        let mut family = encoder.encode_descriptor(
+            "kv_request_duration_seconds",
+            "Time from request head to response, by operation.",
+            None,
+            MetricType::Histogram,
+        )?;
+        for latency in &self.latency {
+            family
+                .encode_family(&[("op", latency.op)])?
+                .encode_histogram::<NoLabelSet>(
+                    latency.sum,
+                    latency.count,
+                    &latency.buckets,
+                    None,
+                )?;
+        }
+        Ok(())
+    }
+}
+
+/// A metric family with labelled series, for [`Scrape::family`].
+#[derive(Debug)]
+struct Family {
+    name: String,
+    help: String,
+    kind: MetricType,
+    series: Vec<(Vec<(&'static str, String)>, u64)>,
+}
+
+impl Collector for Family {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let mut family = encoder.encode_descriptor(&self.name, &self.help, None, self.kind)?;
+        for (labels, value) in &self.series {
+            let series = family.encode_family(labels)?;
+            match self.kind {
+                MetricType::Counter => ConstCounter::new(*value).encode(series)?,
+                _ => ConstGauge::new(i64::try_from(*value).unwrap_or(i64::MAX)).encode(series)?,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One `GET /-/metrics` answer being put together: the request series,
+/// then whatever the server adds, encoded by prometheus-client.
+#[derive(Debug)]
+pub struct Scrape {
+    registry: Registry,
+}
+
+/// prometheus-client ends every HELP text with a period itself.
+fn help(text: &str) -> &str {
+    text.trim_end_matches('.')
+}
+
+impl Scrape {
+    /// A scrape starting with `metrics`' request counters and histograms.
+    pub fn new(metrics: &Metrics) -> Self {
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(metrics.snapshot()));
+        Self { registry }
+    }
+
+    /// A counter; `name` ends in `_total`, as exposed.
+    pub fn counter(&mut self, name: &str, help_text: &str, value: f64) {
+        let name = name.strip_suffix("_total").unwrap_or(name);
+        self.registry
+            .register(name, help(help_text), ConstCounter::new(value));
+    }
+
+    /// A whole-number counter (exact beyond 2^53); `name` ends in `_total`.
+    pub fn counter_u64(&mut self, name: &str, help_text: &str, value: u64) {
+        let name = name.strip_suffix("_total").unwrap_or(name);
+        self.registry
+            .register(name, help(help_text), ConstCounter::new(value));
+    }
+
+    /// A gauge.
+    pub fn gauge(&mut self, name: &str, help_text: &str, value: f64) {
+        self.registry
+            .register(name, help(help_text), ConstGauge::new(value));
+    }
+
+    /// A whole-number gauge.
+    pub fn gauge_u64(&mut self, name: &str, help_text: &str, value: u64) {
+        let value = i64::try_from(value).unwrap_or(i64::MAX);
+        self.registry
+            .register(name, help(help_text), ConstGauge::new(value));
+    }
+
+    /// A family of labelled series: counters (`name` ending in `_total`)
+    /// when `counter`, else gauges.
+    pub fn family(
+        &mut self,
+        name: &str,
+        help_text: &str,
+        counter: bool,
+        series: Vec<(Vec<(&'static str, String)>, u64)>,
+    ) {
+        let (name, kind) = match name.strip_suffix("_total") {
+            Some(name) if counter => (name, MetricType::Counter),
+            _ => (name, MetricType::Gauge),
+        };
+        self.registry.register_collector(Box::new(Family {
+            name: name.to_owned(),
+            help: help_text.to_owned(),
+            kind,
+            series,
+        }));
+    }
+
+    /// The text, in the Prometheus text format ([`CONTENT_TYPE`]).
+    pub fn encode(&self) -> String {
+        let mut out = String::with_capacity(8192);
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::prometheus_text::encode(&mut out, &self.registry);
+        out
+    }
 }
 
 #[cfg(test)]
@@ -268,8 +404,7 @@ mod tests {
         for thread in threads {
             thread.join().unwrap();
         }
-        let mut out = String::new();
-        metrics.render(&mut out);
+        let out = Scrape::new(&metrics).encode();
         let total = (SHARDS + 3) * 100;
         assert!(
             out.contains(&format!(
@@ -277,7 +412,7 @@ mod tests {
             )),
             "{out}"
         );
-        assert!(out.contains("kv_request_duration_seconds_bucket{op=\"put\",le=\"0.00005\"} 0\n"));
+        assert!(out.contains("kv_request_duration_seconds_bucket{op=\"put\",le=\"5e-05\"} 0\n"));
         assert!(out.contains(&format!(
             "kv_request_duration_seconds_bucket{{op=\"put\",le=\"0.0001\"}} {total}\n"
         )));
@@ -289,12 +424,11 @@ mod tests {
         metrics.record(Operation::Get, 200, Duration::from_micros(30));
         metrics.record(Operation::Get, 404, Duration::from_millis(3));
         metrics.record(Operation::Put, 299, Duration::from_secs(9));
-        let mut out = String::new();
-        metrics.render(&mut out);
+        let out = Scrape::new(&metrics).encode();
         assert!(out.contains("kv_requests_total{op=\"get\",status=\"200\"} 1\n"));
         assert!(out.contains("kv_requests_total{op=\"get\",status=\"404\"} 1\n"));
         assert!(out.contains("kv_requests_total{op=\"put\",status=\"other\"} 1\n"));
-        assert!(out.contains("kv_request_duration_seconds_bucket{op=\"get\",le=\"0.00005\"} 1\n"));
+        assert!(out.contains("kv_request_duration_seconds_bucket{op=\"get\",le=\"5e-05\"} 1\n"));
         assert!(out.contains("kv_request_duration_seconds_bucket{op=\"get\",le=\"0.005\"} 2\n"));
         assert!(out.contains("kv_request_duration_seconds_bucket{op=\"put\",le=\"5\"} 0\n"));
         assert!(out.contains("kv_request_duration_seconds_bucket{op=\"put\",le=\"+Inf\"} 1\n"));

@@ -26,7 +26,7 @@ use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use hyper::header::{HeaderMap, HeaderValue, ALLOW, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
-use kv_http::metrics::{write_metric, Metrics, Operation};
+use kv_http::metrics::{Metrics, Operation, Scrape};
 use kv_http::request::{check_head, declared_length, discard_body};
 use kv_http::server::Reserve;
 use kv_http::{json_response, key};
@@ -345,7 +345,7 @@ fn admin_route(app: &App, method: &Method, path: &str) -> Result<Response<Body>,
             let mut response = Response::new(Full::new(Bytes::from(render_metrics(app))));
             response.headers_mut().insert(
                 CONTENT_TYPE,
-                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+                HeaderValue::from_static(kv_http::metrics::CONTENT_TYPE),
             );
             Ok(response)
         }
@@ -364,104 +364,73 @@ fn only_get(method: &Method) -> Result<(), ApiError> {
 }
 
 fn render_metrics(app: &App) -> String {
-    let mut out = String::with_capacity(8192);
-    app.metrics.render(&mut out);
-    write_metric(
-        &mut out,
-        "kv_keys",
-        "gauge",
-        "Keys held by this node.",
-        app.store.len(),
-    );
-    write_metric(
-        &mut out,
+    let mut scrape = Scrape::new(&app.metrics);
+    scrape.gauge_u64("kv_keys", "Keys held by this node.", app.store.len() as u64);
+    scrape.gauge_u64(
         "kv_uptime_seconds",
-        "gauge",
         "Seconds since the node started.",
         app.started.elapsed().as_secs(),
     );
     if let Some(log) = app.store.log_stats() {
-        write_metric(
-            &mut out,
+        scrape.counter_u64(
             "kv_wal_records_total",
-            "counter",
             "Records appended to the write-ahead log since start.",
             log.records,
         );
-        write_metric(
-            &mut out,
+        scrape.counter_u64(
             "kv_wal_writes_total",
-            "counter",
             "Batched writes to the log (group commit: many records each).",
             log.writes,
         );
-        write_metric(
-            &mut out,
+        scrape.counter_u64(
             "kv_wal_fsyncs_total",
-            "counter",
             "fdatasyncs of the log since start.",
             log.syncs,
         );
-        write_metric(
-            &mut out,
+        scrape.counter(
             "kv_wal_fsync_seconds_total",
-            "counter",
             "Time spent in log fdatasyncs (divide by kv_wal_fsyncs_total for the mean).",
             log.sync_nanos as f64 / 1e9,
         );
-        write_metric(
-            &mut out,
+        scrape.gauge_u64(
             "kv_wal_active_bytes",
-            "gauge",
             "Bytes in the active log segment.",
             log.active_log_bytes,
         );
-        write_metric(
-            &mut out,
+        scrape.counter_u64(
             "kv_snapshots_total",
-            "counter",
             "Snapshots written since start.",
             log.snapshots,
         );
-        write_metric(
-            &mut out,
+        scrape.gauge_u64(
             "kv_snapshot_bytes",
-            "gauge",
             "Size of the newest snapshot written since start (0 if none).",
             log.snapshot_bytes,
         );
-        write_metric(
-            &mut out,
+        scrape.gauge_u64(
             "kv_snapshot_last_unix_seconds",
-            "gauge",
             "When the newest snapshot was written (0 if none since start).",
             log.snapshot_unix_secs,
         );
-        write_metric(
-            &mut out,
+        scrape.gauge_u64(
             "kv_writable",
-            "gauge",
             "1 while the node accepts writes, 0 after a disk error.",
-            u8::from(app.store.writable().is_ok()),
+            u64::from(app.store.writable().is_ok()),
         );
     }
     if let Some(op_log) = &app.op_log {
-        write_metric(
-            &mut out,
+        scrape.counter_u64(
             "kv_op_log_written_total",
-            "counter",
             "Operation log lines written.",
             op_log.written(),
         );
-        write_metric(
-            &mut out,
+        scrape.counter_u64(
             "kv_op_log_dropped_total",
-            "counter",
             "Operation log lines dropped because the writer could not keep up.",
             op_log.dropped(),
         );
     }
-    out
+    scrape.encode()
 }
 
 #[cfg(test)]

@@ -23,7 +23,7 @@ use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
-use kv_http::metrics::{Metrics, Operation};
+use kv_http::metrics::{Metrics, Operation, Scrape};
 use kv_http::request::{check_head, declared_length, discard_body};
 use kv_http::server::Reserve;
 use kv_http::{json_response, key, ApiError};
@@ -148,7 +148,7 @@ fn admin_route(
         let mut response = Response::new(Full::new(Bytes::from(render_metrics(proxy))));
         response.headers_mut().insert(
             CONTENT_TYPE,
-            HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            HeaderValue::from_static(kv_http::metrics::CONTENT_TYPE),
         );
         return Ok(response);
     }
@@ -214,41 +214,45 @@ fn allow(methods: &'static str) -> Response<Full<Bytes>> {
 
 /// The proxy's metrics in the Prometheus text format.
 fn render_metrics(proxy: &Proxy) -> String {
-    use std::fmt::Write as _;
-    let mut out = String::with_capacity(8192);
-    proxy.metrics.render(&mut out);
-    out.push_str("# HELP kv_proxy_node_up Whether health checks consider the node up.\n");
-    out.push_str("# TYPE kv_proxy_node_up gauge\n");
-    for node in proxy.nodes.iter() {
-        let up = u8::from(node.health.is_up());
-        let _ = writeln!(out, "kv_proxy_node_up{{node=\"{}\"}} {up}", node.name);
-    }
-    out.push_str("# HELP kv_proxy_forwarded_total Requests a node answered (any status).\n");
-    out.push_str("# TYPE kv_proxy_forwarded_total counter\n");
-    for node in proxy.nodes.iter() {
-        let count = node.stats.count(Outcome::Forwarded);
-        let _ = writeln!(
-            out,
-            "kv_proxy_forwarded_total{{node=\"{}\"}} {count}",
-            node.name
-        );
-    }
-    out.push_str("# HELP kv_proxy_errors_total Requests not answered by their node, by reason.\n");
-    out.push_str("# TYPE kv_proxy_errors_total counter\n");
-    for node in proxy.nodes.iter() {
+    let mut scrape = Scrape::new(&proxy.metrics);
+    let node = |node: &upstream::Node| vec![("node", node.name.clone())];
+    scrape.family(
+        "kv_proxy_node_up",
+        "Whether health checks consider the node up.",
+        false,
+        proxy
+            .nodes
+            .iter()
+            .map(|n| (node(n), u64::from(n.health.is_up())))
+            .collect(),
+    );
+    scrape.family(
+        "kv_proxy_forwarded_total",
+        "Requests a node answered (any status).",
+        true,
+        proxy
+            .nodes
+            .iter()
+            .map(|n| (node(n), n.stats.count(Outcome::Forwarded)))
+            .collect(),
+    );
+    let mut errors = Vec::new();
+    for n in proxy.nodes.iter() {
         for (kind, outcome) in [
             ("down", Outcome::Down),
             ("connect", Outcome::Connect),
             ("timeout", Outcome::Timeout),
             ("upstream", Outcome::Upstream),
         ] {
-            let _ = writeln!(
-                out,
-                "kv_proxy_errors_total{{node=\"{}\",kind=\"{kind}\"}} {}",
-                node.name,
-                node.stats.count(outcome)
-            );
+            let labels = vec![("node", n.name.clone()), ("kind", kind.to_owned())];
+            errors.push((labels, n.stats.count(outcome)));
         }
     }
-    out
+    scrape.family(
+        "kv_proxy_errors_total",
+        "Requests not answered by their node, by reason.",
+        true,
+        errors,
+    );
+    scrape.encode()
 }
