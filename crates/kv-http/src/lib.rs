@@ -20,7 +20,7 @@
 //! * [`workers`]: thread per core (as nginx's worker processes), each
 //!   worker a single-threaded runtime serving the connections it is handed.
 //! * [`metrics`]: request counters and latency histograms, sharded by
-//!   thread, and their Prometheus text.
+//!   thread, and their Prometheus text (encoded by `prometheus-client`).
 //! * [`probe`]: the one `GET /-/health` probe (kv-health, kv-bench,
 //!   kv-proxy's health checks, kv-testkit), std only.
 

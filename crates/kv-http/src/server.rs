@@ -8,8 +8,9 @@
 //!   timeout: a health checker must not mark a merely busy server down.
 //!   Past the reserve too, a connection is answered with a canned JSON 503
 //!   and closed at once, so a flood is refused fast instead of queueing
-//!   without bound; the warning for that is logged at most once a second,
-//!   with the count.
+//!   without bound. Refusals (these, and reserve connections asking for
+//!   more than a probe) are counted, and logged at most once a second with
+//!   the count, so a flood cannot flood the log too.
 //! * hyper's header-read timeout closes clients that dribble their headers,
 //!   and because it starts whenever hyper waits for a request head, it also
 //!   closes keep-alive connections left idle. The body timeout lives with
