@@ -74,7 +74,7 @@ impl Endpoint {
 pub enum ClientKind {
     /// hyper's `client::conn::http1`.
     Hyper,
-    /// The minimal client in [`crate::lean`].
+    /// The minimal client of kv-bench's own (the `lean` module).
     Lean,
 }
 

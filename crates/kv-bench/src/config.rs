@@ -86,6 +86,7 @@ pub struct Config {
     pub requests: Option<u64>,
 
     /// Length of each run, e.g. 10s [default: 10s].
+    /// Takes a duration such as 500ms, 30s or 2m.
     #[arg(long, short = 'd', env = "KV_BENCH_DURATION", value_parser = humantime::parse_duration)]
     pub duration: Option<Duration>,
 
@@ -111,6 +112,7 @@ pub struct Config {
     pub distribution: Distribution,
 
     /// Run the workload this long before measuring (not counted).
+    /// Takes a duration such as 500ms, 30s or 2m.
     #[arg(long, env = "KV_BENCH_WARMUP", default_value = "0s", value_parser = humantime::parse_duration)]
     pub warmup: Duration,
 
@@ -125,6 +127,7 @@ pub struct Config {
     pub rate: Option<f64>,
 
     /// A request that takes longer than this counts as a timeout.
+    /// Takes a duration such as 500ms, 30s or 2m.
     #[arg(long, env = "KV_BENCH_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     pub timeout: Duration,
 

@@ -12,8 +12,8 @@
 //! a second, and their directories (named `kv-bench-node-<kv-bench pid>-*`)
 //! are removed by the next `--spawn` once no process holds their lock.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
@@ -168,22 +168,13 @@ pub fn listening_addr(line: &str) -> Option<SocketAddr> {
 fn wait_healthy(addr: SocketAddr) -> Result<(), String> {
     let deadline = Instant::now() + STARTUP;
     while Instant::now() < deadline {
-        if health(addr).unwrap_or(false) {
+        if kv_http::probe::check(&addr.to_string(), Duration::from_secs(2)).is_ok() {
             return Ok(());
         }
         // Polling a socket for readiness, bounded by the deadline.
         std::thread::sleep(Duration::from_millis(10));
     }
     Err(format!("kv-node on {addr} never answered /-/health"))
-}
-
-fn health(addr: SocketAddr) -> std::io::Result<bool> {
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(1))?;
-    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
-    stream.write_all(b"GET /-/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
-    let mut head = [0u8; 12];
-    stream.read_exact(&mut head)?;
-    Ok(head.starts_with(b"HTTP/1.1 200"))
 }
 
 #[cfg(test)]

@@ -7,6 +7,11 @@
 //! | `HEAD /<key>`                         | as `GET`, without the body                  |
 //! | `DELETE /<key>`                       | 200 `{"message": "Key deleted successfully"}` or 404 |
 //! | `GET /-/health`                       | 200 `{"status": "ok", ...}`                 |
+//! | `OPTIONS /<key>`, `OPTIONS *`         | 204 with `Allow`                            |
+//!
+//! A PUT body is read as Python's `json` read it for the Flask store: a
+//! UTF-8 byte-order mark before it is skipped, and when `value` appears more
+//! than once the last one wins (its text is stored byte for byte).
 //!
 //! The store holds, for each key, the exact body a `GET` answers with
 //! (`{"value":<the JSON text the client sent>}`), so a read copies nothing and
@@ -19,25 +24,26 @@ use std::time::Instant;
 use bytes::{BufMut, Bytes, BytesMut};
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
-use hyper::header::{HeaderMap, HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
+use hyper::header::{HeaderMap, HeaderValue, ALLOW, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
+use kv_http::metrics::{Metrics, Operation, Scrape};
+use kv_http::request::{check_head, declared_length, discard_body};
+use kv_http::server::Reserve;
+use kv_http::{json_response, key};
 use kv_store::Store;
-use serde::de::IgnoredAny;
+use serde::de::{self, Deserializer, IgnoredAny, MapAccess, Visitor};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use crate::error::ApiError;
-use crate::key;
-use crate::metrics::{write_metric, Metrics, Operation};
+use crate::error::{ApiError, NodeError};
 use crate::oplog::{Entry, OpLog};
 
-/// The response body type of every answer.
-pub type Body = Full<Bytes>;
+pub use kv_http::Body;
 
 const STORED: &[u8] = b"{\"message\":\"Value stored successfully\"}\n";
 const DELETED: &[u8] = b"{\"message\":\"Key deleted successfully\"}\n";
-const KEY_METHODS: &str = "GET, HEAD, PUT, POST, DELETE";
-const ADMIN_METHODS: &str = "GET, HEAD";
+const KEY_METHODS: &str = "GET, HEAD, PUT, POST, DELETE, OPTIONS";
+const ADMIN_METHODS: &str = "GET, HEAD, OPTIONS";
 /// What a stored body looks like around the value's JSON text.
 const VALUE_PREFIX: &[u8] = b"{\"value\":";
 const VALUE_SUFFIX: &[u8] = b"}\n";
@@ -52,26 +58,42 @@ pub struct App {
     pub started: Instant,
 }
 
-/// A response with a JSON body.
-pub fn json_response(status: StatusCode, body: Bytes) -> Response<Body> {
-    let mut response = Response::new(Full::new(body));
-    *response.status_mut() = status;
-    response
-        .headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    response
+/// What each worker thread serves with: the shared [`App`].
+pub struct NodeWorker(pub Arc<App>);
+
+impl kv_http::workers::Worker for NodeWorker {
+    type Body = Body;
+
+    fn service(
+        &self,
+        reserve: Reserve,
+    ) -> impl hyper::service::HttpService<
+        Incoming,
+        ResBody = Body,
+        Future: Send + 'static,
+        Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    > + Send
+           + 'static {
+        let app = Arc::clone(&self.0);
+        hyper::service::service_fn(move |request| {
+            handle(Arc::clone(&app), reserve.clone(), request)
+        })
+    }
 }
 
 /// The service function: every request gets an answer, errors included.
+/// A connection in the probe reserve (over `--max-connections`) is served
+/// `/-/health` and `/-/ready` only.
 pub async fn handle(
     app: Arc<App>,
+    reserve: Reserve,
     request: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
     let started = Instant::now();
     let operation = Operation::of(request.method(), request.uri().path());
-    let response = route(&app, request)
+    let response = route(&app, &reserve, request)
         .await
-        .unwrap_or_else(ApiError::into_response);
+        .unwrap_or_else(NodeError::into_response);
     app.metrics
         .record(operation, response.status().as_u16(), started.elapsed());
     Ok(response)
@@ -86,24 +108,57 @@ impl App {
     }
 }
 
-async fn route(app: &App, request: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+async fn route(
+    app: &App,
+    reserve: &Reserve,
+    request: Request<Incoming>,
+) -> Result<Response<Body>, NodeError> {
     // Split the request so the key can borrow from the URI while the body is
     // consumed: the common, undecoded key is never copied.
     let (parts, body) = request.into_parts();
     let path = parts.uri.path();
+    reserve.admit(path)?;
+    check_head(parts.version, &parts.headers)?;
+    if parts.method == Method::OPTIONS {
+        return options(app, path);
+    }
     if let Some(admin) = path.strip_prefix("/-/") {
         return admin_route(app, &parts.method, admin);
+    }
+    if !path.starts_with('/') {
+        // `*` (asterisk form) is for OPTIONS only.
+        return Err(ApiError::InvalidKey("the request target is not a path").into());
     }
     let key = key::parse(path)?;
     match parts.method {
         Method::GET | Method::HEAD => get(app, &key).await,
         Method::PUT | Method::POST => put(app, &key, &parts.headers, body).await,
         Method::DELETE => delete(app, &key).await,
-        _ => Err(ApiError::MethodNotAllowed { allow: KEY_METHODS }),
+        _ => Err(ApiError::MethodNotAllowed { allow: KEY_METHODS }.into()),
     }
 }
 
-async fn get(app: &App, key: &str) -> Result<Response<Body>, ApiError> {
+/// `OPTIONS`: 204 with the methods the path takes (RFC 9110 §9.3.7).
+fn options(app: &App, path: &str) -> Result<Response<Body>, NodeError> {
+    let allow = if path == "*" {
+        KEY_METHODS
+    } else if let Some(admin) = path.strip_prefix("/-/") {
+        // Known admin paths only, as GET would.
+        admin_route(app, &Method::HEAD, admin)?;
+        ADMIN_METHODS
+    } else {
+        key::parse(path)?;
+        KEY_METHODS
+    };
+    let mut response = Response::new(Full::new(Bytes::new()));
+    *response.status_mut() = StatusCode::NO_CONTENT;
+    response
+        .headers_mut()
+        .insert(ALLOW, HeaderValue::from_static(allow));
+    Ok(response)
+}
+
+async fn get(app: &App, key: &str) -> Result<Response<Body>, NodeError> {
     log::debug!("GET - Key: {key}");
     app.log_op(|| Entry::Get(key.into()));
     let body = app.store.get(key).ok_or(ApiError::KeyNotFound)?;
@@ -115,7 +170,7 @@ async fn put(
     key: &str,
     headers: &HeaderMap,
     body: Incoming,
-) -> Result<Response<Body>, ApiError> {
+) -> Result<Response<Body>, NodeError> {
     let raw = read_body(app, headers, body).await?;
     let stored = stored_body(&raw)?;
     log::debug!("PUT - Key: {key}");
@@ -124,26 +179,23 @@ async fn put(
     Ok(json_response(StatusCode::OK, Bytes::from_static(STORED)))
 }
 
-async fn delete(app: &App, key: &str) -> Result<Response<Body>, ApiError> {
+async fn delete(app: &App, key: &str) -> Result<Response<Body>, NodeError> {
     log::debug!("DELETE - Key: {key}");
     app.log_op(|| Entry::Delete(key.into()));
     if app.store.delete(key).await? {
         Ok(json_response(StatusCode::OK, Bytes::from_static(DELETED)))
     } else {
-        Err(ApiError::KeyNotFound)
+        Err(ApiError::KeyNotFound.into())
     }
 }
 
 /// Reads the whole request body, refusing more than `max_value_bytes` and a
-/// client that stalls for longer than `body_timeout`.
+/// client that stalls for longer than `body_timeout`. A declared length over
+/// the limit is refused from the head alone (without `100 Continue`).
 async fn read_body(app: &App, headers: &HeaderMap, mut body: Incoming) -> Result<Bytes, ApiError> {
     let limit = app.max_value_bytes;
-    let declared = headers
-        .get(CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|len| len > limit as u64) {
-        drain(&mut body).await;
+    if declared_length(headers).is_some_and(|len| len > limit as u64) {
+        discard_body(headers, &mut body).await;
         return Err(ApiError::BodyTooLarge { limit });
     }
     let collect = Limited::new(&mut body, limit).collect();
@@ -151,44 +203,80 @@ async fn read_body(app: &App, headers: &HeaderMap, mut body: Incoming) -> Result
         Err(_) => Err(ApiError::BodyTimeout),
         Ok(Ok(collected)) => Ok(collected.to_bytes()),
         Ok(Err(error)) if error.is::<LengthLimitError>() => {
-            drain(&mut body).await;
+            discard_body(headers, &mut body).await;
             Err(ApiError::BodyTooLarge { limit })
         }
         Ok(Err(error)) => Err(ApiError::BodyRead(error.to_string())),
     }
 }
 
-/// How much of an oversized body is read and thrown away before answering.
-const DRAIN_MAX_BYTES: usize = 16 << 20;
-/// How long that may take.
-const DRAIN_MAX_TIME: std::time::Duration = std::time::Duration::from_secs(2);
-
-/// Reads and discards the rest of an oversized body (up to a bound), so the
-/// 413 reaches the client: closing a socket with unread bytes makes the
-/// kernel send a reset, which destroys a response the client has not read
-/// yet (nginx calls this lingering close). Past the bound we answer anyway.
-pub async fn drain(body: &mut Incoming) {
-    let discard = async {
-        let mut left = DRAIN_MAX_BYTES;
-        while let Some(Ok(frame)) = body.frame().await {
-            let len = frame.data_ref().map_or(0, Bytes::len);
-            if len > left {
-                return;
-            }
-            left -= len;
-        }
-    };
-    let _ = tokio::time::timeout(DRAIN_MAX_TIME, discard).await;
-}
-
-#[derive(Deserialize)]
+/// A PUT body: `value`'s JSON text, borrowed from the request. Written by
+/// hand rather than derived because derive refuses a member given twice,
+/// where Python's `json` (the Flask store's parser) keeps the last one.
 struct PutBody<'a> {
-    #[serde(borrow)]
     value: &'a RawValue,
 }
 
+impl<'de> Deserialize<'de> for PutBody<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_map(PutBodyVisitor)
+    }
+}
+
+struct PutBodyVisitor;
+
+impl<'de> Visitor<'de> for PutBodyVisitor {
+    type Value = PutBody<'de>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON object with a 'value' field")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut value = None;
+        while let Some(is_value) = map.next_key_seed(IsValue)? {
+            if is_value {
+                // The last one wins, as in Python.
+                value = Some(map.next_value::<&'de RawValue>()?);
+            } else {
+                map.next_value::<IgnoredAny>()?;
+            }
+        }
+        value
+            .map(|value| PutBody { value })
+            .ok_or_else(|| de::Error::missing_field("value"))
+    }
+}
+
+/// A member name, compared with `value` once unescaped, not kept.
+struct IsValue;
+
+impl<'de> de::DeserializeSeed<'de> for IsValue {
+    type Value = bool;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<bool, D::Error> {
+        deserializer.deserialize_str(self)
+    }
+}
+
+impl Visitor<'_> for IsValue {
+    type Value = bool;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a member name")
+    }
+
+    fn visit_str<E: de::Error>(self, name: &str) -> Result<bool, E> {
+        Ok(name == "value")
+    }
+}
+
+/// The UTF-8 byte-order mark, which Flask's JSON reading skipped.
+const BOM: &[u8] = b"\xEF\xBB\xBF";
+
 /// Validates a PUT body and builds the body a later GET will answer with.
 pub fn stored_body(raw: &[u8]) -> Result<Bytes, ApiError> {
+    let raw = raw.strip_prefix(BOM).unwrap_or(raw);
     // serde would also accept `[<value>]` for a one-field struct: only a JSON
     // object is a valid body.
     if raw.trim_ascii_start().first() != Some(&b'{') {
@@ -216,7 +304,7 @@ pub fn value_body(json: &[u8]) -> Bytes {
     body.freeze()
 }
 
-fn admin_route(app: &App, method: &Method, path: &str) -> Result<Response<Body>, ApiError> {
+fn admin_route(app: &App, method: &Method, path: &str) -> Result<Response<Body>, NodeError> {
     match path {
         "health" => {
             only_get(method)?;
@@ -257,11 +345,11 @@ fn admin_route(app: &App, method: &Method, path: &str) -> Result<Response<Body>,
             let mut response = Response::new(Full::new(Bytes::from(render_metrics(app))));
             response.headers_mut().insert(
                 CONTENT_TYPE,
-                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+                HeaderValue::from_static(kv_http::metrics::CONTENT_TYPE),
             );
             Ok(response)
         }
-        _ => Err(ApiError::UnknownAdminPath),
+        _ => Err(ApiError::UnknownAdminPath.into()),
     }
 }
 
@@ -276,104 +364,73 @@ fn only_get(method: &Method) -> Result<(), ApiError> {
 }
 
 fn render_metrics(app: &App) -> String {
-    let mut out = String::with_capacity(8192);
-    app.metrics.render(&mut out);
-    write_metric(
-        &mut out,
-        "kv_keys",
-        "gauge",
-        "Keys held by this node.",
-        app.store.len(),
-    );
-    write_metric(
-        &mut out,
+    let mut scrape = Scrape::new(&app.metrics);
+    scrape.gauge_u64("kv_keys", "Keys held by this node.", app.store.len() as u64);
+    scrape.gauge_u64(
         "kv_uptime_seconds",
-        "gauge",
         "Seconds since the node started.",
         app.started.elapsed().as_secs(),
     );
     if let Some(log) = app.store.log_stats() {
-        write_metric(
-            &mut out,
+        scrape.counter_u64(
             "kv_wal_records_total",
-            "counter",
             "Records appended to the write-ahead log since start.",
             log.records,
         );
-        write_metric(
-            &mut out,
+        scrape.counter_u64(
             "kv_wal_writes_total",
-            "counter",
             "Batched writes to the log (group commit: many records each).",
             log.writes,
         );
-        write_metric(
-            &mut out,
+        scrape.counter_u64(
             "kv_wal_fsyncs_total",
-            "counter",
             "fdatasyncs of the log since start.",
             log.syncs,
         );
-        write_metric(
-            &mut out,
+        scrape.counter(
             "kv_wal_fsync_seconds_total",
-            "counter",
             "Time spent in log fdatasyncs (divide by kv_wal_fsyncs_total for the mean).",
             log.sync_nanos as f64 / 1e9,
         );
-        write_metric(
-            &mut out,
+        scrape.gauge_u64(
             "kv_wal_active_bytes",
-            "gauge",
             "Bytes in the active log segment.",
             log.active_log_bytes,
         );
-        write_metric(
-            &mut out,
+        scrape.counter_u64(
             "kv_snapshots_total",
-            "counter",
             "Snapshots written since start.",
             log.snapshots,
         );
-        write_metric(
-            &mut out,
+        scrape.gauge_u64(
             "kv_snapshot_bytes",
-            "gauge",
             "Size of the newest snapshot written since start (0 if none).",
             log.snapshot_bytes,
         );
-        write_metric(
-            &mut out,
+        scrape.gauge_u64(
             "kv_snapshot_last_unix_seconds",
-            "gauge",
             "When the newest snapshot was written (0 if none since start).",
             log.snapshot_unix_secs,
         );
-        write_metric(
-            &mut out,
+        scrape.gauge_u64(
             "kv_writable",
-            "gauge",
             "1 while the node accepts writes, 0 after a disk error.",
-            u8::from(app.store.writable().is_ok()),
+            u64::from(app.store.writable().is_ok()),
         );
     }
     if let Some(op_log) = &app.op_log {
-        write_metric(
-            &mut out,
+        scrape.counter_u64(
             "kv_op_log_written_total",
-            "counter",
             "Operation log lines written.",
             op_log.written(),
         );
-        write_metric(
-            &mut out,
+        scrape.counter_u64(
             "kv_op_log_dropped_total",
-            "counter",
             "Operation log lines dropped because the writer could not keep up.",
             op_log.dropped(),
         );
     }
-    out
+    scrape.encode()
 }
 
 #[cfg(test)]
@@ -396,6 +453,27 @@ mod tests {
             stored_body(br#"{"value": 1} x"#),
             Err(ApiError::MalformedJson(_))
         ));
+        assert!(matches!(
+            stored_body(br#"{"value": 1,}"#),
+            Err(ApiError::MalformedJson(_))
+        ));
+        // A BOM anywhere but first is not skipped.
+        assert!(stored_body(b" \xEF\xBB\xBF{\"value\":1}").is_err());
+    }
+
+    #[test]
+    fn a_duplicate_value_member_keeps_the_last_one_exactly() {
+        let body = stored_body(br#"{"value": 1, "value": {"a": 2.50}}"#).unwrap();
+        assert_eq!(&body[..], b"{\"value\":{\"a\": 2.50}}\n");
+        // Other members, duplicated or not, are ignored; an escaped name counts.
+        let body = stored_body(br#"{"x": 1, "x": 2, "\u0076alue": "v"}"#).unwrap();
+        assert_eq!(&body[..], b"{\"value\":\"v\"}\n");
+    }
+
+    #[test]
+    fn a_leading_utf8_bom_is_skipped() {
+        let body = stored_body(b"\xEF\xBB\xBF{\"value\": 1}").unwrap();
+        assert_eq!(&body[..], b"{\"value\":1}\n");
     }
 
     #[test]

@@ -31,16 +31,23 @@ pub struct Config {
     #[arg(long, env = "KV_MAX_VALUE_BYTES", default_value_t = 1024 * 1024, value_parser = parse_max_value_bytes)]
     pub max_value_bytes: usize,
 
+    /// Worker threads serving connections, each with its own event loop
+    /// [default: the number of CPUs].
+    #[arg(long, env = "KV_WORKERS")]
+    pub workers: Option<usize>,
+
     /// Most connections served at once; more are answered 503 and closed.
     #[arg(long, env = "KV_MAX_CONNECTIONS", default_value_t = 4096)]
     pub max_connections: usize,
 
     /// Time a client has to send a request's headers; it also closes
     /// keep-alive connections idle for that long.
+    /// Takes a duration such as 500ms, 30s or 2m.
     #[arg(long, env = "KV_HEADER_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub header_timeout: Duration,
 
     /// Time a client has to send a request's body once its headers arrived.
+    /// Takes a duration such as 500ms, 30s or 2m.
     #[arg(long, env = "KV_BODY_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub body_timeout: Duration,
 
@@ -56,6 +63,7 @@ pub struct Config {
     pub op_log_buffer: usize,
 
     /// On SIGINT/SIGTERM, how long in-flight requests get to finish.
+    /// Takes a duration such as 500ms, 30s or 2m.
     #[arg(long, env = "KV_SHUTDOWN_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub shutdown_timeout: Duration,
 
@@ -68,6 +76,7 @@ pub struct Config {
 
     /// Take a snapshot of the map this often (when anything changed), then
     /// delete the log it covers.
+    /// Takes a duration such as 500ms, 30s or 2m.
     #[arg(long, env = "KV_SNAPSHOT_INTERVAL", default_value = "60s", value_parser = humantime::parse_duration)]
     pub snapshot_interval: Duration,
 
@@ -76,8 +85,10 @@ pub struct Config {
     #[arg(long, env = "KV_WAL_MAX_BYTES", default_value_t = 64 << 20)]
     pub wal_max_bytes: u64,
 
-    /// Start even if the log is corrupt before its tail: cut it at the damage
-    /// and keep the cut bytes in a `*.corrupt-<offset>` side file [default: off].
+    /// Start even if the data dir is damaged: a log corrupt before its tail
+    /// is cut at the damage (the cut bytes kept in a `*.corrupt-<offset>`
+    /// side file); a damaged snapshot is set aside and the node starts from
+    /// the previous snapshot and the log since it [default: off].
     #[arg(long, env = "KV_REPAIR")]
     pub repair: bool,
 
@@ -120,6 +131,13 @@ impl Config {
         self.data_dir
             .clone()
             .unwrap_or_else(|| PathBuf::from("data").join(self.port.to_string()))
+    }
+
+    /// `--workers`, or one per CPU.
+    pub fn workers(&self) -> usize {
+        self.workers
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+            .max(1)
     }
 
     /// The storage engine's options.

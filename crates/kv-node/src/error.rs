@@ -1,127 +1,53 @@
-//! Every way a request can fail, and the one place that maps each to an HTTP
-//! status and a JSON `{"error": "..."}` body.
+//! kv-node's failures. Every one is a [`kv_http::ApiError`], whose status
+//! and JSON body are chosen in kv-http's one map (shared with kv-proxy, so
+//! a client cannot tell which refused it); this module says which API error
+//! each storage failure becomes.
 
-use bytes::Bytes;
-use hyper::header::{HeaderValue, ALLOW, CONNECTION, CONTENT_TYPE, RETRY_AFTER};
-use hyper::{Response, StatusCode};
+use hyper::Response;
+use kv_http::Body;
 use kv_store::StoreError;
 
-use crate::api::{json_response, Body};
+pub use kv_http::ApiError;
 
-/// Why a request was not served.
+/// A request's failure in kv-node: an [`ApiError`], which the store's
+/// errors convert into (so handlers can `?` a store call).
 #[derive(Debug)]
-pub enum ApiError {
-    /// The key is not in the store (the Flask store's wording).
-    KeyNotFound,
-    /// The path is not a valid key.
-    InvalidKey(&'static str),
-    /// The body is not JSON.
-    MalformedJson(String),
-    /// The body is JSON but has no `value` field, or is not an object.
-    MissingValue,
-    /// The body is larger than `--max-value-bytes`.
-    BodyTooLarge { limit: usize },
-    /// The client stopped sending its body.
-    BodyTimeout,
-    /// The body could not be read (the client went away mid-body).
-    BodyRead(String),
-    /// The method is not served on this path.
-    MethodNotAllowed { allow: &'static str },
-    /// An admin path (`/-/...`) that does not exist.
-    UnknownAdminPath,
-    /// The store refused the operation (a disk error, closing, too large).
-    Store(kv_store::StoreError),
+pub struct NodeError(pub ApiError);
+
+impl From<ApiError> for NodeError {
+    fn from(error: ApiError) -> Self {
+        NodeError(error)
+    }
 }
 
-impl ApiError {
-    /// The HTTP status for this error.
-    pub fn status(&self) -> StatusCode {
-        match self {
-            ApiError::KeyNotFound | ApiError::UnknownAdminPath => StatusCode::NOT_FOUND,
-            ApiError::InvalidKey(_)
-            | ApiError::MalformedJson(_)
-            | ApiError::MissingValue
-            | ApiError::BodyRead(_) => StatusCode::BAD_REQUEST,
-            ApiError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            ApiError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
-            ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
-            ApiError::Store(error) => match error {
-                StoreError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-                // `key::parse` caps keys far below the store's limit; kept total anyway.
-                StoreError::KeyTooLong(_) => StatusCode::BAD_REQUEST,
-                StoreError::DiskFailed { .. } | StoreError::Closed | StoreError::Snapshot(_) => {
-                    StatusCode::SERVICE_UNAVAILABLE
-                }
-            },
-        }
+impl From<StoreError> for NodeError {
+    fn from(error: StoreError) -> Self {
+        NodeError(match error {
+            // A value the log cannot frame: refused before anything was
+            // acknowledged, as an oversized body is.
+            StoreError::TooLarge { max, .. } => ApiError::BodyTooLarge { limit: max },
+            // `key::parse` caps keys far below the store's limit; kept total anyway.
+            StoreError::KeyTooLong(_) => {
+                ApiError::InvalidKey("the key is longer than the store accepts")
+            }
+            error @ (StoreError::DiskFailed { .. }
+            | StoreError::Closed
+            | StoreError::Snapshot(_)) => ApiError::Unavailable(error.to_string()),
+        })
     }
+}
 
-    /// The human-readable message that goes in `{"error": ...}`.
-    pub fn message(&self) -> String {
-        match self {
-            ApiError::KeyNotFound => "Key not found".to_owned(),
-            ApiError::InvalidKey(why) => format!("Invalid key: {why}"),
-            ApiError::MalformedJson(why) => format!("Malformed JSON body: {why}"),
-            ApiError::MissingValue => {
-                "Request body must be a JSON object with a 'value' field".to_owned()
-            }
-            ApiError::BodyTooLarge { limit } => {
-                format!("Request body too large: the limit is {limit} bytes")
-            }
-            ApiError::BodyTimeout => "Timed out waiting for the request body".to_owned(),
-            ApiError::BodyRead(why) => format!("Could not read the request body: {why}"),
-            ApiError::MethodNotAllowed { allow } => {
-                format!("Method not allowed; this path accepts {allow}")
-            }
-            ApiError::UnknownAdminPath => "Unknown admin path".to_owned(),
-            ApiError::Store(error @ StoreError::TooLarge { .. }) => {
-                format!("Request body too large: {error}")
-            }
-            ApiError::Store(error @ StoreError::KeyTooLong(_)) => format!("Invalid key: {error}"),
-            ApiError::Store(error) => format!("Service unavailable: {error}"),
-        }
-    }
-
+impl NodeError {
     /// The full HTTP response for this error.
     pub fn into_response(self) -> Response<Body> {
-        let body = serde_json::json!({ "error": self.message() });
-        let mut bytes = body.to_string().into_bytes();
-        bytes.push(b'\n');
-        let mut response = json_response(self.status(), Bytes::from(bytes));
-        match self {
-            ApiError::MethodNotAllowed { allow } => {
-                response
-                    .headers_mut()
-                    .insert(ALLOW, HeaderValue::from_static(allow));
-            }
-            // The rest of the body may still be on its way (or never come):
-            // close rather than read it to find the next request.
-            ApiError::BodyTooLarge { .. } | ApiError::BodyTimeout | ApiError::BodyRead(_) => {
-                response
-                    .headers_mut()
-                    .insert(CONNECTION, HeaderValue::from_static("close"));
-            }
-            _ if response.status() == StatusCode::SERVICE_UNAVAILABLE => {
-                response
-                    .headers_mut()
-                    .insert(RETRY_AFTER, HeaderValue::from_static("1"));
-            }
-            _ => {}
-        }
-        debug_assert!(response.headers().contains_key(CONTENT_TYPE));
-        response
-    }
-}
-
-impl From<StoreError> for ApiError {
-    fn from(error: StoreError) -> Self {
-        ApiError::Store(error)
+        self.0.into_response()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use hyper::header::RETRY_AFTER;
 
     #[test]
     fn store_errors_map_to_their_statuses() {
@@ -144,16 +70,12 @@ mod tests {
             (
                 StoreError::TooLarge { len: 10, max: 5 },
                 413,
-                "Request body too large: value of 10 bytes",
+                "Request body too large: the limit is 5 bytes",
             ),
-            (
-                StoreError::KeyTooLong(70_000),
-                400,
-                "Invalid key: key of 70000 bytes",
-            ),
+            (StoreError::KeyTooLong(70_000), 400, "Invalid key: "),
         ];
         for (error, status, message) in cases {
-            let error = ApiError::from(error);
+            let NodeError(error) = NodeError::from(error);
             assert_eq!(error.status().as_u16(), status, "{error:?}");
             assert!(error.message().starts_with(message), "{}", error.message());
             let response = error.into_response();

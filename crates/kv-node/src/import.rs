@@ -20,7 +20,7 @@ use kv_store::Store;
 use serde_json::value::RawValue;
 
 use crate::api::value_body;
-use crate::key::MAX_KEY_BYTES;
+use kv_http::key::MAX_KEY_BYTES;
 
 /// Why an import was refused.
 #[derive(Debug)]

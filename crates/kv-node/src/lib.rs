@@ -6,13 +6,14 @@
 //!
 //! Modules, one concern each:
 //! * [`config`]: flags and environment variables.
-//! * [`key`]: path → key decoding and validation.
 //! * [`api`]: routing and the JSON request/response shapes.
-//! * [`error`]: every failure, mapped to a status in one place.
-//! * [`metrics`]: counters and histograms for `GET /-/metrics`.
+//! * [`error`]: which API error each storage failure becomes.
 //! * [`oplog`]: the Flask-format operation log, written off the request path.
-//! * [`server`]: the accept loop, connection limits, graceful shutdown.
 //! * [`import`]: loading a Flask store's `kv_store.json` dump.
+//!
+//! What kv-node shares with kv-proxy is the `kv-http` crate: the accept loop
+//! with its connection limits and graceful shutdown, key parsing, the error
+//! → status map and JSON error bodies, the metrics and their text.
 //!
 //! Storage (the map, write-ahead log, snapshots, recovery) is the `kv-store`
 //! crate; [`run`] opens it on the data dir before accepting connections and
@@ -30,12 +31,10 @@ pub mod api;
 pub mod config;
 pub mod error;
 pub mod import;
-pub mod key;
-pub mod metrics;
 pub mod oplog;
-pub mod server;
 
 pub use config::Config;
+pub use kv_http::server::{bind, shutdown_signal};
 
 /// Serves the store on an already-bound `listener` until `shutdown`
 /// resolves, then finishes in-flight requests (bounded) and returns.
@@ -82,18 +81,22 @@ pub async fn run(
     let op_log_at_exit = op_log.clone();
     let app = Arc::new(api::App {
         store: Arc::clone(&store),
-        metrics: metrics::Metrics::default(),
+        metrics: kv_http::metrics::Metrics::default(),
         op_log,
         max_value_bytes: config.max_value_bytes,
         body_timeout: config.body_timeout,
         started: Instant::now(),
     });
-    let limits = server::ConnectionLimits {
+    let limits = kv_http::server::ConnectionLimits {
         max_connections: config.max_connections,
         header_timeout: config.header_timeout,
         shutdown_timeout: config.shutdown_timeout,
     };
-    let served = server::serve(listener, app, limits, shutdown).await;
+    // Thread per core (kv-http's workers); the store is shared.
+    let workers = (0..config.workers())
+        .map(|_| api::NodeWorker(Arc::clone(&app)))
+        .collect();
+    let served = kv_http::workers::serve(listener, limits, workers, shutdown).await;
     // Flush and sync the log even if serving failed; blocking, so off the workers.
     // Then the op log's last lines (the snapshot at close included).
     let _ = tokio::task::spawn_blocking(move || {
@@ -131,8 +134,7 @@ fn survive_file_size_limit() {
     #[cfg(target_os = "linux")]
     {
         use tokio::signal::unix::{signal, SignalKind};
-        const SIGXFSZ: i32 = 25;
-        match signal(SignalKind::from_raw(SIGXFSZ)) {
+        match signal(SignalKind::from_raw(libc::SIGXFSZ)) {
             Ok(mut stream) => {
                 tokio::spawn(async move {
                     while stream.recv().await.is_some() {
@@ -181,17 +183,6 @@ async fn open_store(config: &Config, data_dir: &std::path::Path) -> io::Result<S
     Ok(store)
 }
 
-/// Binds a listener on `ip:port`, with an error that names the address (a
-/// taken port is the common startup failure). Used by kv-node and kv-proxy.
-pub async fn bind(ip: std::net::IpAddr, port: u16) -> io::Result<TcpListener> {
-    TcpListener::bind((ip, port)).await.map_err(|error| {
-        io::Error::new(
-            error.kind(),
-            format!("cannot listen on {ip}:{port}: {error}"),
-        )
-    })
-}
-
 /// Resolves once this process's parent has exited (it was re-parented to
 /// init or a subreaper), polling every 200 ms: Linux offers no signal for it
 /// that a child can ask for without `unsafe` (`PR_SET_PDEATHSIG` must be set
@@ -204,34 +195,5 @@ pub async fn parent_exited() {
             log::info!("parent process {parent} exited; stopping");
             return;
         }
-    }
-}
-
-/// Resolves on SIGINT (Ctrl-C) or SIGTERM.
-pub async fn shutdown_signal() {
-    let interrupt = async {
-        if let Err(error) = tokio::signal::ctrl_c().await {
-            log::error!("cannot listen for SIGINT: {error}");
-            std::future::pending::<()>().await;
-        }
-    };
-    #[cfg(unix)]
-    let terminate = async {
-        use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut stream) => {
-                stream.recv().await;
-            }
-            Err(error) => {
-                log::error!("cannot listen for SIGTERM: {error}");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        () = interrupt => log::info!("received SIGINT"),
-        () = terminate => log::info!("received SIGTERM"),
     }
 }

@@ -7,7 +7,14 @@
 //! 2024-10-07 14:09:10 - SAVE: Snapshot of 2 keys written
 //! ```
 //!
-//! Times are UTC. Requests never wait for this file: they hand an entry to a
+//! Times are UTC ([`jiff`] formats them). One operation is one line, always:
+//! in keys and values, a backslash is written `\\`, a newline `\n`, a
+//! carriage return `\r`, a tab `\t`, and any other control character (and
+//! the Unicode line and paragraph separators) `\u{XXXX}`, so a key such as
+//! `a\n2000-01-01 00:00:00 - DELETE - Key: victim` cannot forge a line.
+//! Everything else is written as it is, as the Flask store did.
+//!
+//! Requests never wait for this file: they hand an entry to a
 //! bounded channel with `try_send`, and a dedicated thread formats and writes
 //! it, in batches (it pauses 5 ms after each, so senders rarely have to wake
 //! it). When the buffer is full (a slow or full disk, a stuck pipe) the entry
@@ -186,24 +193,61 @@ fn write_loop(path: PathBuf, receiver: Receiver<Msg>, written: Arc<AtomicU64>) {
 /// that `tail -f` looks live, long enough to batch thousands of entries.
 const GATHER_PAUSE: std::time::Duration = std::time::Duration::from_millis(5);
 
-/// `YYYY-MM-DD HH:MM:SS - OP - Key: k[, Value: v]\n`
+/// `YYYY-MM-DD HH:MM:SS - OP - Key: k[, Value: v]\n`, one line whatever
+/// the key and value hold.
 pub fn format_line(line: &mut String, unix_seconds: u64, entry: &Entry) {
     use std::fmt::Write as _;
-    let (year, month, day) = civil_from_days((unix_seconds / 86_400) as i64);
-    let secs = unix_seconds % 86_400;
-    let _ = write!(
-        line,
-        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} - ",
-        secs / 3600,
-        secs % 3600 / 60,
-        secs % 60
-    );
-    let _ = match entry {
-        Entry::Get(key) => writeln!(line, "GET - Key: {key}"),
-        Entry::Delete(key) => writeln!(line, "DELETE - Key: {key}"),
-        Entry::Put(key, body) => writeln!(line, "PUT - Key: {key}, Value: {}", display_value(body)),
-        Entry::Save(what) => writeln!(line, "SAVE: {what}"),
-    };
+    let time = i64::try_from(unix_seconds)
+        .ok()
+        .and_then(|secs| jiff::Timestamp::from_second(secs).ok())
+        .unwrap_or(jiff::Timestamp::UNIX_EPOCH);
+    let _ = write!(line, "{} - ", time.strftime("%Y-%m-%d %H:%M:%S"));
+    match entry {
+        Entry::Get(key) => {
+            line.push_str("GET - Key: ");
+            push_escaped(line, key);
+        }
+        Entry::Delete(key) => {
+            line.push_str("DELETE - Key: ");
+            push_escaped(line, key);
+        }
+        Entry::Put(key, body) => {
+            line.push_str("PUT - Key: ");
+            push_escaped(line, key);
+            line.push_str(", Value: ");
+            push_escaped(line, &display_value(body));
+        }
+        Entry::Save(what) => {
+            line.push_str("SAVE: ");
+            push_escaped(line, what);
+        }
+    }
+    line.push('\n');
+}
+
+/// Appends `text` with what could end or fake a line escaped (see the
+/// module docs). Plain ASCII text, the common case, is copied as is.
+fn push_escaped(line: &mut String, text: &str) {
+    use std::fmt::Write as _;
+    if text
+        .bytes()
+        .all(|b| (0x20..0x7f).contains(&b) && b != b'\\')
+    {
+        line.push_str(text);
+        return;
+    }
+    for c in text.chars() {
+        match c {
+            '\\' => line.push_str("\\\\"),
+            '\n' => line.push_str("\\n"),
+            '\r' => line.push_str("\\r"),
+            '\t' => line.push_str("\\t"),
+            c if c.is_control() || matches!(c, '\u{2028}' | '\u{2029}') => {
+                let _ = write!(line, "\\u{{{:04X}}}", u32::from(c));
+            }
+            c => line.push(c),
+        }
+    }
 }
 
 /// The value inside a stored `{"value":<json>}\n` body, as Python's `str()`
@@ -220,21 +264,6 @@ fn display_value(body: &Bytes) -> String {
         }
     }
     text.into_owned()
-}
-
-/// Days since 1970-01-01 to (year, month, day), after Howard Hinnant's
-/// `civil_from_days`.
-fn civil_from_days(days: i64) -> (i64, u32, u32) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    (year, month, day)
 }
 
 #[cfg(test)]
@@ -276,7 +305,35 @@ mod tests {
 
     #[test]
     fn leap_days() {
-        assert_eq!(civil_from_days(19_782), (2024, 2, 29));
-        assert_eq!(civil_from_days(11_016), (2000, 2, 29));
+        let mut line = String::new();
+        format_line(&mut line, 1_709_164_800, &Entry::Get("k".into()));
+        assert_eq!(line, "2024-02-29 00:00:00 - GET - Key: k\n");
+    }
+
+    #[test]
+    fn one_operation_is_one_line_whatever_the_key_and_value_hold() {
+        let forged = "a\n2000-01-01 00:00:00 - DELETE - Key: victim";
+        let mut line = String::new();
+        format_line(&mut line, 0, &Entry::Get(forged.into()));
+        assert_eq!(
+            line,
+            "1970-01-01 00:00:00 - GET - Key: a\\n2000-01-01 00:00:00 - DELETE - Key: victim\n"
+        );
+        line.clear();
+        let value = Bytes::from_static(b"{\"value\":\"x\\r\\ny\\u0000\\u2028\\\\n\"}\n");
+        format_line(&mut line, 0, &Entry::Put("k\u{85}\t".into(), value));
+        assert_eq!(
+            line,
+            "1970-01-01 00:00:00 - PUT - Key: k\\u{0085}\\t, Value: x\\r\\ny\\u{0000}\\u{2028}\\\\n\n"
+        );
+        // A JSON value's own whitespace may hold newlines too.
+        line.clear();
+        let value = Bytes::from_static(b"{\"value\":[1,\n2]}\n");
+        format_line(&mut line, 0, &Entry::Put("k".into(), value));
+        assert_eq!(
+            line,
+            "1970-01-01 00:00:00 - PUT - Key: k, Value: [1,\\n2]\n"
+        );
+        assert_eq!(line.matches('\n').count(), 1);
     }
 }

@@ -261,12 +261,15 @@ async fn bad_input_matrix_then_still_serving() {
     // Unknown methods get 405 with Allow.
     let response = client.patch(&url).send().await.unwrap();
     assert_eq!(response.status(), StatusCode::METHOD_NOT_ALLOWED);
-    assert_eq!(response.headers()["allow"], "GET, HEAD, PUT, POST, DELETE");
+    assert_eq!(
+        response.headers()["allow"],
+        "GET, HEAD, PUT, POST, DELETE, OPTIONS"
+    );
     assert_eq!(response.headers()["content-type"], "application/json");
     assert!(error_of(&response.text().await.unwrap()).contains("not allowed"));
     let response = client.delete(server.url("/-/health")).send().await.unwrap();
     assert_eq!(response.status(), StatusCode::METHOD_NOT_ALLOWED);
-    assert_eq!(response.headers()["allow"], "GET, HEAD");
+    assert_eq!(response.headers()["allow"], "GET, HEAD, OPTIONS");
 
     // Unknown admin path.
     let (status, text) = send(&client, Method::GET, &server.url("/-/nope"), None).await;
@@ -293,9 +296,12 @@ async fn bad_input_matrix_then_still_serving() {
         answer.starts_with("HTTP/1.1 414") || answer.starts_with("HTTP/1.1 431"),
         "{answer:.80}"
     );
+    // More headers than hyper takes (100). (A head over hyper's buffer
+    // size is refused only when it arrives in more reads than it takes to
+    // fill the buffer, which depends on timing.)
     let long_header = format!(
-        "GET /k HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
-        "h".repeat(500_000)
+        "GET /k HTTP/1.1\r\nHost: x\r\n{}\r\n",
+        "X-Many: h\r\n".repeat(150)
     );
     let answer = raw_exchange(server.addr, long_header.as_bytes()).await;
     assert!(answer.starts_with("HTTP/1.1 431"), "{answer:.80}");
@@ -383,7 +389,9 @@ async fn connections_over_the_cap_are_refused_fast() {
         assert_eq!(&buf, b"HTTP/1.1 200");
         held.push(stream);
     }
-    let answer = raw_exchange(server.addr, b"GET /-/health HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    // Over the cap, a key is refused (health and readiness are not: see
+    // kv-proxy's tests/contract.rs).
+    let answer = raw_exchange(server.addr, b"GET /k HTTP/1.1\r\nHost: x\r\n\r\n").await;
     assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
     assert!(answer.contains("Too many connections"));
     // Freeing one lets the next client in.

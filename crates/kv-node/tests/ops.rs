@@ -141,6 +141,37 @@ fn op_log_has_flask_format_lines() {
 }
 
 #[test]
+fn a_key_or_value_with_line_breaks_cannot_forge_op_log_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let log_path = dir.path().join("kv_store.log");
+    let mut node = start_node(dir.path(), &["--op-log", log_path.to_str().unwrap()]);
+    let forged = "/a%0A2000-01-01%2000:00:00%20-%20DELETE%20-%20Key:%20victim";
+    request(node.addr, "GET", forged, None).unwrap();
+    request(node.addr, "DELETE", "/b%0D%0Ac%00", None).unwrap();
+    let value = br#"{"value": "v\n2000-01-01 00:00:00 - DELETE - Key: victim"}"#;
+    let put = request(node.addr, "PUT", "/k", Some(value)).unwrap();
+    assert_eq!(put.status, 200);
+    assert_eq!(node.terminate(), Some(0));
+    let text = std::fs::read_to_string(&log_path).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 3, "one operation, one line:\n{text}");
+    assert!(!text.contains('\r'), "{text}");
+    assert!(
+        lines[0].ends_with(" - GET - Key: a\\n2000-01-01 00:00:00 - DELETE - Key: victim"),
+        "{text}"
+    );
+    assert!(
+        lines[1].ends_with(" - DELETE - Key: b\\r\\nc\\u{0000}"),
+        "{text}"
+    );
+    assert!(
+        lines[2]
+            .ends_with(" - PUT - Key: k, Value: v\\n2000-01-01 00:00:00 - DELETE - Key: victim"),
+        "{text}"
+    );
+}
+
+#[test]
 fn every_op_log_line_is_written_by_a_clean_stop() {
     let dir = tempfile::tempdir().unwrap();
     let log_path = dir.path().join("kv_store.log");

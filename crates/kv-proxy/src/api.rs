@@ -4,11 +4,12 @@
 //! | request               | answer                                                  |
 //! |-----------------------|---------------------------------------------------------|
 //! | `<any> /<key>`        | the owner node's answer, plus `X-Kv-Node: <owner>`      |
-//! | `GET /-/health`       | 200 `{"status": "ok", "nodes": N, "nodes_up": M, ...}`  |
+//! | `GET /-/health`       | 200 `{"status": "ok", "nodes": N, "nodes_up": M, ...}`; `"degraded"` (still 200) with `"nodes_down"` named when any node is down |
+//! | `OPTIONS *`, `OPTIONS /-/...` | 204 with `Allow` (`OPTIONS /<key>` is forwarded) |
 //! | `GET /-/ring`         | nodes, their health, vnodes, each node's share          |
 //! | `GET /-/owner/<key>`  | `{"key": ..., "owner": ..., "up": ...}`                 |
 //!
-//! The key is decoded with kv-node's own [`kv_node::key::parse`] and the
+//! The key is decoded with kv-http's [`key::parse`], as kv-node does, and the
 //! ring hashes the decoded bytes, as kv-bench does, so `/caf%C3%A9` and
 //! `/café` go to the same node. A path kv-node would refuse is refused here
 //! with kv-node's own error, without bothering a node.
@@ -20,11 +21,12 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
+use hyper::header::{HeaderValue, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
-use kv_node::error::ApiError;
-use kv_node::key;
-use kv_node::metrics::{Metrics, Operation};
+use kv_http::metrics::{Metrics, Operation, Scrape};
+use kv_http::request::{check_head, declared_length, discard_body};
+use kv_http::server::Reserve;
+use kv_http::{json_response, key, ApiError};
 use kv_ring::Ring;
 
 use crate::error::ProxyError;
@@ -34,7 +36,8 @@ use crate::upstream::{self, Node, Outcome};
 /// The response body: a node's streamed answer, or one made here.
 pub type Body = Either<PooledBody, Full<Bytes>>;
 
-const ADMIN_METHODS: &str = "GET, HEAD";
+const ADMIN_METHODS: &str = "GET, HEAD, OPTIONS";
+const KEY_METHODS: &str = "GET, HEAD, PUT, POST, DELETE, OPTIONS";
 
 /// What every request handler shares.
 pub struct Proxy {
@@ -52,13 +55,16 @@ pub struct Proxy {
 }
 
 /// The service function: every request gets an answer, errors included.
+/// A connection in the probe reserve (over `--max-connections`) is served
+/// `/-/health` and `/-/ready` only.
 pub async fn handle(
     proxy: Arc<Proxy>,
+    reserve: Reserve,
     request: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
     let started = Instant::now();
     let operation = Operation::of(request.method(), request.uri().path());
-    let response = match route(&proxy, request).await {
+    let response = match route(&proxy, &reserve, request).await {
         Ok(response) => response,
         Err(error) => error.into_response().map(Either::Right),
     };
@@ -69,23 +75,41 @@ pub async fn handle(
     Ok(response)
 }
 
-async fn route(proxy: &Proxy, request: Request<Incoming>) -> Result<Response<Body>, ProxyError> {
+async fn route(
+    proxy: &Proxy,
+    reserve: &Reserve,
+    request: Request<Incoming>,
+) -> Result<Response<Body>, ProxyError> {
     let path = request.uri().path();
+    reserve.admit(path)?;
+    check_head(request.version(), request.headers())?;
     if let Some(admin) = path.strip_prefix("/-/") {
         return admin_route(proxy, request.method(), admin).map(|r| r.map(Either::Right));
     }
+    if !path.starts_with('/') {
+        if path == "*" && request.method() == Method::OPTIONS {
+            return Ok(allow(KEY_METHODS).map(Either::Right));
+        }
+        // `*` (asterisk form) is for OPTIONS only.
+        return Err(ApiError::InvalidKey("the request target is not a path").into());
+    }
     let owner = proxy.ring.owner_index(key::parse(path)?.as_bytes());
+    // A method the node would refuse is refused here, before the body is
+    // read: reading it would send `100 Continue` to a client that asked.
+    if !matches!(
+        *request.method(),
+        Method::GET | Method::HEAD | Method::PUT | Method::POST | Method::DELETE | Method::OPTIONS
+    ) {
+        return Err(ApiError::MethodNotAllowed { allow: KEY_METHODS }.into());
+    }
     // Refused here, from the declared length, as kv-node would: a node that
     // refuses mid-upload closes on us and its answer can be lost.
-    let declared = request
-        .headers()
-        .get(CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
+    let declared = declared_length(request.headers());
     if declared.is_some_and(|length| length > proxy.max_body_bytes as u64) {
         // Read and discarded first, as kv-node does, so the 413 is not
         // lost to a reset.
-        kv_node::api::drain(&mut request.into_body()).await;
+        let (parts, mut body) = request.into_parts();
+        discard_body(&parts.headers, &mut body).await;
         return Err(ApiError::BodyTooLarge {
             limit: proxy.max_body_bytes,
         }
@@ -109,6 +133,11 @@ fn admin_route(
     method: &Method,
     path: &str,
 ) -> Result<Response<Full<Bytes>>, ProxyError> {
+    if *method == Method::OPTIONS {
+        // Known admin paths only, as GET would.
+        admin_route(proxy, &Method::HEAD, path)?;
+        return Ok(allow(ADMIN_METHODS));
+    }
     if !matches!(*method, Method::GET | Method::HEAD) {
         return Err(ApiError::MethodNotAllowed {
             allow: ADMIN_METHODS,
@@ -119,20 +148,32 @@ fn admin_route(
         let mut response = Response::new(Full::new(Bytes::from(render_metrics(proxy))));
         response.headers_mut().insert(
             CONTENT_TYPE,
-            HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            HeaderValue::from_static(kv_http::metrics::CONTENT_TYPE),
         );
         return Ok(response);
     }
     let body = match path {
         "ready" => serde_json::json!({ "ready": true }),
-        "health" => serde_json::json!({
-            "status": "ok",
-            "role": "proxy",
-            "nodes": proxy.nodes.len(),
-            "nodes_up": proxy.nodes.iter().filter(|n| n.health.is_up()).count(),
-            "uptime_seconds": proxy.started.elapsed().as_secs(),
-            "version": env!("CARGO_PKG_VERSION"),
-        }),
+        "health" => {
+            let down: Vec<&str> = proxy
+                .nodes
+                .iter()
+                .filter(|n| !n.health.is_up())
+                .map(|n| n.name.as_str())
+                .collect();
+            // Still 200: the proxy itself serves, and the keys of the
+            // nodes that are up are answered. Which nodes are down is here
+            // for whoever looks.
+            serde_json::json!({
+                "status": if down.is_empty() { "ok" } else { "degraded" },
+                "role": "proxy",
+                "nodes": proxy.nodes.len(),
+                "nodes_up": proxy.nodes.len() - down.len(),
+                "nodes_down": down,
+                "uptime_seconds": proxy.started.elapsed().as_secs(),
+                "version": env!("CARGO_PKG_VERSION"),
+            })
+        }
         "ring" => serde_json::json!({
             "vnodes": proxy.ring.vnodes(),
             "nodes": proxy.nodes.iter().zip(&proxy.shares).map(|(node, share)| {
@@ -158,49 +199,60 @@ fn admin_route(
     };
     let mut bytes = body.to_string().into_bytes();
     bytes.push(b'\n');
-    Ok(kv_node::api::json_response(
-        StatusCode::OK,
-        Bytes::from(bytes),
-    ))
+    Ok(json_response(StatusCode::OK, Bytes::from(bytes)))
+}
+
+/// 204 with `Allow: <methods>` (RFC 9110 §9.3.7).
+fn allow(methods: &'static str) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::new()));
+    *response.status_mut() = StatusCode::NO_CONTENT;
+    response
+        .headers_mut()
+        .insert(hyper::header::ALLOW, HeaderValue::from_static(methods));
+    response
 }
 
 /// The proxy's metrics in the Prometheus text format.
 fn render_metrics(proxy: &Proxy) -> String {
-    use std::fmt::Write as _;
-    let mut out = String::with_capacity(8192);
-    proxy.metrics.render(&mut out);
-    out.push_str("# HELP kv_proxy_node_up Whether health checks consider the node up.\n");
-    out.push_str("# TYPE kv_proxy_node_up gauge\n");
-    for node in proxy.nodes.iter() {
-        let up = u8::from(node.health.is_up());
-        let _ = writeln!(out, "kv_proxy_node_up{{node=\"{}\"}} {up}", node.name);
-    }
-    out.push_str("# HELP kv_proxy_forwarded_total Requests a node answered (any status).\n");
-    out.push_str("# TYPE kv_proxy_forwarded_total counter\n");
-    for node in proxy.nodes.iter() {
-        let count = node.stats.count(Outcome::Forwarded);
-        let _ = writeln!(
-            out,
-            "kv_proxy_forwarded_total{{node=\"{}\"}} {count}",
-            node.name
-        );
-    }
-    out.push_str("# HELP kv_proxy_errors_total Requests not answered by their node, by reason.\n");
-    out.push_str("# TYPE kv_proxy_errors_total counter\n");
-    for node in proxy.nodes.iter() {
+    let mut scrape = Scrape::new(&proxy.metrics);
+    let node = |node: &upstream::Node| vec![("node", node.name.clone())];
+    scrape.family(
+        "kv_proxy_node_up",
+        "Whether health checks consider the node up.",
+        false,
+        proxy
+            .nodes
+            .iter()
+            .map(|n| (node(n), u64::from(n.health.is_up())))
+            .collect(),
+    );
+    scrape.family(
+        "kv_proxy_forwarded_total",
+        "Requests a node answered (any status).",
+        true,
+        proxy
+            .nodes
+            .iter()
+            .map(|n| (node(n), n.stats.count(Outcome::Forwarded)))
+            .collect(),
+    );
+    let mut errors = Vec::new();
+    for n in proxy.nodes.iter() {
         for (kind, outcome) in [
             ("down", Outcome::Down),
             ("connect", Outcome::Connect),
             ("timeout", Outcome::Timeout),
             ("upstream", Outcome::Upstream),
         ] {
-            let _ = writeln!(
-                out,
-                "kv_proxy_errors_total{{node=\"{}\",kind=\"{kind}\"}} {}",
-                node.name,
-                node.stats.count(outcome)
-            );
+            let labels = vec![("node", n.name.clone()), ("kind", kind.to_owned())];
+            errors.push((labels, n.stats.count(outcome)));
         }
     }
-    out
+    scrape.family(
+        "kv_proxy_errors_total",
+        "Requests not answered by their node, by reason.",
+        true,
+        errors,
+    );
+    scrape.encode()
 }

@@ -47,26 +47,31 @@ pub struct Config {
     pub max_body_bytes: usize,
 
     /// Time to open a TCP connection to a node; past it the request gets 503.
+    /// Takes a duration such as 500ms, 30s or 2m.
     #[arg(long, env = "KV_PROXY_CONNECT_TIMEOUT", default_value = "1s", value_parser = humantime::parse_duration)]
     pub connect_timeout: Duration,
 
     /// Time a node has to answer (until its response headers), counted from
     /// the last byte of the request body sent on; past it the request gets
     /// 504. A client that stops sending its body for this long gets 408.
+    /// Takes a duration such as 500ms, 30s or 2m.
     #[arg(long, env = "KV_PROXY_REQUEST_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     pub request_timeout: Duration,
 
     /// Time between active health checks of each node (GET /-/health).
+    /// Takes a duration such as 500ms, 30s or 2m.
     #[arg(long, env = "KV_PROXY_HEALTH_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
     pub health_interval: Duration,
 
     /// Time one health check may take before it counts as a failure.
+    /// Takes a duration such as 500ms, 30s or 2m.
     #[arg(long, env = "KV_PROXY_HEALTH_TIMEOUT", default_value = "1s", value_parser = humantime::parse_duration)]
     pub health_timeout: Duration,
 
     /// Idle pooled connections to nodes are closed after this long. Keep it
     /// below kv-node's --header-timeout (30s), so the proxy closes an idle
     /// connection before the node does and never reuses one being closed.
+    /// Takes a duration such as 500ms, 30s or 2m.
     #[arg(long, env = "KV_PROXY_POOL_IDLE_TIMEOUT", default_value = "20s", value_parser = humantime::parse_duration)]
     pub pool_idle_timeout: Duration,
 
@@ -80,10 +85,12 @@ pub struct Config {
 
     /// Time a client has to send a request's headers; it also closes
     /// keep-alive client connections idle for that long.
+    /// Takes a duration such as 500ms, 30s or 2m.
     #[arg(long, env = "KV_PROXY_HEADER_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub header_timeout: Duration,
 
     /// On SIGINT/SIGTERM, how long in-flight requests get to finish.
+    /// Takes a duration such as 500ms, 30s or 2m.
     #[arg(long, env = "KV_PROXY_SHUTDOWN_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub shutdown_timeout: Duration,
 }

@@ -1,17 +1,17 @@
-//! Every way the proxy can fail a request, and the one place that maps each
-//! to an HTTP status and a `{"error": "..."}\n` body (kv-node's shape).
+//! Every way the proxy can fail a request. The status and body of each are
+//! kv-http's one map ([`ApiError`], shared with kv-node), so a proxy 502 or
+//! 504 is counted by name and a client cannot tell the proxy's refusal of a
+//! bad key from a node's.
 //!
-//! Errors kv-node itself would give for the same request (a bad key, an
-//! unknown admin path) are kv-node's own [`ApiError`], answered exactly as a
-//! node would, so a client cannot tell the proxy from a node.
+//! The variants stay apart here (down, connect, timeout, upstream) for the
+//! per-node counters in `/-/metrics`; to the client, "down" and "connect"
+//! are one answer: the node is unavailable.
 
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::Full;
-use hyper::header::{HeaderValue, RETRY_AFTER};
-use hyper::{Response, StatusCode};
-use kv_node::error::ApiError;
+use hyper::header::HeaderValue;
+use hyper::Response;
+use kv_http::{ApiError, Body};
 
 use crate::upstream::X_KV_NODE;
 
@@ -37,61 +37,37 @@ impl From<ApiError> for ProxyError {
 }
 
 impl ProxyError {
-    /// The HTTP status for this error.
-    pub fn status(&self) -> StatusCode {
+    /// The API error this is to the client, and the node it concerns.
+    pub fn into_api(self) -> (ApiError, Option<String>) {
         match self {
-            ProxyError::Api(error) => error.status(),
-            ProxyError::NodeDown { .. } | ProxyError::Connect { .. } => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
-            ProxyError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
-            ProxyError::Upstream { .. } => StatusCode::BAD_GATEWAY,
-        }
-    }
-
-    /// The message that goes in `{"error": ...}`.
-    pub fn message(&self) -> String {
-        match self {
-            ProxyError::Api(error) => error.message(),
-            // One wording for both: to the client the node is unavailable,
-            // whether health checks or this very request found it so.
+            ProxyError::Api(error) => (error, None),
             ProxyError::NodeDown { node } | ProxyError::Connect { node, .. } => {
-                format!("node {node} unavailable")
+                (ApiError::NodeUnavailable { node: node.clone() }, Some(node))
             }
-            ProxyError::Timeout { node, after } => {
-                format!("node {node} did not answer within {after:?}")
-            }
-            ProxyError::Upstream { node, why } => format!("node {node} failed: {why}"),
+            ProxyError::Timeout { node, after } => (
+                ApiError::NodeTimeout {
+                    node: node.clone(),
+                    after,
+                },
+                Some(node),
+            ),
+            ProxyError::Upstream { node, why } => (
+                ApiError::NodeFailed {
+                    node: node.clone(),
+                    why,
+                },
+                Some(node),
+            ),
         }
     }
 
-    /// The node the error concerns, if any (sent as `X-Kv-Node`).
-    fn node(&self) -> Option<&str> {
-        match self {
-            ProxyError::Api(_) => None,
-            ProxyError::NodeDown { node }
-            | ProxyError::Connect { node, .. }
-            | ProxyError::Timeout { node, .. }
-            | ProxyError::Upstream { node, .. } => Some(node),
-        }
-    }
-
-    /// The full HTTP response for this error.
-    pub fn into_response(self) -> Response<Full<Bytes>> {
-        if let ProxyError::Api(error) = self {
-            return error.into_response();
-        }
-        let body = serde_json::json!({ "error": self.message() });
-        let mut bytes = body.to_string().into_bytes();
-        bytes.push(b'\n');
-        let mut response = kv_node::api::json_response(self.status(), Bytes::from(bytes));
-        let headers = response.headers_mut();
-        if self.status() == StatusCode::SERVICE_UNAVAILABLE {
-            // Health checks run every second or so: try again soon.
-            headers.insert(RETRY_AFTER, HeaderValue::from_static("1"));
-        }
-        if let Some(value) = self.node().and_then(|n| HeaderValue::from_str(n).ok()) {
-            headers.insert(X_KV_NODE, value);
+    /// The full HTTP response for this error, with `X-Kv-Node` naming the
+    /// node it concerns.
+    pub fn into_response(self) -> Response<Body> {
+        let (error, node) = self.into_api();
+        let mut response = error.into_response();
+        if let Some(value) = node.and_then(|n| HeaderValue::from_str(&n).ok()) {
+            response.headers_mut().insert(X_KV_NODE, value);
         }
         response
     }
@@ -100,6 +76,8 @@ impl ProxyError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use hyper::header::RETRY_AFTER;
+    use hyper::StatusCode;
 
     #[test]
     fn node_down_is_503_with_retry_after() {
@@ -113,13 +91,21 @@ mod tests {
     }
 
     #[test]
-    fn timeouts_are_504_and_api_errors_keep_their_status() {
+    fn timeouts_are_504_upstream_502_and_api_errors_keep_their_status() {
         let timeout = ProxyError::Timeout {
             node: "n".into(),
             after: Duration::from_secs(5),
         };
-        assert_eq!(timeout.status(), StatusCode::GATEWAY_TIMEOUT);
+        assert_eq!(
+            timeout.into_response().status(),
+            StatusCode::GATEWAY_TIMEOUT
+        );
+        let upstream = ProxyError::Upstream {
+            node: "n".into(),
+            why: "reset".into(),
+        };
+        assert_eq!(upstream.into_response().status(), StatusCode::BAD_GATEWAY);
         let api = ProxyError::from(ApiError::UnknownAdminPath);
-        assert_eq!(api.status(), StatusCode::NOT_FOUND);
+        assert_eq!(api.into_response().status(), StatusCode::NOT_FOUND);
     }
 }

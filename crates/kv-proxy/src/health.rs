@@ -3,9 +3,9 @@
 //! The ring never changes when a node goes down: its keys are answered 503
 //! (fail closed) instead of being remapped to a node that doesn't hold them.
 //!
-//! * Active: every `--health-interval`, a `GET /-/health` on a fresh TCP
-//!   connection (never a pooled one, so a check sees what a new connection
-//!   would: a restarted or firewalled node). 200 is a success; anything else,
+//! * Active: every `--health-interval`, kv-http's `GET /-/health` probe on
+//!   a fresh TCP connection (never a pooled one, so a check sees what a new
+//!   connection would: a restarted or firewalled node). 200 is a success; anything else,
 //!   or no answer within `--health-timeout`, a failure.
 //! * Passive: a connect error while forwarding counts as a failure too.
 //! * A node is down after [`FAILURES_TO_DOWN`] consecutive failures and up
@@ -16,8 +16,6 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 
 /// Consecutive failures that mark a node down.
@@ -104,43 +102,13 @@ pub fn spawn_checkers(
         .collect()
 }
 
-const CHECK_REQUEST: &[u8] =
-    b"GET /-/health HTTP/1.1\r\nHost: kv-node\r\nUser-Agent: kv-proxy-health\r\nConnection: close\r\n\r\n";
-
-/// One active check: `GET /-/health` on a fresh connection, 200 or bust.
-/// Only the status line is read; the check does not need an HTTP client.
+/// One active check: kv-http's [`probe`](kv_http::probe) (a fresh
+/// connection, `GET /-/health`, 200 or bust), on the blocking pool.
 pub async fn check(node: &str, timeout: Duration) -> Result<(), String> {
-    let exchange = async {
-        let mut stream = TcpStream::connect(node)
-            .await
-            .map_err(|e| format!("connect: {e}"))?;
-        stream
-            .write_all(CHECK_REQUEST)
-            .await
-            .map_err(|e| format!("write: {e}"))?;
-        let mut head = [0u8; 64];
-        let mut filled = 0;
-        while !head[..filled].contains(&b'\n') && filled < head.len() {
-            let read = stream
-                .read(&mut head[filled..])
-                .await
-                .map_err(|e| format!("read: {e}"))?;
-            if read == 0 {
-                return Err("closed before answering".to_owned());
-            }
-            filled += read;
-        }
-        let line = String::from_utf8_lossy(&head[..filled]);
-        let status = line.split(' ').nth(1).unwrap_or("");
-        if status == "200" {
-            Ok(())
-        } else {
-            Err(format!("answered {:?}", line.lines().next().unwrap_or("")))
-        }
-    };
-    tokio::time::timeout(timeout, exchange)
+    let node = node.to_owned();
+    tokio::task::spawn_blocking(move || kv_http::probe::check(&node, timeout))
         .await
-        .unwrap_or_else(|_| Err(format!("no answer within {timeout:?}")))
+        .unwrap_or_else(|error| Err(format!("check failed: {error}")))
 }
 
 #[cfg(test)]

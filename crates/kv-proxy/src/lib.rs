@@ -11,9 +11,9 @@
 //! * [`request_body`]: the body sent on, and the limit on chunked ones.
 //! * [`health`]: active and passive health of each node; fail closed.
 //! * [`error`]: every failure, mapped to a status in one place.
-//! * [`server`]: the accept loop, the worker threads (one single-threaded
-//!   runtime and node connection pool each, as nginx's worker processes),
-//!   connection limits, graceful shutdown.
+//! * [`server`]: what each worker thread serves with (kv-http's thread per
+//!   core, one single-threaded runtime and node connection pool each, as
+//!   nginx's worker processes).
 
 use std::future::Future;
 use std::io;
@@ -33,7 +33,7 @@ pub mod server;
 pub mod upstream;
 
 pub use config::Config;
-pub use kv_node::shutdown_signal;
+pub use kv_http::server::{bind, shutdown_signal};
 
 /// Serves the proxy on an already-bound `listener` until `shutdown`
 /// resolves, then finishes in-flight requests (bounded) and returns.
@@ -59,7 +59,7 @@ pub async fn run(
         idle_timeout: config.pool_idle_timeout,
         max_idle: config.pool_max_idle,
     };
-    let metrics = Arc::new(kv_node::metrics::Metrics::default());
+    let metrics = Arc::new(kv_http::metrics::Metrics::default());
     // One copy per worker thread, each with its own connection pool; the
     // nodes' health is shared through `Arc`s.
     let workers: Vec<Arc<api::Proxy>> = (0..config.workers())
@@ -88,12 +88,13 @@ pub async fn run(
         workers.len()
     );
     let checkers = health::spawn_checkers(&health, config.health_interval, config.health_timeout);
-    let limits = kv_node::server::ConnectionLimits {
+    let limits = kv_http::server::ConnectionLimits {
         max_connections: config.max_connections,
         header_timeout: config.header_timeout,
         shutdown_timeout: config.shutdown_timeout,
     };
-    let served = server::serve(listener, workers, limits, shutdown).await;
+    let workers = workers.into_iter().map(server::ProxyWorker).collect();
+    let served = kv_http::workers::serve(listener, limits, workers, shutdown).await;
     for checker in checkers {
         checker.abort();
     }

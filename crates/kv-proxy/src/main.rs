@@ -28,7 +28,7 @@ fn main() -> ExitCode {
         }
     };
     let result = runtime.block_on(async {
-        let listener = kv_node::bind(config.bind, config.port).await?;
+        let listener = kv_proxy::bind(config.bind, config.port).await?;
         kv_proxy::run(listener, config, kv_proxy::shutdown_signal()).await
     });
     match result {

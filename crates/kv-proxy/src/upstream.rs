@@ -27,9 +27,9 @@ use hyper::http::uri::Authority;
 use hyper::{Method, Request, Response, Uri, Version};
 use tokio::time::Instant;
 
-use kv_node::metrics::{thread_slot, CachePadded, SHARDS};
-
-use kv_node::error::ApiError;
+use kv_http::metrics::{thread_slot, CachePadded, SHARDS};
+use kv_http::request::discard;
+use kv_http::ApiError;
 
 use crate::error::ProxyError;
 use crate::health::NodeHealth;
@@ -100,7 +100,7 @@ impl Outcome {
 }
 
 /// Per-node counters for `/-/metrics`: relaxed atomic adds, no lock, one
-/// shard per thread (as kv-node's [`Metrics`](kv_node::metrics::Metrics)),
+/// shard per thread (as [`Metrics`](kv_http::metrics::Metrics)),
 /// so workers do not pass a cache line back and forth per request.
 #[derive(Debug)]
 pub struct NodeStats {
@@ -120,7 +120,7 @@ impl NodeStats {
     #[inline]
     pub fn record<T>(&self, result: &Result<T, ProxyError>) {
         if let Some(outcome) = Outcome::of(result) {
-            let shard = &self.shards[thread_slot() % self.shards.len()].0;
+            let shard = &self.shards[thread_slot() % self.shards.len()];
             shard[outcome as usize].fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -129,7 +129,7 @@ impl NodeStats {
     pub fn count(&self, outcome: Outcome) -> u64 {
         self.shards
             .iter()
-            .map(|shard| shard.0[outcome as usize].load(Ordering::Relaxed))
+            .map(|shard| shard[outcome as usize].load(Ordering::Relaxed))
             .sum()
     }
 }
@@ -283,7 +283,7 @@ pub async fn forward(
         // than the limit and will discard it; the client gets kv-node's 413.
         let oversized = upload.and_then(|upload| upload.take_overflow());
         if let Some(mut body) = oversized {
-            kv_node::api::drain(&mut body).await;
+            discard(&mut body).await;
             return Err(ApiError::BodyTooLarge {
                 limit: max_body_bytes,
             }

@@ -246,8 +246,9 @@ fn every_api_row_answers_as_a_node_would() {
             proxied.text(),
             proxied.headers
         );
-        // Forwarded answers name their node.
-        if !path.starts_with("/-/") && proxied.status != 400 {
+        // Forwarded answers name their node (a bad key or method is
+        // refused by the proxy itself, as the node would).
+        if !path.starts_with("/-/") && !matches!(proxied.status, 400 | 405) {
             assert!(proxied.header("x-kv-node").is_some(), "{method} {path}");
         }
     }
@@ -581,7 +582,7 @@ fn fake_node(answer: fn(TcpStream)) -> FakeNode {
             thread::spawn(move || {
                 let mut head = [0u8; 1024];
                 let read = stream.read(&mut head).unwrap_or(0);
-                if !String::from_utf8_lossy(&head[..read]).contains("kv-proxy-health") {
+                if !String::from_utf8_lossy(&head[..read]).contains("kv-health-probe") {
                     counter.fetch_add(1, Ordering::SeqCst);
                 }
                 answer(stream);
@@ -702,6 +703,14 @@ fn gets_are_retried_once_on_a_broken_connection_and_writes_never() {
         3,
         "a PUT is tried once"
     );
+    // Counted by name, not as "other".
+    let metrics = request(proxy.addr, "GET", "/-/metrics", None)
+        .unwrap()
+        .text();
+    for op in ["get", "put"] {
+        let series = format!("kv_requests_total{{op=\"{op}\",status=\"502\"}} 1\n");
+        assert!(metrics.contains(&series), "{series} missing:\n{metrics}");
+    }
 }
 
 #[test]
@@ -779,7 +788,7 @@ fn admin_endpoints_describe_the_ring() {
     let wrong = request(proxy, "DELETE", "/-/ring", None).unwrap();
     assert_eq!(
         (wrong.status, wrong.header("allow")),
-        (405, Some("GET, HEAD"))
+        (405, Some("GET, HEAD, OPTIONS"))
     );
 }
 

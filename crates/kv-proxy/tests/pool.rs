@@ -48,7 +48,7 @@ fn counting_node(close_after_answer: bool) -> (SocketAddr, Arc<Seen>) {
                     while let Some(end) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
                         let head = String::from_utf8_lossy(&buffer[..end]).into_owned();
                         buffer.drain(..end + 4);
-                        if head.contains("kv-proxy-health") {
+                        if head.contains("kv-health-probe") {
                             let _ = stream.write_all(ANSWER);
                             return;
                         }

@@ -5,7 +5,8 @@
 //!   cargo that runs the tests (so `cargo test -p kv-proxy` works on its own).
 //! * [`Process::spawn`] starts a binary with `--port 0`, reads the port it
 //!   logged ("listening on http://ADDR"), then waits until `GET /-/health`
-//!   answers 200. No sleeps: every wait is for an event, bounded by a deadline.
+//!   answers 200 (kv-http's probe, the one the servers' health checks use).
+//!   No sleeps: every wait is for an event, bounded by a deadline.
 //! * [`Process`] kills its child on drop; [`Process::kill9`] is a crash.
 //!
 //! HTTP here is a tiny blocking HTTP/1.1 client over `std::net` on purpose:
@@ -140,10 +141,8 @@ impl Process {
     pub fn wait_healthy(&self) {
         let deadline = Instant::now() + STARTUP_DEADLINE;
         while Instant::now() < deadline {
-            if let Ok(response) = request(self.addr, "GET", "/-/health", None) {
-                if response.status == 200 {
-                    return;
-                }
+            if kv_http::probe::check(&self.addr.to_string(), Duration::from_secs(5)).is_ok() {
+                return;
             }
             // Polling a socket for readiness; not a synchronisation sleep.
             thread::sleep(Duration::from_millis(10));
@@ -266,6 +265,76 @@ pub fn request(
     let mut raw = Vec::new();
     stream.read_to_end(&mut raw)?;
     parse_response(&raw, method == "HEAD")
+}
+
+/// Sends `bytes` exactly as given on a fresh connection and reads the
+/// first answer (its head, and the body its `Content-Length` announces,
+/// none for a `HEAD` request), with a 10 s I/O timeout.
+pub fn exchange(addr: SocketAddr, bytes: &[u8]) -> std::io::Result<Response> {
+    exchange_inner(addr, bytes, false).map(|(response, _)| response)
+}
+
+/// As [`exchange`], and says whether the server then closed the connection
+/// (waiting at most 5 s to see).
+pub fn exchange_then_closed(addr: SocketAddr, bytes: &[u8]) -> std::io::Result<(Response, bool)> {
+    exchange_inner(addr, bytes, true)
+}
+
+fn exchange_inner(
+    addr: SocketAddr,
+    bytes: &[u8],
+    see_close: bool,
+) -> std::io::Result<(Response, bool)> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    stream.set_write_timeout(Some(Duration::from_secs(10)))?;
+    // The server may answer (and close) before all of it is written.
+    let _ = stream.write_all(bytes);
+    let head_only = bytes.starts_with(b"HEAD ");
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 8192];
+    let complete = |raw: &[u8]| -> Option<usize> {
+        let split = raw.windows(4).position(|w| w == b"\r\n\r\n")?;
+        let response = parse_response(&raw[..split + 4], true).ok()?;
+        let length = if head_only || response.status / 100 == 1 {
+            0
+        } else {
+            response
+                .header("content-length")
+                .and_then(|v| v.parse::<usize>().ok())
+                .unwrap_or(0)
+        };
+        (raw.len() >= split + 4 + length).then_some(split + 4 + length)
+    };
+    let end = loop {
+        if let Some(end) = complete(&raw) {
+            break end;
+        }
+        let n = stream.read(&mut buf)?;
+        if n == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                format!("closed mid-answer: {:?}", String::from_utf8_lossy(&raw)),
+            ));
+        }
+        raw.extend_from_slice(&buf[..n]);
+    };
+    let response = parse_response(&raw[..end], head_only)?;
+    let closed = if !see_close || raw.len() > end {
+        false
+    } else {
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        match stream.read(&mut buf) {
+            Ok(0) => true,
+            Ok(_) => false,
+            // A reset is a close too; a timeout is an open connection.
+            Err(error) => !matches!(
+                error.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ),
+        }
+    };
+    Ok((response, closed))
 }
 
 fn parse_response(raw: &[u8], head_only: bool) -> std::io::Result<Response> {

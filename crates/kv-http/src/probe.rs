@@ -1,0 +1,117 @@
+//! The one `GET /-/health` probe: healthy means the answer's status is 200.
+//!
+//! Blocking and std only (a thread and a socket), so the tiny `kv-health`
+//! binary, kv-bench's `--spawn` and the test kit use it without a runtime;
+//! kv-proxy's health checks run it on tokio's blocking pool. Each probe is
+//! a fresh connection (never a pooled one), so it sees what a new client
+//! would: a restarted or firewalled server. Only the status line is read.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::time::{Duration, Instant};
+
+/// The probe's request.
+pub const REQUEST: &[u8] =
+    b"GET /-/health HTTP/1.1\r\nHost: kv\r\nUser-Agent: kv-health-probe\r\nConnection: close\r\n\r\n";
+
+/// Probes `addr` (`host:port`): `Ok` if `GET /-/health` answers 200 within
+/// `timeout` in all (resolve, connect, answer), else what went wrong.
+pub fn check(addr: &str, timeout: Duration) -> Result<(), String> {
+    let deadline = Instant::now() + timeout;
+    let target: SocketAddr = addr
+        .to_socket_addrs()
+        .map_err(|e| format!("resolve {addr}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("resolve {addr}: no address"))?;
+    let left = |what: &str| {
+        deadline
+            .checked_duration_since(Instant::now())
+            .filter(|d| !d.is_zero())
+            .ok_or_else(|| format!("no answer within {timeout:?} ({what})"))
+    };
+    let mut stream = TcpStream::connect_timeout(&target, left("connect")?)
+        .map_err(|e| format!("connect: {e}"))?;
+    stream
+        .write_all(REQUEST)
+        .map_err(|e| format!("write: {e}"))?;
+    let mut head = [0u8; 64];
+    let mut filled = 0;
+    while !head[..filled].contains(&b'\n') && filled < head.len() {
+        stream
+            .set_read_timeout(Some(left("read")?))
+            .map_err(|e| format!("read: {e}"))?;
+        let read = stream
+            .read(&mut head[filled..])
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
+                    format!("no answer within {timeout:?}")
+                }
+                _ => format!("read: {e}"),
+            })?;
+        if read == 0 {
+            return Err("closed before answering".to_owned());
+        }
+        filled += read;
+    }
+    let line = String::from_utf8_lossy(&head[..filled]);
+    let line = line.lines().next().unwrap_or("");
+    match status_of(line) {
+        Some(200) => Ok(()),
+        _ => Err(format!("answered {line:?}")),
+    }
+}
+
+/// The status code in an HTTP/1.x status line.
+fn status_of(line: &str) -> Option<u16> {
+    let mut words = line.split(' ');
+    words.next().filter(|v| v.starts_with("HTTP/1."))?;
+    words.next()?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_lines() {
+        assert_eq!(status_of("HTTP/1.1 200 OK"), Some(200));
+        assert_eq!(status_of("HTTP/1.0 503 Service Unavailable"), Some(503));
+        assert_eq!(status_of("SSH-2.0-OpenSSH"), None);
+        assert_eq!(status_of(""), None);
+    }
+
+    #[test]
+    fn fails_on_a_closed_port_a_silent_server_and_a_503() {
+        use std::net::TcpListener;
+        // A port nothing listens on (bound, then released).
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        drop(listener);
+        assert!(check(&addr, Duration::from_secs(2)).is_err());
+
+        // Accepts and never answers.
+        let silent = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = silent.local_addr().unwrap().to_string();
+        let why = check(&addr, Duration::from_millis(200)).unwrap_err();
+        assert!(why.contains("no answer"), "{why}");
+
+        // Answers 503, then 200.
+        let server = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = server.local_addr().unwrap().to_string();
+        let answers = std::thread::spawn(move || {
+            for status in ["503 Service Unavailable", "200 OK"] {
+                let (mut stream, _) = server.accept().unwrap();
+                let mut buf = [0u8; 256];
+                let _ = stream.read(&mut buf).unwrap();
+                let reply = format!("HTTP/1.1 {status}\r\ncontent-length: 0\r\n\r\n");
+                stream.write_all(reply.as_bytes()).unwrap();
+            }
+        });
+        assert!(check(&addr, Duration::from_secs(5))
+            .unwrap_err()
+            .contains("503"));
+        assert!(check(&addr, Duration::from_secs(5)).is_ok());
+        answers.join().unwrap();
+        drop(silent);
+    }
+}
