@@ -195,32 +195,31 @@ pub async fn bind(ip: IpAddr, port: u16) -> io::Result<TcpListener> {
     })
 }
 
-/// Resolves on SIGINT (Ctrl-C) or SIGTERM.
-pub async fn shutdown_signal() {
-    let interrupt = async {
-        if let Err(error) = tokio::signal::ctrl_c().await {
-            log::error!("cannot listen for SIGINT: {error}");
-            std::future::pending::<()>().await;
-        }
-    };
-    #[cfg(unix)]
-    let terminate = async {
-        use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut stream) => {
-                stream.recv().await;
+/// A future that resolves on SIGINT (Ctrl-C) or SIGTERM. The handlers are
+/// installed by this call, not when the future is first polled: a signal
+/// that arrives while the server starts is then a clean stop, not the
+/// default action (death by signal). Call it inside the runtime, before
+/// announcing readiness.
+pub fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send + 'static {
+    use tokio::signal::unix::{signal, SignalKind};
+    let interrupt = signal(SignalKind::interrupt());
+    let terminate = signal(SignalKind::terminate());
+    async move {
+        let next = |stream: std::io::Result<tokio::signal::unix::Signal>, name: &'static str| async move {
+            match stream {
+                Ok(mut stream) => {
+                    stream.recv().await;
+                }
+                Err(error) => {
+                    log::error!("cannot listen for {name}: {error}");
+                    std::future::pending::<()>().await;
+                }
             }
-            Err(error) => {
-                log::error!("cannot listen for SIGTERM: {error}");
-                std::future::pending::<()>().await;
-            }
+        };
+        tokio::select! {
+            () = next(interrupt, "SIGINT") => log::info!("received SIGINT"),
+            () = next(terminate, "SIGTERM") => log::info!("received SIGTERM"),
         }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        () = interrupt => log::info!("received SIGINT"),
-        () = terminate => log::info!("received SIGTERM"),
     }
 }
 

@@ -22,10 +22,13 @@ fn main() -> ExitCode {
     };
     let exit_with_parent = config.exit_with_parent;
     let result = runtime.block_on(async {
+        // Before the listener exists, so a SIGTERM at any point after the
+        // "listening" line is a clean stop.
+        let signal = kv_node::shutdown_signal();
         let listener = kv_node::bind(config.bind, config.port).await?;
         let stop = async {
             tokio::select! {
-                () = kv_node::shutdown_signal() => {}
+                () = signal => {}
                 () = kv_node::parent_exited(), if exit_with_parent => {}
             }
         };

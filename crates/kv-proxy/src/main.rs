@@ -28,8 +28,11 @@ fn main() -> ExitCode {
         }
     };
     let result = runtime.block_on(async {
+        // Before the listener exists, so a SIGTERM at any point after the
+        // "listening" line is a clean stop.
+        let signal = kv_proxy::shutdown_signal();
         let listener = kv_proxy::bind(config.bind, config.port).await?;
-        kv_proxy::run(listener, config, kv_proxy::shutdown_signal()).await
+        kv_proxy::run(listener, config, signal).await
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -224,7 +224,6 @@ fn put_bodies_are_read_as_pythons_json_read_them() {
 fn at_the_connection_cap_health_and_readiness_still_answer() {
     let layers = layers(&["--max-connections", "2"], &["--max-connections", "2"]);
     for (layer, addr) in layers.both() {
-        // Two idle keep-alive connections hold the cap.
         // Two idle keep-alive connections hold the cap: each has had a key
         // answered (404), which a reserve connection would refuse (503), so
         // each holds a slot under the cap. (A slot the last test's
@@ -258,11 +257,22 @@ fn at_the_connection_cap_health_and_readiness_still_answer() {
 fn refused_connections_are_logged_with_a_count_not_one_line_each() {
     let layers = layers(&["--max-connections", "1"], &[]);
     let addr = layers.node.addr;
-    // One keep-alive connection holds the cap.
-    let mut held = std::net::TcpStream::connect(addr).unwrap();
-    std::io::Write::write_all(&mut held, b"GET /-/health HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
-    let mut buf = [0u8; 12];
-    std::io::Read::read_exact(&mut held, &mut buf).unwrap();
+    // One keep-alive connection holds the cap. It asks for a key: a 404
+    // proves it holds the slot under the cap (a reserve connection, taken
+    // while the proxy's health probe held the slot, would be refused 503
+    // and closed), so retry until it does.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let held = loop {
+        let mut stream = std::net::TcpStream::connect(addr).unwrap();
+        std::io::Write::write_all(&mut stream, b"GET /k HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        let mut buf = [0u8; 12];
+        std::io::Read::read_exact(&mut stream, &mut buf).unwrap();
+        match &buf {
+            b"HTTP/1.1 404" => break stream,
+            b"HTTP/1.1 503" => assert!(Instant::now() < deadline, "no slot freed"),
+            other => panic!("{}", String::from_utf8_lossy(other)),
+        }
+    };
     let started = Instant::now();
     let mut refused = 0;
     // Refuse until a second warning (with its count) shows, bounded.
