@@ -31,6 +31,7 @@ pub mod check;
 pub mod client;
 pub mod config;
 pub mod lean;
+pub mod linearizability;
 pub mod progress;
 pub mod report;
 pub mod spawn;
