@@ -189,8 +189,8 @@ pub struct CheckHistoryArgs {
     pub file: PathBuf,
 
     /// Search steps allowed per key; a key that needs more is reported
-    /// "too large to check" (memory grows with the steps: ~100 bytes each
-    /// plus a bit per operation of the key).
+    /// "too large to check", as is one whose search would take more than
+    /// 1 GiB (up to ~100 bytes plus a bit per operation of the key per step).
     #[arg(long, env = "KV_BENCH_MAX_STEPS", default_value_t = 1_000_000)]
     pub max_steps: u64,
 

@@ -36,8 +36,9 @@
 //! definitely did not take effect (`fail`) are left out by the caller.
 //!
 //! The search is bounded: each step (one event visited) counts, and past
-//! `max_steps` the key is reported [`Verdict::TooLarge`] rather than letting
-//! the checker run for hours. For a violation, [`minimise`] shrinks the
+//! `max_steps` (or past 1 GiB of cache, a bit per operation per
+//! configuration) the key is reported [`Verdict::TooLarge`] rather than
+//! letting the checker run for hours or out of memory. For a violation, [`minimise`] shrinks the
 //! history to a small set of operations that is still not linearizable
 //! (greedily dropping one operation at a time, each trial bounded too), so
 //! the report names the few operations that contradict each other.
@@ -229,17 +230,27 @@ impl Bits {
 #[derive(Default)]
 struct Cache {
     seen: HashMap<(Bits, State), Vec<Bits>>,
+    /// Roughly what the entries take: a bitset of the key's operations
+    /// each, plus the map's own overhead.
+    bytes: usize,
 }
+
+/// Most memory one key's cache may take before the key is reported too
+/// large: each entry holds a bit per operation, so a key with 100,000
+/// operations would need ~12 KB per configuration.
+const MAX_CACHE_BYTES: usize = 1 << 30;
 
 impl Cache {
     /// Records the configuration; false if it (or one subsuming it) was
     /// already there.
     fn insert(&mut self, known: Bits, unknown: Bits, state: State) -> bool {
+        let size = 8 * (known.0.len() + unknown.0.len()) + 96;
         let variants = self.seen.entry((known, state)).or_default();
         if variants.iter().any(|seen| seen.is_subset_of(&unknown)) {
             return false;
         }
         variants.push(unknown);
+        self.bytes += size;
         true
     }
 }
@@ -288,7 +299,7 @@ pub fn check(ops: &[Op], max_steps: u64) -> Checked {
     };
     while known_left > 0 {
         steps += 1;
-        if steps > max_steps {
+        if steps > max_steps || cache.bytes > MAX_CACHE_BYTES {
             return Checked {
                 verdict: Verdict::TooLarge,
                 steps,
