@@ -30,7 +30,8 @@ Examples:\n  kv-bench --nodes 3                      # 1, 2, then 3 nodes on 127
 kv-bench --nodes 3 --spawn              # the same, starting the nodes itself\n  \
 kv-bench --workload seed --nodes 3      # the Flask benchmark's sequence\n  \
 kv-bench --proxy http://127.0.0.1:8080 --mix set=1,get=8 --distribution zipf\n  \
-kv-bench --rate 20000 --duration 30s    # open loop, latency corrected for coordinated omission"
+kv-bench --rate 20000 --duration 30s    # open loop, latency corrected for coordinated omission\n  \
+kv-bench --history h.jsonl -d 5s && kv-bench check-history h.jsonl   # linearizability, per key"
 )]
 pub struct Config {
     /// Run against 1 node, then 2, ... up to this many [default: 1, or the
@@ -162,6 +163,42 @@ pub struct Config {
 
     /// No live progress line (it is shown only on a terminal anyway).
     #[arg(long, short = 'q', env = "KV_BENCH_QUIET")]
+    pub quiet: bool,
+
+    /// Record every operation (client, op, key, value, invoke and return
+    /// times in ns, outcome ok|fail|unknown) to FILE as JSON lines, for
+    /// `kv-bench check-history FILE`. The file is emptied first; each run's
+    /// operations are buffered (48 bytes each) and appended when it ends.
+    #[arg(long, env = "KV_BENCH_HISTORY")]
+    pub history: Option<PathBuf>,
+
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// Subcommands; without one, kv-bench runs the benchmark.
+#[derive(clap::Subcommand, Debug, Clone)]
+pub enum Command {
+    /// Check a --history file for linearizability, key by key, against a
+    /// register with delete; exit 0 when every key is linearizable, 1 when
+    /// any is not (or is too large to check), 2 when the file is unreadable.
+    CheckHistory(CheckHistoryArgs),
+}
+
+/// `kv-bench check-history`'s flags.
+#[derive(clap::Args, Debug, Clone)]
+pub struct CheckHistoryArgs {
+    /// The history (JSON lines, as --history writes them).
+    pub file: PathBuf,
+
+    /// Search steps allowed per key; a key that needs more is reported
+    /// "too large to check", as is one whose search would take more than
+    /// 1 GiB (up to ~100 bytes plus a bit per operation of the key per step).
+    #[arg(long, env = "KV_BENCH_MAX_STEPS", default_value_t = 1_000_000)]
+    pub max_steps: u64,
+
+    /// Print only the keys that are not linearizable, and the summary.
+    #[arg(long, short = 'q')]
     pub quiet: bool,
 }
 
@@ -311,6 +348,8 @@ pub struct Plan {
     pub timeout: Duration,
     pub rng_seed: u64,
     pub client: ClientKind,
+    /// Record every operation (`--history`).
+    pub history: bool,
 }
 
 /// Smallest value: 16 hex digits of the write's sequence number.
@@ -403,6 +442,7 @@ impl Config {
             timeout: self.timeout,
             rng_seed: self.rng_seed,
             client: self.client,
+            history: self.history.is_some(),
         })
     }
 }

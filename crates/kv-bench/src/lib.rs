@@ -18,6 +18,8 @@
 //! * [`report`]: merging, printing and JSON.
 //! * [`spawn`]: `--spawn`, local kv-node processes.
 //! * [`progress`]: the live line on a terminal.
+//! * [`history`]: `--history` recording and `check-history`, over
+//!   [`linearizability`]'s checker.
 
 use std::fmt;
 use std::io::Write;
@@ -30,7 +32,9 @@ use tokio::sync::{watch, Barrier};
 pub mod check;
 pub mod client;
 pub mod config;
+pub mod history;
 pub mod lean;
+pub mod linearizability;
 pub mod progress;
 pub mod report;
 pub mod spawn;
@@ -121,6 +125,10 @@ pub fn run(config: Config) -> Result<Outcome, BenchError> {
         }
         None => random_prefix(),
     };
+    if let Some(path) = &config.history {
+        history::create(path)
+            .map_err(|e| BenchError::Other(format!("cannot write {}: {e}", path.display())))?;
+    }
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     builder.enable_all();
     if let Some(threads) = config.threads.filter(|&t| t > 0) {
@@ -176,7 +184,7 @@ pub fn run(config: Config) -> Result<Outcome, BenchError> {
         println!("{}", describe(&plan, target, &nodes));
         let report = runtime.block_on(async {
             tokio::select! {
-                report = run_once(&plan, target, nodes, run_prefix, show_progress) => report,
+                report = run_once(&plan, target, nodes, run_prefix, show_progress, config.history.as_deref()) => report,
                 signal = interrupted.recv() => Err(BenchError::Interrupted(signal)),
             }
         })?;
@@ -272,6 +280,7 @@ async fn run_once(
     endpoints: Vec<Endpoint>,
     prefix: String,
     show_progress: bool,
+    history: Option<&std::path::Path>,
 ) -> Result<RunReport, BenchError> {
     let ring = if target == "nodes" {
         let ring = Ring::new(
@@ -352,6 +361,11 @@ async fn run_once(
     }
     if let Some(error) = panicked {
         return Err(BenchError::Other(format!("a worker failed: {error}")));
+    }
+    if let Some(path) = history {
+        let recorders: Vec<_> = stats.iter_mut().filter_map(|s| s.history.take()).collect();
+        history::append(path, &recorders)
+            .map_err(|e| BenchError::Other(format!("cannot write {}: {e}", path.display())))?;
     }
     if let Some(failure) = stats.iter().find_map(|s| s.setup_failure.as_ref()) {
         return Err(BenchError::Unreachable(format!(

@@ -1,13 +1,27 @@
-//! The `kv-bench` binary: parse flags, set up logging, run, exit code.
+//! The `kv-bench` binary: parse flags, set up logging, run (or check a
+//! history), exit code.
 
 use std::process::ExitCode;
 
 use clap::Parser;
+use kv_bench::config::Command;
 use kv_bench::Config;
 
 fn main() -> ExitCode {
-    let config = Config::parse();
+    let mut config = Config::parse();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    if let Some(Command::CheckHistory(args)) = config.command.take() {
+        let mut out = std::io::stdout().lock();
+        return match kv_bench::history::check_file(&args.file, args.max_steps, args.quiet, &mut out)
+        {
+            Ok(summary) if summary.passed() => ExitCode::SUCCESS,
+            Ok(_) => ExitCode::from(1),
+            Err(error) => {
+                eprintln!("kv-bench check-history: {error}");
+                ExitCode::from(2)
+            }
+        };
+    }
     match kv_bench::run(config) {
         Ok(outcome) if outcome.failed() => {
             eprintln!(

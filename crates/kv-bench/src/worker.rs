@@ -26,6 +26,7 @@ use tokio::sync::{watch, Barrier};
 use crate::check::{check, ErrorCounts, Failure};
 use crate::client::{self, Answer, ClientKind, Conn, Endpoint};
 use crate::config::{Plan, Stop};
+use crate::history::{self, Recorder, Value};
 use crate::workload::{
     global_key, keys_of_worker, requests_of_worker, Expect, KeyPicker, OpKind, OpPicker, Rng,
     SeedOp,
@@ -84,6 +85,8 @@ pub struct WorkerStats {
     pub finished: Option<Instant>,
     /// Set if the worker could not start (no connection to a node).
     pub setup_failure: Option<Failure>,
+    /// Every operation, with `--history`.
+    pub history: Option<Recorder>,
 }
 
 impl WorkerStats {
@@ -96,6 +99,7 @@ impl WorkerStats {
             errors: ErrorCounts::default(),
             finished: None,
             setup_failure: None,
+            history: None,
         }
     }
 }
@@ -160,6 +164,7 @@ pub struct MixWorker {
     put: ValueTemplate,
     expected: ValueTemplate,
     next_seq: u64,
+    history: Option<Recorder>,
 }
 
 impl MixWorker {
@@ -167,7 +172,7 @@ impl MixWorker {
     pub fn new(id: usize, shared: Arc<RunShared>, ring: Option<&Ring>) -> Self {
         let plan = &shared.plan;
         let count = keys_of_worker(plan.keys, shared.workers, id);
-        let keys = (0..count)
+        let keys: Vec<Key> = (0..count)
             .map(|local| {
                 let name = format!("{}{}", shared.prefix, global_key(local, shared.workers, id));
                 Key {
@@ -177,10 +182,18 @@ impl MixWorker {
                 }
             })
             .collect();
+        let history = plan.history.then(|| {
+            let names = keys
+                .iter()
+                .map(|k: &Key| k.path.path().trim_start_matches('/').to_owned())
+                .collect();
+            Recorder::new(id as u64, plan.value_size, names)
+        });
         MixWorker {
             id,
             conns: (0..shared.endpoints.len()).map(|_| None).collect(),
             keys,
+            history,
             put: ValueTemplate::new(plan.value_size),
             expected: ValueTemplate::new(plan.value_size),
             next_seq: (id as u64) << 40,
@@ -223,6 +236,11 @@ impl MixWorker {
         };
         let body = body.then_some(self.put.bytes.as_slice());
         let client = self.shared.plan.client;
+        let invoked = if self.history.is_some() {
+            history::now_ns()
+        } else {
+            0
+        };
         let answer = exchange(
             &mut self.conns[node],
             endpoint,
@@ -233,6 +251,10 @@ impl MixWorker {
             timeout,
         )
         .await;
+        if let Some(recorder) = self.history.as_mut() {
+            let answer = answer.as_ref().map(|a| (a.status, &a.body[..]));
+            recorder.record(local as u32, kind, Value::Seq(seq), invoked, answer);
+        }
         let key = &mut self.keys[local];
         let verdict = match answer {
             Ok(Answer { status, body }) => {
@@ -359,6 +381,7 @@ impl MixWorker {
         // traffic never overlaps the measured tail of slower workers.
         shared.batch.wait().await;
         self.cleanup(&mut stats.errors).await;
+        stats.history = self.history.take();
         stats
     }
 
@@ -446,16 +469,22 @@ pub struct SeedWorker {
     conns: Vec<Option<Conn>>,
     /// Keys a DELETE may not have removed.
     leftovers: Vec<u64>,
+    history: Option<Recorder>,
 }
 
 impl SeedWorker {
     pub fn new(id: usize, shared: Arc<RunShared>, ring: Option<Ring>) -> Self {
+        let history = shared
+            .plan
+            .history
+            .then(|| Recorder::new(id as u64, shared.plan.value_size, Vec::new()));
         SeedWorker {
             id,
             conns: (0..shared.endpoints.len()).map(|_| None).collect(),
             shared,
             ring,
             leftovers: Vec::new(),
+            history,
         }
     }
 
@@ -476,7 +505,12 @@ impl SeedWorker {
             OpKind::Get => (Method::GET, None),
             OpKind::Delete => (Method::DELETE, None),
         };
-        let verdict = match exchange(
+        let invoked = if self.history.is_some() {
+            history::now_ns()
+        } else {
+            0
+        };
+        let answer = exchange(
             &mut self.conns[node],
             endpoint,
             self.shared.plan.client,
@@ -485,8 +519,18 @@ impl SeedWorker {
             body.as_deref().map(str::as_bytes),
             self.shared.plan.timeout,
         )
-        .await
-        {
+        .await;
+        if let Some(recorder) = self.history.as_mut() {
+            let key = recorder.add_key(name.clone());
+            let put = if op.kind == OpKind::Set {
+                recorder.add_value(value.clone())
+            } else {
+                Value::None
+            };
+            let answer = answer.as_ref().map(|a| (a.status, &a.body[..]));
+            recorder.record(key, op.kind, put, invoked, answer);
+        }
+        let verdict = match answer {
             Ok(answer) => {
                 // A DELETE that found nothing raced its key's SET, which may
                 // land after it: delete that key again once the run is over.
@@ -575,6 +619,7 @@ impl SeedWorker {
             shared.batch.wait().await;
         }
         self.cleanup(&mut stats.errors).await;
+        stats.history = self.history.take();
         stats
     }
 }

@@ -1,0 +1,189 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! `kv-bench --history` against real `kv-node` processes, then
+//! `kv-bench check-history` on what it wrote (and on corrupted copies).
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+/// Builds from the workspace root, as `tests/run.rs` explains.
+fn binary(name: &str) -> std::path::PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    std::env::set_current_dir(root).unwrap();
+    kv_testkit::binary(name)
+}
+
+fn bench(args: &[&str]) -> Output {
+    Command::new(binary("kv-bench"))
+        .args(args)
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("kv-bench runs")
+}
+
+fn explain(output: &Output) -> String {
+    format!(
+        "status {:?}\nstdout:\n{}\nstderr:\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+fn lines(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect()
+}
+
+fn write_lines(path: &Path, lines: &[Value]) {
+    let text: String = lines.iter().map(|l| format!("{l}\n")).collect();
+    std::fs::write(path, text).unwrap();
+}
+
+#[test]
+fn a_recorded_run_checks_linearizable_and_a_planted_stale_read_does_not() {
+    binary("kv-node");
+    let out = tempfile::tempdir().unwrap();
+    let history = out.path().join("h.jsonl");
+    let output = bench(&[
+        "--spawn",
+        "--nodes",
+        "1",
+        "--history",
+        history.to_str().unwrap(),
+        "--requests",
+        "3000",
+        "--concurrency",
+        "8",
+        "--keys",
+        "40",
+        "--mix",
+        "set=2,get=2,delete=1",
+        "--value-size",
+        "24",
+        "--prefix",
+        "hist",
+    ]);
+    assert!(output.status.success(), "{}", explain(&output));
+    let ops = lines(&history);
+    // Every measured request, plus the cleanup's deletes.
+    assert!(ops.len() >= 3000, "{} lines", ops.len());
+    let keys: BTreeSet<&str> = ops.iter().map(|op| op["key"].as_str().unwrap()).collect();
+    assert_eq!(keys.len(), 40);
+    let clients: BTreeSet<u64> = ops
+        .iter()
+        .map(|op| op["client"].as_u64().unwrap())
+        .collect();
+    assert_eq!(clients.len(), 8);
+    for op in &ops {
+        assert_eq!(op["outcome"], "ok", "{op}");
+        assert!(op["invoke"].as_u64() <= op["return"].as_u64(), "{op}");
+        match op["op"].as_str().unwrap() {
+            "put" => assert_eq!(op["value"].as_str().unwrap().len(), 24, "{op}"),
+            "get" if op["found"] == true => assert!(op["value"].is_string(), "{op}"),
+            "get" | "delete" => assert!(op["found"].is_boolean(), "{op}"),
+            other => panic!("op {other}"),
+        }
+    }
+
+    let output = bench(&["check-history", history.to_str().unwrap()]);
+    assert!(output.status.success(), "{}", explain(&output));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        stdout.ends_with("40 keys checked, 0 violations\n"),
+        "{stdout}"
+    );
+    assert_eq!(stdout.matches(": OK (").count(), 40, "{stdout}");
+
+    // Plant a stale read: a GET that found a value now returns the value
+    // its key held before (a put acknowledged before this one).
+    let mut planted = ops.clone();
+    let (get, stale) = (0..planted.len())
+        .find_map(|i| {
+            let op = &planted[i];
+            if op["op"] != "get" || op["found"] != true {
+                return None;
+            }
+            // An earlier put of the same key with another value.
+            planted[..i]
+                .iter()
+                .rev()
+                .find(|p| p["op"] == "put" && p["key"] == op["key"] && p["value"] != op["value"])
+                .map(|p| (i, p["value"].clone()))
+        })
+        .expect("some get follows two puts of its key");
+    planted[get]["value"] = stale.clone();
+    let corrupted = out.path().join("stale.jsonl");
+    write_lines(&corrupted, &planted);
+    let output = bench(&["check-history", "--quiet", corrupted.to_str().unwrap()]);
+    assert_eq!(output.status.code(), Some(1), "{}", explain(&output));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let key = planted[get]["key"].as_str().unwrap();
+    assert!(stdout.contains(&format!("{key}: violation")), "{stdout}");
+    assert!(stdout.contains(&format!("returned {stale}")), "{stdout}");
+    assert!(stdout.contains("before it began"), "{stdout}");
+    assert!(
+        stdout.ends_with("40 keys checked, 1 violations\n"),
+        "{stdout}"
+    );
+    assert!(
+        !stdout.contains(": OK"),
+        "--quiet prints only what failed: {stdout}"
+    );
+}
+
+#[test]
+fn the_seed_workload_records_its_racing_batches_too() {
+    binary("kv-node");
+    let out = tempfile::tempdir().unwrap();
+    let history = out.path().join("seed.jsonl");
+    let output = bench(&[
+        "--spawn",
+        "--nodes",
+        "2",
+        "--only-max",
+        "--workload",
+        "seed",
+        "--requests",
+        "300",
+        "--concurrency",
+        "50",
+        "--history",
+        history.to_str().unwrap(),
+    ]);
+    assert!(output.status.success(), "{}", explain(&output));
+    let ops = lines(&history);
+    assert!(ops.len() >= 300, "{} lines", ops.len());
+    assert!(ops.iter().any(|op| op["op"] == "put"
+        && op["value"]
+            .as_str()
+            .is_some_and(|v| v.starts_with("value_"))));
+    let output = bench(&["check-history", history.to_str().unwrap()]);
+    assert!(output.status.success(), "{}", explain(&output));
+    assert!(String::from_utf8_lossy(&output.stdout).contains("100 keys checked, 0 violations"));
+}
+
+#[test]
+fn an_unreadable_or_malformed_history_is_a_clear_error() {
+    let out = tempfile::tempdir().unwrap();
+    let missing = out.path().join("missing.jsonl");
+    let output = bench(&["check-history", missing.to_str().unwrap()]);
+    assert_eq!(output.status.code(), Some(2), "{}", explain(&output));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("cannot read"));
+
+    let bad = out.path().join("bad.jsonl");
+    std::fs::write(
+        &bad,
+        "{\"client\":1,\"op\":\"get\",\"key\":\"k\",\"invoke\":1,\"return\":2,\"outcome\":\"ok\",\"found\":false}\n{\"client\":1,\"op\":\"get\"\n",
+    )
+    .unwrap();
+    let output = bench(&["check-history", bad.to_str().unwrap()]);
+    assert_eq!(output.status.code(), Some(2), "{}", explain(&output));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("line 2: not a JSON object"), "{stderr}");
+}
