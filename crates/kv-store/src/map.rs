@@ -238,6 +238,18 @@ impl Map {
         all
     }
 
+    /// Replaces `out`'s contents with a copy of shard `index`'s entries
+    /// (reference-count increments under its read lock): a snapshot copies
+    /// and writes one shard at a time.
+    pub fn copy_shard(&self, index: usize, out: &mut Vec<Entry>) {
+        out.clear();
+        if let Some(shard) = self.shards.get(index) {
+            let table = shard.read();
+            out.reserve(table.len());
+            out.extend(table.iter().cloned());
+        }
+    }
+
     /// Empties the map (recovery falling back to an older snapshot).
     pub fn clear(&self) {
         for shard in self.shards.iter() {

@@ -4,7 +4,9 @@
 //! * [`record`]: framing (length, header check, xxh3 checksum) shared by log
 //!   segments and snapshots.
 //! * [`writer`]: the writer thread; group commit and the fsync policies.
-//! * [`reader`]: replaying one log segment; torn tails and corruption.
+//! * [`segment`]: the header linking each log segment to the one before.
+//! * [`reader`]: streaming log segments and snapshots; torn tails and
+//!   corruption.
 //! * [`snapshot`]: writing and loading snapshots, the snapshot thread.
 //! * [`recovery`]: putting a data directory back into memory on open.
 //!
@@ -13,7 +15,7 @@
 //! | file | what |
 //! |---|---|
 //! | `LOCK` | held (`flock`) by the process that owns the directory |
-//! | `wal-<seq>.log` | log segments; the highest is the one being appended to |
+//! | `wal-<seq>.log` | log segments (a header, then records); the highest is the one being appended to |
 //! | `snap-<seq>.snap` | a snapshot holding every write of the segments below `<seq>` |
 //! | `snap-<seq>.snap.tmp` | a snapshot being written; removed on start if a crash left it |
 //! | `*.corrupt-<offset>` | bytes `--repair` cut from a damaged segment |
@@ -25,15 +27,23 @@
 //!    already in the map, since writes are applied to the map and queued to
 //!    the log under the same shard lock.
 //! 2. The map is copied one shard at a time (reference-count increments under
-//!    a read lock) and written to `snap-S.snap.tmp` by the snapshot thread,
-//!    while writers go on appending to segment `S`.
+//!    a read lock) and each shard written to `snap-S.snap.tmp` by the
+//!    snapshot thread before the next is copied, while writers go on
+//!    appending to segment `S`.
 //! 3. The temp file is fsynced, renamed to `snap-S.snap`, the directory is
 //!    fsynced. Only then are the segments `< S` and older snapshots deleted.
 //!
 //! A crash before 3 leaves a temp file (ignored) and every segment; a crash
 //! after it leaves a complete snapshot and, at worst, segments it covers
-//! (deleted on start). The copy may hold writes that segment `S` also holds:
-//! replaying `S` over it repeats them in order, which ends in the same state.
+//! (deleted on start). The copy may hold writes that segment `S` also holds
+//! (a shard copied later holds more of them): replaying `S` over it repeats
+//! them in order, which ends in the same state for every key.
+//!
+//! # Why a lost file is noticed
+//!
+//! Each segment's header names the segment it follows ([`segment`]), so
+//! recovery can tell a deleted middle segment, or a snapshot and the
+//! segments it covered both gone, from numbers that merely skip.
 
 use std::fs::File;
 use std::io;
@@ -42,6 +52,7 @@ use std::path::Path;
 pub mod reader;
 pub mod record;
 pub mod recovery;
+pub mod segment;
 pub mod snapshot;
 pub mod writer;
 

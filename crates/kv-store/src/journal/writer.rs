@@ -36,7 +36,7 @@
 //! that "succeeds" proves nothing. Every queued and later write is answered
 //! [`StoreError::Unavailable`]; reads keep working from memory.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -50,7 +50,8 @@ use parking_lot::Mutex;
 use tokio::sync::oneshot;
 
 use super::record::{self, Kind};
-use super::{segment_name, sync_dir};
+use super::segment::{self, zero_fill};
+use super::segment_name;
 use crate::entry::Entry;
 use crate::{FsyncPolicy, StoreError};
 
@@ -248,31 +249,10 @@ pub const FIRST_CHUNK: u64 = 64 << 10;
 /// The largest zero-filled extension.
 pub const PREALLOC_CHUNK: u64 = 4 << 20;
 
-static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
-
-/// Creates log segment `seq` with its first zero-filled chunk and makes its
-/// directory entry durable.
-pub fn create_segment(dir: &Path, seq: u64) -> io::Result<File> {
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .open(dir.join(segment_name(seq)))?;
-    zero_fill(&file, 0, FIRST_CHUNK)?;
-    file.sync_data()?;
-    sync_dir(dir)?;
-    Ok(file)
-}
-
-/// Writes zeros over `[from, to)`.
-fn zero_fill(file: &File, from: u64, to: u64) -> io::Result<()> {
-    let mut at = from;
-    while at < to {
-        let len = (to - at).min(ZEROS.len() as u64) as usize;
-        file.write_all_at(&ZEROS[..len], at)?;
-        at += len as u64;
-    }
-    Ok(())
+/// Creates log segment `seq` (its header says it follows segment `follows`)
+/// with its first zero-filled chunk and makes its directory entry durable.
+pub fn create_segment(dir: &Path, seq: u64, follows: u64) -> io::Result<File> {
+    segment::create(dir, seq, follows, FIRST_CHUNK)
 }
 
 impl Journal {
@@ -293,7 +273,7 @@ impl Journal {
         };
         let writer = Writer {
             file,
-            segment_bytes: 0,
+            segment_bytes: segment::HEADER_LEN,
             allocated: FIRST_CHUNK,
             active,
             dirty,
@@ -596,7 +576,7 @@ impl Writer {
         let next = self.config.seq + 1;
         let result = self
             .seal()
-            .and_then(|()| create_segment(&self.config.dir, next));
+            .and_then(|()| create_segment(&self.config.dir, next, self.config.seq));
         match result {
             Ok(file) => {
                 self.file = Arc::new(file);
@@ -604,8 +584,10 @@ impl Writer {
                     *active.lock() = (Arc::clone(&self.file), self.segment_path_for(next));
                 }
                 self.config.seq = next;
-                self.segment_bytes = 0;
-                self.health.active_log_bytes.store(0, Ordering::Relaxed);
+                self.segment_bytes = segment::HEADER_LEN;
+                self.health
+                    .active_log_bytes
+                    .store(self.segment_bytes, Ordering::Relaxed);
                 self.allocated = FIRST_CHUNK;
                 self.asked_snapshot = false;
                 Ok(next)
