@@ -75,8 +75,11 @@ pub struct Config {
     #[arg(long, env = "KV_WAL_MAX_BYTES", default_value_t = 64 << 20)]
     pub wal_max_bytes: u64,
 
-    /// Start even if the log is corrupt before its tail: cut it at the damage
-    /// and keep the cut bytes in a `*.corrupt-<offset>` side file [default: off].
+    /// Start even if the log is corrupt before its tail (cut it at the damage
+    /// and keep the cut bytes in a `*.corrupt-<offset>` side file), the newest
+    /// snapshot is damaged (set it aside, start from the previous one) or a
+    /// log segment is missing (go on without it, logging what is lost)
+    /// [default: off].
     #[arg(long, env = "KV_REPAIR")]
     pub repair: bool,
 

@@ -180,6 +180,7 @@ pub fn load(path: &Path, map: &Map) -> io::Result<Result<usize, (u64, String)>> 
 pub fn take(map: &Map, journal: &Journal, dir: &Path) -> Result<(), String> {
     let started = Instant::now();
     let seq = journal.rotate()?;
+    let rotated = started.elapsed();
     let (keys, size) = write(dir, seq, map)
         .map_err(|e| format!("cannot write snapshot {}: {e}", snapshot_name(seq)))?;
     let retired = retire(dir, seq).map_err(|e| {
@@ -189,7 +190,8 @@ pub fn take(map: &Map, journal: &Journal, dir: &Path) -> Result<(), String> {
         )
     })?;
     log::info!(
-        "snapshot {}: {keys} keys, {size} bytes in {:.0?}; retired {retired} older files",
+        "snapshot {}: {keys} keys, {size} bytes in {:.0?} (log rotation {rotated:.1?}); \
+         retired {retired} older files",
         snapshot_name(seq),
         started.elapsed()
     );
