@@ -22,8 +22,10 @@
 //!
 //! # Why nothing is lost at any step of a snapshot
 //!
-//! 1. The writer rotates to segment `S` (the old one is fsynced first, the new
-//!    one's directory entry is fsynced). Every write in segments `< S` is
+//! 1. The log rotates to segment `S`: the snapshot thread creates it (synced,
+//!    with its directory entry), the writer thread switches to it (only
+//!    that, so writes never wait for these fsyncs), then the snapshot thread
+//!    fsyncs the old segment and trims its preallocation. Every write in segments `< S` is
 //!    already in the map, since writes are applied to the map and queued to
 //!    the log under the same shard lock.
 //! 2. The map is copied one shard at a time (reference-count increments under

@@ -83,7 +83,13 @@ enum Msg {
         done: Done,
         ticket: u64,
     },
-    Rotate(mpsc::Sender<Result<u64, String>>),
+    /// Switch to `next` (segment `seq`, created by the caller); the reply
+    /// is the segment left behind, for the caller to seal.
+    Rotate {
+        next: File,
+        seq: u64,
+        reply: mpsc::Sender<Result<Retired, String>>,
+    },
     Close,
 }
 
@@ -227,6 +233,27 @@ pub struct Journal {
     thread: Mutex<Option<JoinHandle<()>>>,
     /// `everysec`'s syncer: its stop signal and thread.
     syncer: Mutex<Option<(Sender<()>, JoinHandle<()>)>>,
+    /// The data directory and the number of the active segment (changed
+    /// only by [`Journal::rotate`]).
+    dir: PathBuf,
+    active_seq: Mutex<u64>,
+}
+
+/// A segment the writer has rotated away from: no longer written to, not
+/// yet synced or trimmed to its records.
+pub struct Retired {
+    file: Arc<File>,
+    len: u64,
+    path: PathBuf,
+}
+
+impl Retired {
+    /// Syncs the segment and cuts its unused preallocation.
+    fn seal(&self) -> io::Result<()> {
+        self.file.sync_data()?;
+        self.file.set_len(self.len)?;
+        self.file.sync_all()
+    }
 }
 
 /// The segment being appended to, shared with the `everysec` syncer.
@@ -271,6 +298,8 @@ impl Journal {
         } else {
             (None, None)
         };
+        let dir = config.dir.clone();
+        let active_seq = Mutex::new(config.seq);
         let writer = Writer {
             file,
             segment_bytes: segment::HEADER_LEN,
@@ -293,6 +322,8 @@ impl Journal {
             health,
             thread: Mutex::new(Some(thread)),
             syncer: Mutex::new(syncer),
+            dir,
+            active_seq,
         })
     }
 
@@ -312,14 +343,48 @@ impl Journal {
         Ok((wait, ticket))
     }
 
-    /// Seals the active segment (fsynced) and starts the next one; its number.
+    /// Starts the next segment and seals the one before (fsynced, trimmed);
+    /// the new segment's number. The files are created and synced here, on
+    /// the caller's thread: the writer thread only switches files, so
+    /// writes never wait for a rotation's fsyncs.
     pub fn rotate(&self) -> Result<u64, String> {
+        let mut active = self.active_seq.lock();
+        self.health.check().map_err(|e| e.to_string())?;
+        let seq = *active + 1;
+        let path = self.dir.join(segment_name(seq));
+        let next = create_segment(&self.dir, seq, *active).map_err(|error| {
+            let _ = std::fs::remove_file(&path);
+            let reason = format!(
+                "disk error starting log segment {}: {error}",
+                path.display()
+            );
+            self.health.fail(reason.clone(), true);
+            reason
+        })?;
         let (reply, wait) = mpsc::channel();
-        self.tx
-            .send(Msg::Rotate(reply))
-            .map_err(|_| "the log writer has stopped".to_owned())?;
-        wait.recv()
-            .map_err(|_| "the log writer has stopped".to_owned())?
+        let switched = self
+            .tx
+            .send(Msg::Rotate { next, seq, reply })
+            .map_err(|_| "the log writer has stopped".to_owned())
+            .and_then(|()| {
+                wait.recv()
+                    .map_err(|_| "the log writer has stopped".to_owned())?
+            });
+        let retired = match switched {
+            Ok(retired) => retired,
+            Err(why) => {
+                // Never switched to: remove it, so the next try can create it.
+                let _ = std::fs::remove_file(&path);
+                return Err(why);
+            }
+        };
+        *active = seq;
+        retired.seal().map_err(|error| {
+            let reason = format!("disk error sealing {}: {error}", retired.path.display());
+            self.health.fail(reason.clone(), true);
+            reason
+        })?;
+        Ok(seq)
     }
 
     /// Flushes and syncs what is queued, then stops the thread. Later writes
@@ -437,8 +502,8 @@ impl Writer {
             }
             self.commit();
             match control {
-                Some(Msg::Rotate(reply)) => {
-                    let _ = reply.send(self.rotate());
+                Some(Msg::Rotate { next, seq, reply }) => {
+                    let _ = reply.send(self.rotate(next, seq));
                 }
                 Some(Msg::Close) => break,
                 _ => {}
@@ -571,35 +636,25 @@ impl Writer {
         self.config.dir.join(segment_name(self.config.seq))
     }
 
-    fn rotate(&mut self) -> Result<u64, String> {
+    /// Switches to segment `seq` (`next`, created and synced by
+    /// [`Journal::rotate`]) and hands back the segment left behind.
+    fn rotate(&mut self, next: File, seq: u64) -> Result<Retired, String> {
         self.health.check().map_err(|e| e.to_string())?;
-        let next = self.config.seq + 1;
-        let result = self
-            .seal()
-            .and_then(|()| create_segment(&self.config.dir, next, self.config.seq));
-        match result {
-            Ok(file) => {
-                self.file = Arc::new(file);
-                if let Some(active) = &self.active {
-                    *active.lock() = (Arc::clone(&self.file), self.segment_path_for(next));
-                }
-                self.config.seq = next;
-                self.segment_bytes = segment::HEADER_LEN;
-                self.health
-                    .active_log_bytes
-                    .store(self.segment_bytes, Ordering::Relaxed);
-                self.allocated = FIRST_CHUNK;
-                self.asked_snapshot = false;
-                Ok(next)
-            }
-            Err(error) => {
-                let reason = format!(
-                    "disk error starting log segment {}: {error}",
-                    self.config.dir.join(segment_name(next)).display()
-                );
-                self.health.fail(reason.clone(), true);
-                Err(reason)
-            }
+        let retired = Retired {
+            file: std::mem::replace(&mut self.file, Arc::new(next)),
+            len: self.segment_bytes,
+            path: self.segment_path(),
+        };
+        if let Some(active) = &self.active {
+            *active.lock() = (Arc::clone(&self.file), self.segment_path_for(seq));
         }
+        self.config.seq = seq;
+        self.segment_bytes = segment::HEADER_LEN;
+        self.health
+            .active_log_bytes
+            .store(self.segment_bytes, Ordering::Relaxed);
+        self.allocated = FIRST_CHUNK;
+        self.asked_snapshot = false;
+        Ok(retired)
     }
 }
