@@ -85,10 +85,11 @@ pub struct Config {
     #[arg(long, env = "KV_WAL_MAX_BYTES", default_value_t = 64 << 20)]
     pub wal_max_bytes: u64,
 
-    /// Start even if the data dir is damaged: a log corrupt before its tail
-    /// is cut at the damage (the cut bytes kept in a `*.corrupt-<offset>`
-    /// side file); a damaged snapshot is set aside and the node starts from
-    /// the previous snapshot and the log since it [default: off].
+    /// Start even if the log is corrupt before its tail (cut it at the damage
+    /// and keep the cut bytes in a `*.corrupt-<offset>` side file), the newest
+    /// snapshot is damaged (set it aside, start from the previous one) or a
+    /// log segment is missing (go on without it, logging what is lost)
+    /// [default: off].
     #[arg(long, env = "KV_REPAIR")]
     pub repair: bool,
 

@@ -5,9 +5,36 @@ use std::process::ExitCode;
 use clap::Parser;
 use kv_node::Config;
 
+// The allocator decides whether memory comes back: glibc's malloc keeps
+// freed memory in per-thread arenas (RSS stays at its peak after keys are
+// deleted or a connection spike closes), jemalloc returns it to the system
+// a few seconds later from a background thread, as Redis does. Measured by
+// `scripts/bench-engine.sh` (see the README).
+#[cfg(feature = "jemalloc")]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+#[cfg(all(feature = "mimalloc", not(feature = "jemalloc")))]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// Lets jemalloc purge freed pages from its own thread (decayed over
+/// ~10 s), instead of only when an allocating thread passes by: an idle
+/// node after a mass delete would otherwise keep its RSS.
+#[cfg(feature = "jemalloc")]
+fn tune_allocator() {
+    if let Err(error) = tikv_jemalloc_ctl::background_thread::write(true) {
+        log::warn!("cannot start jemalloc's background purging: {error}");
+    }
+}
+
+#[cfg(not(feature = "jemalloc"))]
+fn tune_allocator() {}
+
 fn main() -> ExitCode {
     let config = Config::parse();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    tune_allocator();
     // Each connection is a descriptor; leave room for data files and logs.
     kv_node::raise_fd_limit(config.max_connections + 256);
     let runtime = match tokio::runtime::Builder::new_multi_thread()

@@ -9,7 +9,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use kv_store::journal::{record, segment_name};
+use kv_store::journal::{record, segment, segment_name};
 use kv_testkit::{binary, request, Process};
 use serde_json::value::RawValue;
 
@@ -243,10 +243,10 @@ fn crash_loop_fsync_never_loses_nothing_on_a_process_crash() {
     crash_loop("never", 4, &[]);
 }
 
-/// Record start offsets in a log segment.
+/// Record start offsets in a log segment (after its header).
 fn record_starts(bytes: &[u8]) -> Vec<usize> {
     let mut starts = Vec::new();
-    let mut pos = 0;
+    let mut pos = segment::HEADER_LEN as usize;
     while let Some(rec) = record::decode(&bytes[pos..]).unwrap() {
         starts.push(pos);
         pos += rec.framed_len;

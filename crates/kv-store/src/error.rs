@@ -67,6 +67,9 @@ pub enum OpenError {
         offset: u64,
         reason: String,
     },
+    /// A log segment (or the snapshot covering it) is missing: acknowledged
+    /// writes would be lost.
+    Gap { reason: String },
 }
 
 impl OpenError {
@@ -112,6 +115,11 @@ impl fmt::Display for OpenError {
                 "{} is corrupt at offset {offset} ({reason}); refusing to start rather than drop \
                  what follows. Start with --repair to cut it there (the cut bytes are kept in a side file)",
                 file.display()
+            ),
+            OpenError::Gap { reason } => write!(
+                f,
+                "{reason}; refusing to start rather than lose the writes it held. Put the \
+                 missing file back, or start with --repair to go on without it"
             ),
         }
     }

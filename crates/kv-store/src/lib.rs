@@ -121,13 +121,14 @@ impl Store {
 
         let map = Arc::new(Map::new());
         let report = journal::recovery::recover(dir, &map, options.repair)?;
-        let segment = writer::create_segment(dir, report.next_segment).map_err(|e| {
-            OpenError::io(
-                "create log segment",
-                dir.join(journal::segment_name(report.next_segment)),
-                e,
-            )
-        })?;
+        let segment =
+            writer::create_segment(dir, report.next_segment, report.follows).map_err(|e| {
+                OpenError::io(
+                    "create log segment",
+                    dir.join(journal::segment_name(report.next_segment)),
+                    e,
+                )
+            })?;
         let (signal, inbox) = Snapshotter::channel();
         let signal = Arc::new(signal);
         let on_full = {

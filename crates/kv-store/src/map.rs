@@ -189,14 +189,23 @@ impl Map {
         }
     }
 
-    /// A copy of every entry (reference-count increments), taken one shard at
-    /// a time under its read lock, so writers wait at most one shard's copy.
-    pub fn entries(&self) -> Vec<Entry> {
-        let mut all = Vec::with_capacity(self.len());
-        for shard in self.shards.iter() {
-            all.extend(shard.read().iter().cloned());
+    /// Replaces `out`'s contents with a copy of shard `index`'s entries
+    /// (reference-count increments under its read lock): a snapshot copies
+    /// and writes one shard at a time.
+    pub fn copy_shard(&self, index: usize, out: &mut Vec<Entry>) {
+        out.clear();
+        if let Some(shard) = self.shards.get(index) {
+            let table = shard.read();
+            out.reserve(table.len());
+            out.extend(table.iter().cloned());
         }
-        all
+    }
+
+    /// Empties the map (recovery falling back to an older snapshot).
+    pub fn clear(&self) {
+        for shard in self.shards.iter() {
+            shard.write().clear();
+        }
     }
 
     /// How many keys the map holds.

@@ -5,7 +5,9 @@
 //!   segments and snapshots.
 //! * `writer`: the log thread; group commit, the fsync policies, and the
 //!   hand-off of each committed batch to the applier (`crate::apply`).
-//! * `reader`: replaying one log segment; torn tails and corruption.
+//! * [`segment`]: the header linking each log segment to the one before.
+//! * `reader`: streaming log segments and snapshots; torn tails and
+//!   corruption.
 //! * `snapshot`: writing and loading snapshots, the snapshot thread.
 //! * `recovery`: putting a data directory back into memory on open.
 //!
@@ -14,7 +16,7 @@
 //! | file | what |
 //! |---|---|
 //! | `LOCK` | held (`flock`) by the process that owns the directory |
-//! | `wal-<seq>.log` | log segments; the highest is the one being appended to |
+//! | `wal-<seq>.log` | log segments (a header, then records); the highest is the one being appended to |
 //! | `snap-<seq>.snap` | a snapshot holding every write of the segments below `<seq>` |
 //! | `snap-<seq>.snap.tmp` | a snapshot being written; removed on start if a crash left it |
 //! | `*.corrupt-<offset>` | bytes `--repair` cut from a damaged segment |
@@ -25,24 +27,32 @@
 //! right after the batch's commit, and never applies a batch the disk
 //! refused. Snapshots need nothing more than that:
 //!
-//! 1. The log thread rotates to segment `S` (the old one is fsynced first,
-//!    the new one's directory entry is fsynced). It handles the rotation
-//!    between two batches, after applying the earlier one, so every write in
-//!    segments `< S` is in the map by then.
+//! 1. The log rotates to segment `S`: the snapshot thread creates it (synced,
+//!    with its directory entry), the log thread switches to it between two
+//!    batches, after applying the earlier one (only that, so writes never
+//!    wait for these fsyncs), then the snapshot thread fsyncs the old
+//!    segment and trims its preallocation. Every write in segments `< S` is
+//!    in the map by then.
 //! 2. The map is copied one shard at a time (reference-count increments under
-//!    a read lock) and written to `snap-S.snap.tmp` by the snapshot thread,
-//!    while writers go on appending to segment `S`. The copy may hold some of
-//!    their writes, each one already committed to segment `S`; it cannot
-//!    hold a write that failed on disk, since such a write never reaches the
-//!    map.
+//!    a read lock) and each shard written to `snap-S.snap.tmp` by the
+//!    snapshot thread before the next is copied, while writers go on
+//!    appending to segment `S`. The copy may hold some of their writes, each
+//!    one already committed to segment `S`; it cannot hold a write that
+//!    failed on disk, since such a write never reaches the map.
 //! 3. The temp file is fsynced, renamed to `snap-S.snap`, the directory is
 //!    fsynced. Only then are the segments `< S` and older snapshots deleted.
 //!
 //! A crash before 3 leaves a temp file (ignored) and every segment; a crash
 //! after it leaves a complete snapshot and, at worst, segments it covers
-//! (deleted on start). Recovery replays segment `S` over the snapshot:
-//! writes the copy already holds are repeated in log order, which ends in
-//! the same state.
+//! (deleted on start). Recovery replays segment `S` over the snapshot: the
+//! writes the copy already holds (a shard copied later holds more of them)
+//! are repeated in log order, which ends in the same state for every key.
+//!
+//! # Why a lost file is noticed
+//!
+//! Each segment's header names the segment it follows ([`segment`]), so
+//! recovery can tell a deleted middle segment, or a snapshot and the
+//! segments it covered both gone, from numbers that merely skip.
 
 use std::fs::File;
 use std::io;
@@ -51,6 +61,7 @@ use std::path::Path;
 pub(crate) mod reader;
 pub mod record;
 pub(crate) mod recovery;
+pub mod segment;
 pub(crate) mod snapshot;
 pub(crate) mod writer;
 

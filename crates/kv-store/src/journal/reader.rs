@@ -1,4 +1,10 @@
-//! Reading log segments, and what to do with damage in them.
+//! Reading log segments and snapshots in bounded chunks, and what to do with
+//! damage in them.
+//!
+//! Files are streamed ([`stream`]): records are decoded from a buffer of
+//! about [`CHUNK`] bytes (larger only for a record that does not fit) and
+//! handed over a batch at a time, so recovery's memory is the map plus a few
+//! MiB whatever the size of the files.
 //!
 //! An all-zero tail is the writer's unused preallocation: cut silently.
 //! Other damage at offset `o` of a segment is a **torn tail** when the segment is
@@ -13,91 +19,217 @@
 //! is set; then cut the segment there and keep the cut bytes in
 //! `<segment>.corrupt-<offset>` so nothing is destroyed.
 
-use std::fs::{self, OpenOptions};
-use std::io::Write;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::Path;
 
-use super::record::{self, Kind};
+use super::record::{self, Kind, Record};
+use super::segment::{self, Header};
 use crate::entry;
 use crate::map::{Change, Recovered};
 use crate::OpenError;
 
+/// Bytes read from a file at a time.
+pub const CHUNK: usize = 4 << 20;
+
+/// Damage found while streaming: where, why, and whether it may be a torn
+/// tail (a record that passed its checksum never is).
+#[derive(Clone, Copy, Debug)]
+pub struct Found {
+    pub offset: u64,
+    pub reason: &'static str,
+    pub may_be_tail: bool,
+}
+
+/// How a stream ended.
+#[derive(Debug)]
+pub struct Streamed {
+    /// The offset after the last record handed over (or after the stop record).
+    pub end: u64,
+    /// `convert` answered [`Item::Stop`] for the record ending at `end`.
+    pub stopped: bool,
+    pub damage: Option<Found>,
+}
+
+/// What a record turns into.
+pub enum Item<'a> {
+    Change(Recovered<'a>),
+    /// A valid end marker: stop reading.
+    Stop,
+}
+
+/// Gives a closure the signature [`stream`] needs (closures do not infer
+/// that their result borrows from their argument).
+pub fn converter<F>(f: F) -> F
+where
+    F: for<'a> Fn(&Record<'a>) -> Result<Item<'a>, &'static str>,
+{
+    f
+}
+
+/// Streams the records of `file` from offset `from`: each is turned into a
+/// change by `convert` (`Err`: it makes no sense) and the changes are handed
+/// to `apply` in file order, a chunk at a time.
+pub fn stream(
+    file: &mut File,
+    from: u64,
+    convert: impl for<'a> Fn(&Record<'a>) -> Result<Item<'a>, &'static str>,
+    mut apply: impl FnMut(&[Recovered<'_>]),
+) -> io::Result<Streamed> {
+    file.seek(SeekFrom::Start(from))?;
+    let mut buf: Vec<u8> = Vec::with_capacity(CHUNK);
+    let mut buf_at = from;
+    let mut want = CHUNK;
+    let mut eof = false;
+    loop {
+        if !eof && buf.len() < want {
+            let need = want - buf.len();
+            buf.reserve(need);
+            let got = Read::take(&mut *file, need as u64).read_to_end(&mut buf)?;
+            eof = got < need;
+        }
+        let mut batch = Vec::new();
+        let mut pos = 0;
+        let mut stopped = false;
+        let mut damage = None;
+        want = CHUNK;
+        loop {
+            match record::decode(&buf[pos..]) {
+                Ok(None) => break,
+                Ok(Some(rec)) => match convert(&rec) {
+                    Ok(Item::Change(change)) => {
+                        batch.push(change);
+                        pos += rec.framed_len;
+                    }
+                    Ok(Item::Stop) => {
+                        pos += rec.framed_len;
+                        stopped = true;
+                        break;
+                    }
+                    Err(reason) => {
+                        damage = Some((reason, false));
+                        break;
+                    }
+                },
+                Err(record::Damage::Truncated) if !eof => {
+                    // Read on; a record larger than a chunk gets a buffer that fits.
+                    want = want.max(record::needed(&buf[pos..]));
+                    break;
+                }
+                Err(found) => {
+                    damage = Some((found.describe(), true));
+                    break;
+                }
+            }
+        }
+        apply(&batch);
+        drop(batch);
+        let end = buf_at + pos as u64;
+        if stopped || damage.is_some() || (eof && pos == buf.len()) {
+            return Ok(Streamed {
+                end,
+                stopped,
+                damage: damage.map(|(reason, may_be_tail)| Found {
+                    offset: end,
+                    reason,
+                    may_be_tail,
+                }),
+            });
+        }
+        buf.drain(..pos);
+        buf_at = end;
+    }
+}
+
 /// The change a decoded log record makes; `Err` says why it makes no sense.
-fn change(kind: Kind, body: &[u8]) -> Result<Recovered<'_>, &'static str> {
-    match kind {
-        Kind::Put if entry::is_well_formed(body) => Ok(Recovered::new(Change::Put(body))),
+fn change<'a>(rec: &Record<'a>) -> Result<Item<'a>, &'static str> {
+    match rec.kind {
+        Kind::Put if entry::is_well_formed(rec.body) => {
+            Ok(Item::Change(Recovered::new(Change::Put(rec.body))))
+        }
         Kind::Put => Err("malformed put record"),
-        Kind::Delete => Ok(Recovered::new(Change::Delete(body))),
+        Kind::Delete => Ok(Item::Change(Recovered::new(Change::Delete(rec.body)))),
         Kind::End => Err("snapshot end record inside a log segment"),
     }
 }
 
-/// Decodes the changes of `buf` up to the first damage: the changes, where
-/// they end, and the damage (its reason, and whether it may be a torn tail).
-pub fn decode_changes(buf: &[u8]) -> (Vec<Recovered<'_>>, usize, Option<(&'static str, bool)>) {
-    let mut changes = Vec::new();
-    let mut pos = 0;
-    let damage = loop {
-        match record::decode(&buf[pos..]) {
-            Ok(None) => break None,
-            Ok(Some(rec)) => match change(rec.kind, rec.body) {
-                Ok(change) => {
-                    changes.push(change);
-                    pos += rec.framed_len;
-                }
-                // A record that passed its checksum is never a torn tail.
-                Err(why) => break Some((why, false)),
-            },
-            Err(damage) => break Some((damage.describe(), true)),
+/// What reading one segment found.
+#[derive(Debug)]
+pub struct SegmentRead {
+    pub header: Header,
+    pub records: u64,
+    /// Bytes cut (torn tail or repair).
+    pub cut_bytes: u64,
+}
+
+/// Streams the log segment at `path` into `apply`, handling damage as the
+/// module docs say. `is_last`: the segment was being appended to when the
+/// process stopped.
+pub fn read_segment(
+    path: &Path,
+    is_last: bool,
+    repair: bool,
+    mut apply: impl FnMut(&[Recovered<'_>]),
+) -> Result<SegmentRead, OpenError> {
+    let io_error = |e| OpenError::io("read log segment", path, e);
+    let mut file = File::open(path).map_err(io_error)?;
+    let header = segment::read(&mut file).map_err(io_error)?;
+    let mut records = 0u64;
+    let streamed = stream(&mut file, header.records_at(), change, |batch| {
+        records += batch.len() as u64;
+        apply(batch);
+    })
+    .map_err(io_error)?;
+    let cut_bytes = match streamed.damage {
+        None => 0,
+        Some(found) => {
+            let mut tail = Vec::new();
+            file.seek(SeekFrom::Start(found.offset))
+                .and_then(|_| file.read_to_end(&mut tail))
+                .map_err(io_error)?;
+            cut_damage(path, &tail, found, is_last, repair)?
         }
     };
-    (changes, pos, damage)
+    Ok(SegmentRead {
+        header,
+        records,
+        cut_bytes,
+    })
 }
 
-/// Reads the segment at `path` and handles damage in it as the module docs
-/// say. `is_last`: the segment was being appended to when the process
-/// stopped. Returns its usable bytes (decode them with [`decode_changes`])
-/// and the bytes cut.
-pub fn read_segment(path: &Path, is_last: bool, repair: bool) -> Result<(Vec<u8>, u64), OpenError> {
-    let mut buf = fs::read(path).map_err(|e| OpenError::io("read log segment", path, e))?;
-    let (_, pos, damage) = decode_changes(&buf);
-    let cut_bytes = cut_damage(path, &buf, pos, damage, is_last, repair)?;
-    buf.truncate(pos);
-    Ok((buf, cut_bytes))
-}
-
-/// Handles the damage found at `pos` (if any) as the module docs say; the
-/// bytes cut.
+/// Handles `found` as the module docs say, given the bytes from it to the
+/// end of the file; the bytes cut.
 fn cut_damage(
     path: &Path,
-    buf: &[u8],
-    pos: usize,
-    damage: Option<(&'static str, bool)>,
+    tail: &[u8],
+    found: Found,
     is_last: bool,
     repair: bool,
 ) -> Result<u64, OpenError> {
-    let Some((reason, may_be_tail)) = damage else {
-        return Ok(0);
-    };
-    if may_be_tail && buf[pos..].iter().all(|&b| b == 0) {
+    let Found {
+        offset: pos,
+        reason,
+        may_be_tail,
+    } = found;
+    if may_be_tail && tail.iter().all(|&b| b == 0) {
         // The unused part of the writer's zero-filled preallocation.
         log::debug!("{}: preallocated tail from offset {pos}", path.display());
-        truncate(path, pos as u64)?;
+        truncate(path, pos)?;
         return Ok(0);
     }
-    let dropped = buf.len() - pos;
-    if may_be_tail && is_last && record::valid_record_after(buf, pos).is_none() {
+    let dropped = tail.len();
+    if may_be_tail && is_last && record::valid_record_after(tail, 0).is_none() {
         log::warn!(
             "{}: torn tail at offset {pos} ({reason}): dropping the last {dropped} bytes",
             path.display()
         );
-        truncate(path, pos as u64)?;
+        truncate(path, pos)?;
         return Ok(dropped as u64);
     }
     if !repair {
         return Err(OpenError::Corrupt {
             file: path.to_path_buf(),
-            offset: pos as u64,
+            offset: pos,
             reason: reason.to_owned(),
         });
     }
@@ -110,7 +242,7 @@ fn cut_damage(
         .truncate(true)
         .open(side)
         .and_then(|mut file| {
-            file.write_all(&buf[pos..])?;
+            file.write_all(tail)?;
             file.sync_all()
         });
     saved.map_err(|e| OpenError::io("save the cut bytes to", side, e))?;
@@ -120,7 +252,7 @@ fn cut_damage(
         path.display(),
         side.display()
     );
-    truncate(path, pos as u64)?;
+    truncate(path, pos)?;
     Ok(dropped as u64)
 }
 

@@ -134,6 +134,15 @@ pub fn decode(buf: &[u8]) -> Result<Option<Record<'_>>, Damage> {
     }))
 }
 
+/// How many bytes the record starting at `buf` needs in all, when
+/// [`decode`] found it [`Damage::Truncated`].
+pub fn needed(buf: &[u8]) -> usize {
+    if buf.len() < HEADER_LEN {
+        return HEADER_LEN;
+    }
+    HEADER_LEN + u32::from_le_bytes(read_u32(buf, 0)) as usize
+}
+
 /// Whether any offset after `from` starts a valid record: if so, damage at
 /// `from` is in the middle of the log, not a torn tail.
 pub fn valid_record_after(buf: &[u8], from: usize) -> Option<usize> {

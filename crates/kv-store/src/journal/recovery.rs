@@ -6,23 +6,30 @@
 //!    and offset) unless `repair`, which sets it aside as `*.corrupt` and
 //!    falls back to the next older snapshot, whose log is still there.
 //! 3. Skip segments the snapshot covers (the previous generation, kept for
-//!    a fallback until the next snapshot retires it), then read the rest in
-//!    order, the last one allowing a torn tail ([`super::reader`]).
-//!    Segments with no records (every start opens one) are deleted.
-//! 4. Apply: the snapshot's entries for keys the log does not touch, then the
-//!    last change the log holds for each key it touches. That ends in the
-//!    state a full replay would, without allocating values that a later
-//!    record frees (resident heap holes), and on every core
-//!    ([`Map::apply_recovered`]).
+//!    a fallback until the next snapshot retires it), then replay the rest in
+//!    order, the last one allowing a torn tail ([`super::reader`]). The last
+//!    segment is deleted if it holds no records (every start opens one).
+//! 4. Check the chain of segments ([`super::segment`]): the first one read
+//!    must follow a segment the snapshot covers (or none, without a
+//!    snapshot), and each next one the one before it. A missing segment (or
+//!    snapshot) refuses to open, naming it, unless `repair`, which goes on
+//!    and logs exactly which writes it gives up. Legacy segments (no header)
+//!    cannot be checked and are noted.
+//!
+//! Everything is streamed: files are read a few MiB at a time and their
+//! records applied to the map in file order as they come ([`Map::apply_recovered`],
+//! on every core), so recovery needs the map plus a few MiB, not the map
+//! plus every file. Replaying a put or delete in log order over a state that
+//! already holds it ends in the same state, so the order of a snapshot and
+//! the log written after it is all that matters.
 
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use hashbrown::HashTable;
-
-use super::{classify, reader, snapshot, FileKind};
-use crate::map::{Map, Recovered};
+use super::segment::Header;
+use super::{classify, reader, segment_name, snapshot, snapshot_name, FileKind};
+use crate::map::Map;
 use crate::OpenError;
 
 /// What recovery found and did; `kv-node` logs it.
@@ -40,6 +47,12 @@ pub struct RecoveryReport {
     pub elapsed: Duration,
     /// The number of the segment to append to next.
     pub next_segment: u64,
+    /// The segment the next one follows (its header's link).
+    pub follows: u64,
+    /// Segments without a header (written by an older version).
+    pub legacy_segments: usize,
+    /// What `repair` went on without: each missing piece of the log.
+    pub gaps: Vec<String>,
 }
 
 /// Recovers `dir` into `map` (empty).
@@ -70,17 +83,18 @@ pub fn recover(dir: &Path, map: &Map, repair: bool) -> Result<RecoveryReport, Op
 
     let mut report = RecoveryReport::default();
     let mut base = 0;
-    let mut snapshot_buf = Vec::new();
+    let mut set_aside = Vec::new();
     while let Some((seq, path)) = snapshots.pop() {
-        let buf = fs::read(&path).map_err(|e| OpenError::io("read snapshot", &path, e))?;
-        match snapshot::check(&buf) {
+        let loaded =
+            snapshot::load(&path, map).map_err(|e| OpenError::io("read snapshot", &path, e))?;
+        match loaded {
             Ok(count) => {
                 report.snapshot = Some((path, count));
                 base = seq;
-                snapshot_buf = buf;
                 break;
             }
             Err((offset, reason)) if repair => {
+                map.clear();
                 let mut aside = path.as_os_str().to_owned();
                 aside.push(".corrupt");
                 log::warn!(
@@ -91,6 +105,7 @@ pub fn recover(dir: &Path, map: &Map, repair: bool) -> Result<RecoveryReport, Op
                 );
                 fs::rename(&path, &aside)
                     .map_err(|e| OpenError::io("move aside corrupt snapshot", &path, e))?;
+                set_aside.push(PathBuf::from(aside));
             }
             Err((offset, reason)) => {
                 return Err(OpenError::Corrupt {
@@ -104,95 +119,155 @@ pub fn recover(dir: &Path, map: &Map, repair: bool) -> Result<RecoveryReport, Op
 
     let mut next = base.max(1);
     // Segments the snapshot covers are not read. They stay (the previous
-    // generation, for a fallback) until the next snapshot retires them.
+    // generation, for a fallback) until the next snapshot retires it.
     let live: Vec<_> = segments
         .into_iter()
         .filter(|(seq, _)| *seq >= base)
         .collect();
-    let mut log_bufs = Vec::with_capacity(live.len());
+    // The segment read before the current one, and what the next segment
+    // created will follow.
+    let mut previous: Option<u64> = None;
+    report.follows = base.saturating_sub(1);
     for (index, (seq, path)) in live.iter().enumerate() {
         let is_last = index + 1 == live.len();
-        let (buf, cut_bytes) = reader::read_segment(path, is_last, repair)?;
-        report.cut_bytes += cut_bytes;
+        let read = reader::read_segment(path, is_last, repair, |batch| {
+            map.apply_recovered(batch);
+        })?;
+        report.cut_bytes += read.cut_bytes;
+        report.records += read.records;
         // Numbers are never reused, even those of segments removed below.
         next = next.max(seq + 1);
-        if buf.is_empty() {
+        check_link(
+            *seq,
+            path,
+            read.header,
+            previous,
+            base,
+            repair,
+            &set_aside,
+            &mut report,
+        )?;
+        if read.records == 0 && is_last {
             // Each start opens a new segment; one that got no records (a
             // restart without writes, or a kill right after one) would
-            // otherwise pile up until the next snapshot. Best effort: a
-            // leftover empty segment is harmless.
+            // otherwise pile up until the next snapshot. Only the last: the
+            // next segment's link skips it, while a segment after an empty
+            // one links to it. Best effort: a leftover empty segment is
+            // harmless.
+            if let Header::Linked { follows, .. } = read.header {
+                report.follows = previous.unwrap_or(follows);
+            }
             if let Err(error) = fs::remove_file(path) {
                 log::warn!("cannot remove empty segment {}: {error}", path.display());
             }
             continue;
         }
-        log_bufs.push(buf);
+        report.follows = *seq;
+        previous = Some(*seq);
         report.segments += 1;
     }
-
-    // The snapshot was checked above and the segments cut to their usable
-    // bytes, so decoding them again finds no damage.
-    let mut entries = match (&report.snapshot, snapshot::decode(&snapshot_buf)) {
-        (None, _) => Vec::new(),
-        (Some(_), Ok(entries)) => entries,
-        (Some((path, _)), Err((offset, reason))) => {
-            return Err(OpenError::Corrupt {
-                file: path.clone(),
-                offset,
-                reason,
-            })
-        }
-    };
-    let mut changes = Vec::new();
-    for buf in &log_bufs {
-        changes.extend(reader::decode_changes(buf).0);
+    if report.legacy_segments > 0 {
+        log::info!(
+            "{} log segments have no header (written by an older version): read as before, \
+             without checking that none is missing before them; segments written from now on \
+             are checked",
+            report.legacy_segments
+        );
     }
-    report.records = changes.len() as u64;
-    let changes = last_change_per_key(changes);
-    if !changes.is_empty() {
-        // A key the log changes ends as the log says: skip its snapshot entry
-        // instead of allocating it only to free it.
-        let mut touched: HashTable<usize> = HashTable::with_capacity(changes.len());
-        for (index, change) in changes.iter().enumerate() {
-            touched.insert_unique(change.hash, index, |&i| changes[i].hash);
-        }
-        entries.retain(|entry| {
-            touched
-                .find(entry.hash, |&i| changes[i].key() == entry.key())
-                .is_none()
-        });
-    }
-    map.reserve(entries.len() + changes.len());
-    map.apply_recovered(&entries);
-    drop(entries);
-    drop(snapshot_buf);
-    map.apply_recovered(&changes);
     report.keys = map.len();
     report.next_segment = next;
     report.elapsed = started.elapsed();
     Ok(report)
 }
 
-/// Only the last change of each key, in log order: applying them ends in the
-/// same state as applying all, without allocating entries that a later
-/// change would free (freed chunks stay resident as heap holes).
-fn last_change_per_key(changes: Vec<Recovered<'_>>) -> Vec<Recovered<'_>> {
-    let mut last: HashTable<usize> = HashTable::with_capacity(changes.len());
-    for (index, change) in changes.iter().enumerate() {
-        match last.find_mut(change.hash, |&i| changes[i].key() == change.key()) {
-            Some(slot) => *slot = index,
-            None => {
-                last.insert_unique(change.hash, index, |&i| changes[i].hash);
-            }
+/// Checks that segment `seq` follows what was read before it (see the
+/// module docs); a gap refuses to open, or under `repair` is noted in the
+/// report and logged.
+#[allow(clippy::too_many_arguments)]
+fn check_link(
+    seq: u64,
+    path: &Path,
+    header: Header,
+    previous: Option<u64>,
+    base: u64,
+    repair: bool,
+    set_aside: &[PathBuf],
+    report: &mut RecoveryReport,
+) -> Result<(), OpenError> {
+    let follows = match header {
+        Header::Legacy => {
+            report.legacy_segments += 1;
+            return Ok(());
         }
+        Header::Damaged if repair => {
+            log::warn!(
+                "repair: {} has a damaged header; its records are read, but whether a \
+                 segment before it is missing cannot be checked",
+                path.display()
+            );
+            return Ok(());
+        }
+        Header::Damaged => {
+            return Err(OpenError::Corrupt {
+                file: path.to_path_buf(),
+                offset: 0,
+                reason: "damaged segment header".into(),
+            })
+        }
+        Header::Linked { seq: named, .. } if named != seq => {
+            return Err(OpenError::Corrupt {
+                file: path.to_path_buf(),
+                offset: 0,
+                reason: format!("its header names segment {named}: a renamed file?"),
+            })
+        }
+        Header::Linked { follows, .. } => follows,
+    };
+    let missing = match previous {
+        Some(previous) if follows != previous => format!(
+            "log segment {} is missing: {} follows it, but the segment before it here is {}",
+            segment_name(follows),
+            path.display(),
+            segment_name(previous)
+        ),
+        None if base > 0 && follows >= base => format!(
+            "log segment {} is missing: {} follows it, and snapshot {} covers only the \
+             segments before {}",
+            segment_name(follows),
+            path.display(),
+            snapshot_name(base),
+            segment_name(base)
+        ),
+        None if base == 0 && follows != 0 => {
+            let snapshots = if set_aside.is_empty() {
+                "no snapshot is there to cover them".to_owned()
+            } else {
+                let names: Vec<_> = set_aside.iter().map(|p| p.display().to_string()).collect();
+                format!(
+                    "the snapshots that covered them were set aside as {}",
+                    names.join(", ")
+                )
+            };
+            format!(
+                "the log before {} is missing: it follows {}, which is gone, and {snapshots}",
+                path.display(),
+                segment_name(follows)
+            )
+        }
+        _ => return Ok(()),
+    };
+    if !repair {
+        return Err(OpenError::Gap { reason: missing });
     }
-    let mut keep = vec![false; changes.len()];
-    for &index in last.iter() {
-        keep[index] = true;
-    }
-    changes
-        .into_iter()
-        .zip(keep)
-        .filter_map(|(change, keep)| keep.then_some(change))
-        .collect()
+    let relinked = previous.unwrap_or(base.saturating_sub(1));
+    super::segment::relink(path, seq, relinked)
+        .map_err(|e| OpenError::io("relink log segment", path, e))?;
+    log::warn!(
+        "repair: {missing}; going on without it: the writes it held are lost (the keys keep \
+         their older values, or are absent). {} now follows {}",
+        path.display(),
+        segment_name(relinked)
+    );
+    report.gaps.push(missing);
+    Ok(())
 }

@@ -9,10 +9,32 @@
 //!
 //! with records framed as in the log ([`super::record`]), so a damaged or
 //! incomplete snapshot is detected the same way. The count up front lets a
-//! load size the tables once instead of growing them.
+//! load size the tables once instead of growing them; it is written last
+//! (the file is streamed out before the count is known).
+//!
+//! # Not stalling requests
+//!
+//! A snapshot runs beside live traffic on a machine that may have two cores
+//! and one disk, so it is written to disturb them as little as possible:
+//! * the map is copied and written one shard at a time (a shard's entries
+//!   are reference-count increments under its read lock), so no copy of the
+//!   whole map is ever held, and a value overwritten meanwhile is freed
+//!   soon, not kept alive until the end;
+//! * the thread runs at a lower CPU priority (`nice` [`NICE`]), so request
+//!   handling wins the cores;
+//! * every [`WRITEBACK_EVERY`] bytes, what was written is synced
+//!   (`fdatasync`), so the snapshot never has more than that much dirty in
+//!   the page cache. On ext4 (`data=ordered`) a journal commit, which every
+//!   `fdatasync` of the log that extends it needs, first writes out the
+//!   dirty data of every file: with a whole snapshot dirty, the log's sync
+//!   (and with it every write) waits for all of it. Redis's
+//!   `rdb-save-incremental-fsync` does the same. The synced pages are then
+//!   dropped from the page cache (`posix_fadvise(DONTNEED)`): the data is
+//!   in memory already.
 
 use std::fs::{self, File};
-use std::io::{self, BufWriter, Write};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
@@ -21,26 +43,36 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
-use super::record::{self, Kind};
+use super::reader::{self, Item};
+use super::record::{self, Kind, Record};
 use super::writer::Journal;
 use super::{classify, snapshot_name, sync_dir, FileKind};
-use crate::entry::{self, Entry};
-use crate::map::{Change, Map, Recovered};
+use crate::entry;
+use crate::map::{Change, Map, Recovered, SHARD_COUNT};
 
 const MAGIC: &[u8; 8] = b"KVSNAP1\n";
 const PREAMBLE: usize = 16;
 
-/// Writes `entries` as the snapshot covering segments below `seq`: temp file,
-/// fsync, rename, fsync the directory. Returns the file's size.
-pub fn write(dir: &Path, seq: u64, entries: &[Entry]) -> io::Result<u64> {
+/// The snapshot thread's `nice` value (0 is normal, 19 the lowest).
+pub const NICE: i32 = 10;
+
+/// Bytes written between two syncs.
+pub const WRITEBACK_EVERY: u64 = 4 << 20;
+
+/// Bytes gathered before each `write`.
+const WRITE_BUF: usize = 256 << 10;
+
+/// Writes the map as the snapshot covering segments below `seq`: temp file,
+/// fsync, rename, fsync the directory. Returns its key count and size.
+pub fn write(dir: &Path, seq: u64, map: &Map) -> io::Result<(usize, u64)> {
     let path = dir.join(snapshot_name(seq));
     let mut tmp_name = path.as_os_str().to_owned();
     tmp_name.push(".tmp");
     let tmp = PathBuf::from(tmp_name);
-    let result = write_file(&tmp, entries).and_then(|size| {
+    let result = write_file(&tmp, map).and_then(|written| {
         fs::rename(&tmp, &path)?;
         sync_dir(dir)?;
-        Ok(size)
+        Ok(written)
     });
     if result.is_err() {
         let _ = fs::remove_file(&tmp);
@@ -48,105 +80,112 @@ pub fn write(dir: &Path, seq: u64, entries: &[Entry]) -> io::Result<u64> {
     result
 }
 
-fn write_file(tmp: &Path, entries: &[Entry]) -> io::Result<u64> {
-    let mut out = BufWriter::with_capacity(1 << 20, File::create(tmp)?);
-    let count = (entries.len() as u64).to_le_bytes();
-    out.write_all(MAGIC)?;
-    out.write_all(&count)?;
-    let mut buf = Vec::with_capacity(4096);
-    let mut size = PREAMBLE as u64;
-    for entry in entries {
-        record::encode(&mut buf, Kind::Put, entry);
-        if buf.len() >= 64 << 10 {
-            out.write_all(&buf)?;
-            size += buf.len() as u64;
-            buf.clear();
+/// Streams the map into `tmp` shard by shard (see the module docs).
+fn write_file(tmp: &Path, map: &Map) -> io::Result<(usize, u64)> {
+    let mut out = File::create(tmp)?;
+    let mut buf = Vec::with_capacity(WRITE_BUF + (64 << 10));
+    buf.extend_from_slice(MAGIC);
+    buf.extend_from_slice(&[0; 8]);
+    let mut written = 0u64;
+    let mut flushed_to = 0u64;
+    let mut count = 0u64;
+    let mut shard = Vec::new();
+    for index in 0..SHARD_COUNT {
+        map.copy_shard(index, &mut shard);
+        for entry in shard.drain(..) {
+            record::encode(&mut buf, Kind::Put, &entry);
+            count += 1;
+            if buf.len() >= WRITE_BUF {
+                write_out(&mut out, &mut buf, &mut written, &mut flushed_to)?;
+            }
         }
     }
-    record::encode(&mut buf, Kind::End, &count);
-    out.write_all(&buf)?;
-    size += buf.len() as u64;
-    let file = out.into_inner().map_err(io::IntoInnerError::into_error)?;
-    file.sync_all()?;
-    Ok(size)
+    let count_bytes = count.to_le_bytes();
+    record::encode(&mut buf, Kind::End, &count_bytes);
+    write_out(&mut out, &mut buf, &mut written, &mut flushed_to)?;
+    out.write_all_at(&count_bytes, 8)?;
+    out.sync_all()?;
+    let _ = rustix::fs::fadvise(&out, 0, None, rustix::fs::Advice::DontNeed);
+    Ok((count as usize, written))
 }
 
-/// Checks a snapshot read into `buf` and decodes its entries (all distinct
-/// keys): the entries, or the offset and reason it is damaged.
-pub fn decode(buf: &[u8]) -> Result<Vec<Recovered<'_>>, (u64, String)> {
-    let mut entries = Vec::new();
-    scan(buf, Some(&mut entries))?;
-    Ok(entries)
+/// Writes `buf` out, and syncs every [`WRITEBACK_EVERY`] bytes.
+fn write_out(
+    out: &mut File,
+    buf: &mut Vec<u8>,
+    written: &mut u64,
+    flushed_to: &mut u64,
+) -> io::Result<()> {
+    out.write_all(buf)?;
+    *written += buf.len() as u64;
+    buf.clear();
+    if *written - *flushed_to >= WRITEBACK_EVERY {
+        out.sync_data()?;
+        let len = std::num::NonZeroU64::new(*written - *flushed_to);
+        // Advice only: clean pages left in the cache cost nothing but memory.
+        let _ = rustix::fs::fadvise(&*out, *flushed_to, len, rustix::fs::Advice::DontNeed);
+        *flushed_to = *written;
+    }
+    Ok(())
 }
 
-/// Checks a snapshot read into `buf`: its entry count, or the offset and
-/// reason it is damaged.
-pub fn check(buf: &[u8]) -> Result<usize, (u64, String)> {
-    scan(buf, None)
-}
-
-/// Checks every record of a snapshot, collecting its entries into `sink` if
-/// given; the entry count.
-fn scan<'a>(
-    buf: &'a [u8],
-    mut sink: Option<&mut Vec<Recovered<'a>>>,
-) -> Result<usize, (u64, String)> {
-    if buf.len() < PREAMBLE || &buf[..8] != MAGIC {
-        return Err((0, "not a snapshot file (bad magic)".into()));
+/// Loads the snapshot at `path` into `map` (empty), streaming it: its entry
+/// count, or `Err((offset, reason))` where it is damaged (`map` then holds
+/// part of it). `Ok(Err(_))` is damage, `Err(_)` a failure to read.
+pub fn load(path: &Path, map: &Map) -> io::Result<Result<usize, (u64, String)>> {
+    let mut file = File::open(path)?;
+    let file_len = file.metadata()?.len();
+    let mut preamble = Vec::with_capacity(PREAMBLE);
+    Read::take(&mut file, PREAMBLE as u64).read_to_end(&mut preamble)?;
+    if preamble.len() < PREAMBLE || &preamble[..8] != MAGIC {
+        return Ok(Err((0, "not a snapshot file (bad magic)".into())));
     }
     let mut count_bytes = [0; 8];
-    count_bytes.copy_from_slice(&buf[8..16]);
+    count_bytes.copy_from_slice(&preamble[8..16]);
     let count = u64::from_le_bytes(count_bytes);
     // Trust the count only as far as the file could hold that many records.
-    let plausible = (buf.len() / record::HEADER_LEN) as u64;
-    if let Some(sink) = sink.as_deref_mut() {
-        sink.reserve_exact(count.min(plausible) as usize);
-    }
-    let mut seen = 0u64;
-    let mut pos = PREAMBLE;
-    loop {
-        let rec = match record::decode(&buf[pos..]) {
-            Ok(Some(rec)) => rec,
-            Ok(None) => return Err((pos as u64, "snapshot ends without its end record".into())),
-            Err(damage) => return Err((pos as u64, damage.describe().into())),
-        };
-        match rec.kind {
-            Kind::Put if entry::is_well_formed(rec.body) => {
-                if let Some(sink) = sink.as_deref_mut() {
-                    sink.push(Recovered::new(Change::PutNew(rec.body)));
-                }
-                seen += 1;
-            }
-            Kind::End if rec.body == count_bytes && seen == count => {
-                if pos + rec.framed_len != buf.len() {
-                    return Err((
-                        (pos + rec.framed_len) as u64,
-                        "bytes after the end record".into(),
-                    ));
-                }
-                return Ok(seen as usize);
-            }
-            Kind::End => {
-                return Err((
-                    pos as u64,
-                    format!("end record does not match the {seen} entries read"),
-                ))
-            }
-            _ => return Err((pos as u64, "unexpected record in a snapshot".into())),
+    map.reserve(count.min(file_len / record::HEADER_LEN as u64) as usize);
+    let convert = reader::converter(move |rec: &Record<'_>| match rec.kind {
+        Kind::Put if entry::is_well_formed(rec.body) => {
+            Ok(Item::Change(Recovered::new(Change::PutNew(rec.body))))
         }
-        pos += rec.framed_len;
-    }
+        Kind::End if rec.body == count_bytes => Ok(Item::Stop),
+        Kind::End => Err("end record does not match the count in the preamble"),
+        _ => Err("unexpected record in a snapshot"),
+    });
+    let mut seen = 0u64;
+    let streamed = reader::stream(&mut file, PREAMBLE as u64, convert, |batch| {
+        seen += batch.len() as u64;
+        map.apply_recovered(batch);
+    })?;
+    Ok(match streamed {
+        reader::Streamed {
+            damage: Some(found),
+            ..
+        } => Err((found.offset, found.reason.into())),
+        reader::Streamed {
+            stopped: false,
+            end,
+            ..
+        } => Err((end, "snapshot ends without its end record".into())),
+        reader::Streamed { end, .. } if seen != count => Err((
+            end,
+            format!("end record does not match the {seen} entries read"),
+        )),
+        reader::Streamed { end, .. } if end != file_len => {
+            Err((end, "bytes after the end record".into()))
+        }
+        reader::Streamed { .. } => Ok(seen as usize),
+    })
 }
 
 /// Takes a snapshot now: rotate the log, copy the map, write, retire.
 pub fn take(map: &Map, journal: &Journal, dir: &Path) -> Result<(), String> {
     let started = Instant::now();
     let seq = journal.rotate()?;
-    let entries = map.entries();
-    let keys = entries.len();
-    let size = write(dir, seq, &entries)
+    let rotated = started.elapsed();
+    let (keys, size) = write(dir, seq, map)
         .map_err(|e| format!("cannot write snapshot {}: {e}", snapshot_name(seq)))?;
-    drop(entries);
     let retired = retire(dir, seq).map_err(|e| {
         format!(
             "snapshot {} written, but retiring older files failed: {e}",
@@ -154,7 +193,8 @@ pub fn take(map: &Map, journal: &Journal, dir: &Path) -> Result<(), String> {
         )
     })?;
     log::info!(
-        "snapshot {}: {keys} keys, {size} bytes in {:.0?}; retired {retired} older files",
+        "snapshot {}: {keys} keys, {size} bytes in {:.0?} (log rotation {rotated:.1?}); \
+         retired {retired} older files",
         snapshot_name(seq),
         started.elapsed()
     );
@@ -283,6 +323,10 @@ fn run(
     interval: Duration,
     mut snapshotted_at: u64,
 ) {
+    // Best effort: at normal priority a snapshot only competes harder.
+    if let Err(error) = rustix::process::setpriority_process(Some(rustix::thread::gettid()), NICE) {
+        log::debug!("cannot lower the snapshot thread's priority: {error}");
+    }
     let mut due = Instant::now() + interval;
     loop {
         let wait = due.saturating_duration_since(Instant::now());

@@ -55,7 +55,7 @@
 //! snapshot ever sees it. Every later write gets the same error; reads keep
 //! working from memory.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -69,7 +69,8 @@ use parking_lot::Mutex;
 use tokio::sync::oneshot;
 
 use super::record::{self, Kind};
-use super::{segment_name, sync_dir};
+use super::segment::{self, zero_fill};
+use super::segment_name;
 use crate::apply::{Apply, Op};
 use crate::{FsyncPolicy, StoreError};
 
@@ -92,7 +93,14 @@ pub(crate) type Submitted = oneshot::Receiver<Outcome>;
 
 enum Msg {
     Write(Op, Done),
-    Rotate(mpsc::Sender<Result<u64, String>>),
+    /// Switch to `next` (segment `seq`, created by the caller) once every
+    /// batch before it is committed and applied; the reply is the segment
+    /// left behind, for the caller to seal.
+    Rotate {
+        next: File,
+        seq: u64,
+        reply: mpsc::Sender<Result<Retired, String>>,
+    },
     Close,
 }
 
@@ -201,6 +209,27 @@ pub(crate) struct Journal {
     syncer: Mutex<Option<(Sender<()>, JoinHandle<()>)>>,
     #[cfg(feature = "test-hooks")]
     hook: hooks::Slot,
+    /// The data directory and the number of the active segment (changed
+    /// only by [`Journal::rotate`]).
+    dir: PathBuf,
+    active_seq: Mutex<u64>,
+}
+
+/// A segment the writer has rotated away from: no longer written to, not
+/// yet synced or trimmed to its records.
+pub(crate) struct Retired {
+    file: Arc<File>,
+    len: u64,
+    path: PathBuf,
+}
+
+impl Retired {
+    /// Syncs the segment and cuts its unused preallocation.
+    fn seal(&self) -> io::Result<()> {
+        self.file.sync_data()?;
+        self.file.set_len(self.len)?;
+        self.file.sync_all()
+    }
 }
 
 /// The segment being appended to, shared with the `everysec` syncer.
@@ -223,31 +252,10 @@ pub const FIRST_CHUNK: u64 = 64 << 10;
 /// The largest zero-filled extension.
 pub const PREALLOC_CHUNK: u64 = 4 << 20;
 
-static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
-
-/// Creates log segment `seq` with its first zero-filled chunk and makes its
-/// directory entry durable.
-pub(crate) fn create_segment(dir: &Path, seq: u64) -> io::Result<File> {
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .open(dir.join(segment_name(seq)))?;
-    zero_fill(&file, 0, FIRST_CHUNK)?;
-    file.sync_data()?;
-    sync_dir(dir)?;
-    Ok(file)
-}
-
-/// Writes zeros over `[from, to)`.
-fn zero_fill(file: &File, from: u64, to: u64) -> io::Result<()> {
-    let mut at = from;
-    while at < to {
-        let len = (to - at).min(ZEROS.len() as u64) as usize;
-        file.write_all_at(&ZEROS[..len], at)?;
-        at += len as u64;
-    }
-    Ok(())
+/// Creates log segment `seq` (its header says it follows segment `follows`)
+/// with its first zero-filled chunk and makes its directory entry durable.
+pub(crate) fn create_segment(dir: &Path, seq: u64, follows: u64) -> io::Result<File> {
+    segment::create(dir, seq, follows, FIRST_CHUNK)
 }
 
 impl Journal {
@@ -267,9 +275,11 @@ impl Journal {
         } else {
             (None, None)
         };
+        let dir = config.dir.clone();
+        let active_seq = Mutex::new(config.seq);
         let writer = Writer {
             file,
-            segment_bytes: 0,
+            segment_bytes: segment::HEADER_LEN,
             allocated: FIRST_CHUNK,
             active,
             dirty,
@@ -296,6 +306,8 @@ impl Journal {
             syncer: Mutex::new(syncer),
             #[cfg(feature = "test-hooks")]
             hook,
+            dir,
+            active_seq,
         })
     }
 
@@ -316,14 +328,45 @@ impl Journal {
         *self.hook.lock() = Some(hook);
     }
 
-    /// Seals the active segment (fsynced) and starts the next one; its number.
+    /// Starts the next segment and seals the one before (fsynced, trimmed);
+    /// the new segment's number. The files are created and synced here, on
+    /// the caller's thread: the writer thread only switches files, so
+    /// writes never wait for a rotation's fsyncs.
     pub fn rotate(&self) -> Result<u64, String> {
+        let mut active = self.active_seq.lock();
+        self.health.check().map_err(|e| e.to_string())?;
+        let seq = *active + 1;
+        let path = self.dir.join(segment_name(seq));
+        let next = create_segment(&self.dir, seq, *active).map_err(|error| {
+            let _ = std::fs::remove_file(&path);
+            let failed = StoreError::disk("starting log segment", path.clone(), error);
+            self.health.fail(failed.clone());
+            failed.to_string()
+        })?;
         let (reply, wait) = mpsc::channel();
-        self.tx
-            .send(Msg::Rotate(reply))
-            .map_err(|_| "the log writer has stopped".to_owned())?;
-        wait.recv()
-            .map_err(|_| "the log writer has stopped".to_owned())?
+        let switched = self
+            .tx
+            .send(Msg::Rotate { next, seq, reply })
+            .map_err(|_| "the log writer has stopped".to_owned())
+            .and_then(|()| {
+                wait.recv()
+                    .map_err(|_| "the log writer has stopped".to_owned())?
+            });
+        let retired = match switched {
+            Ok(retired) => retired,
+            Err(why) => {
+                // Never switched to: remove it, so the next try can create it.
+                let _ = std::fs::remove_file(&path);
+                return Err(why);
+            }
+        };
+        *active = seq;
+        retired.seal().map_err(|error| {
+            let failed = StoreError::disk("sealing", retired.path.clone(), error);
+            self.health.fail(failed.clone());
+            failed.to_string()
+        })?;
+        Ok(seq)
     }
 
     /// Commits, applies and syncs what is queued, then stops the thread.
@@ -438,8 +481,8 @@ impl Writer {
             }
             self.commit();
             match control {
-                Some(Msg::Rotate(reply)) => {
-                    let rotated = self.rotate();
+                Some(Msg::Rotate { next, seq, reply }) => {
+                    let rotated = self.rotate(next, seq);
                     #[cfg(feature = "test-hooks")]
                     let _ = self.hook(hooks::Event::Rotated);
                     let _ = reply.send(rotated);
@@ -585,32 +628,26 @@ impl Writer {
         self.config.dir.join(segment_name(self.config.seq))
     }
 
-    fn rotate(&mut self) -> Result<u64, String> {
+    /// Switches to segment `seq` (`next`, created and synced by
+    /// [`Journal::rotate`]) and hands back the segment left behind.
+    fn rotate(&mut self, next: File, seq: u64) -> Result<Retired, String> {
         self.health.check().map_err(|e| e.to_string())?;
-        let next = self.config.seq + 1;
-        let result = self
-            .seal()
-            .and_then(|()| create_segment(&self.config.dir, next));
-        match result {
-            Ok(file) => {
-                self.file = Arc::new(file);
-                if let Some(active) = &self.active {
-                    *active.lock() = (Arc::clone(&self.file), self.segment_path_for(next));
-                }
-                self.config.seq = next;
-                self.segment_bytes = 0;
-                self.health.active_log_bytes.store(0, Ordering::Relaxed);
-                self.allocated = FIRST_CHUNK;
-                self.asked_snapshot = false;
-                Ok(next)
-            }
-            Err(error) => {
-                let path = self.config.dir.join(segment_name(next));
-                let failed = StoreError::disk("starting log segment", path, error);
-                self.health.fail(failed.clone());
-                Err(failed.to_string())
-            }
+        let retired = Retired {
+            file: std::mem::replace(&mut self.file, Arc::new(next)),
+            len: self.segment_bytes,
+            path: self.segment_path(),
+        };
+        if let Some(active) = &self.active {
+            *active.lock() = (Arc::clone(&self.file), self.segment_path_for(seq));
         }
+        self.config.seq = seq;
+        self.segment_bytes = segment::HEADER_LEN;
+        self.health
+            .active_log_bytes
+            .store(self.segment_bytes, Ordering::Relaxed);
+        self.allocated = FIRST_CHUNK;
+        self.asked_snapshot = false;
+        Ok(retired)
     }
 }
 
