@@ -1,0 +1,502 @@
+//! The client side: openraft's [`RaftNetworkFactory`] and [`RaftNetworkV2`]
+//! over HTTP/1.1 keep-alive connections to each peer's `/-/raft/...`.
+//!
+//! One [`Network`] per node, shared by all its groups, keeps one [`Peer`] per
+//! member. A peer has
+//! - an **append batcher**: a task owning one connection. Appends and
+//!   heartbeats of every group to that peer go into its queue; the task takes
+//!   everything queued (any groups) into one `POST /-/raft/append` and hands
+//!   each group its answer. A request arriving while a batch is in flight
+//!   waits for the next one; one arriving on an idle peer is sent at once.
+//!   So there is no linger: batching happens exactly when several are
+//!   pending (design §7).
+//! - a small **pool** of keep-alive connections for votes, pre-votes,
+//!   leadership transfers and snapshots, so a snapshot never delays
+//!   heartbeats.
+//!
+//! Failures: a connection that cannot be made, breaks, or does not answer
+//! within the RPC's `hard_ttl` is `Unreachable` (openraft backs off); an
+//! answer that does not decode is a `Network` error.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::client::conn::http1::SendRequest;
+use hyper::header::{CONTENT_TYPE, HOST};
+use hyper::{Request, StatusCode};
+use hyper_util::rt::TokioIo;
+use openraft::alias::{SnapshotOf, VoteOf};
+use openraft::error::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
+use openraft::network::{RPCOption, RaftNetworkFactory, RaftNetworkV2};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest,
+    TransferLeaderResponse, VoteRequest, VoteResponse,
+};
+use openraft::{BasicNode, OptionalSend};
+use serde::de::DeserializeOwned;
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::net::wire::{self, WireError};
+use crate::types::{GroupId, KvRaft, NodeId, SnapshotData};
+
+/// Most appends put in one batch (bounds one request's size with
+/// `max_payload_entries` per append).
+const MAX_BATCH: usize = 256;
+/// Idle pooled connections kept per peer.
+const MAX_IDLE: usize = 4;
+
+/// Why one RPC failed, before it becomes openraft's error type.
+#[derive(Debug, Clone, thiserror::Error)]
+enum CallError {
+    /// No answer: no connection, a broken one, a timeout, or the peer's
+    /// group is absent or failed.
+    #[error("{0}")]
+    Unreachable(String),
+    /// An answer that is not what the protocol says.
+    #[error("{0}")]
+    Protocol(String),
+}
+
+impl CallError {
+    fn rpc(self) -> RPCError<KvRaft> {
+        match self {
+            CallError::Unreachable(message) => {
+                RPCError::Unreachable(Unreachable::from_string(message))
+            }
+            CallError::Protocol(message) => RPCError::Network(NetworkError::from_string(message)),
+        }
+    }
+
+    fn streaming(self) -> StreamingError<KvRaft> {
+        match self {
+            CallError::Unreachable(message) => {
+                StreamingError::Unreachable(Unreachable::from_string(message))
+            }
+            CallError::Protocol(message) => {
+                StreamingError::Network(NetworkError::from_string(message))
+            }
+        }
+    }
+}
+
+impl From<WireError> for CallError {
+    fn from(error: WireError) -> Self {
+        CallError::Unreachable(error.to_string())
+    }
+}
+
+/// Counters of the append path, summed over peers: how well batching works.
+#[derive(Debug, Default)]
+struct Counters {
+    appends: AtomicU64,
+    posts: AtomicU64,
+}
+
+/// What the append path did so far.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TransportStats {
+    /// Append/heartbeat RPCs openraft made (all groups, all peers).
+    pub appends: u64,
+    /// `POST /-/raft/append` requests that carried them.
+    pub posts: u64,
+}
+
+/// Peers by (id, address): an address change (issue 13) makes a new peer.
+type PeerMap = HashMap<(NodeId, String), Arc<Peer>>;
+
+/// A node's client side of the transport, shared by all its groups.
+#[derive(Clone, Default)]
+pub struct Network {
+    peers: Arc<Mutex<PeerMap>>,
+    counters: Arc<Counters>,
+}
+
+impl Network {
+    /// A transport with no connections yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The factory for group `group`'s `Raft::new`.
+    pub fn factory(&self, group: GroupId) -> NetFactory {
+        NetFactory {
+            group,
+            network: self.clone(),
+        }
+    }
+
+    /// What the append path did so far.
+    pub fn stats(&self) -> TransportStats {
+        TransportStats {
+            appends: self.counters.appends.load(Relaxed),
+            posts: self.counters.posts.load(Relaxed),
+        }
+    }
+
+    fn peer(&self, target: NodeId, addr: &str) -> Arc<Peer> {
+        let mut peers = self.peers.lock().unwrap_or_else(PoisonError::into_inner);
+        let peer = peers
+            .entry((target, addr.to_string()))
+            .or_insert_with(|| Peer::start(addr.to_string(), Arc::clone(&self.counters)));
+        Arc::clone(peer)
+    }
+}
+
+/// openraft's network factory for one group.
+pub struct NetFactory {
+    group: GroupId,
+    network: Network,
+}
+
+impl RaftNetworkFactory<KvRaft> for NetFactory {
+    type Network = PeerClient;
+
+    async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> PeerClient {
+        PeerClient {
+            group: self.group,
+            peer: self.network.peer(target, &node.addr),
+        }
+    }
+}
+
+/// One queued append, waiting for its batch.
+struct Pending {
+    group: GroupId,
+    rpc: AppendEntriesRequest<KvRaft>,
+    ttl: Duration,
+    reply: oneshot::Sender<Result<AppendEntriesResponse<KvRaft>, CallError>>,
+}
+
+/// One member as seen from here: its batcher and its connection pool.
+struct Peer {
+    addr: String,
+    appends: mpsc::UnboundedSender<Pending>,
+    idle: Mutex<Vec<SendRequest<Full<Bytes>>>>,
+}
+
+impl Peer {
+    fn start(addr: String, counters: Arc<Counters>) -> Arc<Peer> {
+        let (appends, queue) = mpsc::unbounded_channel();
+        tokio::spawn(batcher(addr.clone(), queue, counters));
+        Arc::new(Peer {
+            addr,
+            appends,
+            idle: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// One request on a pooled connection (a new one if none is idle).
+    async fn call(
+        &self,
+        path: &str,
+        body: Vec<u8>,
+        ttl: Duration,
+        limit: usize,
+    ) -> Result<Bytes, CallError> {
+        let idle = self
+            .idle
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .pop();
+        let mut sender = match idle {
+            Some(sender) if !sender.is_closed() => sender,
+            _ => connect(&self.addr, ttl).await?,
+        };
+        let answer = exchange(&mut sender, &self.addr, path, body, ttl, limit).await;
+        if answer.is_ok() {
+            let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+            if idle.len() < MAX_IDLE {
+                idle.push(sender);
+            }
+        }
+        answer
+    }
+
+    async fn call_decode<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: Vec<u8>,
+        ttl: Duration,
+        limit: usize,
+    ) -> Result<T, CallError> {
+        let bytes = self.call(path, body, ttl, limit).await?;
+        wire::decode(&bytes).map_err(|error| {
+            CallError::Protocol(format!("undecodable answer from {}: {error}", self.addr))
+        })
+    }
+}
+
+/// The append batcher of one peer (see the module docs). Ends when the peer
+/// is dropped.
+async fn batcher(
+    addr: String,
+    mut queue: mpsc::UnboundedReceiver<Pending>,
+    counters: Arc<Counters>,
+) {
+    let mut connection: Option<SendRequest<Full<Bytes>>> = None;
+    while let Some(first) = queue.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match queue.try_recv() {
+                Ok(pending) => batch.push(pending),
+                Err(_) => break,
+            }
+        }
+        // Callers that gave up (timed out) need no answer.
+        batch.retain(|pending| !pending.reply.is_closed());
+        if batch.is_empty() {
+            continue;
+        }
+        let ttl = batch
+            .iter()
+            .map(|pending| pending.ttl)
+            .max()
+            .unwrap_or_default();
+        counters.posts.fetch_add(1, Relaxed);
+        counters.appends.fetch_add(batch.len() as u64, Relaxed);
+        let (replies, rpcs): (Vec<_>, wire::AppendBatch) = batch
+            .into_iter()
+            .map(|pending| ((pending.group, pending.reply), (pending.group, pending.rpc)))
+            .unzip();
+        let answer = send_batch(&mut connection, &addr, &rpcs, ttl).await;
+        match answer {
+            Ok(answers) if answers.len() == replies.len() => {
+                for ((group, reply), (answered, result)) in replies.into_iter().zip(answers) {
+                    let result = if answered == group {
+                        result.map_err(CallError::from)
+                    } else {
+                        Err(CallError::Protocol(format!(
+                            "{addr} answered group {answered} for group {group}"
+                        )))
+                    };
+                    let _ = reply.send(result);
+                }
+            }
+            Ok(answers) => {
+                let error = CallError::Protocol(format!(
+                    "{addr} answered {} appends to a batch of {}",
+                    answers.len(),
+                    replies.len()
+                ));
+                for (_, reply) in replies {
+                    let _ = reply.send(Err(error.clone()));
+                }
+            }
+            Err(error) => {
+                connection = None;
+                for (_, reply) in replies {
+                    let _ = reply.send(Err(error.clone()));
+                }
+            }
+        }
+    }
+}
+
+async fn send_batch(
+    connection: &mut Option<SendRequest<Full<Bytes>>>,
+    addr: &str,
+    rpcs: &wire::AppendBatch,
+    ttl: Duration,
+) -> Result<wire::AppendReplies, CallError> {
+    let body = wire::encode(rpcs).map_err(|error| CallError::Protocol(error.to_string()))?;
+    let sender = match connection {
+        Some(sender) if !sender.is_closed() => sender,
+        _ => connection.insert(connect(addr, ttl).await?),
+    };
+    let bytes = exchange(sender, addr, wire::APPEND, body, ttl, wire::MAX_RPC_BODY).await?;
+    wire::decode(&bytes)
+        .map_err(|error| CallError::Protocol(format!("undecodable answer from {addr}: {error}")))
+}
+
+async fn connect(addr: &str, ttl: Duration) -> Result<SendRequest<Full<Bytes>>, CallError> {
+    let unreachable = |what: &str, error: &dyn std::fmt::Display| {
+        CallError::Unreachable(format!("{what} {addr}: {error}"))
+    };
+    let stream = tokio::time::timeout(ttl, TcpStream::connect(addr))
+        .await
+        .map_err(|_| {
+            CallError::Unreachable(format!("connecting to {addr} timed out after {ttl:?}"))
+        })?
+        .map_err(|error| unreachable("cannot connect to", &error))?;
+    // Small messages (votes, heartbeats): send each at once.
+    let _ = stream.set_nodelay(true);
+    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|error| unreachable("cannot talk HTTP to", &error))?;
+    tokio::spawn(async move {
+        if let Err(error) = connection.await {
+            log::debug!("raft connection closed: {error}");
+        }
+    });
+    Ok(sender)
+}
+
+/// One POST and its whole answer, within `ttl`.
+async fn exchange(
+    sender: &mut SendRequest<Full<Bytes>>,
+    addr: &str,
+    path: &str,
+    body: Vec<u8>,
+    ttl: Duration,
+    limit: usize,
+) -> Result<Bytes, CallError> {
+    let request = Request::post(path)
+        .header(HOST, addr)
+        .header(CONTENT_TYPE, wire::CONTENT_TYPE)
+        .body(Full::new(Bytes::from(body)))
+        .map_err(|error| CallError::Protocol(error.to_string()))?;
+    let round_trip = async {
+        sender
+            .ready()
+            .await
+            .map_err(|error| CallError::Unreachable(format!("{addr}: {error}")))?;
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|error| CallError::Unreachable(format!("{addr}: {error}")))?;
+        let status = response.status();
+        let bytes = Limited::new(response.into_body(), limit)
+            .collect()
+            .await
+            .map_err(|error| {
+                CallError::Unreachable(format!("{addr}: reading the answer: {error}"))
+            })?
+            .to_bytes();
+        match status {
+            StatusCode::OK => Ok(bytes),
+            // Our own request was refused as malformed: a bug, not a network fault.
+            StatusCode::BAD_REQUEST | StatusCode::PAYLOAD_TOO_LARGE => {
+                Err(CallError::Protocol(format!(
+                    "{addr} refused {path}: {status} {}",
+                    String::from_utf8_lossy(&bytes).trim_end()
+                )))
+            }
+            _ => Err(CallError::Unreachable(format!(
+                "{addr} answered {path} with {status} {}",
+                String::from_utf8_lossy(&bytes).trim_end()
+            ))),
+        }
+    };
+    tokio::time::timeout(ttl, round_trip)
+        .await
+        .map_err(|_| CallError::Unreachable(format!("{addr}: {path} timed out after {ttl:?}")))?
+}
+
+/// openraft's client for one (peer, group).
+pub struct PeerClient {
+    group: GroupId,
+    peer: Arc<Peer>,
+}
+
+impl PeerClient {
+    fn encode<T: serde::Serialize>(&self, value: &T) -> Result<Vec<u8>, CallError> {
+        wire::encode(value).map_err(|error| CallError::Protocol(error.to_string()))
+    }
+}
+
+impl RaftNetworkV2<KvRaft> for PeerClient {
+    type SnapshotData = SnapshotData;
+
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<KvRaft>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<KvRaft>, RPCError<KvRaft>> {
+        let ttl = option.hard_ttl();
+        let (reply, answer) = oneshot::channel();
+        let pending = Pending {
+            group: self.group,
+            rpc,
+            ttl,
+            reply,
+        };
+        if self.peer.appends.send(pending).is_err() {
+            return Err(CallError::Unreachable("transport stopped".into()).rpc());
+        }
+        // The batcher bounds the POST by the batch's ttl; this bounds the
+        // wait for a batch slot too.
+        match tokio::time::timeout(ttl, answer).await {
+            Ok(Ok(result)) => result.map_err(CallError::rpc),
+            Ok(Err(_)) => Err(CallError::Unreachable("transport stopped".into()).rpc()),
+            Err(_) => Err(CallError::Unreachable(format!(
+                "{}: append timed out after {ttl:?}",
+                self.peer.addr
+            ))
+            .rpc()),
+        }
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<KvRaft>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<KvRaft>, RPCError<KvRaft>> {
+        let body = self.encode(&(self.group, rpc)).map_err(CallError::rpc)?;
+        self.peer
+            .call_decode(wire::VOTE, body, option.hard_ttl(), wire::MAX_RPC_BODY)
+            .await
+            .map_err(CallError::rpc)
+    }
+
+    /// Asks the peer's `Raft::pre_vote` (openraft's default grants every
+    /// pre-vote, which would silently disable `enable_pre_vote`).
+    async fn pre_vote(
+        &mut self,
+        rpc: VoteRequest<KvRaft>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<KvRaft>, RPCError<KvRaft>> {
+        let body = self.encode(&(self.group, rpc)).map_err(CallError::rpc)?;
+        self.peer
+            .call_decode(wire::PRE_VOTE, body, option.hard_ttl(), wire::MAX_RPC_BODY)
+            .await
+            .map_err(CallError::rpc)
+    }
+
+    async fn full_snapshot(
+        &mut self,
+        vote: VoteOf<KvRaft>,
+        snapshot: SnapshotOf<KvRaft, SnapshotData>,
+        cancel: impl Future<Output = ReplicationClosed> + OptionalSend + 'static,
+        option: RPCOption,
+    ) -> Result<SnapshotResponse<KvRaft>, StreamingError<KvRaft>> {
+        let body: wire::SnapshotBody = (
+            self.group,
+            vote,
+            snapshot.meta,
+            snapshot.snapshot.into_inner(),
+        );
+        let body = self.encode(&body).map_err(CallError::streaming)?;
+        // openraft passes `install_snapshot_timeout` as the TTL; a whole
+        // snapshot in one request gets it as a whole (design open question 5).
+        let send =
+            self.peer
+                .call_decode(wire::SNAPSHOT, body, option.hard_ttl(), wire::MAX_RPC_BODY);
+        tokio::select! {
+            closed = cancel => Err(StreamingError::Closed(closed)),
+            answer = send => answer.map_err(CallError::streaming),
+        }
+    }
+
+    async fn transfer_leader(
+        &mut self,
+        req: TransferLeaderRequest<KvRaft>,
+        option: RPCOption,
+    ) -> Result<TransferLeaderResponse<KvRaft>, RPCError<KvRaft>> {
+        let body = self.encode(&(self.group, req)).map_err(CallError::rpc)?;
+        self.peer
+            .call_decode(
+                wire::TRANSFER_LEADER,
+                body,
+                option.hard_ttl(),
+                wire::MAX_RPC_BODY,
+            )
+            .await
+            .map_err(CallError::rpc)
+    }
+}

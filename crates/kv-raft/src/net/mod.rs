@@ -1,0 +1,16 @@
+//! The node-to-node transport: HTTP/1.1 under `/-/raft/...` on the node's own
+//! port, postcard bodies, many groups' appends to one peer batched into one
+//! request (design `docs/replication.md` §7).
+//!
+//! - [`wire`]: routes, body types, limits;
+//! - [`client`]: openraft's network factory and per-(peer, group) client,
+//!   the per-peer append batcher and connection pool;
+//! - [`server`]: [`handle_raft`], which a node mounts for `/-/raft/...`.
+
+pub mod client;
+pub mod server;
+pub mod wire;
+
+pub use client::{NetFactory, Network, PeerClient, TransportStats};
+pub use server::{handle_raft, Groups, RaftHttpError};
+pub use wire::{WireError, MAX_RPC_BODY, MAX_SNAPSHOT_BODY};

@@ -1,0 +1,256 @@
+//! The server side of `/-/raft/...`: one function, [`handle_raft`], that a
+//! node mounts on its port, over the node's [`Groups`].
+//!
+//! Everything arriving here comes from the network: bodies are read under a
+//! size limit and decoded without trusting them; a body that does not decode
+//! is a 400 and an unknown group a 404, both as JSON `{"error": ...}` like
+//! every other error kv answers. Inside an append batch an unknown group is
+//! answered per item instead, so one group that is not hosted (yet) does not
+//! fail the other groups' heartbeats.
+
+use std::collections::HashMap;
+use std::sync::{PoisonError, RwLock};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::header::{HeaderValue, CONTENT_TYPE};
+use hyper::{Method, Request, Response, StatusCode};
+use openraft::alias::SnapshotOf;
+use openraft::storage::RaftStateMachine;
+
+use crate::net::wire::{self, WireError};
+use crate::types::{GroupId, KvRaft, Raft, SnapshotData};
+
+/// The response body type of [`handle_raft`] (kv-http's).
+pub type Body = Full<Bytes>;
+
+/// The groups a node hosts: group id → its `Raft` handle.
+pub struct Groups<SM: RaftStateMachine<KvRaft>> {
+    inner: RwLock<HashMap<GroupId, Raft<SM>>>,
+}
+
+impl<SM: RaftStateMachine<KvRaft>> Default for Groups<SM> {
+    fn default() -> Self {
+        Self {
+            inner: RwLock::new(HashMap::new()),
+        }
+    }
+}
+
+impl<SM: RaftStateMachine<KvRaft>> Groups<SM> {
+    /// Hosts `raft` as group `group` (replacing any earlier handle).
+    pub fn insert(&self, group: GroupId, raft: Raft<SM>) {
+        self.inner
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(group, raft);
+    }
+
+    /// Stops hosting `group`; returns its handle.
+    pub fn remove(&self, group: GroupId) -> Option<Raft<SM>> {
+        self.inner
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&group)
+    }
+
+    /// Group `group`'s handle, if hosted.
+    pub fn get(&self, group: GroupId) -> Option<Raft<SM>> {
+        self.inner
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&group)
+            .cloned()
+    }
+}
+
+/// Why a `/-/raft/...` request was refused: the one place mapping each case
+/// to a status.
+#[derive(Debug, thiserror::Error)]
+pub enum RaftHttpError {
+    /// No such route under `/-/raft/`.
+    #[error("Unknown raft path")]
+    UnknownPath,
+    /// Every route is a POST.
+    #[error("Method not allowed; this path accepts POST")]
+    MethodNotAllowed,
+    /// The body names a group this node does not host.
+    #[error("Unknown raft group {0}")]
+    UnknownGroup(GroupId),
+    /// The body is not a valid message for the route.
+    #[error("Undecodable raft message: {0}")]
+    Undecodable(#[source] postcard::Error),
+    /// The body is over the route's limit.
+    #[error("Raft message too large: the limit is {limit} bytes")]
+    TooLarge { limit: usize },
+    /// The body could not be read (the peer went away).
+    #[error("Could not read the raft message: {0}")]
+    BodyRead(String),
+    /// The group refused fatally (shutting down, storage error).
+    #[error("Raft group {group} failed: {message}")]
+    Fatal { group: GroupId, message: String },
+    /// The answer could not be encoded (never expected).
+    #[error("Could not encode the raft answer: {0}")]
+    Encode(#[source] postcard::Error),
+}
+
+impl RaftHttpError {
+    /// The HTTP status of this error.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            RaftHttpError::UnknownPath | RaftHttpError::UnknownGroup(_) => StatusCode::NOT_FOUND,
+            RaftHttpError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            RaftHttpError::Undecodable(_) | RaftHttpError::BodyRead(_) => StatusCode::BAD_REQUEST,
+            RaftHttpError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            RaftHttpError::Fatal { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            RaftHttpError::Encode(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn into_response(self) -> Response<Body> {
+        let body = serde_json::json!({ "error": self.to_string() }).to_string() + "\n";
+        let mut response = kv_http::json_response(self.status(), Bytes::from(body));
+        if self.status() == StatusCode::METHOD_NOT_ALLOWED {
+            response
+                .headers_mut()
+                .insert(hyper::header::ALLOW, HeaderValue::from_static("POST"));
+        }
+        response
+    }
+}
+
+/// Serves one `/-/raft/...` request against the node's groups. Never
+/// panics on what the peer sent; every failure is a JSON error.
+pub async fn handle_raft<B, SM>(request: Request<B>, groups: &Groups<SM>) -> Response<Body>
+where
+    B: hyper::body::Body,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    SM: RaftStateMachine<KvRaft, SnapshotData = SnapshotData>,
+{
+    match serve(request, groups).await {
+        Ok(body) => {
+            let mut response = Response::new(Full::new(Bytes::from(body)));
+            response
+                .headers_mut()
+                .insert(CONTENT_TYPE, HeaderValue::from_static(wire::CONTENT_TYPE));
+            response
+        }
+        Err(error) => {
+            if !matches!(error, RaftHttpError::Fatal { .. }) {
+                log::debug!("refused a raft request: {error}");
+            }
+            error.into_response()
+        }
+    }
+}
+
+async fn serve<B, SM>(request: Request<B>, groups: &Groups<SM>) -> Result<Vec<u8>, RaftHttpError>
+where
+    B: hyper::body::Body,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    SM: RaftStateMachine<KvRaft, SnapshotData = SnapshotData>,
+{
+    let route: &'static str = match request.uri().path() {
+        wire::APPEND => wire::APPEND,
+        wire::VOTE => wire::VOTE,
+        wire::PRE_VOTE => wire::PRE_VOTE,
+        wire::TRANSFER_LEADER => wire::TRANSFER_LEADER,
+        wire::SNAPSHOT => wire::SNAPSHOT,
+        _ => return Err(RaftHttpError::UnknownPath),
+    };
+    if request.method() != Method::POST {
+        return Err(RaftHttpError::MethodNotAllowed);
+    }
+    let limit = if route == wire::SNAPSHOT {
+        wire::MAX_SNAPSHOT_BODY
+    } else {
+        wire::MAX_RPC_BODY
+    };
+    let body = read_body(request.into_body(), limit).await?;
+    match route {
+        wire::APPEND => {
+            let batch: wire::AppendBatch =
+                wire::decode(&body).map_err(RaftHttpError::Undecodable)?;
+            let replies: wire::AppendReplies =
+                futures_util::future::join_all(batch.into_iter().map(|(group, rpc)| async move {
+                    let reply = match groups.get(group) {
+                        None => Err(WireError::UnknownGroup(group)),
+                        Some(raft) => {
+                            raft.append_entries(rpc)
+                                .await
+                                .map_err(|error| WireError::Fatal {
+                                    group,
+                                    message: error.to_string(),
+                                })
+                        }
+                    };
+                    (group, reply)
+                }))
+                .await;
+            wire::encode(&replies).map_err(RaftHttpError::Encode)
+        }
+        wire::VOTE | wire::PRE_VOTE => {
+            let (group, rpc): wire::VoteBody =
+                wire::decode(&body).map_err(RaftHttpError::Undecodable)?;
+            let raft = groups
+                .get(group)
+                .ok_or(RaftHttpError::UnknownGroup(group))?;
+            let reply = if route == wire::VOTE {
+                raft.vote(rpc).await
+            } else {
+                raft.pre_vote(rpc).await
+            };
+            let reply: wire::VoteReply = reply.map_err(|error| fatal(group, &error))?;
+            wire::encode(&reply).map_err(RaftHttpError::Encode)
+        }
+        wire::TRANSFER_LEADER => {
+            let (group, rpc): wire::TransferBody =
+                wire::decode(&body).map_err(RaftHttpError::Undecodable)?;
+            let raft = groups
+                .get(group)
+                .ok_or(RaftHttpError::UnknownGroup(group))?;
+            let reply: wire::TransferReply = raft
+                .handle_transfer_leader(rpc)
+                .await
+                .map_err(|error| fatal(group, &error))?;
+            wire::encode(&reply).map_err(RaftHttpError::Encode)
+        }
+        _ => {
+            let (group, vote, meta, data): wire::SnapshotBody =
+                wire::decode(&body).map_err(RaftHttpError::Undecodable)?;
+            let raft = groups
+                .get(group)
+                .ok_or(RaftHttpError::UnknownGroup(group))?;
+            let snapshot = SnapshotOf::<KvRaft, SnapshotData> {
+                meta,
+                snapshot: SnapshotData::new(data),
+            };
+            let reply: wire::SnapshotReply = raft
+                .install_full_snapshot(vote, snapshot)
+                .await
+                .map_err(|error| fatal(group, &error))?;
+            wire::encode(&reply).map_err(RaftHttpError::Encode)
+        }
+    }
+}
+
+fn fatal(group: GroupId, error: &dyn std::fmt::Display) -> RaftHttpError {
+    RaftHttpError::Fatal {
+        group,
+        message: error.to_string(),
+    }
+}
+
+async fn read_body<B>(body: B, limit: usize) -> Result<Bytes, RaftHttpError>
+where
+    B: hyper::body::Body,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    match Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(error) => match error.downcast::<http_body_util::LengthLimitError>() {
+            Ok(_) => Err(RaftHttpError::TooLarge { limit }),
+            Err(error) => Err(RaftHttpError::BodyRead(error.to_string())),
+        },
+    }
+}
