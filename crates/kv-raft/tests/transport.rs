@@ -449,3 +449,66 @@ async fn bad_raft_requests_get_json_errors() {
         .unwrap();
     cluster.shutdown().await;
 }
+
+/// Not a test: how many appends one `POST /-/raft/append` carries, idle
+/// (heartbeats only) and under concurrent writes to every group. Run with
+/// `cargo test -p kv-raft --release --test transport -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement, printed; run by hand"]
+async fn measure_append_batching() {
+    let groups = 64;
+    let cluster = Cluster::start(groups).await;
+    for group in 0..groups {
+        cluster.leader(group, None).await;
+    }
+    let totals = |cluster: &Cluster| {
+        cluster
+            .nodes
+            .values()
+            .fold((0, 0), |(appends, posts), node| {
+                let stats = node.network.stats();
+                (appends + stats.appends, posts + stats.posts)
+            })
+    };
+    let window = Duration::from_secs(3);
+    let before = totals(&cluster);
+    // A measurement window, not synchronisation.
+    tokio::time::sleep(window).await;
+    let after = totals(&cluster);
+    let (appends, posts) = (after.0 - before.0, after.1 - before.1);
+    eprintln!(
+        "idle, {groups} groups, {window:?}: {appends} appends in {posts} POSTs ({:.2} per POST, {:.0} POSTs/s per node)",
+        appends as f64 / posts as f64,
+        posts as f64 / window.as_secs_f64() / 3.0
+    );
+
+    let before = totals(&cluster);
+    let started = std::time::Instant::now();
+    let mut writers = JoinSet::new();
+    for group in 0..groups {
+        let leader = cluster.leader(group, None).await;
+        for writer in 0..4 {
+            let raft = cluster.nodes[&leader].raft(group);
+            writers.spawn(async move {
+                for i in 0..50 {
+                    raft.client_write(put(&format!("w{writer}-{i}"), "value"))
+                        .await
+                        .unwrap();
+                }
+            });
+        }
+    }
+    while let Some(done) = writers.join_next().await {
+        done.unwrap();
+    }
+    let elapsed = started.elapsed();
+    let after = totals(&cluster);
+    let (appends, posts) = (after.0 - before.0, after.1 - before.1);
+    eprintln!(
+        "{} concurrent writers, {} writes in {elapsed:?}: {appends} appends in {posts} POSTs ({:.2} per POST)",
+        groups * 4,
+        groups * 200,
+        appends as f64 / posts as f64
+    );
+    cluster.shutdown().await;
+}

@@ -10,6 +10,15 @@
 //!   waits for the next one; one arriving on an idle peer is sent at once.
 //!   So there is no linger: batching happens exactly when several are
 //!   pending (design §7).
+//!
+//!   Measured (`measure_append_batching` in `tests/transport.rs`, release,
+//!   3 in-process nodes × 64 groups, loopback, 3 runs on the shared 2-core
+//!   machine): under 256 concurrent writers a POST carried 10.4-10.5 appends
+//!   (≈ 10,000 appends in ≈ 960 POSTs); idle, heartbeats alone, 1.05-1.08
+//!   (≈ 370 POSTs/s per node): each group's heartbeat timer runs on its own,
+//!   so idle heartbeats rarely meet in a queue. Aligning them would need a
+//!   linger on heartbeat-only batches, which would also delay read-index
+//!   confirmations; not done.
 //! - a small **pool** of keep-alive connections for votes, pre-votes,
 //!   leadership transfers and snapshots, so a snapshot never delays
 //!   heartbeats.

@@ -254,3 +254,47 @@ where
         },
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    async fn answer(path: &str, body: Vec<u8>) -> (StatusCode, serde_json::Value) {
+        let groups = Groups::<crate::mem::MemSm>::default();
+        let request = Request::post(path)
+            .body(Full::new(Bytes::from(body)))
+            .unwrap();
+        let response = handle_raft(request, &groups).await;
+        let status = response.status();
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        (status, serde_json::from_slice(&bytes).unwrap())
+    }
+
+    #[tokio::test]
+    async fn an_oversized_append_is_413_json() {
+        let (status, json) = answer(wire::APPEND, vec![0; wire::MAX_RPC_BODY + 1]).await;
+        assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(
+            json["error"],
+            format!(
+                "Raft message too large: the limit is {} bytes",
+                wire::MAX_RPC_BODY
+            )
+        );
+    }
+
+    #[tokio::test]
+    async fn every_truncation_of_a_vote_is_a_400_json() {
+        let vote = openraft::raft::VoteRequest::<KvRaft>::new(openraft::Vote::new(7, 2), None);
+        let bytes = wire::encode(&(3u32, vote)).unwrap();
+        for cut in 0..bytes.len() {
+            let (status, json) = answer(wire::VOTE, bytes[..cut].to_vec()).await;
+            assert_eq!(status, StatusCode::BAD_REQUEST, "cut at {cut}");
+            assert!(json["error"].as_str().unwrap().starts_with("Undecodable"));
+        }
+        // Whole, it decodes: the group is simply not hosted.
+        let (status, _) = answer(wire::VOTE, bytes).await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+    }
+}
