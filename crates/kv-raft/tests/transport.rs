@@ -94,6 +94,15 @@ impl Cluster {
     /// each, so every node hosts every group), each initialised once by its
     /// preferred leader.
     async fn start(groups: u32) -> Cluster {
+        Self::start_with(groups, |_, _| ()).await
+    }
+
+    /// As [`Cluster::start`]; `adjust` may change a member's advertised
+    /// address and the nodes' networks before any group exists.
+    async fn start_with(
+        groups: u32,
+        adjust: impl Fn(&mut BTreeMap<u64, String>, &BTreeMap<NodeId, Node>),
+    ) -> Cluster {
         let config = raft_config(Timeouts::default()).unwrap();
         let mut nodes = BTreeMap::new();
         for id in 1..=3 {
@@ -108,10 +117,11 @@ impl Cluster {
             node.serve(0).await;
             nodes.insert(id, node);
         }
-        let members: BTreeMap<u64, String> = nodes
+        let mut members: BTreeMap<u64, String> = nodes
             .iter()
             .map(|(id, node)| (*id, node.addr.to_string()))
             .collect();
+        adjust(&mut members, &nodes);
         let spec = ClusterSpec {
             node_id: 1,
             shards: groups,
@@ -510,5 +520,39 @@ async fn measure_append_batching() {
         groups * 200,
         appends as f64 / posts as f64
     );
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_overrides_the_advertised_address() {
+    // Node 3 advertises a port nobody listens on (bound, then closed); the
+    // others reach it only through the route to its real address.
+    let dead = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().to_string()
+    };
+    let cluster = Cluster::start_with(1, |members, nodes| {
+        let real = members[&3].clone();
+        members.insert(3, dead.clone());
+        for node in nodes.values() {
+            node.network.set_route(3, real.clone());
+        }
+    })
+    .await;
+    let leader = cluster.leader(0, None).await;
+    let written = cluster.nodes[&leader]
+        .raft(0)
+        .client_write(put("k", "routed"))
+        .await
+        .unwrap();
+    cluster.applied(3, 0, written.log_id.index).await;
+    assert_eq!(cluster.nodes[&3].sms[&0].get("k"), Some(b"routed".to_vec()));
+    let membership = cluster.nodes[&3]
+        .raft(0)
+        .metrics()
+        .borrow_watched()
+        .membership_config
+        .clone();
+    assert_eq!(membership.membership().get_node(&3).unwrap().addr, dead);
     cluster.shutdown().await;
 }

@@ -123,6 +123,8 @@ type PeerMap = HashMap<(NodeId, String), Arc<Peer>>;
 #[derive(Clone, Default)]
 pub struct Network {
     peers: Arc<Mutex<PeerMap>>,
+    /// Addresses that override a member's advertised one (`--raft-route`).
+    routes: Arc<Mutex<HashMap<NodeId, String>>>,
     counters: Arc<Counters>,
 }
 
@@ -140,6 +142,17 @@ impl Network {
         }
     }
 
+    /// Sends node-to-node traffic for member `target` to `addr` instead of
+    /// the address in its membership (`--raft-route`: tests put a
+    /// fault-injecting relay there, design §7). Applies to clients openraft
+    /// creates from now on.
+    pub fn set_route(&self, target: NodeId, addr: String) {
+        self.routes
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(target, addr);
+    }
+
     /// What the append path did so far.
     pub fn stats(&self) -> TransportStats {
         TransportStats {
@@ -148,7 +161,14 @@ impl Network {
         }
     }
 
-    fn peer(&self, target: NodeId, addr: &str) -> Arc<Peer> {
+    fn peer(&self, target: NodeId, advertised: &str) -> Arc<Peer> {
+        let route = self
+            .routes
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&target)
+            .cloned();
+        let addr = route.as_deref().unwrap_or(advertised);
         let mut peers = self.peers.lock().unwrap_or_else(PoisonError::into_inner);
         let peer = peers
             .entry((target, addr.to_string()))
