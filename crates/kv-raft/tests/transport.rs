@@ -415,6 +415,25 @@ async fn raw(addr: SocketAddr, method: &str, path: &str, body: &[u8]) -> (u16, S
     (status, body)
 }
 
+/// A POST whose answer body is binary: status and raw body.
+async fn raw_bytes(addr: SocketAddr, path: &str, body: &[u8]) -> (u16, Vec<u8>) {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream.write_all(body).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(BOUND, stream.read_to_end(&mut answer))
+        .await
+        .unwrap()
+        .unwrap();
+    let status = String::from_utf8_lossy(&answer[9..12]).parse().unwrap();
+    let split = answer.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+    (status, answer[split + 4..].to_vec())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_raft_requests_get_json_errors() {
     let cluster = Cluster::start(1).await;
@@ -450,13 +469,46 @@ async fn bad_raft_requests_get_json_errors() {
     assert_eq!(status, 404, "{body}");
     assert_eq!(error(&body), "Unknown raft path");
 
-    // The group still works after all that.
+    // Decodable but inconsistent (out of order, a gap): openraft would
+    // assert on it and its group would die; refused per item instead.
+    let log_id = |index| openraft::testing::log_id::<kv_raft::KvRaft>(1, 2, index);
+    let blank = |index| openraft::alias::EntryOf::<kv_raft::KvRaft> {
+        log_id: log_id(index),
+        payload: openraft::EntryPayload::Blank,
+    };
+    let rpc = openraft::raft::AppendEntriesRequest::<kv_raft::KvRaft> {
+        vote: openraft::Vote::new_committed(1, 2),
+        prev_log_id: None,
+        entries: vec![blank(9), blank(3)],
+        leader_commit: Some(log_id(9)),
+    };
+    let bytes = postcard::to_stdvec(&vec![(0u32, rpc)]).unwrap();
+    for node in cluster.nodes.values() {
+        let (status, body) = raw_bytes(node.addr, "/-/raft/append", &bytes).await;
+        assert_eq!(status, 200);
+        let replies: Vec<(
+            u32,
+            Result<openraft::raft::AppendEntriesResponse<kv_raft::KvRaft>, kv_raft::net::WireError>,
+        )> = postcard::from_bytes(&body).unwrap();
+        assert!(
+            matches!(
+                &replies[..],
+                [(0, Err(kv_raft::net::WireError::Malformed { group: 0, .. }))]
+            ),
+            "{replies:?}"
+        );
+    }
+
+    // The group still works after all that, on every node.
     let leader = cluster.leader(0, None).await;
-    cluster.nodes[&leader]
+    let written = cluster.nodes[&leader]
         .raft(0)
         .client_write(put("k", "v"))
         .await
         .unwrap();
+    for id in cluster.nodes.keys() {
+        cluster.applied(*id, 0, written.log_id.index).await;
+    }
     cluster.shutdown().await;
 }
 

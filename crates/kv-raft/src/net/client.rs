@@ -96,7 +96,13 @@ impl CallError {
 
 impl From<WireError> for CallError {
     fn from(error: WireError) -> Self {
-        CallError::Unreachable(error.to_string())
+        match error {
+            // We sent something no leader should: a bug, not a fault.
+            WireError::Malformed { .. } => CallError::Protocol(error.to_string()),
+            WireError::UnknownGroup(_) | WireError::Fatal { .. } => {
+                CallError::Unreachable(error.to_string())
+            }
+        }
     }
 }
 

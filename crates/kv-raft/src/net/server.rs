@@ -7,6 +7,14 @@
 //! every other error kv answers. Inside an append batch an unknown group is
 //! answered per item instead, so one group that is not hosted (yet) does not
 //! fail the other groups' heartbeats.
+//!
+//! Decoding is not enough: openraft asserts on messages no protocol-following
+//! leader sends (entries that do not follow `prev_log_id`, log ids from
+//! beyond the sender's vote), and a failed assertion kills that group's core
+//! task. Such appends and snapshots are refused before openraft sees them
+//! (400, or `WireError::Malformed` per item in a batch). This is a guard
+//! against bugs and garbage, not against a lying peer: authenticating peers
+//! is issue 14's.
 
 use std::collections::HashMap;
 use std::sync::{PoisonError, RwLock};
@@ -16,6 +24,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::header::{HeaderValue, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
 use openraft::alias::SnapshotOf;
+use openraft::raft::AppendEntriesRequest;
 use openraft::storage::RaftStateMachine;
 
 use crate::net::wire::{self, WireError};
@@ -80,6 +89,10 @@ pub enum RaftHttpError {
     /// The body is not a valid message for the route.
     #[error("Undecodable raft message: {0}")]
     Undecodable(#[source] postcard::Error),
+    /// The message decodes but no protocol-following leader sends it
+    /// (openraft asserts on such messages and its group would die).
+    #[error("Malformed raft message: {0}")]
+    Malformed(String),
     /// The body is over the route's limit.
     #[error("Raft message too large: the limit is {limit} bytes")]
     TooLarge { limit: usize },
@@ -100,7 +113,9 @@ impl RaftHttpError {
         match self {
             RaftHttpError::UnknownPath | RaftHttpError::UnknownGroup(_) => StatusCode::NOT_FOUND,
             RaftHttpError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            RaftHttpError::Undecodable(_) | RaftHttpError::BodyRead(_) => StatusCode::BAD_REQUEST,
+            RaftHttpError::Undecodable(_)
+            | RaftHttpError::Malformed(_)
+            | RaftHttpError::BodyRead(_) => StatusCode::BAD_REQUEST,
             RaftHttpError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             RaftHttpError::Fatal { .. } => StatusCode::SERVICE_UNAVAILABLE,
             RaftHttpError::Encode(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -173,9 +188,10 @@ where
                 wire::decode(&body).map_err(RaftHttpError::Undecodable)?;
             let replies: wire::AppendReplies =
                 futures_util::future::join_all(batch.into_iter().map(|(group, rpc)| async move {
-                    let reply = match groups.get(group) {
-                        None => Err(WireError::UnknownGroup(group)),
-                        Some(raft) => {
+                    let reply = match (groups.get(group), check_append(&rpc)) {
+                        (None, _) => Err(WireError::UnknownGroup(group)),
+                        (Some(_), Err(message)) => Err(WireError::Malformed { group, message }),
+                        (Some(raft), Ok(())) => {
                             raft.append_entries(rpc)
                                 .await
                                 .map_err(|error| WireError::Fatal {
@@ -221,6 +237,13 @@ where
             let raft = groups
                 .get(group)
                 .ok_or(RaftHttpError::UnknownGroup(group))?;
+            if let Some(last) = &meta.last_log_id {
+                if last.leader_id > vote.leader_id {
+                    return Err(RaftHttpError::Malformed(format!(
+                        "snapshot up to {last} is beyond its sender's vote {vote}"
+                    )));
+                }
+            }
             let snapshot = SnapshotOf::<KvRaft, SnapshotData> {
                 meta,
                 snapshot: SnapshotData::new(data),
@@ -232,6 +255,42 @@ where
             wire::encode(&reply).map_err(RaftHttpError::Encode)
         }
     }
+}
+
+/// What every append from a protocol-following leader satisfies and
+/// openraft asserts (a failed assertion kills the group's core task):
+/// entries follow `prev_log_id` at consecutive indexes, log ids increase,
+/// and none is from a leader later than the sender's vote.
+fn check_append(rpc: &AppendEntriesRequest<KvRaft>) -> Result<(), String> {
+    let mut previous = rpc.prev_log_id;
+    if let Some(prev) = &rpc.prev_log_id {
+        if prev.leader_id > rpc.vote.leader_id {
+            return Err(format!(
+                "prev_log_id {prev} is beyond the sender's vote {}",
+                rpc.vote
+            ));
+        }
+    }
+    let first_index = rpc.prev_log_id.map_or(0, |log_id| log_id.index + 1);
+    for (due, entry) in (first_index..).zip(&rpc.entries) {
+        let log_id = entry.log_id;
+        if log_id.index != due {
+            return Err(format!("entry {log_id} where index {due} was due"));
+        }
+        if previous.is_some_and(|previous| previous.leader_id > log_id.leader_id) {
+            return Err(format!(
+                "entry {log_id} is from an earlier leader than the one before it"
+            ));
+        }
+        if log_id.leader_id > rpc.vote.leader_id {
+            return Err(format!(
+                "entry {log_id} is beyond the sender's vote {}",
+                rpc.vote
+            ));
+        }
+        previous = Some(log_id);
+    }
+    Ok(())
 }
 
 fn fatal(group: GroupId, error: &dyn std::fmt::Display) -> RaftHttpError {
@@ -296,5 +355,46 @@ mod tests {
         // Whole, it decodes: the group is simply not hosted.
         let (status, _) = answer(wire::VOTE, bytes).await;
         assert_eq!(status, StatusCode::NOT_FOUND);
+    }
+
+    fn append(
+        vote_term: u64,
+        prev: Option<(u64, u64)>,
+        entries: &[(u64, u64)],
+    ) -> AppendEntriesRequest<KvRaft> {
+        let log_id = |(term, index)| openraft::testing::log_id::<KvRaft>(term, 2, index);
+        AppendEntriesRequest {
+            vote: openraft::Vote::new_committed(vote_term, 2),
+            prev_log_id: prev.map(log_id),
+            entries: entries
+                .iter()
+                .map(|at| openraft::alias::EntryOf::<KvRaft> {
+                    log_id: log_id(*at),
+                    payload: openraft::EntryPayload::Blank,
+                })
+                .collect(),
+            leader_commit: None,
+        }
+    }
+
+    #[test]
+    fn appends_a_leader_could_send_pass_the_check() {
+        assert!(check_append(&append(3, None, &[])).is_ok());
+        assert!(check_append(&append(3, Some((1, 4)), &[])).is_ok());
+        assert!(check_append(&append(3, None, &[(1, 0), (1, 1), (3, 2)])).is_ok());
+        assert!(check_append(&append(3, Some((2, 4)), &[(2, 5), (3, 6)])).is_ok());
+    }
+
+    #[test]
+    fn appends_no_leader_sends_fail_the_check() {
+        // A gap, a repeat, and not following prev_log_id.
+        assert!(check_append(&append(3, None, &[(1, 0), (1, 2)])).is_err());
+        assert!(check_append(&append(3, None, &[(1, 0), (1, 0)])).is_err());
+        assert!(check_append(&append(3, Some((1, 4)), &[(1, 4)])).is_err());
+        // A later entry from an earlier leader.
+        assert!(check_append(&append(3, None, &[(2, 0), (1, 1)])).is_err());
+        // Entries or prev from beyond the sender's own vote.
+        assert!(check_append(&append(3, None, &[(4, 0)])).is_err());
+        assert!(check_append(&append(3, Some((5, 1)), &[])).is_err());
     }
 }

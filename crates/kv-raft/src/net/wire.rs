@@ -43,6 +43,9 @@ pub enum WireError {
     /// The peer hosts no such group (not created yet, or dropped).
     #[error("group {0} is not hosted there")]
     UnknownGroup(GroupId),
+    /// The message decodes but breaks what every leader's append satisfies.
+    #[error("group {group}: malformed append: {message}")]
+    Malformed { group: GroupId, message: String },
     /// The peer's group refused fatally (shutting down, storage error).
     #[error("group {group}: {message}")]
     Fatal { group: GroupId, message: String },
