@@ -4,7 +4,9 @@
 //! postcard, not JSON: openraft's messages carry values as byte vectors,
 //! which JSON spells as arrays of numbers (the design's spike: an append of
 //! a membership entry, a 100-byte put and a blank entry is 182 bytes in
-//! postcard, 988 in JSON; a vote request 8 vs 151; see the test below).
+//! postcard, 988 in JSON; a vote request 8 vs 151). Here: a batch of two
+//! appends, each a 100-byte put and a blank entry, is 263 bytes in postcard
+//! and 1590 in JSON (`append_batch_round_trips_and_is_smaller_than_json`).
 
 use openraft::alias::{SnapshotMetaOf, VoteOf};
 use openraft::raft::{
@@ -112,6 +114,11 @@ mod tests {
         assert_eq!(encode(&back).unwrap(), bytes);
         assert_eq!(format!("{back:?}"), format!("{batch:?}"));
         let json = serde_json::to_vec(&batch).unwrap();
+        eprintln!(
+            "append batch of 2: postcard {} bytes, json {}",
+            bytes.len(),
+            json.len()
+        );
         assert!(
             bytes.len() * 3 < json.len(),
             "postcard {} bytes, json {} bytes",
