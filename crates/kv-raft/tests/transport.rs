@@ -87,6 +87,8 @@ impl Node {
 struct Cluster {
     nodes: BTreeMap<NodeId, Node>,
     groups: Vec<GroupId>,
+    /// Per group, the node that initialised it (kv-cluster's preferred leader).
+    preferred: Vec<NodeId>,
 }
 
 impl Cluster {
@@ -153,9 +155,13 @@ impl Cluster {
                 .map(|id| (*id, BasicNode::new(members[id].clone())))
                 .collect();
             let initialiser = &nodes[&preferred[group as usize]];
-            initialiser.raft(group).initialize(voters).await.unwrap();
+            let raft = initialiser.raft(group);
+            raft.initialize(voters.clone()).await.unwrap();
+            // Exactly once: openraft refuses a second initialisation.
+            assert!(raft.initialize(voters).await.is_err());
         }
         Cluster {
+            preferred,
             nodes,
             groups: (0..groups).collect(),
         }
@@ -228,6 +234,12 @@ async fn groups_elect_replicate_read_refuse_on_followers_and_transfer() {
     let cluster = Cluster::start(4).await;
     for &group in &cluster.groups {
         let leader_id = cluster.leader(group, None).await;
+        // The initialiser is the first leader: first leaders are spread
+        // as kv-cluster prefers (design §8-9).
+        assert_eq!(
+            leader_id, cluster.preferred[group as usize],
+            "group {group}"
+        );
         let leader = cluster.nodes[&leader_id].raft(group);
 
         // A write on the leader commits on a majority, applies everywhere.
