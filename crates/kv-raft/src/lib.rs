@@ -29,4 +29,5 @@ pub mod mem;
 pub use net::{handle_raft, Groups, Network, RaftHttpError};
 pub use types::{
     raft_config, Command, GroupId, KvRaft, NodeId, Outcome, Raft, SnapshotData, Timeouts,
+    MAX_REPLICATED_VALUE,
 };

@@ -91,7 +91,26 @@ impl Default for Timeouts {
     }
 }
 
+/// Most bytes of entries one append RPC of one group carries (estimated
+/// as key + value + [`ENTRY_OVERHEAD`] per entry): a quarter of the
+/// transport's [`MAX_RPC_BODY`](crate::net::MAX_RPC_BODY), so a batch of
+/// several groups' appends fits under it too.
+pub const APPEND_BUDGET: usize = crate::net::MAX_RPC_BODY / 4;
+
+/// Estimated bytes per entry besides its key and value (log id, framing).
+pub const ENTRY_OVERHEAD: usize = 64;
+
+/// The largest value a clustered node can replicate: one entry must fit in
+/// one append ([`APPEND_BUDGET`]). kv-node must refuse a larger
+/// `--max-value-bytes` in cluster mode.
+pub const MAX_REPLICATED_VALUE: usize = APPEND_BUDGET - ENTRY_OVERHEAD - crate::net::MAX_KEY_BYTES;
+
 /// The openraft configuration every group of a node runs with, validated.
+///
+/// `max_value_bytes` (kv-node's `--max-value-bytes`, at most
+/// [`MAX_REPLICATED_VALUE`]) sizes `max_payload_entries`: openraft bounds an
+/// append by entry count only, and 1000 entries of 1 MiB values would be a
+/// 1 GB request that the peer refuses (413) forever.
 ///
 /// - pre-vote on, so a node back from a partition does not depose a healthy
 ///   leader (our transport implements `pre_vote`; openraft's default grants
@@ -101,7 +120,14 @@ impl Default for Timeouts {
 /// - a short log tail kept after a snapshot, so a briefly lagging follower
 ///   catches up from the log rather than a snapshot;
 /// - `api_channel_size` 1024 per group instead of 65536: 64 groups per node.
-pub fn raft_config(timeouts: Timeouts) -> Result<Arc<Config>, openraft::ConfigError> {
+pub fn raft_config(
+    timeouts: Timeouts,
+    max_value_bytes: usize,
+) -> Result<Arc<Config>, openraft::ConfigError> {
+    let per_entry = max_value_bytes
+        .saturating_add(crate::net::MAX_KEY_BYTES)
+        .saturating_add(ENTRY_OVERHEAD);
+    let max_payload_entries = (APPEND_BUDGET / per_entry).clamp(1, 1000) as u64;
     let config = Config {
         cluster_name: "kv".to_string(),
         heartbeat_interval: timeouts.heartbeat_ms,
@@ -111,7 +137,7 @@ pub fn raft_config(timeouts: Timeouts) -> Result<Arc<Config>, openraft::ConfigEr
         snapshot_policy: SnapshotPolicy::Never,
         max_in_snapshot_log_to_keep: 1000,
         replication_lag_threshold: 5000,
-        max_payload_entries: 1000,
+        max_payload_entries,
         install_snapshot_timeout: 2000,
         api_channel_size: Some(1024),
         ..Default::default()
@@ -126,7 +152,7 @@ mod tests {
 
     #[test]
     fn default_config_is_valid_and_has_pre_vote() {
-        let config = raft_config(Timeouts::default()).unwrap();
+        let config = raft_config(Timeouts::default(), 1 << 20).unwrap();
         assert_eq!(config.enable_pre_vote, Some(true));
         assert_eq!(config.election_timeout_max, 600);
         assert!(matches!(config.snapshot_policy, SnapshotPolicy::Never));
@@ -139,7 +165,35 @@ mod tests {
             election_min_ms: 600,
             election_max_ms: 300,
         };
-        assert!(raft_config(timeouts).is_err());
+        assert!(raft_config(timeouts, 1 << 20).is_err());
+    }
+
+    #[test]
+    fn an_append_of_the_largest_values_fits_the_budget() {
+        for max_value in [0, 100, 1 << 20, 8 << 20, MAX_REPLICATED_VALUE] {
+            let config = raft_config(Timeouts::default(), max_value).unwrap();
+            let entries = config.max_payload_entries as usize;
+            assert!(entries >= 1);
+            if entries > 1 {
+                let per_entry = max_value + crate::net::MAX_KEY_BYTES + ENTRY_OVERHEAD;
+                assert!(
+                    entries * per_entry <= APPEND_BUDGET,
+                    "{max_value}: {entries}"
+                );
+            }
+        }
+        assert_eq!(
+            raft_config(Timeouts::default(), 100)
+                .unwrap()
+                .max_payload_entries,
+            1000
+        );
+        assert_eq!(
+            raft_config(Timeouts::default(), MAX_REPLICATED_VALUE)
+                .unwrap()
+                .max_payload_entries,
+            1
+        );
     }
 
     #[test]

@@ -105,7 +105,7 @@ impl Cluster {
         groups: u32,
         adjust: impl Fn(&mut BTreeMap<u64, String>, &BTreeMap<NodeId, Node>),
     ) -> Cluster {
-        let config = raft_config(Timeouts::default()).unwrap();
+        let config = raft_config(Timeouts::default(), 1 << 20).unwrap();
         let mut nodes = BTreeMap::new();
         for id in 1..=3 {
             let mut node = Node {

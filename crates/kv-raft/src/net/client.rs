@@ -46,17 +46,22 @@ use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest,
     TransferLeaderResponse, VoteRequest, VoteResponse,
 };
-use openraft::{BasicNode, OptionalSend};
+use openraft::{BasicNode, EntryPayload, OptionalSend};
 use serde::de::DeserializeOwned;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::net::wire::{self, WireError};
-use crate::types::{GroupId, KvRaft, NodeId, SnapshotData};
+use crate::types::{Command, GroupId, KvRaft, NodeId, SnapshotData, ENTRY_OVERHEAD};
 
 /// Most appends put in one batch (bounds one request's size with
 /// `max_payload_entries` per append).
 const MAX_BATCH: usize = 256;
+/// Most estimated bytes one `POST /-/raft/append` carries: half the peer's
+/// body limit. One group's append stays under a quarter of it
+/// ([`crate::types::APPEND_BUDGET`] sizes `max_payload_entries`), so a batch
+/// never reaches the limit.
+const BATCH_BUDGET: usize = wire::MAX_RPC_BODY / 2;
 /// Idle pooled connections kept per peer.
 const MAX_IDLE: usize = 4;
 
@@ -275,14 +280,16 @@ async fn batcher(
     counters: Arc<Counters>,
 ) {
     let mut connection: Option<SendRequest<Full<Bytes>>> = None;
-    while let Some(first) = queue.recv().await {
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match queue.try_recv() {
-                Ok(pending) => batch.push(pending),
-                Err(_) => break,
-            }
-        }
+    let mut carry = None;
+    loop {
+        let first = match carry.take() {
+            Some(pending) => pending,
+            None => match queue.recv().await {
+                Some(pending) => pending,
+                None => break,
+            },
+        };
+        let mut batch = form_batch(first, &mut queue, &mut carry);
         // Callers that gave up (timed out) need no answer.
         batch.retain(|pending| !pending.reply.is_closed());
         if batch.is_empty() {
@@ -331,6 +338,53 @@ async fn batcher(
             }
         }
     }
+}
+
+/// `first` and what else is queued, up to [`MAX_BATCH`] appends and
+/// [`BATCH_BUDGET`] estimated bytes; the first one over the budget is left
+/// in `carry` for the next batch.
+fn form_batch(
+    first: Pending,
+    queue: &mut mpsc::UnboundedReceiver<Pending>,
+    carry: &mut Option<Pending>,
+) -> Vec<Pending> {
+    let mut bytes = estimated_bytes(&first.rpc);
+    let mut batch = vec![first];
+    while batch.len() < MAX_BATCH {
+        let Ok(next) = queue.try_recv() else {
+            break;
+        };
+        let size = estimated_bytes(&next.rpc);
+        if bytes + size > BATCH_BUDGET {
+            *carry = Some(next);
+            break;
+        }
+        bytes += size;
+        batch.push(next);
+    }
+    batch
+}
+
+/// An append's encoded size, roughly: keys and values plus a fixed
+/// overhead per entry (a membership entry lists every member).
+fn estimated_bytes(rpc: &AppendEntriesRequest<KvRaft>) -> usize {
+    let entries: usize = rpc
+        .entries
+        .iter()
+        .map(|entry| {
+            ENTRY_OVERHEAD
+                + match &entry.payload {
+                    EntryPayload::Normal(Command::Put { key, value }) => key.len() + value.len(),
+                    EntryPayload::Normal(Command::Delete { key }) => key.len(),
+                    EntryPayload::Membership(membership) => membership
+                        .nodes()
+                        .map(|(_, node)| node.addr.len() + 32)
+                        .sum(),
+                    EntryPayload::Blank => 0,
+                }
+        })
+        .sum();
+    ENTRY_OVERHEAD + entries
 }
 
 async fn send_batch(
@@ -533,5 +587,70 @@ impl RaftNetworkV2<KvRaft> for PeerClient {
             )
             .await
             .map_err(CallError::rpc)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn pending(
+        value_bytes: usize,
+    ) -> (
+        Pending,
+        oneshot::Receiver<Result<AppendEntriesResponse<KvRaft>, CallError>>,
+    ) {
+        let (reply, answer) = oneshot::channel();
+        let entry = openraft::alias::EntryOf::<KvRaft> {
+            log_id: openraft::testing::log_id::<KvRaft>(1, 1, 1),
+            payload: EntryPayload::Normal(Command::Put {
+                key: "k".into(),
+                value: vec![0; value_bytes],
+            }),
+        };
+        let rpc = AppendEntriesRequest {
+            vote: openraft::Vote::new_committed(1, 1),
+            prev_log_id: Some(openraft::testing::log_id::<KvRaft>(1, 1, 0)),
+            entries: vec![entry],
+            leader_commit: None,
+        };
+        let pending = Pending {
+            group: value_bytes as GroupId,
+            rpc,
+            ttl: Duration::from_secs(1),
+            reply,
+        };
+        (pending, answer)
+    }
+
+    #[test]
+    fn batches_stay_under_the_byte_budget_and_keep_order() {
+        let (queue_tx, mut queue) = mpsc::unbounded_channel();
+        let big = BATCH_BUDGET / 3;
+        let sizes = [10, big, big, 20, big, big, big, 30, 40];
+        let mut answers = Vec::new();
+        let mut first = None;
+        for size in sizes {
+            let (pending, answer) = pending(size);
+            answers.push(answer);
+            match first {
+                None => first = Some(pending),
+                Some(_) => queue_tx.send(pending).unwrap(),
+            }
+        }
+        let mut carry = None;
+        let mut next = first;
+        let mut seen = Vec::new();
+        let mut batches = 0;
+        while let Some(first) = next.take().or_else(|| carry.take()) {
+            let batch = form_batch(first, &mut queue, &mut carry);
+            let bytes: usize = batch.iter().map(|p| estimated_bytes(&p.rpc)).sum();
+            assert!(bytes <= BATCH_BUDGET || batch.len() == 1, "{bytes}");
+            seen.extend(batch.iter().map(|p| p.group as usize));
+            batches += 1;
+        }
+        assert_eq!(seen, sizes);
+        assert_eq!(batches, 3);
     }
 }

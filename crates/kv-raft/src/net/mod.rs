@@ -13,4 +13,4 @@ pub mod wire;
 
 pub use client::{NetFactory, Network, PeerClient, TransportStats};
 pub use server::{handle_raft, Groups, RaftHttpError};
-pub use wire::{WireError, MAX_RPC_BODY, MAX_SNAPSHOT_BODY};
+pub use wire::{WireError, MAX_KEY_BYTES, MAX_RPC_BODY, MAX_SNAPSHOT_BODY};

@@ -33,6 +33,8 @@ pub(crate) const CONTENT_TYPE: &str = "application/x-postcard";
 
 /// Largest request or answer body of an append batch, a vote or a transfer.
 pub const MAX_RPC_BODY: usize = 64 << 20;
+/// Longest key a command carries (kv-http's limit), for size estimates.
+pub const MAX_KEY_BYTES: usize = kv_http::key::MAX_KEY_BYTES;
 /// Largest snapshot body. Snapshots travel whole, in memory, until task C
 /// streams them from files (design §5, open question 5).
 pub const MAX_SNAPSHOT_BODY: usize = 1 << 30;
