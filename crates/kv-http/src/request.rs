@@ -14,8 +14,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper::header::{HeaderMap, CONTENT_LENGTH, EXPECT, HOST};
-use hyper::Version;
+use hyper::header::{HeaderMap, HeaderValue, CONNECTION, CONTENT_LENGTH, EXPECT, HOST};
+use hyper::{Response, Version};
 
 use crate::error::ApiError;
 
@@ -77,6 +77,16 @@ pub async fn discard_body(headers: &HeaderMap, body: &mut Incoming) {
     if !expects_continue(headers) {
         discard(body).await;
     }
+}
+
+/// Marks `response` as the last on its connection (`Connection: close`).
+/// For an answer given before the request's body was read: hyper closes
+/// such a connection after the answer, and a keep-alive client that was
+/// not told would send its next request into a closed socket.
+pub fn close_after<B>(response: &mut Response<B>) {
+    response
+        .headers_mut()
+        .insert(CONNECTION, HeaderValue::from_static("close"));
 }
 
 /// Reads and discards the rest of a body already being read, up to a bound
