@@ -371,3 +371,29 @@ fn an_answer_before_the_body_never_closes_silently() {
         );
     }
 }
+
+#[test]
+fn a_transfer_coding_other_than_chunked_is_501_and_stores_nothing() {
+    let layers = layers(&[], &[]);
+    for (layer, addr) in layers.both() {
+        for coding in ["gzip, chunked", "deflate,chunked", "x-custom, chunked"] {
+            // Not gzip at all: a server that ignored the coding would store it.
+            let bytes = format!(
+                "PUT /coded HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: {coding}\r\n\r\n\
+                 b\r\n{{\"value\":1}}\r\n0\r\n\r\n"
+            );
+            let response = exchange(addr, bytes.as_bytes()).unwrap();
+            assert_eq!(response.status, 501, "{layer}, {coding}: {response:?}");
+            assert_json_error(layer, coding, &response);
+            let get = request(addr, "GET", "/coded", None).unwrap();
+            assert_eq!(get.status, 404, "{layer}, {coding}: stored: {}", get.text());
+        }
+        // Plain chunked still works.
+        let bytes = "PUT /coded HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: Chunked\r\n\
+                     Connection: close\r\n\r\nb\r\n{\"value\":1}\r\n0\r\n\r\n";
+        let response = exchange(addr, bytes.as_bytes()).unwrap();
+        assert_eq!(response.status, 200, "{layer}: {response:?}");
+        let delete = request(addr, "DELETE", "/coded", None).unwrap();
+        assert_eq!(delete.status, 200, "{layer}: {}", delete.text());
+    }
+}
