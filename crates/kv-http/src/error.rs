@@ -52,6 +52,10 @@ pub enum ApiError {
     /// An `Expect` other than `100-continue` (RFC 9110 §10.1.1).
     #[error("Expectation failed: only 'Expect: 100-continue' is supported")]
     ExpectationFailed,
+    /// A transfer coding other than `chunked` (RFC 9112 §6.1): the body
+    /// cannot be decoded, and read as if plain it would be stored wrong.
+    #[error("Not implemented: only the 'chunked' transfer coding is supported")]
+    TransferCodingNotImplemented,
     /// The request target is longer than hyper parses.
     #[error("URI too long")]
     UriTooLong,
@@ -90,6 +94,7 @@ impl ApiError {
             ApiError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::ExpectationFailed => StatusCode::EXPECTATION_FAILED,
+            ApiError::TransferCodingNotImplemented => StatusCode::NOT_IMPLEMENTED,
             ApiError::UriTooLong => StatusCode::URI_TOO_LONG,
             ApiError::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ApiError::TooManyConnections
@@ -124,6 +129,7 @@ impl ApiError {
                 | ApiError::BodyTimeout
                 | ApiError::BodyRead(_)
                 | ApiError::BadRequest(_)
+                | ApiError::TransferCodingNotImplemented
                 | ApiError::UriTooLong
                 | ApiError::HeadersTooLarge
                 | ApiError::TooManyConnections

@@ -366,6 +366,7 @@ mod tests {
         let errors = [
             ApiError::BadRequest("x"),
             ApiError::ExpectationFailed,
+            ApiError::TransferCodingNotImplemented,
             ApiError::UriTooLong,
             ApiError::HeadersTooLarge,
             ApiError::BodyTimeout,

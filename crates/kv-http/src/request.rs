@@ -14,14 +14,19 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper::header::{HeaderMap, CONTENT_LENGTH, EXPECT, HOST};
-use hyper::Version;
+use hyper::header::{
+    HeaderMap, HeaderValue, CONNECTION, CONTENT_LENGTH, EXPECT, HOST, TRANSFER_ENCODING,
+};
+use hyper::{Response, Version};
 
 use crate::error::ApiError;
 
 /// Checks every request head, before routing:
 /// * HTTP/1.1 without exactly one `Host` → 400 (RFC 9112 §3.2);
-/// * an `Expect` other than `100-continue` → 417 (RFC 9110 §10.1.1).
+/// * an `Expect` other than `100-continue` → 417 (RFC 9110 §10.1.1);
+/// * a transfer coding other than `chunked` → 501 (RFC 9112 §6.1): hyper
+///   decodes only the chunking and would hand on the coded bytes as if
+///   they were the body.
 #[inline]
 pub fn check_head(version: Version, headers: &HeaderMap) -> Result<(), ApiError> {
     if version == Version::HTTP_11 {
@@ -38,6 +43,16 @@ pub fn check_head(version: Version, headers: &HeaderMap) -> Result<(), ApiError>
     if let Some(expect) = headers.get(EXPECT) {
         if !expect.as_bytes().eq_ignore_ascii_case(b"100-continue") {
             return Err(ApiError::ExpectationFailed);
+        }
+    }
+    for value in headers.get_all(TRANSFER_ENCODING) {
+        let only_chunked = value.to_str().is_ok_and(|codings| {
+            codings
+                .split(',')
+                .all(|coding| coding.trim().eq_ignore_ascii_case("chunked"))
+        });
+        if !only_chunked {
+            return Err(ApiError::TransferCodingNotImplemented);
         }
     }
     Ok(())
@@ -77,6 +92,16 @@ pub async fn discard_body(headers: &HeaderMap, body: &mut Incoming) {
     if !expects_continue(headers) {
         discard(body).await;
     }
+}
+
+/// Marks `response` as the last on its connection (`Connection: close`).
+/// For an answer given before the request's body was read: hyper closes
+/// such a connection after the answer, and a keep-alive client that was
+/// not told would send its next request into a closed socket.
+pub fn close_after<B>(response: &mut Response<B>) {
+    response
+        .headers_mut()
+        .insert(CONNECTION, HeaderValue::from_static("close"));
 }
 
 /// Reads and discards the rest of a body already being read, up to a bound

@@ -23,11 +23,12 @@ use std::time::Instant;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
-use hyper::body::Incoming;
+use hyper::body::{Body as _, Incoming};
 use hyper::header::{HeaderMap, HeaderValue, ALLOW, CONTENT_TYPE};
+use hyper::http::request::Parts;
 use hyper::{Method, Request, Response, StatusCode};
 use kv_http::metrics::{Metrics, Operation, Scrape};
-use kv_http::request::{check_head, declared_length, discard_body};
+use kv_http::request::{check_head, close_after, declared_length, discard_body};
 use kv_http::server::Reserve;
 use kv_http::{json_response, key};
 use kv_store::Store;
@@ -91,9 +92,18 @@ pub async fn handle(
 ) -> Result<Response<Body>, Infallible> {
     let started = Instant::now();
     let operation = Operation::of(request.method(), request.uri().path());
-    let response = route(&app, &reserve, request)
+    // Split so the key can borrow from the URI while the body is consumed:
+    // the common, undecoded key is never copied.
+    let (parts, body) = request.into_parts();
+    let mut body = Some(body);
+    let mut response = route(&app, &reserve, &parts, &mut body)
         .await
         .unwrap_or_else(NodeError::into_response);
+    // Answered without reading the body (a bad key, a refused method, a GET
+    // that carried one): hyper closes such a connection, so say so.
+    if body.is_some_and(|body| !body.is_end_stream()) {
+        close_after(&mut response);
+    }
     app.metrics
         .record(operation, response.status().as_u16(), started.elapsed());
     Ok(response)
@@ -111,11 +121,9 @@ impl App {
 async fn route(
     app: &App,
     reserve: &Reserve,
-    request: Request<Incoming>,
+    parts: &Parts,
+    body: &mut Option<Incoming>,
 ) -> Result<Response<Body>, NodeError> {
-    // Split the request so the key can borrow from the URI while the body is
-    // consumed: the common, undecoded key is never copied.
-    let (parts, body) = request.into_parts();
     let path = parts.uri.path();
     reserve.admit(path)?;
     check_head(parts.version, &parts.headers)?;
@@ -132,7 +140,10 @@ async fn route(
     let key = key::parse(path)?;
     match parts.method {
         Method::GET | Method::HEAD => get(app, &key).await,
-        Method::PUT | Method::POST => put(app, &key, &parts.headers, body).await,
+        Method::PUT | Method::POST => match body.take() {
+            Some(body) => put(app, &key, &parts.headers, body).await,
+            None => Err(ApiError::BodyRead("the body was already read".into()).into()),
+        },
         Method::DELETE => delete(app, &key).await,
         _ => Err(ApiError::MethodNotAllowed { allow: KEY_METHODS }.into()),
     }

@@ -20,18 +20,18 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{Either, Full};
-use hyper::body::Incoming;
+use hyper::body::{Body as _, Incoming};
 use hyper::header::{HeaderValue, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
 use kv_http::metrics::{Metrics, Operation, Scrape};
-use kv_http::request::{check_head, declared_length, discard_body};
+use kv_http::request::{check_head, close_after, declared_length, discard_body};
 use kv_http::server::Reserve;
 use kv_http::{json_response, key, ApiError};
 use kv_ring::Ring;
 
 use crate::error::ProxyError;
 use crate::pool::{NodePool, PooledBody};
-use crate::upstream::{self, Node, Outcome};
+use crate::upstream::{self, Node, NodeClosed, Outcome};
 
 /// The response body: a node's streamed answer, or one made here.
 pub type Body = Either<PooledBody, Full<Bytes>>;
@@ -64,10 +64,18 @@ pub async fn handle(
 ) -> Result<Response<Body>, Infallible> {
     let started = Instant::now();
     let operation = Operation::of(request.method(), request.uri().path());
-    let response = match route(&proxy, &reserve, request).await {
+    let has_body = !request.body().is_end_stream();
+    let mut forwarded = false;
+    let mut response = match route(&proxy, &reserve, request, &mut forwarded).await {
         Ok(response) => response,
         Err(error) => error.into_response().map(Either::Right),
     };
+    // Answered here (a bad key, a refused method, the node down) or by a
+    // node that closed, so the body may be unread: hyper closes such a
+    // connection, so say so.
+    if has_body && (!forwarded || response.extensions().get::<NodeClosed>().is_some()) {
+        close_after(&mut response);
+    }
     // Time to the response head: the body streams on after this.
     proxy
         .metrics
@@ -79,6 +87,7 @@ async fn route(
     proxy: &Proxy,
     reserve: &Reserve,
     request: Request<Incoming>,
+    forwarded: &mut bool,
 ) -> Result<Response<Body>, ProxyError> {
     let path = request.uri().path();
     reserve.admit(path)?;
@@ -125,7 +134,11 @@ async fn route(
     )
     .await;
     node.stats.record(&result);
-    Ok(result?.map(Either::Left))
+    let response = result?;
+    // The node answered; if it did before reading the body, it said it
+    // would close (see `NodeClosed`).
+    *forwarded = true;
+    Ok(response.map(Either::Left))
 }
 
 fn admin_route(

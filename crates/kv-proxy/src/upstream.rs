@@ -154,6 +154,23 @@ impl Node {
     }
 }
 
+/// Marks a node's answer that closed its connection (`Connection: close`,
+/// which is hop-by-hop and so not forwarded): the node may have answered
+/// before reading all of the body, and then so must the client's connection
+/// close (see [`kv_http::request::close_after`]).
+#[derive(Debug, Clone, Copy)]
+pub struct NodeClosed;
+
+fn says_close(headers: &HeaderMap) -> bool {
+    headers.get(hyper::header::CONNECTION).is_some_and(|value| {
+        value
+            .to_str()
+            .unwrap_or("")
+            .split(',')
+            .any(|option| option.trim().eq_ignore_ascii_case("close"))
+    })
+}
+
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // One pass of cheap comparisons first: requests and answers almost never
     // carry these, and six hashed removals per message would cost more.
@@ -326,6 +343,9 @@ async fn send(
             Ok(response) => {
                 node.health.record_success();
                 let (mut parts, body) = response.into_parts();
+                if says_close(&parts.headers) {
+                    parts.extensions.insert(NodeClosed);
+                }
                 strip_hop_by_hop(&mut parts.headers);
                 parts.headers.insert(X_KV_NODE, node.header.clone());
                 let body = PooledBody::new(body, sender, Arc::clone(pool));

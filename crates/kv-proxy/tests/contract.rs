@@ -329,3 +329,71 @@ fn proxy_health_says_degraded_and_names_the_nodes_down() {
     assert_eq!(json["nodes_down"], serde_json::json!([name]), "{json}");
     assert_eq!(json["nodes_up"], 0, "{json}");
 }
+
+/// A request answered before its body was read (the body is still on its
+/// way) must not have its connection closed silently: a keep-alive client
+/// would send its next request into a closed socket (a broken pipe, and for
+/// a PUT no way to know whether it was applied). Either the answer says
+/// `Connection: close` or the connection stays open.
+fn assert_no_silent_close(layer: &str, addr: SocketAddr, head: &str) {
+    let (response, closed) = exchange_then_closed(addr, head.as_bytes()).unwrap();
+    assert_json_error(layer, head, &response);
+    assert!(
+        !closed || response.header("connection") == Some("close"),
+        "{layer}: closed without `Connection: close` after {head:?}: {response:?}"
+    );
+}
+
+#[test]
+fn an_answer_before_the_body_never_closes_silently() {
+    let layers = layers(&[], &[]);
+    for (layer, addr) in layers.both() {
+        for head in [
+            "PUT /%FF HTTP/1.1\r\nHost: x\r\nContent-Length: 12\r\n\r\n",
+            "PATCH /k HTTP/1.1\r\nHost: x\r\nContent-Length: 12\r\n\r\n",
+            "PUT /-/health HTTP/1.1\r\nHost: x\r\nContent-Length: 12\r\n\r\n",
+            "DELETE /missing HTTP/1.1\r\nHost: x\r\nContent-Length: 12\r\n\r\n",
+            "GET /missing HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n",
+        ] {
+            assert_no_silent_close(layer, addr, head);
+        }
+    }
+    // The proxy's own refusal when the key's node is unreachable.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead_addr = dead.local_addr().unwrap().to_string();
+    drop(dead);
+    let proxy = Process::spawn(&binary("kv-proxy"), &["--port", "0", "--nodes", &dead_addr]);
+    for _ in 0..3 {
+        assert_no_silent_close(
+            "proxy, node down",
+            proxy.addr,
+            "PUT /k HTTP/1.1\r\nHost: x\r\nContent-Length: 12\r\n\r\n",
+        );
+    }
+}
+
+#[test]
+fn a_transfer_coding_other_than_chunked_is_501_and_stores_nothing() {
+    let layers = layers(&[], &[]);
+    for (layer, addr) in layers.both() {
+        for coding in ["gzip, chunked", "deflate,chunked", "x-custom, chunked"] {
+            // Not gzip at all: a server that ignored the coding would store it.
+            let bytes = format!(
+                "PUT /coded HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: {coding}\r\n\r\n\
+                 b\r\n{{\"value\":1}}\r\n0\r\n\r\n"
+            );
+            let response = exchange(addr, bytes.as_bytes()).unwrap();
+            assert_eq!(response.status, 501, "{layer}, {coding}: {response:?}");
+            assert_json_error(layer, coding, &response);
+            let get = request(addr, "GET", "/coded", None).unwrap();
+            assert_eq!(get.status, 404, "{layer}, {coding}: stored: {}", get.text());
+        }
+        // Plain chunked still works.
+        let bytes = "PUT /coded HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: Chunked\r\n\
+                     Connection: close\r\n\r\nb\r\n{\"value\":1}\r\n0\r\n\r\n";
+        let response = exchange(addr, bytes.as_bytes()).unwrap();
+        assert_eq!(response.status, 200, "{layer}: {response:?}");
+        let delete = request(addr, "DELETE", "/coded", None).unwrap();
+        assert_eq!(delete.status, 200, "{layer}: {}", delete.text());
+    }
+}
