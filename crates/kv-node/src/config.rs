@@ -33,11 +33,11 @@ pub struct Config {
 
     /// Worker threads serving connections, each with its own event loop
     /// [default: the number of CPUs].
-    #[arg(long, env = "KV_WORKERS")]
+    #[arg(long, env = "KV_WORKERS", value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub workers: Option<usize>,
 
     /// Most connections served at once; more are answered 503 and closed.
-    #[arg(long, env = "KV_MAX_CONNECTIONS", default_value_t = 4096)]
+    #[arg(long, env = "KV_MAX_CONNECTIONS", default_value_t = 4096, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub max_connections: usize,
 
     /// Time a client has to send a request's headers; it also closes
@@ -114,6 +114,9 @@ fn parse_max_value_bytes(value: &str) -> Result<usize, String> {
     let bytes: usize = value
         .parse()
         .map_err(|e| format!("not a number of bytes: {e}"))?;
+    if bytes == 0 {
+        return Err("0 would refuse every PUT; give at least 1".into());
+    }
     if bytes > MAX_VALUE_BYTES_LIMIT {
         return Err(format!(
             "{bytes} is more than the log can hold in one record; the most is {MAX_VALUE_BYTES_LIMIT}"

@@ -166,6 +166,18 @@ fn admin_route(
         return Ok(response);
     }
     let body = match path {
+        // Ready while any node is up: the keys of the nodes that are up
+        // are answered. With every node down, nothing is, so a load
+        // balancer should look elsewhere (the node's /-/ready shape).
+        "ready" if proxy.nodes.iter().all(|n| !n.health.is_up()) => {
+            let body = serde_json::json!({ "ready": false, "error": "no node is up" });
+            let mut bytes = body.to_string().into_bytes();
+            bytes.push(b'\n');
+            return Ok(json_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                Bytes::from(bytes),
+            ));
+        }
         "ready" => serde_json::json!({ "ready": true }),
         "health" => {
             let down: Vec<&str> = proxy

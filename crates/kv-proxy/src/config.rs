@@ -36,14 +36,14 @@ pub struct Config {
 
     /// Worker threads serving connections, each with its own event loop
     /// and node connection pool [default: the number of CPUs].
-    #[arg(long, env = "KV_PROXY_WORKERS")]
+    #[arg(long, env = "KV_PROXY_WORKERS", value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub workers: Option<usize>,
 
     /// Largest request body forwarded, in bytes; a larger one gets kv-node's
     /// own 413 from the proxy (a declared Content-Length before forwarding,
     /// a chunked body when it crosses the limit, which the node never sees).
     /// Keep it no larger than the nodes' --max-value-bytes.
-    #[arg(long, env = "KV_PROXY_MAX_BODY_BYTES", default_value_t = 1024 * 1024)]
+    #[arg(long, env = "KV_PROXY_MAX_BODY_BYTES", default_value_t = 1024 * 1024, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub max_body_bytes: usize,
 
     /// Time to open a TCP connection to a node; past it the request gets 503.
@@ -80,7 +80,7 @@ pub struct Config {
     pub pool_max_idle: usize,
 
     /// Most client connections served at once; more are answered 503 and closed.
-    #[arg(long, env = "KV_PROXY_MAX_CONNECTIONS", default_value_t = 4096)]
+    #[arg(long, env = "KV_PROXY_MAX_CONNECTIONS", default_value_t = 4096, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub max_connections: usize,
 
     /// Time a client has to send a request's headers; it also closes

@@ -313,6 +313,8 @@ fn proxy_health_says_degraded_and_names_the_nodes_down() {
     let json = health(&layers);
     assert_eq!(json["status"], "ok", "{json}");
     assert_eq!(json["nodes_down"], serde_json::json!([]));
+    let ready = request(layers.proxy.addr, "GET", "/-/ready", None).unwrap();
+    assert_eq!(ready.status, 200, "{}", ready.text());
     let name = layers.node.addr.to_string();
     layers.node.kill9();
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -328,6 +330,10 @@ fn proxy_health_says_degraded_and_names_the_nodes_down() {
     assert_eq!(json["status"], "degraded", "{json}");
     assert_eq!(json["nodes_down"], serde_json::json!([name]), "{json}");
     assert_eq!(json["nodes_up"], 0, "{json}");
+    // Its only node is down: the proxy serves no key, so it is not ready.
+    let ready = request(layers.proxy.addr, "GET", "/-/ready", None).unwrap();
+    assert_eq!(ready.status, 503, "{}", ready.text());
+    assert_json_error("proxy", "/-/ready", &ready);
 }
 
 /// A request answered before its body was read (the body is still on its

@@ -68,3 +68,28 @@ fn help_has_no_rustdoc_links_and_repair_covers_snapshots() {
         .unwrap();
     assert!(repair.contains("snapshot"), "{repair}");
 }
+
+#[test]
+fn limits_that_would_refuse_everything_are_refused_at_start() {
+    for (name, flag) in [
+        ("kv-node", "--max-connections"),
+        ("kv-node", "--workers"),
+        ("kv-node", "--max-value-bytes"),
+        ("kv-proxy", "--max-connections"),
+        ("kv-proxy", "--workers"),
+        ("kv-proxy", "--max-body-bytes"),
+    ] {
+        // Port 1 is never bound: a binary that accepted the flag would fail
+        // later, on bind, with another message.
+        let out = Command::new(binary(name))
+            .args([flag, "0", "--port", "1"])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{name} {flag} 0: {stderr}");
+        assert!(
+            stderr.contains(&format!("invalid value '0' for '{flag}")),
+            "{name} {flag} 0: {stderr}"
+        );
+    }
+}
