@@ -17,8 +17,8 @@
 //!   that crashed or a port nobody listens on.
 //!
 //! [`Relay::counters`] says how many connections were accepted, refused and
-//! are open, and how many bytes went each way (bytes actually delivered, not
-//! held ones).
+//! are open, and how many bytes went each way (bytes passed on, not held
+//! ones).
 //!
 //! **Why a relay rather than network namespaces with veth pairs and
 //! iptables:** it needs no root and no kernel features, so it runs the same
@@ -73,9 +73,9 @@ pub struct Counters {
     pub open: u64,
     /// Relay threads running now (the accepting one included).
     pub threads: u64,
-    /// Bytes delivered from clients to the target.
+    /// Bytes passed on from clients to the target.
     pub bytes_to_target: u64,
-    /// Bytes delivered from the target to clients.
+    /// Bytes passed on from the target to clients.
     pub bytes_from_target: u64,
 }
 
@@ -483,10 +483,12 @@ fn pump(shared: &Shared, mut from: TcpStream, mut to: TcpStream, delivered: &Ato
             let _ = to.shutdown(Shutdown::Write);
             return;
         }
+        // Counted before the write, so that a client that has seen bytes
+        // also sees them counted.
+        shared.count(delivered, n as u64);
         if to.write_all(&buffer[..n]).is_err() {
             break;
         }
-        shared.count(delivered, n as u64);
     }
     abort(&from);
     abort(&to);
