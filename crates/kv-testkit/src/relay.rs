@@ -5,7 +5,9 @@
 //!
 //! * [`Relay::pass`]: bytes flow both ways.
 //! * [`Relay::blackhole`]: a partition as a peer sees it. New connections are
-//!   accepted and kept but never connected onwards; existing ones stall: the
+//!   accepted and kept but not connected onwards (a real partition would
+//!   stall the handshake too; no client can tell the difference from a peer
+//!   that accepted and went silent); existing ones stall: the
 //!   relay reads at most one buffer from each side and holds it, so senders
 //!   soon block on full socket buffers and nothing arrives anywhere. No FIN,
 //!   no RST, no error: only a timeout tells the client, which is exactly the
@@ -20,6 +22,21 @@
 //! are open, and how many bytes went each way (bytes passed on, not held
 //! ones).
 //!
+//! For issue 12's partition test, each node's route to each peer points at
+//! its own relay, so one link or one node's links can be cut:
+//!
+//! ```no_run
+//! # fn demo(peer: std::net::SocketAddr) -> std::io::Result<()> {
+//! use kv_testkit::Relay;
+//! let link = Relay::start(peer)?; // give link.addr() to the other node
+//! link.blackhole(); // partitioned: requests over the link get no answer
+//! link.pass(); // healed: held bytes go on
+//! let counters = link.close(); // every socket closed, every thread joined
+//! assert_eq!((counters.open, counters.threads), (0, 0));
+//! # Ok(())
+//! # }
+//! ```
+//!
 //! **Why a relay rather than network namespaces with veth pairs and
 //! iptables:** it needs no root and no kernel features, so it runs the same
 //! on a laptop, in a container and in CI; it is per link (point one peer at
@@ -32,8 +49,8 @@
 //! direction), each with one fixed buffer; at most [`MAX_CONNECTIONS`] are
 //! open (more are reset on accept); connecting onwards gives up after
 //! [`CONNECT_TIMEOUT`]. Mode changes wake every waiting thread through a
-//! condition variable and every blocked read through `shutdown`, so nothing
-//! polls or sleeps. Dropping the relay (or [`Relay::close`]) closes every
+//! condition variable, and reset or close shut the sockets down, which wakes
+//! every blocked read and write: nothing polls or sleeps. Dropping the relay (or [`Relay::close`]) closes every
 //! socket and joins every thread before it returns.
 
 use std::collections::HashMap;
