@@ -8,12 +8,17 @@
 //!   answers 200 (kv-http's probe, the one the servers' health checks use).
 //!   No sleeps: every wait is for an event, bounded by a deadline.
 //! * [`Process`] kills its child on drop; [`Process::kill9`] is a crash.
+//! * [`Relay`] is a TCP relay a test can black-hole or reset while it runs,
+//!   for partition tests (see [`relay`]).
 //!
 //! HTTP here is a tiny blocking HTTP/1.1 client over `std::net` on purpose:
 //! readiness checks must not depend on the code under test.
 
 // Test support: a panic is how it reports a failed setup to the test.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
+
+pub mod relay;
+pub use relay::Relay;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
