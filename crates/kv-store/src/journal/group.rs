@@ -28,9 +28,13 @@
 //! committed and purge record, and the entries after the purge:
 //! * entries at `first_index` first drop every entry `≥ first_index` (a new
 //!   leader overwriting a suffix), then append; entries at or below the
-//!   purged index are skipped. Entries that would leave a hole after the
-//!   last entry (or after the purged index) are damage, not a state Raft
-//!   can produce.
+//!   purged index are skipped.
+//! * entries that start past the last entry (or the purged index) leave a
+//!   hole: the segments that held the missing entries were retired because
+//!   a *later* purge covers them. The entries before the hole are dropped,
+//!   and a purge read later must cover the hole; one still open at the end
+//!   of the log is damage ([`crate::OpenError::Gap`]), not a state Raft can
+//!   produce.
 //! * a truncate drops the entries after `after`; a purge drops those at or
 //!   below `upto`.
 //!
@@ -255,6 +259,8 @@ pub struct RecoveredGroup {
     pub purged: Option<(u64, Bytes)>,
     /// The entries after `purged`, at consecutive indexes.
     pub entries: VecDeque<(u64, Bytes)>,
+    /// While replaying: the index a later purge must reach to cover a hole.
+    pub(crate) hole_upto: Option<u64>,
 }
 
 impl RecoveredGroup {
@@ -265,7 +271,8 @@ impl RecoveredGroup {
             .or(self.purged.as_ref().map(|(i, _)| *i))
     }
 
-    /// Replays one record; `Err` when it would leave a hole in the log.
+    /// Replays one record (`Err`: it makes no sense here; none does yet,
+    /// since a hole is judged only at the end of the log).
     pub(crate) fn replay(&mut self, what: GroupRef<'_>) -> Result<(), &'static str> {
         match what {
             GroupRef::Entries {
@@ -279,7 +286,11 @@ impl RecoveredGroup {
                 if count > 0 {
                     if let Some(last) = self.last_index() {
                         if first_index > last + 1 {
-                            return Err("group entries leave a hole after the group's last entry");
+                            // Retired segments held the missing entries;
+                            // a later purge must say they were not needed.
+                            self.entries.clear();
+                            let upto = first_index - 1;
+                            self.hole_upto = Some(self.hole_upto.map_or(upto, |h| h.max(upto)));
                         }
                     }
                 }
@@ -312,6 +323,9 @@ impl RecoveredGroup {
                 }
                 if self.purged.as_ref().is_none_or(|(p, _)| *p <= upto) {
                     self.purged = Some((upto, Bytes::copy_from_slice(log_id)));
+                }
+                if self.hole_upto.is_some_and(|h| h <= upto) {
+                    self.hole_upto = None;
                 }
             }
         }
@@ -479,13 +493,30 @@ mod tests {
     }
 
     #[test]
-    fn a_hole_is_damage() {
-        let err = replay_all(&[
+    fn a_hole_stays_open_until_a_later_purge_covers_it() {
+        let groups = replay_all(&[
             entries(1, 2),
             GroupRecord::Vote(Bytes::new()),
             entries(5, 1),
-        ]);
-        assert!(err.is_err());
+        ])
+        .unwrap();
+        assert_eq!(groups[&0].hole_upto, Some(4));
+        let groups = replay_all(&[
+            entries(1, 2),
+            GroupRecord::Vote(Bytes::new()),
+            entries(5, 2),
+            GroupRecord::Vote(Bytes::new()),
+            GroupRecord::Purge {
+                upto: 5,
+                log_id: Bytes::new(),
+            },
+        ])
+        .unwrap();
+        assert_eq!(groups[&0].hole_upto, None);
+        assert_eq!(
+            groups[&0].entries.iter().map(|e| e.0).collect::<Vec<_>>(),
+            [6]
+        );
     }
 
     #[test]

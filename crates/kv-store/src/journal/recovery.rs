@@ -218,9 +218,23 @@ pub fn recover(
             report.legacy_segments
         );
     }
-    for (id, group) in &found.groups {
+    for (id, group) in &mut found.groups {
         if let Some((upto, _)) = &group.purged {
             found.book.purged(*id, *upto);
+        }
+        if let Some(hole) = group.hole_upto.take() {
+            let missing = format!(
+                "Raft group {id}'s log is missing entries up to index {hole}: the log \
+                 continues after them, and no purge covers them"
+            );
+            if !repair {
+                return Err(OpenError::Gap { reason: missing });
+            }
+            log::warn!(
+                "repair: {missing}; going on with the entries after them (the group's peers \
+                 hold the missing ones if a majority of them still has them)"
+            );
+            report.gaps.push(missing);
         }
     }
     report.groups = found.groups.len();
