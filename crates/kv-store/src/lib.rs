@@ -11,7 +11,9 @@
 //! * `apply`: the state machine, applying committed operations to the map
 //!   in log order (the one thing replication's Raft state machine will do).
 //! * [`journal`]: the write-ahead log (the log thread with group commit and
-//!   the fsync policies), snapshots and recovery.
+//!   the fsync policies), snapshots and recovery; also the records of the
+//!   Raft groups a node hosts ([`Store::submit_group`], [`journal::group`]),
+//!   which share the log and its group commit but never touch the map.
 //!
 //! # Log, commit, apply, publish
 //!

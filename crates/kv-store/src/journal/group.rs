@@ -45,7 +45,7 @@
 //! it, before any other record goes there. So a segment older than the
 //! active one is needed only for the group *entries* it holds. The writer
 //! keeps, per segment, the highest entry index each group wrote into it
-//! ([`GroupBook`]); a segment may be deleted only if every segment before it
+//! (`GroupBook`); a segment may be deleted only if every segment before it
 //! may be, and each of them holds only entries at or below its group's
 //! purged index (the purge counts once its record is committed). Deleting
 //! a prefix of whole segments keeps replay exact: every record after the

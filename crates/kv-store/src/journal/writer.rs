@@ -35,6 +35,27 @@
 //! when anything was written, so appends never wait for that sync (as
 //! Redis's background fsync); `never` leaves flushing to the kernel.
 //!
+//! # Raft groups' records
+//!
+//! A group record ([`super::group`], submitted with
+//! [`Journal::submit_group`]) rides in the same batches as puts and deletes
+//! and is framed into the same `write`, so one commit (one `fdatasync` under
+//! `always`) covers every group's appends in the batch and the plain writes
+//! with them. It is never applied to the map; its completion closure runs
+//! after the batch's commit, right after the batch's plain writes were
+//! applied and answered. Order: the log holds messages in the order the
+//! channel delivered them, so one group's records (submitted one call at a
+//! time, in order, by its Raft core) are logged in that order, and a plain
+//! write and a group record submitted by one thread keep their order too;
+//! between different submitters the batch order is whatever the channel
+//! gave, as for plain writes today. A batch that fails on disk completes
+//! its group records with the error, like its writers.
+//!
+//! Each rotation starts the new segment with the groups' checkpoint and
+//! syncs it (one extra `fdatasync` per rotation, only once a group record
+//! was ever logged), so retirement can delete older segments by the groups'
+//! purges alone ([`super::group`] explains the rule).
+//!
 //! # Preallocation
 //!
 //! A segment is filled with zeros a chunk (up to [`PREALLOC_CHUNK`]) ahead of the
