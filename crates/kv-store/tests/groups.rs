@@ -333,6 +333,10 @@ fn one_fdatasync_completes_appends_of_several_groups() {
     assert_eq!(after.records - before.records, 9);
     assert_eq!(after.writes - before.writes, 2, "{before:?} -> {after:?}");
     assert_eq!(after.syncs - before.syncs, 2, "{before:?} -> {after:?}");
+    assert!(
+        store.is_empty(),
+        "group records are never applied to the map"
+    );
     drop(store);
     let groups = recovered(dir.path());
     assert_eq!(groups.len(), 9);
