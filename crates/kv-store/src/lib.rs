@@ -11,7 +11,9 @@
 //! * `apply`: the state machine, applying committed operations to the map
 //!   in log order (the one thing replication's Raft state machine will do).
 //! * [`journal`]: the write-ahead log (the log thread with group commit and
-//!   the fsync policies), snapshots and recovery.
+//!   the fsync policies), snapshots and recovery; also the records of the
+//!   Raft groups a node hosts ([`Store::submit_group`], [`journal::group`]),
+//!   which share the log and its group commit but never touch the map.
 //!
 //! # Log, commit, apply, publish
 //!
@@ -34,6 +36,7 @@
 //! [`StoreError::DiskFailed`], no reader and no snapshot ever sees it, and
 //! from then on every write is refused while reads keep working.
 
+use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions, TryLockError};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -48,6 +51,7 @@ mod map;
 mod options;
 
 pub use error::{OpenError, StoreError};
+pub use journal::group::{GroupDone, GroupRecord, RecoveredGroup};
 pub use journal::recovery::RecoveryReport;
 #[cfg(feature = "test-hooks")]
 pub use journal::writer::hooks;
@@ -78,6 +82,8 @@ struct Durable {
     snapshotter: Snapshotter,
     dir: PathBuf,
     report: RecoveryReport,
+    /// The Raft groups' logs as recovered, until taken.
+    groups: parking_lot::Mutex<BTreeMap<u32, RecoveredGroup>>,
     /// Holds the directory's `flock` for as long as the store lives.
     _lock: File,
 }
@@ -120,7 +126,13 @@ impl Store {
         }
 
         let map = Arc::new(Map::new());
-        let report = journal::recovery::recover(dir, &map, options.repair)?;
+        let mut found = journal::recovery::GroupsFound::default();
+        let report = journal::recovery::recover(dir, &map, options.repair, &mut found)?;
+        let checkpoints = found
+            .groups
+            .iter()
+            .map(|(id, group)| (*id, group.checkpoint()))
+            .collect();
         let segment =
             writer::create_segment(dir, report.next_segment, report.follows).map_err(|e| {
                 OpenError::io(
@@ -144,8 +156,11 @@ impl Store {
                 policy: options.fsync,
                 wal_max_bytes: options.wal_max_bytes,
                 on_full,
+                checkpoints,
+                groups_marked: found.marked,
             },
             applier,
+            found.book,
         )
         .map_err(|e| OpenError::io("start the log writer for", dir, e))?;
         let journal = Arc::new(journal);
@@ -165,6 +180,7 @@ impl Store {
                 snapshotter,
                 dir: dir.to_path_buf(),
                 report,
+                groups: parking_lot::Mutex::new(found.groups),
                 _lock: lock,
             }),
         })
@@ -184,6 +200,34 @@ impl Store {
     /// waits, since the map holds committed writes only.
     pub fn get(&self, key: &str) -> Option<Bytes> {
         self.map.get(key.as_bytes()).map(|e| entry::value_bytes(&e))
+    }
+
+    /// Logs a Raft group's record through the store's one log, sharing its
+    /// group commit with every other group and with plain writes: `done` is
+    /// called (on the log thread: keep it short, e.g. a channel send) once
+    /// the batch holding the record is committed, for `always` after the
+    /// batch's one `fdatasync`; or with the reason it never will be.
+    ///
+    /// Group records are never applied to the map. Records of one group are
+    /// logged in the order submitted (and of one caller thread, across
+    /// groups and plain writes); within a batch, the plain writes are applied
+    /// and answered before the group records' `done`s run, all after the
+    /// same commit. In memory there is nothing to log: `done(Ok)` at once.
+    pub fn submit_group(&self, group: u32, record: GroupRecord, done: GroupDone) {
+        match &self.durable {
+            Some(durable) => durable.journal.submit_group(group, record, done),
+            None => done(record.check_size()),
+        }
+    }
+
+    /// The Raft groups' logs as recovery found them (per group: the last
+    /// vote, committed and purge, and the entries after the purge), handed
+    /// over once: later calls, and a store in memory, get an empty map.
+    pub fn take_recovered_groups(&self) -> BTreeMap<u32, RecoveredGroup> {
+        self.durable
+            .as_ref()
+            .map(|d| std::mem::take(&mut *d.groups.lock()))
+            .unwrap_or_default()
     }
 
     /// How well the log writer batched so far (`None` in memory).

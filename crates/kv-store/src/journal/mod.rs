@@ -5,6 +5,8 @@
 //!   segments and snapshots.
 //! * `writer`: the log thread; group commit, the fsync policies, and the
 //!   hand-off of each committed batch to the applier (`crate::apply`).
+//! * [`group`]: Raft groups' records in the same log (entries, votes,
+//!   truncations, purges), their replay, and which segments they pin.
 //! * [`segment`]: the header linking each log segment to the one before.
 //! * `reader`: streaming log segments and snapshots; torn tails and
 //!   corruption.
@@ -16,6 +18,7 @@
 //! | file | what |
 //! |---|---|
 //! | `LOCK` | held (`flock`) by the process that owns the directory |
+//! | `GROUPS` | present once a Raft group's record was logged ([`group`]) |
 //! | `wal-<seq>.log` | log segments (a header, then records); the highest is the one being appended to |
 //! | `snap-<seq>.snap` | a snapshot holding every write of the segments below `<seq>` |
 //! | `snap-<seq>.snap.tmp` | a snapshot being written; removed on start if a crash left it |
@@ -58,6 +61,7 @@ use std::fs::File;
 use std::io;
 use std::path::Path;
 
+pub mod group;
 pub(crate) mod reader;
 pub mod record;
 pub(crate) mod recovery;

@@ -23,6 +23,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::Path;
 
+use super::group::{self, GroupRef};
 use super::record::{self, Kind, Record};
 use super::segment::{self, Header};
 use crate::entry;
@@ -54,6 +55,10 @@ pub struct Streamed {
 /// What a record turns into.
 pub enum Item<'a> {
     Change(Recovered<'a>),
+    /// A Raft group's record ([`super::group`]), handed over at once.
+    Group(u32, GroupRef<'a>),
+    /// A record to pass over (a change a snapshot already covers).
+    Skip,
     /// A valid end marker: stop reading.
     Stop,
 }
@@ -74,7 +79,22 @@ pub fn stream(
     file: &mut File,
     from: u64,
     convert: impl for<'a> Fn(&Record<'a>) -> Result<Item<'a>, &'static str>,
+    apply: impl FnMut(&[Recovered<'_>]),
+) -> io::Result<Streamed> {
+    stream_with_groups(file, from, convert, apply, |_, _| {
+        Err("group record where none belongs")
+    })
+}
+
+/// [`stream`], handing each group record to `group` as it is decoded (group
+/// records and changes are independent, so only each one's own order
+/// matters); `group` answering `Err` is damage at that record.
+pub fn stream_with_groups(
+    file: &mut File,
+    from: u64,
+    convert: impl for<'a> Fn(&Record<'a>) -> Result<Item<'a>, &'static str>,
     mut apply: impl FnMut(&[Recovered<'_>]),
+    mut group: impl FnMut(u32, GroupRef<'_>) -> Result<(), &'static str>,
 ) -> io::Result<Streamed> {
     file.seek(SeekFrom::Start(from))?;
     let mut buf: Vec<u8> = Vec::with_capacity(CHUNK);
@@ -101,6 +121,14 @@ pub fn stream(
                         batch.push(change);
                         pos += rec.framed_len;
                     }
+                    Ok(Item::Skip) => pos += rec.framed_len,
+                    Ok(Item::Group(id, what)) => match group(id, what) {
+                        Ok(()) => pos += rec.framed_len,
+                        Err(reason) => {
+                            damage = Some((reason, false));
+                            break;
+                        }
+                    },
                     Ok(Item::Stop) => {
                         pos += rec.framed_len;
                         stopped = true;
@@ -144,12 +172,25 @@ pub fn stream(
 /// The change a decoded log record makes; `Err` says why it makes no sense.
 fn change<'a>(rec: &Record<'a>) -> Result<Item<'a>, &'static str> {
     match rec.kind {
+        kind if kind.is_group() => {
+            let (id, what) = group::decode(kind, rec.body)?;
+            Ok(Item::Group(id, what))
+        }
         Kind::Put if entry::is_well_formed(rec.body) => {
             Ok(Item::Change(Recovered::new(Change::Put(rec.body))))
         }
         Kind::Put => Err("malformed put record"),
         Kind::Delete => Ok(Item::Change(Recovered::new(Change::Delete(rec.body)))),
         Kind::End => Err("snapshot end record inside a log segment"),
+        _ => Err("unknown record kind"),
+    }
+}
+
+/// [`change`] for a segment a snapshot covers: only group records count.
+fn group_only<'a>(rec: &Record<'a>) -> Result<Item<'a>, &'static str> {
+    match change(rec)? {
+        Item::Change(_) => Ok(Item::Skip),
+        other => Ok(other),
     }
 }
 
@@ -165,21 +206,39 @@ pub struct SegmentRead {
 /// Streams the log segment at `path` into `apply`, handling damage as the
 /// module docs say. `is_last`: the segment was being appended to when the
 /// process stopped.
+///
+/// `changes`: whether its puts and deletes count (`false` for a segment a
+/// snapshot covers, read only for its group records); each group record
+/// goes to `group` (`Err`: damage there).
 pub fn read_segment(
     path: &Path,
     is_last: bool,
     repair: bool,
+    changes: bool,
     mut apply: impl FnMut(&[Recovered<'_>]),
+    mut group: impl FnMut(u32, GroupRef<'_>) -> Result<(), &'static str>,
 ) -> Result<SegmentRead, OpenError> {
     let io_error = |e| OpenError::io("read log segment", path, e);
     let mut file = File::open(path).map_err(io_error)?;
     let header = segment::read(&mut file).map_err(io_error)?;
     let mut records = 0u64;
-    let streamed = stream(&mut file, header.records_at(), change, |batch| {
-        records += batch.len() as u64;
-        apply(batch);
-    })
+    let mut group_records = 0u64;
+    let convert = if changes { change } else { group_only };
+    let streamed = stream_with_groups(
+        &mut file,
+        header.records_at(),
+        convert,
+        |batch| {
+            records += batch.len() as u64;
+            apply(batch);
+        },
+        |id, what| {
+            group_records += 1;
+            group(id, what)
+        },
+    )
     .map_err(io_error)?;
+    let records = records + group_records;
     let cut_bytes = match streamed.damage {
         None => 0,
         Some(found) => {

@@ -32,6 +32,16 @@ pub enum Kind {
     Delete = 2,
     /// Ends a snapshot; the body is the entry count (u64 LE).
     End = 3,
+    /// A Raft group's log entries ([`super::group`] has the bodies).
+    GroupEntries = 4,
+    /// A Raft group's vote.
+    GroupVote = 5,
+    /// A Raft group's committed log id.
+    GroupCommitted = 6,
+    /// A Raft group drops the entries after an index.
+    GroupTruncate = 7,
+    /// A Raft group drops the entries up to an index.
+    GroupPurge = 8,
 }
 
 impl Kind {
@@ -40,8 +50,25 @@ impl Kind {
             1 => Some(Kind::Put),
             2 => Some(Kind::Delete),
             3 => Some(Kind::End),
+            4 => Some(Kind::GroupEntries),
+            5 => Some(Kind::GroupVote),
+            6 => Some(Kind::GroupCommitted),
+            7 => Some(Kind::GroupTruncate),
+            8 => Some(Kind::GroupPurge),
             _ => None,
         }
+    }
+
+    /// Whether a Raft group's record (never applied to the map).
+    pub fn is_group(self) -> bool {
+        matches!(
+            self,
+            Kind::GroupEntries
+                | Kind::GroupVote
+                | Kind::GroupCommitted
+                | Kind::GroupTruncate
+                | Kind::GroupPurge
+        )
     }
 }
 

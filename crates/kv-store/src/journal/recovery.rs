@@ -16,6 +16,10 @@
 //!    and logs exactly which writes it gives up. Legacy segments (no header)
 //!    cannot be checked and are noted.
 //!
+//! Group records ([`super::group`]) are replayed per group as they are
+//! read, in the same pass; in a directory that ever logged one, segments the
+//! snapshot covers are read too, for their group records only.
+//!
 //! Everything is streamed: files are read a few MiB at a time and their
 //! records applied to the map in file order as they come ([`Map::apply_recovered`],
 //! on every core), so recovery needs the map plus a few MiB, not the map
@@ -23,10 +27,12 @@
 //! already holds it ends in the same state, so the order of a snapshot and
 //! the log written after it is all that matters.
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use super::group::{GroupBook, GroupRef, RecoveredGroup, GROUPS_FILE};
 use super::segment::Header;
 use super::{classify, reader, segment_name, snapshot, snapshot_name, FileKind};
 use crate::map::Map;
@@ -53,11 +59,29 @@ pub struct RecoveryReport {
     pub legacy_segments: usize,
     /// What `repair` went on without: each missing piece of the log.
     pub gaps: Vec<String>,
+    /// Raft groups whose records the log holds.
+    pub groups: usize,
 }
 
-/// Recovers `dir` into `map` (empty).
-pub fn recover(dir: &Path, map: &Map, repair: bool) -> Result<RecoveryReport, OpenError> {
+/// What recovery found for the Raft groups ([`super::group`]).
+#[derive(Debug, Default)]
+pub(crate) struct GroupsFound {
+    pub groups: BTreeMap<u32, RecoveredGroup>,
+    /// Which segments hold entries the groups still need.
+    pub book: GroupBook,
+    /// The directory holds [`GROUPS_FILE`].
+    pub marked: bool,
+}
+
+/// Recovers `dir` into `map` (empty), and the groups' logs into `found`.
+pub fn recover(
+    dir: &Path,
+    map: &Map,
+    repair: bool,
+    found: &mut GroupsFound,
+) -> Result<RecoveryReport, OpenError> {
     let started = Instant::now();
+    found.marked = dir.join(GROUPS_FILE).exists();
     let mut segments = Vec::new();
     let mut snapshots = Vec::new();
     let listing = fs::read_dir(dir).map_err(|e| OpenError::io("list data dir", dir, e))?;
@@ -118,11 +142,14 @@ pub fn recover(dir: &Path, map: &Map, repair: bool) -> Result<RecoveryReport, Op
     }
 
     let mut next = base.max(1);
-    // Segments the snapshot covers are not read. They stay (the previous
-    // generation, for a fallback) until the next snapshot retires it.
+    // Segments the snapshot covers are not read, unless groups were ever
+    // logged: then they are read for their group records only. They stay
+    // (the previous generation, for a fallback; or entries a group still
+    // needs) until a later snapshot retires them.
+    let marked = found.marked;
     let live: Vec<_> = segments
         .into_iter()
-        .filter(|(seq, _)| *seq >= base)
+        .filter(|(seq, _)| marked || *seq >= base)
         .collect();
     // The segment read before the current one, and what the next segment
     // created will follow.
@@ -130,9 +157,26 @@ pub fn recover(dir: &Path, map: &Map, repair: bool) -> Result<RecoveryReport, Op
     report.follows = base.saturating_sub(1);
     for (index, (seq, path)) in live.iter().enumerate() {
         let is_last = index + 1 == live.len();
-        let read = reader::read_segment(path, is_last, repair, |batch| {
-            map.apply_recovered(batch);
-        })?;
+        let groups = &mut found.groups;
+        let book = &mut found.book;
+        let read = reader::read_segment(
+            path,
+            is_last,
+            repair,
+            *seq >= base,
+            |batch| map.apply_recovered(batch),
+            |id, what| {
+                if let GroupRef::Entries {
+                    first_index, count, ..
+                } = what
+                {
+                    if count > 0 {
+                        book.wrote(*seq, id, first_index + u64::from(count) - 1);
+                    }
+                }
+                groups.entry(id).or_default().replay(what)
+            },
+        )?;
         report.cut_bytes += read.cut_bytes;
         report.records += read.records;
         // Numbers are never reused, even those of segments removed below.
@@ -174,6 +218,26 @@ pub fn recover(dir: &Path, map: &Map, repair: bool) -> Result<RecoveryReport, Op
             report.legacy_segments
         );
     }
+    for (id, group) in &mut found.groups {
+        if let Some((upto, _)) = &group.purged {
+            found.book.purged(*id, *upto);
+        }
+        if let Some(hole) = group.hole_upto.take() {
+            let missing = format!(
+                "Raft group {id}'s log is missing entries up to index {hole}: the log \
+                 continues after them, and no purge covers them"
+            );
+            if !repair {
+                return Err(OpenError::Gap { reason: missing });
+            }
+            log::warn!(
+                "repair: {missing}; going on with the entries after them (the group's peers \
+                 hold the missing ones if a majority of them still has them)"
+            );
+            report.gaps.push(missing);
+        }
+    }
+    report.groups = found.groups.len();
     report.keys = map.len();
     report.next_segment = next;
     report.elapsed = started.elapsed();

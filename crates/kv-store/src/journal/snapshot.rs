@@ -43,6 +43,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
+use super::group::GroupBook;
 use super::reader::{self, Item};
 use super::record::{self, Kind, Record};
 use super::writer::Journal;
@@ -186,7 +187,7 @@ pub fn take(map: &Map, journal: &Journal, dir: &Path) -> Result<(), String> {
     let rotated = started.elapsed();
     let (keys, size) = write(dir, seq, map)
         .map_err(|e| format!("cannot write snapshot {}: {e}", snapshot_name(seq)))?;
-    let retired = retire(dir, seq).map_err(|e| {
+    let retired = retire(dir, seq, &journal.book).map_err(|e| {
         format!(
             "snapshot {} written, but retiring older files failed: {e}",
             snapshot_name(seq)
@@ -205,8 +206,11 @@ pub fn take(map: &Map, journal: &Journal, dir: &Path) -> Result<(), String> {
 /// Deletes what snapshot `seq` makes unneeded, keeping one generation back:
 /// the previous snapshot and every log segment since it stay, so that if
 /// snapshot `seq` turns out damaged, `--repair` falls back to the previous
-/// one and replays the log after it, losing nothing. Older files go.
-pub fn retire(dir: &Path, seq: u64) -> io::Result<usize> {
+/// one and replays the log after it, losing nothing. Older files go, except
+/// log segments holding entries a Raft group has not purged yet: segments
+/// go only from the first one the groups still need
+/// ([`GroupBook::keep_from`], see [`super::group`]) down.
+pub fn retire(dir: &Path, seq: u64, book: &Mutex<GroupBook>) -> io::Result<usize> {
     let mut files = Vec::new();
     for item in fs::read_dir(dir)? {
         let item = item?;
@@ -220,10 +224,15 @@ pub fn retire(dir: &Path, seq: u64) -> io::Result<usize> {
         })
         .max()
         .unwrap_or(0);
+    // Read once (the log thread writes only to the active segment, above
+    // it): a purge committed meanwhile only frees more next time.
+    let groups_from = book.lock().keep_from();
+    let segments_from = groups_from.map_or(keep_from, |g| g.min(keep_from));
     let mut retired = 0;
     for (kind, path) in &files {
         let old = match kind {
-            FileKind::Segment(s) | FileKind::Snapshot(s) => *s < keep_from,
+            FileKind::Segment(s) => *s < segments_from,
+            FileKind::Snapshot(s) => *s < keep_from,
             _ => false,
         };
         if old {
@@ -231,6 +240,7 @@ pub fn retire(dir: &Path, seq: u64) -> io::Result<usize> {
             retired += 1;
         }
     }
+    book.lock().forget_below(segments_from);
     if retired > 0 {
         sync_dir(dir)?;
     }

@@ -35,6 +35,27 @@
 //! when anything was written, so appends never wait for that sync (as
 //! Redis's background fsync); `never` leaves flushing to the kernel.
 //!
+//! # Raft groups' records
+//!
+//! A group record ([`super::group`], submitted with
+//! [`Journal::submit_group`]) rides in the same batches as puts and deletes
+//! and is framed into the same `write`, so one commit (one `fdatasync` under
+//! `always`) covers every group's appends in the batch and the plain writes
+//! with them. It is never applied to the map; its completion closure runs
+//! after the batch's commit, right after the batch's plain writes were
+//! applied and answered. Order: the log holds messages in the order the
+//! channel delivered them, so one group's records (submitted one call at a
+//! time, in order, by its Raft core) are logged in that order, and a plain
+//! write and a group record submitted by one thread keep their order too;
+//! between different submitters the batch order is whatever the channel
+//! gave, as for plain writes today. A batch that fails on disk completes
+//! its group records with the error, like its writers.
+//!
+//! Each rotation starts the new segment with the groups' checkpoint and
+//! syncs it (one extra `fdatasync` per rotation, only once a group record
+//! was ever logged), so retirement can delete older segments by the groups'
+//! purges alone ([`super::group`] explains the rule).
+//!
 //! # Preallocation
 //!
 //! A segment is filled with zeros a chunk (up to [`PREALLOC_CHUNK`]) ahead of the
@@ -55,6 +76,7 @@
 //! snapshot ever sees it. Every later write gets the same error; reads keep
 //! working from memory.
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
@@ -68,6 +90,7 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use tokio::sync::oneshot;
 
+use super::group::{Checkpoint, GroupBook, GroupDone, GroupRecord, GROUPS_FILE};
 use super::record::{self, Kind};
 use super::segment::{self, zero_fill};
 use super::segment_name;
@@ -93,6 +116,13 @@ pub(crate) type Submitted = oneshot::Receiver<Outcome>;
 
 enum Msg {
     Write(Op, Done),
+    /// A Raft group's record: logged, never applied; `done` is called once
+    /// its batch is committed.
+    Group {
+        group: u32,
+        record: GroupRecord,
+        done: Pending,
+    },
     /// Switch to `next` (segment `seq`, created by the caller) once every
     /// batch before it is committed and applied; the reply is the segment
     /// left behind, for the caller to seal.
@@ -102,6 +132,27 @@ enum Msg {
         reply: mpsc::Sender<Result<Retired, String>>,
     },
     Close,
+}
+
+/// A group record's completion, called exactly once: by the log thread
+/// after the commit, or with [`StoreError::Closed`] if it is dropped
+/// uncalled (the thread stopped with the record still queued).
+pub(crate) struct Pending(Option<GroupDone>);
+
+impl Pending {
+    fn complete(mut self, result: Result<(), StoreError>) {
+        if let Some(done) = self.0.take() {
+            done(result);
+        }
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if let Some(done) = self.0.take() {
+            done(Err(StoreError::Closed));
+        }
+    }
 }
 
 /// Whether the store may acknowledge writes, shared by everything that
@@ -213,6 +264,8 @@ pub(crate) struct Journal {
     /// only by [`Journal::rotate`]).
     dir: PathBuf,
     active_seq: Mutex<u64>,
+    /// Which segments the Raft groups still need (read by retirement).
+    pub book: Arc<Mutex<GroupBook>>,
 }
 
 /// A segment the writer has rotated away from: no longer written to, not
@@ -243,6 +296,10 @@ pub(crate) struct WriterConfig {
     pub wal_max_bytes: u64,
     /// Told when the active segment passes `wal_max_bytes`.
     pub on_full: Box<dyn Fn() + Send>,
+    /// The groups' state as recovered: each one's checkpoint, and whether
+    /// the directory is marked as holding group records.
+    pub checkpoints: BTreeMap<u32, Checkpoint>,
+    pub groups_marked: bool,
 }
 
 /// Segments grow in zero-filled chunks ahead of the records: the first is
@@ -261,7 +318,12 @@ pub(crate) fn create_segment(dir: &Path, seq: u64, follows: u64) -> io::Result<F
 impl Journal {
     /// Starts the log thread appending to the freshly created `file` and
     /// applying each committed batch to `applier`.
-    pub fn start(file: File, config: WriterConfig, applier: Arc<dyn Apply>) -> io::Result<Journal> {
+    pub fn start(
+        file: File,
+        mut config: WriterConfig,
+        applier: Arc<dyn Apply>,
+        book: GroupBook,
+    ) -> io::Result<Journal> {
         let (tx, rx) = mpsc::channel();
         let health = Arc::new(Health::default());
         let file = Arc::new(file);
@@ -277,7 +339,13 @@ impl Journal {
         };
         let dir = config.dir.clone();
         let active_seq = Mutex::new(config.seq);
+        let book = Arc::new(Mutex::new(book));
         let writer = Writer {
+            group_dones: Vec::new(),
+            purges: Vec::new(),
+            checkpoints: std::mem::take(&mut config.checkpoints),
+            marked: config.groups_marked,
+            book: Arc::clone(&book),
             file,
             segment_bytes: segment::HEADER_LEN,
             allocated: FIRST_CHUNK,
@@ -308,7 +376,25 @@ impl Journal {
             hook,
             dir,
             active_seq,
+            book,
         })
+    }
+
+    /// Queues a Raft group's record; `done` is called once the batch holding
+    /// it is committed (see the module docs), or with the reason it never
+    /// will be (a record too large to frame, a failed disk, closing).
+    pub fn submit_group(&self, group: u32, record: GroupRecord, done: GroupDone) {
+        let done = Pending(Some(done));
+        if let Err(error) = record.check_size().and_then(|()| self.health.check()) {
+            done.complete(Err(error));
+            return;
+        }
+        // A send that fails drops the message, and `Pending` answers Closed.
+        let _ = self.tx.send(Msg::Group {
+            group,
+            record,
+            done,
+        });
     }
 
     /// Queues `op`; the receiver completes once it is committed and
@@ -418,6 +504,14 @@ fn spawn_syncer(
     Ok((stop, thread))
 }
 
+/// Creates [`GROUPS_FILE`] (durably) before the first group record is
+/// written, so recovery knows to read the group records of segments a
+/// snapshot covers.
+fn mark_groups(dir: &Path) -> io::Result<()> {
+    File::create(dir.join(GROUPS_FILE))?.sync_all()?;
+    super::sync_dir(dir)
+}
+
 /// Awaits a submitted op.
 pub(crate) async fn wait(rx: Submitted) -> Outcome {
     rx.await.unwrap_or(Err(StoreError::Closed))
@@ -438,6 +532,15 @@ struct Writer {
     buf: Vec<u8>,
     ops: Vec<Op>,
     waiters: Vec<Done>,
+    /// The batch's group records' completions, and the purges among them
+    /// (counted in the book once committed).
+    group_dones: Vec<Pending>,
+    purges: Vec<(u32, u64)>,
+    /// Per group, what the next segment's checkpoint restates.
+    checkpoints: BTreeMap<u32, Checkpoint>,
+    /// The directory holds [`GROUPS_FILE`].
+    marked: bool,
+    book: Arc<Mutex<GroupBook>>,
     outcomes: Vec<bool>,
     applier: Arc<dyn Apply>,
     health: Arc<Health>,
@@ -471,7 +574,7 @@ impl Writer {
             let mut control = None;
             self.take(first, &mut control);
             while control.is_none()
-                && self.ops.len() < MAX_BATCH
+                && self.ops.len() + self.group_dones.len() < MAX_BATCH
                 && self.buf.len() < MAX_BATCH_BYTES
             {
                 match rx.try_recv() {
@@ -527,6 +630,21 @@ impl Writer {
                 self.ops.push(op);
                 self.waiters.push(done);
             }
+            Msg::Group {
+                group,
+                record,
+                done,
+            } => {
+                record.encode(group, &mut self.buf);
+                if let Some(last) = record.last_index() {
+                    self.book.lock().wrote(self.config.seq, group, last);
+                }
+                if let GroupRecord::Purge { upto, .. } = &record {
+                    self.purges.push((group, *upto));
+                }
+                self.checkpoints.entry(group).or_default().note(&record);
+                self.group_dones.push(done);
+            }
             other => *control = Some(other),
         }
     }
@@ -535,7 +653,7 @@ impl Writer {
     /// then applies it and answers its writers; a batch that fails on disk
     /// is dropped unapplied.
     fn commit(&mut self) {
-        if self.waiters.is_empty() {
+        if self.waiters.is_empty() && self.group_dones.is_empty() {
             return;
         }
         let committed = self.health.check().and_then(|()| {
@@ -554,11 +672,24 @@ impl Writer {
                 for (done, &found) in self.waiters.drain(..).zip(&self.outcomes) {
                     let _ = done.send(Ok(found));
                 }
+                if !self.purges.is_empty() {
+                    let mut book = self.book.lock();
+                    for (group, upto) in self.purges.drain(..) {
+                        book.purged(group, upto);
+                    }
+                }
+                for done in self.group_dones.drain(..) {
+                    done.complete(Ok(()));
+                }
             }
             Err(error) => {
                 self.ops.clear();
+                self.purges.clear();
                 for done in self.waiters.drain(..) {
                     let _ = done.send(Err(error.clone()));
+                }
+                for done in self.group_dones.drain(..) {
+                    done.complete(Err(error.clone()));
                 }
             }
         }
@@ -572,6 +703,10 @@ impl Writer {
     fn write_batch(&mut self) -> io::Result<()> {
         #[cfg(feature = "test-hooks")]
         self.hook(hooks::Event::BeforeWrite)?;
+        if !self.marked && !self.group_dones.is_empty() {
+            mark_groups(&self.config.dir)?;
+            self.marked = true;
+        }
         let end = self.segment_bytes + self.buf.len() as u64;
         self.allocate(end)?;
         self.file.write_all_at(&self.buf, self.segment_bytes)?;
@@ -584,9 +719,10 @@ impl Writer {
             .active_log_bytes
             .store(self.segment_bytes, Ordering::Relaxed);
         self.dirty.store(true, Ordering::Release);
+        let records = self.ops.len() + self.group_dones.len();
         self.health
             .appended
-            .fetch_add(self.ops.len() as u64, Ordering::Relaxed);
+            .fetch_add(records as u64, Ordering::Relaxed);
         Ok(())
     }
 
@@ -647,7 +783,37 @@ impl Writer {
             .store(self.segment_bytes, Ordering::Relaxed);
         self.allocated = FIRST_CHUNK;
         self.asked_snapshot = false;
+        self.write_checkpoint().map_err(|error| {
+            let failed = StoreError::disk("checkpointing groups in", self.segment_path(), error);
+            self.health.fail(failed.clone());
+            failed.to_string()
+        })?;
         Ok(retired)
+    }
+
+    /// Starts the new segment with every group's checkpoint (see
+    /// [`super::group`]), synced before anything else goes there, so older
+    /// segments hold nothing a group needs but entries. Nothing to do (and
+    /// no sync) for a store without groups.
+    fn write_checkpoint(&mut self) -> io::Result<()> {
+        if self.checkpoints.is_empty() {
+            return Ok(());
+        }
+        let mut records = 0;
+        for (group, checkpoint) in &self.checkpoints {
+            records += checkpoint.encode(*group, &mut self.buf);
+        }
+        let end = self.segment_bytes + self.buf.len() as u64;
+        self.allocate(end)?;
+        self.file.write_all_at(&self.buf, self.segment_bytes)?;
+        self.health.sync(&self.file)?;
+        self.segment_bytes = end;
+        self.buf.clear();
+        self.health
+            .active_log_bytes
+            .store(self.segment_bytes, Ordering::Relaxed);
+        self.health.appended.fetch_add(records, Ordering::Relaxed);
+        Ok(())
     }
 }
 
