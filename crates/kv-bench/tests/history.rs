@@ -4,41 +4,11 @@
 
 use std::collections::BTreeSet;
 use std::path::Path;
-use std::process::{Command, Output};
 
 use serde_json::Value;
 
-/// Builds from the workspace root, as `tests/run.rs` explains.
-fn binary(name: &str) -> std::path::PathBuf {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    std::env::set_current_dir(root).unwrap();
-    kv_testkit::binary(name)
-}
-
-fn bench(args: &[&str]) -> Output {
-    Command::new(binary("kv-bench"))
-        .args(args)
-        .env_remove("RUST_LOG")
-        .output()
-        .expect("kv-bench runs")
-}
-
-fn explain(output: &Output) -> String {
-    format!(
-        "status {:?}\nstdout:\n{}\nstderr:\n{}",
-        output.status,
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    )
-}
-
-fn lines(path: &Path) -> Vec<Value> {
-    std::fs::read_to_string(path)
-        .unwrap()
-        .lines()
-        .map(|line| serde_json::from_str(line).unwrap())
-        .collect()
-}
+mod common;
+use common::{bench, binary, explain, lines};
 
 fn write_lines(path: &Path, lines: &[Value]) {
     let text: String = lines.iter().map(|l| format!("{l}\n")).collect();

@@ -5,21 +5,14 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Command;
 use std::thread;
 
 use kv_testkit::{request, Process};
 use serde_json::Value;
 
-/// `kv_testkit::binary` runs `cargo build --bin NAME` in the current
-/// directory; from this package's directory cargo only sees kv-bench's
-/// binaries, so build from the workspace root (the same for every test, so
-/// tests running in parallel agree on it).
-fn binary(name: &str) -> std::path::PathBuf {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    std::env::set_current_dir(root).unwrap();
-    kv_testkit::binary(name)
-}
+mod common;
+use common::{bench, binary, explain, lines};
 
 fn node(dir: &Path) -> Process {
     Process::spawn(
@@ -28,29 +21,9 @@ fn node(dir: &Path) -> Process {
     )
 }
 
-fn bench(args: &[&str]) -> Output {
-    Command::new(binary("kv-bench"))
-        .args(args)
-        .env_remove("RUST_LOG")
-        .output()
-        .expect("kv-bench runs")
-}
-
+/// The runs `--json` wrote.
 fn runs(json: &Path) -> Vec<Value> {
-    std::fs::read_to_string(json)
-        .unwrap()
-        .lines()
-        .map(|line| serde_json::from_str(line).unwrap())
-        .collect()
-}
-
-fn explain(output: &Output) -> String {
-    format!(
-        "status {:?}\nstdout:\n{}\nstderr:\n{}",
-        output.status,
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    )
+    lines(json)
 }
 
 #[test]
