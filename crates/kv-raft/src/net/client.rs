@@ -1,7 +1,7 @@
 //! The client side: openraft's [`RaftNetworkFactory`] and [`RaftNetworkV2`]
 //! over HTTP/1.1 keep-alive connections to each peer's `/-/raft/...`.
 //!
-//! One [`Network`] per node, shared by all its groups, keeps one [`Peer`] per
+//! One [`Network`] per node, shared by all its groups, keeps one `Peer` per
 //! member. A peer has
 //! - an **append batcher**: a task owning one connection. Appends and
 //!   heartbeats of every group to that peer go into its queue; the task takes
