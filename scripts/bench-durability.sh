@@ -17,6 +17,7 @@ set -euo pipefail
 
 DURATION="${1:-5}"
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+. "$ROOT/scripts/lib.sh"
 WORK="$(mktemp -d /tmp/kv-bench-durability.XXXXXX)"
 KEYS=1000000
 PIDS=()
@@ -127,19 +128,7 @@ print(f"ratios: always/never = {always/never:.2f} (target >= 0.50), "
 PY
 
 echo "== 2. recovery with $KEYS keys (16-byte keys, 100-byte values) from snapshot + log =="
-python3 - "$WORK" "$KEYS" <<'PY'
-import sys
-work, n = sys.argv[1], int(sys.argv[2])
-value = "v" * 98  # JSON text "vvv..." is 100 bytes; Redis holds the same 100 bytes
-with open(f"{work}/kv_store.json", "w") as dump, open(f"{work}/redis.resp", "w") as resp:
-    dump.write("{")
-    for i in range(n):
-        key = f"key_{i:012d}"
-        dump.write(("," if i else "") + f'"{key}": "{value}"')
-        val = '"' + value + '"'
-        resp.write(f"*3\r\n$3\r\nSET\r\n${len(key)}\r\n{key}\r\n${len(val)}\r\n{val}\r\n")
-    dump.write("}")
-PY
+write_dataset "$WORK" "$KEYS"
 # Baseline: an empty node's resident memory.
 start_node "$WORK/empty"
 EMPTY_RSS=$(rss_kb "$NODE_PID")

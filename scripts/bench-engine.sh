@@ -192,19 +192,7 @@ done
 
 if ((RUN_MEMORY)); then
 echo "== 2+3. memory and recovery: $KEYS imported keys, overwrites, kill -9, 10k connections, delete all ==" >&2
-python3 - "$WORK" "$KEYS" <<'PY'
-import sys
-work, n = sys.argv[1], int(sys.argv[2])
-value = "v" * 98  # the JSON string "vvv..." is 100 bytes
-with open(f"{work}/kv_store.json", "w") as dump, open(f"{work}/redis.resp", "w") as resp:
-    dump.write("{")
-    for i in range(n):
-        key = f"key_{i:012d}"
-        dump.write(("," if i else "") + f'"{key}": "{value}"')
-        val = '"' + value + '"'
-        resp.write(f"*3\r\n$3\r\nSET\r\n${len(key)}\r\n{key}\r\n${len(val)}\r\n{val}\r\n")
-    dump.write("}")
-PY
+write_dataset "$WORK" "$KEYS"
 cat >"$WORK/put.lua" <<LUA
 -- PUT {"value":"<98 x>"} to random keys among the imported ones.
 local body = '{"value":"' .. string.rep("x", 98) .. '"}'

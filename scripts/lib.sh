@@ -61,3 +61,23 @@ for i in range(1, n + 1):
         sys.exit(f"preload failed at bench_{i}: {r.status}")
 PY
 }
+
+# Writes the same N keys (key_000000000000.., 100-byte JSON string values) as
+# a Flask dump DIR/kv_store.json (for kv-node --import) and as Redis SET
+# commands DIR/redis.resp (for redis-cli --pipe), so both stores load
+# identical data.  Usage: write_dataset DIR N
+write_dataset() {
+  python3 - "$1" "$2" <<'PY'
+import sys
+work, n = sys.argv[1], int(sys.argv[2])
+value = "v" * 98  # the JSON text "vvv..." is 100 bytes; Redis holds the same 100 bytes
+with open(f"{work}/kv_store.json", "w") as dump, open(f"{work}/redis.resp", "w") as resp:
+    dump.write("{")
+    for i in range(n):
+        key = f"key_{i:012d}"
+        dump.write(("," if i else "") + f'"{key}": "{value}"')
+        val = '"' + value + '"'
+        resp.write(f"*3\r\n$3\r\nSET\r\n${len(key)}\r\n{key}\r\n${len(val)}\r\n{val}\r\n")
+    dump.write("}")
+PY
+}
