@@ -41,8 +41,8 @@ use crate::oplog::{Entry, OpLog};
 
 pub use kv_http::Body;
 
-const STORED: &[u8] = b"{\"message\":\"Value stored successfully\"}\n";
-const DELETED: &[u8] = b"{\"message\":\"Key deleted successfully\"}\n";
+use crate::cluster::request::{is_forwarded, KeyRequest, DELETED, STORED};
+use crate::cluster::ClusterNode;
 const KEY_METHODS: &str = "GET, HEAD, PUT, POST, DELETE, OPTIONS";
 const ADMIN_METHODS: &str = "GET, HEAD, OPTIONS";
 /// What a stored body looks like around the value's JSON text.
@@ -57,6 +57,8 @@ pub struct App {
     pub max_value_bytes: usize,
     pub body_timeout: std::time::Duration,
     pub started: Instant,
+    /// Cluster mode (`--peers`); `None` for a standalone node.
+    pub cluster: Option<Arc<ClusterNode>>,
 }
 
 /// What each worker thread serves with: the shared [`App`].
@@ -126,6 +128,17 @@ async fn route(
 ) -> Result<Response<Body>, NodeError> {
     let path = parts.uri.path();
     reserve.admit(path)?;
+    if let Some(cluster) = &app.cluster {
+        // Node-to-node traffic: kv-raft answers it, errors included.
+        if path.starts_with("/-/raft/") && path != "/-/raft/cluster" {
+            if let Some(body) = body.take() {
+                let mut request = Request::new(body);
+                *request.method_mut() = parts.method.clone();
+                *request.uri_mut() = parts.uri.clone();
+                return Ok(kv_raft::handle_raft(request, &cluster.groups).await);
+            }
+        }
+    }
     check_head(parts.version, &parts.headers)?;
     if parts.method == Method::OPTIONS {
         return options(app, path);
@@ -138,6 +151,9 @@ async fn route(
         return Err(ApiError::InvalidKey("the request target is not a path").into());
     }
     let key = key::parse(path)?;
+    if let Some(cluster) = &app.cluster {
+        return cluster_key(app, cluster, parts, &key, body).await;
+    }
     match parts.method {
         Method::GET | Method::HEAD => get(app, &key).await,
         Method::PUT | Method::POST => match body.take() {
@@ -145,6 +161,52 @@ async fn route(
             None => Err(ApiError::BodyRead("the body was already read".into()).into()),
         },
         Method::DELETE => delete(app, &key).await,
+        _ => Err(ApiError::MethodNotAllowed { allow: KEY_METHODS }.into()),
+    }
+}
+
+/// A key request in cluster mode: validated here exactly as standalone
+/// (400/405/413 before anything else), then the replicated path.
+async fn cluster_key(
+    app: &App,
+    cluster: &ClusterNode,
+    parts: &Parts,
+    key: &str,
+    body: &mut Option<Incoming>,
+) -> Result<Response<Body>, NodeError> {
+    let request = KeyRequest { parts, key };
+    let logged = !is_forwarded(&parts.headers);
+    match parts.method {
+        Method::GET | Method::HEAD => {
+            if logged {
+                app.log_op(|| Entry::Get(key.into()));
+            }
+            cluster.read(&request).await
+        }
+        Method::PUT | Method::POST => {
+            let Some(body) = body.take() else {
+                return Err(ApiError::BodyRead("the body was already read".into()).into());
+            };
+            let raw = read_body(app, &parts.headers, body).await?;
+            let stored = stored_body(&raw)?;
+            if logged {
+                app.log_op(|| Entry::Put(key.into(), stored.clone()));
+            }
+            let command = kv_raft::Command::Put {
+                key: key.to_owned(),
+                value: stored.to_vec(),
+            };
+            cluster.write(&request, command, raw).await
+        }
+        Method::DELETE => {
+            if logged {
+                app.log_op(|| Entry::Delete(key.into()));
+            }
+            let command = kv_raft::Command::Delete {
+                key: key.to_owned(),
+            };
+            cluster.write(&request, command, Bytes::new()).await
+        }
         _ => Err(ApiError::MethodNotAllowed { allow: KEY_METHODS }.into()),
     }
 }
@@ -319,14 +381,19 @@ fn admin_route(app: &App, method: &Method, path: &str) -> Result<Response<Body>,
     match path {
         "health" => {
             only_get(method)?;
-            let body = serde_json::json!({
+            let mut body = serde_json::json!({
                 "status": "ok",
-                "keys": app.store.len(),
+                "keys": app.cluster.as_ref().map_or_else(|| app.store.len(), |c| c.keys()),
                 // false once a disk error stopped writes (reads still work).
                 "writable": app.store.writable().is_ok(),
                 "uptime_seconds": app.started.elapsed().as_secs(),
                 "version": env!("CARGO_PKG_VERSION"),
             });
+            if let Some(cluster) = &app.cluster {
+                body["node_id"] = cluster.id().into();
+                body["shards_led"] = cluster.shards_led().into();
+                body["shards_hosted"] = cluster.shards_hosted().into();
+            }
             let mut bytes = body.to_string().into_bytes();
             bytes.push(b'\n');
             Ok(json_response(StatusCode::OK, Bytes::from(bytes)))
@@ -334,14 +401,24 @@ fn admin_route(app: &App, method: &Method, path: &str) -> Result<Response<Body>,
         "ready" => {
             only_get(method)?;
             // The listener opens only after recovery, so "ready" means the
-            // store still accepts writes (no disk failure, not closing).
-            match app.store.writable() {
+            // store still accepts writes (no disk failure, not closing); in
+            // cluster mode also that every hosted group recovered.
+            let ready = app
+                .store
+                .writable()
+                .map_err(|error| error.to_string())
+                .and_then(|()| {
+                    app.cluster
+                        .as_ref()
+                        .map_or(Ok(()), |cluster| cluster.ready())
+                });
+            match ready {
                 Ok(()) => Ok(json_response(
                     StatusCode::OK,
                     Bytes::from_static(b"{\"ready\":true}\n"),
                 )),
                 Err(error) => {
-                    let body = serde_json::json!({ "ready": false, "error": error.to_string() });
+                    let body = serde_json::json!({ "ready": false, "error": error });
                     let mut bytes = body.to_string().into_bytes();
                     bytes.push(b'\n');
                     Ok(json_response(
@@ -360,7 +437,41 @@ fn admin_route(app: &App, method: &Method, path: &str) -> Result<Response<Body>,
             );
             Ok(response)
         }
-        _ => Err(ApiError::UnknownAdminPath.into()),
+        "shards" | "raft/cluster" => {
+            only_get(method)?;
+            let cluster = app.cluster.as_ref().ok_or(ApiError::UnknownAdminPath)?;
+            let mut bytes = if path == "shards" {
+                serde_json::to_vec(&cluster.shards_view()).unwrap_or_default()
+            } else {
+                cluster.cluster_json()
+            };
+            if bytes.last() != Some(&b'\n') {
+                bytes.push(b'\n');
+            }
+            Ok(json_response(StatusCode::OK, Bytes::from(bytes)))
+        }
+        _ => {
+            // `shards/<s>/digest`: this replica's keys and digest (tests).
+            let shard = path
+                .strip_prefix("shards/")
+                .and_then(|rest| rest.strip_suffix("/digest"))
+                .and_then(|shard| shard.parse::<u32>().ok());
+            match (shard, &app.cluster) {
+                (Some(shard), Some(cluster)) => {
+                    only_get(method)?;
+                    if shard >= cluster.shards() {
+                        return Err(ApiError::UnknownAdminPath.into());
+                    }
+                    let body = cluster
+                        .digest(shard)
+                        .unwrap_or_else(|| serde_json::json!({ "shard": shard, "hosted": false }));
+                    let mut bytes = body.to_string().into_bytes();
+                    bytes.push(b'\n');
+                    Ok(json_response(StatusCode::OK, Bytes::from(bytes)))
+                }
+                _ => Err(ApiError::UnknownAdminPath.into()),
+            }
+        }
     }
 }
 
@@ -428,6 +539,9 @@ fn render_metrics(app: &App) -> String {
             "1 while the node accepts writes, 0 after a disk error.",
             u64::from(app.store.writable().is_ok()),
         );
+    }
+    if let Some(cluster) = &app.cluster {
+        cluster.add_metrics(&mut scrape);
     }
     if let Some(op_log) = &app.op_log {
         scrape.counter_u64(

@@ -103,6 +103,50 @@ pub struct Config {
     /// `kv-bench --spawn`. Checked every 200 ms.
     #[arg(long, env = "KV_EXIT_WITH_PARENT")]
     pub exit_with_parent: bool,
+
+    /// Cluster mode: this node's member id (with `--peers`).
+    #[arg(long, env = "KV_NODE_ID")]
+    pub node_id: Option<u64>,
+
+    /// Cluster mode: every member as `ID=HOST:PORT`, comma-separated, this
+    /// node included (`1=127.0.0.1:8081,2=127.0.0.1:8082,3=127.0.0.1:8083`).
+    /// Without it the node is a standalone store.
+    #[arg(long, env = "KV_PEERS")]
+    pub peers: Option<String>,
+
+    /// Cluster mode: number of shards, fixed when the cluster is created
+    /// [default: 64].
+    #[arg(long, env = "KV_SHARDS")]
+    pub shards: Option<u32>,
+
+    /// Cluster mode: copies of each shard [default: 3].
+    #[arg(long, env = "KV_REPLICAS")]
+    pub replicas: Option<u32>,
+
+    /// Cluster mode: how long a write may wait to be committed and applied
+    /// before the client is answered 504 (outcome unknown).
+    #[arg(long, env = "KV_RAFT_WRITE_TIMEOUT", default_value = "2s", value_parser = humantime::parse_duration)]
+    pub raft_write_timeout: Duration,
+
+    /// Cluster mode: hand leaderships back to their preferred leaders once
+    /// those are caught up, so leaders stay spread (`on` or `off`).
+    #[arg(long, env = "KV_LEADER_BALANCE", default_value = "on", value_parser = parse_on_off)]
+    pub leader_balance: bool,
+
+    /// Cluster mode (tests): the leaders' heartbeat interval [default: 100ms].
+    #[arg(long, env = "KV_RAFT_HEARTBEAT", hide = true, value_parser = humantime::parse_duration)]
+    pub raft_heartbeat: Option<Duration>,
+
+    /// Cluster mode (tests): the shortest election timeout; the longest is
+    /// twice it [default: 300ms].
+    #[arg(long, env = "KV_RAFT_ELECTION_TIMEOUT", hide = true, value_parser = humantime::parse_duration)]
+    pub raft_election_timeout: Option<Duration>,
+
+    /// Cluster mode (tests): send node-to-node traffic for member ID to
+    /// HOST:PORT instead of its `--peers` address (a fault-injecting relay).
+    /// Repeatable.
+    #[arg(long = "raft-route", env = "KV_RAFT_ROUTE", hide = true, value_delimiter = ',', value_parser = parse_route)]
+    pub raft_routes: Vec<(u64, String)>,
 }
 
 /// The largest `--max-value-bytes`: a stored value is the body less its
@@ -123,6 +167,33 @@ fn parse_max_value_bytes(value: &str) -> Result<usize, String> {
         ));
     }
     Ok(bytes)
+}
+
+fn parse_on_off(value: &str) -> Result<bool, String> {
+    match value {
+        "on" | "true" | "yes" | "1" => Ok(true),
+        "off" | "false" | "no" | "0" => Ok(false),
+        _ => Err(format!("{value:?} is neither on nor off")),
+    }
+}
+
+/// `ID=HOST:PORT` of `--raft-route`.
+fn parse_route(value: &str) -> Result<(u64, String), String> {
+    let (id, addr) = value
+        .split_once('=')
+        .ok_or_else(|| format!("{value:?} is not ID=HOST:PORT"))?;
+    let id = id
+        .trim()
+        .parse()
+        .map_err(|e| format!("{id:?} is not a member id: {e}"))?;
+    let addr = addr.trim();
+    if addr
+        .rsplit_once(':')
+        .is_none_or(|(host, port)| host.is_empty() || port.parse::<u16>().is_err())
+    {
+        return Err(format!("{addr:?} is not HOST:PORT"));
+    }
+    Ok((id, addr.to_owned()))
 }
 
 fn parse_fsync(value: &str) -> Result<FsyncPolicy, String> {
@@ -152,6 +223,24 @@ impl Config {
             wal_max_bytes: self.wal_max_bytes,
             repair: self.repair,
         }
+    }
+
+    /// Whether `--peers` puts this node in cluster mode.
+    pub fn cluster_mode(&self) -> bool {
+        self.peers.is_some()
+    }
+
+    /// The openraft timeouts: the defaults, or the hidden test flags.
+    pub fn raft_timeouts(&self) -> kv_raft::Timeouts {
+        let mut timeouts = kv_raft::Timeouts::default();
+        if let Some(heartbeat) = self.raft_heartbeat {
+            timeouts.heartbeat_ms = heartbeat.as_millis().max(1) as u64;
+        }
+        if let Some(election) = self.raft_election_timeout {
+            timeouts.election_min_ms = election.as_millis().max(1) as u64;
+            timeouts.election_max_ms = timeouts.election_min_ms * 2;
+        }
+        timeouts
     }
 
     /// Defaults with the given data directory, for in-process servers.

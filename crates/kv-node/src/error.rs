@@ -1,28 +1,118 @@
-//! kv-node's failures. Every one is a [`kv_http::ApiError`], whose status
-//! and JSON body are chosen in kv-http's one map (shared with kv-proxy, so
-//! a client cannot tell which refused it); this module says which API error
-//! each storage failure becomes.
+//! kv-node's failures, and the one place that maps each to a status.
+//!
+//! Most are a [`kv_http::ApiError`], whose status and JSON body are chosen
+//! in kv-http's one map (shared with kv-proxy, so a client cannot tell which
+//! refused it); this module says which API error each storage failure
+//! becomes. Cluster mode adds [`ClusterError`]: the answers of the
+//! replicated request path (design `docs/replication.md` §6.1), whose rule
+//! every client relies on: **421 and 503 mean the write was not proposed
+//! and never will be applied; only 504 means the outcome is unknown.**
 
-use hyper::Response;
-use kv_http::Body;
+use bytes::Bytes;
+use hyper::header::{HeaderName, HeaderValue, RETRY_AFTER};
+use hyper::{Response, StatusCode};
+use kv_cluster::{NotLeader, LEADER_HEADER};
+use kv_http::{json_response, Body};
 use kv_store::StoreError;
 
 pub use kv_http::ApiError;
 
-/// A request's failure in kv-node: an [`ApiError`], which the store's
-/// errors convert into (so handlers can `?` a store call).
+/// A request's failure in kv-node: an [`ApiError`] (which the store's
+/// errors convert into, so handlers can `?` a store call) or a failure of
+/// the replicated path.
 #[derive(Debug)]
-pub struct NodeError(pub ApiError);
+pub enum NodeError {
+    /// The failures kv-node shares with kv-proxy.
+    Api(ApiError),
+    /// Cluster mode's own answers.
+    Cluster(ClusterError),
+}
+
+/// Why the replicated request path did not serve a request.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    /// This node does not lead the key's shard and the client asked for a
+    /// direct answer (`X-Kv-Route: direct`), or the request was already
+    /// forwarded once. Given before anything was proposed: safe to retry at
+    /// the leader it names.
+    #[error("not leader")]
+    NotLeader(NotLeader),
+    /// No leader is known (an election is in progress). Not proposed.
+    #[error("shard {shard} has no leader (election in progress)")]
+    NoLeader { shard: u32 },
+    /// The leader has no recent quorum acknowledgement (it may be cut off,
+    /// or was just elected): refused before proposing.
+    #[error("shard {shard} has no quorum")]
+    NoQuorum { shard: u32 },
+    /// The leader could not be reached to forward a request to, before the
+    /// request was sent. Not proposed.
+    #[error("shard {shard}: leader {leader} at {addr} is unreachable: {why}")]
+    LeaderUnreachable {
+        shard: u32,
+        leader: u64,
+        addr: String,
+        why: String,
+    },
+    /// The write was proposed (or may have been) and no answer came: it may
+    /// still commit. Never retried by anyone.
+    #[error("outcome unknown: {0}")]
+    OutcomeUnknown(String),
+}
+
+impl ClusterError {
+    /// The HTTP status: the one map of the replicated path.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ClusterError::NotLeader(_) => StatusCode::MISDIRECTED_REQUEST,
+            ClusterError::NoLeader { .. }
+            | ClusterError::NoQuorum { .. }
+            | ClusterError::LeaderUnreachable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ClusterError::OutcomeUnknown(_) => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    /// The full HTTP response: a 421 carries the [`NotLeader`] body and the
+    /// leader's address in `X-Kv-Leader`; a 503 says `Retry-After: 1`.
+    pub fn into_response(self) -> Response<Body> {
+        let status = self.status();
+        let body = match &self {
+            ClusterError::NotLeader(not_leader) => serde_json::to_vec(not_leader)
+                .unwrap_or_else(|_| b"{\"error\":\"not leader\"}".to_vec()),
+            other => serde_json::json!({ "error": other.to_string() })
+                .to_string()
+                .into_bytes(),
+        };
+        let mut body = body;
+        body.push(b'\n');
+        let mut response = json_response(status, Bytes::from(body));
+        let headers = response.headers_mut();
+        if let ClusterError::NotLeader(not_leader) = &self {
+            if let Ok(addr) = HeaderValue::from_str(&not_leader.leader_addr) {
+                headers.insert(HeaderName::from_static(LEADER_HEADER), addr);
+            }
+        }
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            headers.insert(RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        response
+    }
+}
 
 impl From<ApiError> for NodeError {
     fn from(error: ApiError) -> Self {
-        NodeError(error)
+        NodeError::Api(error)
+    }
+}
+
+impl From<ClusterError> for NodeError {
+    fn from(error: ClusterError) -> Self {
+        NodeError::Cluster(error)
     }
 }
 
 impl From<StoreError> for NodeError {
     fn from(error: StoreError) -> Self {
-        NodeError(match error {
+        NodeError::Api(match error {
             // A value the log cannot frame: refused before anything was
             // acknowledged, as an oversized body is.
             StoreError::TooLarge { max, .. } => ApiError::BodyTooLarge { limit: max },
@@ -40,7 +130,10 @@ impl From<StoreError> for NodeError {
 impl NodeError {
     /// The full HTTP response for this error.
     pub fn into_response(self) -> Response<Body> {
-        self.0.into_response()
+        match self {
+            NodeError::Api(error) => error.into_response(),
+            NodeError::Cluster(error) => error.into_response(),
+        }
     }
 }
 
@@ -75,10 +168,29 @@ mod tests {
             (StoreError::KeyTooLong(70_000), 400, "Invalid key: "),
         ];
         for (error, status, message) in cases {
-            let NodeError(error) = NodeError::from(error);
+            let NodeError::Api(error) = NodeError::from(error) else {
+                panic!("a store error is an API error");
+            };
             assert_eq!(error.status().as_u16(), status, "{error:?}");
             assert!(error.message().starts_with(message), "{}", error.message());
             let response = error.into_response();
+            assert_eq!(response.headers().contains_key(RETRY_AFTER), status == 503);
+        }
+    }
+
+    #[test]
+    fn cluster_errors_map_to_their_statuses() {
+        let not_leader = ClusterError::NotLeader(NotLeader::new(17, 2, "127.0.0.1:8082", 5));
+        let response = not_leader.into_response();
+        assert_eq!(response.status().as_u16(), 421);
+        assert_eq!(response.headers()[LEADER_HEADER], "127.0.0.1:8082");
+        for (error, status) in [
+            (ClusterError::NoLeader { shard: 1 }, 503),
+            (ClusterError::NoQuorum { shard: 1 }, 503),
+            (ClusterError::OutcomeUnknown("timed out".into()), 504),
+        ] {
+            let response = error.into_response();
+            assert_eq!(response.status().as_u16(), status);
             assert_eq!(response.headers().contains_key(RETRY_AFTER), status == 503);
         }
     }

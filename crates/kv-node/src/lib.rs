@@ -10,6 +10,8 @@
 //! * [`error`]: which API error each storage failure becomes.
 //! * [`oplog`]: the Flask-format operation log, written off the request path.
 //! * [`import`]: loading a Flask store's `kv_store.json` dump.
+//! * [`cluster`]: cluster mode (`--peers`): a Raft group per shard, the
+//!   replicated request path, forwarding, `/-/shards` (issue 12).
 //!
 //! What kv-node shares with kv-proxy is the `kv-http` crate: the accept loop
 //! with its connection limits and graceful shutdown, key parsing, the error
@@ -28,6 +30,7 @@ use kv_store::Store;
 use tokio::net::TcpListener;
 
 pub mod api;
+pub mod cluster;
 pub mod config;
 pub mod error;
 pub mod import;
@@ -45,7 +48,15 @@ pub async fn run(
 ) -> io::Result<()> {
     let data_dir = config.data_dir();
     survive_file_size_limit();
+    if !config.cluster_mode() {
+        cluster::start::check_standalone(&data_dir)?;
+    }
     let store = Arc::new(open_store(&config, &data_dir).await?);
+    let cluster = if config.cluster_mode() {
+        Some(cluster::start(&config, Arc::clone(&store), &data_dir).await?)
+    } else {
+        None
+    };
     if let Some(dump) = config.import.clone() {
         let started = Instant::now();
         let count = import::import(Arc::clone(&store), dump.clone())
@@ -86,6 +97,7 @@ pub async fn run(
         max_value_bytes: config.max_value_bytes,
         body_timeout: config.body_timeout,
         started: Instant::now(),
+        cluster: cluster.clone(),
     });
     let limits = kv_http::server::ConnectionLimits {
         max_connections: config.max_connections,
@@ -96,7 +108,19 @@ pub async fn run(
     let workers = (0..config.workers())
         .map(|_| api::NodeWorker(Arc::clone(&app)))
         .collect();
+    // A clustered node hands its leaderships away while it still serves
+    // (the new leaders' elections need its answers), then stops accepting.
+    let stopping = cluster.clone();
+    let shutdown = async move {
+        shutdown.await;
+        if let Some(cluster) = stopping {
+            cluster.transfer_away(cluster.transfer_bound()).await;
+        }
+    };
     let served = kv_http::workers::serve(listener, limits, workers, shutdown).await;
+    if let Some(cluster) = &cluster {
+        cluster.shutdown().await;
+    }
     // Flush and sync the log even if serving failed; blocking, so off the workers.
     // Then the op log's last lines (the snapshot at close included).
     let _ = tokio::task::spawn_blocking(move || {

@@ -1,0 +1,176 @@
+//! Forwarding a client's request to the leader of its shard, and asking
+//! peers for their `cluster.json` at first start (design §6.4, §8).
+//!
+//! A small HTTP/1.1 client with a keep-alive pool per peer address. Every
+//! connection lives on the node's main runtime (the one its Raft groups run
+//! on), whichever worker thread asks: kv-http's workers each run their own
+//! single-threaded runtime, and a pooled connection must outlive the worker
+//! task that opened it.
+//!
+//! What the caller learns matters more than the bytes: [`Forwarded::Sent`]
+//! carries the leader's whole answer, [`ForwardError::NotSent`] means the
+//! request never left (safe to retry or refuse), [`ForwardError::Lost`]
+//! means it was written and no answer came (a write's outcome is unknown).
+
+use std::collections::HashMap;
+use std::sync::{Mutex, PoisonError};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::client::conn::http1::SendRequest;
+use hyper::header::{HeaderMap, HeaderValue, HOST};
+use hyper::{Method, Request, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tokio::runtime::Handle;
+
+/// Largest answer relayed (a GET of the largest value, with room).
+const MAX_ANSWER: usize = 256 << 20;
+/// Idle connections kept per peer.
+const MAX_IDLE: usize = 16;
+
+/// A leader's answer, whole.
+#[derive(Debug)]
+pub(crate) struct Forwarded {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+/// Why forwarding failed.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ForwardError {
+    /// The request was never written: nothing was proposed.
+    #[error("{0}")]
+    NotSent(String),
+    /// The request was written; no (whole) answer came.
+    #[error("{0}")]
+    Lost(String),
+}
+
+/// The pool: idle connections by peer address, all on `runtime`.
+pub(crate) struct Forwarder {
+    runtime: Handle,
+    idle: std::sync::Arc<Mutex<HashMap<String, Vec<SendRequest<Full<Bytes>>>>>>,
+}
+
+impl Forwarder {
+    pub(crate) fn new(runtime: Handle) -> Self {
+        Self {
+            runtime,
+            idle: Default::default(),
+        }
+    }
+
+    /// Sends one request to `addr` and reads its whole answer, within
+    /// `timeout`.
+    pub(crate) async fn send(
+        &self,
+        addr: &str,
+        request: Request<Full<Bytes>>,
+        timeout: Duration,
+    ) -> Result<Forwarded, ForwardError> {
+        let addr = addr.to_owned();
+        let idle = std::sync::Arc::clone(&self.idle);
+        let task = self.runtime.spawn(async move {
+            match tokio::time::timeout(timeout, exchange(&idle, &addr, request)).await {
+                Ok(result) => result,
+                Err(_) => Err(ForwardError::Lost(format!(
+                    "{addr} did not answer within {timeout:?}"
+                ))),
+            }
+        });
+        match task.await {
+            Ok(result) => result,
+            Err(error) => Err(ForwardError::Lost(format!(
+                "forwarding task failed: {error}"
+            ))),
+        }
+    }
+}
+
+fn take_idle(
+    idle: &Mutex<HashMap<String, Vec<SendRequest<Full<Bytes>>>>>,
+    addr: &str,
+) -> Option<SendRequest<Full<Bytes>>> {
+    let mut idle = idle.lock().unwrap_or_else(PoisonError::into_inner);
+    let list = idle.get_mut(addr)?;
+    while let Some(sender) = list.pop() {
+        if !sender.is_closed() {
+            return Some(sender);
+        }
+    }
+    None
+}
+
+async fn connect(addr: &str) -> Result<SendRequest<Full<Bytes>>, ForwardError> {
+    let stream = TcpStream::connect(addr)
+        .await
+        .map_err(|error| ForwardError::NotSent(format!("cannot connect to {addr}: {error}")))?;
+    let _ = stream.set_nodelay(true);
+    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|error| ForwardError::NotSent(format!("cannot talk HTTP to {addr}: {error}")))?;
+    tokio::spawn(async move {
+        if let Err(error) = connection.await {
+            log::debug!("forwarding connection closed: {error}");
+        }
+    });
+    Ok(sender)
+}
+
+async fn exchange(
+    idle: &Mutex<HashMap<String, Vec<SendRequest<Full<Bytes>>>>>,
+    addr: &str,
+    mut request: Request<Full<Bytes>>,
+) -> Result<Forwarded, ForwardError> {
+    if let Ok(host) = HeaderValue::from_str(addr) {
+        request.headers_mut().insert(HOST, host);
+    }
+    let head_only = request.method() == Method::HEAD;
+    // A pooled connection may have been closed by the peer since: if
+    // sending on it fails before anything was written, retry on a fresh one.
+    let mut sender = match take_idle(idle, addr) {
+        Some(sender) => sender,
+        None => connect(addr).await?,
+    };
+    if sender.ready().await.is_err() {
+        sender = connect(addr).await?;
+        sender
+            .ready()
+            .await
+            .map_err(|error| ForwardError::NotSent(format!("{addr}: {error}")))?;
+    }
+    let response = sender.send_request(request).await.map_err(|error| {
+        // hyper hands a request back unsent when the connection was already
+        // closed; anything else may have reached the peer.
+        if error.is_canceled() {
+            ForwardError::NotSent(format!("{addr}: {error}"))
+        } else {
+            ForwardError::Lost(format!("{addr}: {error}"))
+        }
+    })?;
+    let (parts, body) = response.into_parts();
+    let body = if head_only {
+        Bytes::new()
+    } else {
+        Limited::new(body, MAX_ANSWER)
+            .collect()
+            .await
+            .map_err(|error| ForwardError::Lost(format!("{addr}: reading the answer: {error}")))?
+            .to_bytes()
+    };
+    {
+        let mut idle = idle.lock().unwrap_or_else(PoisonError::into_inner);
+        let list = idle.entry(addr.to_owned()).or_default();
+        if list.len() < MAX_IDLE && !sender.is_closed() {
+            list.push(sender);
+        }
+    }
+    Ok(Forwarded {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+    })
+}

@@ -1,0 +1,421 @@
+//! Cluster mode (`--peers`): every shard is a Raft group replicated on
+//! `--replicas` members, and any node answers any key (design
+//! `docs/replication.md` §6-§11).
+//!
+//! Modules, one concern each:
+//! * [`start`]: flags against `cluster.json`, the first-start guard,
+//!   creating and initialising the groups placed here (§8), and the stop
+//!   (leaderships handed away, groups shut down).
+//! * [`request`]: the request path (§6): writes through `client_write` on
+//!   the leader, linearizable reads through a per-shard read gate, stale
+//!   reads from the local replica, 421 / forwarding / 503 / 504.
+//! * [`forward`]: the HTTP client that relays a request to its leader.
+//! * [`watch`]: per group, a task following its metrics (the one info line
+//!   per leader change, elections, members seen, recovery) and the leader
+//!   balancer (§9).
+//! * [`storage`]: the seam to Raft storage (in memory until task C lands).
+//!
+//! This module holds [`ClusterNode`], what they share, and the read-only
+//! views: `GET /-/shards` (§11), the digest of a shard, health and
+//! readiness fields, and the per-shard metrics.
+
+pub(crate) mod forward;
+pub(crate) mod request;
+pub(crate) mod start;
+pub(crate) mod storage;
+pub(crate) mod watch;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use kv_cluster::{
+    encode_cluster, write_cluster, ClusterSpec, GroupView, ShardsView, StoredCluster,
+};
+use kv_http::metrics::Scrape;
+use kv_raft::{GroupId, Groups, Network, NodeId, Timeouts};
+use openraft::async_runtime::WatchReceiver;
+use openraft::ServerState;
+use tokio::runtime::Handle;
+use tokio::task::JoinHandle;
+
+use self::forward::Forwarder;
+use self::request::ReadGate;
+use self::storage::{NodeStorage, ShardRaft, ShardSm};
+
+pub use start::start;
+
+/// Counters of one shard, kept by its watcher.
+#[derive(Default)]
+pub(crate) struct ShardStats {
+    /// Times this node became a candidate.
+    elections: AtomicU64,
+    /// Leader changes seen here.
+    leader_changes: AtomicU64,
+    /// Snapshots this replica built or installed (its snapshot index moved).
+    snapshots: AtomicU64,
+    /// When the leader last changed, for the balancer's settling time.
+    last_change: Mutex<Option<Instant>>,
+}
+
+/// Per node counters of the request path.
+#[derive(Default)]
+pub(crate) struct PathStats {
+    forwarded_reads: AtomicU64,
+    forwarded_writes: AtomicU64,
+    not_leader: AtomicU64,
+    outcome_unknown: AtomicU64,
+}
+
+/// One hosted group: its handle, its state machine, its read gate.
+pub(crate) struct Hosted {
+    pub(crate) raft: ShardRaft,
+    pub(crate) sm: ShardSm,
+    pub(crate) gate: Arc<ReadGate>,
+}
+
+/// Everything cluster mode shares between requests and background tasks.
+pub struct ClusterNode {
+    pub(crate) spec: ClusterSpec,
+    /// Per shard, its replicas in placement order.
+    pub(crate) placement: Vec<Vec<NodeId>>,
+    /// Per shard, who should lead it.
+    pub(crate) preferred: Vec<NodeId>,
+    /// Per shard, `Some` when this node holds a replica.
+    pub(crate) hosted: Vec<Option<Hosted>>,
+    /// The same handles, as kv-raft's server wants them.
+    pub(crate) groups: Arc<Groups<ShardSm>>,
+    /// Node-to-node address overrides (`--raft-route`), for forwarding too.
+    pub(crate) routes: HashMap<NodeId, String>,
+    pub(crate) write_timeout: Duration,
+    pub(crate) timeouts: Timeouts,
+    /// For shards not hosted here: the leader last learnt.
+    pub(crate) leader_cache: Mutex<Vec<Option<NodeId>>>,
+    pub(crate) forwarder: Forwarder,
+    pub(crate) runtime: Handle,
+    pub(crate) shard_stats: Vec<ShardStats>,
+    pub(crate) path_stats: PathStats,
+    /// Hosted groups whose state machine has caught up with what was
+    /// committed before the start.
+    pub(crate) recovered: AtomicUsize,
+    pub(crate) stopping: AtomicBool,
+    /// `cluster.json` as last written (its `seen` grows).
+    pub(crate) stored: Mutex<StoredCluster>,
+    pub(crate) data_dir: PathBuf,
+    pub(crate) tasks: Mutex<Vec<JoinHandle<()>>>,
+    pub(crate) network: Network,
+    pub(crate) _storage: NodeStorage,
+}
+
+impl ClusterNode {
+    /// This node's member id.
+    pub fn id(&self) -> NodeId {
+        self.spec.node_id
+    }
+
+    /// Number of shards.
+    pub fn shards(&self) -> u32 {
+        self.spec.shards
+    }
+
+    /// The key's shard.
+    pub(crate) fn shard_of(&self, key: &str) -> u32 {
+        kv_cluster::shard_of(key.as_bytes(), self.spec.shards)
+    }
+
+    pub(crate) fn hosted(&self, shard: u32) -> Option<&Hosted> {
+        self.hosted.get(shard as usize).and_then(Option::as_ref)
+    }
+
+    /// Where node-to-node traffic (and forwarding) for `id` goes.
+    pub(crate) fn peer_addr(&self, id: NodeId) -> Option<String> {
+        self.routes
+            .get(&id)
+            .or_else(|| self.spec.members.get(&id))
+            .cloned()
+    }
+
+    /// Remembers that this node exchanged Raft traffic with `peer`
+    /// (design §8's first-start guard), writing `cluster.json` when new.
+    pub(crate) fn note_seen(&self, peer: NodeId) {
+        if peer == self.id() || !self.spec.members.contains_key(&peer) {
+            return;
+        }
+        let mut stored = self.stored.lock().unwrap_or_else(PoisonError::into_inner);
+        if stored.seen.insert(peer) {
+            if let Err(error) = write_cluster(&self.data_dir, &stored) {
+                log::warn!("cannot record node {peer} as seen: {error}");
+            }
+        }
+    }
+
+    /// `GET /-/raft/cluster`: this node's `cluster.json`.
+    pub fn cluster_json(&self) -> Vec<u8> {
+        let stored = self.stored.lock().unwrap_or_else(PoisonError::into_inner);
+        encode_cluster(&stored).unwrap_or_default()
+    }
+
+    /// `GET /-/shards` (design §11), from the groups' metrics watches: no
+    /// Raft round trip.
+    pub fn shards_view(&self) -> ShardsView {
+        let cache = self
+            .leader_cache
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let groups = (0..self.spec.shards)
+            .map(|shard| {
+                let index = shard as usize;
+                let mut view = GroupView {
+                    shard,
+                    replicas: self.placement[index].clone(),
+                    preferred_leader: self.preferred[index],
+                    leader: cache.get(index).copied().flatten(),
+                    term: None,
+                    committed: None,
+                    applied: None,
+                    snapshot: None,
+                    purged: None,
+                    hosted: false,
+                };
+                if let Some(hosted) = self.hosted(shard) {
+                    let metrics = hosted.raft.metrics();
+                    let m = metrics.borrow_watched();
+                    view.hosted = true;
+                    view.leader = m.current_leader;
+                    view.term = Some(m.current_term);
+                    view.committed = m.local_committed.as_ref().map(|l| l.index);
+                    view.applied = m.last_applied.as_ref().map(|l| l.index);
+                    view.snapshot = m.snapshot.as_ref().map(|l| l.index);
+                    view.purged = m.purged.as_ref().map(|l| l.index);
+                }
+                view
+            })
+            .collect();
+        ShardsView {
+            shards: self.spec.shards,
+            replicas: self.spec.replicas,
+            node_id: self.id(),
+            members: self.spec.members.clone(),
+            groups,
+        }
+    }
+
+    /// `GET /-/shards/<s>/digest`: key count and an order-independent
+    /// digest of this replica of `shard`, at its applied index; `None` when
+    /// not hosted here.
+    pub fn digest(&self, shard: u32) -> Option<serde_json::Value> {
+        let hosted = self.hosted(shard)?;
+        let applied = hosted
+            .raft
+            .metrics()
+            .borrow_watched()
+            .last_applied
+            .as_ref()
+            .map(|l| l.index);
+        let (keys, digest) = storage::digest(&hosted.sm);
+        Some(serde_json::json!({
+            "shard": shard,
+            "keys": keys,
+            "digest": format!("{digest:016x}"),
+            "applied": applied,
+        }))
+    }
+
+    fn hosted_iter(&self) -> impl Iterator<Item = (u32, &Hosted)> {
+        self.hosted
+            .iter()
+            .enumerate()
+            .filter_map(|(shard, hosted)| Some((shard as u32, hosted.as_ref()?)))
+    }
+
+    /// Shards this node holds a replica of.
+    pub fn shards_hosted(&self) -> usize {
+        self.hosted_iter().count()
+    }
+
+    /// Shards this node leads now.
+    pub fn shards_led(&self) -> usize {
+        self.hosted_iter()
+            .filter(|(_, hosted)| {
+                hosted.raft.metrics().borrow_watched().state == ServerState::Leader
+            })
+            .count()
+    }
+
+    /// Keys on this node's replicas.
+    pub fn keys(&self) -> usize {
+        self.hosted_iter()
+            .map(|(_, hosted)| storage::len(&hosted.sm))
+            .sum()
+    }
+
+    /// `/-/ready`: every hosted group has recovered and none has failed.
+    pub fn ready(&self) -> Result<(), String> {
+        if self.stopping.load(Relaxed) {
+            return Err("the node is stopping".into());
+        }
+        for (shard, hosted) in self.hosted_iter() {
+            if let Err(fatal) = &hosted.raft.metrics().borrow_watched().running_state {
+                return Err(format!("shard {shard} failed: {fatal}"));
+            }
+        }
+        let recovered = self.recovered.load(Relaxed);
+        let hosted = self.shards_hosted();
+        if recovered < hosted {
+            return Err(format!("{recovered} of {hosted} shards recovered"));
+        }
+        Ok(())
+    }
+
+    /// The per-shard and per-node series of design §11.
+    pub fn add_metrics(&self, scrape: &mut Scrape) {
+        type Series = Vec<(Vec<(&'static str, String)>, u64)>;
+        let (mut term, mut is_leader, mut leader_id) =
+            (Series::new(), Series::new(), Series::new());
+        let (mut committed, mut applied, mut lag) = (Series::new(), Series::new(), Series::new());
+        let (mut elections, mut changes, mut snapshots, mut installs) =
+            (Series::new(), Series::new(), Series::new(), Series::new());
+        for (shard, hosted) in self.hosted_iter() {
+            let label = || vec![("shard", shard.to_string())];
+            let metrics = hosted.raft.metrics();
+            let m = metrics.borrow_watched();
+            term.push((label(), m.current_term));
+            is_leader.push((label(), u64::from(m.state == ServerState::Leader)));
+            if let Some(leader) = m.current_leader {
+                leader_id.push((label(), leader));
+            }
+            committed.push((label(), m.local_committed.as_ref().map_or(0, |l| l.index)));
+            applied.push((label(), m.last_applied.as_ref().map_or(0, |l| l.index)));
+            if let (Some(replication), Some(last)) = (&m.replication, m.last_log_index) {
+                for (peer, matched) in replication {
+                    if *peer == self.id() {
+                        continue;
+                    }
+                    let matched = matched.as_ref().map_or(0, |l| l.index + 1);
+                    lag.push((
+                        vec![("shard", shard.to_string()), ("peer", peer.to_string())],
+                        (last + 1).saturating_sub(matched),
+                    ));
+                }
+            }
+            let stats = &self.shard_stats[shard as usize];
+            elections.push((label(), stats.elections.load(Relaxed)));
+            changes.push((label(), stats.leader_changes.load(Relaxed)));
+            snapshots.push((label(), stats.snapshots.load(Relaxed)));
+            installs.push((label(), hosted.sm.snapshot_installs()));
+        }
+        scrape.family(
+            "kv_raft_term",
+            "Current Raft term of the shard's group here.",
+            false,
+            term,
+        );
+        scrape.family(
+            "kv_raft_is_leader",
+            "1 when this node leads the shard.",
+            false,
+            is_leader,
+        );
+        scrape.family(
+            "kv_raft_leader_id",
+            "The shard's leader as known here.",
+            false,
+            leader_id,
+        );
+        scrape.family(
+            "kv_raft_committed_index",
+            "Highest index known committed on this replica.",
+            false,
+            committed,
+        );
+        scrape.family(
+            "kv_raft_applied_index",
+            "Highest index applied on this replica.",
+            false,
+            applied,
+        );
+        scrape.family(
+            "kv_raft_follower_lag_entries",
+            "Entries a follower lacks (leader only).",
+            false,
+            lag,
+        );
+        scrape.family(
+            "kv_raft_elections_total",
+            "Times this node stood for election in the shard.",
+            true,
+            elections,
+        );
+        scrape.family(
+            "kv_raft_leader_changes_total",
+            "Leader changes of the shard seen here.",
+            true,
+            changes,
+        );
+        scrape.family(
+            "kv_raft_snapshots_total",
+            "Snapshots this replica built or installed.",
+            true,
+            snapshots,
+        );
+        scrape.family(
+            "kv_raft_snapshot_installs_total",
+            "Snapshots installed from a leader.",
+            true,
+            installs,
+        );
+        let stats = &self.path_stats;
+        scrape.family(
+            "kv_raft_forwarded_total",
+            "Requests forwarded to a shard's leader.",
+            true,
+            vec![
+                (
+                    vec![("op", "read".to_owned())],
+                    stats.forwarded_reads.load(Relaxed),
+                ),
+                (
+                    vec![("op", "write".to_owned())],
+                    stats.forwarded_writes.load(Relaxed),
+                ),
+            ],
+        );
+        let transport = self.network.stats();
+        scrape.counter_u64(
+            "kv_raft_append_rpcs_total",
+            "Append and heartbeat RPCs this node's groups sent.",
+            transport.appends,
+        );
+        scrape.counter_u64(
+            "kv_raft_append_posts_total",
+            "POST /-/raft/append requests that carried them (batched per peer).",
+            transport.posts,
+        );
+        scrape.counter_u64(
+            "kv_raft_not_leader_total",
+            "421 answers given.",
+            stats.not_leader.load(Relaxed),
+        );
+        scrape.counter_u64(
+            "kv_raft_outcome_unknown_total",
+            "504 answers given (outcome unknown).",
+            stats.outcome_unknown.load(Relaxed),
+        );
+    }
+
+    /// Keeps a background task to stop with the node.
+    pub(crate) fn keep_task(&self, task: JoinHandle<()>) {
+        self.tasks
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(task);
+    }
+
+    /// The group of `shard`, for tests of the seam.
+    pub(crate) fn group_ids(&self) -> Vec<GroupId> {
+        self.hosted_iter().map(|(shard, _)| shard).collect()
+    }
+}

@@ -1,0 +1,524 @@
+//! The request path of cluster mode (design §6): where a key's request is
+//! served, and what the client is told when it is not.
+//!
+//! * **Writes** (PUT/POST/DELETE) go to `client_write` of the key's group
+//!   here; openraft refuses before appending when this node does not lead
+//!   (`ForwardToLeader`), and that refusal is what decides between serving,
+//!   a 421, forwarding and a 503. After proposing, only the outcome or 504.
+//! * **Linearizable reads** (GET/HEAD, the default) pass the shard's
+//!   [`ReadGate`]: one read-index confirmation (a quorum acknowledges this
+//!   leader *after* the read arrived) serves every read that arrived before
+//!   it started, then each waits for its replica to apply up to the read
+//!   index. A deposed leader cannot be confirmed and never answers stale.
+//! * **Stale reads** (`X-Kv-Consistency: stale`) answer from the local
+//!   replica with `X-Kv-Applied-Index`.
+//! * **Not leader**: with `X-Kv-Route: direct`, or on a request already
+//!   forwarded once, 421 naming the leader; otherwise the request is
+//!   forwarded to the leader and its answer relayed with `X-Kv-Leader-Id`,
+//!   retried once at the leader a 421 names.
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE, RETRY_AFTER};
+use hyper::http::request::Parts;
+use hyper::{Method, Request, Response, StatusCode};
+use kv_cluster::{NotLeader, LEADER_ID_HEADER, ROUTE_DIRECT, ROUTE_HEADER};
+use kv_http::{json_response, ApiError, Body};
+use kv_raft::{Command, KvRaft, NodeId, Outcome};
+use openraft::async_runtime::WatchReceiver;
+use openraft::errors::{
+    ClientWriteError, ForwardReason, ForwardToLeader, LinearizableReadError, RaftError,
+};
+use openraft::raft::linearizable_read::Linearizer;
+use openraft::ReadPolicy;
+use tokio::sync::watch;
+
+use super::forward::{ForwardError, Forwarded};
+use super::storage::{self, ShardRaft};
+use super::ClusterNode;
+use crate::error::{ClusterError, NodeError};
+
+/// Request header asking for a possibly stale read from any replica.
+pub const CONSISTENCY_HEADER: &str = "x-kv-consistency";
+/// Its value for a stale read (the default is `linearizable`).
+pub const CONSISTENCY_STALE: &str = "stale";
+/// Response header of a stale read: the replica's applied index.
+pub const APPLIED_INDEX_HEADER: &str = "x-kv-applied-index";
+/// Request header marking a request forwarded by a node (its id): never
+/// forwarded again.
+pub const FORWARDED_BY_HEADER: &str = "x-kv-forwarded-by";
+
+pub(crate) const STORED: &[u8] = b"{\"message\":\"Value stored successfully\"}\n";
+pub(crate) const DELETED: &[u8] = b"{\"message\":\"Key deleted successfully\"}\n";
+
+/// Where the leader of a shard is, as learnt from a refusal.
+#[derive(Debug, Clone)]
+pub(crate) struct LeaderAt {
+    id: NodeId,
+    addr: String,
+    term: u64,
+}
+
+/// Why a read was not confirmed; cloned to every read waiting on one
+/// confirmation.
+#[derive(Debug, Clone)]
+pub(crate) enum ReadFail {
+    NotLeader(LeaderAt),
+    NoLeader,
+    NoQuorum,
+    Failed(String),
+}
+
+type Confirmation = Result<Linearizer<KvRaft>, ReadFail>;
+
+/// Batches read-index confirmations of one shard: a read arriving when none
+/// is in flight starts one; reads arriving while one is in flight wait for
+/// the *next* (a confirmation only serves reads that arrived before it
+/// started).
+#[derive(Default)]
+pub(crate) struct ReadGate {
+    inner: Mutex<GateInner>,
+}
+
+#[derive(Default)]
+struct GateInner {
+    running: bool,
+    next: Option<watch::Sender<Option<Confirmation>>>,
+}
+
+impl ReadGate {
+    /// Waits (at most `bound`) for a confirmation that started after this
+    /// call, and returns it.
+    async fn confirm(
+        self: &Arc<Self>,
+        node: &ClusterNode,
+        raft: &ShardRaft,
+        bound: Duration,
+    ) -> Confirmation {
+        let mut receiver = {
+            let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+            if inner.running {
+                match &inner.next {
+                    Some(sender) => sender.subscribe(),
+                    None => {
+                        let (sender, receiver) = watch::channel(None);
+                        inner.next = Some(sender);
+                        receiver
+                    }
+                }
+            } else {
+                inner.running = true;
+                let (sender, receiver) = watch::channel(None);
+                node.runtime
+                    .spawn(drive(Arc::clone(self), raft.clone(), sender, bound));
+                receiver
+            }
+        };
+        let waited = tokio::time::timeout(bound, async {
+            receiver
+                .wait_for(Option::is_some)
+                .await
+                .map(|confirmation| confirmation.clone())
+        })
+        .await;
+        match waited {
+            Ok(Ok(confirmation)) => {
+                confirmation.unwrap_or_else(|| Err(ReadFail::Failed("no confirmation".into())))
+            }
+            Ok(Err(_)) => Err(ReadFail::Failed("the confirmation was dropped".into())),
+            Err(_) => Err(ReadFail::NoQuorum),
+        }
+    }
+}
+
+/// Runs confirmations one after another while reads keep queueing.
+async fn drive(
+    gate: Arc<ReadGate>,
+    raft: ShardRaft,
+    mut sender: watch::Sender<Option<Confirmation>>,
+    bound: Duration,
+) {
+    loop {
+        let confirmation = match tokio::time::timeout(
+            bound,
+            raft.get_read_linearizer(ReadPolicy::ReadIndex),
+        )
+        .await
+        {
+            Err(_) => Err(ReadFail::NoQuorum),
+            Ok(Ok(linearizer)) => Ok(linearizer),
+            Ok(Err(RaftError::APIError(LinearizableReadError::ForwardToLeader(forward)))) => {
+                Err(match leader_of(&raft, &forward) {
+                    Ok(leader) => ReadFail::NotLeader(leader),
+                    Err(()) if forward.reason == ForwardReason::LeaseExpired => ReadFail::NoQuorum,
+                    Err(()) => ReadFail::NoLeader,
+                })
+            }
+            Ok(Err(RaftError::APIError(LinearizableReadError::QuorumNotEnough(_)))) => {
+                Err(ReadFail::NoQuorum)
+            }
+            Ok(Err(RaftError::Fatal(fatal))) => Err(ReadFail::Failed(fatal.to_string())),
+        };
+        sender.send_replace(Some(confirmation));
+        let mut inner = gate.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        match inner.next.take() {
+            Some(next) => sender = next,
+            None => {
+                inner.running = false;
+                return;
+            }
+        }
+    }
+}
+
+/// The leader a refusal names, when it is another node.
+fn leader_of(raft: &ShardRaft, forward: &ForwardToLeader<KvRaft>) -> Result<LeaderAt, ()> {
+    let metrics = raft.metrics();
+    let m = metrics.borrow_watched();
+    match (forward.leader_id, &forward.leader_node) {
+        (Some(id), Some(node)) if id != m.id => Ok(LeaderAt {
+            id,
+            addr: node.addr.clone(),
+            term: m.current_term,
+        }),
+        _ => Err(()),
+    }
+}
+
+fn header_is(headers: &HeaderMap, name: &str, value: &str) -> bool {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case(value))
+}
+
+/// A key request as the request path needs it.
+pub(crate) struct KeyRequest<'a> {
+    pub parts: &'a Parts,
+    pub key: &'a str,
+}
+
+impl KeyRequest<'_> {
+    fn direct(&self) -> bool {
+        header_is(&self.parts.headers, ROUTE_HEADER, ROUTE_DIRECT)
+    }
+
+    fn forwarded(&self) -> bool {
+        self.parts.headers.contains_key(FORWARDED_BY_HEADER)
+    }
+
+    fn stale(&self) -> bool {
+        header_is(&self.parts.headers, CONSISTENCY_HEADER, CONSISTENCY_STALE)
+    }
+
+    fn is_write(&self) -> bool {
+        !matches!(self.parts.method, Method::GET | Method::HEAD)
+    }
+}
+
+/// Whether a request is one a node forwarded (the op log skips those).
+pub(crate) fn is_forwarded(headers: &HeaderMap) -> bool {
+    headers.contains_key(FORWARDED_BY_HEADER)
+}
+
+impl ClusterNode {
+    /// A PUT or DELETE of `request.key`; `raw` is the request body as
+    /// received (what a forward sends on).
+    pub(crate) async fn write(
+        &self,
+        request: &KeyRequest<'_>,
+        command: Command,
+        raw: Bytes,
+    ) -> Result<Response<Body>, NodeError> {
+        let shard = self.shard_of(request.key);
+        let leader = match self.hosted(shard) {
+            Some(hosted) => {
+                if let Err(fatal) = &hosted.raft.metrics().borrow_watched().running_state {
+                    return Err(
+                        ApiError::Unavailable(format!("shard {shard} failed: {fatal}")).into(),
+                    );
+                }
+                let written =
+                    tokio::time::timeout(self.write_timeout, hosted.raft.client_write(command))
+                        .await;
+                match written {
+                    Ok(Ok(response)) => return Ok(outcome_response(response.data)),
+                    Err(_) => {
+                        return Err(self.unknown(format!(
+                            "shard {shard}: not committed within {:?}; it may still be",
+                            self.write_timeout
+                        )))
+                    }
+                    Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward)))) => {
+                        match leader_of(&hosted.raft, &forward) {
+                            Ok(leader) => leader,
+                            Err(()) if forward.reason == ForwardReason::LeaseExpired => {
+                                return Err(ClusterError::NoQuorum { shard }.into())
+                            }
+                            Err(()) => return Err(ClusterError::NoLeader { shard }.into()),
+                        }
+                    }
+                    Ok(Err(RaftError::APIError(error))) => {
+                        return Err(self.unknown(format!("shard {shard}: {error}")))
+                    }
+                    Ok(Err(RaftError::Fatal(fatal))) => {
+                        return Err(self.unknown(format!("shard {shard}: {fatal}")))
+                    }
+                }
+            }
+            None => self.cached_leader(shard),
+        };
+        self.redirect(request, shard, leader, raw).await
+    }
+
+    /// A GET or HEAD of `request.key`.
+    pub(crate) async fn read(&self, request: &KeyRequest<'_>) -> Result<Response<Body>, NodeError> {
+        let shard = self.shard_of(request.key);
+        let Some(hosted) = self.hosted(shard) else {
+            let leader = self.cached_leader(shard);
+            return self.redirect(request, shard, leader, Bytes::new()).await;
+        };
+        if request.stale() {
+            let applied = hosted
+                .raft
+                .metrics()
+                .borrow_watched()
+                .last_applied
+                .as_ref()
+                .map_or(0, |l| l.index);
+            let mut response = read_response(storage::read(&hosted.sm, request.key))?;
+            response.headers_mut().insert(
+                HeaderName::from_static(APPLIED_INDEX_HEADER),
+                HeaderValue::from(applied),
+            );
+            return Ok(response);
+        }
+        let started = Instant::now();
+        let bound = self.write_timeout;
+        match hosted.gate.confirm(self, &hosted.raft, bound).await {
+            Ok(linearizer) => {
+                let left = bound.saturating_sub(started.elapsed());
+                match linearizer.try_await_ready(&hosted.raft, Some(left)).await {
+                    Ok(Ok(_)) => read_response(storage::read(&hosted.sm, request.key)),
+                    Ok(Err(_)) => Err(ClusterError::NoQuorum { shard }.into()),
+                    Err(fatal) => {
+                        Err(ApiError::Unavailable(format!("shard {shard} failed: {fatal}")).into())
+                    }
+                }
+            }
+            Err(ReadFail::NotLeader(leader)) => {
+                self.redirect(request, shard, leader, Bytes::new()).await
+            }
+            Err(ReadFail::NoLeader) => Err(ClusterError::NoLeader { shard }.into()),
+            Err(ReadFail::NoQuorum) => Err(ClusterError::NoQuorum { shard }.into()),
+            Err(ReadFail::Failed(why)) => {
+                Err(ApiError::Unavailable(format!("shard {shard}: {why}")).into())
+            }
+        }
+    }
+
+    fn unknown(&self, why: String) -> NodeError {
+        self.path_stats.outcome_unknown.fetch_add(1, Relaxed);
+        ClusterError::OutcomeUnknown(why).into()
+    }
+
+    /// For a shard not hosted here: the leader last learnt, else its
+    /// preferred leader (a 421 corrects a wrong guess).
+    fn cached_leader(&self, shard: u32) -> LeaderAt {
+        let cached = self
+            .leader_cache
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(shard as usize)
+            .copied()
+            .flatten();
+        let id = cached.unwrap_or(self.preferred[shard as usize]);
+        LeaderAt {
+            id,
+            addr: self.spec.members.get(&id).cloned().unwrap_or_default(),
+            term: 0,
+        }
+    }
+
+    fn learn_leader(&self, shard: u32, leader: NodeId) {
+        if self.hosted(shard).is_none() {
+            if let Some(slot) = self
+                .leader_cache
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .get_mut(shard as usize)
+            {
+                *slot = Some(leader);
+            }
+        }
+    }
+
+    /// Not the leader here: a 421, or forward to `leader` (once more at the
+    /// leader its 421 names).
+    async fn redirect(
+        &self,
+        request: &KeyRequest<'_>,
+        shard: u32,
+        leader: LeaderAt,
+        raw: Bytes,
+    ) -> Result<Response<Body>, NodeError> {
+        if request.direct() || request.forwarded() {
+            self.path_stats.not_leader.fetch_add(1, Relaxed);
+            return Err(ClusterError::NotLeader(NotLeader::new(
+                shard,
+                leader.id,
+                leader.addr,
+                leader.term,
+            ))
+            .into());
+        }
+        let write = request.is_write();
+        if write {
+            self.path_stats.forwarded_writes.fetch_add(1, Relaxed);
+        } else {
+            self.path_stats.forwarded_reads.fetch_add(1, Relaxed);
+        }
+        let mut target = leader;
+        for attempt in 0..2 {
+            let addr = self
+                .peer_addr(target.id)
+                .unwrap_or_else(|| target.addr.clone());
+            let forwarded = self
+                .forwarder
+                .send(
+                    &addr,
+                    self.forward_request(request, raw.clone())?,
+                    self.write_timeout + Duration::from_secs(1),
+                )
+                .await;
+            match forwarded {
+                Ok(answer) if answer.status == StatusCode::MISDIRECTED_REQUEST => {
+                    // Not proposed there: safe to try the leader it names, once.
+                    match serde_json::from_slice::<NotLeader>(&answer.body) {
+                        Ok(named)
+                            if attempt == 0
+                                && named.leader != target.id
+                                && named.leader != self.id() =>
+                        {
+                            self.learn_leader(shard, named.leader);
+                            target = LeaderAt {
+                                id: named.leader,
+                                addr: named.leader_addr,
+                                term: named.term,
+                            };
+                        }
+                        _ => return Err(ClusterError::NoLeader { shard }.into()),
+                    }
+                }
+                Ok(answer) => {
+                    self.learn_leader(shard, target.id);
+                    return Ok(relay(answer, target.id));
+                }
+                Err(ForwardError::NotSent(why)) => {
+                    return Err(ClusterError::LeaderUnreachable {
+                        shard,
+                        leader: target.id,
+                        addr,
+                        why,
+                    }
+                    .into())
+                }
+                Err(ForwardError::Lost(why)) if write => {
+                    return Err(self.unknown(format!(
+                        "shard {shard}: forwarded to node {}: {why}",
+                        target.id
+                    )))
+                }
+                Err(ForwardError::Lost(why)) => {
+                    return Err(ClusterError::LeaderUnreachable {
+                        shard,
+                        leader: target.id,
+                        addr,
+                        why,
+                    }
+                    .into())
+                }
+            }
+        }
+        Err(ClusterError::NoLeader { shard }.into())
+    }
+
+    /// The request as forwarded: same method (a HEAD goes as GET, so this
+    /// node's answer keeps the leader's `Content-Length`), path and body,
+    /// marked with this node's id.
+    fn forward_request(
+        &self,
+        request: &KeyRequest<'_>,
+        raw: Bytes,
+    ) -> Result<Request<Full<Bytes>>, NodeError> {
+        let parts = request.parts;
+        let method = if parts.method == Method::HEAD {
+            Method::GET
+        } else {
+            parts.method.clone()
+        };
+        let path = parts
+            .uri
+            .path_and_query()
+            .map_or_else(|| parts.uri.path().to_owned(), |p| p.as_str().to_owned());
+        let mut builder = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(FORWARDED_BY_HEADER, self.id());
+        for name in [CONTENT_TYPE.as_str(), CONSISTENCY_HEADER] {
+            if let Some(value) = parts.headers.get(name) {
+                builder = builder.header(name, value);
+            }
+        }
+        builder
+            .body(Full::new(raw))
+            .map_err(|error| NodeError::from(ApiError::BadRequest(leak_reason(&error))))
+    }
+}
+
+/// `ApiError::BadRequest` takes a static reason; a request that cannot be
+/// rebuilt is a bug, named generically.
+fn leak_reason(_error: &hyper::http::Error) -> &'static str {
+    "the request cannot be forwarded"
+}
+
+/// The leader's answer as this node's, with `X-Kv-Leader-Id`.
+fn relay(answer: Forwarded, leader: NodeId) -> Response<Body> {
+    let mut response = json_response(answer.status, answer.body);
+    let headers = response.headers_mut();
+    for name in [
+        CONTENT_TYPE.as_str(),
+        RETRY_AFTER.as_str(),
+        APPLIED_INDEX_HEADER,
+    ] {
+        if let Some(value) = answer.headers.get(name) {
+            headers.insert(HeaderName::from_static(name), value.clone());
+        }
+    }
+    headers.insert(
+        HeaderName::from_static(LEADER_ID_HEADER),
+        HeaderValue::from(leader),
+    );
+    response
+}
+
+fn outcome_response(outcome: Outcome) -> Response<Body> {
+    match outcome {
+        Outcome::Stored => json_response(StatusCode::OK, Bytes::from_static(STORED)),
+        Outcome::Deleted { found: true } => {
+            json_response(StatusCode::OK, Bytes::from_static(DELETED))
+        }
+        Outcome::Deleted { found: false } => ApiError::KeyNotFound.into_response(),
+    }
+}
+
+fn read_response(body: Option<Bytes>) -> Result<Response<Body>, NodeError> {
+    match body {
+        Some(body) => Ok(json_response(StatusCode::OK, body)),
+        None => Err(ApiError::KeyNotFound.into()),
+    }
+}

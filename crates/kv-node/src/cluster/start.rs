@@ -1,0 +1,409 @@
+//! Starting and stopping a clustered node (design §8).
+//!
+//! * **Flags vs `cluster.json`**: a data dir with `cluster.json` belongs to
+//!   that cluster; flags that contradict it are refused with kv-cluster's
+//!   messages, which say what to type instead.
+//! * **First start** (no `cluster.json`): every reachable peer is asked for
+//!   its `GET /-/raft/cluster`. A peer describing another cluster, or one
+//!   that has already exchanged Raft traffic with this node (so this node's
+//!   data was lost: it could vote twice in one term), is a refusal.
+//!   Unreachable peers are skipped: they have not started yet. Then
+//!   `cluster.json` is written, before any Raft traffic.
+//! * **Groups**: one per shard placed here; each is initialised by its
+//!   preferred leader only, so exactly once whatever the start order.
+//! * **Stop**: leaderships are handed to caught-up replicas (bounded), so a
+//!   rolling restart costs no election timeout; then every group shuts down.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Request, StatusCode};
+use kv_cluster::{
+    check_flags, cluster_file, decode_cluster, parse_peers, placement, preferred_leaders,
+    read_cluster, write_cluster, ClusterSpec, Flags, StoredCluster,
+};
+use kv_raft::{raft_config, Groups, Network, NodeId, Raft, MAX_REPLICATED_VALUE};
+use kv_store::Store;
+use openraft::async_runtime::WatchReceiver;
+use openraft::errors::{InitializeError, RaftError};
+use openraft::{BasicNode, ServerState};
+use tokio::runtime::Handle;
+
+use super::forward::{ForwardError, Forwarder};
+use super::request::ReadGate;
+use super::storage;
+use super::{watch, ClusterNode, Hosted, PathStats, ShardStats};
+use crate::Config;
+
+/// How long the first-start guard waits for each peer.
+const GUARD_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long a stop spends handing leaderships away.
+const TRANSFER_BOUND: Duration = Duration::from_secs(1);
+
+fn refuse(message: impl Into<String>) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidInput, message.into())
+}
+
+/// Refuses a standalone start (no `--peers`) on a data dir that belongs to
+/// a cluster: it would serve an empty store.
+pub fn check_standalone(data_dir: &Path) -> io::Result<()> {
+    match read_cluster(data_dir) {
+        Ok(None) => Ok(()),
+        Ok(Some(stored)) => {
+            let flags = Flags {
+                node_id: stored.spec.node_id,
+                members: None,
+                shards: None,
+                replicas: None,
+            };
+            match check_flags(&stored.spec, &flags) {
+                Ok(()) => Ok(()),
+                Err(mismatch) => Err(refuse(mismatch.to_string())),
+            }
+        }
+        Err(error) => Err(refuse(error.to_string())),
+    }
+}
+
+/// Starts cluster mode on an opened store: checks, `cluster.json`, groups.
+pub async fn start(
+    config: &Config,
+    store: Arc<Store>,
+    data_dir: &Path,
+) -> io::Result<Arc<ClusterNode>> {
+    let peers = config.peers.as_deref().unwrap_or_default();
+    let node_id = config
+        .node_id
+        .ok_or_else(|| refuse("--peers needs --node-id: which of the members is this node?"))?;
+    if config.max_value_bytes > MAX_REPLICATED_VALUE {
+        return Err(refuse(format!(
+            "--max-value-bytes {} is more than a replicated write can carry; in cluster mode the most is {MAX_REPLICATED_VALUE}",
+            config.max_value_bytes
+        )));
+    }
+    if config.import.is_some() {
+        return Err(refuse(
+            "--import loads a standalone node; it cannot be used with --peers",
+        ));
+    }
+    let members = parse_peers(peers).map_err(|error| refuse(format!("--peers: {error}")))?;
+    let flags = Flags {
+        node_id,
+        members: Some(members),
+        shards: config.shards,
+        replicas: config.replicas,
+    };
+    let forwarder = Forwarder::new(Handle::current());
+    let routes: std::collections::HashMap<NodeId, String> =
+        config.raft_routes.iter().cloned().collect();
+    let (stored, first_start) = match read_cluster(data_dir) {
+        Ok(Some(stored)) => {
+            check_flags(&stored.spec, &flags).map_err(|mismatch| {
+                refuse(format!("{}: {mismatch}", cluster_file(data_dir).display()))
+            })?;
+            (stored, false)
+        }
+        Ok(None) => {
+            let spec = ClusterSpec::new(node_id, peers, config.shards, config.replicas)
+                .map_err(|error| refuse(error.to_string()))?;
+            first_start_guard(&spec, &routes, &forwarder, data_dir).await?;
+            let stored = StoredCluster {
+                spec,
+                seen: BTreeSet::new(),
+            };
+            write_cluster(data_dir, &stored).map_err(|error| refuse(error.to_string()))?;
+            (stored, true)
+        }
+        Err(error) => return Err(refuse(error.to_string())),
+    };
+    let spec = stored.spec.clone();
+    let timeouts = config.raft_timeouts();
+    let raft_config = raft_config(timeouts, config.max_value_bytes)
+        .map_err(|error| refuse(format!("raft timeouts: {error}")))?;
+    let network = Network::new();
+    for (id, addr) in &routes {
+        network.set_route(*id, addr.clone());
+    }
+    let node_storage = storage::open(store, data_dir)?;
+    let placed = placement(&spec);
+    let preferred = preferred_leaders(&placed);
+    let groups = Arc::new(Groups::default());
+    let mut hosted = Vec::with_capacity(spec.shards as usize);
+    for shard in 0..spec.shards {
+        if !placed[shard as usize].contains(&node_id) {
+            hosted.push(None);
+            continue;
+        }
+        let (log, sm) = node_storage.group(shard)?;
+        let raft = Raft::new(
+            node_id,
+            Arc::clone(&raft_config),
+            network.factory(shard),
+            log,
+            sm.clone(),
+        )
+        .await
+        .map_err(|error| io::Error::other(format!("shard {shard}: {error}")))?;
+        groups.insert(shard, raft.clone());
+        hosted.push(Some(Hosted {
+            raft,
+            sm,
+            gate: Arc::new(ReadGate::default()),
+        }));
+    }
+    let node = Arc::new(ClusterNode {
+        placement: placed,
+        preferred,
+        hosted,
+        groups,
+        routes,
+        write_timeout: config.raft_write_timeout,
+        timeouts,
+        leader_cache: Mutex::new(vec![None; spec.shards as usize]),
+        forwarder,
+        runtime: Handle::current(),
+        shard_stats: (0..spec.shards).map(|_| ShardStats::default()).collect(),
+        path_stats: PathStats::default(),
+        recovered: AtomicUsize::new(0),
+        stopping: AtomicBool::new(false),
+        stored: Mutex::new(stored),
+        data_dir: data_dir.to_path_buf(),
+        tasks: Mutex::new(Vec::new()),
+        network,
+        _storage: node_storage,
+        spec,
+    });
+    for shard in node.group_ids() {
+        watch::follow(&node, shard);
+    }
+    initialise(&node, first_start).await?;
+    if config.leader_balance {
+        watch::balance(&node);
+    }
+    log::info!(
+        "cluster mode: node {node_id} of {} members, {} shards x {} replicas, hosting {} ({})",
+        node.spec.members.len(),
+        node.spec.shards,
+        node.spec.replicas,
+        node.shards_hosted(),
+        if first_start {
+            "first start"
+        } else {
+            "restart"
+        }
+    );
+    Ok(node)
+}
+
+/// Asks every peer for its `cluster.json` (design §8).
+async fn first_start_guard(
+    spec: &ClusterSpec,
+    routes: &std::collections::HashMap<NodeId, String>,
+    forwarder: &Forwarder,
+    data_dir: &Path,
+) -> io::Result<()> {
+    for (&peer, advertised) in &spec.members {
+        if peer == spec.node_id {
+            continue;
+        }
+        let addr = routes.get(&peer).unwrap_or(advertised);
+        let request = Request::get("/-/raft/cluster")
+            .body(Full::new(Bytes::new()))
+            .map_err(io::Error::other)?;
+        let answer = match forwarder.send(addr, request, GUARD_TIMEOUT).await {
+            Ok(answer) => answer,
+            Err(ForwardError::NotSent(why) | ForwardError::Lost(why)) => {
+                log::warn!("first start: node {peer} at {addr} did not answer ({why}); going on without it");
+                continue;
+            }
+        };
+        if answer.status == StatusCode::NOT_FOUND {
+            log::warn!(
+                "first start: node {peer} at {addr} is not a cluster node; going on without it"
+            );
+            continue;
+        }
+        if answer.status != StatusCode::OK {
+            log::warn!(
+                "first start: node {peer} at {addr} answered {}; going on without it",
+                answer.status
+            );
+            continue;
+        }
+        let theirs = decode_cluster(
+            Path::new(&format!("node {peer}'s cluster.json")),
+            &answer.body,
+        )
+        .map_err(|error| refuse(error.to_string()))?;
+        let mut as_ours = theirs.spec.clone();
+        as_ours.node_id = spec.node_id;
+        let flags = Flags {
+            node_id: spec.node_id,
+            members: Some(spec.members.clone()),
+            shards: Some(spec.shards),
+            replicas: Some(spec.replicas),
+        };
+        if let Err(mismatch) = check_flags(&as_ours, &flags) {
+            return Err(refuse(format!(
+                "node {peer} at {addr} belongs to a different cluster than these flags describe: {mismatch}"
+            )));
+        }
+        if theirs.seen.contains(&spec.node_id) {
+            return Err(refuse(format!(
+                "data dir {} is empty but node {peer} has exchanged raft traffic with node {} before: \
+                 this node's data was lost; restore it, or remove and re-add the node",
+                data_dir.display(),
+                spec.node_id
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Initialises the groups this node is the preferred leader of, when they
+/// are not (design §8: the only initialiser, so exactly once).
+async fn initialise(node: &ClusterNode, first_start: bool) -> io::Result<()> {
+    if !first_start && !storage::DURABLE {
+        return Ok(());
+    }
+    let me = node.id();
+    let mut initialised = 0;
+    let mut waiting: BTreeSet<NodeId> = BTreeSet::new();
+    for shard in node.group_ids() {
+        let index = shard as usize;
+        let preferred = node.preferred[index];
+        if preferred != me {
+            waiting.insert(preferred);
+            continue;
+        }
+        let Some(hosted) = node.hosted(shard) else {
+            continue;
+        };
+        let initialized = hosted
+            .raft
+            .is_initialized()
+            .await
+            .map_err(|error| io::Error::other(format!("shard {shard}: {error}")))?;
+        if initialized {
+            continue;
+        }
+        let voters: BTreeMap<NodeId, BasicNode> = node.placement[index]
+            .iter()
+            .map(|id| {
+                (
+                    *id,
+                    BasicNode::new(node.spec.members.get(id).cloned().unwrap_or_default()),
+                )
+            })
+            .collect();
+        match hosted.raft.initialize(voters).await {
+            Ok(()) => initialised += 1,
+            Err(RaftError::APIError(InitializeError::NotAllowed(_))) => {}
+            Err(error) => {
+                return Err(io::Error::other(format!(
+                    "initialising shard {shard}: {error}"
+                )))
+            }
+        }
+    }
+    if initialised > 0 || !waiting.is_empty() {
+        log::info!(
+            "initialised {initialised} shards led first by this node; the others are initialised by nodes {:?}",
+            waiting
+        );
+    }
+    Ok(())
+}
+
+impl ClusterNode {
+    /// Hands every leadership this node holds to a caught-up replica
+    /// (preferring the preferred leader), waiting at most `bound` overall.
+    pub async fn transfer_away(&self, bound: Duration) {
+        self.stopping.store(true, Relaxed);
+        let deadline = Instant::now() + bound;
+        let me = self.id();
+        let mut moving = Vec::new();
+        for shard in self.group_ids() {
+            let Some(hosted) = self.hosted(shard) else {
+                continue;
+            };
+            let target = {
+                let metrics = hosted.raft.metrics();
+                let m = metrics.borrow_watched();
+                if m.state != ServerState::Leader {
+                    continue;
+                }
+                let caught_up = |id: &NodeId| {
+                    *id != me
+                        && m.replication
+                            .as_ref()
+                            .and_then(|r| r.get(id))
+                            .and_then(|matched| matched.as_ref())
+                            .map(|l| l.index)
+                            == m.last_log_index
+                };
+                let preferred = self.preferred[shard as usize];
+                if caught_up(&preferred) {
+                    Some(preferred)
+                } else {
+                    self.placement[shard as usize]
+                        .iter()
+                        .copied()
+                        .find(caught_up)
+                }
+            };
+            if let Some(target) = target {
+                if hosted.raft.trigger().transfer_leader(target).await.is_ok() {
+                    moving.push(shard);
+                }
+            }
+        }
+        for shard in moving {
+            let Some(hosted) = self.hosted(shard) else {
+                continue;
+            };
+            let left = deadline.saturating_duration_since(Instant::now());
+            let _ = hosted
+                .raft
+                .wait(Some(left))
+                .metrics(
+                    |m| m.current_leader.is_some_and(|l| l != me),
+                    "leadership handed away",
+                )
+                .await;
+        }
+    }
+
+    /// Stops background tasks and shuts every group down.
+    pub async fn shutdown(&self) {
+        for task in self
+            .tasks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .drain(..)
+        {
+            task.abort();
+        }
+        for shard in self.group_ids() {
+            if let Some(hosted) = self.hosted(shard) {
+                if tokio::time::timeout(Duration::from_secs(5), hosted.raft.shutdown())
+                    .await
+                    .is_err()
+                {
+                    log::warn!("shard {shard}: did not shut down within 5 s");
+                }
+            }
+        }
+    }
+
+    /// The bound for handing leaderships away at stop.
+    pub fn transfer_bound(&self) -> Duration {
+        TRANSFER_BOUND
+    }
+}

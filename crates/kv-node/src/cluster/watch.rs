@@ -1,0 +1,175 @@
+//! Background work per group: following its metrics, and the balancer.
+//!
+//! [`follow`] watches one group's metrics: it logs each leader change once
+//! at info (`shard 17: leader 2 -> 3 (term 6)`), counts elections and
+//! snapshots, records members this node exchanged Raft traffic with in
+//! `cluster.json` (the first-start guard, design §8), and marks the group
+//! recovered once its replica applied what was committed before the start.
+//!
+//! [`balance`] (design §9): every 2 s, for each shard this node leads whose
+//! preferred leader is another replica that is caught up (its matched index
+//! equals the leader's last log index), hand leadership over; at most 4 per
+//! round, and not while the shard's leadership changed within the settling
+//! time. Nodes only give away their own leaderships, so there is nothing
+//! to coordinate and nothing oscillates.
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, PoisonError};
+use std::time::{Duration, Instant};
+
+use openraft::async_runtime::WatchReceiver;
+use openraft::ServerState;
+
+use super::ClusterNode;
+
+/// Leadership transfers per balancer round.
+const TRANSFERS_PER_ROUND: usize = 4;
+/// Time between balancer rounds.
+const ROUND: Duration = Duration::from_secs(2);
+
+/// Starts following shard `shard`'s metrics.
+pub(crate) fn follow(node: &Arc<ClusterNode>, shard: u32) {
+    let Some(hosted) = node.hosted(shard) else {
+        return;
+    };
+    let mut metrics = hosted.raft.metrics();
+    let weak = Arc::downgrade(node);
+    let task = node.runtime.spawn(async move {
+        let mut leader = None;
+        let mut state = ServerState::Learner;
+        let mut snapshot = None;
+        let mut recovered = false;
+        loop {
+            let Some(node) = weak.upgrade() else { return };
+            let mut seen = Vec::new();
+            {
+                let m = metrics.borrow_watched();
+                let me = m.id;
+                if m.current_leader != leader {
+                    if let Some(new) = m.current_leader {
+                        let old = leader.map_or_else(|| "none".to_owned(), |l: u64| l.to_string());
+                        log::info!(
+                            "shard {shard}: leader {old} -> {new} (term {})",
+                            m.current_term
+                        );
+                        let stats = &node.shard_stats[shard as usize];
+                        stats.leader_changes.fetch_add(1, Relaxed);
+                        *stats
+                            .last_change
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner) = Some(Instant::now());
+                        if new != me {
+                            seen.push(new);
+                        }
+                    }
+                    leader = m.current_leader;
+                }
+                if m.state == ServerState::Candidate && state != ServerState::Candidate {
+                    node.shard_stats[shard as usize]
+                        .elections
+                        .fetch_add(1, Relaxed);
+                }
+                state = m.state;
+                let index = m.snapshot.as_ref().map(|l| l.index);
+                if index != snapshot {
+                    if index.is_some() {
+                        node.shard_stats[shard as usize]
+                            .snapshots
+                            .fetch_add(1, Relaxed);
+                    }
+                    snapshot = index;
+                }
+                if let Some(replication) = &m.replication {
+                    seen.extend(
+                        replication
+                            .iter()
+                            .filter(|(peer, matched)| **peer != me && matched.is_some())
+                            .map(|(peer, _)| *peer),
+                    );
+                }
+                if !recovered {
+                    let committed = m.cluster_committed.as_ref().map(|l| l.index);
+                    let applied = m.last_applied.as_ref().map(|l| l.index);
+                    if m.last_log_index.is_none()
+                        || (committed >= m.last_log_index && applied >= committed)
+                    {
+                        recovered = true;
+                        node.recovered.fetch_add(1, Relaxed);
+                    }
+                }
+            }
+            for peer in seen {
+                node.note_seen(peer);
+            }
+            drop(node);
+            if metrics.changed().await.is_err() {
+                return;
+            }
+        }
+    });
+    node.keep_task(task);
+}
+
+/// Starts the leader balancer.
+pub(crate) fn balance(node: &Arc<ClusterNode>) {
+    let weak = Arc::downgrade(node);
+    let settle = Duration::from_millis(2 * node.timeouts.election_max_ms);
+    let task = node.runtime.spawn(async move {
+        let mut rounds = tokio::time::interval(ROUND);
+        rounds.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            rounds.tick().await;
+            let Some(node) = weak.upgrade() else { return };
+            if node.stopping.load(Relaxed) {
+                return;
+            }
+            let mut moved = 0;
+            for shard in node.group_ids() {
+                if moved >= TRANSFERS_PER_ROUND {
+                    break;
+                }
+                let preferred = node.preferred[shard as usize];
+                if preferred == node.id() {
+                    continue;
+                }
+                let Some(hosted) = node.hosted(shard) else {
+                    continue;
+                };
+                let settled = node.shard_stats[shard as usize]
+                    .last_change
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .is_none_or(|at| at.elapsed() >= settle);
+                if !settled {
+                    continue;
+                }
+                let caught_up = {
+                    let metrics = hosted.raft.metrics();
+                    let m = metrics.borrow_watched();
+                    m.state == ServerState::Leader
+                        && m.last_log_index.is_some()
+                        && m.replication
+                            .as_ref()
+                            .and_then(|r| r.get(&preferred))
+                            .and_then(|matched| matched.as_ref())
+                            .map(|l| l.index)
+                            == m.last_log_index
+                };
+                if caught_up
+                    && hosted
+                        .raft
+                        .trigger()
+                        .transfer_leader(preferred)
+                        .await
+                        .is_ok()
+                {
+                    log::debug!(
+                        "shard {shard}: handing leadership back to preferred leader {preferred}"
+                    );
+                    moved += 1;
+                }
+            }
+        }
+    });
+    node.keep_task(task);
+}
