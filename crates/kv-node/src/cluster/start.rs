@@ -126,6 +126,7 @@ pub async fn start(
     let timeouts = config.raft_timeouts();
     let raft_config = raft_config(timeouts, config.max_value_bytes)
         .map_err(|error| refuse(format!("raft timeouts: {error}")))?;
+    let raft_config = storage::adjust_config(raft_config);
     let network = Network::new();
     for (id, addr) in &routes {
         network.set_route(*id, addr.clone());

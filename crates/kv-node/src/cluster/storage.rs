@@ -34,6 +34,19 @@ pub(crate) type ShardRaft = kv_raft::Raft<ShardSm>;
 /// log means "lost", not "never initialised".
 pub(crate) const DURABLE: bool = false;
 
+/// Adjusts the openraft config to the storage: a memory log comes back
+/// empty after a restart, which a leader would otherwise take for a bug
+/// (openraft asserts a follower's log never goes backward); durable
+/// storage keeps that check.
+pub(crate) fn adjust_config(config: Arc<openraft::Config>) -> Arc<openraft::Config> {
+    if DURABLE {
+        return config;
+    }
+    let mut config = (*config).clone();
+    config.allow_log_reversion = Some(true);
+    Arc::new(config)
+}
+
 /// The node's storage for all its groups.
 pub(crate) struct NodeStorage {
     // Held so the data dir stays locked and open while groups run; the
