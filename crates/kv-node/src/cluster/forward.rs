@@ -49,10 +49,13 @@ pub(crate) enum ForwardError {
     Lost(String),
 }
 
+/// Idle keep-alive connections by peer address.
+type Idle = Mutex<HashMap<String, Vec<SendRequest<Full<Bytes>>>>>;
+
 /// The pool: idle connections by peer address, all on `runtime`.
 pub(crate) struct Forwarder {
     runtime: Handle,
-    idle: std::sync::Arc<Mutex<HashMap<String, Vec<SendRequest<Full<Bytes>>>>>>,
+    idle: std::sync::Arc<Idle>,
 }
 
 impl Forwarder {
@@ -90,10 +93,7 @@ impl Forwarder {
     }
 }
 
-fn take_idle(
-    idle: &Mutex<HashMap<String, Vec<SendRequest<Full<Bytes>>>>>,
-    addr: &str,
-) -> Option<SendRequest<Full<Bytes>>> {
+fn take_idle(idle: &Idle, addr: &str) -> Option<SendRequest<Full<Bytes>>> {
     let mut idle = idle.lock().unwrap_or_else(PoisonError::into_inner);
     let list = idle.get_mut(addr)?;
     while let Some(sender) = list.pop() {
@@ -121,7 +121,7 @@ async fn connect(addr: &str) -> Result<SendRequest<Full<Bytes>>, ForwardError> {
 }
 
 async fn exchange(
-    idle: &Mutex<HashMap<String, Vec<SendRequest<Full<Bytes>>>>>,
+    idle: &Idle,
     addr: &str,
     mut request: Request<Full<Bytes>>,
 ) -> Result<Forwarded, ForwardError> {

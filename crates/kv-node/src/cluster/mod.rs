@@ -414,7 +414,7 @@ impl ClusterNode {
             .push(task);
     }
 
-    /// The group of `shard`, for tests of the seam.
+    /// The shards hosted here, in order.
     pub(crate) fn group_ids(&self) -> Vec<GroupId> {
         self.hosted_iter().map(|(shard, _)| shard).collect()
     }
