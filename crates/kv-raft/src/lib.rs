@@ -12,21 +12,27 @@
 //!   to one peer batched into one request (§7). The client side is
 //!   [`Network`] (openraft's `RaftNetworkFactory`/`RaftNetworkV2`), the
 //!   server side [`handle_raft`] over the node's [`Groups`];
+//! - [`storage`]: each group's log over the node's one write-ahead log
+//!   ([`GroupLog`]), each shard's state machine over a kv-store map with
+//!   snapshot files ([`ShardSm`]), opened per node by [`NodeStorage`]
+//!   (design §4-5);
 //! - `mem` (feature `mem`, tests only): an in-memory log store and state
-//!   machine, as openraft's `log-mem`/`sm-mem` examples, until the storage
-//!   adapter over kv-store's write-ahead log (design §4-5) lands.
+//!   machine, as openraft's `log-mem`/`sm-mem` examples, used by the
+//!   transport's tests.
 //!
 //! openraft is pinned to `=0.10.0-alpha.37` (design §2.1: 0.9 cannot
 //! transfer leadership); keeping it inside this crate keeps an alpha's API
 //! changes in one place.
 
 pub mod net;
+pub mod storage;
 pub mod types;
 
 #[cfg(feature = "mem")]
 pub mod mem;
 
 pub use net::{handle_raft, Groups, Network, RaftHttpError};
+pub use storage::{GroupLog, NodeStorage, ShardRaft, ShardSm, SnapshotScheduler, StorageError};
 pub use types::{
     raft_config, Command, GroupId, KvRaft, NodeId, Outcome, Raft, SnapshotData, Timeouts,
     MAX_REPLICATED_VALUE,

@@ -50,11 +50,11 @@ impl Map {
         match op {
             Op::Put(new) => {
                 let (mut table, hash) = self.lock(entry::key(&new));
-                Map::insert(&mut table, hash, new)
+                Map::insert_in(&mut table, hash, new)
             }
             Op::Delete(key) => {
                 let (mut table, hash) = self.lock(&key);
-                Map::remove(&mut table, hash, &key)
+                Map::remove_in(&mut table, hash, &key)
             }
         }
     }

@@ -31,6 +31,18 @@ use triomphe::ThinArc;
 #[derive(Clone)]
 pub struct Entry(ThinArc<(), u8>);
 
+impl Entry {
+    /// The entry's key.
+    pub fn key(&self) -> &[u8] {
+        key(self)
+    }
+
+    /// The entry's value.
+    pub fn value(&self) -> &[u8] {
+        value(self)
+    }
+}
+
 impl Deref for Entry {
     type Target = [u8];
 

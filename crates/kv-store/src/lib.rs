@@ -61,14 +61,14 @@ pub use options::{FsyncPolicy, StoreOptions};
 use apply::Op;
 use journal::snapshot::Snapshotter;
 use journal::writer::{self, Journal, WriterConfig};
-use map::Map;
 
 /// The largest value the log can frame in one record with any key up to
 /// the longest one ([`MAX_KEY_BYTES`]); a value under a shorter key may be
 /// a little larger ([`StoreError::TooLarge`] says exactly).
 pub const MAX_VALUE_BYTES: usize = journal::record::MAX_PAYLOAD - 1 - 2 - MAX_KEY_BYTES;
 
-pub use entry::MAX_KEY_BYTES;
+pub use entry::{Entry, MAX_KEY_BYTES};
+pub use map::Map;
 
 /// A thread-safe map of keys to values, shared by every connection.
 pub struct Store {
@@ -199,7 +199,7 @@ impl Store {
     /// The value stored under `key`, if any: a plain lookup that never
     /// waits, since the map holds committed writes only.
     pub fn get(&self, key: &str) -> Option<Bytes> {
-        self.map.get(key.as_bytes()).map(|e| entry::value_bytes(&e))
+        self.map.get(key.as_bytes())
     }
 
     /// Logs a Raft group's record through the store's one log, sharing its
@@ -294,7 +294,7 @@ impl Store {
         // Absent from the map means absent as of the last committed write:
         // answering so is a read, and needs no log record (Redis logs a DEL
         // only when it removed something).
-        if self.map.get(key.as_bytes()).is_none() {
+        if self.map.get_entry(key.as_bytes()).is_none() {
             return Ok(false);
         }
         // A concurrent DELETE may still win: the log order decides.

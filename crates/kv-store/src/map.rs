@@ -104,13 +104,13 @@ impl Map {
     }
 
     /// The write lock of `key`'s shard, and the key's hash.
-    pub fn lock(&self, key: &[u8]) -> (RwLockWriteGuard<'_, Table>, u64) {
+    pub(crate) fn lock(&self, key: &[u8]) -> (RwLockWriteGuard<'_, Table>, u64) {
         let hash = hash(key);
         (self.shards[Self::shard_index(hash)].write(), hash)
     }
 
     /// The entry stored under `key`.
-    pub fn get(&self, key: &[u8]) -> Option<Entry> {
+    pub(crate) fn get_entry(&self, key: &[u8]) -> Option<Entry> {
         let hash = hash(key);
         self.shards[Self::shard_index(hash)]
             .read()
@@ -120,7 +120,7 @@ impl Map {
 
     /// Stores `entry` in its (locked) shard, replacing any entry of its
     /// key; whether there was one.
-    pub fn insert(table: &mut Table, hash: u64, entry: Entry) -> bool {
+    pub(crate) fn insert_in(table: &mut Table, hash: u64, entry: Entry) -> bool {
         let key = entry::key(&entry);
         match table.find_mut(hash, |e| entry::key(e) == key) {
             Some(slot) => {
@@ -135,7 +135,7 @@ impl Map {
     }
 
     /// Removes `key` from its (locked) shard; whether it was there.
-    pub fn remove(table: &mut Table, hash: u64, key: &[u8]) -> bool {
+    pub(crate) fn remove_in(table: &mut Table, hash: u64, key: &[u8]) -> bool {
         match table.find_entry(hash, |e| entry::key(e) == key) {
             Ok(found) => {
                 found.remove();
@@ -148,7 +148,7 @@ impl Map {
     /// Applies recovered changes, in order per key, using every core: each
     /// thread owns a disjoint set of shards (all of a key's changes are in
     /// its shard, so their order holds) and no lock is ever contended.
-    pub fn apply_recovered(&self, changes: &[Recovered<'_>]) {
+    pub(crate) fn apply_recovered(&self, changes: &[Recovered<'_>]) {
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(8));
         let run = |part: usize, parts: usize| {
             for change in changes {
@@ -159,13 +159,13 @@ impl Map {
                 let mut table = self.shards[index].write();
                 match change.what {
                     Change::Put(body) => {
-                        Self::insert(&mut table, change.hash, Entry::from(body));
+                        Self::insert_in(&mut table, change.hash, Entry::from(body));
                     }
                     Change::PutNew(body) => {
                         table.insert_unique(change.hash, Entry::from(body), entry_hash);
                     }
                     Change::Delete(key) => {
-                        Self::remove(&mut table, change.hash, key);
+                        Self::remove_in(&mut table, change.hash, key);
                     }
                 }
             }
@@ -182,7 +182,7 @@ impl Map {
     }
 
     /// Makes room for about `keys` keys spread over the shards.
-    pub fn reserve(&self, keys: usize) {
+    pub(crate) fn reserve(&self, keys: usize) {
         let per_shard = keys / SHARD_COUNT + keys / SHARD_COUNT / 8 + 1;
         for shard in self.shards.iter() {
             shard.write().reserve(per_shard, entry_hash);
@@ -192,7 +192,7 @@ impl Map {
     /// Replaces `out`'s contents with a copy of shard `index`'s entries
     /// (reference-count increments under its read lock): a snapshot copies
     /// and writes one shard at a time.
-    pub fn copy_shard(&self, index: usize, out: &mut Vec<Entry>) {
+    pub(crate) fn copy_shard(&self, index: usize, out: &mut Vec<Entry>) {
         out.clear();
         if let Some(shard) = self.shards.get(index) {
             let table = shard.read();
@@ -202,10 +202,46 @@ impl Map {
     }
 
     /// Empties the map (recovery falling back to an older snapshot).
-    pub fn clear(&self) {
+    pub(crate) fn clear(&self) {
         for shard in self.shards.iter() {
             shard.write().clear();
         }
+    }
+
+    /// The value stored under `key`, sharing the entry's allocation: a
+    /// lookup under a read lock that never waits for a writer for long.
+    pub fn get(&self, key: &[u8]) -> Option<bytes::Bytes> {
+        self.get_entry(key).map(|e| entry::value_bytes(&e))
+    }
+
+    /// Stores `value` under `key`, replacing any earlier value; whether
+    /// there was one. Refuses a key longer than [`entry::MAX_KEY_BYTES`].
+    ///
+    /// For a caller that applies committed writes itself (kv-raft's state
+    /// machine); a [`crate::Store`]'s own map changes only through its log.
+    pub fn insert(&self, key: &[u8], value: &[u8]) -> Result<bool, crate::StoreError> {
+        let new = entry::new(key, value).ok_or(crate::StoreError::KeyTooLong(key.len()))?;
+        let (mut table, hash) = self.lock(key);
+        Ok(Self::insert_in(&mut table, hash, new))
+    }
+
+    /// Removes `key`; whether it was there.
+    pub fn remove(&self, key: &[u8]) -> bool {
+        let (mut table, hash) = self.lock(key);
+        Self::remove_in(&mut table, hash, key)
+    }
+
+    /// A copy of every entry (reference-count increments, one lock stripe
+    /// at a time): a consistent copy when no writer runs meanwhile, e.g.
+    /// taken between two applied batches of a Raft state machine.
+    pub fn copy_all(&self) -> Vec<Entry> {
+        let mut all = Vec::with_capacity(self.len());
+        let mut stripe = Vec::new();
+        for index in 0..SHARD_COUNT {
+            self.copy_shard(index, &mut stripe);
+            all.append(&mut stripe);
+        }
+        all
     }
 
     /// How many keys the map holds.

@@ -1,0 +1,198 @@
+//! Durable storage for the Raft groups a node hosts: each group's log over
+//! the node's one write-ahead log, and each shard's state machine over a
+//! kv-store map with snapshot files (design `docs/replication.md` §4-5).
+//!
+//! - [`GroupLog`] (`log`): openraft's `RaftLogStorage` for one group, in
+//!   memory and durable through [`kv_store::Store::submit_group`], so every
+//!   group on the node shares one group commit;
+//! - [`ShardSm`] (`sm`): openraft's `RaftStateMachine` for one shard, over a
+//!   [`kv_store::Map`] that readers query directly;
+//! - `snapshot`: the per-shard snapshot files under
+//!   `<data_dir>/shards/<group>/`;
+//! - [`NodeStorage`] (here): what kv-node opens once per node and asks for
+//!   each group's pair.
+//!
+//! # Restart
+//!
+//! [`NodeStorage::open`] takes the groups' records the store recovered from
+//! its WAL ([`kv_store::Store::take_recovered_groups`]). [`NodeStorage::group`]
+//! then rebuilds the group's log from them, loads the shard's newest usable
+//! snapshot into its map (falling back one generation past a damaged file),
+//! and hands both to the caller for `Raft::new`; openraft re-applies the
+//! committed entries after the snapshot itself.
+//!
+//! # kv-store in cluster mode
+//!
+//! The store's own map stays empty: kv-node never calls `Store::put` or
+//! `delete` in cluster mode, so the store's map snapshots are empty files
+//! and serve only to rotate and retire WAL segments, which happens once the
+//! groups have purged the entries those segments hold.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use kv_store::{RecoveredGroup, Store};
+use parking_lot::Mutex;
+
+mod log;
+mod sched;
+mod sm;
+mod snapshot;
+
+pub use self::log::GroupLog;
+pub use sched::SnapshotScheduler;
+pub use sm::{ShardSm, ShardSnapshotBuilder};
+
+use crate::types::GroupId;
+
+/// One group's Raft handle over its shard state machine.
+pub type ShardRaft = crate::types::Raft<ShardSm>;
+
+/// Why a group's storage could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    /// A file operation failed.
+    #[error("cannot {action} {}: {source}", path.display())]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// A record the WAL holds for the group does not decode: written by an
+    /// incompatible version, or damaged past its checksum.
+    #[error("shard {group}: the write-ahead log holds an undecodable {what}: {reason}")]
+    Undecodable {
+        group: GroupId,
+        what: &'static str,
+        reason: String,
+    },
+    /// Snapshot files exist for the shard and none of them is usable.
+    #[error(
+        "shard {group}: no usable snapshot ({problems}); refusing to start this shard rather \
+         than serve it without the writes those files held. Restore the files, or remove this \
+         node's data dir and let it rejoin as a new replica"
+    )]
+    SnapshotUnusable { group: GroupId, problems: String },
+    /// The snapshot that loaded does not reach where the log was purged:
+    /// the entries between are gone from this node.
+    #[error(
+        "shard {group}: the snapshot loaded ends at {applied} but the log was purged up to \
+         {purged}: the entries between are lost here. Restore the newest snapshot file, or \
+         remove this node's data dir and let it rejoin as a new replica"
+    )]
+    Unreplayable {
+        group: GroupId,
+        applied: String,
+        purged: u64,
+    },
+}
+
+/// A node's Raft storage: one per node, over the store kv-node opened.
+pub struct NodeStorage {
+    store: Arc<Store>,
+    shards_dir: PathBuf,
+    recovered: Mutex<BTreeMap<GroupId, RecoveredGroup>>,
+    opened: Mutex<HashMap<GroupId, (GroupLog, ShardSm)>>,
+}
+
+impl std::fmt::Debug for NodeStorage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeStorage")
+            .field("shards_dir", &self.shards_dir)
+            .finish_non_exhaustive()
+    }
+}
+
+impl NodeStorage {
+    /// `store` was opened by kv-node on the data dir (cluster mode);
+    /// snapshots live under `dir/shards/`. Takes the groups the store
+    /// recovered (once: a second `NodeStorage` over the same store would
+    /// find none). Blocking.
+    pub fn open(store: Arc<Store>, dir: &Path) -> Result<NodeStorage, StorageError> {
+        let shards_dir = dir.join("shards");
+        std::fs::create_dir_all(&shards_dir).map_err(|source| StorageError::Io {
+            action: "create",
+            path: shards_dir.clone(),
+            source,
+        })?;
+        let recovered = store.take_recovered_groups();
+        Ok(NodeStorage {
+            store,
+            shards_dir,
+            recovered: Mutex::new(recovered),
+            opened: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The groups that have a log or snapshot on this node (recovered from
+    /// the WAL, or with a snapshot directory), opened or not.
+    pub fn known_groups(&self) -> Vec<GroupId> {
+        let mut groups: Vec<GroupId> = self.recovered.lock().keys().copied().collect();
+        groups.extend(self.opened.lock().keys().copied());
+        if let Ok(items) = std::fs::read_dir(&self.shards_dir) {
+            groups.extend(
+                items
+                    .flatten()
+                    .filter_map(|item| item.file_name().to_str()?.parse::<GroupId>().ok()),
+            );
+        }
+        groups.sort_unstable();
+        groups.dedup();
+        groups
+    }
+
+    /// The group's log and state machine: recovered from the WAL +
+    /// snapshot if it ever existed here, else empty. Asking again for the
+    /// same group returns handles to the same log and state machine.
+    /// Blocking (reads snapshot files).
+    pub fn group(&self, group: GroupId) -> Result<(GroupLog, ShardSm), StorageError> {
+        let mut opened = self.opened.lock();
+        if let Some((log, sm)) = opened.get(&group) {
+            return Ok((log.clone(), sm.clone()));
+        }
+        let dir = self.shards_dir.join(group.to_string());
+        let io_error = |action, source| StorageError::Io {
+            action,
+            path: dir.clone(),
+            source,
+        };
+        snapshot::remove_temps(&dir).map_err(|e| io_error("clean up", e))?;
+        let loaded = snapshot::load_newest(&dir)
+            .map_err(|e| io_error("read snapshots in", e))?
+            .map_err(|problems| StorageError::SnapshotUnusable {
+                group,
+                problems: problems.join("; "),
+            })?;
+        let floor = log::PurgeFloor::new();
+        if let Some(((_, oldest), _)) = snapshot::list(&dir)
+            .map_err(|e| io_error("list snapshots in", e))?
+            .last()
+        {
+            floor.set(*oldest);
+        }
+        let recovered = self.recovered.lock().remove(&group).unwrap_or_default();
+        let log = GroupLog::recover(group, Arc::clone(&self.store), recovered, floor.clone())?;
+        let sm = ShardSm::new(group, dir, loaded, floor);
+        if let Some(purged) = log.purged_index() {
+            if sm.applied_index().is_none_or(|applied| applied < purged) {
+                return Err(StorageError::Unreplayable {
+                    group,
+                    applied: sm
+                        .applied_index()
+                        .map_or_else(|| "nothing (no snapshot)".to_owned(), |i| i.to_string()),
+                    purged,
+                });
+            }
+        }
+        opened.insert(group, (log.clone(), sm.clone()));
+        Ok((log, sm))
+    }
+
+    /// The store the logs write through.
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+}

@@ -1,0 +1,690 @@
+//! The durable storage under real openraft: three in-process nodes, each
+//! with its own data dir (a real kv-store WAL) and a loopback HTTP server
+//! for `/-/raft/...`, four groups each. A node "dies" by shutting its
+//! groups down, stopping its server and dropping its store; it comes back
+//! by reopening the same dir on the same port. Every wait is bounded;
+//! nothing sleeps to synchronise.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::{BTreeMap, HashMap};
+use std::convert::Infallible;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use kv_http::server::{Admission, ConnectionLimits};
+use kv_raft::{
+    handle_raft, raft_config, Command, GroupId, GroupLog, Groups, Network, NodeId, NodeStorage,
+    Outcome, ShardRaft, ShardSm, StorageError, Timeouts,
+};
+use kv_store::{FsyncPolicy, Store, StoreOptions};
+use openraft::async_runtime::WatchReceiver;
+use openraft::{BasicNode, Raft, ReadPolicy};
+use tokio::task::{JoinHandle, JoinSet};
+
+const BOUND: Duration = Duration::from_secs(20);
+const GROUPS: u32 = 4;
+
+fn store_options() -> StoreOptions {
+    StoreOptions {
+        fsync: FsyncPolicy::Never,
+        snapshot_interval: Duration::from_secs(3600),
+        wal_max_bytes: 64 << 20,
+        repair: false,
+    }
+}
+
+/// One running node: its store, storage, groups and server.
+struct Running {
+    store: Arc<Store>,
+    groups: Arc<Groups<ShardSm>>,
+    sms: HashMap<GroupId, ShardSm>,
+    logs: HashMap<GroupId, GroupLog>,
+    server: JoinHandle<()>,
+}
+
+struct Node {
+    id: NodeId,
+    dir: PathBuf,
+    port: u16,
+    running: Option<Running>,
+}
+
+async fn serve(port: u16, groups: Arc<Groups<ShardSm>>) -> (u16, JoinHandle<()>) {
+    let listener = kv_http::server::bind(IpAddr::V4(Ipv4Addr::LOCALHOST), port)
+        .await
+        .unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = tokio::spawn(async move {
+        let admission = Admission::new(64);
+        let limits = ConnectionLimits {
+            max_connections: 64,
+            header_timeout: Duration::from_secs(5),
+            shutdown_timeout: Duration::from_secs(1),
+        };
+        let builder = limits.http1();
+        let mut connections = JoinSet::new();
+        loop {
+            let (stream, slot) = kv_http::server::next_connection(&listener, &admission).await;
+            let groups = Arc::clone(&groups);
+            let service = service_fn(move |request| {
+                let groups = Arc::clone(&groups);
+                async move { Ok::<_, Infallible>(handle_raft(request, &groups).await) }
+            });
+            let connection = kv_http::server::serve_connection(&builder, stream, service);
+            connections.spawn(async move {
+                let _slot = slot;
+                let _ = connection.await;
+            });
+        }
+    });
+    (port, server)
+}
+
+/// Opens the node's store and storage on `dir` and creates its groups
+/// (none initialised here).
+async fn open_groups(
+    id: NodeId,
+    dir: &Path,
+    groups: Arc<Groups<ShardSm>>,
+    members: &BTreeMap<NodeId, SocketAddr>,
+) -> Result<
+    (
+        Arc<Store>,
+        HashMap<GroupId, ShardSm>,
+        HashMap<GroupId, GroupLog>,
+    ),
+    StorageError,
+> {
+    let store = Arc::new(Store::open(dir, store_options()).unwrap());
+    let storage = NodeStorage::open(Arc::clone(&store), dir)?;
+    let network = Network::new();
+    for (peer, addr) in members {
+        network.set_route(*peer, addr.to_string());
+    }
+    let config = raft_config(Timeouts::default(), 1 << 20).unwrap();
+    let mut sms = HashMap::new();
+    let mut logs = HashMap::new();
+    for group in 0..GROUPS {
+        let (log, sm) = storage.group(group)?;
+        let raft: ShardRaft = Raft::new(
+            id,
+            Arc::clone(&config),
+            network.factory(group),
+            log.clone(),
+            sm.clone(),
+        )
+        .await
+        .unwrap();
+        groups.insert(group, raft);
+        sms.insert(group, sm);
+        logs.insert(group, log);
+    }
+    Ok((store, sms, logs))
+}
+
+impl Node {
+    fn running(&self) -> &Running {
+        self.running.as_ref().expect("node is running")
+    }
+
+    fn raft(&self, group: GroupId) -> ShardRaft {
+        self.running().groups.get(group).unwrap()
+    }
+
+    fn sm(&self, group: GroupId) -> &ShardSm {
+        &self.running().sms[&group]
+    }
+
+    /// Reopens the node's dir on its port.
+    async fn start(&mut self, members: &BTreeMap<NodeId, SocketAddr>) {
+        let groups = Arc::new(Groups::default());
+        let (store, sms, logs) = open_groups(self.id, &self.dir, Arc::clone(&groups), members)
+            .await
+            .unwrap();
+        let (port, server) = serve(self.port, Arc::clone(&groups)).await;
+        assert_eq!(port, self.port);
+        self.running = Some(Running {
+            store,
+            groups,
+            sms,
+            logs,
+            server,
+        });
+    }
+
+    /// The node dies: groups stop, server stops, the store is dropped.
+    async fn stop(&mut self) {
+        let running = self.running.take().expect("node is running");
+        running.server.abort();
+        for group in 0..GROUPS {
+            if let Some(raft) = running.groups.remove(group) {
+                raft.shutdown().await.unwrap();
+            }
+        }
+        drop(running.sms);
+        drop(running.logs);
+        // openraft's tasks drop their log handles as they wind down; the
+        // store (and its directory lock) goes with the last one. Closing
+        // it commits what is queued, as writes already handed to the
+        // kernel survive a kill -9.
+        let deadline = tokio::time::Instant::now() + BOUND;
+        while Arc::strong_count(&running.store) > 1 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "node {}: store still referenced",
+                self.id
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        drop(running.store);
+    }
+}
+
+struct Cluster {
+    _dirs: tempfile::TempDir,
+    nodes: BTreeMap<NodeId, Node>,
+    members: BTreeMap<NodeId, SocketAddr>,
+}
+
+impl Cluster {
+    /// Three nodes, four groups, each group's voters all three nodes,
+    /// group `g` initialised on node `g % 3 + 1`.
+    async fn start() -> Cluster {
+        let dirs = tempfile::tempdir().unwrap();
+        let mut nodes = BTreeMap::new();
+        let mut members = BTreeMap::new();
+        // Ports first (servers bound on port 0), then the groups.
+        let mut pending = Vec::new();
+        for id in 1..=3u64 {
+            let groups = Arc::new(Groups::default());
+            let (port, server) = serve(0, Arc::clone(&groups)).await;
+            members.insert(id, SocketAddr::from(([127, 0, 0, 1], port)));
+            pending.push((id, port, groups, server));
+        }
+        for (id, port, groups, server) in pending {
+            let dir = dirs.path().join(format!("node{id}"));
+            let (store, sms, logs) = open_groups(id, &dir, Arc::clone(&groups), &members)
+                .await
+                .unwrap();
+            nodes.insert(
+                id,
+                Node {
+                    id,
+                    dir,
+                    port,
+                    running: Some(Running {
+                        store,
+                        groups,
+                        sms,
+                        logs,
+                        server,
+                    }),
+                },
+            );
+        }
+        let voters: BTreeMap<NodeId, BasicNode> = members
+            .iter()
+            .map(|(id, addr)| (*id, BasicNode::new(addr.to_string())))
+            .collect();
+        for group in 0..GROUPS {
+            let initialiser = u64::from(group % 3 + 1);
+            nodes[&initialiser]
+                .raft(group)
+                .initialize(voters.clone())
+                .await
+                .unwrap();
+        }
+        Cluster {
+            _dirs: dirs,
+            nodes,
+            members,
+        }
+    }
+
+    fn node(&mut self, id: NodeId) -> &mut Node {
+        self.nodes.get_mut(&id).unwrap()
+    }
+
+    /// Waits (bounded) until the running nodes agree on a leader of
+    /// `group` that a quorum acknowledged; returns it.
+    async fn leader(&self, group: GroupId) -> NodeId {
+        let mut leader = None;
+        let running: Vec<NodeId> = self
+            .nodes
+            .values()
+            .filter(|n| n.running.is_some())
+            .map(|n| n.id)
+            .collect();
+        for node in self.nodes.values().filter(|n| n.running.is_some()) {
+            let metrics = node
+                .raft(group)
+                .wait(Some(BOUND))
+                .metrics(
+                    |m| {
+                        m.current_leader.is_some_and(|l| running.contains(&l))
+                            && (leader.is_none() || m.current_leader == leader)
+                    },
+                    "a leader",
+                )
+                .await
+                .unwrap();
+            leader = metrics.current_leader;
+        }
+        let leader = leader.unwrap();
+        self.nodes[&leader]
+            .raft(group)
+            .wait(Some(BOUND))
+            .metrics(
+                |m| m.state.is_leader() && m.last_quorum_acked.is_some(),
+                "leading",
+            )
+            .await
+            .unwrap();
+        leader
+    }
+
+    /// Writes `count` keys `<prefix>-<group>-<i>` to every group through
+    /// its leader; the last index acknowledged per group.
+    async fn write(&self, prefix: &str, count: usize) -> BTreeMap<GroupId, u64> {
+        let mut last = BTreeMap::new();
+        for group in 0..GROUPS {
+            let leader = self.nodes[&self.leader(group).await].raft(group);
+            for i in 0..count {
+                let written = leader
+                    .client_write(Command::Put {
+                        key: format!("{prefix}-{group}-{i}"),
+                        value: format!("value {prefix} {i}").into_bytes(),
+                    })
+                    .await
+                    .unwrap();
+                assert_eq!(written.data, Outcome::Stored);
+                last.insert(group, written.log_id.index);
+            }
+        }
+        last
+    }
+
+    /// Waits until every running node applied `last` of each group.
+    async fn applied(&self, last: &BTreeMap<GroupId, u64>) {
+        for node in self.nodes.values().filter(|n| n.running.is_some()) {
+            for (group, index) in last {
+                node.raft(*group)
+                    .wait(Some(BOUND))
+                    .applied_index_at_least(Some(*index), "applied")
+                    .await
+                    .unwrap();
+            }
+        }
+    }
+
+    /// Every running replica of every group holds `prefix`'s keys and the
+    /// same digest.
+    fn assert_replicas_hold(&self, prefix: &str, count: usize) {
+        for group in 0..GROUPS {
+            let mut digests = Vec::new();
+            for node in self.nodes.values().filter(|n| n.running.is_some()) {
+                let sm = node.sm(group);
+                for i in 0..count {
+                    assert_eq!(
+                        sm.get(format!("{prefix}-{group}-{i}").as_bytes())
+                            .as_deref(),
+                        Some(format!("value {prefix} {i}").as_bytes()),
+                        "node {} group {group} key {i}",
+                        node.id
+                    );
+                }
+                digests.push((node.id, sm.digest()));
+            }
+            assert!(
+                digests.windows(2).all(|w| w[0].1 == w[1].1),
+                "group {group}: {digests:?}"
+            );
+        }
+    }
+
+    async fn shutdown(mut self) {
+        for node in self.nodes.values_mut() {
+            if node.running.is_some() {
+                node.stop().await;
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_commit_everywhere_and_a_restarted_node_recovers_and_catches_up() {
+    let mut cluster = Cluster::start().await;
+    let last = cluster.write("a", 20).await;
+    cluster.applied(&last).await;
+    cluster.assert_replicas_hold("a", 20);
+    // Deletes are decided in log order, through the WAL-backed log too.
+    let leader = cluster.nodes[&cluster.leader(0).await].raft(0);
+    let deleted = leader
+        .client_write(Command::Delete {
+            key: "a-0-0".into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(deleted.data, Outcome::Deleted { found: true });
+    let again = leader
+        .client_write(Command::Delete {
+            key: "a-0-0".into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(again.data, Outcome::Deleted { found: false });
+    leader
+        .client_write(Command::Put {
+            key: "a-0-0".into(),
+            value: b"value a 0".to_vec(),
+        })
+        .await
+        .unwrap();
+
+    // Node 2 dies; what it had durably is noted first.
+    let before: BTreeMap<GroupId, (u64, Option<u64>)> = (0..GROUPS)
+        .map(|g| {
+            let m = cluster.nodes[&2].raft(g).metrics().borrow_watched().clone();
+            (g, (m.vote.leader_id().term, m.last_log_index))
+        })
+        .collect();
+    cluster.node(2).stop().await;
+    let while_down = cluster.write("b", 10).await;
+
+    // Back from its dir: the vote and log it had are there at once,
+    // before any leader talks to it.
+    let members = cluster.members.clone();
+    cluster.node(2).start(&members).await;
+    for group in 0..GROUPS {
+        let m = cluster.nodes[&2]
+            .raft(group)
+            .metrics()
+            .borrow_watched()
+            .clone();
+        let (term, last_index) = before[&group];
+        assert!(m.vote.leader_id().term >= term, "group {group}: vote");
+        assert!(m.last_log_index >= last_index, "group {group}: log");
+        assert!(
+            cluster.nodes[&2].running().logs[&group].log_entries() > 0,
+            "group {group}: log entries recovered"
+        );
+    }
+    cluster.applied(&while_down).await;
+    cluster.assert_replicas_hold("a", 20);
+    cluster.assert_replicas_hold("b", 10);
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_whole_cluster_restart_loses_no_acknowledged_write() {
+    let mut cluster = Cluster::start().await;
+    // Concurrent writers on every group; record what was acknowledged.
+    let mut writers = JoinSet::new();
+    for group in 0..GROUPS {
+        let leader = cluster.nodes[&cluster.leader(group).await].raft(group);
+        for writer in 0..4 {
+            let raft = leader.clone();
+            writers.spawn(async move {
+                let mut acked = Vec::new();
+                for i in 0..25 {
+                    let key = format!("w-{group}-{writer}-{i}");
+                    let value = format!("{writer}/{i}").into_bytes();
+                    raft.client_write(Command::Put {
+                        key: key.clone(),
+                        value: value.clone(),
+                    })
+                    .await
+                    .unwrap();
+                    acked.push((group, key, value));
+                }
+                acked
+            });
+        }
+    }
+    let mut acked = Vec::new();
+    while let Some(done) = writers.join_next().await {
+        acked.extend(done.unwrap());
+    }
+    assert_eq!(acked.len(), GROUPS as usize * 4 * 25);
+
+    for id in 1..=3 {
+        cluster.node(id).stop().await;
+    }
+    let members = cluster.members.clone();
+    for id in [3, 1, 2] {
+        cluster.node(id).start(&members).await;
+    }
+    for group in 0..GROUPS {
+        let leader_id = cluster.leader(group).await;
+        let leader = cluster.nodes[&leader_id].raft(group);
+        // A read-index read: the leader has applied everything committed.
+        leader
+            .ensure_linearizable(ReadPolicy::ReadIndex)
+            .await
+            .unwrap();
+        for (g, key, value) in acked.iter().filter(|(g, _, _)| *g == group) {
+            assert_eq!(
+                cluster.nodes[&leader_id]
+                    .sm(*g)
+                    .get(key.as_bytes())
+                    .as_deref(),
+                Some(value.as_slice()),
+                "group {g} key {key} lost"
+            );
+        }
+    }
+    // And it still takes writes, replicated everywhere.
+    let last = cluster.write("after", 5).await;
+    cluster.applied(&last).await;
+    cluster.assert_replicas_hold("after", 5);
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lagging_replica_receives_a_snapshot_and_ends_identical() {
+    let mut cluster = Cluster::start().await;
+    let first = cluster.write("a", 10).await;
+    cluster.applied(&first).await;
+    cluster.node(3).stop().await;
+
+    // The others go on, snapshot and purge the log node 3 would need.
+    let last = cluster.write("b", 30).await;
+    for group in 0..GROUPS {
+        let leader = cluster.nodes[&cluster.leader(group).await].raft(group);
+        let index = last[&group];
+        leader.trigger().snapshot().await.unwrap();
+        leader
+            .wait(Some(BOUND))
+            .metrics(|m| m.snapshot.is_some_and(|s| s.index >= index), "snapshot")
+            .await
+            .unwrap();
+        leader.trigger().purge_log(index).await.unwrap();
+        leader
+            .wait(Some(BOUND))
+            .metrics(|m| m.purged.is_some_and(|p| p.index >= index), "purged")
+            .await
+            .unwrap();
+    }
+
+    let members = cluster.members.clone();
+    cluster.node(3).start(&members).await;
+    cluster.applied(&last).await;
+    for group in 0..GROUPS {
+        assert!(
+            cluster.nodes[&3].sm(group).snapshot_installs() >= 1,
+            "group {group}: caught up without a snapshot"
+        );
+        // The installed snapshot is a file of its own.
+        assert!(cluster.nodes[&3].sm(group).snapshot_index() >= Some(last[&group]));
+    }
+    cluster.assert_replicas_hold("a", 10);
+    cluster.assert_replicas_hold("b", 30);
+
+    // Restarted again, node 3 starts from the installed snapshot file.
+    cluster.node(3).stop().await;
+    cluster.node(3).start(&members).await;
+    for group in 0..GROUPS {
+        let sm = cluster.nodes[&3].sm(group);
+        assert!(sm.applied_index() >= Some(last[&group]), "group {group}");
+        assert_eq!(sm.snapshot_installs(), 0);
+    }
+    cluster.assert_replicas_hold("b", 30);
+    cluster.shutdown().await;
+}
+
+/// One node, one single-voter group: writes, two snapshots, more writes.
+async fn solo(dir: &Path) -> Result<(ShardRaft, ShardSm, GroupLog, Arc<Store>), StorageError> {
+    let store = Arc::new(Store::open(dir, store_options()).unwrap());
+    let storage = NodeStorage::open(Arc::clone(&store), dir)?;
+    let (log, sm) = storage.group(7)?;
+    let config = raft_config(Timeouts::default(), 1 << 20).unwrap();
+    let raft: ShardRaft = Raft::new(
+        1,
+        config,
+        Network::new().factory(7),
+        log.clone(),
+        sm.clone(),
+    )
+    .await
+    .unwrap();
+    Ok((raft, sm, log, store))
+}
+
+async fn put_n(raft: &ShardRaft, from: usize, to: usize) -> u64 {
+    let mut last = 0;
+    for i in from..to {
+        last = raft
+            .client_write(Command::Put {
+                key: format!("k{i}"),
+                value: format!("v{i}").into_bytes(),
+            })
+            .await
+            .unwrap()
+            .log_id
+            .index;
+    }
+    last
+}
+
+async fn snapshot(raft: &ShardRaft, index: u64) {
+    raft.trigger().snapshot().await.unwrap();
+    raft.wait(Some(BOUND))
+        .metrics(|m| m.snapshot.is_some_and(|s| s.index >= index), "snapshot")
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupted_newest_snapshot_falls_back_to_the_previous_generation() {
+    let dir = tempfile::tempdir().unwrap();
+    let (raft, sm, log, store) = solo(dir.path()).await.unwrap();
+    raft.initialize(BTreeMap::from([(1, BasicNode::default())]))
+        .await
+        .unwrap();
+    raft.wait(Some(BOUND))
+        .metrics(|m| m.state.is_leader(), "leader")
+        .await
+        .unwrap();
+    let first = put_n(&raft, 0, 20).await;
+    snapshot(&raft, first).await;
+    let second = put_n(&raft, 20, 40).await;
+    snapshot(&raft, second).await;
+    // openraft may purge up to the newest snapshot; the log keeps what
+    // follows the previous generation.
+    raft.trigger().purge_log(second).await.unwrap();
+    raft.wait(Some(BOUND))
+        .metrics(|m| m.purged.is_some_and(|p| p.index >= second), "purged")
+        .await
+        .unwrap();
+    assert_eq!(log.purged_index(), Some(first));
+    put_n(&raft, 40, 50).await;
+    let snaps: Vec<_> = std::fs::read_dir(sm.dir())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(snaps.len(), 2, "{snaps:?}");
+    raft.shutdown().await.unwrap();
+    drop((raft, sm, log));
+    drop(store);
+
+    // Damage the newest file (a flipped byte in its last record).
+    let shard_dir = dir.path().join("shards").join("7");
+    let newest = shard_dir.join(format!("snap-1-{second}.snap"));
+    let mut bytes = std::fs::read(&newest).unwrap();
+    let at = bytes.len() - 5;
+    bytes[at] ^= 0xff;
+    std::fs::write(&newest, &bytes).unwrap();
+
+    let (raft, sm, log, store) = solo(dir.path()).await.unwrap();
+    // The newest file was skipped; openraft re-applied the log after the
+    // previous one.
+    assert_eq!(sm.snapshot_index(), Some(first), "fell back one generation");
+    assert!(sm.applied_index() > Some(second));
+    raft.wait(Some(BOUND))
+        .metrics(|m| m.state.is_leader(), "leader")
+        .await
+        .unwrap();
+    raft.ensure_linearizable(ReadPolicy::ReadIndex)
+        .await
+        .unwrap();
+    for i in 0..50 {
+        assert_eq!(
+            sm.get(format!("k{i}").as_bytes()).as_deref(),
+            Some(format!("v{i}").as_bytes()),
+            "k{i}"
+        );
+    }
+    raft.shutdown().await.unwrap();
+    drop((raft, sm, log));
+    drop(store);
+
+    // Both generations damaged: a clear error, no silent empty shard.
+    for entry in std::fs::read_dir(&shard_dir).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::write(&path, b"KVSHARD1 torn").unwrap();
+    }
+    match solo(dir.path()).await {
+        Err(error @ StorageError::SnapshotUnusable { .. }) => {
+            let message = error.to_string();
+            assert!(message.contains("shard 7"), "{message}");
+            assert!(
+                message.contains("bad magic") || message.contains("truncated"),
+                "{message}"
+            );
+        }
+        Err(other) => panic!("unexpected error: {other}"),
+        Ok(_) => panic!("opened a shard whose snapshots are all damaged"),
+    }
+}
+
+mod suite {
+    //! openraft's own storage test suite against GroupLog + ShardSm.
+    use super::*;
+    use openraft::testing::log::{StoreBuilder, Suite};
+
+    struct Builder;
+
+    impl StoreBuilder<kv_raft::KvRaft, GroupLog, ShardSm, (tempfile::TempDir, Arc<Store>)> for Builder {
+        async fn build(
+            &self,
+        ) -> Result<
+            ((tempfile::TempDir, Arc<Store>), GroupLog, ShardSm),
+            openraft::StorageError<kv_raft::KvRaft>,
+        > {
+            let dir = tempfile::tempdir().unwrap();
+            let store = Arc::new(Store::open(dir.path(), store_options()).unwrap());
+            let storage = NodeStorage::open(Arc::clone(&store), dir.path()).unwrap();
+            let (log, sm) = storage.group(0).unwrap();
+            Ok(((dir, store), log, sm))
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn openraft_storage_suite_passes() {
+        Suite::test_all(Builder).await.unwrap();
+    }
+}
