@@ -133,6 +133,13 @@ pub struct Config {
     #[arg(long, env = "KV_LEADER_BALANCE", default_value = "on", value_parser = parse_on_off)]
     pub leader_balance: bool,
 
+    /// Cluster mode: snapshot a shard (and let its log and the write-ahead
+    /// log segments it pins go) once its log since the last snapshot holds
+    /// more than this many bytes. Bounds memory too: each shard keeps its
+    /// log since the snapshot in memory.
+    #[arg(long, env = "KV_RAFT_LOG_MAX_BYTES", default_value_t = 8 << 20)]
+    pub raft_log_max_bytes: u64,
+
     /// Cluster mode (tests): the leaders' heartbeat interval [default: 100ms].
     #[arg(long, env = "KV_RAFT_HEARTBEAT", hide = true, value_parser = humantime::parse_duration)]
     pub raft_heartbeat: Option<Duration>,

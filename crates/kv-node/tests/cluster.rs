@@ -2,9 +2,8 @@
 //! loopback ports, talking HTTP. Every wait is for a condition, bounded;
 //! nothing sleeps to synchronise.
 //!
-//! Storage is still kv-raft's in-memory store (see
-//! `src/cluster/storage.rs`): a restarted node comes back empty and catches
-//! up from its peers, which is what the restart test checks.
+//! Storage is durable (kv-raft's `NodeStorage` over each node's WAL): a
+//! restarted node comes back with its votes, logs and maps.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -377,7 +376,8 @@ fn three_nodes_in_any_order_serve_every_key_from_every_node() {
 
 #[test]
 fn killing_a_leader_loses_no_acknowledged_write_and_a_restart_rejoins() {
-    let mut cluster = Cluster::start_all(3, &[1, 2, 3], &[]);
+    // Small logs: shards snapshot and purge while the victim is down.
+    let mut cluster = Cluster::start_all(3, &[1, 2, 3], &["--raft-log-max-bytes", "2048"]);
     let keys = keys(16);
     let mut acked: BTreeMap<String, String> = BTreeMap::new();
     for (i, key) in keys.iter().enumerate() {
@@ -441,6 +441,69 @@ fn killing_a_leader_loses_no_acknowledged_write_and_a_restart_rejoins() {
         let response = get(cluster.addr(victim), key);
         assert_eq!(response.text(), format!("{{\"value\":{}}}\n", acked[key]));
     }
+    // Every replica of every shard ends identical.
+    for shard in 0..8 {
+        let path = format!("/-/shards/{shard}/digest");
+        wait_until(&format!("shard {shard}'s replicas agree"), BOUND, || {
+            let digests: Vec<(serde_json::Value, serde_json::Value)> = (1..=3)
+                .map(|id| {
+                    let body = send(cluster.addr(id), "GET", &path, &[], None)
+                        .unwrap()
+                        .body;
+                    let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                    (json["keys"].clone(), json["digest"].clone())
+                })
+                .collect();
+            digests.iter().all(|d| *d == digests[0])
+        });
+    }
+}
+
+#[test]
+fn a_whole_cluster_killed_and_restarted_keeps_every_acknowledged_write() {
+    let mut cluster = Cluster::start_all(3, &[1, 2, 3], &[]);
+    let keys = keys(16);
+    for (i, key) in keys.iter().enumerate() {
+        cluster.put_until_acked((i % 3) as u64 + 1, key, &format!("{i}"));
+    }
+    for id in 1..=3 {
+        cluster.kill9(id);
+    }
+    for id in [3, 2, 1] {
+        cluster.start(id);
+    }
+    cluster.wait_for_leaders();
+    for id in 1..=3 {
+        wait_until("ready after restart", BOUND, || {
+            get(cluster.addr(id), "-/ready").status == 200
+        });
+    }
+    for (i, key) in keys.iter().enumerate() {
+        for via in 1..=3 {
+            let response = get(cluster.addr(via), key);
+            assert_eq!(
+                response.text(),
+                format!("{{\"value\":{i}}}\n"),
+                "{key} via {via}"
+            );
+        }
+    }
+    // And they take writes again (no group was initialised a second time).
+    cluster.put_until_acked(2, &keys[0], "\"again\"");
+    let log = cluster.nodes[&1].as_ref().unwrap().log();
+    assert!(log.contains("initialised 0 shards"), "{log}");
+}
+
+#[test]
+fn a_node_whose_data_was_lost_is_refused_by_its_peers() {
+    let mut cluster = Cluster::start_all(3, &[1, 2, 3], &[]);
+    cluster.put_until_acked(1, "k", "1");
+    cluster.kill9(3);
+    std::fs::remove_dir_all(cluster.data_dir(3)).unwrap();
+    let args = cluster.args(3);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let message = refused(&args);
+    assert!(message.contains("this node's data was lost"), "{message}");
 }
 
 #[test]

@@ -43,7 +43,7 @@ use tokio::task::JoinHandle;
 
 use self::forward::Forwarder;
 use self::request::ReadGate;
-use self::storage::{NodeStorage, ShardRaft, ShardSm};
+use self::storage::{GroupLog, NodeStorage, ShardRaft, ShardSm};
 
 pub use start::start;
 
@@ -54,8 +54,6 @@ pub(crate) struct ShardStats {
     elections: AtomicU64,
     /// Leader changes seen here.
     leader_changes: AtomicU64,
-    /// Snapshots this replica built or installed (its snapshot index moved).
-    snapshots: AtomicU64,
     /// When the leader last changed, for the balancer's settling time.
     last_change: Mutex<Option<Instant>>,
 }
@@ -72,6 +70,7 @@ pub(crate) struct PathStats {
 /// One hosted group: its handle, its state machine, its read gate.
 pub(crate) struct Hosted {
     pub(crate) raft: ShardRaft,
+    pub(crate) log: GroupLog,
     pub(crate) sm: ShardSm,
     pub(crate) gate: Arc<ReadGate>,
 }
@@ -304,7 +303,7 @@ impl ClusterNode {
             let stats = &self.shard_stats[shard as usize];
             elections.push((label(), stats.elections.load(Relaxed)));
             changes.push((label(), stats.leader_changes.load(Relaxed)));
-            snapshots.push((label(), stats.snapshots.load(Relaxed)));
+            snapshots.push((label(), hosted.sm.snapshots_built()));
             installs.push((label(), hosted.sm.snapshot_installs()));
         }
         scrape.family(
@@ -357,7 +356,7 @@ impl ClusterNode {
         );
         scrape.family(
             "kv_raft_snapshots_total",
-            "Snapshots this replica built or installed.",
+            "Snapshots this replica built.",
             true,
             snapshots,
         );

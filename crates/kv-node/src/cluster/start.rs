@@ -141,12 +141,12 @@ pub async fn start(
             hosted.push(None);
             continue;
         }
-        let (log, sm) = node_storage.group(shard)?;
+        let (log, sm) = storage::group(&node_storage, shard)?;
         let raft = Raft::new(
             node_id,
             Arc::clone(&raft_config),
             network.factory(shard),
-            log,
+            log.clone(),
             sm.clone(),
         )
         .await
@@ -154,6 +154,7 @@ pub async fn start(
         groups.insert(shard, raft.clone());
         hosted.push(Some(Hosted {
             raft,
+            log,
             sm,
             gate: Arc::new(ReadGate::default()),
         }));
@@ -187,6 +188,7 @@ pub async fn start(
     if config.leader_balance {
         watch::balance(&node);
     }
+    watch::snapshots(&node, config.raft_log_max_bytes);
     log::info!(
         "cluster mode: node {node_id} of {} members, {} shards x {} replicas, hosting {} ({})",
         node.spec.members.len(),

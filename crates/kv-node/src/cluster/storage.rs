@@ -2,41 +2,29 @@
 //! state machine are, how they are opened, and how the request path reads a
 //! replica.
 //!
-//! **Today this is kv-raft's in-memory storage** (`mem::{MemLog, MemSm}`):
-//! task C of issue 12 is writing the durable `kv_raft::NodeStorage` over
-//! kv-store's write-ahead log in parallel. Until it lands a node keeps its
-//! groups' logs and maps in memory only, so a restarted node comes back
-//! empty and catches up from its peers (a whole-cluster restart loses
-//! everything). Switching is this file: the type aliases, [`open`],
-//! [`NodeStorage::group`] and [`DURABLE`].
+//! The storage is kv-raft's durable [`kv_raft::NodeStorage`] (task C of
+//! issue 12): every group's log goes through the node's one write-ahead log
+//! (one group commit for all groups), every shard's state machine is a
+//! kv-store map with snapshot files under `<data-dir>/shards/`. A restarted
+//! node recovers its votes, logs and maps from disk and rejoins with them.
 
 use std::io;
 use std::path::Path;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use kv_raft::mem::{MemLog, MemSm};
-use kv_raft::GroupId;
 use kv_store::Store;
-use xxhash_rust::xxh3::xxh3_64;
 
-/// One group's log storage.
-pub(crate) type GroupLog = MemLog;
-/// One group's state machine (a shard's map).
-pub(crate) type ShardSm = MemSm;
-/// One group's handle.
-pub(crate) type ShardRaft = kv_raft::Raft<ShardSm>;
+pub(crate) use kv_raft::{GroupLog, NodeStorage, ShardRaft, ShardSm};
 
 /// Whether a group's log survives a restart. With durable storage an
 /// uninitialised group on its preferred leader is initialised on every
-/// start (covering a crash between `cluster.json` and `initialize`); with
-/// memory storage only on the first start, since after a restart an empty
-/// log means "lost", not "never initialised".
-pub(crate) const DURABLE: bool = false;
+/// start (covering a crash between `cluster.json` and `initialize`); an
+/// initialised one has its membership in the log and is left alone.
+pub(crate) const DURABLE: bool = true;
 
-/// Adjusts the openraft config to the storage: a memory log comes back
-/// empty after a restart, which a leader would otherwise take for a bug
-/// (openraft asserts a follower's log never goes backward); durable
+/// Adjusts the openraft config to the storage: a memory log would come
+/// back empty after a restart, which leaders assert never happens; durable
 /// storage keeps that check.
 pub(crate) fn adjust_config(config: Arc<openraft::Config>) -> Arc<openraft::Config> {
     if DURABLE {
@@ -47,46 +35,31 @@ pub(crate) fn adjust_config(config: Arc<openraft::Config>) -> Arc<openraft::Conf
     Arc::new(config)
 }
 
-/// The node's storage for all its groups.
-pub(crate) struct NodeStorage {
-    // Held so the data dir stays locked and open while groups run; the
-    // durable storage writes through it.
-    _store: Arc<Store>,
+/// Opens the storage of every group on this node (blocking: reads the
+/// groups the store recovered).
+pub(crate) fn open(store: Arc<Store>, dir: &Path) -> io::Result<NodeStorage> {
+    NodeStorage::open(store, dir).map_err(|error| io::Error::other(error.to_string()))
 }
 
-/// Opens the storage of every group on this node.
-pub(crate) fn open(store: Arc<Store>, _dir: &Path) -> io::Result<NodeStorage> {
-    Ok(NodeStorage { _store: store })
-}
-
-impl NodeStorage {
-    /// Group `group`'s log and state machine, recovered.
-    pub(crate) fn group(&self, _group: GroupId) -> io::Result<(GroupLog, ShardSm)> {
-        Ok((GroupLog::default(), ShardSm::default()))
-    }
+/// Group `group`'s log and state machine, recovered (blocking).
+pub(crate) fn group(storage: &NodeStorage, group: u32) -> io::Result<(GroupLog, ShardSm)> {
+    storage
+        .group(group)
+        .map_err(|error| io::Error::other(error.to_string()))
 }
 
 /// The stored body of `key` on this replica (what a GET answers).
 pub(crate) fn read(sm: &ShardSm, key: &str) -> Option<Bytes> {
-    sm.get(key).map(Bytes::from)
+    sm.get(key.as_bytes())
 }
 
 /// Keys on this replica.
 pub(crate) fn len(sm: &ShardSm) -> usize {
-    sm.contents().len()
+    sm.len()
 }
 
 /// Key count and an order-independent digest of every (key, value) on this
 /// replica, to compare replicas.
 pub(crate) fn digest(sm: &ShardSm) -> (u64, u64) {
-    let contents = sm.contents();
-    let mut sum = 0u64;
-    for (key, value) in &contents {
-        let mut item = Vec::with_capacity(key.len() + value.len() + 8);
-        item.extend_from_slice(&(key.len() as u64).to_le_bytes());
-        item.extend_from_slice(key.as_bytes());
-        item.extend_from_slice(value);
-        sum = sum.wrapping_add(xxh3_64(&item));
-    }
-    (contents.len() as u64, sum)
+    sm.digest()
 }

@@ -1,10 +1,15 @@
 //! Background work per group: following its metrics, and the balancer.
 //!
 //! [`follow`] watches one group's metrics: it logs each leader change once
-//! at info (`shard 17: leader 2 -> 3 (term 6)`), counts elections and
-//! snapshots, records members this node exchanged Raft traffic with in
+//! at info (`shard 17: leader 2 -> 3 (term 6)`), counts elections, records members this node exchanged Raft traffic with in
 //! `cluster.json` (the first-start guard, design §8), and marks the group
 //! recovered once its replica applied what was committed before the start.
+//!
+//! [`snapshots`] (design §4.3): once a second, kv-raft's snapshot scheduler
+//! snapshots the one shard whose log since its last snapshot is largest,
+//! when over `--raft-log-max-bytes` (one at a time, so snapshots are
+//! staggered); openraft then purges the log behind it, which lets the
+//! write-ahead log retire its segments.
 //!
 //! [`balance`] (design §9): every 2 s, for each shard this node leads whose
 //! preferred leader is another replica that is caught up (its matched index
@@ -37,7 +42,6 @@ pub(crate) fn follow(node: &Arc<ClusterNode>, shard: u32) {
     let task = node.runtime.spawn(async move {
         let mut leader = None;
         let mut state = ServerState::Learner;
-        let mut snapshot = None;
         let mut recovered = false;
         loop {
             let Some(node) = weak.upgrade() else { return };
@@ -70,15 +74,6 @@ pub(crate) fn follow(node: &Arc<ClusterNode>, shard: u32) {
                         .fetch_add(1, Relaxed);
                 }
                 state = m.state;
-                let index = m.snapshot.as_ref().map(|l| l.index);
-                if index != snapshot {
-                    if index.is_some() {
-                        node.shard_stats[shard as usize]
-                            .snapshots
-                            .fetch_add(1, Relaxed);
-                    }
-                    snapshot = index;
-                }
                 if let Some(replication) = &m.replication {
                     seen.extend(
                         replication
@@ -168,6 +163,34 @@ pub(crate) fn balance(node: &Arc<ClusterNode>) {
                     );
                     moved += 1;
                 }
+            }
+        }
+    });
+    node.keep_task(task);
+}
+
+/// Starts the snapshot scheduler.
+pub(crate) fn snapshots(node: &Arc<ClusterNode>, max_log_bytes: u64) {
+    let weak = Arc::downgrade(node);
+    let scheduler = kv_raft::SnapshotScheduler::new(max_log_bytes);
+    let task = node.runtime.spawn(async move {
+        let mut ticks = tokio::time::interval(Duration::from_secs(1));
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticks.tick().await;
+            let groups: Vec<_> = {
+                let Some(node) = weak.upgrade() else { return };
+                if node.stopping.load(Relaxed) {
+                    return;
+                }
+                node.hosted
+                    .iter()
+                    .flatten()
+                    .map(|hosted| (hosted.log.clone(), hosted.sm.clone(), hosted.raft.clone()))
+                    .collect()
+            };
+            if let Some(shard) = scheduler.tick(&groups).await {
+                log::debug!("shard {shard}: snapshot taken (log over {max_log_bytes} bytes)");
             }
         }
     });
