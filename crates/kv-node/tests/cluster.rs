@@ -377,7 +377,7 @@ fn three_nodes_in_any_order_serve_every_key_from_every_node() {
 #[test]
 fn killing_a_leader_loses_no_acknowledged_write_and_a_restart_rejoins() {
     // Small logs: shards snapshot and purge while the victim is down.
-    let mut cluster = Cluster::start_all(3, &[1, 2, 3], &["--raft-log-max-bytes", "2048"]);
+    let mut cluster = Cluster::start_all(3, &[1, 2, 3], &["--raft-log-max-bytes", "200"]);
     let keys = keys(16);
     let mut acked: BTreeMap<String, String> = BTreeMap::new();
     for (i, key) in keys.iter().enumerate() {
@@ -441,6 +441,18 @@ fn killing_a_leader_loses_no_acknowledged_write_and_a_restart_rejoins() {
         let response = get(cluster.addr(victim), key);
         assert_eq!(response.text(), format!("{{\"value\":{}}}\n", acked[key]));
     }
+    // The balancer gives the restarted node its preferred shards back.
+    let preferred: Vec<u64> = cluster
+        .shards(1)
+        .unwrap()
+        .groups
+        .iter()
+        .map(|g| g.preferred_leader)
+        .collect();
+    assert!(preferred.contains(&victim));
+    wait_until("leaders are the preferred ones again", BOUND, || {
+        cluster.leaders().as_ref() == Some(&preferred)
+    });
     // Every replica of every shard ends identical.
     for shard in 0..8 {
         let path = format!("/-/shards/{shard}/digest");
@@ -457,6 +469,37 @@ fn killing_a_leader_loses_no_acknowledged_write_and_a_restart_rejoins() {
             digests.iter().all(|d| *d == digests[0])
         });
     }
+    // The tiny log bound made shards snapshot.
+    let snapshots: u64 = (1..=3)
+        .map(|id| {
+            get(cluster.addr(id), "-/metrics")
+                .text()
+                .lines()
+                .filter(|l| l.starts_with("kv_raft_snapshots_total{"))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+                .sum::<u64>()
+        })
+        .sum();
+    assert!(snapshots > 0, "no shard snapshotted");
+}
+
+#[test]
+fn sigterm_hands_leaderships_away_and_exits_cleanly() {
+    let mut cluster = Cluster::start_all(3, &[1, 2, 3], &[]);
+    cluster.put_until_acked(1, "k", "1");
+    let leaders = cluster.wait_for_leaders();
+    let victim = (1..=3u64)
+        .max_by_key(|id| leaders.iter().filter(|l| *l == id).count())
+        .unwrap();
+    let mut process = cluster.nodes.insert(victim, None).flatten().unwrap();
+    assert_eq!(process.terminate(), Some(0), "{}", process.log());
+    let log = process.log();
+    assert!(log.contains("stopping: handing"), "{log}");
+    assert!(log.contains("kv-node stopped"), "{log}");
+    let survivor = (1..=3).find(|id| *id != victim).unwrap();
+    cluster.wait_for_leaders();
+    assert_eq!(get(cluster.addr(survivor), "k").text(), "{\"value\":1}\n");
+    cluster.put_until_acked(survivor, "k", "2");
 }
 
 #[test]

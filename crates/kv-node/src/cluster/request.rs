@@ -179,10 +179,16 @@ async fn drive(
 fn leader_of(raft: &ShardRaft, forward: &ForwardToLeader<KvRaft>) -> Result<LeaderAt, ()> {
     let metrics = raft.metrics();
     let m = metrics.borrow_watched();
-    match (forward.leader_id, &forward.leader_node) {
-        (Some(id), Some(node)) if id != m.id => Ok(LeaderAt {
+    match forward.leader_id {
+        Some(id) if id != m.id => Ok(LeaderAt {
             id,
-            addr: node.addr.clone(),
+            // Empty when openraft does not know the node: filled from the
+            // members before anyone sees it.
+            addr: forward
+                .leader_node
+                .as_ref()
+                .map(|node| node.addr.clone())
+                .unwrap_or_default(),
             term: m.current_term,
         }),
         _ => Err(()),
@@ -366,6 +372,15 @@ impl ClusterNode {
         leader: LeaderAt,
         raw: Bytes,
     ) -> Result<Response<Body>, NodeError> {
+        let mut leader = leader;
+        if leader.addr.is_empty() {
+            leader.addr = self
+                .spec
+                .members
+                .get(&leader.id)
+                .cloned()
+                .unwrap_or_default();
+        }
         if request.direct() || request.forwarded() {
             self.path_stats.not_leader.fetch_add(1, Relaxed);
             return Err(ClusterError::NotLeader(NotLeader::new(

@@ -367,12 +367,21 @@ impl ClusterNode {
                 }
             }
         }
+        if moving.is_empty() {
+            return;
+        }
+        log::info!(
+            "stopping: handing {} leaderships to other replicas",
+            moving.len()
+        );
+        let mut handed = 0;
+        let count = moving.len();
         for shard in moving {
             let Some(hosted) = self.hosted(shard) else {
                 continue;
             };
             let left = deadline.saturating_duration_since(Instant::now());
-            let _ = hosted
+            let waited = hosted
                 .raft
                 .wait(Some(left))
                 .metrics(
@@ -380,7 +389,11 @@ impl ClusterNode {
                     "leadership handed away",
                 )
                 .await;
+            if waited.is_ok() {
+                handed += 1;
+            }
         }
+        log::info!("stopping: {handed} of {count} leaderships handed over within {bound:?}");
     }
 
     /// Stops background tasks and shuts every group down.
