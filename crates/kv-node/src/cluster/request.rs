@@ -93,12 +93,7 @@ struct GateInner {
 impl ReadGate {
     /// Waits (at most `bound`) for a confirmation that started after this
     /// call, and returns it.
-    async fn confirm(
-        self: &Arc<Self>,
-        node: &ClusterNode,
-        raft: &ShardRaft,
-        bound: Duration,
-    ) -> Confirmation {
+    async fn confirm(self: &Arc<Self>, raft: &ShardRaft, bound: Duration) -> Confirmation {
         let mut receiver = {
             let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
             if inner.running {
@@ -113,8 +108,10 @@ impl ReadGate {
             } else {
                 inner.running = true;
                 let (sender, receiver) = watch::channel(None);
-                node.runtime
-                    .spawn(drive(Arc::clone(self), raft.clone(), sender, bound));
+                // On this worker's own runtime: one thread hop fewer than
+                // the main runtime (reads are hop-bound). If the worker
+                // stops, the sender drops and waiting reads get 503.
+                tokio::spawn(drive(Arc::clone(self), raft.clone(), sender, bound));
                 receiver
             }
         };
@@ -305,7 +302,7 @@ impl ClusterNode {
         }
         let started = Instant::now();
         let bound = self.write_timeout;
-        match hosted.gate.confirm(self, &hosted.raft, bound).await {
+        match hosted.gate.confirm(&hosted.raft, bound).await {
             Ok(linearizer) => {
                 let left = bound.saturating_sub(started.elapsed());
                 match linearizer.try_await_ready(&hosted.raft, Some(left)).await {
