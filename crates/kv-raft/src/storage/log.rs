@@ -82,6 +82,14 @@ struct Mem {
 
 impl Mem {
     fn drop_from(&mut self, index: u64) {
+        // The common append extends the log: nothing to split off.
+        if self
+            .entries
+            .last_key_value()
+            .is_none_or(|(last, _)| *last < index)
+        {
+            return;
+        }
         for (_, (_, size)) in self.entries.split_off(&index) {
             self.bytes -= size;
         }
