@@ -22,6 +22,7 @@ use kv_raft::{
 };
 use kv_store::{FsyncPolicy, Store, StoreOptions};
 use openraft::async_runtime::WatchReceiver;
+use openraft::storage::{RaftLogReader, RaftLogStorage};
 use openraft::{BasicNode, Raft, ReadPolicy};
 use tokio::task::{JoinHandle, JoinSet};
 
@@ -171,17 +172,22 @@ impl Node {
         // store (and its directory lock) goes with the last one. Closing
         // it commits what is queued, as writes already handed to the
         // kernel survive a kill -9.
-        let deadline = tokio::time::Instant::now() + BOUND;
-        while Arc::strong_count(&running.store) > 1 {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "node {}: store still referenced",
-                self.id
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        drop(running.store);
+        release(running.store).await;
     }
+}
+
+/// Drops the last handle of `store` once openraft's winding-down tasks
+/// dropped theirs (bounded): the directory's lock goes with it.
+async fn release(store: Arc<Store>) {
+    let deadline = tokio::time::Instant::now() + BOUND;
+    while Arc::strong_count(&store) > 1 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "store still referenced"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    drop(store);
 }
 
 struct Cluster {
@@ -386,12 +392,20 @@ async fn writes_commit_everywhere_and_a_restarted_node_recovers_and_catches_up()
         .unwrap();
 
     // Node 2 dies; what it had durably is noted first.
-    let before: BTreeMap<GroupId, (u64, Option<u64>)> = (0..GROUPS)
-        .map(|g| {
-            let m = cluster.nodes[&2].raft(g).metrics().borrow_watched().clone();
-            (g, (m.vote.leader_id().term, m.last_log_index))
-        })
-        .collect();
+    // (From the log, not the metrics: metrics may show a vote whose save
+    // was still in flight, which nothing acted on yet.)
+    let mut before = BTreeMap::new();
+    for group in 0..GROUPS {
+        let mut log = cluster.nodes[&2].running().logs[&group].clone();
+        let vote = log.read_vote().await.unwrap().unwrap();
+        let last = log
+            .get_log_state()
+            .await
+            .unwrap()
+            .last_log_id
+            .map(|id| id.index);
+        before.insert(group, (vote.leader_id().term, last));
+    }
     cluster.node(2).stop().await;
     let while_down = cluster.write("b", 10).await;
 
@@ -400,14 +414,27 @@ async fn writes_commit_everywhere_and_a_restarted_node_recovers_and_catches_up()
     let members = cluster.members.clone();
     cluster.node(2).start(&members).await;
     for group in 0..GROUPS {
-        let m = cluster.nodes[&2]
-            .raft(group)
-            .metrics()
-            .borrow_watched()
-            .clone();
+        let mut log = cluster.nodes[&2].running().logs[&group].clone();
+        let vote = log.read_vote().await.unwrap().unwrap();
+        let last = log
+            .get_log_state()
+            .await
+            .unwrap()
+            .last_log_id
+            .map(|id| id.index);
         let (term, last_index) = before[&group];
-        assert!(m.vote.leader_id().term >= term, "group {group}: vote");
-        assert!(m.last_log_index >= last_index, "group {group}: log");
+        assert!(vote.leader_id().term >= term, "group {group}: vote");
+        assert!(last >= last_index, "group {group}: log");
+        // openraft started from them.
+        cluster.nodes[&2]
+            .raft(group)
+            .wait(Some(BOUND))
+            .metrics(
+                |m| m.vote.leader_id().term >= term && m.last_log_index >= last_index,
+                "recovered vote and log",
+            )
+            .await
+            .unwrap();
         assert!(
             cluster.nodes[&2].running().logs[&group].log_entries() > 0,
             "group {group}: log entries recovered"
@@ -609,7 +636,7 @@ async fn a_corrupted_newest_snapshot_falls_back_to_the_previous_generation() {
     assert_eq!(snaps.len(), 2, "{snaps:?}");
     raft.shutdown().await.unwrap();
     drop((raft, sm, log));
-    drop(store);
+    release(store).await;
 
     // Damage the newest file (a flipped byte in its last record).
     let shard_dir = dir.path().join("shards").join("7");
@@ -640,7 +667,7 @@ async fn a_corrupted_newest_snapshot_falls_back_to_the_previous_generation() {
     }
     raft.shutdown().await.unwrap();
     drop((raft, sm, log));
-    drop(store);
+    release(store).await;
 
     // Both generations damaged: a clear error, no silent empty shard.
     for entry in std::fs::read_dir(&shard_dir).unwrap() {
