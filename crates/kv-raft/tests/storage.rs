@@ -21,7 +21,6 @@ use kv_raft::{
     Outcome, ShardRaft, ShardSm, StorageError, Timeouts,
 };
 use kv_store::{FsyncPolicy, Store, StoreOptions};
-use openraft::async_runtime::WatchReceiver;
 use openraft::storage::{RaftLogReader, RaftLogStorage};
 use openraft::{BasicNode, Raft, ReadPolicy};
 use tokio::task::{JoinHandle, JoinSet};
