@@ -714,3 +714,31 @@ mod suite {
         Suite::test_all(Builder).await.unwrap();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_scheduler_snapshots_a_group_whose_log_passes_the_bound() {
+    let dir = tempfile::tempdir().unwrap();
+    let (raft, sm, log, store) = solo(dir.path()).await.unwrap();
+    raft.initialize(BTreeMap::from([(1, BasicNode::default())]))
+        .await
+        .unwrap();
+    raft.wait(Some(BOUND))
+        .metrics(|m| m.state.is_leader(), "leader")
+        .await
+        .unwrap();
+    let groups = vec![(log.clone(), sm.clone(), raft.clone())];
+    let scheduler = kv_raft::SnapshotScheduler::new(1 << 10);
+    // Under the bound: nothing to do.
+    put_n(&raft, 0, 5).await;
+    assert_eq!(scheduler.tick(&groups).await, None);
+    // Over it: this group, whose snapshot then covers everything applied.
+    let last = put_n(&raft, 5, 200).await;
+    assert!(log.log_bytes() > 1 << 10);
+    assert_eq!(scheduler.tick(&groups).await, Some(7));
+    assert!(sm.snapshot_index() >= Some(last));
+    // Nothing new since: under the bound again.
+    assert_eq!(scheduler.tick(&groups).await, None);
+    raft.shutdown().await.unwrap();
+    drop((raft, sm, log, groups));
+    release(store).await;
+}
