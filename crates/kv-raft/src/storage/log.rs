@@ -96,11 +96,11 @@ impl Mem {
     }
 
     fn drop_upto(&mut self, index: u64) {
-        let keep = self.entries.split_off(&(index.saturating_add(1)));
+        let keep = match index.checked_add(1) {
+            Some(from) => self.entries.split_off(&from),
+            None => BTreeMap::new(),
+        };
         let dropped = std::mem::replace(&mut self.entries, keep);
-        if index == u64::MAX {
-            self.entries.clear();
-        }
         for (_, (_, size)) in dropped {
             self.bytes -= size;
         }
