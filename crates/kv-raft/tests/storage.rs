@@ -742,3 +742,98 @@ async fn the_scheduler_snapshots_a_group_whose_log_passes_the_bound() {
     drop((raft, sm, log, groups));
     release(store).await;
 }
+
+mod log_recovery {
+    //! GroupLog straight over the WAL, without openraft's core: every
+    //! call's effect is what a reopened store hands back.
+    use super::*;
+    use openraft::alias::{EntryOf, LogIdOf, VoteOf};
+    use openraft::storage::{IOFlushed, RaftSnapshotBuilder, RaftStateMachine};
+    use openraft::type_config::TypeConfigExt;
+    use openraft::vote::{RaftLeaderId, RaftLeaderIdExt, RaftVote};
+    use openraft::EntryPayload;
+
+    fn log_id(term: u64, index: u64) -> LogIdOf<kv_raft::KvRaft> {
+        LogIdOf::<kv_raft::KvRaft>::new(
+            <kv_raft::KvRaft as openraft::RaftTypeConfig>::LeaderId::new_committed(term, 1),
+            index,
+        )
+    }
+
+    fn entry(term: u64, index: u64) -> EntryOf<kv_raft::KvRaft> {
+        EntryOf::<kv_raft::KvRaft> {
+            log_id: log_id(term, index),
+            payload: EntryPayload::Normal(Command::Put {
+                key: format!("k{index}"),
+                value: vec![b'x'; index as usize],
+            }),
+        }
+    }
+
+    async fn append(log: &mut GroupLog, entries: Vec<EntryOf<kv_raft::KvRaft>>) {
+        let (tx, rx) = kv_raft::KvRaft::oneshot();
+        log.append(entries, IOFlushed::signal(tx)).await.unwrap();
+        rx.await.unwrap().unwrap();
+    }
+
+    async fn open(dir: &Path) -> (GroupLog, ShardSm, Arc<Store>) {
+        let store = Arc::new(Store::open(dir, store_options()).unwrap());
+        let storage = NodeStorage::open(Arc::clone(&store), dir).unwrap();
+        let (log, sm) = storage.group(3).unwrap();
+        (log, sm, store)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_reopened_store_gives_back_vote_committed_purge_and_entries() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut log, mut sm, store) = open(dir.path()).await;
+        append(&mut log, (1..=5).map(|i| entry(1, i)).collect()).await;
+        // The state machine applies and snapshots up to 3 (a purge needs
+        // a snapshot below it, or a restart could not replay).
+        let applied = (1..=3).map(|i| Ok((entry(1, i), None)));
+        sm.apply(futures_util::stream::iter(applied)).await.unwrap();
+        sm.get_snapshot_builder()
+            .await
+            .build_snapshot()
+            .await
+            .unwrap();
+        append(&mut log, (6..=10).map(|i| entry(1, i)).collect()).await;
+        // A new leader overwrites the suffix after 7.
+        log.truncate_after(Some(log_id(1, 7))).await.unwrap();
+        append(&mut log, (8..=9).map(|i| entry(2, i)).collect()).await;
+        log.purge(log_id(1, 3)).await.unwrap();
+        let vote = VoteOf::<kv_raft::KvRaft>::from_leader_id(
+            <kv_raft::KvRaft as openraft::RaftTypeConfig>::LeaderId::new(2, 1),
+            true,
+        );
+        log.save_vote(&vote).await.unwrap();
+        log.save_committed(Some(log_id(2, 8))).await.unwrap();
+        let bytes = log.log_bytes();
+        assert!(bytes > 0);
+        drop((log, sm));
+        store.close();
+        drop(store);
+
+        let (mut log, sm, store) = open(dir.path()).await;
+        assert_eq!(sm.applied_index(), Some(3));
+        assert_eq!(sm.get(b"k2").as_deref(), Some(&b"xx"[..]));
+        assert_eq!(log.read_vote().await.unwrap(), Some(vote));
+        assert_eq!(log.read_committed().await.unwrap(), Some(log_id(2, 8)));
+        let state = log.get_log_state().await.unwrap();
+        assert_eq!(state.last_purged_log_id, Some(log_id(1, 3)));
+        assert_eq!(state.last_log_id, Some(log_id(2, 9)));
+        let entries = log.try_get_log_entries(0..100).await.unwrap();
+        let ids: Vec<_> = entries.iter().map(|e| e.log_id).collect();
+        let mut expected: Vec<_> = (4..=7).map(|i| log_id(1, i)).collect();
+        expected.extend((8..=9).map(|i| log_id(2, i)));
+        assert_eq!(ids, expected);
+        assert_eq!(entries, {
+            let mut e: Vec<_> = (4..=7).map(|i| entry(1, i)).collect();
+            e.extend((8..=9).map(|i| entry(2, i)));
+            e
+        });
+        assert_eq!(log.log_bytes(), bytes);
+        drop((log, sm));
+        store.close();
+    }
+}
