@@ -8,9 +8,14 @@
 //!
 //! Defaults: 5 runs of each, 3 s each, 64 closed-loop writers, 64 groups,
 //! `everysec`; 100-byte values, a fresh data dir (under the system temp
-//! dir) per run. Prints writes/s per run, the medians and their ratio. No
-//! HTTP on either side: this is the storage + Raft path alone, so the
-//! ratio is a lower bound on kv-node's (HTTP adds the same cost to both).
+//! dir) per run. Prints writes/s per run, the medians and their ratio.
+//!
+//! Without `SOLO_BENCH_HTTP=1` there is no HTTP on either side: the storage
+//! and Raft path alone, so the ratio is a lower bound on kv-node's. With it,
+//! each write is an HTTP/1.1 `PUT` over one of `writers` keep-alive loopback
+//! connections to a hyper server (kv-http's accept loop) in the same
+//! process, which answers after the write, as kv-node does: the ratio a
+//! client would see, load generator included on the same cores.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -19,10 +24,17 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use std::convert::Infallible;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+
 use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::service::service_fn;
+use hyper::{Request, Response};
 use kv_raft::{raft_config, Command, Network, NodeStorage, ShardRaft, Timeouts};
 use kv_store::{FsyncPolicy, Store, StoreOptions};
 use openraft::{BasicNode, Raft};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 struct Args {
     runs: usize,
@@ -86,20 +98,141 @@ where
     count as f64 / elapsed.as_secs_f64()
 }
 
-async fn engine(args: &Args) -> f64 {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(Store::open(dir.path(), options(args.fsync)).unwrap());
+/// One side of the comparison: writes a key, `Ok` once durable and applied.
+#[derive(Clone)]
+enum Target {
+    Engine(Arc<Store>),
+    Raft(Arc<Vec<ShardRaft>>),
+}
+
+impl Target {
+    async fn write(&self, key: String, value: Bytes) {
+        match self {
+            Target::Engine(store) => store.put(&key, value).await.unwrap(),
+            Target::Raft(rafts) => {
+                // Keys spread over the groups as a key hash would.
+                let group = xxhash_rust::xxh3::xxh3_64(key.as_bytes()) as usize % rafts.len();
+                rafts[group]
+                    .client_write(Command::Put {
+                        key,
+                        value: value.to_vec(),
+                    })
+                    .await
+                    .unwrap();
+            }
+        }
+    }
+}
+
+/// Runs the writers against `target`, directly or over HTTP.
+async fn measure(args: &Args, target: Target) -> f64 {
     let value = Bytes::from(vec![b'v'; 100]);
-    let s = Arc::clone(&store);
+    if !http() {
+        return drive(args.writers, args.secs, move |w, i| {
+            let (target, value) = (target.clone(), value.clone());
+            async move { target.write(format!("key-{w}-{}", i % 1000), value).await }
+        })
+        .await;
+    }
+    let (addr, server) = serve(target).await;
+    let mut connections = Vec::new();
+    for _ in 0..args.writers {
+        connections.push(Arc::new(tokio::sync::Mutex::new(
+            tokio::net::TcpStream::connect(addr).await.unwrap(),
+        )));
+    }
+    let connections = Arc::new(connections);
     let rate = drive(args.writers, args.secs, move |w, i| {
-        let (s, value) = (Arc::clone(&s), value.clone());
+        let (connections, value) = (Arc::clone(&connections), value.clone());
         async move {
-            s.put(&format!("key-{w}-{}", i % 1000), value)
-                .await
-                .unwrap();
+            let mut stream = connections[w].lock().await;
+            put(&mut stream, &format!("key-{w}-{}", i % 1000), &value).await;
         }
     })
     .await;
+    server.abort();
+    rate
+}
+
+fn http() -> bool {
+    std::env::var("SOLO_BENCH_HTTP").is_ok_and(|v| v == "1")
+}
+
+/// A minimal kv-node: `PUT /<key>` writes the body, answers 200 after.
+async fn serve(target: Target) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let listener = kv_http::server::bind(IpAddr::V4(Ipv4Addr::LOCALHOST), 0)
+        .await
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        let admission = kv_http::server::Admission::new(1024);
+        let limits = kv_http::server::ConnectionLimits {
+            max_connections: 1024,
+            header_timeout: Duration::from_secs(5),
+            shutdown_timeout: Duration::from_secs(1),
+        };
+        let builder = limits.http1();
+        let mut connections = tokio::task::JoinSet::new();
+        loop {
+            let (stream, slot) = kv_http::server::next_connection(&listener, &admission).await;
+            let target = target.clone();
+            let service = service_fn(move |request: Request<hyper::body::Incoming>| {
+                let target = target.clone();
+                async move {
+                    let key = request.uri().path().trim_start_matches('/').to_owned();
+                    let body = request.into_body().collect().await.unwrap().to_bytes();
+                    target.write(key, body).await;
+                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(
+                        b"{\"message\": \"Value stored successfully\"}",
+                    ))))
+                }
+            });
+            let connection = kv_http::server::serve_connection(&builder, stream, service);
+            connections.spawn(async move {
+                let _slot = slot;
+                let _ = connection.await;
+            });
+        }
+    });
+    (addr, server)
+}
+
+/// One keep-alive `PUT`, response read to its end.
+async fn put(stream: &mut tokio::net::TcpStream, key: &str, value: &[u8]) {
+    let head = format!(
+        "PUT /{key} HTTP/1.1\r\nHost: bench\r\nContent-Length: {}\r\n\r\n",
+        value.len()
+    );
+    let mut request = head.into_bytes();
+    request.extend_from_slice(value);
+    stream.write_all(&request).await.unwrap();
+    let mut buf = Vec::with_capacity(256);
+    let mut chunk = [0u8; 512];
+    loop {
+        let n = stream.read(&mut chunk).await.unwrap();
+        assert!(n > 0, "server closed the connection");
+        buf.extend_from_slice(&chunk[..n]);
+        let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+            continue;
+        };
+        let head = std::str::from_utf8(&buf[..end])
+            .unwrap()
+            .to_ascii_lowercase();
+        assert!(head.starts_with("http/1.1 200"), "{head}");
+        let length: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length:"))
+            .map_or(0, |v| v.trim().parse().unwrap());
+        if buf.len() >= end + 4 + length {
+            return;
+        }
+    }
+}
+
+async fn engine(args: &Args) -> f64 {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(dir.path(), options(args.fsync)).unwrap());
+    let rate = measure(args, Target::Engine(Arc::clone(&store))).await;
     store.close();
     rate
 }
@@ -129,23 +262,7 @@ async fn raft(args: &Args) -> f64 {
         rafts.push(raft);
     }
     let rafts = Arc::new(rafts);
-    let r = Arc::clone(&rafts);
-    let groups = args.groups as usize;
-    let rate = drive(args.writers, args.secs, move |w, i| {
-        let r = Arc::clone(&r);
-        async move {
-            // Writer w's keys spread over the groups as a key hash would.
-            let group = (w + i as usize) % groups;
-            r[group]
-                .client_write(Command::Put {
-                    key: format!("key-{w}-{}", i % 1000),
-                    value: vec![b'v'; 100],
-                })
-                .await
-                .unwrap();
-        }
-    })
-    .await;
+    let rate = measure(args, Target::Raft(Arc::clone(&rafts))).await;
     for raft in rafts.iter() {
         raft.shutdown().await.unwrap();
     }
@@ -168,8 +285,13 @@ fn load() -> String {
 async fn main() {
     let args = args();
     println!(
-        "{} runs x {} s, {} writers, {} groups, fsync {}",
-        args.runs, args.secs, args.writers, args.groups, args.fsync
+        "{} runs x {} s, {} writers, {} groups, fsync {}, {}",
+        args.runs,
+        args.secs,
+        args.writers,
+        args.groups,
+        args.fsync,
+        if http() { "over HTTP" } else { "no HTTP" }
     );
     // For profiling one side alone: SOLO_BENCH_ONLY=raft (or engine).
     if let Ok(only) = std::env::var("SOLO_BENCH_ONLY") {
