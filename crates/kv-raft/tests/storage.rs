@@ -837,3 +837,125 @@ mod log_recovery {
         store.close();
     }
 }
+
+/// The WAL segment files in `dir`, oldest first.
+fn segments(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.starts_with("wal-") && n.ends_with(".log"))
+        .collect();
+    names.sort();
+    names
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purged_entries_let_wal_segments_go_and_a_restart_still_has_every_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = StoreOptions {
+        wal_max_bytes: 64 << 10,
+        ..store_options()
+    };
+    let store = Arc::new(Store::open(dir.path(), options.clone()).unwrap());
+    let storage = NodeStorage::open(Arc::clone(&store), dir.path()).unwrap();
+    let (log, sm) = storage.group(0).unwrap();
+    drop(storage);
+    let config = raft_config(Timeouts::default(), 1 << 20).unwrap();
+    let raft: ShardRaft = Raft::new(1, config, Network::new().factory(0), log.clone(), sm)
+        .await
+        .unwrap();
+    raft.initialize(BTreeMap::from([(1, BasicNode::default())]))
+        .await
+        .unwrap();
+    raft.wait(Some(BOUND))
+        .metrics(|m| m.state.is_leader(), "leader")
+        .await
+        .unwrap();
+    let write = |from: usize, to: usize| {
+        let raft = raft.clone();
+        async move {
+            let mut last = 0;
+            for i in from..to {
+                last = raft
+                    .client_write(Command::Put {
+                        key: format!("k{i}"),
+                        value: vec![(i % 251) as u8; 1024],
+                    })
+                    .await
+                    .unwrap()
+                    .log_id
+                    .index;
+            }
+            last
+        }
+    };
+    write(0, 300).await;
+    let first = write(300, 310).await;
+    snapshot(&raft, first).await;
+    let second = write(310, 320).await;
+    snapshot(&raft, second).await;
+    raft.trigger().purge_log(second).await.unwrap();
+    raft.wait(Some(BOUND))
+        .metrics(|m| m.purged.is_some_and(|p| p.index >= second), "purged")
+        .await
+        .unwrap();
+    assert_eq!(log.purged_index(), Some(first));
+    let before = segments(dir.path());
+    assert!(before.len() > 2, "{before:?}");
+    // The store's next rotation retires what only purged entries pin.
+    let s = Arc::clone(&store);
+    tokio::task::spawn_blocking(move || s.snapshot_now())
+        .await
+        .unwrap()
+        .unwrap();
+    let after = segments(dir.path());
+    assert!(
+        after.first() > before.first() && after.len() < before.len(),
+        "before {before:?}, after {after:?}"
+    );
+    raft.shutdown().await.unwrap();
+    drop((raft, log));
+    release(store).await;
+
+    // Nothing a reader needs went with them.
+    let (raft, sm, log, store) = solo_at(dir.path(), 0, options).await;
+    raft.wait(Some(BOUND))
+        .metrics(|m| m.state.is_leader(), "leader")
+        .await
+        .unwrap();
+    raft.ensure_linearizable(ReadPolicy::ReadIndex)
+        .await
+        .unwrap();
+    assert_eq!(sm.len(), 320);
+    for i in 0..320 {
+        assert_eq!(
+            sm.get(format!("k{i}").as_bytes()).as_deref(),
+            Some(&vec![(i % 251) as u8; 1024][..]),
+            "k{i}"
+        );
+    }
+    raft.shutdown().await.unwrap();
+    drop((raft, sm, log));
+    release(store).await;
+}
+
+async fn solo_at(
+    dir: &Path,
+    group: GroupId,
+    options: StoreOptions,
+) -> (ShardRaft, ShardSm, GroupLog, Arc<Store>) {
+    let store = Arc::new(Store::open(dir, options).unwrap());
+    let storage = NodeStorage::open(Arc::clone(&store), dir).unwrap();
+    let (log, sm) = storage.group(group).unwrap();
+    let config = raft_config(Timeouts::default(), 1 << 20).unwrap();
+    let raft: ShardRaft = Raft::new(
+        1,
+        config,
+        Network::new().factory(group),
+        log.clone(),
+        sm.clone(),
+    )
+    .await
+    .unwrap();
+    (raft, sm, log, store)
+}
