@@ -52,7 +52,7 @@ impl Deref for Entry {
 }
 
 impl From<&[u8]> for Entry {
-    /// An entry from a record body; the caller checked [`is_well_formed`].
+    /// An entry from a record body; the caller checked it is well formed.
     fn from(body: &[u8]) -> Self {
         Entry(ThinArc::from_header_and_slice((), body))
     }

@@ -22,9 +22,11 @@ pub const SHARD_COUNT: usize = 64;
 /// One shard's table.
 pub type Table = HashTable<Entry>;
 
-/// The map: shards of entries. It holds committed writes only: the log
-/// thread changes it through [`crate::apply`] after each commit (recovery
-/// before the store opens), so readers just read.
+/// The map: shards of entries. A [`crate::Store`]'s map holds committed
+/// writes only: the log thread changes it through the applier (`apply`)
+/// after each commit (recovery before the store opens), so readers just
+/// read. kv-raft's state machine owns maps of its own and applies
+/// committed Raft entries to them with [`Map::insert`] and [`Map::remove`].
 pub struct Map {
     shards: Box<[RwLock<Table>]>,
 }

@@ -82,17 +82,25 @@ struct Mem {
 
 impl Mem {
     fn drop_from(&mut self, index: u64) {
+        // The common append extends the log: nothing to split off.
+        if self
+            .entries
+            .last_key_value()
+            .is_none_or(|(last, _)| *last < index)
+        {
+            return;
+        }
         for (_, (_, size)) in self.entries.split_off(&index) {
             self.bytes -= size;
         }
     }
 
     fn drop_upto(&mut self, index: u64) {
-        let keep = self.entries.split_off(&(index.saturating_add(1)));
+        let keep = match index.checked_add(1) {
+            Some(from) => self.entries.split_off(&from),
+            None => BTreeMap::new(),
+        };
         let dropped = std::mem::replace(&mut self.entries, keep);
-        if index == u64::MAX {
-            self.entries.clear();
-        }
         for (_, (_, size)) in dropped {
             self.bytes -= size;
         }
@@ -417,12 +425,22 @@ impl RaftLogStorage<KvRaft> for GroupLog {
         let upto = {
             let mut mem = self.0.mem.lock();
             let floor = self.0.floor.get();
-            // Only a snapshot built from this log can be fallen back from
-            // with this log: after an installed snapshot (the entries up to
-            // it were never here) purge all the way, so no hole is left.
-            let target = match (mem.entries.get(&log_id.index), mem.entries.get(&floor)) {
-                (Some(_), Some((at_floor, _))) if log_id.index > floor => at_floor.log_id,
-                _ => log_id,
+            let target = if log_id.index <= floor {
+                log_id
+            } else if mem.entries.contains_key(&log_id.index) {
+                // A snapshot built from this log: keep what follows the
+                // floor. Purged exactly to the floor already: keep the
+                // rest. Purged past it (or never holding it): a fallback
+                // could not be replayed from here anyway, so purge.
+                match mem.entries.get(&floor) {
+                    Some((at_floor, _)) => at_floor.log_id,
+                    None if mem.purged.is_some_and(|p| p.index == floor) => return Ok(()),
+                    None => log_id,
+                }
+            } else {
+                // After an installed snapshot the entries up to it were
+                // never here: purge all the way, leaving no hole.
+                log_id
             };
             if mem.purged.is_some_and(|p| p.index >= target.index) {
                 return Ok(());

@@ -160,21 +160,30 @@ impl NodeStorage {
             source,
         };
         snapshot::remove_temps(&dir).map_err(|e| io_error("clean up", e))?;
-        let loaded = snapshot::load_newest(&dir)
-            .map_err(|e| io_error("read snapshots in", e))?
-            .map_err(|problems| StorageError::SnapshotUnusable {
-                group,
-                problems: problems.join("; "),
-            })?;
         let floor = log::PurgeFloor::new();
-        if let Some(((_, oldest), _)) = snapshot::list(&dir)
-            .map_err(|e| io_error("list snapshots in", e))?
-            .last()
-        {
-            floor.set(*oldest);
-        }
+        floor.set(snapshot::purge_floor(&dir).map_err(|e| io_error("list snapshots in", e))?);
         let recovered = self.recovered.lock().remove(&group).unwrap_or_default();
         let log = GroupLog::recover(group, Arc::clone(&self.store), recovered, floor.clone())?;
+        let loaded =
+            match snapshot::load_newest(&dir).map_err(|e| io_error("read snapshots in", e))? {
+                Ok(loaded) => loaded,
+                // The log was never purged: it holds everything from the
+                // start, and openraft re-applies it to an empty map.
+                Err(problems) if log.purged_index().is_none() => {
+                    for problem in problems {
+                        ::log::warn!(
+                            "shard {group}: {problem}; the log holds every entry, replaying it"
+                        );
+                    }
+                    None
+                }
+                Err(problems) => {
+                    return Err(StorageError::SnapshotUnusable {
+                        group,
+                        problems: problems.join("; "),
+                    })
+                }
+            };
         let sm = ShardSm::new(group, dir, loaded, floor);
         if let Some(purged) = log.purged_index() {
             if sm.applied_index().is_none_or(|applied| applied < purged) {

@@ -192,9 +192,7 @@ impl ShardSm {
             state.current = Some((meta.clone(), path));
         }
         // The oldest generation on disk is where a fallback would start.
-        if let Some(((_, index), _)) = snapshot::list(&self.0.dir)?.last() {
-            self.0.floor.set(*index);
-        }
+        self.0.floor.set(snapshot::purge_floor(&self.0.dir)?);
         Ok(())
     }
 }

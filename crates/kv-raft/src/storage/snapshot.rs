@@ -206,6 +206,20 @@ pub(crate) fn list(dir: &Path) -> io::Result<Vec<((u64, u64), PathBuf)>> {
     Ok(files)
 }
 
+/// The purge floor the files in `dir` call for: the last index of the
+/// oldest generation kept (see [`super::log`]); `u64::MAX` (no floor) when
+/// there is none past index 0: a snapshot of nothing but the initial
+/// membership (or of nothing, as openraft's storage suite builds) is not
+/// worth keeping log for.
+pub(crate) fn purge_floor(dir: &Path) -> io::Result<u64> {
+    Ok(list(dir)?
+        .into_iter()
+        .rev()
+        .map(|((_, index), _)| index)
+        .find(|index| *index > 0)
+        .unwrap_or(u64::MAX))
+}
+
 /// Deletes all but the newest two generations, and leftover temp files.
 fn prune(dir: &Path) -> io::Result<()> {
     let mut removed = false;
