@@ -179,22 +179,26 @@ impl Cluster {
         (response.status == 200).then(|| serde_json::from_slice(&response.body).unwrap())
     }
 
-    /// Per shard, the leader every running node agrees on, once they all do.
+    /// Per shard, the leader every running node hosting it agrees on, once
+    /// they all do.
     fn leaders(&self) -> Option<Vec<u64>> {
-        let mut agreed: Option<Vec<u64>> = None;
-        for id in self.running() {
-            let view = self.shards(id)?;
-            let leaders: Option<Vec<u64>> = view.groups.iter().map(|g| g.leader).collect();
-            let leaders = leaders?;
-            if leaders.iter().any(|l| !self.running().contains(l)) {
-                return None;
-            }
-            match &agreed {
-                Some(agreed) if *agreed != leaders => return None,
-                _ => agreed = Some(leaders),
+        let running = self.running();
+        let mut agreed: Vec<Option<u64>> = Vec::new();
+        for id in &running {
+            let view = self.shards(*id)?;
+            agreed.resize(view.groups.len(), None);
+            for group in view.groups.iter().filter(|g| g.hosted) {
+                let leader = group.leader?;
+                if !running.contains(&leader) {
+                    return None;
+                }
+                match agreed[group.shard as usize] {
+                    Some(other) if other != leader => return None,
+                    _ => agreed[group.shard as usize] = Some(leader),
+                }
             }
         }
-        agreed
+        agreed.into_iter().collect()
     }
 
     fn wait_for_leaders(&self) -> Vec<u64> {
@@ -787,4 +791,59 @@ fn a_one_node_cluster_with_one_replica_serves_the_seed_api() {
     assert_eq!(response.status, 405);
     let ready = get(addr, "-/ready");
     assert_eq!(ready.status, 200, "{}", ready.text());
+}
+
+#[test]
+fn a_node_answers_keys_of_shards_it_does_not_host() {
+    // Three members, two replicas: each node hosts only some shards.
+    let cluster = Cluster::start_all(3, &[1, 2, 3], &["--replicas", "2"]);
+    let views: Vec<ShardsView> = (1..=3).map(|id| cluster.shards(id).unwrap()).collect();
+    for (view, id) in views.iter().zip(1..=3u64) {
+        for group in &view.groups {
+            assert_eq!(group.replicas.len(), 2);
+            assert_eq!(
+                group.hosted,
+                group.replicas.contains(&id),
+                "node {id} shard {}",
+                group.shard
+            );
+        }
+        assert!(
+            view.groups.iter().any(|g| !g.hosted),
+            "node {id} hosts every shard"
+        );
+    }
+    let keys = keys(24);
+    for (i, key) in keys.iter().enumerate() {
+        cluster.put_until_acked((i % 3) as u64 + 1, key, &i.to_string());
+    }
+    for (i, key) in keys.iter().enumerate() {
+        for via in 1..=3 {
+            let response = get(cluster.addr(via), key);
+            assert_eq!(
+                response.status,
+                200,
+                "GET {key} via {via}: {}",
+                response.text()
+            );
+            assert_eq!(response.text(), format!("{{\"value\":{i}}}\n"));
+        }
+    }
+    // A direct request to a node without the shard names a node to try.
+    let key = &keys[0];
+    let shard = kv_cluster::shard_of(key.as_bytes(), 8) as usize;
+    let outsider = (1..=3u64)
+        .find(|id| !views[0].groups[shard].replicas.contains(id))
+        .unwrap();
+    let direct = send(
+        cluster.addr(outsider),
+        "GET",
+        &format!("/{key}"),
+        &[("X-Kv-Route", "direct")],
+        None,
+    )
+    .unwrap();
+    assert_eq!(direct.status, 421, "{}", direct.text());
+    let named: NotLeader = serde_json::from_slice(&direct.body).unwrap();
+    assert!(views[0].groups[shard].replicas.contains(&named.leader));
 }
