@@ -1,4 +1,8 @@
 //! The HTTP API of an in-process kv-node on port 0, driven over real sockets.
+//!
+//! The API tests run twice (design §14, test 6): against a standalone node
+//! and against a one-node cluster (`--peers` with `--replicas 1`), whose
+//! answers must be the same byte for byte.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::SocketAddr;
@@ -17,26 +21,71 @@ struct Server {
     _dir: tempfile::TempDir,
 }
 
+/// How the node under test runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// No `--peers`: today's single-node store.
+    Standalone,
+    /// `--node-id 1 --peers 1=<its address> --replicas 1`.
+    OneNodeCluster,
+}
+
 impl Server {
     async fn start() -> Server {
         Self::start_with(|_| {}).await
     }
 
     async fn start_with(adjust: impl FnOnce(&mut kv_node::Config)) -> Server {
+        Self::start_in(Mode::Standalone, adjust).await
+    }
+
+    async fn start_in(mode: Mode, adjust: impl FnOnce(&mut kv_node::Config)) -> Server {
         let dir = tempfile::tempdir().unwrap();
         let mut config = kv_node::Config::for_tests(dir.path().to_path_buf());
         adjust(&mut config);
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
+        if mode == Mode::OneNodeCluster {
+            config.node_id = Some(1);
+            config.peers = Some(format!("1={addr}"));
+            config.replicas = Some(1);
+            config.shards = Some(8);
+        }
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(kv_node::run(listener, config, async {
             let _ = stopped.await;
         }));
-        Server {
+        let server = Server {
             addr,
             stop: Some(stop),
             task,
             _dir: dir,
+        };
+        if mode == Mode::OneNodeCluster {
+            server.wait_for_leaders().await;
+        }
+        server
+    }
+
+    /// Waits (bounded) until every shard's group has elected this node.
+    async fn wait_for_leaders(&self) {
+        let client = Client::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(response) = client.get(self.url("/-/shards")).send().await {
+                if let Ok(view) = response.json::<Value>().await {
+                    let groups = view["groups"].as_array().cloned().unwrap_or_default();
+                    if !groups.is_empty() && groups.iter().all(|g| g["leader"] == 1) {
+                        return;
+                    }
+                }
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the one-node cluster elected no leaders"
+            );
+            // Polling a condition, not synchronising on time.
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
@@ -78,9 +127,8 @@ async fn raw_exchange(addr: SocketAddr, bytes: &[u8]) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-#[tokio::test]
-async fn every_api_row() {
-    let server = Server::start().await;
+async fn every_api_row(mode: Mode) {
+    let server = Server::start_in(mode, |_| {}).await;
     let client = Client::new();
     let url = server.url("/key_1");
 
@@ -125,9 +173,8 @@ async fn every_api_row() {
     server.stop().await;
 }
 
-#[tokio::test]
-async fn every_json_value_type_round_trips_exactly() {
-    let server = Server::start().await;
+async fn every_json_value_type_round_trips_exactly(mode: Mode) {
+    let server = Server::start_in(mode, |_| {}).await;
     let client = Client::new();
     let values = [
         r#""text with \"quotes\" and \u00e9""#,
@@ -167,9 +214,8 @@ async fn every_json_value_type_round_trips_exactly() {
     server.stop().await;
 }
 
-#[tokio::test]
-async fn unicode_and_percent_encoded_keys() {
-    let server = Server::start().await;
+async fn unicode_and_percent_encoded_keys(mode: Mode) {
+    let server = Server::start_in(mode, |_| {}).await;
     let client = Client::new();
     // reqwest percent-encodes the non-ASCII path; the node decodes it.
     let (status, _) = send(
@@ -229,9 +275,8 @@ fn error_of(body: &str) -> String {
         .to_owned()
 }
 
-#[tokio::test]
-async fn bad_input_matrix_then_still_serving() {
-    let server = Server::start_with(|c| c.max_value_bytes = 1000).await;
+async fn bad_input_matrix_then_still_serving(mode: Mode) {
+    let server = Server::start_in(mode, |c| c.max_value_bytes = 1000).await;
     let client = Client::new();
     let url = server.url("/k");
 
@@ -412,9 +457,8 @@ async fn connections_over_the_cap_are_refused_fast() {
     server.stop().await;
 }
 
-#[tokio::test]
-async fn keep_alive_serves_many_requests_on_one_connection() {
-    let server = Server::start().await;
+async fn keep_alive_serves_many_requests_on_one_connection(mode: Mode) {
+    let server = Server::start_in(mode, |_| {}).await;
     let mut stream = TcpStream::connect(server.addr).await.unwrap();
     let mut pipeline = Vec::new();
     for i in 0..10 {
@@ -463,9 +507,8 @@ async fn graceful_shutdown_finishes_in_flight_requests() {
     assert!(TcpStream::connect(addr).await.is_err());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn concurrent_writers_leave_a_state_some_order_explains() {
-    let server = Server::start().await;
+async fn concurrent_writers_leave_a_state_some_order_explains(mode: Mode) {
+    let server = Server::start_in(mode, |_| {}).await;
     let client = Client::new();
     const TASKS: usize = 16;
     const ROUNDS: usize = 40;
@@ -540,3 +583,34 @@ async fn concurrent_writers_leave_a_state_some_order_explains() {
     }
     server.stop().await;
 }
+
+/// Each API test, once per [`Mode`].
+macro_rules! in_both_modes {
+    ($($name:ident),* $(,)?) => {
+        mod standalone {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $name() {
+                    super::$name(super::Mode::Standalone).await;
+                }
+            )*
+        }
+        mod one_node_cluster {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $name() {
+                    super::$name(super::Mode::OneNodeCluster).await;
+                }
+            )*
+        }
+    };
+}
+
+in_both_modes!(
+    every_api_row,
+    every_json_value_type_round_trips_exactly,
+    unicode_and_percent_encoded_keys,
+    bad_input_matrix_then_still_serving,
+    keep_alive_serves_many_requests_on_one_connection,
+    concurrent_writers_leave_a_state_some_order_explains,
+);

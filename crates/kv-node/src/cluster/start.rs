@@ -131,17 +131,30 @@ pub async fn start(
     for (id, addr) in &routes {
         network.set_route(*id, addr.clone());
     }
-    let node_storage = storage::open(store, data_dir)?;
     let placed = placement(&spec);
     let preferred = preferred_leaders(&placed);
+    // Recovering the groups reads snapshot files: off the async workers.
+    let here: Vec<u32> = (0..spec.shards)
+        .filter(|shard| placed[*shard as usize].contains(&node_id))
+        .collect();
+    let dir = data_dir.to_path_buf();
+    let (node_storage, mut opened) = tokio::task::spawn_blocking(move || {
+        let node_storage = storage::open(store, &dir)?;
+        let mut opened = std::collections::HashMap::new();
+        for shard in here {
+            opened.insert(shard, storage::group(&node_storage, shard)?);
+        }
+        Ok::<_, io::Error>((node_storage, opened))
+    })
+    .await
+    .map_err(io::Error::other)??;
     let groups = Arc::new(Groups::default());
     let mut hosted = Vec::with_capacity(spec.shards as usize);
     for shard in 0..spec.shards {
-        if !placed[shard as usize].contains(&node_id) {
+        let Some((log, sm)) = opened.remove(&shard) else {
             hosted.push(None);
             continue;
-        }
-        let (log, sm) = storage::group(&node_storage, shard)?;
+        };
         let raft = Raft::new(
             node_id,
             Arc::clone(&raft_config),
