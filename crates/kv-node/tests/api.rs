@@ -31,10 +31,6 @@ enum Mode {
 }
 
 impl Server {
-    async fn start() -> Server {
-        Self::start_with(|_| {}).await
-    }
-
     async fn start_with(adjust: impl FnOnce(&mut kv_node::Config)) -> Server {
         Self::start_in(Mode::Standalone, adjust).await
     }
