@@ -328,10 +328,11 @@ async fn initialise(node: &ClusterNode, first_start: bool) -> io::Result<()> {
             }
         }
     }
-    if initialised > 0 || !waiting.is_empty() {
+    if waiting.is_empty() {
+        log::info!("initialised {initialised} shards led first by this node");
+    } else {
         log::info!(
-            "initialised {initialised} shards led first by this node; the others are initialised by nodes {:?}",
-            waiting
+            "initialised {initialised} shards led first by this node; the others are initialised by nodes {waiting:?}"
         );
     }
     Ok(())
