@@ -99,7 +99,7 @@ pub async fn start(
         shards: config.shards,
         replicas: config.replicas,
     };
-    let forwarder = Forwarder::new(Handle::current());
+    let forwarder = Forwarder::new();
     let routes: std::collections::HashMap<NodeId, String> =
         config.raft_routes.iter().cloned().collect();
     let (stored, first_start) = match read_cluster(data_dir) {
