@@ -125,12 +125,13 @@ pub struct Config {
 
     /// Cluster mode: how long a write may wait to be committed and applied
     /// before the client is answered 504 (outcome unknown).
+    /// Takes a duration such as 500ms, 30s or 2m.
     #[arg(long, env = "KV_RAFT_WRITE_TIMEOUT", default_value = "2s", value_parser = humantime::parse_duration)]
     pub raft_write_timeout: Duration,
 
     /// Cluster mode: hand leaderships back to their preferred leaders once
     /// those are caught up, so leaders stay spread (`on` or `off`).
-    #[arg(long, env = "KV_LEADER_BALANCE", default_value = "on", value_parser = parse_on_off)]
+    #[arg(long, env = "KV_LEADER_BALANCE", default_value = "on", action = clap::ArgAction::Set, value_name = "on|off", value_parser = parse_on_off)]
     pub leader_balance: bool,
 
     /// Cluster mode: snapshot a shard (and let its log and the write-ahead
@@ -141,11 +142,13 @@ pub struct Config {
     pub raft_log_max_bytes: u64,
 
     /// Cluster mode (tests): the leaders' heartbeat interval [default: 100ms].
+    /// Takes a duration such as 500ms, 30s or 2m.
     #[arg(long, env = "KV_RAFT_HEARTBEAT", hide = true, value_parser = humantime::parse_duration)]
     pub raft_heartbeat: Option<Duration>,
 
     /// Cluster mode (tests): the shortest election timeout; the longest is
     /// twice it [default: 300ms].
+    /// Takes a duration such as 500ms, 30s or 2m.
     #[arg(long, env = "KV_RAFT_ELECTION_TIMEOUT", hide = true, value_parser = humantime::parse_duration)]
     pub raft_election_timeout: Option<Duration>,
 
@@ -259,5 +262,64 @@ impl Config {
             "--data-dir",
             &data_dir.to_string_lossy(),
         ])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn cluster_flags_default_to_not_given() {
+        let config = Config::parse_from(["kv-node"]);
+        assert!(!config.cluster_mode());
+        assert_eq!(
+            (config.node_id, config.shards, config.replicas),
+            (None, None, None)
+        );
+        assert!(config.leader_balance);
+        assert_eq!(config.raft_write_timeout, Duration::from_secs(2));
+        assert_eq!(config.raft_timeouts(), kv_raft::Timeouts::default());
+    }
+
+    #[test]
+    fn cluster_flags_parse() {
+        let config = Config::parse_from([
+            "kv-node",
+            "--node-id",
+            "2",
+            "--peers",
+            "1=a:1,2=b:2",
+            "--leader-balance",
+            "off",
+            "--raft-route",
+            "1=127.0.0.1:9000",
+            "--raft-route",
+            "3=h:1",
+            "--raft-election-timeout",
+            "200ms",
+        ]);
+        assert!(config.cluster_mode());
+        assert!(!config.leader_balance);
+        assert_eq!(
+            config.raft_routes,
+            vec![(1, "127.0.0.1:9000".to_owned()), (3, "h:1".to_owned())]
+        );
+        let timeouts = config.raft_timeouts();
+        assert_eq!(
+            (timeouts.election_min_ms, timeouts.election_max_ms),
+            (200, 400)
+        );
+        for bad in [
+            ["--raft-route", "x"],
+            ["--raft-route", "1=nohostport"],
+            ["--leader-balance", "maybe"],
+        ] {
+            assert!(
+                Config::try_parse_from(["kv-node", bad[0], bad[1]]).is_err(),
+                "{bad:?}"
+            );
+        }
     }
 }
