@@ -1,0 +1,530 @@
+//! Cluster mode: the real kv-proxy binary in front of three fake cluster
+//! nodes (hyper servers on port 0 in this process) that serve `/-/shards`
+//! and answer key requests 200/421/503/504 as each test scripts them, and
+//! count what they are sent.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use kv_cluster::{shard_of, GroupView, NotLeader, ShardsView};
+use kv_testkit::{binary, request, Process};
+
+const SHARDS: u32 = 4;
+
+/// How the leader answers writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fault {
+    None,
+    /// 504 "outcome unknown" (a timeout after proposing).
+    Status504,
+    /// Reads the request, then closes the connection without answering.
+    Close,
+}
+
+/// What the fake cluster believes and what it has seen.
+struct State {
+    members: BTreeMap<u64, String>,
+    /// The leader and term every node's `/-/shards` names (all shards).
+    advertised: Option<u64>,
+    advertised_term: u64,
+    /// The real leader: the one node that serves keys; others answer 421
+    /// naming it, or 503 when there is none.
+    actual: Option<u64>,
+    actual_term: u64,
+    fault: Fault,
+    data: BTreeMap<String, Bytes>,
+    /// Key requests per node id: (method, path, body, had X-Kv-Route: direct,
+    /// X-Kv-Consistency).
+    seen: Vec<(u64, String, String, Bytes, bool, Option<String>)>,
+    /// `/-/shards` requests served.
+    views: usize,
+}
+
+#[derive(Clone)]
+struct Fake {
+    state: Arc<Mutex<State>>,
+    addrs: Vec<SocketAddr>,
+}
+
+impl Fake {
+    fn start() -> Fake {
+        let state = Arc::new(Mutex::new(State {
+            members: BTreeMap::new(),
+            advertised: Some(1),
+            advertised_term: 1,
+            actual: Some(1),
+            actual_term: 1,
+            fault: Fault::None,
+            data: BTreeMap::new(),
+            seen: Vec::new(),
+            views: 0,
+        }));
+        let listeners: Vec<std::net::TcpListener> = (0..3)
+            .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+            .collect();
+        let addrs: Vec<SocketAddr> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
+        {
+            let mut s = state.lock().unwrap();
+            for (i, addr) in addrs.iter().enumerate() {
+                s.members.insert(i as u64 + 1, addr.to_string());
+            }
+        }
+        let shared = state.clone();
+        thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async move {
+                for (i, listener) in listeners.into_iter().enumerate() {
+                    listener.set_nonblocking(true).unwrap();
+                    let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                    let id = i as u64 + 1;
+                    let state = shared.clone();
+                    tokio::spawn(async move {
+                        loop {
+                            let Ok((stream, _)) = listener.accept().await else {
+                                continue;
+                            };
+                            let state = state.clone();
+                            tokio::spawn(async move {
+                                let service = service_fn(move |request| {
+                                    let state = state.clone();
+                                    async move { answer(id, &state, request).await }
+                                });
+                                let _ = hyper::server::conn::http1::Builder::new()
+                                    .serve_connection(TokioIo::new(stream), service)
+                                    .await;
+                            });
+                        }
+                    });
+                }
+                std::future::pending::<()>().await;
+            });
+        });
+        Fake { state, addrs }
+    }
+
+    fn set(&self, change: impl FnOnce(&mut State)) {
+        change(&mut self.state.lock().unwrap());
+    }
+
+    fn get<T>(&self, read: impl FnOnce(&State) -> T) -> T {
+        read(&self.state.lock().unwrap())
+    }
+
+    /// Key requests node `id` was sent with `method`.
+    fn count(&self, id: u64, method: &str) -> usize {
+        self.get(|s| {
+            s.seen
+                .iter()
+                .filter(|(node, m, ..)| *node == id && m == method)
+                .count()
+        })
+    }
+
+    fn proxy(&self, extra: &[&str]) -> Process {
+        let nodes = self
+            .addrs
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut args = vec!["--port", "0", "--nodes", &nodes];
+        args.extend_from_slice(extra);
+        Process::spawn(&binary("kv-proxy"), &args)
+    }
+}
+
+fn json(status: u16, body: String) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = hyper::StatusCode::from_u16(status).unwrap();
+    response
+        .headers_mut()
+        .insert("content-type", "application/json".parse().unwrap());
+    response
+}
+
+/// The fake node `id`'s answer. An `Err` makes hyper close the connection
+/// without answering.
+async fn answer(
+    id: u64,
+    state: &Mutex<State>,
+    request: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, std::io::Error> {
+    let (parts, body) = request.into_parts();
+    let body = body
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    let path = parts.uri.path().to_owned();
+    let mut s = state.lock().unwrap();
+    if path == "/-/health" {
+        return Ok(json(200, "{\"status\":\"ok\"}".into()));
+    }
+    if path == "/-/shards" {
+        s.views += 1;
+        let view = ShardsView {
+            shards: SHARDS,
+            replicas: 3,
+            node_id: id,
+            members: s.members.clone(),
+            groups: (0..SHARDS)
+                .map(|shard| GroupView {
+                    shard,
+                    replicas: vec![1, 2, 3],
+                    preferred_leader: 1,
+                    leader: s.advertised,
+                    term: Some(s.advertised_term),
+                    committed: None,
+                    applied: None,
+                    snapshot: None,
+                    purged: None,
+                    hosted: true,
+                })
+                .collect(),
+        };
+        return Ok(json(200, serde_json::to_string(&view).unwrap()));
+    }
+    let method = parts.method.as_str().to_owned();
+    let direct = parts
+        .headers
+        .get("x-kv-route")
+        .is_some_and(|v| v == "direct");
+    let consistency = parts
+        .headers
+        .get("x-kv-consistency")
+        .map(|v| v.to_str().unwrap().to_owned());
+    s.seen.push((
+        id,
+        method.clone(),
+        path.clone(),
+        body.clone(),
+        direct,
+        consistency.clone(),
+    ));
+    let key = path.trim_start_matches('/').to_owned();
+    let shard = shard_of(key.as_bytes(), SHARDS);
+    let stale_read = method == "GET" && consistency.as_deref() == Some("stale");
+    if s.actual != Some(id) && !stale_read {
+        return Ok(match s.actual {
+            Some(leader) => {
+                let addr = s.members[&leader].clone();
+                let mut response = json(
+                    421,
+                    serde_json::to_string(&NotLeader::new(shard, leader, &addr, s.actual_term))
+                        .unwrap(),
+                );
+                response
+                    .headers_mut()
+                    .insert("x-kv-leader", addr.parse().unwrap());
+                response
+            }
+            None => {
+                let mut response = json(
+                    503,
+                    format!("{{\"error\":\"shard {shard} has no leader (election in progress)\"}}"),
+                );
+                response
+                    .headers_mut()
+                    .insert("retry-after", "1".parse().unwrap());
+                response
+            }
+        });
+    }
+    let write = method == "PUT" || method == "POST" || method == "DELETE";
+    if write {
+        match s.fault {
+            Fault::None => {}
+            Fault::Status504 => {
+                return Ok(json(
+                    504,
+                    "{\"error\":\"outcome unknown: timeout after proposing\"}".into(),
+                ))
+            }
+            Fault::Close => return Err(std::io::Error::other("closing without an answer")),
+        }
+    }
+    Ok(match method.as_str() {
+        "PUT" | "POST" => {
+            let value: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            s.data.insert(
+                key,
+                Bytes::from(format!("{{\"value\":{}}}\n", value["value"])),
+            );
+            json(200, "{\"message\":\"Value stored successfully\"}\n".into())
+        }
+        "GET" => match s.data.get(&key) {
+            Some(value) => json(200, String::from_utf8(value.to_vec()).unwrap()),
+            None => json(404, "{\"error\":\"Key not found\"}\n".into()),
+        },
+        "DELETE" => match s.data.remove(&key) {
+            Some(_) => json(200, "{\"message\":\"Key deleted successfully\"}\n".into()),
+            None => json(404, "{\"error\":\"Key not found\"}\n".into()),
+        },
+        _ => json(405, "{\"error\":\"Method not allowed\"}\n".into()),
+    })
+}
+
+/// Calls `check` until it returns true, or panics after `limit`. The pause
+/// between tries is polling, not synchronisation.
+fn wait_until(limit: Duration, what: &str, mut check: impl FnMut() -> bool) {
+    let from = Instant::now();
+    while !check() {
+        assert!(from.elapsed() < limit, "{what}: not within {limit:?}");
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn put(proxy: &Process, key: &str, value: &str) -> kv_testkit::Response {
+    let body = format!("{{\"value\": \"{value}\"}}");
+    request(proxy.addr, "PUT", &format!("/{key}"), Some(body.as_bytes())).unwrap()
+}
+
+#[test]
+fn a_421_is_followed_to_the_named_leader_and_the_client_sees_200() {
+    let fake = Fake::start();
+    // Every node says node 1 leads (term 1); node 2 does, in term 2.
+    fake.set(|s| {
+        s.actual = Some(2);
+        s.actual_term = 2;
+    });
+    let proxy = fake.proxy(&[]);
+    let log = proxy.log();
+    assert!(log.contains("cluster mode: 4 shards"), "{log}");
+
+    let got = put(&proxy, "k1", "one");
+    assert_eq!(got.status, 200, "{}", got.text());
+    assert_eq!(
+        got.header("x-kv-node"),
+        Some(fake.addrs[1].to_string().as_str())
+    );
+    assert_eq!(fake.count(1, "PUT"), 1, "node 1 answered 421 once");
+    assert_eq!(fake.count(2, "PUT"), 1, "node 2 took it");
+    // The body was sent again, whole, and every request asked for 421s.
+    fake.get(|s| {
+        for (_, _, _, body, direct, _) in &s.seen {
+            assert_eq!(&body[..], b"{\"value\": \"one\"}");
+            assert!(direct, "X-Kv-Route: direct missing");
+        }
+    });
+    // The table learned: the next request goes straight to node 2.
+    let got = request(proxy.addr, "GET", "/k1", None).unwrap();
+    assert_eq!(
+        (got.status, got.text()),
+        (200, "{\"value\":\"one\"}\n".into())
+    );
+    assert_eq!(fake.count(1, "GET"), 0);
+    assert_eq!(fake.count(2, "GET"), 1);
+
+    // A chunked body is buffered and resent the same way.
+    fake.set(|s| {
+        s.actual = Some(3);
+        s.actual_term = 3;
+    });
+    let mut stream = std::net::TcpStream::connect(proxy.addr).unwrap();
+    std::io::Write::write_all(
+        &mut stream,
+        b"PUT /k1 HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n6\r\n{\"valu\r\n8\r\ne\": \"two\r\n2\r\n\"}\r\n0\r\n\r\n",
+    )
+    .unwrap();
+    let mut raw = String::new();
+    std::io::Read::read_to_string(&mut stream, &mut raw).unwrap();
+    assert!(raw.starts_with("HTTP/1.1 200"), "{raw}");
+    assert_eq!(fake.count(2, "PUT"), 2, "node 2 answered 421");
+    assert_eq!(fake.count(3, "PUT"), 1);
+    assert_eq!(
+        fake.get(|s| s.data["k1"].clone()),
+        Bytes::from("{\"value\":\"two\"}\n")
+    );
+
+    let metrics = request(proxy.addr, "GET", "/-/metrics", None)
+        .unwrap()
+        .text();
+    assert!(
+        metrics.contains("kv_proxy_not_leader_total 2\n"),
+        "{metrics}"
+    );
+}
+
+#[test]
+fn the_proxy_waits_through_503s_until_a_leader_appears() {
+    let fake = Fake::start();
+    fake.set(|s| {
+        s.advertised = None;
+        s.advertised_term = 3;
+        s.actual = None;
+    });
+    // A bound far above what the test needs: it ends by a leader appearing.
+    let proxy = fake.proxy(&["--leader-wait", "60s"]);
+    let health = request(proxy.addr, "GET", "/-/health", None).unwrap();
+    let body: serde_json::Value = serde_json::from_slice(&health.body).unwrap();
+    assert_eq!(body["status"], "degraded", "{body}");
+    assert_eq!(body["shards_without_leader"].as_array().unwrap().len(), 4);
+
+    let addr = proxy.addr;
+    let client = thread::spawn(move || {
+        request(addr, "PUT", "/waiting", Some(b"{\"value\": \"w\"}")).unwrap()
+    });
+    // The proxy refreshes its table while it waits (every 50 ms).
+    let views = fake.get(|s| s.views);
+    wait_until(
+        Duration::from_secs(30),
+        "no refreshes while waiting",
+        || fake.get(|s| s.views) >= views + 3,
+    );
+    assert!(!client.is_finished(), "answered without a leader");
+    // An election ends: node 3 leads in term 4.
+    fake.set(|s| {
+        s.advertised = Some(3);
+        s.advertised_term = 4;
+        s.actual = Some(3);
+        s.actual_term = 4;
+    });
+    let got = client.join().unwrap();
+    assert_eq!(got.status, 200, "{}", got.text());
+    assert_eq!(fake.count(3, "PUT"), 1, "applied once, by the leader");
+    assert!(fake.get(|s| s.data.contains_key("waiting")));
+    // Health follows the table.
+    wait_until(Duration::from_secs(30), "health still degraded", || {
+        let health = request(addr, "GET", "/-/health", None).unwrap();
+        let body: serde_json::Value = serde_json::from_slice(&health.body).unwrap();
+        body["status"] == "ok"
+    });
+}
+
+#[test]
+fn no_leader_within_the_bound_is_503_and_nothing_is_applied() {
+    let fake = Fake::start();
+    fake.set(|s| {
+        s.advertised = None;
+        s.actual = None;
+    });
+    let proxy = fake.proxy(&["--leader-wait", "300ms"]);
+    let views = fake.get(|s| s.views);
+    let got = put(&proxy, "nope", "x");
+    assert_eq!(got.status, 503, "{}", got.text());
+    assert_eq!(got.header("retry-after"), Some("1"));
+    let body: serde_json::Value = serde_json::from_slice(&got.body).unwrap();
+    let error = body["error"].as_str().unwrap();
+    assert!(error.contains("has no leader (waited"), "{error}");
+    assert!(fake.get(|s| s.views) > views, "it refreshed while waiting");
+    assert!(
+        fake.get(|s| s.data.is_empty()),
+        "a refused write was applied"
+    );
+    // Nodes that said 503 are asked again only through the table: with no
+    // leader known, nothing is sent at all.
+    assert_eq!(
+        fake.get(|s| s.seen.len()),
+        0,
+        "{:?}",
+        fake.get(|s| s.seen.len())
+    );
+}
+
+#[test]
+fn a_503_from_the_leader_is_waited_out_then_refused() {
+    let fake = Fake::start();
+    // Node 2 is advertised but says 503 (it lost its quorum).
+    fake.set(|s| {
+        s.advertised = Some(2);
+        s.advertised_term = 5;
+        s.actual = None;
+    });
+    let proxy = fake.proxy(&["--leader-wait", "300ms"]);
+    let got = put(&proxy, "q", "x");
+    assert_eq!(got.status, 503, "{}", got.text());
+    assert!(fake.count(2, "PUT") >= 2, "retried while waiting");
+    assert!(fake.get(|s| s.data.is_empty()));
+}
+
+#[test]
+fn a_504_is_relayed_and_a_write_is_never_retried() {
+    let fake = Fake::start();
+    fake.set(|s| s.fault = Fault::Status504);
+    let proxy = fake.proxy(&[]);
+    let got = put(&proxy, "u", "x");
+    assert_eq!(got.status, 504, "{}", got.text());
+    assert!(got.text().contains("outcome unknown"), "{}", got.text());
+    assert_eq!(fake.count(1, "PUT"), 1, "a 504 write was retried");
+
+    // A connection that breaks after the write went out: 504 too, once.
+    fake.set(|s| s.fault = Fault::Close);
+    let got = put(&proxy, "u", "y");
+    assert_eq!(got.status, 504, "{}", got.text());
+    assert!(got.text().contains("outcome unknown"), "{}", got.text());
+    assert_eq!(fake.count(1, "PUT"), 2, "a broken write was retried");
+    let got = request(proxy.addr, "DELETE", "/u", None).unwrap();
+    assert_eq!(got.status, 504, "{}", got.text());
+    assert_eq!(fake.count(1, "DELETE"), 1);
+
+    let metrics = request(proxy.addr, "GET", "/-/metrics", None)
+        .unwrap()
+        .text();
+    assert!(
+        metrics.contains("kv_proxy_outcome_unknown_total 3\n"),
+        "{metrics}"
+    );
+}
+
+#[test]
+fn stale_reads_are_spread_over_the_replicas() {
+    let fake = Fake::start();
+    // One worker: its turn goes round the replicas in order.
+    let proxy = fake.proxy(&["--workers", "1"]);
+    assert_eq!(put(&proxy, "s", "v").status, 200);
+    for _ in 0..6 {
+        let mut stream = std::net::TcpStream::connect(proxy.addr).unwrap();
+        std::io::Write::write_all(
+            &mut stream,
+            b"GET /s HTTP/1.1\r\nHost: x\r\nX-Kv-Consistency: stale\r\nConnection: close\r\n\r\n",
+        )
+        .unwrap();
+        let mut raw = String::new();
+        std::io::Read::read_to_string(&mut stream, &mut raw).unwrap();
+        assert!(raw.starts_with("HTTP/1.1 200"), "{raw}");
+        assert!(raw.ends_with("{\"value\":\"v\"}\n"), "{raw}");
+    }
+    // Every replica served some; the header went on to them.
+    for id in 1..=3 {
+        assert!(fake.count(id, "GET") >= 1, "replica {id} got no stale read");
+    }
+    fake.get(|s| {
+        for (_, method, _, _, _, consistency) in &s.seen {
+            if method == "GET" {
+                assert_eq!(consistency.as_deref(), Some("stale"));
+            }
+        }
+    });
+    // Without the header, reads go to the leader only.
+    let before: Vec<usize> = (1..=3).map(|id| fake.count(id, "GET")).collect();
+    for _ in 0..3 {
+        assert_eq!(request(proxy.addr, "GET", "/s", None).unwrap().status, 200);
+    }
+    assert_eq!(fake.count(1, "GET"), before[0] + 3);
+    assert_eq!(fake.count(2, "GET"), before[1]);
+    assert_eq!(fake.count(3, "GET"), before[2]);
+}
+
+#[test]
+fn owner_names_the_shard_and_its_leader() {
+    let fake = Fake::start();
+    let proxy = fake.proxy(&[]);
+    let got = request(proxy.addr, "GET", "/-/owner/abc", None).unwrap();
+    let body: serde_json::Value = serde_json::from_slice(&got.body).unwrap();
+    assert_eq!(body["shard"], shard_of(b"abc", SHARDS));
+    assert_eq!(body["owner"], fake.addrs[0].to_string());
+    assert_eq!(body["up"], true);
+}
