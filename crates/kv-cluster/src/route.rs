@@ -160,8 +160,8 @@ impl Routing {
                 table.clear_leader(self.shard);
                 self.wait(now)
             }
-            Attempt::Answered { status: 504, .. } | Attempt::TimedOut => Next::Unknown,
-            Attempt::Answered { .. } => Next::Deliver,
+            Attempt::Answered { status, .. } if is_final(status) => Next::Deliver,
+            Attempt::Answered { .. } | Attempt::TimedOut => Next::Unknown,
             Attempt::Lost if !self.read => Next::Unknown,
             Attempt::Lost | Attempt::NotSent => {
                 table.clear_leader(self.shard);
@@ -197,6 +197,15 @@ impl Routing {
     pub fn refreshed(&mut self, now: Instant) {
         self.refreshed = Some(now);
     }
+}
+
+/// Whether an answer with `status` is the request's final answer, to hand
+/// to the client as it is: anything but 421, 503 and 504. A client may check
+/// this first and skip [`Routing::next`] (and the table's lock) on the
+/// common path.
+#[inline]
+pub fn is_final(status: u16) -> bool {
+    !matches!(status, NOT_LEADER_STATUS | 503 | 504)
 }
 
 /// Whether a request's `X-Kv-Consistency` header value asks for a stale
@@ -360,6 +369,16 @@ mod tests {
         view.groups[0].term = Some(6);
         table.refresh(view).unwrap();
         assert_eq!(table.leader(0).unwrap().id, 1);
+    }
+
+    #[test]
+    fn only_421_503_and_504_are_not_final() {
+        for status in [200, 201, 204, 400, 404, 405, 408, 413, 500, 502] {
+            assert!(is_final(status), "{status}");
+        }
+        for status in [421, 503, 504] {
+            assert!(!is_final(status), "{status}");
+        }
     }
 
     #[test]

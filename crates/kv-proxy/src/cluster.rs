@@ -365,25 +365,30 @@ pub async fn forward(
         })
         .flatten();
     loop {
-        let target = first
-            .take()
-            .or_else(|| cluster.leader_index(&proxy.nodes, shard));
-        let (attempt_result, index) = match target {
+        let replica = first.take();
+        let target = replica.or_else(|| cluster.leader_index(&proxy.nodes, shard));
+        let (tried, index) = match target {
             Some(index) => (attempt(proxy, index, &parts, &body).await, Some(index)),
-            None => (Ok(Tried::NotSent), None),
+            None => (Tried::NotSent, None),
         };
-        let tried = match attempt_result {
-            Ok(tried) => tried,
-            Err(error) => return Err(error),
-        };
+        // The common case, decided without the table's lock.
+        if let Tried::Answered(response) = tried {
+            if kv_cluster::is_final(response.status().as_u16()) {
+                return Ok(response.map(Either::Left));
+            }
+            return relay_unknown(cluster, response);
+        }
+        // A replica picked for a stale read could not be reached: that says
+        // nothing about the leader, so go to it without touching the table.
+        if replica.is_some() && matches!(tried, Tried::NotSent) {
+            continue;
+        }
         let now = Instant::now();
         let next = {
             let mut table = cluster.table.write();
             let seen = match &tried {
-                Tried::Answered(response) => Attempt::Answered {
-                    status: response.status().as_u16(),
-                    body: &[],
-                },
+                // Handled above.
+                Tried::Answered(_) => Attempt::TimedOut,
                 Tried::NotLeader(body) => Attempt::Answered {
                     status: kv_cluster::NOT_LEADER_STATUS,
                     body,
@@ -399,11 +404,8 @@ pub async fn forward(
             routing.next(&mut table, seen, now)
         };
         match next {
-            Next::Deliver => match tried {
-                Tried::Answered(response) => return Ok(response.map(Either::Left)),
-                // The rules deliver answers only.
-                _ => return Err(no_leader(cluster, &routing, now)),
-            },
+            // The rules deliver answers only, handled above.
+            Next::Deliver => return Err(no_leader(cluster, &routing, now)),
             Next::Retry => {
                 cluster.stats.not_leader.fetch_add(1, Ordering::Relaxed);
             }
@@ -431,8 +433,6 @@ pub async fn forward(
                 cluster.stats.unknown.fetch_add(1, Ordering::Relaxed);
                 let node = index.map_or_else(String::new, |i| proxy.nodes[i].name.clone());
                 return match tried {
-                    // The node's own 504: relayed as it said it.
-                    Tried::Answered(response) => Ok(response.map(Either::Left)),
                     Tried::TimedOut(after) => Err(ProxyError::Timeout { node, after }),
                     Tried::Lost(why) => Err(ProxyError::OutcomeUnknown { node, why }),
                     _ => Err(ProxyError::OutcomeUnknown {
@@ -443,6 +443,16 @@ pub async fn forward(
             }
         }
     }
+}
+
+/// A node's own 504 (a timeout after proposing): relayed as it said it,
+/// never retried.
+fn relay_unknown(
+    cluster: &Cluster,
+    response: Response<PooledBody>,
+) -> Result<Response<Body>, ProxyError> {
+    cluster.stats.unknown.fetch_add(1, Ordering::Relaxed);
+    Ok(response.map(Either::Left))
 }
 
 fn no_leader(cluster: &Cluster, routing: &Routing, now: Instant) -> ProxyError {
@@ -468,20 +478,15 @@ enum Tried {
     TimedOut(Duration),
 }
 
-/// One attempt at `nodes[index]`. Errors are the client's own (none yet:
-/// the body was read before); everything about the node is in [`Tried`].
-async fn attempt(
-    proxy: &Proxy,
-    index: usize,
-    parts: &Parts,
-    body: &Bytes,
-) -> Result<Tried, ProxyError> {
+/// One attempt at `nodes[index]`: everything about the node is in
+/// [`Tried`].
+async fn attempt(proxy: &Proxy, index: usize, parts: &Parts, body: &Bytes) -> Tried {
     let node = &proxy.nodes[index];
     if !node.health.is_up() {
         node.stats.record::<()>(&Err(ProxyError::NodeDown {
             node: node.name.clone(),
         }));
-        return Ok(Tried::NotSent);
+        return Tried::NotSent;
     }
     let mut request = Request::new(UpstreamBody::Buffered(Some(body.clone())));
     *request.method_mut() = parts.method.clone();
@@ -498,7 +503,7 @@ async fn attempt(
         Ok(Err(error)) => {
             // Could not connect: nothing was sent.
             node.stats.record::<()>(&Err(error));
-            return Ok(Tried::NotSent);
+            return Tried::NotSent;
         }
         Ok(Ok(Err(error))) => Tried::Lost(upstream::error_chain(&error)),
         Ok(Ok(Ok(response))) => {
@@ -515,7 +520,7 @@ async fn attempt(
                     // pool; the body is not needed.
                     let _ = read_small(response, timeout).await;
                     node.stats.record::<()>(&Ok(()));
-                    return Ok(Tried::Unavailable);
+                    return Tried::Unavailable;
                 }
                 Tried::Answered(response)
             }
@@ -533,7 +538,7 @@ async fn attempt(
         _ => Ok(()),
     };
     node.stats.record(&counted);
-    Ok(tried)
+    tried
 }
 
 /// Reads a small answer body in full (at most [`MAX_NOT_LEADER_BODY`]).

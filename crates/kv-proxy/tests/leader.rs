@@ -528,3 +528,38 @@ fn owner_names_the_shard_and_its_leader() {
     assert_eq!(body["owner"], fake.addrs[0].to_string());
     assert_eq!(body["up"], true);
 }
+
+#[test]
+fn a_leader_that_refuses_connections_is_waited_out_until_a_new_one_is_named() {
+    let fake = Fake::start();
+    // Member 4 leads in every view, but nothing listens at its address
+    // (killed); node 2 has taken over in term 2, which no view says yet.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead_addr = dead.local_addr().unwrap().to_string();
+    drop(dead);
+    fake.set(|s| {
+        s.members.insert(4, dead_addr.clone());
+        s.advertised = Some(4);
+        s.actual = Some(2);
+        s.actual_term = 2;
+    });
+    let proxy = fake.proxy(&["--leader-wait", "60s"]);
+    let addr = proxy.addr;
+    let client =
+        thread::spawn(move || request(addr, "PUT", "/moved", Some(b"{\"value\": \"m\"}")).unwrap());
+    let views = fake.get(|s| s.views);
+    wait_until(
+        Duration::from_secs(30),
+        "no refreshes while waiting",
+        || fake.get(|s| s.views) >= views + 3,
+    );
+    assert!(!client.is_finished(), "answered without a reachable leader");
+    fake.set(|s| {
+        s.advertised = Some(2);
+        s.advertised_term = 2;
+    });
+    let got = client.join().unwrap();
+    assert_eq!(got.status, 200, "{}", got.text());
+    assert_eq!(fake.count(2, "PUT"), 1);
+    assert!(fake.get(|s| s.data.contains_key("moved")));
+}
