@@ -1,280 +1,28 @@
 //! Cluster mode: the real kv-proxy binary in front of three fake cluster
-//! nodes (hyper servers on port 0 in this process) that serve `/-/shards`
-//! and answer key requests 200/421/503/504 as each test scripts them, and
-//! count what they are sent.
+//! nodes (kv-testkit's [`FakeCluster`]: hyper servers on port 0 in this
+//! process) that serve `/-/shards` and answer key requests 200/421/503/504
+//! as each test scripts them, and count what they are sent.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::collections::BTreeMap;
-use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper::{Request, Response};
-use hyper_util::rt::TokioIo;
-use kv_cluster::{shard_of, GroupView, NotLeader, ShardsView};
-use kv_testkit::{binary, request, Process};
+use kv_cluster::shard_of;
+use kv_testkit::fake_cluster::Fault;
+use kv_testkit::{binary, request, FakeCluster, Process};
 
 const SHARDS: u32 = 4;
 
-/// How the leader answers writes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Fault {
-    None,
-    /// 504 "outcome unknown" (a timeout after proposing).
-    Status504,
-    /// Reads the request, then closes the connection without answering.
-    Close,
+fn start() -> FakeCluster {
+    FakeCluster::start(SHARDS)
 }
 
-/// What the fake cluster believes and what it has seen.
-struct State {
-    members: BTreeMap<u64, String>,
-    /// The leader and term every node's `/-/shards` names (all shards).
-    advertised: Option<u64>,
-    advertised_term: u64,
-    /// The real leader: the one node that serves keys; others answer 421
-    /// naming it, or 503 when there is none.
-    actual: Option<u64>,
-    actual_term: u64,
-    fault: Fault,
-    data: BTreeMap<String, Bytes>,
-    /// Key requests per node id: (method, path, body, had X-Kv-Route: direct,
-    /// X-Kv-Consistency).
-    seen: Vec<(u64, String, String, Bytes, bool, Option<String>)>,
-    /// `/-/shards` requests served.
-    views: usize,
-}
-
-#[derive(Clone)]
-struct Fake {
-    state: Arc<Mutex<State>>,
-    addrs: Vec<SocketAddr>,
-}
-
-impl Fake {
-    fn start() -> Fake {
-        let state = Arc::new(Mutex::new(State {
-            members: BTreeMap::new(),
-            advertised: Some(1),
-            advertised_term: 1,
-            actual: Some(1),
-            actual_term: 1,
-            fault: Fault::None,
-            data: BTreeMap::new(),
-            seen: Vec::new(),
-            views: 0,
-        }));
-        let listeners: Vec<std::net::TcpListener> = (0..3)
-            .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
-            .collect();
-        let addrs: Vec<SocketAddr> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
-        {
-            let mut s = state.lock().unwrap();
-            for (i, addr) in addrs.iter().enumerate() {
-                s.members.insert(i as u64 + 1, addr.to_string());
-            }
-        }
-        let shared = state.clone();
-        thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            runtime.block_on(async move {
-                for (i, listener) in listeners.into_iter().enumerate() {
-                    listener.set_nonblocking(true).unwrap();
-                    let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-                    let id = i as u64 + 1;
-                    let state = shared.clone();
-                    tokio::spawn(async move {
-                        loop {
-                            let Ok((stream, _)) = listener.accept().await else {
-                                continue;
-                            };
-                            let state = state.clone();
-                            tokio::spawn(async move {
-                                let service = service_fn(move |request| {
-                                    let state = state.clone();
-                                    async move { answer(id, &state, request).await }
-                                });
-                                let _ = hyper::server::conn::http1::Builder::new()
-                                    .serve_connection(TokioIo::new(stream), service)
-                                    .await;
-                            });
-                        }
-                    });
-                }
-                std::future::pending::<()>().await;
-            });
-        });
-        Fake { state, addrs }
-    }
-
-    fn set(&self, change: impl FnOnce(&mut State)) {
-        change(&mut self.state.lock().unwrap());
-    }
-
-    fn get<T>(&self, read: impl FnOnce(&State) -> T) -> T {
-        read(&self.state.lock().unwrap())
-    }
-
-    /// Key requests node `id` was sent with `method`.
-    fn count(&self, id: u64, method: &str) -> usize {
-        self.get(|s| {
-            s.seen
-                .iter()
-                .filter(|(node, m, ..)| *node == id && m == method)
-                .count()
-        })
-    }
-
-    fn proxy(&self, extra: &[&str]) -> Process {
-        let nodes = self
-            .addrs
-            .iter()
-            .map(ToString::to_string)
-            .collect::<Vec<_>>()
-            .join(",");
-        let mut args = vec!["--port", "0", "--nodes", &nodes];
-        args.extend_from_slice(extra);
-        Process::spawn(&binary("kv-proxy"), &args)
-    }
-}
-
-fn json(status: u16, body: String) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(Bytes::from(body)));
-    *response.status_mut() = hyper::StatusCode::from_u16(status).unwrap();
-    response
-        .headers_mut()
-        .insert("content-type", "application/json".parse().unwrap());
-    response
-}
-
-/// The fake node `id`'s answer. An `Err` makes hyper close the connection
-/// without answering.
-async fn answer(
-    id: u64,
-    state: &Mutex<State>,
-    request: Request<Incoming>,
-) -> Result<Response<Full<Bytes>>, std::io::Error> {
-    let (parts, body) = request.into_parts();
-    let body = body
-        .collect()
-        .await
-        .map(|b| b.to_bytes())
-        .unwrap_or_default();
-    let path = parts.uri.path().to_owned();
-    let mut s = state.lock().unwrap();
-    if path == "/-/health" {
-        return Ok(json(200, "{\"status\":\"ok\"}".into()));
-    }
-    if path == "/-/shards" {
-        s.views += 1;
-        let view = ShardsView {
-            shards: SHARDS,
-            replicas: 3,
-            node_id: id,
-            members: s.members.clone(),
-            groups: (0..SHARDS)
-                .map(|shard| GroupView {
-                    shard,
-                    replicas: vec![1, 2, 3],
-                    preferred_leader: 1,
-                    leader: s.advertised,
-                    term: Some(s.advertised_term),
-                    committed: None,
-                    applied: None,
-                    snapshot: None,
-                    purged: None,
-                    hosted: true,
-                })
-                .collect(),
-        };
-        return Ok(json(200, serde_json::to_string(&view).unwrap()));
-    }
-    let method = parts.method.as_str().to_owned();
-    let direct = parts
-        .headers
-        .get("x-kv-route")
-        .is_some_and(|v| v == "direct");
-    let consistency = parts
-        .headers
-        .get("x-kv-consistency")
-        .map(|v| v.to_str().unwrap().to_owned());
-    s.seen.push((
-        id,
-        method.clone(),
-        path.clone(),
-        body.clone(),
-        direct,
-        consistency.clone(),
-    ));
-    let key = path.trim_start_matches('/').to_owned();
-    let shard = shard_of(key.as_bytes(), SHARDS);
-    let stale_read = method == "GET" && consistency.as_deref() == Some("stale");
-    if s.actual != Some(id) && !stale_read {
-        return Ok(match s.actual {
-            Some(leader) => {
-                let addr = s.members[&leader].clone();
-                let mut response = json(
-                    421,
-                    serde_json::to_string(&NotLeader::new(shard, leader, &addr, s.actual_term))
-                        .unwrap(),
-                );
-                response
-                    .headers_mut()
-                    .insert("x-kv-leader", addr.parse().unwrap());
-                response
-            }
-            None => {
-                let mut response = json(
-                    503,
-                    format!("{{\"error\":\"shard {shard} has no leader (election in progress)\"}}"),
-                );
-                response
-                    .headers_mut()
-                    .insert("retry-after", "1".parse().unwrap());
-                response
-            }
-        });
-    }
-    let write = method == "PUT" || method == "POST" || method == "DELETE";
-    if write {
-        match s.fault {
-            Fault::None => {}
-            Fault::Status504 => {
-                return Ok(json(
-                    504,
-                    "{\"error\":\"outcome unknown: timeout after proposing\"}".into(),
-                ))
-            }
-            Fault::Close => return Err(std::io::Error::other("closing without an answer")),
-        }
-    }
-    Ok(match method.as_str() {
-        "PUT" | "POST" => {
-            let value: serde_json::Value = serde_json::from_slice(&body).unwrap();
-            s.data.insert(
-                key,
-                Bytes::from(format!("{{\"value\":{}}}\n", value["value"])),
-            );
-            json(200, "{\"message\":\"Value stored successfully\"}\n".into())
-        }
-        "GET" => match s.data.get(&key) {
-            Some(value) => json(200, String::from_utf8(value.to_vec()).unwrap()),
-            None => json(404, "{\"error\":\"Key not found\"}\n".into()),
-        },
-        "DELETE" => match s.data.remove(&key) {
-            Some(_) => json(200, "{\"message\":\"Key deleted successfully\"}\n".into()),
-            None => json(404, "{\"error\":\"Key not found\"}\n".into()),
-        },
-        _ => json(405, "{\"error\":\"Method not allowed\"}\n".into()),
-    })
+fn proxy(fake: &FakeCluster, extra: &[&str]) -> Process {
+    let nodes = fake.node_list();
+    let mut args = vec!["--port", "0", "--nodes", &nodes];
+    args.extend_from_slice(extra);
+    Process::spawn(&binary("kv-proxy"), &args)
 }
 
 /// Calls `check` until it returns true, or panics after `limit`. The pause
@@ -294,13 +42,13 @@ fn put(proxy: &Process, key: &str, value: &str) -> kv_testkit::Response {
 
 #[test]
 fn a_421_is_followed_to_the_named_leader_and_the_client_sees_200() {
-    let fake = Fake::start();
+    let fake = start();
     // Every node says node 1 leads (term 1); node 2 does, in term 2.
     fake.set(|s| {
         s.actual = Some(2);
         s.actual_term = 2;
     });
-    let proxy = fake.proxy(&[]);
+    let proxy = proxy(&fake, &[]);
     let log = proxy.log();
     assert!(log.contains("cluster mode: 4 shards"), "{log}");
 
@@ -314,9 +62,9 @@ fn a_421_is_followed_to_the_named_leader_and_the_client_sees_200() {
     assert_eq!(fake.count(2, "PUT"), 1, "node 2 took it");
     // The body was sent again, whole, and every request asked for 421s.
     fake.get(|s| {
-        for (_, _, _, body, direct, _) in &s.seen {
-            assert_eq!(&body[..], b"{\"value\": \"one\"}");
-            assert!(direct, "X-Kv-Route: direct missing");
+        for seen in &s.seen {
+            assert_eq!(&seen.body[..], b"{\"value\": \"one\"}");
+            assert!(seen.direct, "X-Kv-Route: direct missing");
         }
     });
     // The table learned: the next request goes straight to node 2.
@@ -360,14 +108,14 @@ fn a_421_is_followed_to_the_named_leader_and_the_client_sees_200() {
 
 #[test]
 fn the_proxy_waits_through_503s_until_a_leader_appears() {
-    let fake = Fake::start();
+    let fake = start();
     fake.set(|s| {
         s.advertised = None;
         s.advertised_term = 3;
         s.actual = None;
     });
     // A bound far above what the test needs: it ends by a leader appearing.
-    let proxy = fake.proxy(&["--leader-wait", "60s"]);
+    let proxy = proxy(&fake, &["--leader-wait", "60s"]);
     let health = request(proxy.addr, "GET", "/-/health", None).unwrap();
     let body: serde_json::Value = serde_json::from_slice(&health.body).unwrap();
     assert_eq!(body["status"], "degraded", "{body}");
@@ -406,12 +154,12 @@ fn the_proxy_waits_through_503s_until_a_leader_appears() {
 
 #[test]
 fn no_leader_within_the_bound_is_503_and_nothing_is_applied() {
-    let fake = Fake::start();
+    let fake = start();
     fake.set(|s| {
         s.advertised = None;
         s.actual = None;
     });
-    let proxy = fake.proxy(&["--leader-wait", "300ms"]);
+    let proxy = proxy(&fake, &["--leader-wait", "300ms"]);
     let views = fake.get(|s| s.views);
     let got = put(&proxy, "nope", "x");
     assert_eq!(got.status, 503, "{}", got.text());
@@ -436,14 +184,14 @@ fn no_leader_within_the_bound_is_503_and_nothing_is_applied() {
 
 #[test]
 fn a_503_from_the_leader_is_waited_out_then_refused() {
-    let fake = Fake::start();
+    let fake = start();
     // Node 2 is advertised but says 503 (it lost its quorum).
     fake.set(|s| {
         s.advertised = Some(2);
         s.advertised_term = 5;
         s.actual = None;
     });
-    let proxy = fake.proxy(&["--leader-wait", "300ms"]);
+    let proxy = proxy(&fake, &["--leader-wait", "300ms"]);
     let got = put(&proxy, "q", "x");
     assert_eq!(got.status, 503, "{}", got.text());
     assert!(fake.count(2, "PUT") >= 2, "retried while waiting");
@@ -452,9 +200,9 @@ fn a_503_from_the_leader_is_waited_out_then_refused() {
 
 #[test]
 fn a_504_is_relayed_and_a_write_is_never_retried() {
-    let fake = Fake::start();
+    let fake = start();
     fake.set(|s| s.fault = Fault::Status504);
-    let proxy = fake.proxy(&[]);
+    let proxy = proxy(&fake, &[]);
     let got = put(&proxy, "u", "x");
     assert_eq!(got.status, 504, "{}", got.text());
     assert!(got.text().contains("outcome unknown"), "{}", got.text());
@@ -481,9 +229,9 @@ fn a_504_is_relayed_and_a_write_is_never_retried() {
 
 #[test]
 fn stale_reads_are_spread_over_the_replicas() {
-    let fake = Fake::start();
+    let fake = start();
     // One worker: its turn goes round the replicas in order.
-    let proxy = fake.proxy(&["--workers", "1"]);
+    let proxy = proxy(&fake, &["--workers", "1"]);
     assert_eq!(put(&proxy, "s", "v").status, 200);
     for _ in 0..6 {
         let mut stream = std::net::TcpStream::connect(proxy.addr).unwrap();
@@ -502,9 +250,9 @@ fn stale_reads_are_spread_over_the_replicas() {
         assert!(fake.count(id, "GET") >= 1, "replica {id} got no stale read");
     }
     fake.get(|s| {
-        for (_, method, _, _, _, consistency) in &s.seen {
-            if method == "GET" {
-                assert_eq!(consistency.as_deref(), Some("stale"));
+        for seen in &s.seen {
+            if seen.method == "GET" {
+                assert_eq!(seen.consistency.as_deref(), Some("stale"));
             }
         }
     });
@@ -520,8 +268,8 @@ fn stale_reads_are_spread_over_the_replicas() {
 
 #[test]
 fn owner_names_the_shard_and_its_leader() {
-    let fake = Fake::start();
-    let proxy = fake.proxy(&[]);
+    let fake = start();
+    let proxy = proxy(&fake, &[]);
     let got = request(proxy.addr, "GET", "/-/owner/abc", None).unwrap();
     let body: serde_json::Value = serde_json::from_slice(&got.body).unwrap();
     assert_eq!(body["shard"], shard_of(b"abc", SHARDS));
@@ -531,7 +279,7 @@ fn owner_names_the_shard_and_its_leader() {
 
 #[test]
 fn a_leader_that_refuses_connections_is_waited_out_until_a_new_one_is_named() {
-    let fake = Fake::start();
+    let fake = start();
     // Member 4 leads in every view, but nothing listens at its address
     // (killed); node 2 has taken over in term 2, which no view says yet.
     let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -543,7 +291,7 @@ fn a_leader_that_refuses_connections_is_waited_out_until_a_new_one_is_named() {
         s.actual = Some(2);
         s.actual_term = 2;
     });
-    let proxy = fake.proxy(&["--leader-wait", "60s"]);
+    let proxy = proxy(&fake, &["--leader-wait", "60s"]);
     let addr = proxy.addr;
     let client =
         thread::spawn(move || request(addr, "PUT", "/moved", Some(b"{\"value\": \"m\"}")).unwrap());
