@@ -311,3 +311,27 @@ fn a_leader_that_refuses_connections_is_waited_out_until_a_new_one_is_named() {
     assert_eq!(fake.count(2, "PUT"), 1);
     assert!(fake.get(|s| s.data.contains_key("moved")));
 }
+
+#[test]
+fn standalone_nodes_keep_ring_routing() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Process::spawn(
+        &binary("kv-node"),
+        &["--port", "0", "--data-dir", dir.path().to_str().unwrap()],
+    );
+    // The node answers /-/shards with 404: it is not in a cluster.
+    assert_eq!(
+        request(node.addr, "GET", "/-/shards", None).unwrap().status,
+        404
+    );
+    let name = node.addr.to_string();
+    let proxy = Process::spawn(&binary("kv-proxy"), &["--port", "0", "--nodes", &name]);
+    assert!(proxy.log().contains("ring mode"), "{}", proxy.log());
+    let health = request(proxy.addr, "GET", "/-/health", None).unwrap();
+    let body: serde_json::Value = serde_json::from_slice(&health.body).unwrap();
+    assert_eq!(body["mode"], "ring", "{body}");
+    assert!(body.get("shards_without_leader").is_none(), "{body}");
+    let got = request(proxy.addr, "PUT", "/r", Some(b"{\"value\": 1}")).unwrap();
+    assert_eq!(got.status, 200, "{}", got.text());
+    assert_eq!(got.header("x-kv-node"), Some(name.as_str()));
+}
