@@ -6,6 +6,8 @@
 //! cluster mode, routed by a [`ShardTable`]; otherwise (404s, nodes down,
 //! anything else) → today's ring routing, unchanged. The mode is decided
 //! once, so start the proxy after the nodes (`scripts/cluster.sh` does).
+//! Each node gets `--health-timeout` to answer, all at once, so a silent
+//! node delays the start by at most that.
 //!
 //! **Routing.** A key's request goes to its shard's leader with
 //! `X-Kv-Route: direct`, so a node that is not the leader answers 421
@@ -28,6 +30,9 @@
 //! requests share one refresh at a time (single flight), which asks every
 //! member at once and merges every answer by term, so an answer from a
 //! node that is down or cut off never holds the others up.
+//!
+//! A HEAD's 421 has no body to name the leader: it is treated as "no
+//! leader named", so the request waits for one refresh of the table.
 //!
 //! Members are the ones of the first `/-/shards` answer: each has a pool
 //! per worker and a health checker, as ring-mode nodes do. A leader at an
