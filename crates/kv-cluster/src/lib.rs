@@ -41,8 +41,8 @@ pub use file::{
 };
 pub use placement::{placement, preferred_leaders, shard_point, NO_LEADER, PLACEMENT_VNODES};
 pub use route::{
-    is_final, wants_stale, Attempt, Next, Routing, BACKGROUND_REFRESH, CONSISTENCY_HEADER, CONSISTENCY_STALE,
-    DEFAULT_LEADER_WAIT, MAX_HOPS, REFRESH_EVERY,
+    is_final, wants_stale, Attempt, Next, Routing, BACKGROUND_REFRESH, CONSISTENCY_HEADER,
+    CONSISTENCY_STALE, DEFAULT_LEADER_WAIT, MAX_HOPS, REFRESH_EVERY,
 };
 pub use shard::{shard_of, MAX_SHARDS, SHARD_SEED};
 pub use spec::{
