@@ -412,14 +412,15 @@ impl MixWorker {
     }
 
     async fn connect_all(&mut self) -> Result<(), Failure> {
-        let cluster = self.shared.cluster.is_some();
+        let plan = &self.shared.plan;
+        if self.shared.cluster.is_some() {
+            connect_members(&mut self.conns, &self.shared.endpoints, plan).await;
+            return Ok(());
+        }
         for (node, endpoint) in self.shared.endpoints.iter().enumerate() {
-            // In a cluster any member may lead any key's shard.
-            if cluster || self.keys.iter().any(|k| k.node as usize == node) {
-                self.conns[node] = Some(
-                    client::connect(endpoint, self.shared.plan.timeout, self.shared.plan.client)
-                        .await?,
-                );
+            if self.keys.iter().any(|k| k.node as usize == node) {
+                self.conns[node] =
+                    Some(client::connect(endpoint, plan.timeout, plan.client).await?);
             }
         }
         Ok(())
@@ -478,6 +479,19 @@ pub(crate) async fn exchange(
         *slot = None;
     }
     result
+}
+
+/// Cluster mode: opens a connection to every member that takes one. Any
+/// member may lead any shard, and one that is down now (a failover test
+/// may start that way) is the routing rules' concern, not a setup failure:
+/// its connection is opened when a request needs it.
+async fn connect_members(conns: &mut [Option<Conn>], endpoints: &[Endpoint], plan: &Plan) {
+    for (slot, endpoint) in conns.iter_mut().zip(endpoints) {
+        match client::connect(endpoint, plan.timeout, plan.client).await {
+            Ok(conn) => *slot = Some(conn),
+            Err(failure) => log::debug!("{}: {}", endpoint.url, failure.detail),
+        }
+    }
 }
 
 async fn wait_start(mut start: watch::Receiver<Option<Instant>>) -> Option<Instant> {
@@ -622,12 +636,16 @@ impl SeedWorker {
         let shared = self.shared.clone();
         let mut stats = WorkerStats::new(shared.endpoints.len(), false);
         let mut setup = Ok(());
-        for (node, endpoint) in shared.endpoints.iter().enumerate() {
-            match client::connect(endpoint, shared.plan.timeout, shared.plan.client).await {
-                Ok(conn) => self.conns[node] = Some(conn),
-                Err(failure) => {
-                    setup = Err(failure);
-                    break;
+        if shared.cluster.is_some() {
+            connect_members(&mut self.conns, &shared.endpoints, &shared.plan).await;
+        } else {
+            for (node, endpoint) in shared.endpoints.iter().enumerate() {
+                match client::connect(endpoint, shared.plan.timeout, shared.plan.client).await {
+                    Ok(conn) => self.conns[node] = Some(conn),
+                    Err(failure) => {
+                        setup = Err(failure);
+                        break;
+                    }
                 }
             }
         }

@@ -142,3 +142,24 @@ fn without_a_leader_operations_fail_after_the_wait_and_504s_are_unknown() {
     assert_eq!(counts.get("put unknown"), Some(&puts), "{counts:?}");
     assert_eq!(fake.count(3, "PUT"), puts, "a 504 write was retried");
 }
+
+#[test]
+fn a_member_down_at_the_start_does_not_stop_the_run() {
+    let fake = FakeCluster::start(4);
+    // Member 4 is down (nothing listens); node 1 leads every shard.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead_addr = dead.local_addr().unwrap().to_string();
+    drop(dead);
+    fake.set(|s| {
+        s.members.insert(4, dead_addr);
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let history = dir.path().join("h.jsonl");
+    let output = run(&fake, &history, &["--requests", "99", "--workload", "seed"]);
+    assert!(output.status.success(), "{}", explain(&output));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("cluster of 4"), "{stdout}");
+    let ops = lines(&history);
+    assert!(ops.len() >= 99, "{} lines", ops.len());
+    assert!(ops.iter().all(|op| op["outcome"] == "ok"));
+}

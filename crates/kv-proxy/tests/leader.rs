@@ -335,3 +335,21 @@ fn standalone_nodes_keep_ring_routing() {
     assert_eq!(got.status, 200, "{}", got.text());
     assert_eq!(got.header("x-kv-node"), Some(name.as_str()));
 }
+
+#[test]
+fn a_leader_that_keeps_moving_is_followed_three_hops_then_503() {
+    let fake = start();
+    fake.set(|s| s.bounce = true);
+    let proxy = proxy(&fake, &[]);
+    let got = put(&proxy, "b", "x");
+    assert_eq!(got.status, 503, "{}", got.text());
+    assert_eq!(got.header("retry-after"), Some("1"));
+    assert!(
+        got.text().contains("changed leader 3 times"),
+        "{}",
+        got.text()
+    );
+    // The first try and three hops, nothing applied.
+    assert_eq!(fake.get(|s| s.seen.len()), 4);
+    assert!(fake.get(|s| s.data.is_empty()));
+}

@@ -9,7 +9,8 @@
 //! the others answer 421 naming it (kv-node's [`NotLeader`] body and
 //! `X-Kv-Leader` header), or 503 with `Retry-After: 1` when there is none.
 //! A GET with `X-Kv-Consistency: stale` is answered by any node. `fault`
-//! makes the leader answer writes 504, or close without answering.
+//! makes the leader answer writes 504, or close without answering;
+//! `bounce` makes every node answer 421 naming the next one.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -64,6 +65,10 @@ pub struct FakeState {
     pub actual: Option<u64>,
     pub actual_term: u64,
     pub fault: Fault,
+    /// Leadership moving faster than a client can follow: every key
+    /// request is answered 421 naming the next node, in a newer term each
+    /// time.
+    pub bounce: bool,
     /// The replicated map: key → the GET answer body.
     pub data: BTreeMap<String, Bytes>,
     /// Every key request, in order.
@@ -99,6 +104,7 @@ impl FakeCluster {
             actual: Some(1),
             actual_term: 1,
             fault: Fault::None,
+            bounce: false,
             data: BTreeMap::new(),
             seen: Vec::new(),
             views: 0,
@@ -253,6 +259,13 @@ async fn answer(
     });
     let key = path.trim_start_matches('/').to_owned();
     let shard = shard_of(key.as_bytes(), s.shards);
+    if s.bounce {
+        s.actual_term += 1;
+        let next = id % 3 + 1;
+        let addr = s.members[&next].clone();
+        let not_leader = NotLeader::new(shard, next, &addr, s.actual_term);
+        return Ok(json(421, serde_json::to_string(&not_leader).unwrap()));
+    }
     let stale_read = method == "GET" && consistency.as_deref() == Some("stale");
     if s.actual != Some(id) && !stale_read {
         return Ok(match s.actual {
