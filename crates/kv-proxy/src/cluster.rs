@@ -126,9 +126,43 @@ pub enum Discovered {
 }
 
 /// Asks every node in `nodes` for `/-/shards` at once, each within
-/// `timeout`. `Some` with a table merged from every answer when any node
-/// is in a cluster; `None` for ring mode.
-pub async fn discover(nodes: &[String], timeout: Duration) -> Option<ShardTable> {
+/// `timeout`, and again every 100 ms while none has answered, for up to
+/// `wait`. `Some` with a table merged from every answer of the round in
+/// which any node said it is in a cluster; `None` for ring mode (a node
+/// answered 404, or none answered within `wait`).
+///
+/// Why wait: nodes started together with the proxy may not serve yet, and
+/// a proxy that guessed ring mode in front of a cluster would relay every
+/// election's 503s instead of waiting them out.
+pub async fn discover(nodes: &[String], timeout: Duration, wait: Duration) -> Option<ShardTable> {
+    let deadline = Instant::now() + wait;
+    loop {
+        match discover_once(nodes, timeout).await {
+            Round::Cluster(table) => return Some(table),
+            Round::Standalone => return None,
+            Round::NoAnswer => {}
+        }
+        if Instant::now() >= deadline {
+            log::warn!(
+                "no node answered GET /-/shards within {}: starting in ring mode; restart the \
+                 proxy once the nodes serve if they form a replicated cluster",
+                humantime::format_duration(wait)
+            );
+            return None;
+        }
+        // Pacing between rounds of asking, not synchronisation.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// What one round of asking every node found.
+enum Round {
+    Cluster(ShardTable),
+    Standalone,
+    NoAnswer,
+}
+
+async fn discover_once(nodes: &[String], timeout: Duration) -> Round {
     let mut tasks = tokio::task::JoinSet::new();
     for node in nodes {
         let node = node.clone();
@@ -138,6 +172,7 @@ pub async fn discover(nodes: &[String], timeout: Duration) -> Option<ShardTable>
         });
     }
     let mut table: Option<ShardTable> = None;
+    let mut standalone = false;
     while let Some(joined) = tasks.join_next().await {
         let Ok((node, found)) = joined else { continue };
         match found {
@@ -152,11 +187,18 @@ pub async fn discover(nodes: &[String], timeout: Duration) -> Option<ShardTable>
                     Err(error) => log::warn!("node {node}: {error}"),
                 },
             },
-            Ok(Discovered::Standalone) => log::debug!("node {node} is standalone"),
-            Err(error) => log::warn!("node {node}: no /-/shards answer: {error}"),
+            Ok(Discovered::Standalone) => {
+                log::debug!("node {node} is standalone");
+                standalone = true;
+            }
+            Err(error) => log::debug!("node {node}: no /-/shards answer yet: {error}"),
         }
     }
-    table
+    match (table, standalone) {
+        (Some(table), _) => Round::Cluster(table),
+        (None, true) => Round::Standalone,
+        (None, false) => Round::NoAnswer,
+    }
 }
 
 /// `GET /-/shards` from `node` on a fresh connection, within `timeout`.

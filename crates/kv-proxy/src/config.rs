@@ -65,6 +65,14 @@ pub struct Config {
     #[arg(long, env = "KV_PROXY_LEADER_WAIT", default_value = "3s", value_parser = humantime::parse_duration)]
     pub leader_wait: Duration,
 
+    /// At start, how long to keep asking the nodes for GET /-/shards when
+    /// none answers yet (nodes still starting): the first node that answers
+    /// decides the mode (200: cluster mode, 404: ring mode). If none answers
+    /// within this, the proxy starts in ring mode and says so. Takes a
+    /// duration such as 500ms, 10s or 1m.
+    #[arg(long, env = "KV_PROXY_DISCOVER_WAIT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub discover_wait: Duration,
+
     /// Time between active health checks of each node (GET /-/health).
     /// Takes a duration such as 500ms, 30s or 2m.
     #[arg(long, env = "KV_PROXY_HEALTH_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]

@@ -49,7 +49,7 @@ pub async fn run(
 ) -> io::Result<()> {
     let invalid = |why: String| io::Error::new(io::ErrorKind::InvalidInput, why);
     // Replicated nodes answer /-/shards; standalone ones 404 (ring mode).
-    let cluster = cluster::discover(&config.nodes, config.health_timeout)
+    let cluster = cluster::discover(&config.nodes, config.health_timeout, config.discover_wait)
         .await
         .map(|table| {
             Arc::new(cluster::Cluster::new(

@@ -368,7 +368,17 @@ fn an_answer_before_the_body_never_closes_silently() {
     let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let dead_addr = dead.local_addr().unwrap().to_string();
     drop(dead);
-    let proxy = Process::spawn(&binary("kv-proxy"), &["--port", "0", "--nodes", &dead_addr]);
+    let proxy = Process::spawn(
+        &binary("kv-proxy"),
+        &[
+            "--port",
+            "0",
+            "--nodes",
+            &dead_addr,
+            "--discover-wait",
+            "100ms",
+        ],
+    );
     for _ in 0..3 {
         assert_no_silent_close(
             "proxy, node down",

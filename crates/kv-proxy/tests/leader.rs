@@ -353,3 +353,29 @@ fn a_leader_that_keeps_moving_is_followed_three_hops_then_503() {
     assert_eq!(fake.get(|s| s.seen.len()), 4);
     assert!(fake.get(|s| s.data.is_empty()));
 }
+
+#[test]
+fn nodes_not_serving_yet_at_start_are_asked_again_until_one_answers() {
+    let fake = start();
+    // Nodes still starting: the first rounds of /-/shards are refused
+    // (3 nodes per round, so this spans several rounds).
+    fake.set(|s| s.views_refused = 7);
+    let proxy = proxy(&fake, &[]);
+    let log = proxy.log();
+    assert!(log.contains("cluster mode: 4 shards"), "{log}");
+    assert!(fake.get(|s| s.views) > 7, "asked again after the refusals");
+    assert_eq!(put(&proxy, "k", "v").status, 200);
+}
+
+#[test]
+fn no_answer_within_the_discover_wait_is_ring_mode_and_says_so() {
+    let fake = start();
+    fake.set(|s| s.views_refused = usize::MAX);
+    let proxy = proxy(&fake, &["--discover-wait", "300ms"]);
+    let log = proxy.log();
+    assert!(log.contains("ring mode"), "{log}");
+    assert!(
+        log.contains("no node answered GET /-/shards within 300ms"),
+        "{log}"
+    );
+}

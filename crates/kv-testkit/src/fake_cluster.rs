@@ -75,6 +75,9 @@ pub struct FakeState {
     pub seen: Vec<Seen>,
     /// `/-/shards` requests served.
     pub views: usize,
+    /// This many more `/-/shards` requests are answered 503, as by a node
+    /// that is still starting.
+    pub views_refused: usize,
 }
 
 /// Three fake nodes; dropping it stops them.
@@ -108,6 +111,7 @@ impl FakeCluster {
             data: BTreeMap::new(),
             seen: Vec::new(),
             views: 0,
+            views_refused: 0,
         }));
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let shared = state.clone();
@@ -217,6 +221,10 @@ async fn answer(
     }
     if path == "/-/shards" {
         s.views += 1;
+        if s.views_refused > 0 {
+            s.views_refused -= 1;
+            return Ok(json(503, "{\"error\":\"starting\"}\n".into()));
+        }
         let view = ShardsView {
             shards: s.shards,
             replicas: 3,
