@@ -35,6 +35,10 @@ pub struct Endpoint {
     /// `host:port`: what the ring hashes nodes by, and what we connect to.
     pub authority: String,
     host_header: HeaderValue,
+    /// Cluster mode: ask for a 421 naming the leader (`X-Kv-Route:
+    /// direct`) instead of the node forwarding to it, so the client learns
+    /// where the leader is (design §12).
+    pub direct: bool,
 }
 
 impl Endpoint {
@@ -64,6 +68,7 @@ impl Endpoint {
             url: format!("http://{authority}"),
             authority,
             host_header,
+            direct: false,
         })
     }
 }
@@ -198,6 +203,12 @@ fn request(
     *request.uri_mut() = uri.clone();
     let headers = request.headers_mut();
     headers.insert(HOST, endpoint.host_header.clone());
+    if endpoint.direct {
+        headers.insert(
+            kv_cluster::ROUTE_HEADER,
+            HeaderValue::from_static(kv_cluster::ROUTE_DIRECT),
+        );
+    }
     if has_body {
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     }

@@ -132,6 +132,13 @@ pub struct Config {
     #[arg(long, env = "KV_BENCH_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     pub timeout: Duration,
 
+    /// Against a replicated cluster (nodes that answer GET /-/shards): how
+    /// long a request waits for its shard to have a leader before it counts
+    /// as failed (503). Meanwhile the shard table is refreshed every 50ms.
+    /// Takes a duration such as 500ms, 3s or 1m.
+    #[arg(long, env = "KV_BENCH_LEADER_WAIT", default_value = "3s", value_parser = humantime::parse_duration)]
+    pub leader_wait: Duration,
+
     /// Append every figure to FILE as JSON, one object per run and line
     /// (earlier lines are kept: delete the file to start afresh).
     #[arg(long, env = "KV_BENCH_JSON")]
@@ -346,6 +353,8 @@ pub struct Plan {
     pub preload: bool,
     pub rate: Option<f64>,
     pub timeout: Duration,
+    /// `--leader-wait`.
+    pub leader_wait: Duration,
     pub rng_seed: u64,
     pub client: ClientKind,
     /// Record every operation (`--history`).
@@ -440,6 +449,7 @@ impl Config {
             preload: self.preload,
             rate: self.rate,
             timeout: self.timeout,
+            leader_wait: self.leader_wait,
             rng_seed: self.rng_seed,
             client: self.client,
             history: self.history.is_some(),

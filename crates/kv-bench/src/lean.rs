@@ -78,6 +78,9 @@ pub async fn send(
     out.extend_from_slice(path.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\nhost: ");
     out.extend_from_slice(endpoint.authority.as_bytes());
+    if endpoint.direct {
+        out.extend_from_slice(b"\r\nx-kv-route: direct");
+    }
     match body {
         Some(body) => {
             out.extend_from_slice(b"\r\ncontent-type: application/json\r\ncontent-length: ");

@@ -14,6 +14,8 @@
 //! * [`check`]: what each answer must be; failures counted by kind.
 //! * [`client`]: one HTTP/1.1 connection per worker and node (hyper's, or
 //!   [`lean`]'s minimal one).
+//! * [`cluster`]: against a replicated cluster, routing each key to its
+//!   shard's leader with kv-proxy's retry rules.
 //! * [`worker`]: the closed- and open-loop request loops.
 //! * [`report`]: merging, printing and JSON.
 //! * [`spawn`]: `--spawn`, local kv-node processes.
@@ -31,6 +33,7 @@ use tokio::sync::{watch, Barrier};
 
 pub mod check;
 pub mod client;
+pub mod cluster;
 pub mod config;
 pub mod history;
 pub mod lean;
@@ -159,16 +162,36 @@ pub fn run(config: Config) -> Result<Outcome, BenchError> {
         }
         Target::Proxy(url) => ("proxy", vec![url.clone()]),
     };
-    let endpoints = urls
+    let mut endpoints = urls
         .iter()
         .map(|url| Endpoint::parse(url))
         .collect::<Result<Vec<_>, _>>()
         .map_err(BenchError::Config)?;
+    // Nodes of a replicated cluster answer /-/shards; standalone ones 404.
+    let mut target = target;
+    let cluster = if target == "nodes" {
+        let found = runtime
+            .block_on(cluster::discover(&endpoints, plan.timeout, plan.client))
+            .map_err(BenchError::Unreachable)?;
+        match found {
+            Some(table) => {
+                let cluster =
+                    cluster::BenchCluster::new(table, plan.leader_wait, plan.timeout, plan.client)
+                        .map_err(BenchError::Config)?;
+                endpoints = cluster.endpoints.clone();
+                target = "cluster";
+                Some(Arc::new(cluster))
+            }
+            None => None,
+        }
+    } else {
+        None
+    };
 
     let show_progress = progress::wanted(config.quiet);
     let node_counts: Vec<usize> = if target == "proxy" {
         vec![1]
-    } else if config.only_max {
+    } else if target == "cluster" || config.only_max {
         vec![endpoints.len()]
     } else {
         (1..=endpoints.len()).collect()
@@ -177,6 +200,8 @@ pub fn run(config: Config) -> Result<Outcome, BenchError> {
     for count in node_counts {
         let run_prefix = if target == "proxy" {
             format!("{prefix}p_")
+        } else if target == "cluster" {
+            format!("{prefix}c_")
         } else {
             format!("{prefix}n{count}_")
         };
@@ -184,7 +209,7 @@ pub fn run(config: Config) -> Result<Outcome, BenchError> {
         println!("{}", describe(&plan, target, &nodes));
         let report = runtime.block_on(async {
             tokio::select! {
-                report = run_once(&plan, target, nodes, run_prefix, show_progress, config.history.as_deref()) => report,
+                report = run_once(&plan, target, nodes, run_prefix, show_progress, config.history.as_deref(), cluster.clone()) => report,
                 signal = interrupted.recv() => Err(BenchError::Interrupted(signal)),
             }
         })?;
@@ -212,6 +237,13 @@ fn describe(plan: &Plan, target: &str, nodes: &[Endpoint]) -> String {
         format!(
             "proxy {}",
             nodes.iter().map(|e| e.url.as_str()).collect::<String>()
+        )
+    } else if target == "cluster" {
+        let list: Vec<&str> = nodes.iter().map(|e| e.authority.as_str()).collect();
+        format!(
+            "cluster of {} ({}), each key at its shard's leader",
+            nodes.len(),
+            list.join(", ")
         )
     } else {
         let list: Vec<&str> = nodes.iter().map(|e| e.authority.as_str()).collect();
@@ -281,7 +313,11 @@ async fn run_once(
     prefix: String,
     show_progress: bool,
     history: Option<&std::path::Path>,
+    cluster: Option<Arc<cluster::BenchCluster>>,
 ) -> Result<RunReport, BenchError> {
+    let refresher = cluster
+        .as_ref()
+        .map(cluster::BenchCluster::refresh_in_background);
     let ring = if target == "nodes" {
         let ring = Ring::new(
             endpoints.iter().map(|e| e.authority.clone()),
@@ -309,6 +345,7 @@ async fn run_once(
         live: (0..workers).map(|_| Live::default()).collect(),
         seed_ops,
         prefix: prefix.clone(),
+        cluster,
     });
     let handles: Vec<_> = (0..workers)
         .map(|id| match plan.workload {
@@ -358,6 +395,9 @@ async fn run_once(
     }
     if let Some(progress) = progress {
         progress::stop(progress);
+    }
+    if let Some(refresher) = refresher {
+        refresher.abort();
     }
     if let Some(error) = panicked {
         return Err(BenchError::Other(format!("a worker failed: {error}")));

@@ -25,6 +25,7 @@ use tokio::sync::{watch, Barrier};
 
 use crate::check::{check, ErrorCounts, Failure};
 use crate::client::{self, Answer, ClientKind, Conn, Endpoint};
+use crate::cluster::{self, BenchCluster};
 use crate::config::{Plan, Stop};
 use crate::history::{self, Recorder, Value};
 use crate::workload::{
@@ -71,6 +72,9 @@ pub struct RunShared {
     pub live: Vec<Live>,
     pub seed_ops: Vec<SeedOp>,
     pub prefix: String,
+    /// Against a replicated cluster: keys go to their shard's leader
+    /// ([`crate::cluster`]); `endpoints` are its members.
+    pub cluster: Option<Arc<BenchCluster>>,
 }
 
 /// A worker's results.
@@ -116,6 +120,8 @@ enum State {
 
 struct Key {
     path: Uri,
+    /// Ring mode: the owner's index in the endpoints. Cluster mode: the
+    /// key's shard (its leader is looked up per request).
     node: u32,
     state: State,
 }
@@ -176,7 +182,10 @@ impl MixWorker {
             .map(|local| {
                 let name = format!("{}{}", shared.prefix, global_key(local, shared.workers, id));
                 Key {
-                    node: ring.map_or(0, |r| r.owner_index(name.as_bytes()) as u32),
+                    node: match &shared.cluster {
+                        Some(cluster) => cluster.shard_of(name.as_bytes()),
+                        None => ring.map_or(0, |r| r.owner_index(name.as_bytes()) as u32),
+                    },
                     path: path_of(&name),
                     state: State::Absent,
                 }
@@ -205,7 +214,6 @@ impl MixWorker {
     async fn execute(&mut self, kind: OpKind, local: usize) -> (Result<(), Failure>, usize) {
         let key = &self.keys[local];
         let node = key.node as usize;
-        let endpoint = &self.shared.endpoints[node];
         let timeout = self.shared.plan.timeout;
         let mut seq = 0;
         let (method, body, expect) = match kind {
@@ -241,16 +249,34 @@ impl MixWorker {
         } else {
             0
         };
-        let answer = exchange(
-            &mut self.conns[node],
-            endpoint,
-            client,
-            method,
-            &key.path,
-            body,
-            timeout,
-        )
-        .await;
+        let (answer, node) = match self.shared.cluster.as_deref() {
+            Some(cluster) => {
+                cluster::routed(
+                    cluster,
+                    &mut self.conns,
+                    key.node,
+                    method,
+                    &key.path,
+                    body,
+                    timeout,
+                    client,
+                )
+                .await
+            }
+            None => {
+                let answer = exchange(
+                    &mut self.conns[node],
+                    &self.shared.endpoints[node],
+                    client,
+                    method,
+                    &key.path,
+                    body,
+                    timeout,
+                )
+                .await;
+                (answer, node)
+            }
+        };
         if let Some(recorder) = self.history.as_mut() {
             let answer = answer.as_ref().map(|a| (a.status, &a.body[..]));
             recorder.record(local as u32, kind, Value::Seq(seq), invoked, answer);
@@ -386,12 +412,15 @@ impl MixWorker {
     }
 
     async fn connect_all(&mut self) -> Result<(), Failure> {
+        let plan = &self.shared.plan;
+        if self.shared.cluster.is_some() {
+            connect_members(&mut self.conns, &self.shared.endpoints, plan).await;
+            return Ok(());
+        }
         for (node, endpoint) in self.shared.endpoints.iter().enumerate() {
             if self.keys.iter().any(|k| k.node as usize == node) {
-                self.conns[node] = Some(
-                    client::connect(endpoint, self.shared.plan.timeout, self.shared.plan.client)
-                        .await?,
-                );
+                self.conns[node] =
+                    Some(client::connect(endpoint, plan.timeout, plan.client).await?);
             }
         }
         Ok(())
@@ -430,7 +459,7 @@ async fn back_off(failure: &Failure) {
 
 /// Sends on the node's connection, opening it first if needed; a connection
 /// that failed is dropped (its state is unknown).
-async fn exchange(
+pub(crate) async fn exchange(
     slot: &mut Option<Conn>,
     endpoint: &Endpoint,
     client: ClientKind,
@@ -450,6 +479,19 @@ async fn exchange(
         *slot = None;
     }
     result
+}
+
+/// Cluster mode: opens a connection to every member that takes one. Any
+/// member may lead any shard, and one that is down now (a failover test
+/// may start that way) is the routing rules' concern, not a setup failure:
+/// its connection is opened when a request needs it.
+async fn connect_members(conns: &mut [Option<Conn>], endpoints: &[Endpoint], plan: &Plan) {
+    for (slot, endpoint) in conns.iter_mut().zip(endpoints) {
+        match client::connect(endpoint, plan.timeout, plan.client).await {
+            Ok(conn) => *slot = Some(conn),
+            Err(failure) => log::debug!("{}: {}", endpoint.url, failure.detail),
+        }
+    }
 }
 
 async fn wait_start(mut start: watch::Receiver<Option<Instant>>) -> Option<Instant> {
@@ -510,16 +552,35 @@ impl SeedWorker {
         } else {
             0
         };
-        let answer = exchange(
-            &mut self.conns[node],
-            endpoint,
-            self.shared.plan.client,
-            method,
-            &path_of(&name),
-            body.as_deref().map(str::as_bytes),
-            self.shared.plan.timeout,
-        )
-        .await;
+        let path = path_of(&name);
+        let (answer, node) = match self.shared.cluster.as_deref() {
+            Some(cluster) => {
+                cluster::routed(
+                    cluster,
+                    &mut self.conns,
+                    cluster.shard_of(name.as_bytes()),
+                    method,
+                    &path,
+                    body.as_deref().map(str::as_bytes),
+                    self.shared.plan.timeout,
+                    self.shared.plan.client,
+                )
+                .await
+            }
+            None => {
+                let answer = exchange(
+                    &mut self.conns[node],
+                    endpoint,
+                    self.shared.plan.client,
+                    method,
+                    &path,
+                    body.as_deref().map(str::as_bytes),
+                    self.shared.plan.timeout,
+                )
+                .await;
+                (answer, node)
+            }
+        };
         if let Some(recorder) = self.history.as_mut() {
             let key = recorder.add_key(name.clone());
             let put = if op.kind == OpKind::Set {
@@ -575,12 +636,16 @@ impl SeedWorker {
         let shared = self.shared.clone();
         let mut stats = WorkerStats::new(shared.endpoints.len(), false);
         let mut setup = Ok(());
-        for (node, endpoint) in shared.endpoints.iter().enumerate() {
-            match client::connect(endpoint, shared.plan.timeout, shared.plan.client).await {
-                Ok(conn) => self.conns[node] = Some(conn),
-                Err(failure) => {
-                    setup = Err(failure);
-                    break;
+        if shared.cluster.is_some() {
+            connect_members(&mut self.conns, &shared.endpoints, &shared.plan).await;
+        } else {
+            for (node, endpoint) in shared.endpoints.iter().enumerate() {
+                match client::connect(endpoint, shared.plan.timeout, shared.plan.client).await {
+                    Ok(conn) => self.conns[node] = Some(conn),
+                    Err(failure) => {
+                        setup = Err(failure);
+                        break;
+                    }
                 }
             }
         }

@@ -15,6 +15,9 @@
 //! - [`ShardTable`]: the `GET /-/shards` answer ([`ShardsView`]) as key →
 //!   shard → leader address, updated from 421 answers ([`NotLeader`]) only
 //!   when they carry a newer term (§6.1, §11, §12).
+//! - [`Routing`]: what a client does with each answer of a shard's leader
+//!   (follow a 421, wait out a 503, never retry a 504), shared by kv-proxy
+//!   and kv-bench (§12).
 //! - [`read_cluster`], [`write_cluster`] and [`check_flags`]:
 //!   `<data-dir>/cluster.json`, written atomically and checksummed, and the
 //!   refusal of restart flags that contradict it, with the fix in the
@@ -27,6 +30,7 @@
 
 mod file;
 mod placement;
+mod route;
 mod shard;
 mod spec;
 mod table;
@@ -36,6 +40,10 @@ pub use file::{
     ClusterFileError, Difference, Flags, Mismatch, StoredCluster, CLUSTER_FILE, CLUSTER_FORMAT,
 };
 pub use placement::{placement, preferred_leaders, shard_point, NO_LEADER, PLACEMENT_VNODES};
+pub use route::{
+    is_final, wants_stale, Attempt, Next, Routing, BACKGROUND_REFRESH, CONSISTENCY_HEADER,
+    CONSISTENCY_STALE, DEFAULT_LEADER_WAIT, MAX_HOPS, REFRESH_EVERY,
+};
 pub use shard::{shard_of, MAX_SHARDS, SHARD_SEED};
 pub use spec::{
     format_peers, parse_peers, AddrProblem, ClusterSpec, PeersError, SpecError, DEFAULT_REPLICAS,

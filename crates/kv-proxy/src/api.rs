@@ -29,6 +29,7 @@ use kv_http::server::Reserve;
 use kv_http::{json_response, key, ApiError};
 use kv_ring::Ring;
 
+use crate::cluster::{self, ClusterWorker};
 use crate::error::ProxyError;
 use crate::pool::{NodePool, PooledBody};
 use crate::upstream::{self, Node, NodeClosed, Outcome};
@@ -52,6 +53,9 @@ pub struct Proxy {
     pub started: Instant,
     /// Requests by operation and status, and latency; shared by the workers.
     pub metrics: Arc<Metrics>,
+    /// Cluster mode ([`crate::cluster`]): `nodes` are the members, and keys
+    /// go to their shard's leader instead of their ring owner.
+    pub cluster: Option<ClusterWorker>,
 }
 
 /// The service function: every request gets an answer, errors included.
@@ -102,7 +106,15 @@ async fn route(
         // `*` (asterisk form) is for OPTIONS only.
         return Err(ApiError::InvalidKey("the request target is not a path").into());
     }
-    let owner = proxy.ring.owner_index(key::parse(path)?.as_bytes());
+    let key = key::parse(path)?;
+    // Cluster mode hashes the key to its shard; the ring path is as it was.
+    let (owner, shard) = match &proxy.cluster {
+        Some(cluster) => (
+            0,
+            kv_cluster::shard_of(key.as_bytes(), cluster.shared.shards()),
+        ),
+        None => (proxy.ring.owner_index(key.as_bytes()), 0),
+    };
     // A method the node would refuse is refused here, before the body is
     // read: reading it would send `100 Continue` to a client that asked.
     if !matches!(
@@ -123,6 +135,13 @@ async fn route(
             limit: proxy.max_body_bytes,
         }
         .into());
+    }
+    if let Some(cluster) = &proxy.cluster {
+        // The body is read in full before anything is sent (a retry sends
+        // it again), so the client's connection can stay open whatever the
+        // answer; the body errors that must close say so themselves.
+        *forwarded = true;
+        return cluster::forward(proxy, cluster, request, shard).await;
     }
     let node = &proxy.nodes[owner];
     let result = upstream::forward(
@@ -189,15 +208,27 @@ fn admin_route(
             // Still 200: the proxy itself serves, and the keys of the
             // nodes that are up are answered. Which nodes are down is here
             // for whoever looks.
-            serde_json::json!({
+            let mut health = serde_json::json!({
                 "status": if down.is_empty() { "ok" } else { "degraded" },
                 "role": "proxy",
+                "mode": if proxy.cluster.is_some() { "cluster" } else { "ring" },
                 "nodes": proxy.nodes.len(),
                 "nodes_up": proxy.nodes.len() - down.len(),
                 "nodes_down": down,
                 "uptime_seconds": proxy.started.elapsed().as_secs(),
                 "version": env!("CARGO_PKG_VERSION"),
-            })
+            });
+            // Cluster mode: a shard without a known leader is answered only
+            // after a wait, or 503: degraded too.
+            if let Some(cluster) = &proxy.cluster {
+                let leaderless = cluster.shared.without_leader();
+                if !leaderless.is_empty() {
+                    health["status"] = "degraded".into();
+                }
+                health["shards"] = cluster.shared.shards().into();
+                health["shards_without_leader"] = leaderless.into();
+            }
+            health
         }
         "ring" => serde_json::json!({
             "vnodes": proxy.ring.vnodes(),
@@ -210,6 +241,25 @@ fn admin_route(
             }).collect::<Vec<_>>(),
         }),
         _ => match path.strip_prefix("owner/") {
+            Some(encoded) if proxy.cluster.is_some() => {
+                let key = key::parse(encoded)?;
+                let Some(cluster) = &proxy.cluster else {
+                    return Err(ApiError::UnknownAdminPath.into());
+                };
+                let (shard, leader) = cluster.shared.leader_of(key.as_bytes());
+                let up = leader.as_deref().is_some_and(|addr| {
+                    proxy
+                        .nodes
+                        .iter()
+                        .any(|n| n.name == addr && n.health.is_up())
+                });
+                serde_json::json!({
+                    "key": key,
+                    "shard": shard,
+                    "owner": leader,
+                    "up": up,
+                })
+            }
             Some(encoded) => {
                 let key = key::parse(encoded)?;
                 let node = &proxy.nodes[proxy.ring.owner_index(key.as_bytes())];
@@ -279,5 +329,50 @@ fn render_metrics(proxy: &Proxy) -> String {
         true,
         errors,
     );
+    if let Some(cluster) = &proxy.cluster {
+        let stats = &cluster.shared.stats;
+        let count = |counter: &std::sync::atomic::AtomicU64| {
+            vec![(
+                Vec::new(),
+                counter.load(std::sync::atomic::Ordering::Relaxed),
+            )]
+        };
+        scrape.family(
+            "kv_proxy_not_leader_total",
+            "421 answers followed to the named leader.",
+            true,
+            count(&stats.not_leader),
+        );
+        scrape.family(
+            "kv_proxy_leader_waits_total",
+            "Requests that waited for their shard to have a leader.",
+            true,
+            count(&stats.waited),
+        );
+        scrape.family(
+            "kv_proxy_no_leader_total",
+            "Requests answered 503: no leader within --leader-wait, or it kept moving.",
+            true,
+            count(&stats.no_leader),
+        );
+        scrape.family(
+            "kv_proxy_outcome_unknown_total",
+            "Requests answered 504: the outcome of a write is unknown.",
+            true,
+            count(&stats.unknown),
+        );
+        scrape.family(
+            "kv_proxy_table_refreshes_total",
+            "Refreshes of the shard table from GET /-/shards.",
+            true,
+            count(&stats.refreshes),
+        );
+        scrape.family(
+            "kv_proxy_shards_without_leader",
+            "Shards whose leader the proxy does not know right now.",
+            false,
+            vec![(Vec::new(), cluster.shared.without_leader().len() as u64)],
+        );
+    }
     scrape.encode()
 }

@@ -58,6 +58,13 @@ pub struct Config {
     #[arg(long, env = "KV_PROXY_REQUEST_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     pub request_timeout: Duration,
 
+    /// Cluster mode: how long a request waits for its shard to have a
+    /// leader (an election, a node restarting) before the proxy answers 503.
+    /// While waiting it refreshes the shard table from GET /-/shards every
+    /// 50ms. Takes a duration such as 500ms, 3s or 1m.
+    #[arg(long, env = "KV_PROXY_LEADER_WAIT", default_value = "3s", value_parser = humantime::parse_duration)]
+    pub leader_wait: Duration,
+
     /// Time between active health checks of each node (GET /-/health).
     /// Takes a duration such as 500ms, 30s or 2m.
     #[arg(long, env = "KV_PROXY_HEALTH_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]

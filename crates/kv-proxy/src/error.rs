@@ -6,14 +6,24 @@
 //! The variants stay apart here (down, connect, timeout, upstream) for the
 //! per-node counters in `/-/metrics`; to the client, "down" and "connect"
 //! are one answer: the node is unavailable.
+//!
+//! Cluster mode (design §6.1, §12) adds the leader-routing outcomes: a shard
+//! with no leader within `--leader-wait`, or a leader that kept moving, is
+//! 503 with `Retry-After` (nothing was proposed: safe to retry); a write
+//! whose exchange broke after it was sent is 504 (outcome unknown: never
+//! retried, by the proxy or by a client that trusts it).
 
 use std::time::Duration;
 
-use hyper::header::HeaderValue;
-use hyper::Response;
-use kv_http::{ApiError, Body};
+use bytes::Bytes;
+use hyper::header::{HeaderValue, RETRY_AFTER};
+use hyper::{Response, StatusCode};
+use kv_http::{json_response, ApiError, Body};
 
 use crate::upstream::X_KV_NODE;
+
+/// Header naming the shard of a cluster-mode refusal, for whoever debugs it.
+pub const X_KV_SHARD: &str = "x-kv-shard";
 
 /// Why a request was not forwarded, or not answered by its node.
 #[derive(Debug)]
@@ -28,6 +38,14 @@ pub enum ProxyError {
     Timeout { node: String, after: Duration },
     /// The owner broke the exchange (reset or closed mid-answer).
     Upstream { node: String, why: String },
+    /// Cluster mode: no leader of `shard` answered within `--leader-wait`.
+    NoLeader { shard: u32, waited: Duration },
+    /// Cluster mode: the leader of `shard` moved more than `hops` times
+    /// while the request followed it.
+    LeaderMoving { shard: u32, hops: u32 },
+    /// Cluster mode: a write reached `node` and then the exchange broke, so
+    /// whether it was applied is unknown (504, never retried).
+    OutcomeUnknown { node: String, why: String },
 }
 
 impl From<ApiError> for ProxyError {
@@ -40,6 +58,28 @@ impl ProxyError {
     /// The API error this is to the client, and the node it concerns.
     pub fn into_api(self) -> (ApiError, Option<String>) {
         match self {
+            ProxyError::NoLeader { shard, waited } => (
+                ApiError::Unavailable(format!(
+                    "shard {shard} has no leader (waited {})",
+                    humantime::format_duration(round_ms(waited))
+                )),
+                None,
+            ),
+            ProxyError::LeaderMoving { shard, hops } => (
+                ApiError::Unavailable(format!(
+                    "shard {shard} changed leader {hops} times during the request; retry"
+                )),
+                None,
+            ),
+            // Not kv-http's: its 504 says "did not answer within"; this
+            // one answered nothing after the write went out.
+            ProxyError::OutcomeUnknown { node, why } => (
+                ApiError::NodeFailed {
+                    node: node.clone(),
+                    why,
+                },
+                Some(node),
+            ),
             ProxyError::Api(error) => (error, None),
             ProxyError::NodeDown { node } | ProxyError::Connect { node, .. } => {
                 (ApiError::NodeUnavailable { node: node.clone() }, Some(node))
@@ -64,13 +104,43 @@ impl ProxyError {
     /// The full HTTP response for this error, with `X-Kv-Node` naming the
     /// node it concerns.
     pub fn into_response(self) -> Response<Body> {
+        let shard = match &self {
+            ProxyError::NoLeader { shard, .. } | ProxyError::LeaderMoving { shard, .. } => {
+                Some(*shard)
+            }
+            _ => None,
+        };
+        if let ProxyError::OutcomeUnknown { node, why } = &self {
+            let message =
+                format!("outcome unknown: node {node} failed after the request was sent: {why}");
+            let mut bytes = serde_json::json!({ "error": message })
+                .to_string()
+                .into_bytes();
+            bytes.push(b'\n');
+            let mut response = json_response(StatusCode::GATEWAY_TIMEOUT, Bytes::from(bytes));
+            if let Ok(value) = HeaderValue::from_str(node) {
+                response.headers_mut().insert(X_KV_NODE, value);
+            }
+            return response;
+        }
         let (error, node) = self.into_api();
         let mut response = error.into_response();
         if let Some(value) = node.and_then(|n| HeaderValue::from_str(&n).ok()) {
             response.headers_mut().insert(X_KV_NODE, value);
         }
+        if let Some(shard) = shard {
+            response
+                .headers_mut()
+                .insert(X_KV_SHARD, HeaderValue::from(shard));
+            debug_assert!(response.headers().contains_key(RETRY_AFTER));
+        }
         response
     }
+}
+
+/// A wait as people read it: whole milliseconds.
+fn round_ms(waited: Duration) -> Duration {
+    Duration::from_millis(u64::try_from(waited.as_millis()).unwrap_or(u64::MAX))
 }
 
 #[cfg(test)]
@@ -107,5 +177,27 @@ mod tests {
         assert_eq!(upstream.into_response().status(), StatusCode::BAD_GATEWAY);
         let api = ProxyError::from(ApiError::UnknownAdminPath);
         assert_eq!(api.into_response().status(), StatusCode::NOT_FOUND);
+    }
+
+    #[test]
+    fn cluster_refusals_are_503_with_retry_after_and_unknown_is_504() {
+        let response = ProxyError::NoLeader {
+            shard: 17,
+            waited: Duration::from_micros(3_000_400),
+        }
+        .into_response();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(response.headers()[RETRY_AFTER], "1");
+        assert_eq!(response.headers()[X_KV_SHARD], "17");
+        let moving = ProxyError::LeaderMoving { shard: 2, hops: 3 }.into_response();
+        assert_eq!(moving.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(moving.headers()[RETRY_AFTER], "1");
+        let unknown = ProxyError::OutcomeUnknown {
+            node: "127.0.0.1:1".into(),
+            why: "reset".into(),
+        }
+        .into_response();
+        assert_eq!(unknown.status(), StatusCode::GATEWAY_TIMEOUT);
+        assert_eq!(unknown.headers()[X_KV_NODE], "127.0.0.1:1");
     }
 }

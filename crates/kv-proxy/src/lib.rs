@@ -1,9 +1,13 @@
 //! `kv-proxy`: sends every request for a key to the one kv-node that owns it
 //! on the consistent-hash ring ([`kv_ring`]), so a client sees one store.
+//! In front of a replicated cluster (nodes that answer `GET /-/shards`) it
+//! sends each key to its shard's leader instead ([`cluster`]).
 //!
 //! The crate is a library with a thin binary, as kv-node is. Modules, one
 //! concern each:
 //! * [`config`]: flags and environment variables.
+//! * [`cluster`]: cluster mode: the shard table, leader routing and its
+//!   retry rules.
 //! * [`api`]: routing, admin endpoints (`/-/health`, `/-/ready`, `/-/ring`,
 //!   `/-/owner/<key>`, `/-/metrics`).
 //! * [`upstream`]: forwarding (streaming, retries, timeouts).
@@ -24,6 +28,7 @@ use kv_ring::Ring;
 use tokio::net::TcpListener;
 
 pub mod api;
+pub mod cluster;
 pub mod config;
 pub mod error;
 pub mod health;
@@ -43,7 +48,23 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()> {
     let invalid = |why: String| io::Error::new(io::ErrorKind::InvalidInput, why);
-    let ring = Ring::new(config.nodes.iter().map(String::as_str), config.vnodes)
+    // Replicated nodes answer /-/shards; standalone ones 404 (ring mode).
+    let cluster = cluster::discover(&config.nodes, config.health_timeout)
+        .await
+        .map(|table| {
+            Arc::new(cluster::Cluster::new(
+                table,
+                &config.nodes,
+                config.leader_wait,
+                config.health_timeout,
+            ))
+        });
+    // In cluster mode requests go to the members, as the table names them.
+    let names: Vec<String> = match &cluster {
+        Some(cluster) => cluster.members(),
+        None => config.nodes.clone(),
+    };
+    let ring = Ring::new(names.iter().map(String::as_str), config.vnodes)
         .map_err(|e| invalid(format!("cannot build the ring: {e}")))?;
     let nodes = ring
         .nodes()
@@ -76,18 +97,32 @@ pub async fn run(
                 max_body_bytes: config.max_body_bytes,
                 started,
                 metrics: Arc::clone(&metrics),
+                cluster: cluster
+                    .as_ref()
+                    .map(|c| cluster::ClusterWorker::new(Arc::clone(c))),
             })
         })
         .collect();
+    let mode = match &cluster {
+        Some(cluster) => format!(
+            "cluster mode: {} shards, routed to their leaders; leader wait {}",
+            cluster.shards(),
+            humantime::format_duration(config.leader_wait)
+        ),
+        None => format!("ring mode: {} vnodes each", config.vnodes),
+    };
     log::info!(
-        "kv-proxy {} listening on http://{} (nodes {}; {} vnodes each; {} workers)",
+        "kv-proxy {} listening on http://{} (nodes {}; {mode}; {} workers)",
         env!("CARGO_PKG_VERSION"),
         listener.local_addr()?,
-        config.nodes.join(", "),
-        config.vnodes,
+        names.join(", "),
         workers.len()
     );
-    let checkers = health::spawn_checkers(&health, config.health_interval, config.health_timeout);
+    let mut checkers =
+        health::spawn_checkers(&health, config.health_interval, config.health_timeout);
+    if let Some(cluster) = &cluster {
+        checkers.push(tokio::spawn(Arc::clone(cluster).refresh_forever()));
+    }
     let limits = kv_http::server::ConnectionLimits {
         max_connections: config.max_connections,
         header_timeout: config.header_timeout,

@@ -41,6 +41,9 @@ pub enum UpstreamBody {
     Client(ClientBody),
     /// No body (a GET, or a retried one).
     Empty,
+    /// A body read in full before sending (cluster mode, so a retry at
+    /// another node can send it again); `None` once sent.
+    Buffered(Option<Bytes>),
 }
 
 impl Body for UpstreamBody {
@@ -54,6 +57,12 @@ impl Body for UpstreamBody {
         match self.get_mut() {
             UpstreamBody::Client(body) => Pin::new(body).poll_frame(cx),
             UpstreamBody::Empty => Poll::Ready(None),
+            UpstreamBody::Buffered(bytes) => Poll::Ready(
+                bytes
+                    .take()
+                    .filter(|b| !b.is_empty())
+                    .map(|b| Ok(Frame::data(b))),
+            ),
         }
     }
 
@@ -61,6 +70,7 @@ impl Body for UpstreamBody {
         match self {
             UpstreamBody::Client(body) => body.body.as_ref().is_none_or(Body::is_end_stream),
             UpstreamBody::Empty => true,
+            UpstreamBody::Buffered(bytes) => bytes.as_ref().is_none_or(Bytes::is_empty),
         }
     }
 
@@ -71,6 +81,9 @@ impl Body for UpstreamBody {
                 .as_ref()
                 .map_or_else(|| SizeHint::with_exact(0), Body::size_hint),
             UpstreamBody::Empty => SizeHint::with_exact(0),
+            UpstreamBody::Buffered(bytes) => {
+                SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64))
+            }
         }
     }
 }

@@ -93,8 +93,12 @@ impl Outcome {
             Err(ProxyError::NodeDown { .. }) => Outcome::Down,
             Err(ProxyError::Connect { .. }) => Outcome::Connect,
             Err(ProxyError::Timeout { .. }) => Outcome::Timeout,
-            Err(ProxyError::Upstream { .. }) => Outcome::Upstream,
-            Err(ProxyError::Api(_)) => return None,
+            Err(ProxyError::Upstream { .. } | ProxyError::OutcomeUnknown { .. }) => {
+                Outcome::Upstream
+            }
+            Err(
+                ProxyError::Api(_) | ProxyError::NoLeader { .. } | ProxyError::LeaderMoving { .. },
+            ) => return None,
         })
     }
 }
@@ -161,7 +165,7 @@ impl Node {
 #[derive(Debug, Clone, Copy)]
 pub struct NodeClosed;
 
-fn says_close(headers: &HeaderMap) -> bool {
+pub(crate) fn says_close(headers: &HeaderMap) -> bool {
     headers.get(hyper::header::CONNECTION).is_some_and(|value| {
         value
             .to_str()
@@ -171,7 +175,7 @@ fn says_close(headers: &HeaderMap) -> bool {
     })
 }
 
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
+pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // One pass of cheap comparisons first: requests and answers almost never
     // carry these, and six hashed removals per message would cost more.
     if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
@@ -320,7 +324,7 @@ fn node_timeout(node: &Node, after: Duration) -> ProxyError {
 /// One exchange. The outer error is final (no connection could be made);
 /// the inner one is a failure after the request may have reached the node,
 /// which the caller may retry.
-async fn send(
+pub(crate) async fn send(
     pool: &Arc<NodePool>,
     node: &Node,
     mut request: Request<UpstreamBody>,
@@ -378,7 +382,7 @@ fn upstream_error(node: &Node, error: &hyper::Error) -> ProxyError {
 }
 
 /// `error: source: source`, since hyper's top-level messages are vague.
-fn error_chain(error: &dyn std::error::Error) -> String {
+pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
     while let Some(cause) = source {

@@ -582,7 +582,16 @@ fn fake_node(answer: fn(TcpStream)) -> FakeNode {
             thread::spawn(move || {
                 let mut head = [0u8; 1024];
                 let read = stream.read(&mut head).unwrap_or(0);
-                if !String::from_utf8_lossy(&head[..read]).contains("kv-health-probe") {
+                let head = String::from_utf8_lossy(&head[..read]);
+                // The proxy asks at start whether this is a cluster member;
+                // a standalone node says no (not counted).
+                if head.starts_with("GET /-/shards ") {
+                    let _ = stream.write_all(
+                        b"HTTP/1.1 404 Not Found\r\ncontent-length: 30\r\nconnection: close\r\n\r\n{\"error\":\"Unknown admin path\"}",
+                    );
+                    return;
+                }
+                if !head.contains("kv-health-probe") {
                     counter.fetch_add(1, Ordering::SeqCst);
                 }
                 answer(stream);

@@ -15,6 +15,9 @@ use kv_testkit::{binary, request, Process};
 const ANSWER: &[u8] =
     b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 15\r\n\r\n{\"value\":\"ok\"}\n";
 
+/// kv-node's answer to `GET /-/shards` when it is not in a cluster.
+const STANDALONE: &[u8] = b"HTTP/1.1 404 Not Found\r\ncontent-type: application/json\r\ncontent-length: 30\r\nconnection: close\r\n\r\n{\"error\":\"Unknown admin path\"}";
+
 /// What the fake node has seen (health checks left out).
 #[derive(Default)]
 struct Seen {
@@ -50,6 +53,12 @@ fn counting_node(close_after_answer: bool) -> (SocketAddr, Arc<Seen>) {
                         buffer.drain(..end + 4);
                         if head.contains("kv-health-probe") {
                             let _ = stream.write_all(ANSWER);
+                            return;
+                        }
+                        // The proxy asks at start whether this is a cluster
+                        // member; a standalone node says no (not counted).
+                        if head.starts_with("GET /-/shards ") {
+                            let _ = stream.write_all(STANDALONE);
                             return;
                         }
                         if !counted {

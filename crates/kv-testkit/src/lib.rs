@@ -8,6 +8,9 @@
 //!   answers 200 (kv-http's probe, the one the servers' health checks use).
 //!   No sleeps: every wait is for an event, bounded by a deadline.
 //! * [`Process`] kills its child on drop; [`Process::kill9`] is a crash.
+//! * [`FakeCluster`] is three fake replicated nodes on port 0 that serve
+//!   `/-/shards` and answer 421/503/504 as a test scripts them, for testing
+//!   leader routing in kv-proxy and kv-bench (see [`fake_cluster`]).
 //! * [`Relay`] is a TCP relay a test can black-hole or reset while it runs,
 //!   for partition tests (see [`relay`]).
 //!
@@ -17,7 +20,9 @@
 // Test support: a panic is how it reports a failed setup to the test.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
+pub mod fake_cluster;
 pub mod relay;
+pub use fake_cluster::FakeCluster;
 pub use relay::Relay;
 
 use std::io::{BufRead, BufReader, Read, Write};

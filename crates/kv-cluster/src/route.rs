@@ -1,0 +1,391 @@
+//! The retry rules of a client that routes to shard leaders (design §6.1,
+//! §12), shared by kv-proxy and kv-bench so the two cannot drift apart.
+//!
+//! A client sends a key's request to its shard's leader from a
+//! [`ShardTable`] with `X-Kv-Route: direct`, then asks [`Routing::next`]
+//! what the answer means. The rules follow from one invariant of kv-node's
+//! status table: **421 and 503 mean "not proposed, never will be applied";
+//! only 504 means "outcome unknown".** So:
+//!
+//! | what happened | next step |
+//! |---|---|
+//! | 421 with a [`NotLeader`] body | update the table, retry at the named leader at once, at most [`MAX_HOPS`] times, then 503 |
+//! | 503, a connection that failed before anything was written, no leader known | wait for a leader: refresh the table every [`REFRESH_EVERY`] and retry, until the wait bound (`--leader-wait`, default [`DEFAULT_LEADER_WAIT`]) passes, then 503 |
+//! | 504, or a write whose exchange broke after it was written | outcome unknown: 504, never retried |
+//! | a read whose exchange broke after it was written | as a failed connect: a read changes nothing, so it may go again |
+//! | anything else | the answer (200, 404, 400, 413, ...) |
+//!
+//! The rules are pure: no clock of their own (the caller passes `now`), no
+//! I/O. Sending, sleeping and fetching `/-/shards` are the caller's, in its
+//! own client.
+
+use std::time::{Duration, Instant};
+
+use crate::table::{NotLeader, ShardTable, NOT_LEADER_STATUS};
+
+/// Most 421s followed for one request before giving up with 503: leaders
+/// change rarely, so three hops mean the cluster is moving faster than the
+/// client can follow.
+pub const MAX_HOPS: u32 = 3;
+/// How long a request waits for its shard to elect a leader before 503.
+pub const DEFAULT_LEADER_WAIT: Duration = Duration::from_secs(3);
+/// How often a waiting request refreshes the table from `/-/shards`.
+pub const REFRESH_EVERY: Duration = Duration::from_millis(50);
+/// How often the table is refreshed in the background, waiting or not.
+pub const BACKGROUND_REFRESH: Duration = Duration::from_secs(1);
+/// Request header choosing the read consistency (design §6.3).
+pub const CONSISTENCY_HEADER: &str = "x-kv-consistency";
+/// The value of [`CONSISTENCY_HEADER`] that allows a stale read from any
+/// replica.
+pub const CONSISTENCY_STALE: &str = "stale";
+
+/// What one attempt at a shard's leader came to, as the client saw it.
+#[derive(Debug, Clone, Copy)]
+pub enum Attempt<'a> {
+    /// The node answered with this status and body (the body is looked at
+    /// only for a 421).
+    Answered {
+        /// HTTP status.
+        status: u16,
+        /// The whole body, or empty when the caller streams it on.
+        body: &'a [u8],
+    },
+    /// Nothing was sent: the table knows no leader, the connection was
+    /// refused or not made in time, or the node is known to be down.
+    NotSent,
+    /// The request was written (maybe in part) and no answer came: the
+    /// connection broke. A timeout is not this: it is [`Attempt::Answered`]
+    /// with 504 as far as the rules go (see [`Attempt::TimedOut`]).
+    Lost,
+    /// No answer within the request timeout: outcome unknown.
+    TimedOut,
+}
+
+/// What the caller does next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Next {
+    /// Give the client this answer: it is final.
+    Deliver,
+    /// Send again at once, to the shard's leader in the (updated) table.
+    Retry,
+    /// No leader to send to: sleep until [`Routing::refresh_at`], refresh
+    /// the table from any node, then send to its leader (or, with none,
+    /// ask again with [`Attempt::NotSent`]).
+    WaitForLeader,
+    /// Give up: 503, nothing was proposed, the client may retry.
+    NoLeader,
+    /// Give up: 503 after [`MAX_HOPS`] 421s, nothing was proposed.
+    TooManyHops,
+    /// Give up: 504, the outcome is unknown; never retried.
+    Unknown,
+}
+
+/// One request's progress through the rules.
+#[derive(Debug, Clone)]
+pub struct Routing {
+    shard: u32,
+    /// A read (GET/HEAD) may be resent after a broken exchange.
+    read: bool,
+    leader_wait: Duration,
+    hops: u32,
+    /// When the wait for a leader began; the bound counts from here.
+    waiting_since: Option<Instant>,
+    /// When the table was last refreshed for this request.
+    refreshed: Option<Instant>,
+}
+
+impl Routing {
+    /// The rules for one request on `shard`; `read` for GET and HEAD.
+    pub fn new(shard: u32, read: bool, leader_wait: Duration) -> Self {
+        Self {
+            shard,
+            read,
+            leader_wait,
+            hops: 0,
+            waiting_since: None,
+            refreshed: None,
+        }
+    }
+
+    /// The request's shard.
+    pub fn shard(&self) -> u32 {
+        self.shard
+    }
+
+    /// How many 421s were followed.
+    pub fn hops(&self) -> u32 {
+        self.hops
+    }
+
+    /// How long the request has waited for a leader so far.
+    pub fn waited(&self, now: Instant) -> Duration {
+        self.waiting_since
+            .map_or(Duration::ZERO, |since| now.saturating_duration_since(since))
+    }
+
+    /// The wait bound this request was given.
+    pub fn leader_wait(&self) -> Duration {
+        self.leader_wait
+    }
+
+    /// Decides what `attempt` means, updating `table` from a 421 or
+    /// clearing a leader that did not answer.
+    pub fn next(&mut self, table: &mut ShardTable, attempt: Attempt<'_>, now: Instant) -> Next {
+        match attempt {
+            Attempt::Answered { status, body } if status == NOT_LEADER_STATUS => {
+                // Given before anything was proposed: safe to send again.
+                match serde_json::from_slice::<NotLeader>(body) {
+                    Ok(answer) if answer.shard == self.shard => {
+                        table.apply_not_leader(&answer);
+                    }
+                    // A 421 that names no usable leader: the node does not
+                    // know one either; wait for one.
+                    _ => {
+                        table.clear_leader(self.shard);
+                        return self.wait(now);
+                    }
+                }
+                self.hops += 1;
+                if self.hops > MAX_HOPS {
+                    Next::TooManyHops
+                } else if table.leader(self.shard).is_some() {
+                    Next::Retry
+                } else {
+                    self.wait(now)
+                }
+            }
+            Attempt::Answered { status: 503, .. } => {
+                // No leader or no quorum there: not proposed. The leader
+                // the table names may be the one that lost its quorum.
+                table.clear_leader(self.shard);
+                self.wait(now)
+            }
+            Attempt::Answered { status, .. } if is_final(status) => Next::Deliver,
+            Attempt::Answered { .. } | Attempt::TimedOut => Next::Unknown,
+            Attempt::Lost if !self.read => Next::Unknown,
+            Attempt::Lost | Attempt::NotSent => {
+                table.clear_leader(self.shard);
+                self.wait(now)
+            }
+        }
+    }
+
+    fn wait(&mut self, now: Instant) -> Next {
+        let since = *self.waiting_since.get_or_insert(now);
+        if now.saturating_duration_since(since) >= self.leader_wait {
+            Next::NoLeader
+        } else {
+            Next::WaitForLeader
+        }
+    }
+
+    /// When to refresh the table next while waiting: at once the first
+    /// time, then [`REFRESH_EVERY`] after the last refresh, never past the
+    /// wait bound (so the last try happens at the bound, not after it).
+    pub fn refresh_at(&self, now: Instant) -> Instant {
+        let Some(last) = self.refreshed else {
+            return now;
+        };
+        let next = last + REFRESH_EVERY;
+        match self.waiting_since {
+            Some(since) => next.min(since + self.leader_wait),
+            None => next,
+        }
+    }
+
+    /// Notes that the table was refreshed at `now`.
+    pub fn refreshed(&mut self, now: Instant) {
+        self.refreshed = Some(now);
+    }
+}
+
+/// Whether an answer with `status` is the request's final answer, to hand
+/// to the client as it is: anything but 421, 503 and 504. A client may check
+/// this first and skip [`Routing::next`] (and the table's lock) on the
+/// common path.
+#[inline]
+pub fn is_final(status: u16) -> bool {
+    !matches!(status, NOT_LEADER_STATUS | 503 | 504)
+}
+
+/// Whether a request's `X-Kv-Consistency` header value asks for a stale
+/// read (case-insensitive, as header values of this kind usually are).
+pub fn wants_stale(value: &[u8]) -> bool {
+    value.eq_ignore_ascii_case(CONSISTENCY_STALE.as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::table::ShardsView;
+
+    const VIEW: &str = r#"{"shards": 2, "replicas": 3, "node_id": 1,
+        "members": {"1": "127.0.0.1:8081", "2": "127.0.0.1:8082", "3": "127.0.0.1:8083"},
+        "groups": [
+          {"shard": 0, "replicas": [1, 2, 3], "preferred_leader": 2, "leader": 2, "term": 5, "hosted": true},
+          {"shard": 1, "replicas": [2, 3, 1], "preferred_leader": 3, "leader": null, "term": 2, "hosted": true}
+        ]}"#;
+
+    fn table() -> ShardTable {
+        ShardTable::parse(VIEW.as_bytes()).unwrap()
+    }
+
+    fn answered(status: u16, body: &[u8]) -> Attempt<'_> {
+        Attempt::Answered { status, body }
+    }
+
+    #[test]
+    fn final_answers_are_delivered() {
+        let mut table = table();
+        let now = Instant::now();
+        for status in [200, 404, 400, 405, 413, 500, 502] {
+            let mut routing = Routing::new(0, false, DEFAULT_LEADER_WAIT);
+            assert_eq!(
+                routing.next(&mut table, answered(status, b""), now),
+                Next::Deliver
+            );
+        }
+        assert_eq!(table.leader(0).unwrap().id, 2, "table untouched");
+    }
+
+    #[test]
+    fn a_421_moves_the_table_and_retries_at_most_max_hops_times() {
+        let mut table = table();
+        let now = Instant::now();
+        let mut routing = Routing::new(0, false, DEFAULT_LEADER_WAIT);
+        let body = serde_json::to_vec(&NotLeader::new(0, 3, "127.0.0.1:8083", 6)).unwrap();
+        assert_eq!(
+            routing.next(&mut table, answered(421, &body), now),
+            Next::Retry
+        );
+        assert_eq!(table.leader(0).unwrap().addr, "127.0.0.1:8083");
+        assert_eq!(routing.hops(), 1);
+        // Nodes bouncing the request around: three hops are followed,
+        // the fourth 421 gives up (not proposed: 503).
+        assert_eq!(
+            routing.next(&mut table, answered(421, &body), now),
+            Next::Retry
+        );
+        assert_eq!(
+            routing.next(&mut table, answered(421, &body), now),
+            Next::Retry
+        );
+        assert_eq!(
+            routing.next(&mut table, answered(421, &body), now),
+            Next::TooManyHops
+        );
+    }
+
+    #[test]
+    fn a_421_without_a_usable_leader_waits() {
+        let mut table = table();
+        let now = Instant::now();
+        let mut routing = Routing::new(0, false, DEFAULT_LEADER_WAIT);
+        assert_eq!(
+            routing.next(
+                &mut table,
+                answered(421, b"{\"error\":\"not leader\"}"),
+                now
+            ),
+            Next::WaitForLeader
+        );
+        assert_eq!(table.leader(0), None);
+        // A 421 for another shard is not about this request.
+        let mut table = self::table();
+        let other = serde_json::to_vec(&NotLeader::new(1, 3, "127.0.0.1:8083", 6)).unwrap();
+        assert_eq!(
+            routing.next(&mut table, answered(421, &other), now),
+            Next::WaitForLeader
+        );
+        assert_eq!(table.leader(1), None, "shard 1 not taken from it");
+    }
+
+    #[test]
+    fn no_leader_waits_until_the_bound_then_gives_503() {
+        let mut table = table();
+        let start = Instant::now();
+        let wait = Duration::from_millis(300);
+        let mut routing = Routing::new(0, false, wait);
+        assert_eq!(
+            routing.next(&mut table, answered(503, b""), start),
+            Next::WaitForLeader
+        );
+        assert_eq!(
+            table.leader(0),
+            None,
+            "the 503's node is not retried blindly"
+        );
+        assert_eq!(routing.refresh_at(start), start, "first refresh at once");
+        routing.refreshed(start);
+        assert_eq!(routing.refresh_at(start), start + REFRESH_EVERY);
+        let later = start + Duration::from_millis(200);
+        assert_eq!(
+            routing.next(&mut table, Attempt::NotSent, later),
+            Next::WaitForLeader
+        );
+        routing.refreshed(start + Duration::from_millis(280));
+        assert_eq!(
+            routing.refresh_at(later),
+            start + wait,
+            "never past the bound"
+        );
+        assert_eq!(
+            routing.next(&mut table, Attempt::NotSent, start + wait),
+            Next::NoLeader
+        );
+        assert_eq!(routing.waited(start + wait), wait);
+    }
+
+    #[test]
+    fn unknown_outcomes_are_never_retried_but_broken_reads_are() {
+        let mut table = table();
+        let now = Instant::now();
+        for attempt in [answered(504, b""), Attempt::TimedOut, Attempt::Lost] {
+            let mut routing = Routing::new(0, false, DEFAULT_LEADER_WAIT);
+            assert_eq!(routing.next(&mut table, attempt, now), Next::Unknown);
+        }
+        let mut read = Routing::new(0, true, DEFAULT_LEADER_WAIT);
+        assert_eq!(
+            read.next(&mut table, Attempt::Lost, now),
+            Next::WaitForLeader
+        );
+        let mut read = Routing::new(0, true, DEFAULT_LEADER_WAIT);
+        assert_eq!(read.next(&mut table, Attempt::TimedOut, now), Next::Unknown);
+    }
+
+    #[test]
+    fn a_refused_connection_forgets_the_leader_until_a_refresh_names_one() {
+        let mut table = table();
+        let now = Instant::now();
+        let mut routing = Routing::new(0, false, DEFAULT_LEADER_WAIT);
+        assert_eq!(
+            routing.next(&mut table, Attempt::NotSent, now),
+            Next::WaitForLeader
+        );
+        assert_eq!(table.leader(0), None);
+        // A refresh in a newer term names the new leader.
+        let mut view = ShardsView::parse(VIEW.as_bytes()).unwrap();
+        view.groups[0].leader = Some(1);
+        view.groups[0].term = Some(6);
+        table.refresh(view).unwrap();
+        assert_eq!(table.leader(0).unwrap().id, 1);
+    }
+
+    #[test]
+    fn only_421_503_and_504_are_not_final() {
+        for status in [200, 201, 204, 400, 404, 405, 408, 413, 500, 502] {
+            assert!(is_final(status), "{status}");
+        }
+        for status in [421, 503, 504] {
+            assert!(!is_final(status), "{status}");
+        }
+    }
+
+    #[test]
+    fn stale_is_asked_for_by_header() {
+        assert!(wants_stale(b"stale"));
+        assert!(wants_stale(b"Stale"));
+        assert!(!wants_stale(b"linearizable"));
+        assert!(!wants_stale(b""));
+    }
+}
