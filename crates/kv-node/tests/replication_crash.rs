@@ -82,9 +82,33 @@ fn killing_every_node_during_writes_loses_no_acknowledged_write() {
         }
         cluster.wait_for_leaders(BOUND);
         for id in &members {
-            wait_until(&format!("node {id} ready"), BOUND, || {
-                send(cluster.addr(*id), "GET", "/-/ready", &[], None).is_ok_and(|r| r.status == 200)
-            });
+            let deadline = Instant::now() + BOUND;
+            loop {
+                let ready = send(cluster.addr(*id), "GET", "/-/ready", &[], None);
+                if ready.as_ref().is_ok_and(|r| r.status == 200) {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    let shards = send(cluster.addr(*id), "GET", "/-/shards", &[], None)
+                        .map(|r| r.text())
+                        .unwrap_or_default();
+                    let peers: Vec<String> = members
+                        .iter()
+                        .map(|p| {
+                            send(cluster.addr(*p), "GET", "/-/shards", &[], None)
+                                .map(|r| r.text())
+                                .unwrap_or_default()
+                        })
+                        .collect();
+                    panic!(
+                        "cycle {cycle}: node {id} not ready within {BOUND:?}: {:?}\n/-/shards: {shards}\nall: {peers:#?}\nlog:\n{}",
+                        ready.map(|r| r.text()),
+                        cluster.log(*id)
+                    );
+                }
+                // Polling a condition, not synchronising on time.
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
         }
         let ops = history.ops();
         let mut reader = history.client();
