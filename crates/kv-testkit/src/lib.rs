@@ -117,15 +117,17 @@ impl Process {
             let mut sent = false;
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
+                // Logged before the address is announced, so a test that
+                // reads the log once the process is up sees the line.
+                if let Ok(mut log) = log_writer.lock() {
+                    log.push_str(&line);
+                    log.push('\n');
+                }
                 if !sent {
                     if let Some(addr) = parse_listening(&line) {
                         let _ = addr_tx.send(addr);
                         sent = true;
                     }
-                }
-                if let Ok(mut log) = log_writer.lock() {
-                    log.push_str(&line);
-                    log.push('\n');
                 }
             }
         });
