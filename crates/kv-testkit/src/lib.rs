@@ -11,6 +11,9 @@
 //! * [`FakeCluster`] is three fake replicated nodes on port 0 that serve
 //!   `/-/shards` and answer 421/503/504 as a test scripts them, for testing
 //!   leader routing in kv-proxy and kv-bench (see [`fake_cluster`]).
+//! * [`Cluster`] is a real replicated cluster: `kv-node`s with `--peers`,
+//!   optionally a proxy and a relay on every node-to-node link, with
+//!   kill -9, restart, partitions and per-shard views (see [`cluster`]).
 //! * [`Relay`] is a TCP relay a test can black-hole or reset while it runs,
 //!   for partition tests (see [`relay`]).
 //!
@@ -20,8 +23,10 @@
 // Test support: a panic is how it reports a failed setup to the test.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
+pub mod cluster;
 pub mod fake_cluster;
 pub mod relay;
+pub use cluster::{Cluster, ClusterOpts};
 pub use fake_cluster::FakeCluster;
 pub use relay::Relay;
 
@@ -112,15 +117,17 @@ impl Process {
             let mut sent = false;
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
+                // Logged before the address is announced, so a test that
+                // reads the log once the process is up sees the line.
+                if let Ok(mut log) = log_writer.lock() {
+                    log.push_str(&line);
+                    log.push('\n');
+                }
                 if !sent {
                     if let Some(addr) = parse_listening(&line) {
                         let _ = addr_tx.send(addr);
                         sent = true;
                     }
-                }
-                if let Ok(mut log) = log_writer.lock() {
-                    log.push_str(&line);
-                    log.push('\n');
                 }
             }
         });

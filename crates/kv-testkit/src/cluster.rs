@@ -1,0 +1,431 @@
+//! A real replicated cluster for integration tests: `kv-node` processes
+//! started with `--peers` on loopback ports, optionally a `kv-proxy` in
+//! front, optionally a [`Relay`] on every node-to-node link.
+//!
+//! [`Cluster::start`] picks the members' ports first (bind `127.0.0.1:0`,
+//! read the port, close; every node must know every peer's address before
+//! any starts), starts every node, and waits until every shard has a leader
+//! that every running node hosting it agrees on (`GET /-/shards`, bounded by
+//! [`BOUND`]). Ports stay the same across [`Cluster::kill9`] and
+//! [`Cluster::restart`], so peers, relays and the proxy find a restarted node
+//! where it was.
+//!
+//! **Relays** (`ClusterOpts::relays`): node `a`'s traffic to peer `b` (Raft
+//! messages and forwarded client requests alike) goes through its own relay
+//! `(a, b)`, given to `a` as `--raft-route b=RELAY`. [`Cluster::partition`]
+//! black-holes every link to and from one node (clients still reach it on
+//! its own port); [`Cluster::heal`] lets everything pass again.
+//!
+//! Every wait is for a condition with a bound ([`wait_until`]); nothing
+//! sleeps to synchronise. Processes are killed when the cluster is dropped.
+
+use std::collections::BTreeMap;
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use kv_cluster::ShardsView;
+
+use crate::{binary, exchange, Process, Relay, Response};
+
+/// Bound on every wait here (elections, catching up): generous for a
+/// loaded 2-core machine running debug builds; tests assert outcomes, and
+/// this only turns a hang into a failure.
+pub const BOUND: Duration = Duration::from_secs(20);
+
+/// How a test cluster is started.
+#[derive(Debug, Clone)]
+pub struct ClusterOpts {
+    /// `--shards`: few, so that every node leads some and waits stay short.
+    pub shards: u32,
+    /// Extra `kv-node` arguments for every node.
+    pub extra: Vec<String>,
+    /// Route every node-to-node link through its own [`Relay`].
+    pub relays: bool,
+    /// Start a `kv-proxy` in front of the nodes, with these extra arguments.
+    pub proxy: Option<Vec<String>>,
+}
+
+impl Default for ClusterOpts {
+    fn default() -> Self {
+        ClusterOpts {
+            shards: 8,
+            extra: Vec::new(),
+            relays: false,
+            proxy: None,
+        }
+    }
+}
+
+/// A running test cluster; see the module docs.
+pub struct Cluster {
+    dir: tempfile::TempDir,
+    replicas: usize,
+    opts: ClusterOpts,
+    ports: BTreeMap<u64, u16>,
+    nodes: BTreeMap<u64, Option<Process>>,
+    /// `(from, to)` → the relay `from` sends to `to` through.
+    relays: BTreeMap<(u64, u64), Relay>,
+    proxy: Option<Process>,
+}
+
+/// Polls `condition` until it holds, panicking after `bound`.
+pub fn wait_until(what: &str, bound: Duration, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + bound;
+    while !condition() {
+        assert!(Instant::now() < deadline, "not within {bound:?}: {what}");
+        // Polling a condition, not synchronising on time.
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// One request with extra headers on a fresh connection (`Connection:
+/// close`), 10 s I/O timeout.
+pub fn send(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&str>,
+) -> std::io::Result<Response> {
+    let mut raw = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (name, value) in headers {
+        raw.push_str(&format!("{name}: {value}\r\n"));
+    }
+    if let Some(body) = body {
+        raw.push_str(&format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            body.len()
+        ));
+    }
+    raw.push_str("\r\n");
+    raw.push_str(body.unwrap_or(""));
+    exchange(addr, raw.as_bytes())
+}
+
+/// Ports that were free a moment ago (bound to port 0, then released).
+fn free_ports(count: usize) -> Vec<u16> {
+    let listeners: Vec<TcpListener> = (0..count)
+        .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0"))
+        .collect();
+    listeners
+        .iter()
+        .map(|l| l.local_addr().expect("local address").port())
+        .collect()
+}
+
+impl Cluster {
+    /// Starts members `1..=members` with `--replicas replicas`, then the
+    /// proxy if asked, and waits for every shard to have an agreed leader.
+    pub fn start(members: u64, replicas: usize, opts: ClusterOpts) -> Cluster {
+        let mut cluster = Cluster::new(members, replicas, opts);
+        for id in 1..=members {
+            cluster.restart(id);
+        }
+        cluster.wait_for_leaders(BOUND);
+        if let Some(extra) = cluster.opts.proxy.clone() {
+            let nodes = cluster
+                .ports
+                .values()
+                .map(|port| format!("127.0.0.1:{port}"))
+                .collect::<Vec<_>>()
+                .join(",");
+            let mut args = vec![
+                "--port".to_owned(),
+                "0".to_owned(),
+                "--nodes".to_owned(),
+                nodes,
+            ];
+            args.extend(extra);
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            cluster.proxy = Some(Process::spawn(&binary("kv-proxy"), &args));
+        }
+        cluster
+    }
+
+    /// Members on fresh ports (and their relays), none started yet.
+    fn new(members: u64, replicas: usize, opts: ClusterOpts) -> Cluster {
+        let ports: BTreeMap<u64, u16> = (1..=members).zip(free_ports(members as usize)).collect();
+        let mut relays = BTreeMap::new();
+        if opts.relays {
+            for from in 1..=members {
+                for to in (1..=members).filter(|to| *to != from) {
+                    let target = SocketAddr::from(([127, 0, 0, 1], ports[&to]));
+                    relays.insert((from, to), Relay::start(target).expect("start a relay"));
+                }
+            }
+        }
+        Cluster {
+            dir: tempfile::tempdir().expect("a temporary directory"),
+            replicas,
+            opts,
+            nodes: (1..=members).map(|id| (id, None)).collect(),
+            ports,
+            relays,
+            proxy: None,
+        }
+    }
+
+    /// Member ids.
+    pub fn members(&self) -> Vec<u64> {
+        self.ports.keys().copied().collect()
+    }
+
+    /// `--peers` for every node.
+    pub fn peers(&self) -> String {
+        self.ports
+            .iter()
+            .map(|(id, port)| format!("{id}=127.0.0.1:{port}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Node `id`'s data directory.
+    pub fn data_dir(&self, id: u64) -> PathBuf {
+        self.dir.path().join(format!("node{id}"))
+    }
+
+    /// The arguments node `id` is started with.
+    pub fn args(&self, id: u64) -> Vec<String> {
+        let mut args: Vec<String> = vec![
+            "--port".into(),
+            self.ports[&id].to_string(),
+            "--data-dir".into(),
+            self.data_dir(id).to_string_lossy().into_owned(),
+            "--node-id".into(),
+            id.to_string(),
+            "--peers".into(),
+            self.peers(),
+            "--shards".into(),
+            self.opts.shards.to_string(),
+            "--replicas".into(),
+            self.replicas.to_string(),
+            "--exit-with-parent".into(),
+            "--workers".into(),
+            "2".into(),
+        ];
+        for ((from, to), relay) in &self.relays {
+            if *from == id {
+                args.push("--raft-route".into());
+                args.push(format!("{to}={}", relay.addr()));
+            }
+        }
+        args.extend(self.opts.extra.iter().cloned());
+        args
+    }
+
+    /// Replaces the extra `kv-node` arguments for nodes started from now on.
+    pub fn set_extra(&mut self, extra: &[&str]) {
+        self.opts.extra = extra.iter().map(|s| (*s).to_owned()).collect();
+    }
+
+    /// Starts node `id` (kill -9 first if it runs), on its port, with what
+    /// its data dir holds; returns once it answers `/-/health`.
+    pub fn restart(&mut self, id: u64) {
+        self.kill9(id);
+        let args = self.args(id);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let process = Process::spawn(&binary("kv-node"), &args);
+        self.nodes.insert(id, Some(process));
+    }
+
+    /// Kill -9 node `id` (a crash), if it runs.
+    pub fn kill9(&mut self, id: u64) {
+        if let Some(mut process) = self.nodes.insert(id, None).flatten() {
+            process.kill9();
+        }
+    }
+
+    /// Node `id`'s client address (its own port, never a relay).
+    pub fn addr(&self, id: u64) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.ports[&id]))
+    }
+
+    /// The proxy's address, when one was started.
+    pub fn proxy_addr(&self) -> Option<SocketAddr> {
+        self.proxy.as_ref().map(|p| p.addr)
+    }
+
+    /// The ids of the running nodes.
+    pub fn running(&self) -> Vec<u64> {
+        self.nodes
+            .iter()
+            .filter(|(_, p)| p.is_some())
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    /// Node `id`'s log so far (empty when it does not run).
+    pub fn log(&self, id: u64) -> String {
+        self.nodes
+            .get(&id)
+            .and_then(Option::as_ref)
+            .map(Process::log)
+            .unwrap_or_default()
+    }
+
+    /// Node `id`'s `GET /-/shards`, `None` when it does not answer 200.
+    pub fn shards(&self, id: u64) -> Option<ShardsView> {
+        let response = send(self.addr(id), "GET", "/-/shards", &[], None).ok()?;
+        if response.status != 200 {
+            return None;
+        }
+        serde_json::from_slice(&response.body).ok()
+    }
+
+    /// Per shard, the leader that every node in `among` hosting it agrees
+    /// on, once they all do and it is one of them.
+    pub fn leaders_among(&self, among: &[u64]) -> Option<Vec<u64>> {
+        let mut agreed: Vec<Option<u64>> = Vec::new();
+        for id in among {
+            let view = self.shards(*id)?;
+            agreed.resize(view.groups.len(), None);
+            for group in view.groups.iter().filter(|g| g.hosted) {
+                let leader = group.leader?;
+                if !among.contains(&leader) {
+                    return None;
+                }
+                let slot = agreed.get_mut(group.shard as usize)?;
+                match slot {
+                    Some(other) if *other != leader => return None,
+                    _ => *slot = Some(leader),
+                }
+            }
+        }
+        agreed.into_iter().collect()
+    }
+
+    /// [`Cluster::leaders_among`] the running nodes.
+    pub fn leaders(&self) -> Option<Vec<u64>> {
+        self.leaders_among(&self.running())
+    }
+
+    /// Waits (at most `bound`) until [`Cluster::leaders`] agree; returns them.
+    pub fn wait_for_leaders(&self, bound: Duration) -> Vec<u64> {
+        self.wait_for_leaders_among(&self.running(), bound)
+    }
+
+    /// Waits (at most `bound`) until [`Cluster::leaders_among`] agree.
+    pub fn wait_for_leaders_among(&self, among: &[u64], bound: Duration) -> Vec<u64> {
+        let mut found = None;
+        wait_until(
+            &format!("every shard has a leader among {among:?} that they agree on"),
+            bound,
+            || {
+                found = self.leaders_among(among);
+                found.is_some()
+            },
+        );
+        found.unwrap_or_default()
+    }
+
+    /// The running node leading the most shards now (agreed leaders,
+    /// waited for within [`BOUND`]; the lowest id on a tie).
+    pub fn leader_of_most_shards(&self) -> u64 {
+        let leaders = self.wait_for_leaders(BOUND);
+        let running = self.running();
+        let mut best = (0, 0);
+        for id in running {
+            let led = leaders.iter().filter(|l| **l == id).count();
+            if led > best.1 || best.0 == 0 {
+                best = (id, led);
+            }
+        }
+        best.0
+    }
+
+    /// Waits until node `id`'s replica of every shard has applied at least
+    /// what the shard's leader had committed when this was called.
+    pub fn wait_caught_up(&self, id: u64, bound: Duration) {
+        let leaders = self.wait_for_leaders(bound);
+        let mut target = vec![0u64; leaders.len()];
+        for (shard, leader) in leaders.iter().enumerate() {
+            let view = self.shards(*leader).expect("the leader answers /-/shards");
+            target[shard] = view
+                .groups
+                .get(shard)
+                .and_then(|g| g.committed)
+                .unwrap_or(0);
+        }
+        wait_until(
+            &format!("node {id} applied what the leaders had committed ({target:?})"),
+            bound,
+            || {
+                self.shards(id).is_some_and(|view| {
+                    view.groups
+                        .iter()
+                        .filter(|g| g.hosted)
+                        .all(|g| g.applied.unwrap_or(0) >= target[g.shard as usize])
+                })
+            },
+        );
+    }
+
+    /// `GET /-/shards/<shard>/digest` on every running node hosting it:
+    /// `(node, keys, digest)`.
+    pub fn digests(&self, shard: u32) -> Vec<(u64, serde_json::Value, serde_json::Value)> {
+        let path = format!("/-/shards/{shard}/digest");
+        self.running()
+            .into_iter()
+            .filter_map(|id| {
+                let response = send(self.addr(id), "GET", &path, &[], None).ok()?;
+                if response.status != 200 {
+                    return None;
+                }
+                let json: serde_json::Value = serde_json::from_slice(&response.body).ok()?;
+                Some((id, json["keys"].clone(), json["digest"].clone()))
+            })
+            .collect()
+    }
+
+    /// The sum over all label sets of metric `name` on node `id`.
+    pub fn metric_sum(&self, id: u64, name: &str) -> u64 {
+        let Ok(response) = send(self.addr(id), "GET", "/-/metrics", &[], None) else {
+            return 0;
+        };
+        response
+            .text()
+            .lines()
+            .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>() as u64
+    }
+
+    /// Cuts node `id` off from its peers: every link to and from it is
+    /// black-holed (bytes held, nothing delivered, no error). Clients still
+    /// reach it. Needs `relays`.
+    pub fn partition(&self, id: u64) {
+        assert!(
+            !self.relays.is_empty(),
+            "partition needs ClusterOpts::relays"
+        );
+        for ((from, to), relay) in &self.relays {
+            if *from == id || *to == id {
+                relay.blackhole();
+            }
+        }
+    }
+
+    /// Every link passes again (held bytes go on).
+    pub fn heal(&self) {
+        for relay in self.relays.values() {
+            relay.pass();
+        }
+    }
+
+    /// Lines of every running node's log that look like trouble, for a
+    /// failure message.
+    pub fn trouble(&self) -> String {
+        let mut out = String::new();
+        for id in self.running() {
+            for line in self
+                .log(id)
+                .lines()
+                .filter(|l| l.contains("panick") || l.contains("ERROR") || l.contains("WARN"))
+            {
+                out.push_str(&format!("node {id}: {line}\n"));
+            }
+        }
+        out
+    }
+}
