@@ -57,6 +57,8 @@ start() { # name port command...
   # Appended, so a restart keeps the log of what happened before it.
   nohup "$@" >>"$LOGS/$name.log" 2>&1 &
   echo $! >"$PIDS/$name.pid"
+  # Not this shell's job any more: the demo's kill -9 prints no "Killed".
+  disown $!
 }
 
 up() {
@@ -89,23 +91,28 @@ up() {
     echo "building ($PROFILE); the first build takes 3-5 minutes on 2 cores..."
   fi
   cargo build "${flags[@]}"
+  # Nodes first; the proxy once they serve, so it finds the cluster's
+  # shard table (GET /-/shards) at its start.
   for name in "${missing[@]}"; do
-    if [ "$name" = proxy ]; then
-      start proxy "$PROXY_PORT" "$BIN/kv-proxy" --port "$PROXY_PORT" --nodes "$(node_list)"
-    else
-      port=${name#node-}
-      start "$name" "$port" "$BIN/kv-node" --port "$port" --data-dir "$DATA/$name" \
-        --node-id $((port - BASE)) --peers "$(peer_list)" --replicas "$REPLICAS"
-    fi
+    [ "$name" = proxy ] && continue
+    port=${name#node-}
+    start "$name" "$port" "$BIN/kv-node" --port "$port" --data-dir "$DATA/$name" \
+      --node-id $((port - BASE)) --peers "$(peer_list)" --replicas "$REPLICAS"
     echo "started $name"
   done
-  for port in "${NODE_PORTS[@]}" "$PROXY_PORT"; do
-    if ! wait_healthy "127.0.0.1:$port" 30; then
-      echo "see the logs in $LOGS" >&2
-      down
-      exit 1
-    fi
+  for port in "${NODE_PORTS[@]}"; do
+    wait_healthy "127.0.0.1:$port" 30 || { echo "see the logs in $LOGS" >&2; down; exit 1; }
   done
+  if ! wait_leaders 30; then
+    echo "see the logs in $LOGS" >&2
+    down
+    exit 1
+  fi
+  if [[ " ${missing[*]} " == *" proxy "* ]]; then
+    start proxy "$PROXY_PORT" "$BIN/kv-proxy" --port "$PROXY_PORT" --nodes "$(node_list)"
+    echo "started proxy"
+  fi
+  wait_healthy "127.0.0.1:$PROXY_PORT" 30 || { echo "see the logs in $LOGS" >&2; down; exit 1; }
   local proxy=http://127.0.0.1:$PROXY_PORT
   # A restarted node is back for clients once the proxy's health check has
   # seen it (within --health-interval, 1 s): wait for that, not the caller.
@@ -135,7 +142,7 @@ up() {
   curl -sS -X DELETE "$proxy/$key"
   echo
   [ "$REPLICAS" -ge 2 ] && demo_failover "$proxy"
-  echo "Try: curl -X PUT $proxy/hello -d '{\"value\": 1}' ; curl $proxy/-/ring ; scripts/cluster.sh status ; scripts/cluster.sh down"
+  echo "Try: curl -X PUT $proxy/hello -d '{\"value\": 1}' ; curl $proxy/-/owner/hello ; curl http://127.0.0.1:${NODE_PORTS[0]}/-/shards ; scripts/cluster.sh status ; scripts/cluster.sh down"
 }
 
 # Writes a few keys, kills one node with SIGKILL, shows every key still
@@ -177,6 +184,22 @@ demo_failover() {
   done
   echo "  restarted node-$victim; its own replica of $last now reads: $seen"
   for key in "${keys[@]}"; do curl -fsS -o /dev/null -X DELETE "$proxy/$key" || true; done
+}
+
+# Waits (up to $1 seconds) until every node's GET /-/shards names a
+# leader for every shard: elections after a start take a moment.
+wait_leaders() {
+  local deadline=$((SECONDS + $1)) port view
+  for port in "${NODE_PORTS[@]}"; do
+    until view=$(curl -fsS --max-time 1 "http://127.0.0.1:$port/-/shards" 2>/dev/null) &&
+      [[ $view != *'"leader":null'* ]]; do
+      if [ $SECONDS -ge $deadline ]; then
+        echo "error: node on port $port does not see a leader for every shard yet" >&2
+        return 1
+      fi
+      sleep 0.05
+    done
+  done
 }
 
 status() {
