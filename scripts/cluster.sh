@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# A local 3-node cluster behind kv-proxy, in one command.
+# A local 3-node replicated cluster behind kv-proxy, in one command.
 #
-#   scripts/cluster.sh up       build (release), start kv-node on 8081-8083 and
-#                               kv-proxy on 8080, wait until healthy, show it working;
+#   scripts/cluster.sh up       build (release), start kv-node on 8081-8083 (every
+#                               key on all three, KV_REPLICAS to change) and kv-proxy
+#                               on 8080, wait until healthy, show it working: write,
+#                               kill -9 one node, read and write every key, restart it;
 #                               on a running cluster, starts only what is missing
 #   scripts/cluster.sh status   what is running, and each server's health
 #   scripts/cluster.sh bench    kv-bench over 1, 2 and 3 nodes, then through the proxy
@@ -18,12 +20,15 @@ cd "$(dirname "$0")/.."
 DATA=${KV_DATA:-./data}
 BASE=${KV_BASE_PORT:-8080}
 PROFILE=${KV_BUILD_PROFILE:-release}
+REPLICAS=${KV_REPLICAS:-3}
 PROXY_PORT=$BASE
 NODE_PORTS=($((BASE + 1)) $((BASE + 2)) $((BASE + 3)))
 BIN=target/$PROFILE
 PIDS=$DATA/pids
 LOGS=$DATA/logs
 
+# --peers: node N (1-3) is 127.0.0.1:BASE+N.
+peer_list() { local IFS=,; local list=() i; for i in "${!NODE_PORTS[@]}"; do list+=("$((i + 1))=127.0.0.1:${NODE_PORTS[$i]}"); done; echo "${list[*]}"; }
 node_list() { local IFS=,; local list=(); for p in "${NODE_PORTS[@]}"; do list+=("127.0.0.1:$p"); done; echo "${list[*]}"; }
 
 # Is process $1 running? An exited child of a script that has gone is a
@@ -52,6 +57,8 @@ start() { # name port command...
   # Appended, so a restart keeps the log of what happened before it.
   nohup "$@" >>"$LOGS/$name.log" 2>&1 &
   echo $! >"$PIDS/$name.pid"
+  # Not this shell's job any more: the demo's kill -9 prints no "Killed".
+  disown $!
 }
 
 up() {
@@ -84,22 +91,28 @@ up() {
     echo "building ($PROFILE); the first build takes 3-5 minutes on 2 cores..."
   fi
   cargo build "${flags[@]}"
+  # Nodes first; the proxy once they serve, so it finds the cluster's
+  # shard table (GET /-/shards) at its start.
   for name in "${missing[@]}"; do
-    if [ "$name" = proxy ]; then
-      start proxy "$PROXY_PORT" "$BIN/kv-proxy" --port "$PROXY_PORT" --nodes "$(node_list)"
-    else
-      port=${name#node-}
-      start "$name" "$port" "$BIN/kv-node" --port "$port" --data-dir "$DATA/$name"
-    fi
+    [ "$name" = proxy ] && continue
+    port=${name#node-}
+    start "$name" "$port" "$BIN/kv-node" --port "$port" --data-dir "$DATA/$name" \
+      --node-id $((port - BASE)) --peers "$(peer_list)" --replicas "$REPLICAS"
     echo "started $name"
   done
-  for port in "${NODE_PORTS[@]}" "$PROXY_PORT"; do
-    if ! wait_healthy "127.0.0.1:$port" 30; then
-      echo "see the logs in $LOGS" >&2
-      down
-      exit 1
-    fi
+  for port in "${NODE_PORTS[@]}"; do
+    wait_healthy "127.0.0.1:$port" 30 || { echo "see the logs in $LOGS" >&2; down; exit 1; }
   done
+  if ! wait_leaders 30; then
+    echo "see the logs in $LOGS" >&2
+    down
+    exit 1
+  fi
+  if [[ " ${missing[*]} " == *" proxy "* ]]; then
+    start proxy "$PROXY_PORT" "$BIN/kv-proxy" --port "$PROXY_PORT" --nodes "$(node_list)"
+    echo "started proxy"
+  fi
+  wait_healthy "127.0.0.1:$PROXY_PORT" 30 || { echo "see the logs in $LOGS" >&2; down; exit 1; }
   local proxy=http://127.0.0.1:$PROXY_PORT
   # A restarted node is back for clients once the proxy's health check has
   # seen it (within --health-interval, 1 s): wait for that, not the caller.
@@ -128,7 +141,65 @@ up() {
   echo "\$ curl -X DELETE $proxy/$key"
   curl -sS -X DELETE "$proxy/$key"
   echo
-  echo "Try: curl -X PUT $proxy/hello -d '{\"value\": 1}' ; curl $proxy/-/ring ; scripts/cluster.sh status ; scripts/cluster.sh down"
+  [ "$REPLICAS" -ge 2 ] && demo_failover "$proxy"
+  echo "Try: curl -X PUT $proxy/hello -d '{\"value\": 1}' ; curl $proxy/-/owner/hello ; curl http://127.0.0.1:${NODE_PORTS[0]}/-/shards ; scripts/cluster.sh status ; scripts/cluster.sh down"
+}
+
+# Writes a few keys, kills one node with SIGKILL, shows every key still
+# readable and writable through the proxy, restarts the node and shows it
+# caught up; deletes its keys at the end.
+demo_failover() {
+  local proxy=$1 i code codes victim=${NODE_PORTS[2]} keys=()
+  for i in 1 2 3 4 5 6; do keys+=("failover-demo-$$-$i"); done
+  echo
+  echo "Every key lives on $REPLICAS nodes. Writing ${#keys[@]} keys, then: kill -9 node-$victim"
+  for key in "${keys[@]}"; do
+    curl -fsS -o /dev/null -X PUT "$proxy/$key" -d '{"value": "before"}'
+  done
+  local pid
+  pid=$(cat "$PIDS/node-$victim.pid")
+  kill -KILL "$pid"
+  while running "$pid"; do sleep 0.05; done
+  codes=""
+  for key in "${keys[@]}"; do
+    code=$(curl -sS -o /dev/null -w '%{http_code}' --max-time 10 "$proxy/$key")
+    codes+=" $code"
+  done
+  echo "  GET of each key with node-$victim dead:$codes"
+  codes=""
+  for key in "${keys[@]}"; do
+    code=$(curl -sS -o /dev/null -w '%{http_code}' --max-time 10 -X PUT "$proxy/$key" -d '{"value": "after"}')
+    codes+=" $code"
+  done
+  echo "  PUT of each key with node-$victim dead:$codes"
+  start "node-$victim" "$victim" "$BIN/kv-node" --port "$victim" --data-dir "$DATA/node-$victim" \
+    --node-id $((victim - BASE)) --peers "$(peer_list)" --replicas "$REPLICAS"
+  wait_healthy "127.0.0.1:$victim" 30 || return 1
+  # Its own copy (a stale read answers from the local replica) catches up.
+  local last=${keys[-1]} deadline=$((SECONDS + 15)) seen
+  until seen=$(curl -fsS --max-time 1 -H 'X-Kv-Consistency: stale' "http://127.0.0.1:$victim/$last" 2>/dev/null) &&
+    [[ $seen == *after* ]]; do
+    [ $SECONDS -ge $deadline ] && { echo "  node-$victim has not caught up yet: $seen"; break; }
+    sleep 0.05
+  done
+  echo "  restarted node-$victim; its own replica of $last now reads: $seen"
+  for key in "${keys[@]}"; do curl -fsS -o /dev/null -X DELETE "$proxy/$key" || true; done
+}
+
+# Waits (up to $1 seconds) until every node's GET /-/shards names a
+# leader for every shard: elections after a start take a moment.
+wait_leaders() {
+  local deadline=$((SECONDS + $1)) port view
+  for port in "${NODE_PORTS[@]}"; do
+    until view=$(curl -fsS --max-time 1 "http://127.0.0.1:$port/-/shards" 2>/dev/null) &&
+      [[ $view != *'"leader":null'* ]]; do
+      if [ $SECONDS -ge $deadline ]; then
+        echo "error: node on port $port does not see a leader for every shard yet" >&2
+        return 1
+      fi
+      sleep 0.05
+    done
+  done
 }
 
 status() {
