@@ -324,7 +324,9 @@ impl ClusterNode {
             }
         }
         let recovered = self.recovered.load(Relaxed);
-        let hosted = self.shards_hosted();
+        // Groups only: a solo shard has nothing to recover past the store,
+        // whose writability the caller checks.
+        let hosted = self.hosted_iter().count();
         if recovered < hosted {
             return Err(format!("{recovered} of {hosted} shards recovered"));
         }
