@@ -9,7 +9,10 @@
 # kv-proxy vs a three-node --replicas 1 cluster behind kv-proxy. Each round
 # runs PUT then GET against both sides of a pair, alternating which goes
 # first; kv-bench with 64 connections, 100-byte values, --fsync everysec.
-# Prints every run and the per-round ratios (cluster / standalone).
+# Prints every run and the per-round ratios (cluster / standalone), and the
+# requests the solo cluster's nodes forwarded (0 when the proxy routes every
+# key to its shard's owner, which needs kv-proxy's cluster routing: PROXY_BIN
+# may name such a binary; NO_BUILD=1 uses target/release as it is).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
@@ -19,7 +22,8 @@ ROUNDS=${2:-3}
 BASE=${BASE_PORT:-19100}
 
 ensure_packages curl python3
-cargo build --release -q -p kv-node -p kv-proxy -p kv-bench
+[ -n "${NO_BUILD:-}" ] || cargo build --release -q -p kv-node -p kv-proxy -p kv-bench
+PROXY_BIN=${PROXY_BIN:-target/release/kv-proxy}
 
 work=$(mktemp -d)
 pids=()
@@ -47,16 +51,19 @@ for i in 1 2 3; do
   node "trio$i" $((BASE + 10 + i))
   node "solo3-$i" $((BASE + 20 + i)) --node-id "$i" --peers "$peers" --replicas 1
 done
-RUST_LOG=warn timeout 3600 target/release/kv-proxy --port $((BASE + 30)) \
-  --nodes "127.0.0.1:$((BASE + 11)),127.0.0.1:$((BASE + 12)),127.0.0.1:$((BASE + 13))" &
-pids+=($!)
-RUST_LOG=warn timeout 3600 target/release/kv-proxy --port $((BASE + 31)) \
-  --nodes "127.0.0.1:$((BASE + 21)),127.0.0.1:$((BASE + 22)),127.0.0.1:$((BASE + 23))" &
-pids+=($!)
 for port in $BASE $((BASE + 1)) $((BASE + 11)) $((BASE + 12)) $((BASE + 13)) \
-  $((BASE + 21)) $((BASE + 22)) $((BASE + 23)) $((BASE + 30)) $((BASE + 31)); do
+  $((BASE + 21)) $((BASE + 22)) $((BASE + 23)); do
   wait_healthy "127.0.0.1:$port"
 done
+# A proxy decides ring vs cluster routing once, at start: after the nodes.
+RUST_LOG=warn timeout 3600 "$PROXY_BIN" --port $((BASE + 30)) \
+  --nodes "127.0.0.1:$((BASE + 11)),127.0.0.1:$((BASE + 12)),127.0.0.1:$((BASE + 13))" &
+pids+=($!)
+RUST_LOG=warn timeout 3600 "$PROXY_BIN" --port $((BASE + 31)) \
+  --nodes "127.0.0.1:$((BASE + 21)),127.0.0.1:$((BASE + 22)),127.0.0.1:$((BASE + 23))" &
+pids+=($!)
+wait_healthy "127.0.0.1:$((BASE + 30))"
+wait_healthy "127.0.0.1:$((BASE + 31))"
 
 json="$work/runs.jsonl"
 bench() { # label put|get target-args...
@@ -96,6 +103,10 @@ for round in $(seq "$ROUNDS"); do
   done
 done
 
+for i in 1 2 3; do
+  curl -fsS "http://127.0.0.1:$((BASE + 20 + i))/-/metrics" |
+    awk -v n="$i" '/^kv_raft_forwarded_total/ {printf "solo node %s forwarded %s %s\n", n, $1, $2}'
+done
 python3 - "$json" <<'PY'
 import json, sys
 runs = [json.loads(l) for l in open(sys.argv[1])]
