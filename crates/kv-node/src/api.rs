@@ -154,19 +154,34 @@ async fn route(
     if let Some(cluster) = &app.cluster {
         return cluster_key(app, cluster, parts, &key, body).await;
     }
+    local_key(app, parts, &key, body, true).await
+}
+
+/// A key request served by this node's store: a standalone node's every
+/// key, and in cluster mode the keys of the solo shards this node owns
+/// (the same path, so the same durability and speed). `logged`: whether
+/// the op log records it (not for a request another node forwarded).
+async fn local_key(
+    app: &App,
+    parts: &Parts,
+    key: &str,
+    body: &mut Option<Incoming>,
+    logged: bool,
+) -> Result<Response<Body>, NodeError> {
     match parts.method {
-        Method::GET | Method::HEAD => get(app, &key).await,
+        Method::GET | Method::HEAD => get(app, key, logged).await,
         Method::PUT | Method::POST => match body.take() {
-            Some(body) => put(app, &key, &parts.headers, body).await,
+            Some(body) => put(app, key, &parts.headers, body, logged).await,
             None => Err(ApiError::BodyRead("the body was already read".into()).into()),
         },
-        Method::DELETE => delete(app, &key).await,
+        Method::DELETE => delete(app, key, logged).await,
         _ => Err(ApiError::MethodNotAllowed { allow: KEY_METHODS }.into()),
     }
 }
 
 /// A key request in cluster mode: validated here exactly as standalone
-/// (400/405/413 before anything else), then the replicated path.
+/// (400/405/413 before anything else), then the replicated path, or for a
+/// solo shard the owner's store (here, or forwarded to the owner).
 async fn cluster_key(
     app: &App,
     cluster: &ClusterNode,
@@ -174,14 +189,22 @@ async fn cluster_key(
     key: &str,
     body: &mut Option<Incoming>,
 ) -> Result<Response<Body>, NodeError> {
-    let request = KeyRequest { parts, key };
+    let shard = cluster.shard_of(key);
     let logged = !is_forwarded(&parts.headers);
+    let solo = cluster.solo_owner(shard);
+    if solo == Some(cluster.id()) {
+        return local_key(app, parts, key, body, logged).await;
+    }
+    let request = KeyRequest { parts, key, shard };
     match parts.method {
         Method::GET | Method::HEAD => {
             if logged {
                 app.log_op(|| Entry::Get(key.into()));
             }
-            cluster.read(&request).await
+            match solo {
+                Some(owner) => cluster.to_owner(&request, owner, Bytes::new()).await,
+                None => cluster.read(&request).await,
+            }
         }
         Method::PUT | Method::POST => {
             let Some(body) = body.take() else {
@@ -192,6 +215,9 @@ async fn cluster_key(
             if logged {
                 app.log_op(|| Entry::Put(key.into(), stored.clone()));
             }
+            if let Some(owner) = solo {
+                return cluster.to_owner(&request, owner, raw).await;
+            }
             let command = kv_raft::Command::Put {
                 key: key.to_owned(),
                 value: stored.to_vec(),
@@ -201,6 +227,9 @@ async fn cluster_key(
         Method::DELETE => {
             if logged {
                 app.log_op(|| Entry::Delete(key.into()));
+            }
+            if let Some(owner) = solo {
+                return cluster.to_owner(&request, owner, Bytes::new()).await;
             }
             let command = kv_raft::Command::Delete {
                 key: key.to_owned(),
@@ -231,9 +260,11 @@ fn options(app: &App, path: &str) -> Result<Response<Body>, NodeError> {
     Ok(response)
 }
 
-async fn get(app: &App, key: &str) -> Result<Response<Body>, NodeError> {
+async fn get(app: &App, key: &str, logged: bool) -> Result<Response<Body>, NodeError> {
     log::debug!("GET - Key: {key}");
-    app.log_op(|| Entry::Get(key.into()));
+    if logged {
+        app.log_op(|| Entry::Get(key.into()));
+    }
     let body = app.store.get(key).ok_or(ApiError::KeyNotFound)?;
     Ok(json_response(StatusCode::OK, body))
 }
@@ -243,18 +274,23 @@ async fn put(
     key: &str,
     headers: &HeaderMap,
     body: Incoming,
+    logged: bool,
 ) -> Result<Response<Body>, NodeError> {
     let raw = read_body(app, headers, body).await?;
     let stored = stored_body(&raw)?;
     log::debug!("PUT - Key: {key}");
-    app.log_op(|| Entry::Put(key.into(), stored.clone()));
+    if logged {
+        app.log_op(|| Entry::Put(key.into(), stored.clone()));
+    }
     app.store.put(key, stored).await?;
     Ok(json_response(StatusCode::OK, Bytes::from_static(STORED)))
 }
 
-async fn delete(app: &App, key: &str) -> Result<Response<Body>, NodeError> {
+async fn delete(app: &App, key: &str, logged: bool) -> Result<Response<Body>, NodeError> {
     log::debug!("DELETE - Key: {key}");
-    app.log_op(|| Entry::Delete(key.into()));
+    if logged {
+        app.log_op(|| Entry::Delete(key.into()));
+    }
     if app.store.delete(key).await? {
         Ok(json_response(StatusCode::OK, Bytes::from_static(DELETED)))
     } else {

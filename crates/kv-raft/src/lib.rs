@@ -32,7 +32,9 @@ pub mod types;
 pub mod mem;
 
 pub use net::{handle_raft, Groups, Network, RaftHttpError};
-pub use storage::{GroupLog, NodeStorage, ShardRaft, ShardSm, SnapshotScheduler, StorageError};
+pub use storage::{
+    digest_entries, GroupLog, NodeStorage, ShardRaft, ShardSm, SnapshotScheduler, StorageError,
+};
 pub use types::{
     raft_config, Command, GroupId, KvRaft, NodeId, Outcome, Raft, SnapshotData, Timeouts,
     MAX_REPLICATED_VALUE,

@@ -230,6 +230,14 @@ impl Store {
             .unwrap_or_default()
     }
 
+    /// A copy of every entry the map holds (reference-count increments, no
+    /// value copied), one lock stripe at a time: what kv-node's cluster mode
+    /// digests for its solo shards, whose keys live in this map. Not one
+    /// consistent cut while writers run.
+    pub fn entries(&self) -> Vec<Entry> {
+        self.map.copy_all()
+    }
+
     /// How well the log writer batched so far (`None` in memory).
     pub fn log_stats(&self) -> Option<LogStats> {
         self.durable.as_ref().map(|d| d.journal.health.stats())

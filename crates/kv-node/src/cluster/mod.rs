@@ -13,7 +13,16 @@
 //! * [`watch`]: per group, a task following its metrics (the one info line
 //!   per leader change, elections, members seen, recovery) and the leader
 //!   balancer (§9).
-//! * [`storage`]: the seam to Raft storage (in memory until task C lands).
+//! * [`storage`]: the seam to Raft storage (kv-raft's durable storage).
+//!
+//! **Solo shards.** A shard placed on exactly one member (`--replicas 1`)
+//! gets no Raft group (design §10, §17 q7): its owner serves its keys
+//! through the node's [`Store`] exactly as a standalone node does (same
+//! WAL, commit-then-apply, snapshots, recovery), so `--replicas 1` keeps
+//! standalone speed. Every other node treats the owner as the shard's
+//! leader, always known, in term 0: 421 naming it, or forward and relay.
+//! The store's own map holds only solo shards' keys (Raft groups' state
+//! machines are maps of their own), so digests and key counts read it.
 //!
 //! This module holds [`ClusterNode`], what they share, and the read-only
 //! views: `GET /-/shards` (§11), the digest of a shard, health and
@@ -36,6 +45,7 @@ use kv_cluster::{
 };
 use kv_http::metrics::Scrape;
 use kv_raft::{GroupId, Groups, Network, NodeId, Timeouts};
+use kv_store::Store;
 use openraft::async_runtime::WatchReceiver;
 use openraft::ServerState;
 use tokio::runtime::Handle;
@@ -82,8 +92,14 @@ pub struct ClusterNode {
     pub(crate) placement: Vec<Vec<NodeId>>,
     /// Per shard, who should lead it.
     pub(crate) preferred: Vec<NodeId>,
-    /// Per shard, `Some` when this node holds a replica.
+    /// Per shard, `Some` when this node holds a replica in a Raft group.
     pub(crate) hosted: Vec<Option<Hosted>>,
+    /// Per shard, `Some(owner)` when the shard has one replica: a solo
+    /// shard, served by its owner's store without Raft.
+    pub(crate) solo: Vec<Option<NodeId>>,
+    /// The node's store: its WAL carries the groups' logs, its map the
+    /// solo shards' keys.
+    pub(crate) store: Arc<Store>,
     /// The same handles, as kv-raft's server wants them.
     pub(crate) groups: Arc<Groups<ShardSm>>,
     /// Node-to-node address overrides (`--raft-route`), for forwarding too.
@@ -126,6 +142,22 @@ impl ClusterNode {
 
     pub(crate) fn hosted(&self, shard: u32) -> Option<&Hosted> {
         self.hosted.get(shard as usize).and_then(Option::as_ref)
+    }
+
+    /// The owner of `shard` when it is a solo shard (one replica, no Raft).
+    #[inline]
+    pub(crate) fn solo_owner(&self, shard: u32) -> Option<NodeId> {
+        self.solo.get(shard as usize).copied().flatten()
+    }
+
+    /// Solo shards this node owns.
+    fn solo_owned(&self) -> impl Iterator<Item = u32> + '_ {
+        let me = self.id();
+        self.solo
+            .iter()
+            .enumerate()
+            .filter(move |(_, owner)| **owner == Some(me))
+            .map(|(shard, _)| shard as u32)
     }
 
     /// Where node-to-node traffic (and forwarding) for `id` goes.
@@ -179,7 +211,13 @@ impl ClusterNode {
                     purged: None,
                     hosted: false,
                 };
-                if let Some(hosted) = self.hosted(shard) {
+                if let Some(owner) = self.solo_owner(shard) {
+                    // Its owner leads it, always, in term 0 (no election
+                    // ever runs); no Raft log, so no indexes: null.
+                    view.leader = Some(owner);
+                    view.term = Some(0);
+                    view.hosted = owner == self.id();
+                } else if let Some(hosted) = self.hosted(shard) {
                     let metrics = hosted.raft.metrics();
                     let m = metrics.borrow_watched();
                     view.hosted = true;
@@ -206,6 +244,9 @@ impl ClusterNode {
     /// digest of this replica of `shard`, at its applied index; `None` when
     /// not hosted here.
     pub fn digest(&self, shard: u32) -> Option<serde_json::Value> {
+        if let Some(owner) = self.solo_owner(shard) {
+            return (owner == self.id()).then(|| self.solo_digest(shard));
+        }
         let hosted = self.hosted(shard)?;
         let applied = hosted
             .raft
@@ -223,6 +264,24 @@ impl ClusterNode {
         }))
     }
 
+    /// A solo shard's digest: its keys in the store's map, hashed as a
+    /// group's state machine hashes its own (`applied` is null: no log).
+    fn solo_digest(&self, shard: u32) -> serde_json::Value {
+        let entries: Vec<kv_store::Entry> = self
+            .store
+            .entries()
+            .into_iter()
+            .filter(|entry| kv_cluster::shard_of(entry.key(), self.spec.shards) == shard)
+            .collect();
+        let (keys, digest) = kv_raft::digest_entries(&entries);
+        serde_json::json!({
+            "shard": shard,
+            "keys": keys,
+            "digest": format!("{digest:016x}"),
+            "applied": null,
+        })
+    }
+
     fn hosted_iter(&self) -> impl Iterator<Item = (u32, &Hosted)> {
         self.hosted
             .iter()
@@ -230,25 +289,28 @@ impl ClusterNode {
             .filter_map(|(shard, hosted)| Some((shard as u32, hosted.as_ref()?)))
     }
 
-    /// Shards this node holds a replica of.
+    /// Shards this node holds a replica of (solo shards it owns included).
     pub fn shards_hosted(&self) -> usize {
-        self.hosted_iter().count()
+        self.hosted_iter().count() + self.solo_owned().count()
     }
 
-    /// Shards this node leads now.
+    /// Shards this node leads now (a solo shard's owner always leads it).
     pub fn shards_led(&self) -> usize {
         self.hosted_iter()
             .filter(|(_, hosted)| {
                 hosted.raft.metrics().borrow_watched().state == ServerState::Leader
             })
             .count()
+            + self.solo_owned().count()
     }
 
-    /// Keys on this node's replicas.
+    /// Keys on this node's replicas: the groups' maps and the store's map
+    /// (which holds the solo shards' keys only).
     pub fn keys(&self) -> usize {
         self.hosted_iter()
             .map(|(_, hosted)| storage::len(&hosted.sm))
-            .sum()
+            .sum::<usize>()
+            + self.store.len()
     }
 
     /// `/-/ready`: every hosted group has recovered and none has failed.
@@ -262,7 +324,9 @@ impl ClusterNode {
             }
         }
         let recovered = self.recovered.load(Relaxed);
-        let hosted = self.shards_hosted();
+        // Groups only: a solo shard has nothing to recover past the store,
+        // whose writability the caller checks.
+        let hosted = self.hosted_iter().count();
         if recovered < hosted {
             return Err(format!("{recovered} of {hosted} shards recovered"));
         }
@@ -305,6 +369,13 @@ impl ClusterNode {
             changes.push((label(), stats.leader_changes.load(Relaxed)));
             snapshots.push((label(), hosted.sm.snapshots_built()));
             installs.push((label(), hosted.sm.snapshot_installs()));
+        }
+        // Solo shards owned here: led by this node in term 0, no log.
+        for shard in self.solo_owned() {
+            let label = || vec![("shard", shard.to_string())];
+            term.push((label(), 0));
+            is_leader.push((label(), 1));
+            leader_id.push((label(), self.id()));
         }
         scrape.family(
             "kv_raft_term",
@@ -402,6 +473,11 @@ impl ClusterNode {
             "kv_raft_outcome_unknown_total",
             "504 answers given (outcome unknown).",
             stats.outcome_unknown.load(Relaxed),
+        );
+        scrape.gauge_u64(
+            "kv_solo_shards",
+            "Solo shards (one replica, no Raft group) this node owns and serves from its store.",
+            self.solo_owned().count() as u64,
         );
     }
 

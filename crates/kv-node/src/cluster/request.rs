@@ -203,6 +203,8 @@ fn header_is(headers: &HeaderMap, name: &str, value: &str) -> bool {
 pub(crate) struct KeyRequest<'a> {
     pub parts: &'a Parts,
     pub key: &'a str,
+    /// The key's shard, computed once by the caller.
+    pub shard: u32,
 }
 
 impl KeyRequest<'_> {
@@ -237,7 +239,7 @@ impl ClusterNode {
         command: Command,
         raw: Bytes,
     ) -> Result<Response<Body>, NodeError> {
-        let shard = self.shard_of(request.key);
+        let shard = request.shard;
         let leader = match self.hosted(shard) {
             Some(hosted) => {
                 if let Err(fatal) = &hosted.raft.metrics().borrow_watched().running_state {
@@ -280,7 +282,7 @@ impl ClusterNode {
 
     /// A GET or HEAD of `request.key`.
     pub(crate) async fn read(&self, request: &KeyRequest<'_>) -> Result<Response<Body>, NodeError> {
-        let shard = self.shard_of(request.key);
+        let shard = request.shard;
         let Some(hosted) = self.hosted(shard) else {
             let leader = self.cached_leader(shard);
             return self.redirect(request, shard, leader, Bytes::new()).await;
@@ -322,6 +324,25 @@ impl ClusterNode {
                 Err(ApiError::Unavailable(format!("shard {shard}: {why}")).into())
             }
         }
+    }
+
+    /// A key of a solo shard that `owner`, not this node, serves: treated
+    /// as a Raft shard whose leader is the owner (always known, term 0), so
+    /// 421 naming it with `X-Kv-Route: direct`, else forwarded once and
+    /// relayed (503 if the owner cannot be reached before the request was
+    /// sent, 504 for a write lost after).
+    pub(crate) async fn to_owner(
+        &self,
+        request: &KeyRequest<'_>,
+        owner: NodeId,
+        raw: Bytes,
+    ) -> Result<Response<Body>, NodeError> {
+        let leader = LeaderAt {
+            id: owner,
+            addr: String::new(),
+            term: 0,
+        };
+        self.redirect(request, request.shard, leader, raw).await
     }
 
     fn unknown(&self, why: String) -> NodeError {

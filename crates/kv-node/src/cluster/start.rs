@@ -9,8 +9,10 @@
 //!   data was lost: it could vote twice in one term), is a refusal.
 //!   Unreachable peers are skipped: they have not started yet. Then
 //!   `cluster.json` is written, before any Raft traffic.
-//! * **Groups**: one per shard placed here; each is initialised by its
-//!   preferred leader only, so exactly once whatever the start order.
+//! * **Groups**: one per shard placed here with more than one replica;
+//!   each is initialised by its preferred leader only, so exactly once
+//!   whatever the start order. A shard with one replica is a *solo* shard:
+//!   no group, its owner serves it from the store (see the parent module).
 //! * **Stop**: leaderships are handed to caught-up replicas (bounded), so a
 //!   rolling restart costs no election timeout; then every group shuts down.
 
@@ -133,13 +135,39 @@ pub async fn start(
     }
     let placed = placement(&spec);
     let preferred = preferred_leaders(&placed);
+    let solo: Vec<Option<NodeId>> = placed
+        .iter()
+        .map(|replicas| match replicas.as_slice() {
+            [owner] => Some(*owner),
+            _ => None,
+        })
+        .collect();
     // Recovering the groups reads snapshot files: off the async workers.
     let here: Vec<u32> = (0..spec.shards)
-        .filter(|shard| placed[*shard as usize].contains(&node_id))
+        .filter(|shard| {
+            let index = *shard as usize;
+            solo[index].is_none() && placed[index].contains(&node_id)
+        })
         .collect();
     let dir = data_dir.to_path_buf();
+    let owned_solo: Vec<u32> = (0..spec.shards)
+        .filter(|shard| solo[*shard as usize] == Some(node_id))
+        .collect();
+    let group_store = Arc::clone(&store);
     let (node_storage, mut opened) = tokio::task::spawn_blocking(move || {
-        let node_storage = storage::open(store, &dir)?;
+        let node_storage = storage::open(group_store, &dir)?;
+        // A Raft log of a shard now served solo would be ignored: its
+        // writes would vanish. Only a data dir written before solo shards
+        // existed can hold one.
+        let known = node_storage.known_groups();
+        if let Some(shard) = owned_solo.iter().find(|shard| known.contains(shard)) {
+            return Err(refuse(format!(
+                "{}: shard {shard} has one replica, so it is served without Raft, but this data \
+                 dir holds a Raft log for it (written by an older kv-node); start that version \
+                 to export the keys, or start with an empty data dir",
+                dir.display()
+            )));
+        }
         let mut opened = std::collections::HashMap::new();
         for shard in here {
             opened.insert(shard, storage::group(&node_storage, shard)?);
@@ -176,6 +204,8 @@ pub async fn start(
         placement: placed,
         preferred,
         hosted,
+        solo,
+        store,
         groups,
         routes,
         write_timeout: config.raft_write_timeout,
@@ -203,11 +233,12 @@ pub async fn start(
     }
     watch::snapshots(&node, config.raft_log_max_bytes);
     log::info!(
-        "cluster mode: node {node_id} of {} members, {} shards x {} replicas, hosting {} ({})",
+        "cluster mode: node {node_id} of {} members, {} shards x {} replicas, hosting {} ({} solo) ({})",
         node.spec.members.len(),
         node.spec.shards,
         node.spec.replicas,
         node.shards_hosted(),
+        node.solo_owned().count(),
         if first_start {
             "first start"
         } else {

@@ -43,7 +43,7 @@ mod snapshot;
 
 pub use self::log::GroupLog;
 pub use sched::SnapshotScheduler;
-pub use sm::{ShardSm, ShardSnapshotBuilder};
+pub use sm::{digest_entries, ShardSm, ShardSnapshotBuilder};
 
 use crate::types::GroupId;
 

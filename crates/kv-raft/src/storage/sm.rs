@@ -135,11 +135,7 @@ impl ShardSm {
     /// of xxh3 over each `[key len][key][value]`. Copies the map's entry
     /// handles first (no lock held while hashing).
     pub fn digest(&self) -> (u64, u64) {
-        let entries = self.0.map.read().copy_all();
-        let sum = entries
-            .iter()
-            .fold(0u64, |sum, entry| sum.wrapping_add(xxh3_64(entry)));
-        (entries.len() as u64, sum)
+        digest_entries(&self.0.map.read().copy_all())
     }
 
     /// The last applied log index (`None`: nothing applied).
@@ -357,4 +353,15 @@ impl RaftStateMachine<KvRaft> for ShardSm {
         .await
         .map_err(blocking_failed)?
     }
+}
+
+/// `(keys, order-independent hash)` of `entries`, as [`ShardSm::digest`]
+/// computes it: the wrapping sum of xxh3 over each `[key len][key][value]`.
+/// Public so a shard held outside Raft (kv-node's solo shards, in the
+/// store's own map) digests the same and tests can compare the two.
+pub fn digest_entries(entries: &[kv_store::Entry]) -> (u64, u64) {
+    let sum = entries
+        .iter()
+        .fold(0u64, |sum, entry| sum.wrapping_add(xxh3_64(entry)));
+    (entries.len() as u64, sum)
 }
