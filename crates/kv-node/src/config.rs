@@ -129,6 +129,15 @@ pub struct Config {
     #[arg(long, env = "KV_RAFT_WRITE_TIMEOUT", default_value = "2s", value_parser = humantime::parse_duration)]
     pub raft_write_timeout: Duration,
 
+    /// Cluster mode: how long a client's request (one without
+    /// `X-Kv-Route: direct`) waits for its shard to have a leader with a
+    /// quorum (an election, a leader just restarted) before the node answers
+    /// 503; only requests that were not proposed are retried, so nothing is
+    /// applied twice. 0s answers at once. Takes a duration such as 500ms, 3s
+    /// or 1m.
+    #[arg(long, env = "KV_LEADER_WAIT", default_value = "3s", value_parser = humantime::parse_duration)]
+    pub leader_wait: Duration,
+
     /// Cluster mode: hand leaderships back to their preferred leaders once
     /// those are caught up, so leaders stay spread (`on` or `off`).
     #[arg(long, env = "KV_LEADER_BALANCE", default_value = "on", action = clap::ArgAction::Set, value_name = "on|off", value_parser = parse_on_off)]

@@ -555,7 +555,13 @@ fn a_node_whose_data_was_lost_is_refused_by_its_peers() {
 
 #[test]
 fn two_of_three_down_writes_are_refused_or_unknown_never_acknowledged() {
-    let mut cluster = Cluster::start_all(3, &[2, 3, 1], &["--raft-write-timeout", "1s"]);
+    // Answers at once (--leader-wait 0s): this test is about what the
+    // answers are, not about waiting for a quorum that cannot come back.
+    let mut cluster = Cluster::start_all(
+        3,
+        &[2, 3, 1],
+        &["--raft-write-timeout", "1s", "--leader-wait", "0s"],
+    );
     let keys = keys(8);
     for key in &keys {
         cluster.put_until_acked(1, key, "\"before\"");
@@ -846,4 +852,46 @@ fn a_node_answers_keys_of_shards_it_does_not_host() {
     assert_eq!(direct.status, 421, "{}", direct.text());
     let named: NotLeader = serde_json::from_slice(&direct.body).unwrap();
     assert!(views[0].groups[shard].replicas.contains(&named.leader));
+}
+
+/// A client that talks to a node directly, as the seed's clients do, sees a
+/// leader's crash as latency, not errors: the node waits out the election
+/// (`--leader-wait`, default 3s) for requests that were not proposed.
+#[test]
+fn a_client_of_a_surviving_node_rides_through_a_leaders_kill_without_errors() {
+    // A wider wait than the default 3s: elections on a loaded CI machine
+    // can take longer, and the point is that the node waits, not how long.
+    let mut cluster = Cluster::start_all(3, &[1, 2, 3], &["--leader-wait", "10s"]);
+    let leaders = cluster.wait_for_leaders();
+    // The node leading the most shards.
+    let victim = (1..=3u64)
+        .max_by_key(|id| leaders.iter().filter(|l| *l == id).count())
+        .unwrap();
+    let survivor = if victim == 1 { 2 } else { 1 };
+    // One key per shard, so every shard the victim led is asked.
+    let shards: u32 = SHARDS.parse().unwrap();
+    let mut keys: Vec<Option<String>> = vec![None; shards as usize];
+    let mut i = 0;
+    while keys.iter().any(Option::is_none) {
+        let key = format!("ride-{i}");
+        let shard = kv_cluster::shard_of(key.as_bytes(), shards) as usize;
+        keys[shard].get_or_insert(key);
+        i += 1;
+    }
+    let keys: Vec<String> = keys.into_iter().flatten().collect();
+    for key in &keys {
+        cluster.put_until_acked(survivor, key, "\"before\"");
+    }
+    cluster.kill9(victim);
+    for key in &keys {
+        let response = put(cluster.addr(survivor), key, "\"after\"");
+        assert_eq!(
+            (response.status, response.text()),
+            (200, STORED.to_owned()),
+            "PUT {key} through node {survivor} right after node {victim}'s kill -9"
+        );
+        let read = get(cluster.addr(survivor), key);
+        assert_eq!(read.status, 200, "GET {key}: {}", read.text());
+        assert_eq!(read.text(), "{\"value\":\"after\"}\n");
+    }
 }

@@ -105,6 +105,8 @@ pub struct ClusterNode {
     /// Node-to-node address overrides (`--raft-route`), for forwarding too.
     pub(crate) routes: HashMap<NodeId, String>,
     pub(crate) write_timeout: Duration,
+    /// `--leader-wait`: how long a client's request waits out an election.
+    pub(crate) leader_wait: Duration,
     pub(crate) timeouts: Timeouts,
     /// For shards not hosted here: the leader last learnt.
     pub(crate) leader_cache: Mutex<Vec<Option<NodeId>>>,

@@ -230,10 +230,69 @@ pub(crate) fn is_forwarded(headers: &HeaderMap) -> bool {
     headers.contains_key(FORWARDED_BY_HEADER)
 }
 
+/// Pause between tries while a request waits for its shard's leader:
+/// pacing of retries, not synchronisation (each try re-reads the state).
+const LEADER_RETRY_PAUSE: Duration = Duration::from_millis(50);
+
 impl ClusterNode {
-    /// A PUT or DELETE of `request.key`; `raw` is the request body as
-    /// received (what a forward sends on).
+    /// A PUT or DELETE of `request.key`, waiting out an election (see
+    /// [`ClusterNode::with_leader_wait`]).
     pub(crate) async fn write(
+        &self,
+        request: &KeyRequest<'_>,
+        command: Command,
+        raw: Bytes,
+    ) -> Result<Response<Body>, NodeError> {
+        self.with_leader_wait(request, || {
+            self.write_once(request, command.clone(), raw.clone())
+        })
+        .await
+    }
+
+    /// A linearizable or stale GET/HEAD, waiting out an election.
+    pub(crate) async fn read(&self, request: &KeyRequest<'_>) -> Result<Response<Body>, NodeError> {
+        self.with_leader_wait(request, || self.read_once(request))
+            .await
+    }
+
+    /// Runs `attempt` until it answers something other than "not proposed:
+    /// no leader / no quorum / leader unreachable", or `--leader-wait`
+    /// passes: so a client talking to a node, as the seed's clients do, sees
+    /// a failover as latency rather than 503s, as it would through kv-proxy.
+    /// Requests from kv-proxy or kv-bench (`X-Kv-Route: direct`) and
+    /// forwarded ones are answered at once: their sender waits itself.
+    async fn with_leader_wait<F, Fut>(
+        &self,
+        request: &KeyRequest<'_>,
+        mut attempt: F,
+    ) -> Result<Response<Body>, NodeError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<Response<Body>, NodeError>>,
+    {
+        let deadline = Instant::now() + self.leader_wait;
+        loop {
+            let answer = attempt().await;
+            let retry = matches!(
+                answer,
+                Err(NodeError::Cluster(
+                    ClusterError::NoLeader { .. }
+                        | ClusterError::NoQuorum { .. }
+                        | ClusterError::LeaderUnreachable { .. }
+                ))
+            ) && !request.direct()
+                && !request.forwarded();
+            let now = Instant::now();
+            if !retry || now + LEADER_RETRY_PAUSE >= deadline {
+                return answer;
+            }
+            tokio::time::sleep(LEADER_RETRY_PAUSE).await;
+        }
+    }
+
+    /// One try of a PUT or DELETE of `request.key`; `raw` is the request
+    /// body as received (what a forward sends on).
+    async fn write_once(
         &self,
         request: &KeyRequest<'_>,
         command: Command,
@@ -280,8 +339,8 @@ impl ClusterNode {
         self.redirect(request, shard, leader, raw).await
     }
 
-    /// A GET or HEAD of `request.key`.
-    pub(crate) async fn read(&self, request: &KeyRequest<'_>) -> Result<Response<Body>, NodeError> {
+    /// One try of a GET or HEAD of `request.key`.
+    async fn read_once(&self, request: &KeyRequest<'_>) -> Result<Response<Body>, NodeError> {
         let shard = request.shard;
         let Some(hosted) = self.hosted(shard) else {
             let leader = self.cached_leader(shard);
