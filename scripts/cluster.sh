@@ -141,7 +141,11 @@ up() {
   echo "\$ curl -X DELETE $proxy/$key"
   curl -sS -X DELETE "$proxy/$key"
   echo
-  [ "$REPLICAS" -ge 2 ] && demo_failover "$proxy"
+  # The failover demo kills a node: only on a cluster this `up` started
+  # whole, never on one it repaired (whose nodes may be serving clients).
+  if [ "$REPLICAS" -ge 2 ] && [ ${#missing[@]} -eq $((${#NODE_PORTS[@]} + 1)) ]; then
+    demo_failover "$proxy"
+  fi
   echo "Try: curl -X PUT $proxy/hello -d '{\"value\": 1}' ; curl $proxy/-/owner/hello ; curl http://127.0.0.1:${NODE_PORTS[0]}/-/shards ; scripts/cluster.sh status ; scripts/cluster.sh down"
 }
 

@@ -427,6 +427,32 @@ impl ClusterNode {
         }
     }
 
+    /// A shard not hosted here whose cached leader `dead` could not be
+    /// reached: next time ask the replica after it in placement order (it
+    /// serves, or its 421 names the leader). Without this the cache would
+    /// keep naming a dead node until a request happened to learn better.
+    fn forget_leader(&self, shard: u32, dead: NodeId) {
+        if self.hosted(shard).is_some() {
+            return;
+        }
+        let Some(replicas) = self.placement.get(shard as usize) else {
+            return;
+        };
+        let next = replicas
+            .iter()
+            .position(|id| *id == dead)
+            .map_or(0, |i| (i + 1) % replicas.len().max(1));
+        if let (Some(next), Some(slot)) = (
+            replicas.get(next),
+            self.leader_cache
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .get_mut(shard as usize),
+        ) {
+            *slot = Some(*next);
+        }
+    }
+
     fn learn_leader(&self, shard: u32, leader: NodeId) {
         if self.hosted(shard).is_none() {
             if let Some(slot) = self
@@ -506,18 +532,26 @@ impl ClusterNode {
                         _ => return Err(ClusterError::NoLeader { shard }.into()),
                     }
                 }
+                Ok(answer) if answer.status == StatusCode::SERVICE_UNAVAILABLE => {
+                    // The target has no leader or quorum either (not
+                    // proposed): a client's request waits for one
+                    // (`with_leader_wait`) rather than relaying the 503.
+                    self.forget_leader(shard, target.id);
+                    return Err(ClusterError::NoLeader { shard }.into());
+                }
                 Ok(answer) => {
                     self.learn_leader(shard, target.id);
                     return Ok(relay(answer, target.id));
                 }
                 Err(ForwardError::NotSent(why)) => {
+                    self.forget_leader(shard, target.id);
                     return Err(ClusterError::LeaderUnreachable {
                         shard,
                         leader: target.id,
                         addr,
                         why,
                     }
-                    .into())
+                    .into());
                 }
                 Err(ForwardError::Lost(why)) if write => {
                     return Err(self.unknown(format!(
@@ -526,13 +560,14 @@ impl ClusterNode {
                     )))
                 }
                 Err(ForwardError::Lost(why)) => {
+                    self.forget_leader(shard, target.id);
                     return Err(ClusterError::LeaderUnreachable {
                         shard,
                         leader: target.id,
                         addr,
                         why,
                     }
-                    .into())
+                    .into());
                 }
             }
         }
