@@ -17,7 +17,8 @@
 # connections, 100-byte values, KEYS distinct keys.
 #
 # Usage: scripts/bench-replication.sh   (env: DURATION=8s ROUNDS=3 KILLS=20
-#        CONNECTIONS=64 THREADS=2 KEYS=10000 BASE_PORT=29080 SKIP_ETCD=1)
+#        CONNECTIONS=64 THREADS=2 KEYS=10000 BASE_PORT=29080 SKIP_ETCD=1
+#        KEEP_WORK=1 to keep the nodes' logs and data)
 # Installs wrk, etcd-server and python3's xxhash module when missing.
 # Everything started here is stopped on exit (trap); data lives in a temp dir.
 set -euo pipefail
@@ -50,7 +51,11 @@ stop_pids() {
 }
 cleanup() {
     stop_pids
-    rm -rf "$WORK"
+    if [ -n "${KEEP_WORK:-}" ]; then
+        echo "logs and data kept in $WORK" >&2
+    else
+        rm -rf "$WORK"
+    fi
 }
 trap cleanup EXIT INT TERM
 
@@ -74,6 +79,7 @@ start_node() { # index (0-2), replicas, data dir
         2>>"$WORK/node-$((i + 1)).log" &
     NODE_PIDS[$i]=$!
     PIDS+=($!)
+    disown $! 2>/dev/null || true
 }
 
 # Waits (bounded) until node $1's /-/shards shows a leader for every shard.
@@ -92,6 +98,7 @@ wait_leaders() {
 # Starts a kv cluster (3 nodes, $1 replicas) and the proxy in front of it.
 start_kv() {
     local replicas=$1 dir=$WORK/kv-r$1-$RANDOM i
+    KV_DIR=$dir
     for i in 0 1 2; do start_node "$i" "$replicas" "$dir"; done
     for i in 0 1 2; do wait_healthy "127.0.0.1:${NODE_PORTS[$i]}" 60; done
     for i in 0 1 2; do wait_leaders "${NODE_PORTS[$i]}"; done
@@ -152,6 +159,7 @@ for name, path, with_value in (("etcd-put", "/v3/kv/put", True), ("etcd-get", "/
 PY
 
 RESULTS=$WORK/results
+: >"$RESULTS"
 run_wrk() { # label, url, lua
     local label=$1 url=$2 lua=$3 out=$WORK/$1.$RANDOM.wrk
     wrk -t"$THREADS" -c"$CONNECTIONS" -d2s -s "$lua" "$url" >/dev/null # warm-up, not measured
@@ -204,7 +212,7 @@ PY
 [ "$KILLS" -gt 0 ] || exit 0
 echo "== failover: $KILLS kills of the node leading the most shards (kill -9 to each of its shards' first acknowledged write)"
 start_kv 3
-FAILOVER_DIR=$(dirname "$(ls -d "$WORK"/kv-r3-*/node-1 | tail -1)")
+FAILOVER_DIR=$KV_DIR
 for kill in $(seq 1 "$KILLS"); do
     # Every node up and every shard led, leaders back on their preferred nodes.
     for i in 0 1 2; do wait_leaders "${NODE_PORTS[$i]}"; done
