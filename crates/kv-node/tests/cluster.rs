@@ -14,7 +14,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use kv_cluster::{NotLeader, ShardsView};
-use kv_testkit::{binary, exchange, Process, Response};
+use kv_testkit::cluster::{send, wait_until};
+use kv_testkit::{binary, Process, Response};
 
 /// Bound on every wait (elections, catching up, failover): generous for a
 /// loaded 2-core machine; tests assert outcomes, never speed.
@@ -34,39 +35,6 @@ fn free_ports(count: usize) -> Vec<u16> {
         .iter()
         .map(|l| l.local_addr().unwrap().port())
         .collect()
-}
-
-/// Polls `condition` until it holds or `bound` passes.
-fn wait_until(what: &str, bound: Duration, mut condition: impl FnMut() -> bool) {
-    let deadline = Instant::now() + bound;
-    while !condition() {
-        assert!(Instant::now() < deadline, "not within {bound:?}: {what}");
-        // Polling a condition, not synchronising on time.
-        std::thread::sleep(Duration::from_millis(25));
-    }
-}
-
-/// One request with extra headers, on a fresh connection.
-fn send(
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: Option<&str>,
-) -> std::io::Result<Response> {
-    let mut raw = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
-    for (name, value) in headers {
-        raw.push_str(&format!("{name}: {value}\r\n"));
-    }
-    if let Some(body) = body {
-        raw.push_str(&format!(
-            "Content-Type: application/json\r\nContent-Length: {}\r\n",
-            body.len()
-        ));
-    }
-    raw.push_str("\r\n");
-    raw.push_str(body.unwrap_or(""));
-    exchange(addr, raw.as_bytes())
 }
 
 fn put(addr: SocketAddr, key: &str, value: &str) -> Response {
