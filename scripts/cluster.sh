@@ -101,7 +101,7 @@ up() {
     echo "started $name"
   done
   for port in "${NODE_PORTS[@]}"; do
-    wait_healthy "127.0.0.1:$port" 30 || { echo "see the logs in $LOGS" >&2; down; exit 1; }
+    wait_node "$port" 30 || { echo "see the logs in $LOGS" >&2; down; exit 1; }
   done
   if ! wait_leaders 30; then
     echo "see the logs in $LOGS" >&2
@@ -188,6 +188,24 @@ demo_failover() {
   done
   echo "  restarted node-$victim; its own replica of $last now reads: $seen"
   for key in "${keys[@]}"; do curl -fsS -o /dev/null -X DELETE "$proxy/$key" || true; done
+}
+
+# Waits (up to $2 seconds) until the node on port $1 is healthy; if it
+# exits first (say, flags that contradict its data dir), shows why at once.
+wait_node() {
+  local port=$1 deadline=$((SECONDS + $2))
+  until curl -fsS -o /dev/null --max-time 1 "http://127.0.0.1:$port/-/health" 2>/dev/null; do
+    if ! alive "$PIDS/node-$port.pid"; then
+      echo "error: node-$port exited; the end of its log ($LOGS/node-$port.log):" >&2
+      tail -n 5 "$LOGS/node-$port.log" >&2
+      return 1
+    fi
+    if [ $SECONDS -ge $deadline ]; then
+      echo "error: node-$port did not become healthy within $2 s" >&2
+      return 1
+    fi
+    sleep 0.05
+  done
 }
 
 # Waits (up to $1 seconds) until every node's GET /-/shards names a
