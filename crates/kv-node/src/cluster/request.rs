@@ -543,23 +543,14 @@ impl ClusterNode {
                     self.learn_leader(shard, target.id);
                     return Ok(relay(answer, target.id));
                 }
-                Err(ForwardError::NotSent(why)) => {
-                    self.forget_leader(shard, target.id);
-                    return Err(ClusterError::LeaderUnreachable {
-                        shard,
-                        leader: target.id,
-                        addr,
-                        why,
-                    }
-                    .into());
-                }
                 Err(ForwardError::Lost(why)) if write => {
                     return Err(self.unknown(format!(
                         "shard {shard}: forwarded to node {}: {why}",
                         target.id
                     )))
                 }
-                Err(ForwardError::Lost(why)) => {
+                // Not sent, or a read lost on the way: nothing was proposed.
+                Err(ForwardError::NotSent(why) | ForwardError::Lost(why)) => {
                     self.forget_leader(shard, target.id);
                     return Err(ClusterError::LeaderUnreachable {
                         shard,
