@@ -23,7 +23,8 @@ PROFILE=${KV_BUILD_PROFILE:-release}
 REPLICAS=${KV_REPLICAS:-3}
 PROXY_PORT=$BASE
 NODE_PORTS=($((BASE + 1)) $((BASE + 2)) $((BASE + 3)))
-BIN=target/$PROFILE
+# cargo builds into $CARGO_TARGET_DIR when it is set.
+BIN=${CARGO_TARGET_DIR:-target}/$PROFILE
 PIDS=$DATA/pids
 LOGS=$DATA/logs
 
