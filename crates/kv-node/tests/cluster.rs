@@ -8,13 +8,13 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeMap;
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use kv_cluster::{NotLeader, ShardsView};
-use kv_testkit::cluster::{send, wait_until};
+use kv_testkit::cluster::{free_ports, send, wait_until};
 use kv_testkit::{binary, Process, Response};
 
 /// Bound on every wait (elections, catching up, failover): generous for a
@@ -25,17 +25,6 @@ const SHARDS: &str = "8";
 const STORED: &str = "{\"message\":\"Value stored successfully\"}\n";
 const DELETED: &str = "{\"message\":\"Key deleted successfully\"}\n";
 const NOT_FOUND: &str = "{\"error\":\"Key not found\"}\n";
-
-/// Ports that were free a moment ago (bound to port 0, then released).
-fn free_ports(count: usize) -> Vec<u16> {
-    let listeners: Vec<TcpListener> = (0..count)
-        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect();
-    listeners
-        .iter()
-        .map(|l| l.local_addr().unwrap().port())
-        .collect()
-}
 
 fn put(addr: SocketAddr, key: &str, value: &str) -> Response {
     send(

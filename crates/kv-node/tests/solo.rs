@@ -7,12 +7,13 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeMap;
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use kv_cluster::{NotLeader, ShardTable, ShardsView};
-use kv_testkit::{binary, exchange, Process, Response};
+use kv_testkit::cluster::{free_ports, send};
+use kv_testkit::{binary, Process, Response};
 
 /// Bound on every wait: generous for a loaded 2-core machine; the tests
 /// assert outcomes, never speed.
@@ -22,17 +23,6 @@ const STORED: &str = "{\"message\":\"Value stored successfully\"}\n";
 const DELETED: &str = "{\"message\":\"Key deleted successfully\"}\n";
 const NOT_FOUND: &str = "{\"error\":\"Key not found\"}\n";
 
-/// Ports that were free a moment ago (bound to port 0, then released).
-fn free_ports(count: usize) -> Vec<u16> {
-    let listeners: Vec<TcpListener> = (0..count)
-        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect();
-    listeners
-        .iter()
-        .map(|l| l.local_addr().unwrap().port())
-        .collect()
-}
-
 /// Polls `condition` until it holds or `bound` passes.
 fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
     let deadline = Instant::now() + BOUND;
@@ -41,29 +31,6 @@ fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
         // Polling a condition, not synchronising on time.
         std::thread::sleep(Duration::from_millis(25));
     }
-}
-
-/// One request with extra headers, on a fresh connection.
-fn send(
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: Option<&str>,
-) -> std::io::Result<Response> {
-    let mut raw = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
-    for (name, value) in headers {
-        raw.push_str(&format!("{name}: {value}\r\n"));
-    }
-    if let Some(body) = body {
-        raw.push_str(&format!(
-            "Content-Type: application/json\r\nContent-Length: {}\r\n",
-            body.len()
-        ));
-    }
-    raw.push_str("\r\n");
-    raw.push_str(body.unwrap_or(""));
-    exchange(addr, raw.as_bytes())
 }
 
 fn put(addr: SocketAddr, key: &str, value: &str) -> Response {

@@ -104,7 +104,7 @@ pub fn send(
 }
 
 /// Ports that were free a moment ago (bound to port 0, then released).
-fn free_ports(count: usize) -> Vec<u16> {
+pub fn free_ports(count: usize) -> Vec<u16> {
     let listeners: Vec<TcpListener> = (0..count)
         .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0"))
         .collect();

@@ -243,29 +243,38 @@ impl ClusterNode {
         command: Command,
         raw: Bytes,
     ) -> Result<Response<Body>, NodeError> {
-        self.with_leader_wait(request, || {
-            self.write_once(request, command.clone(), raw.clone())
-        })
-        .await
+        // Requests that never wait (kv-proxy's, forwarded ones, or with
+        // --leader-wait 0s) are tried once without copying the value: only a
+        // request that may be tried again needs its command kept.
+        if !self.may_wait(request) {
+            return self.write_once(request, command, raw).await;
+        }
+        self.with_leader_wait(|| self.write_once(request, command.clone(), raw.clone()))
+            .await
+    }
+
+    /// Whether a request waits out an election (see
+    /// [`ClusterNode::with_leader_wait`]).
+    fn may_wait(&self, request: &KeyRequest<'_>) -> bool {
+        !self.leader_wait.is_zero() && !request.direct() && !request.forwarded()
     }
 
     /// A linearizable or stale GET/HEAD, waiting out an election.
     pub(crate) async fn read(&self, request: &KeyRequest<'_>) -> Result<Response<Body>, NodeError> {
-        self.with_leader_wait(request, || self.read_once(request))
-            .await
+        if !self.may_wait(request) {
+            return self.read_once(request).await;
+        }
+        self.with_leader_wait(|| self.read_once(request)).await
     }
 
     /// Runs `attempt` until it answers something other than "not proposed:
     /// no leader / no quorum / leader unreachable", or `--leader-wait`
     /// passes: so a client talking to a node, as the seed's clients do, sees
     /// a failover as latency rather than 503s, as it would through kv-proxy.
-    /// Requests from kv-proxy or kv-bench (`X-Kv-Route: direct`) and
-    /// forwarded ones are answered at once: their sender waits itself.
-    async fn with_leader_wait<F, Fut>(
-        &self,
-        request: &KeyRequest<'_>,
-        mut attempt: F,
-    ) -> Result<Response<Body>, NodeError>
+    /// Callers skip it for requests from kv-proxy or kv-bench (`X-Kv-Route:
+    /// direct`) and forwarded ones ([`ClusterNode::may_wait`]): their sender
+    /// waits itself.
+    async fn with_leader_wait<F, Fut>(&self, mut attempt: F) -> Result<Response<Body>, NodeError>
     where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Result<Response<Body>, NodeError>>,
@@ -280,8 +289,7 @@ impl ClusterNode {
                         | ClusterError::NoQuorum { .. }
                         | ClusterError::LeaderUnreachable { .. }
                 ))
-            ) && !request.direct()
-                && !request.forwarded();
+            );
             let now = Instant::now();
             if !retry || now + LEADER_RETRY_PAUSE >= deadline {
                 return answer;
