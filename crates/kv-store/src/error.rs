@@ -26,6 +26,19 @@ pub enum StoreError {
         #[source]
         source: Arc<io::Error>,
     },
+    /// The disk has no room for a log write (`ENOSPC`, `EDQUOT`). Unlike
+    /// [`StoreError::DiskFailed`] this passes: the refused write was not
+    /// applied, the log thread keeps the Raft groups' records it holds and
+    /// retries them, and once a retry finds room the store takes writes
+    /// again, without a restart (see `journal::writer`, "Full disk").
+    #[error("disk full {action} {}: {source}; writes resume once space is freed", path.display())]
+    DiskFull {
+        /// What the log was doing, e.g. "appending to".
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: Arc<io::Error>,
+    },
     /// The store is closing (or closed): no more writes.
     #[error("the store is shutting down")]
     Closed,
@@ -48,6 +61,23 @@ impl StoreError {
             source: Arc::new(source),
         }
     }
+
+    pub(crate) fn full(action: &'static str, path: PathBuf, source: io::Error) -> Self {
+        StoreError::DiskFull {
+            action,
+            path,
+            source: Arc::new(source),
+        }
+    }
+}
+
+/// Whether `error` says the disk has no room (`ENOSPC`, or `EDQUOT` for a
+/// quota): the one kind of write failure that passes once space is freed.
+pub fn is_no_room(error: &io::Error) -> bool {
+    matches!(
+        error.kind(),
+        io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded
+    )
 }
 
 /// Why [`crate::Store::open`] could not open a data directory.

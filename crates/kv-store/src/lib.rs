@@ -32,9 +32,11 @@
 //! only after its group commit, not at once, which is also when its writer
 //! hears back.
 //!
-//! A write the disk refuses is never applied: its writers get
-//! [`StoreError::DiskFailed`], no reader and no snapshot ever sees it, and
-//! from then on every write is refused while reads keep working.
+//! A write the disk refuses is never applied: its writers get an error, no
+//! reader and no snapshot ever sees it, and reads keep working. A full disk
+//! ([`StoreError::DiskFull`]) refuses writes only until space is freed: the
+//! log thread retries and the store takes writes again by itself. Any other
+//! disk error ([`StoreError::DiskFailed`]) refuses every write from then on.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions, TryLockError};
@@ -50,7 +52,7 @@ pub mod journal;
 mod map;
 mod options;
 
-pub use error::{OpenError, StoreError};
+pub use error::{is_no_room, OpenError, StoreError};
 pub use journal::group::{GroupDone, GroupRecord, RecoveredGroup};
 pub use journal::recovery::RecoveryReport;
 #[cfg(feature = "test-hooks")]

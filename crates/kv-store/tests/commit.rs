@@ -113,7 +113,7 @@ fn a_put_refused_by_the_disk_does_not_come_back_through_a_snapshot() {
         runtime.block_on(put)
     };
     assert!(
-        matches!(refused, Err(StoreError::DiskFailed { .. })),
+        matches!(refused, Err(StoreError::DiskFull { .. })),
         "{refused:?}"
     );
     let snapshot = snapshot.join().unwrap();

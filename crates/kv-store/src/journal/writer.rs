@@ -69,14 +69,37 @@
 //!
 //! # Failures
 //!
-//! Once a `write` or `fdatasync` fails, the thread stops writing for good:
-//! after a failed fsync Linux may have dropped the dirty pages, so a retry
-//! that "succeeds" proves nothing. The failed batch is dropped, never
-//! applied: its writers get [`StoreError::DiskFailed`] and no reader or
-//! snapshot ever sees it. Every later write gets the same error; reads keep
-//! working from memory.
+//! Once an `fdatasync` fails, or a `write` fails for any reason but a full
+//! disk, the thread stops writing for good: after a failed fsync Linux may
+//! have dropped the dirty pages, so a retry that "succeeds" proves nothing.
+//! The failed batch is dropped, never applied: its writers get
+//! [`StoreError::DiskFailed`] and no reader or snapshot ever sees it. Every
+//! later write gets the same error; reads keep working from memory.
+//!
+//! # Full disk
+//!
+//! A `write` refused for want of room (`ENOSPC`, `EDQUOT`: the zero-filling
+//! of a new chunk, or on a copy-on-write filesystem the batch's own write)
+//! is different: nothing was synced or acknowledged, no dirty page was
+//! dropped, and a retry writes the same bytes at the same offsets. So the
+//! thread *waits for room* instead of stopping ([`Writer::wait_for_room`]):
+//! - the batch's plain writes are refused at once with
+//!   [`StoreError::DiskFull`] (never applied; a standalone client gets its
+//!   503 now rather than a hang), and so is every plain write submitted
+//!   until room returns ([`Health::check`]);
+//! - the batch's Raft group records are kept and retried with a backoff,
+//!   and group records submitted meanwhile queue behind them, in order. A
+//!   group's `append` callback, or `save_vote`, completes only once its
+//!   record is written: openraft sees a slow disk, not a failed one (a
+//!   storage error would stop the group for good), a follower does not
+//!   acknowledge entries it did not persist, and a vote is not granted
+//!   before it is durable;
+//! - rotations are refused meanwhile (the snapshot thread retries later);
+//! - once a retry succeeds, the store takes writes again without a restart.
+//!
+//! A failed `fdatasync` stays fatal even when it says `ENOSPC`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
@@ -95,6 +118,7 @@ use super::record::{self, Kind};
 use super::segment::{self, zero_fill};
 use super::segment_name;
 use crate::apply::{Apply, Op};
+use crate::error::is_no_room;
 use crate::{FsyncPolicy, StoreError};
 
 /// Most ops framed into one write.
@@ -162,6 +186,9 @@ pub(crate) struct Health {
     failed: AtomicBool,
     /// Why writes are refused, once `failed`.
     error: Mutex<Option<StoreError>>,
+    /// The log thread is waiting for room (see "Full disk" above), and why.
+    full: AtomicBool,
+    full_error: Mutex<Option<StoreError>>,
     /// Records appended since open (the snapshot thread skips a timed
     /// snapshot when nothing changed).
     appended: AtomicU64,
@@ -183,13 +210,48 @@ pub(crate) struct Health {
 pub(crate) type SnapshotObserver = Box<dyn Fn(usize, u64) + Send>;
 
 impl Health {
-    /// `Err` once the disk failed or the store closed.
+    /// `Err` while new plain writes are refused: once the disk failed or
+    /// the store closed, and while the disk is full.
     pub fn check(&self) -> Result<(), StoreError> {
+        self.broken()?;
+        if self.full.load(Ordering::Acquire) {
+            if let Some(full) = self.full_error.lock().clone() {
+                return Err(full);
+            }
+        }
+        Ok(())
+    }
+
+    /// `Err` once the disk failed or the store closed, for good (a full
+    /// disk is not: group records still queue, and the log still syncs).
+    pub fn broken(&self) -> Result<(), StoreError> {
         if self.failed.load(Ordering::Acquire) {
             Err(self.error.lock().clone().unwrap_or(StoreError::Closed))
         } else {
             Ok(())
         }
+    }
+
+    /// The log thread waits for room: plain writes are refused with `full`.
+    fn set_full(&self, full: StoreError) {
+        let mut current = self.full_error.lock();
+        if !self.full.load(Ordering::Acquire) {
+            log::warn!(
+                "{full}: refusing writes and holding Raft records until a retry finds room \
+                 (reads keep working)"
+            );
+        }
+        *current = Some(full);
+        self.full.store(true, Ordering::Release);
+    }
+
+    /// A retry found room: writes are taken again.
+    fn clear_full(&self) {
+        let mut current = self.full_error.lock();
+        if self.full.swap(false, Ordering::AcqRel) {
+            log::info!("the disk has room again: taking writes");
+        }
+        *current = None;
     }
 
     /// Stops accepting writes, for `error`; the first error sticks.
@@ -343,6 +405,9 @@ impl Journal {
         let writer = Writer {
             group_dones: Vec::new(),
             purges: Vec::new(),
+            records: Vec::new(),
+            backlog: VecDeque::new(),
+            closing: false,
             checkpoints: std::mem::take(&mut config.checkpoints),
             marked: config.groups_marked,
             book: Arc::clone(&book),
@@ -385,7 +450,8 @@ impl Journal {
     /// will be (a record too large to frame, a failed disk, closing).
     pub fn submit_group(&self, group: u32, record: GroupRecord, done: GroupDone) {
         let done = Pending(Some(done));
-        if let Err(error) = record.check_size().and_then(|()| self.health.check()) {
+        // While the disk is full, group records queue (see "Full disk").
+        if let Err(error) = record.check_size().and_then(|()| self.health.broken()) {
             done.complete(Err(error));
             return;
         }
@@ -425,6 +491,10 @@ impl Journal {
         let path = self.dir.join(segment_name(seq));
         let next = create_segment(&self.dir, seq, *active).map_err(|error| {
             let _ = std::fs::remove_file(&path);
+            if is_no_room(&error) {
+                // Nothing written to the log: the rotation waits for room.
+                return StoreError::full("starting log segment", path.clone(), error).to_string();
+            }
             let failed = StoreError::disk("starting log segment", path.clone(), error);
             self.health.fail(failed.clone());
             failed.to_string()
@@ -492,7 +562,8 @@ fn spawn_syncer(
                 _ => return,
             }
             // Swapped before syncing: a write after this point sets it again.
-            if !dirty.swap(false, Ordering::AcqRel) || health.check().is_err() {
+            // A full disk still syncs what was written before it filled.
+            if !dirty.swap(false, Ordering::AcqRel) || health.broken().is_err() {
                 continue;
             }
             let (file, path) = active.lock().clone();
@@ -536,6 +607,14 @@ struct Writer {
     /// (counted in the book once committed).
     group_dones: Vec<Pending>,
     purges: Vec<(u32, u64)>,
+    /// The batch's group records, kept until its commit: a batch held for
+    /// room is framed again without its refused plain writes.
+    records: Vec<(u32, GroupRecord)>,
+    /// Messages taken off the channel while waiting for room, handled (in
+    /// order) before anything newer.
+    backlog: VecDeque<Msg>,
+    /// Close arrived while waiting for room: no more waiting.
+    closing: bool,
     /// Per group, what the next segment's checkpoint restates.
     checkpoints: BTreeMap<u32, Checkpoint>,
     /// The directory holds [`GROUPS_FILE`].
@@ -568,6 +647,32 @@ pub struct LogStats {
     pub snapshots: u64,
 }
 
+/// How a batch's I/O failed.
+enum Failure {
+    /// A `write` found no room (`ENOSPC`, `EDQUOT`): nothing was synced or
+    /// acknowledged, so the batch may wait and be written again.
+    NoRoom(io::Error),
+    /// Anything else, and any failed `fdatasync`: the log stops for good.
+    Broken(io::Error),
+}
+
+impl Failure {
+    /// A failed `write`: no room, or broken.
+    fn of_write(error: io::Error) -> Failure {
+        if is_no_room(&error) {
+            Failure::NoRoom(error)
+        } else {
+            Failure::Broken(error)
+        }
+    }
+}
+
+/// First pause between tries for room, doubled after each failed try.
+const FIRST_ROOM_PAUSE: Duration = Duration::from_millis(20);
+/// Longest pause between tries for room: how late writes resume after
+/// space is freed, at worst.
+const MAX_ROOM_PAUSE: Duration = Duration::from_millis(500);
+
 impl Writer {
     fn run(mut self, rx: Receiver<Msg>) {
         while let Some(first) = self.next(&rx) {
@@ -577,12 +682,12 @@ impl Writer {
                 && self.ops.len() + self.group_dones.len() < MAX_BATCH
                 && self.buf.len() < MAX_BATCH_BYTES
             {
-                match rx.try_recv() {
-                    Ok(msg) => self.take(msg, &mut control),
-                    Err(_) => break,
+                match self.poll(&rx) {
+                    Some(msg) => self.take(msg, &mut control),
+                    None => break,
                 }
             }
-            self.commit();
+            self.commit(&rx);
             match control {
                 Some(Msg::Rotate { next, seq, reply }) => {
                     let rotated = self.rotate(next, seq);
@@ -598,8 +703,9 @@ impl Writer {
                 (self.config.on_full)();
             }
         }
-        // Closing (or every handle dropped): make everything written durable.
-        if self.health.check().is_ok() {
+        // Closing (or every handle dropped): make everything written durable
+        // (also when the disk is full: what was written before must be synced).
+        if self.health.broken().is_ok() {
             if let Err(error) = self.seal() {
                 let path = self.segment_path();
                 self.health.fail(StoreError::disk("sealing", path, error));
@@ -615,9 +721,14 @@ impl Writer {
         );
     }
 
-    /// The next message; `None` once every handle is gone.
+    /// The next message (the backlog first); `None` once every handle is gone.
     fn next(&mut self, rx: &Receiver<Msg>) -> Option<Msg> {
-        rx.recv().ok()
+        self.backlog.pop_front().or_else(|| rx.recv().ok())
+    }
+
+    /// The next message if one is waiting (the backlog first).
+    fn poll(&mut self, rx: &Receiver<Msg>) -> Option<Msg> {
+        self.backlog.pop_front().or_else(|| rx.try_recv().ok())
     }
 
     fn take(&mut self, msg: Msg, control: &mut Option<Msg>) {
@@ -644,6 +755,7 @@ impl Writer {
                 }
                 self.checkpoints.entry(group).or_default().note(&record);
                 self.group_dones.push(done);
+                self.records.push((group, record));
             }
             other => *control = Some(other),
         }
@@ -651,19 +763,22 @@ impl Writer {
 
     /// Writes the batch and commits it (syncs it if the policy says so),
     /// then applies it and answers its writers; a batch that fails on disk
-    /// is dropped unapplied.
-    fn commit(&mut self) {
+    /// is dropped unapplied. A batch without room waits for it
+    /// ([`Writer::wait_for_room`]).
+    fn commit(&mut self, rx: &Receiver<Msg>) {
         if self.waiters.is_empty() && self.group_dones.is_empty() {
             return;
         }
-        let committed = self.health.check().and_then(|()| {
-            self.write_batch().map_err(|error| {
-                let failed = StoreError::disk("appending to", self.segment_path(), error);
-                self.health.fail(failed.clone());
-                failed
-            })
-        });
+        let committed = self
+            .health
+            .broken()
+            .and_then(|()| match self.write_batch() {
+                Ok(()) => Ok(()),
+                Err(Failure::NoRoom(error)) => self.wait_for_room(rx, error),
+                Err(Failure::Broken(error)) => Err(self.broken(error)),
+            });
         self.buf.clear();
+        self.records.clear();
         match committed {
             Ok(()) => {
                 self.outcomes.clear();
@@ -699,19 +814,114 @@ impl Writer {
         }
     }
 
-    /// The batch's `write` and, for `always`, its `fdatasync`.
-    fn write_batch(&mut self) -> io::Result<()> {
+    /// Stops the log for good after `error` (see "Failures").
+    fn broken(&self, error: io::Error) -> StoreError {
+        let failed = StoreError::disk("appending to", self.segment_path(), error);
+        self.health.fail(failed.clone());
+        failed
+    }
+
+    /// The batch found no room (see "Full disk" in the module docs): refuse
+    /// its plain writes, keep its group records, and try again with a
+    /// backoff until a try succeeds (`Ok`: commit the batch), the disk
+    /// fails otherwise, or the store closes (`Err`: fail what is held).
+    /// Messages arriving meanwhile are answered (plain writes refused,
+    /// rotations refused) or kept in order in the backlog (group records).
+    fn wait_for_room(&mut self, rx: &Receiver<Msg>, error: io::Error) -> Result<(), StoreError> {
+        let full = StoreError::full("appending to", self.segment_path(), error);
+        self.health.set_full(full.clone());
+        if !self.waiters.is_empty() {
+            // Refused, never applied: their writers hear it now.
+            for done in self.waiters.drain(..) {
+                let _ = done.send(Err(full.clone()));
+            }
+            self.ops.clear();
+            self.buf.clear();
+            for (group, record) in &self.records {
+                record.encode(*group, &mut self.buf);
+            }
+        }
+        // With no group record held, a try only asks for the room the batch
+        // needed, so that plain writes are taken again once it is there.
+        let needed = self.segment_bytes + self.buf.len().max(1) as u64;
+        let mut pause = FIRST_ROOM_PAUSE;
+        let mut next_try = Instant::now() + pause;
+        loop {
+            if self.closing {
+                return Err(full);
+            }
+            let wait = next_try.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(wait) {
+                Ok(Msg::Write(_, done)) => {
+                    let _ = done.send(Err(full.clone()));
+                    continue;
+                }
+                Ok(group @ Msg::Group { .. }) => {
+                    self.backlog.push_back(group);
+                    continue;
+                }
+                // Dropping `next` leaves the file to the caller, who removes it.
+                Ok(Msg::Rotate { reply, .. }) => {
+                    let _ = reply.send(Err(full.to_string()));
+                    continue;
+                }
+                Ok(Msg::Close) | Err(RecvTimeoutError::Disconnected) => {
+                    // What is held fails; then the thread stops.
+                    self.closing = true;
+                    for msg in self.backlog.drain(..) {
+                        if let Msg::Group { done, .. } = msg {
+                            done.complete(Err(full.clone()));
+                        }
+                    }
+                    self.backlog.push_back(Msg::Close);
+                    return Err(full);
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+            }
+            let tried = if self.group_dones.is_empty() {
+                self.try_room(needed)
+            } else {
+                self.write_batch()
+            };
+            match tried {
+                Ok(()) => {
+                    self.health.clear_full();
+                    return Ok(());
+                }
+                Err(Failure::NoRoom(_)) => {
+                    pause = (pause * 2).min(MAX_ROOM_PAUSE);
+                    next_try = Instant::now() + pause;
+                }
+                Err(Failure::Broken(error)) => return Err(self.broken(error)),
+            }
+        }
+    }
+
+    /// Whether the segment now has room up to `end` (allocating it).
+    fn try_room(&mut self, end: u64) -> Result<(), Failure> {
         #[cfg(feature = "test-hooks")]
-        self.hook(hooks::Event::BeforeWrite)?;
+        self.hook(hooks::Event::BeforeWrite)
+            .map_err(Failure::of_write)?;
+        self.allocate(end)
+    }
+
+    /// The batch's `write` and, for `always`, its `fdatasync`.
+    fn write_batch(&mut self) -> Result<(), Failure> {
+        #[cfg(feature = "test-hooks")]
+        self.hook(hooks::Event::BeforeWrite)
+            .map_err(Failure::of_write)?;
         if !self.marked && !self.group_dones.is_empty() {
-            mark_groups(&self.config.dir)?;
+            // An empty file: creating it again after no room is harmless.
+            mark_groups(&self.config.dir).map_err(Failure::of_write)?;
             self.marked = true;
         }
         let end = self.segment_bytes + self.buf.len() as u64;
         self.allocate(end)?;
-        self.file.write_all_at(&self.buf, self.segment_bytes)?;
+        self.file
+            .write_all_at(&self.buf, self.segment_bytes)
+            .map_err(Failure::of_write)?;
         if self.config.policy == FsyncPolicy::Always {
-            self.health.sync(&self.file)?;
+            self.health.sync(&self.file).map_err(Failure::Broken)?;
         }
         self.health.writes.fetch_add(1, Ordering::Relaxed);
         self.segment_bytes += self.buf.len() as u64;
@@ -735,15 +945,17 @@ impl Writer {
     }
 
     /// Zero-fills chunks until the segment is allocated up to `end`, and
-    /// makes the new size durable once, so batch syncs need not.
-    fn allocate(&mut self, end: u64) -> io::Result<()> {
+    /// makes the new size durable once, so batch syncs need not. A fill
+    /// without room is retried from the same offset: it only ever writes
+    /// zeros past the records.
+    fn allocate(&mut self, end: u64) -> Result<(), Failure> {
         if end <= self.allocated {
             return Ok(());
         }
         let step = self.allocated.clamp(FIRST_CHUNK, PREALLOC_CHUNK);
         let target = end.max(self.allocated + step);
-        zero_fill(&self.file, self.allocated, target)?;
-        self.file.sync_data()?;
+        zero_fill(&self.file, self.allocated, target).map_err(Failure::of_write)?;
+        self.file.sync_data().map_err(Failure::Broken)?;
         self.allocated = target;
         Ok(())
     }
@@ -765,29 +977,53 @@ impl Writer {
     }
 
     /// Switches to segment `seq` (`next`, created and synced by
-    /// [`Journal::rotate`]) and hands back the segment left behind.
+    /// [`Journal::rotate`]) and hands back the segment left behind. Without
+    /// room for the groups' checkpoint the switch is undone (the caller
+    /// removes `next`) and the rotation waits for a later try.
     fn rotate(&mut self, next: File, seq: u64) -> Result<Retired, String> {
         self.health.check().map_err(|e| e.to_string())?;
+        let before = (
+            std::mem::replace(&mut self.file, Arc::new(next)),
+            self.config.seq,
+            self.segment_bytes,
+            self.allocated,
+        );
+        self.config.seq = seq;
+        self.segment_bytes = segment::HEADER_LEN;
+        self.allocated = FIRST_CHUNK;
+        match self.write_checkpoint() {
+            Ok(()) => {}
+            Err(Failure::NoRoom(error)) => {
+                self.buf.clear();
+                let full = StoreError::full("checkpointing groups in", self.segment_path(), error);
+                (
+                    self.file,
+                    self.config.seq,
+                    self.segment_bytes,
+                    self.allocated,
+                ) = before;
+                return Err(full.to_string());
+            }
+            Err(Failure::Broken(error)) => {
+                let failed =
+                    StoreError::disk("checkpointing groups in", self.segment_path(), error);
+                self.health.fail(failed.clone());
+                return Err(failed.to_string());
+            }
+        }
+        let (file, old_seq, len, _) = before;
         let retired = Retired {
-            file: std::mem::replace(&mut self.file, Arc::new(next)),
-            len: self.segment_bytes,
-            path: self.segment_path(),
+            file,
+            len,
+            path: self.segment_path_for(old_seq),
         };
         if let Some(active) = &self.active {
             *active.lock() = (Arc::clone(&self.file), self.segment_path_for(seq));
         }
-        self.config.seq = seq;
-        self.segment_bytes = segment::HEADER_LEN;
         self.health
             .active_log_bytes
             .store(self.segment_bytes, Ordering::Relaxed);
-        self.allocated = FIRST_CHUNK;
         self.asked_snapshot = false;
-        self.write_checkpoint().map_err(|error| {
-            let failed = StoreError::disk("checkpointing groups in", self.segment_path(), error);
-            self.health.fail(failed.clone());
-            failed.to_string()
-        })?;
         Ok(retired)
     }
 
@@ -795,7 +1031,7 @@ impl Writer {
     /// [`super::group`]), synced before anything else goes there, so older
     /// segments hold nothing a group needs but entries. Nothing to do (and
     /// no sync) for a store without groups.
-    fn write_checkpoint(&mut self) -> io::Result<()> {
+    fn write_checkpoint(&mut self) -> Result<(), Failure> {
         if self.checkpoints.is_empty() {
             return Ok(());
         }
@@ -805,13 +1041,12 @@ impl Writer {
         }
         let end = self.segment_bytes + self.buf.len() as u64;
         self.allocate(end)?;
-        self.file.write_all_at(&self.buf, self.segment_bytes)?;
-        self.health.sync(&self.file)?;
+        self.file
+            .write_all_at(&self.buf, self.segment_bytes)
+            .map_err(Failure::of_write)?;
+        self.health.sync(&self.file).map_err(Failure::Broken)?;
         self.segment_bytes = end;
         self.buf.clear();
-        self.health
-            .active_log_bytes
-            .store(self.segment_bytes, Ordering::Relaxed);
         self.health.appended.fetch_add(records, Ordering::Relaxed);
         Ok(())
     }
