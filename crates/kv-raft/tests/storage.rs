@@ -11,6 +11,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,7 +21,9 @@ use kv_raft::{
     handle_raft, raft_config, Command, GroupId, GroupLog, Groups, Network, NodeId, NodeStorage,
     Outcome, ShardRaft, ShardSm, StorageError, Timeouts,
 };
-use kv_store::{FsyncPolicy, Store, StoreOptions};
+use kv_store::hooks::Event;
+use kv_store::{FsyncPolicy, Store, StoreError, StoreOptions};
+use openraft::async_runtime::WatchReceiver;
 use openraft::storage::{RaftLogReader, RaftLogStorage};
 use openraft::{BasicNode, Raft, ReadPolicy};
 use tokio::task::{JoinHandle, JoinSet};
@@ -442,6 +445,82 @@ async fn writes_commit_everywhere_and_a_restarted_node_recovers_and_catches_up()
     cluster.applied(&while_down).await;
     cluster.assert_replicas_hold("a", 20);
     cluster.assert_replicas_hold("b", 10);
+    cluster.shutdown().await;
+}
+
+/// A node whose disk is full (every log write answered `ENOSPC` through
+/// the store's test hook) keeps its groups alive: openraft sees a slow
+/// log, not a storage error. It acknowledges nothing it did not persist
+/// (the leaders' matched index for it stays where it was), the other two
+/// commit without it, and once there is room its held records are written
+/// and it catches up, also across a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_with_a_full_disk_lags_without_failing_and_catches_up() {
+    const FULL: NodeId = 3;
+    let mut cluster = Cluster::start().await;
+    let before = cluster.write("a", 5).await;
+    cluster.applied(&before).await;
+
+    let no_room = Arc::new(AtomicBool::new(true));
+    let hook_no_room = Arc::clone(&no_room);
+    cluster.nodes[&FULL]
+        .running()
+        .store
+        .set_log_hook(Box::new(move |event| {
+            if event == Event::BeforeWrite && hook_no_room.load(Ordering::SeqCst) {
+                return Err(std::io::Error::from_raw_os_error(28)); // ENOSPC
+            }
+            Ok(())
+        }));
+    let last = cluster.write("b", 10).await;
+    // Writing made the full node's log thread meet the disk.
+    let store = Arc::clone(&cluster.nodes[&FULL].running().store);
+    let deadline = tokio::time::Instant::now() + BOUND;
+    while !matches!(store.writable(), Err(StoreError::DiskFull { .. })) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{:?}",
+            store.writable()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    for group in 0..GROUPS {
+        let raft = cluster.nodes[&FULL].raft(group);
+        let metrics = raft.metrics();
+        let running = metrics.borrow_watched().running_state.clone();
+        assert!(running.is_ok(), "group {group} stopped: {running:?}");
+        let leader = cluster.leader(group).await;
+        if leader == FULL {
+            continue;
+        }
+        let metrics = cluster.nodes[&leader].raft(group).metrics();
+        let matched = metrics
+            .borrow_watched()
+            .replication
+            .as_ref()
+            .and_then(|r| r.get(&FULL).cloned())
+            .flatten()
+            .map(|l| l.index);
+        assert!(
+            matched < Some(last[&group]),
+            "group {group}: node {FULL} acknowledged {matched:?} without room to persist it"
+        );
+    }
+
+    no_room.store(false, Ordering::SeqCst);
+    cluster.applied(&last).await;
+    cluster.assert_replicas_hold("b", 10);
+    assert!(store.writable().is_ok());
+    drop(store);
+
+    // Persisted once room returned: a restart of the node has it all.
+    let members = cluster.members.clone();
+    cluster.node(FULL).stop().await;
+    let more = cluster.write("c", 3).await;
+    cluster.node(FULL).start(&members).await;
+    cluster.applied(&more).await;
+    cluster.assert_replicas_hold("b", 10);
+    cluster.assert_replicas_hold("c", 3);
     cluster.shutdown().await;
 }
 

@@ -19,6 +19,14 @@
 //!   did; losing one alone equals crashing just before it, a state Raft
 //!   handles (an older committed is re-learned, an older purge keeps more).
 //!
+//! **A full disk is a slow disk here.** The store holds group records that
+//! found no room and writes them once there is room again (kv-store's
+//! `journal::writer`, "Full disk"), so an `append` callback or a
+//! `save_vote` simply completes later: a follower does not acknowledge
+//! entries it has not persisted and grants no vote before it is durable,
+//! and the group never sees a storage error (which would stop it for good).
+//! Only a real disk failure completes them with an error.
+//!
 //! **Purges keep one snapshot generation back.** openraft purges up to its
 //! newest snapshot (minus `max_in_snapshot_log_to_keep`); this log purges
 //! no further than the *previous* snapshot generation the shard keeps

@@ -24,6 +24,7 @@ use std::io::{self, Cursor};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::{Stream, TryStreamExt};
@@ -70,6 +71,43 @@ impl Debug for ShardSm {
             .field("group", &self.0.group)
             .field("applied_index", &self.applied_index())
             .finish_non_exhaustive()
+    }
+}
+
+/// First and longest pause between tries of a snapshot file that found
+/// no room.
+const FIRST_ROOM_PAUSE: Duration = Duration::from_millis(20);
+const MAX_ROOM_PAUSE: Duration = Duration::from_secs(1);
+
+/// Runs `write` (a whole snapshot file: temp file, sync, rename) until it
+/// does not fail for want of room (`ENOSPC`, `EDQUOT`), pausing between
+/// tries. An error here would reach openraft as a storage error and stop
+/// the group for good; a snapshot that waits only delays a purge (built
+/// here) or this replica's catching up (installed from the leader), and a
+/// failed try leaves nothing behind (its temp file is removed). Blocking.
+fn until_room<T>(group: GroupId, mut write: impl FnMut() -> io::Result<T>) -> io::Result<T> {
+    let mut pause = FIRST_ROOM_PAUSE;
+    let mut waited = false;
+    loop {
+        match write() {
+            Err(error) if kv_store::is_no_room(&error) => {
+                if !waited {
+                    log::warn!(
+                        "shard {group}: no room for a snapshot file ({error}); trying again \
+                         until space is freed"
+                    );
+                    waited = true;
+                }
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(MAX_ROOM_PAUSE);
+            }
+            other => {
+                if waited && other.is_ok() {
+                    log::info!("shard {group}: snapshot file written once room returned");
+                }
+                return other;
+            }
+        }
     }
 }
 
@@ -178,7 +216,9 @@ impl ShardSm {
     fn store_file(&self, meta: &Meta, bytes: &[u8]) -> io::Result<()> {
         let _files = self.0.files.lock();
         let position = snapshot::position(meta);
-        let path = snapshot::write(&self.0.dir, position, bytes)?;
+        let path = until_room(self.0.group, || {
+            snapshot::write(&self.0.dir, position, bytes)
+        })?;
         let mut state = self.0.state.lock();
         let newer = state
             .current
@@ -364,4 +404,31 @@ pub fn digest_entries(entries: &[kv_store::Entry]) -> (u64, u64) {
         .iter()
         .fold(0u64, |sum, entry| sum.wrapping_add(xxh3_64(entry)));
     (entries.len() as u64, sum)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_snapshot_write_without_room_is_tried_again_and_other_errors_are_not() {
+        let mut tries = 0;
+        let written = until_room(7, || {
+            tries += 1;
+            if tries < 3 {
+                Err(io::Error::from_raw_os_error(28)) // ENOSPC
+            } else {
+                Ok(tries)
+            }
+        });
+        assert_eq!(written.unwrap(), 3);
+
+        let mut tries = 0;
+        let failed: io::Result<()> = until_room(7, || {
+            tries += 1;
+            Err(io::Error::from_raw_os_error(5)) // EIO
+        });
+        assert_eq!(failed.unwrap_err().raw_os_error(), Some(5));
+        assert_eq!(tries, 1);
+    }
 }
