@@ -131,6 +131,14 @@ async fn route(
     if let Some(cluster) = &app.cluster {
         // Node-to-node traffic: kv-raft answers it, errors included.
         if path.starts_with("/-/raft/") && path != "/-/raft/cluster" {
+            // A node that cannot persist takes no leadership (its election
+            // would wait on the disk while the old leader stays silent):
+            // the sender sees 503, as from an unreachable node.
+            if path == "/-/raft/transfer-leader" {
+                if let Some(full) = cluster.disk_full() {
+                    return Err(full.into());
+                }
+            }
             if let Some(body) = body.take() {
                 let mut request = Request::new(body);
                 *request.method_mut() = parts.method.clone();

@@ -120,7 +120,10 @@ impl From<StoreError> for NodeError {
             StoreError::KeyTooLong(_) => {
                 ApiError::InvalidKey("the key is longer than the store accepts")
             }
-            error @ (StoreError::DiskFailed { .. }
+            // The store's own words: "disk full appending to ...; writes
+            // resume once space is freed" or "disk error ...".
+            error @ (StoreError::DiskFull { .. }
+            | StoreError::DiskFailed { .. }
             | StoreError::Closed
             | StoreError::Snapshot(_)) => ApiError::Unavailable(error.to_string()),
         })
@@ -154,6 +157,15 @@ mod tests {
                 disk,
                 503,
                 "Service unavailable: disk error appending to data/wal-1.log: ",
+            ),
+            (
+                StoreError::DiskFull {
+                    action: "appending to",
+                    path: "data/wal-1.log".into(),
+                    source: std::sync::Arc::new(std::io::Error::from_raw_os_error(28)),
+                },
+                503,
+                "Service unavailable: disk full appending to data/wal-1.log: ",
             ),
             (
                 StoreError::Closed,

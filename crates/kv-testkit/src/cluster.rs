@@ -118,8 +118,23 @@ impl Cluster {
     /// Starts members `1..=members` with `--replicas replicas`, then the
     /// proxy if asked, and waits for every shard to have an agreed leader.
     pub fn start(members: u64, replicas: usize, opts: ClusterOpts) -> Cluster {
-        let mut cluster = Cluster::new(members, replicas, opts);
-        for id in 1..=members {
+        let mut cluster = Cluster::create(members, replicas, opts);
+        cluster.start_all();
+        cluster
+    }
+
+    /// Members on fresh ports (and their relays), none started yet: a test
+    /// may prepare a member's data dir ([`Cluster::data_dir`], e.g. mount a
+    /// small filesystem there) before [`Cluster::start_all`].
+    pub fn create(members: u64, replicas: usize, opts: ClusterOpts) -> Cluster {
+        Cluster::new(members, replicas, opts)
+    }
+
+    /// Starts every member, waits for every shard to have an agreed
+    /// leader, then starts the proxy if asked.
+    pub fn start_all(&mut self) {
+        let cluster = self;
+        for id in cluster.members() {
             cluster.restart(id);
         }
         cluster.wait_for_leaders(BOUND);
@@ -140,7 +155,6 @@ impl Cluster {
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
             cluster.proxy = Some(Process::spawn(&binary("kv-proxy"), &args));
         }
-        cluster
     }
 
     /// Members on fresh ports (and their relays), none started yet.

@@ -16,6 +16,8 @@
 //!   kill -9, restart, partitions and per-shard views (see [`cluster`]).
 //! * [`Relay`] is a TCP relay a test can black-hole or reset while it runs,
 //!   for partition tests (see [`relay`]).
+//! * [`Tmpfs`] is a small tmpfs to fill, then grow, for full-disk tests
+//!   (needs root; see [`tmpfs`]).
 //!
 //! HTTP here is a tiny blocking HTTP/1.1 client over `std::net` on purpose:
 //! readiness checks must not depend on the code under test.
@@ -26,9 +28,11 @@
 pub mod cluster;
 pub mod fake_cluster;
 pub mod relay;
+pub mod tmpfs;
 pub use cluster::{Cluster, ClusterOpts};
 pub use fake_cluster::FakeCluster;
 pub use relay::Relay;
+pub use tmpfs::Tmpfs;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};

@@ -11,8 +11,8 @@
 //!   reads from the local replica, 421 / forwarding / 503 / 504.
 //! * [`forward`]: the HTTP client that relays a request to its leader.
 //! * [`watch`]: per group, a task following its metrics (the one info line
-//!   per leader change, elections, members seen, recovery) and the leader
-//!   balancer (§9).
+//!   per leader change, elections, members seen, recovery), the leader
+//!   balancer (§9), and what the node does while its disk is full (§6.7).
 //! * [`storage`]: the seam to Raft storage (kv-raft's durable storage).
 //!
 //! **Solo shards.** A shard placed on exactly one member (`--replicas 1`)
@@ -45,7 +45,7 @@ use kv_cluster::{
 };
 use kv_http::metrics::Scrape;
 use kv_raft::{GroupId, Groups, Network, NodeId, Timeouts};
-use kv_store::Store;
+use kv_store::{Store, StoreError};
 use openraft::async_runtime::WatchReceiver;
 use openraft::ServerState;
 use tokio::runtime::Handle;
@@ -140,6 +140,15 @@ impl ClusterNode {
     /// The key's shard.
     pub(crate) fn shard_of(&self, key: &str) -> u32 {
         kv_cluster::shard_of(key.as_bytes(), self.spec.shards)
+    }
+
+    /// The store's "disk full" error while this node cannot persist: its
+    /// groups then propose, confirm and lead nothing (design §6.7).
+    pub(crate) fn disk_full(&self) -> Option<StoreError> {
+        match self.store.writable() {
+            Err(full @ StoreError::DiskFull { .. }) => Some(full),
+            _ => None,
+        }
     }
 
     pub(crate) fn hosted(&self, shard: u32) -> Option<&Hosted> {
@@ -321,8 +330,14 @@ impl ClusterNode {
             return Err("the node is stopping".into());
         }
         for (shard, hosted) in self.hosted_iter() {
-            if let Err(fatal) = &hosted.raft.metrics().borrow_watched().running_state {
-                return Err(format!("shard {shard} failed: {fatal}"));
+            if hosted
+                .raft
+                .metrics()
+                .borrow_watched()
+                .running_state
+                .is_err()
+            {
+                return Err(format!("shard {shard} {}", request::STOPPED));
             }
         }
         let recovered = self.recovered.load(Relaxed);

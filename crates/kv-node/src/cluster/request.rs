@@ -16,6 +16,13 @@
 //!   forwarded once, 421 naming the leader; otherwise the request is
 //!   forwarded to the leader and its answer relayed with `X-Kv-Leader-Id`,
 //!   retried once at the leader a 421 names.
+//! * **Full disk** (design §6.7): a node that cannot persist proposes and
+//!   confirms nothing itself; writes and linearizable reads go to the
+//!   shard's leader elsewhere ([`ClusterNode::around_full_disk`]), stale
+//!   reads are answered here as always.
+//!
+//! Client-visible errors are in our words: openraft's error text (which
+//! names its internals) goes to the log, never into an answer.
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -158,7 +165,7 @@ async fn drive(
             Ok(Err(RaftError::APIError(LinearizableReadError::QuorumNotEnough(_)))) => {
                 Err(ReadFail::NoQuorum)
             }
-            Ok(Err(RaftError::Fatal(fatal))) => Err(ReadFail::Failed(fatal.to_string())),
+            Ok(Err(RaftError::Fatal(_))) => Err(ReadFail::Failed(STOPPED.into())),
         };
         sender.send_replace(Some(confirmation));
         let mut inner = gate.inner.lock().unwrap_or_else(PoisonError::into_inner);
@@ -229,6 +236,11 @@ impl KeyRequest<'_> {
 pub(crate) fn is_forwarded(headers: &HeaderMap) -> bool {
     headers.contains_key(FORWARDED_BY_HEADER)
 }
+
+/// What a client is told about a group whose Raft core stopped here (a
+/// storage failure; openraft's own text, which names its internals, goes
+/// to the log from the group's watcher).
+pub(crate) const STOPPED: &str = "stopped on this node after a storage failure (see its log)";
 
 /// Pause between tries while a request waits for its shard's leader:
 /// pacing of retries, not synchronisation (each try re-reads the state).
@@ -309,10 +321,17 @@ impl ClusterNode {
         let shard = request.shard;
         let leader = match self.hosted(shard) {
             Some(hosted) => {
-                if let Err(fatal) = &hosted.raft.metrics().borrow_watched().running_state {
-                    return Err(
-                        ApiError::Unavailable(format!("shard {shard} failed: {fatal}")).into(),
-                    );
+                if let Some(full) = self.disk_full() {
+                    return self.around_full_disk(request, hosted, raw, full).await;
+                }
+                if hosted
+                    .raft
+                    .metrics()
+                    .borrow_watched()
+                    .running_state
+                    .is_err()
+                {
+                    return Err(ApiError::Unavailable(format!("shard {shard} {STOPPED}")).into());
                 }
                 let written =
                     tokio::time::timeout(self.write_timeout, hosted.raft.client_write(command))
@@ -335,10 +354,15 @@ impl ClusterNode {
                         }
                     }
                     Ok(Err(RaftError::APIError(error))) => {
-                        return Err(self.unknown(format!("shard {shard}: {error}")))
+                        log::debug!("shard {shard}: write not confirmed: {error}");
+                        return Err(self.unknown(format!(
+                            "shard {shard}: the leader changed before the write was confirmed"
+                        )));
                     }
-                    Ok(Err(RaftError::Fatal(fatal))) => {
-                        return Err(self.unknown(format!("shard {shard}: {fatal}")))
+                    Ok(Err(RaftError::Fatal(_))) => {
+                        return Err(self.unknown(format!(
+                            "shard {shard} {STOPPED} after the write was proposed"
+                        )))
                     }
                 }
             }
@@ -369,6 +393,11 @@ impl ClusterNode {
             );
             return Ok(response);
         }
+        if let Some(full) = self.disk_full() {
+            return self
+                .around_full_disk(request, hosted, Bytes::new(), full)
+                .await;
+        }
         let started = Instant::now();
         let bound = self.write_timeout;
         match hosted.gate.confirm(&hosted.raft, bound).await {
@@ -377,9 +406,7 @@ impl ClusterNode {
                 match linearizer.try_await_ready(&hosted.raft, Some(left)).await {
                     Ok(Ok(_)) => read_response(storage::read(&hosted.sm, request.key)),
                     Ok(Err(_)) => Err(ClusterError::NoQuorum { shard }.into()),
-                    Err(fatal) => {
-                        Err(ApiError::Unavailable(format!("shard {shard} failed: {fatal}")).into())
-                    }
+                    Err(_) => Err(ApiError::Unavailable(format!("shard {shard} {STOPPED}")).into()),
                 }
             }
             Err(ReadFail::NotLeader(leader)) => {
@@ -388,9 +415,58 @@ impl ClusterNode {
             Err(ReadFail::NoLeader) => Err(ClusterError::NoLeader { shard }.into()),
             Err(ReadFail::NoQuorum) => Err(ClusterError::NoQuorum { shard }.into()),
             Err(ReadFail::Failed(why)) => {
-                Err(ApiError::Unavailable(format!("shard {shard}: {why}")).into())
+                Err(ApiError::Unavailable(format!("shard {shard} {why}")).into())
             }
         }
+    }
+
+    /// A write or linearizable read of a hosted shard while this node
+    /// cannot persist (`full`): nothing is proposed or confirmed here. Its
+    /// groups hand their leaderships away (`watch::disk`), and a group may
+    /// be waiting on the disk to save a vote, so its metrics may still say
+    /// it leads. The request goes to the leader when another node is known
+    /// to lead; else a client's request goes to another replica, which
+    /// serves it or names the leader (a 421 naming this node is "no leader
+    /// yet", which [`ClusterNode::with_leader_wait`] waits out); a request
+    /// that may not be forwarded (direct, or forwarded already) gets the
+    /// store's 503 "disk full" answer, the one a standalone node gives.
+    async fn around_full_disk(
+        &self,
+        request: &KeyRequest<'_>,
+        hosted: &super::Hosted,
+        raw: Bytes,
+        full: kv_store::StoreError,
+    ) -> Result<Response<Body>, NodeError> {
+        let shard = request.shard;
+        let me = self.id();
+        let (leader, term) = {
+            let metrics = hosted.raft.metrics();
+            let m = metrics.borrow_watched();
+            (m.current_leader, m.current_term)
+        };
+        let target = match leader.filter(|l| *l != me) {
+            Some(id) => LeaderAt {
+                id,
+                addr: String::new(),
+                term,
+            },
+            None if request.direct() || request.forwarded() => return Err(full.into()),
+            None => {
+                let other = self
+                    .placement
+                    .get(shard as usize)
+                    .and_then(|replicas| replicas.iter().copied().find(|id| *id != me));
+                let Some(id) = other else {
+                    return Err(full.into());
+                };
+                LeaderAt {
+                    id,
+                    addr: String::new(),
+                    term: 0,
+                }
+            }
+        };
+        self.redirect(request, shard, target, raw).await
     }
 
     /// A key of a solo shard that `owner`, not this node, serves: treated

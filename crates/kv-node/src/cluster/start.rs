@@ -233,6 +233,7 @@ pub async fn start(
         watch::balance(&node);
     }
     watch::snapshots(&node, config.raft_log_max_bytes);
+    watch::disk(&node);
     log::info!(
         "cluster mode: node {node_id} of {} members, {} shards x {} replicas, hosting {} ({} solo) ({})",
         node.spec.members.len(),

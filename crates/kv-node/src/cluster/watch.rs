@@ -17,7 +17,14 @@
 //! round, and not while the shard's leadership changed within the settling
 //! time. Nodes only give away their own leaderships, so there is nothing
 //! to coordinate and nothing oscillates.
+//!
+//! [`disk`] (design §6.7): while the store cannot persist (a full disk),
+//! this node stands for no election and hands every leadership it holds to
+//! another replica; once the store takes writes again, elections are
+//! allowed again (the balancers hand preferred leaderships back once this
+//! node has caught up).
 
+use std::collections::HashMap;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, PoisonError};
 use std::time::{Duration, Instant};
@@ -43,12 +50,20 @@ pub(crate) fn follow(node: &Arc<ClusterNode>, shard: u32) {
         let mut leader = None;
         let mut state = ServerState::Learner;
         let mut recovered = false;
+        let mut stopped = false;
         loop {
             let Some(node) = weak.upgrade() else { return };
             let mut seen = Vec::new();
             {
                 let m = metrics.borrow_watched();
                 let me = m.id;
+                if let (Err(fatal), false) = (&m.running_state, stopped) {
+                    // Clients are told in our words (request::STOPPED).
+                    stopped = true;
+                    if !node.stopping.load(Relaxed) {
+                        log::error!("shard {shard}: the Raft group stopped on this node: {fatal}");
+                    }
+                }
                 if m.current_leader != leader {
                     if let Some(new) = m.current_leader {
                         let old = leader.map_or_else(|| "none".to_owned(), |l: u64| l.to_string());
@@ -183,6 +198,10 @@ pub(crate) fn snapshots(node: &Arc<ClusterNode>, max_log_bytes: u64) {
                 if node.stopping.load(Relaxed) {
                     return;
                 }
+                // No room for a snapshot file: it would only wait for room.
+                if node.disk_full().is_some() {
+                    continue;
+                }
                 node.hosted
                     .iter()
                     .flatten()
@@ -195,4 +214,108 @@ pub(crate) fn snapshots(node: &Arc<ClusterNode>, max_log_bytes: u64) {
         }
     });
     node.keep_task(task);
+}
+
+/// How often the disk watcher looks at the store.
+const DISK_CHECK: Duration = Duration::from_millis(100);
+/// How long a leadership handed away may take before it is handed again.
+const HAND_AGAIN: Duration = Duration::from_secs(2);
+
+/// Starts the disk watcher (design §6.7). While the store refuses writes
+/// for want of room, every hosted group has elections disabled (a
+/// candidate must save its vote first, which would only wait for the disk)
+/// and each group this node leads is handed to another replica, again
+/// every [`HAND_AGAIN`] while it still leads. The request path meanwhile
+/// proposes nothing here (`request::around_full_disk`). When the store
+/// takes writes again, elections are enabled again.
+pub(crate) fn disk(node: &Arc<ClusterNode>) {
+    let weak = Arc::downgrade(node);
+    let task = node.runtime.spawn(async move {
+        let mut ticks = tokio::time::interval(DISK_CHECK);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut full = false;
+        let mut handed: HashMap<u32, Instant> = HashMap::new();
+        loop {
+            ticks.tick().await;
+            let Some(node) = weak.upgrade() else { return };
+            if node.stopping.load(Relaxed) {
+                return;
+            }
+            let now_full = node.disk_full();
+            if now_full.is_some() != full {
+                full = now_full.is_some();
+                for shard in node.group_ids() {
+                    if let Some(hosted) = node.hosted(shard) {
+                        hosted.raft.runtime_config().elect(!full);
+                    }
+                }
+                if full {
+                    log::warn!(
+                        "disk full: this node proposes nothing, stands for no election and \
+                         hands its leaderships away until the store takes writes again"
+                    );
+                } else {
+                    handed.clear();
+                    log::info!("the store takes writes again: this node stands for elections");
+                }
+            }
+            if full {
+                hand_leaderships_away(&node, &mut handed);
+            }
+        }
+    });
+    node.keep_task(task);
+}
+
+/// Asks each group this node leads (as its metrics say) to transfer its
+/// leadership, at most once per [`HAND_AGAIN`] per shard. The transfer is
+/// spawned and bounded: a group waiting on the disk does not hold the
+/// watcher up.
+fn hand_leaderships_away(node: &Arc<ClusterNode>, handed: &mut HashMap<u32, Instant>) {
+    let me = node.id();
+    for shard in node.group_ids() {
+        let Some(hosted) = node.hosted(shard) else {
+            continue;
+        };
+        if handed
+            .get(&shard)
+            .is_some_and(|at| at.elapsed() < HAND_AGAIN)
+        {
+            continue;
+        }
+        let target = {
+            let metrics = hosted.raft.metrics();
+            let m = metrics.borrow_watched();
+            if m.state != ServerState::Leader {
+                continue;
+            }
+            // The most advanced other replica (openraft's target ignores a
+            // transfer when its log is behind; the followers then elect).
+            let matched = |id: &u64| {
+                m.replication
+                    .as_ref()
+                    .and_then(|r| r.get(id))
+                    .and_then(|l| l.as_ref().map(|l| l.index))
+            };
+            node.placement[shard as usize]
+                .iter()
+                .copied()
+                .filter(|id| *id != me)
+                .max_by_key(|id| (matched(id), *id == node.preferred[shard as usize]))
+        };
+        let Some(target) = target else {
+            continue;
+        };
+        handed.insert(shard, Instant::now());
+        let raft = hosted.raft.clone();
+        node.runtime.spawn(async move {
+            let trigger = raft.trigger();
+            match tokio::time::timeout(HAND_AGAIN, trigger.transfer_leader(target)).await {
+                Ok(Ok(())) => {
+                    log::info!("shard {shard}: disk full, handing leadership to node {target}")
+                }
+                _ => log::debug!("shard {shard}: leadership transfer to {target} not started"),
+            }
+        });
+    }
 }

@@ -236,10 +236,7 @@ impl Health {
     fn set_full(&self, full: StoreError) {
         let mut current = self.full_error.lock();
         if !self.full.load(Ordering::Acquire) {
-            log::warn!(
-                "{full}: refusing writes and holding Raft records until a retry finds room \
-                 (reads keep working)"
-            );
+            log::warn!("{full} (writes refused, Raft records held and retried; reads go on)");
         }
         *current = Some(full);
         self.full.store(true, Ordering::Release);
@@ -830,6 +827,9 @@ impl Writer {
     fn wait_for_room(&mut self, rx: &Receiver<Msg>, error: io::Error) -> Result<(), StoreError> {
         let full = StoreError::full("appending to", self.segment_path(), error);
         self.health.set_full(full.clone());
+        // With no group record held, a try only asks for the room the whole
+        // batch needed, so that plain writes are taken again once it is there.
+        let needed = self.segment_bytes + self.buf.len() as u64;
         if !self.waiters.is_empty() {
             // Refused, never applied: their writers hear it now.
             for done in self.waiters.drain(..) {
@@ -841,9 +841,6 @@ impl Writer {
                 record.encode(*group, &mut self.buf);
             }
         }
-        // With no group record held, a try only asks for the room the batch
-        // needed, so that plain writes are taken again once it is there.
-        let needed = self.segment_bytes + self.buf.len().max(1) as u64;
         let mut pause = FIRST_ROOM_PAUSE;
         let mut next_try = Instant::now() + pause;
         loop {
