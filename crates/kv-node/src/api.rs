@@ -428,7 +428,8 @@ fn admin_route(app: &App, method: &Method, path: &str) -> Result<Response<Body>,
             let mut body = serde_json::json!({
                 "status": "ok",
                 "keys": app.cluster.as_ref().map_or_else(|| app.store.len(), |c| c.keys()),
-                // false once a disk error stopped writes (reads still work).
+                // false while the disk is full and once a disk error stopped
+                // writes (reads still work).
                 "writable": app.store.writable().is_ok(),
                 "uptime_seconds": app.started.elapsed().as_secs(),
                 "version": env!("CARGO_PKG_VERSION"),
@@ -580,7 +581,7 @@ fn render_metrics(app: &App) -> String {
         );
         scrape.gauge_u64(
             "kv_writable",
-            "1 while the node accepts writes, 0 after a disk error.",
+            "1 while the node accepts writes, 0 while its disk is full or after a disk error.",
             u64::from(app.store.writable().is_ok()),
         );
     }

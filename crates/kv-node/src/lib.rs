@@ -152,8 +152,8 @@ pub fn raise_fd_limit(wanted: usize) {
 
 /// A process over its file-size limit (`RLIMIT_FSIZE`) gets SIGXFSZ, whose
 /// default action kills it. Listening for the signal turns that into the
-/// write failing with EFBIG, which the store treats as a disk error: writers
-/// get 503, reads go on, as for a full disk.
+/// write failing with EFBIG, which the store treats as a failed disk: writers
+/// get 503, reads go on (until a restart; unlike a full disk, which passes).
 fn survive_file_size_limit() {
     #[cfg(target_os = "linux")]
     {

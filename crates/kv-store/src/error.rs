@@ -13,11 +13,12 @@ use std::sync::Arc;
 /// the `io::Error` is shared behind an [`Arc`].
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
-    /// A log write or fdatasync failed (a full disk, EIO, a file-size
-    /// limit). The write it carried was not applied, and the store refuses
-    /// writes from now on: after a failed fsync Linux may have dropped the
-    /// dirty pages, so a retry that "succeeds" proves nothing. Reads keep
-    /// working.
+    /// A log write or fdatasync failed for good: EIO, a file-size limit, or
+    /// any failed fdatasync, even one for want of room (a `write` without
+    /// room is [`StoreError::DiskFull`]). The write it carried was not
+    /// applied, and the store refuses writes from now on: after a failed
+    /// fsync Linux may have dropped the dirty pages, so a retry that
+    /// "succeeds" proves nothing. Reads keep working.
     #[error("disk error {action} {}: {source}", path.display())]
     DiskFailed {
         /// What the log was doing, e.g. "appending to".

@@ -236,7 +236,7 @@ impl GroupLog {
 
     /// Submits `record` without waiting; a failure is logged, and also
     /// surfaces to openraft through the next awaited write (the store
-    /// refuses every write after a disk error).
+    /// refuses every write after a disk error; a full disk only delays it).
     fn submit(&self, record: GroupRecord) {
         let group = self.0.group;
         self.0.store.submit_group(
