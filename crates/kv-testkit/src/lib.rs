@@ -84,6 +84,9 @@ pub struct Process {
     pub addr: SocketAddr,
     /// Everything the child wrote to stderr so far (its log).
     log: Arc<Mutex<String>>,
+    /// Signalled by the log reader when the child's stderr reaches end of
+    /// file, so a log read after the child exited holds its last lines.
+    log_closed: Mutex<mpsc::Receiver<()>>,
     program: PathBuf,
     args: Vec<String>,
 }
@@ -113,6 +116,7 @@ impl Process {
         let (addr_tx, addr_rx) = mpsc::channel();
         let stderr = child.stderr.take().expect("stderr is piped");
         let log_writer = log.clone();
+        let (closed_tx, log_closed) = mpsc::channel();
         thread::spawn(move || {
             let mut sent = false;
             for line in BufReader::new(stderr).lines() {
@@ -130,6 +134,7 @@ impl Process {
                     }
                 }
             }
+            let _ = closed_tx.send(());
         });
         let addr = match addr_rx.recv_timeout(STARTUP_DEADLINE) {
             Ok(addr) => addr,
@@ -147,6 +152,7 @@ impl Process {
             child,
             addr,
             log,
+            log_closed: Mutex::new(log_closed),
             program,
             args,
         };
@@ -185,6 +191,15 @@ impl Process {
     pub fn kill9(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        self.wait_log_closed();
+    }
+
+    /// Once the child has exited, waits (bounded) until its whole stderr is
+    /// in [`Process::log`]: the reader thread may still hold its last lines.
+    fn wait_log_closed(&self) {
+        if let Ok(closed) = self.log_closed.lock() {
+            let _ = closed.recv_timeout(Duration::from_secs(5));
+        }
     }
 
     /// Sends SIGTERM and waits for the exit code (None if killed by a signal).
@@ -192,7 +207,9 @@ impl Process {
         let _ = Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
             .status();
-        self.child.wait().ok().and_then(|s| s.code())
+        let code = self.child.wait().ok().and_then(|s| s.code());
+        self.wait_log_closed();
+        code
     }
 
     /// Whether the child has exited, and with what code.
