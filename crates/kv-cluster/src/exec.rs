@@ -404,10 +404,8 @@ pub fn may_drop(state: &ClusterState, shard: u32, me: NodeId, replica: ReplicaVi
     let Some(work) = state.work(shard) else {
         return false;
     };
-    let hosts = work.current.contains(&me)
-        || work
-            .open
-            .is_some_and(|mv| mv.add == me || mv.remove == me);
+    let hosts =
+        work.current.contains(&me) || work.open.is_some_and(|mv| mv.add == me || mv.remove == me);
     !hosts && !replica.leading && replica.membership_log_index <= work.current_log_index
 }
 

@@ -43,31 +43,33 @@
 pub mod exec;
 mod file;
 pub mod meta;
-pub mod plan;
 mod placement;
+pub mod plan;
 mod route;
 mod shard;
 mod spec;
 mod table;
 pub mod view;
 
-pub use file::{
-    check_flags, cluster_file, decode_cluster, encode_cluster, read_cluster, write_cluster,
-    ClusterFileError, Difference, Flags, Mismatch, StoredCluster, CLUSTER_FILE, CLUSTER_FORMAT,
-};
 pub use exec::{
     may_drop, next_step, GroupMembership, ReplicaView, Replication, ShardWork, Step, Wait,
     CATCH_UP_SLACK,
+};
+pub use file::{
+    check_flags, cluster_file, decode_cluster, encode_cluster, read_cluster, write_cluster,
+    ClusterFileError, Difference, Flags, Mismatch, StoredCluster, CLUSTER_FILE, CLUSTER_FORMAT,
 };
 pub use meta::{
     apply, meta_learners, meta_voters, BootstrapProblem, ClusterId, ClusterState, Member,
     MemberState, MetaCommand, Move, NodeId, Outcome, Phase, Refusal, StateError,
 };
+pub use placement::{
+    placement, placement_over, preferred_leaders, shard_point, NO_LEADER, PLACEMENT_VNODES,
+};
 pub use plan::{
     next_swap, replicas_to_move, schedule, target_placement, LiveInfo, Settings,
     DEFAULT_MAX_INCOMING, DEFAULT_MAX_MOVES,
 };
-pub use placement::{placement, placement_over, preferred_leaders, shard_point, NO_LEADER, PLACEMENT_VNODES};
 pub use route::{
     is_final, wants_stale, Attempt, Next, Routing, BACKGROUND_REFRESH, CONSISTENCY_HEADER,
     CONSISTENCY_STALE, DEFAULT_LEADER_WAIT, MAX_HOPS, REFRESH_EVERY,

@@ -384,7 +384,9 @@ pub enum Refusal {
         id: NodeId,
     },
     /// The id was removed.
-    #[error("node {id} was removed from the cluster; ids are never reused: choose a new --node-id")]
+    #[error(
+        "node {id} was removed from the cluster; ids are never reused: choose a new --node-id"
+    )]
     IdRemoved {
         /// The id.
         id: NodeId,
@@ -598,12 +600,17 @@ impl ClusterState {
             ));
         }
         if self.moves.keys().any(|&shard| shard >= self.shards) {
-            return Err(StateError::Inconsistent("a move names a shard that does not exist"));
+            return Err(StateError::Inconsistent(
+                "a move names a shard that does not exist",
+            ));
         }
         let known = |id: &NodeId| self.members.contains_key(id);
         if !self.current.iter().flatten().all(known)
             || !self.placement.iter().flatten().all(known)
-            || !self.moves.values().all(|mv| known(&mv.add) && known(&mv.remove))
+            || !self
+                .moves
+                .values()
+                .all(|mv| known(&mv.add) && known(&mv.remove))
         {
             return Err(StateError::Inconsistent("a shard names an unknown member"));
         }
@@ -823,7 +830,11 @@ pub fn apply(state: &mut ClusterState, cmd: &MetaCommand) -> Result<Outcome, Ref
                 return Err(Refusal::NoSuchShard { shard: *shard });
             }
             let s = *shard as usize;
-            if let Some(mv) = state.moves.get(shard).filter(|mv| mv.phase != Phase::Planned) {
+            if let Some(mv) = state
+                .moves
+                .get(shard)
+                .filter(|mv| mv.phase != Phase::Planned)
+            {
                 return Err(Refusal::MoveInProgress {
                     shard: *shard,
                     phase: mv.phase,

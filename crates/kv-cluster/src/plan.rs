@@ -241,7 +241,10 @@ mod tests {
             add_and_activate(&mut s, members + 1);
             assert_eq!(s.moves.len(), moved, "{members} -> {}", members + 1);
             assert_eq!(replicas_to_move(&s.current, &s.placement), moved);
-            assert_eq!(s.placement, placement_over(1..=members + 1, shards, replicas));
+            assert_eq!(
+                s.placement,
+                placement_over(1..=members + 1, shards, replicas)
+            );
         }
         let moved: Vec<usize> = (1..=4)
             .map(|id| {
