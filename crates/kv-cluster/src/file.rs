@@ -298,6 +298,37 @@ pub struct Flags {
     pub replicas: Option<u32>,
 }
 
+/// Whose stored cluster the flags were compared with: this node's own
+/// data dir (a restart), or a peer's (the first-start guard, design §8).
+/// The messages name it, since the fix differs: an empty data dir starts a
+/// new cluster here, but cannot change what a peer stores.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Whose {
+    /// This node's `cluster.json`.
+    Here,
+    /// Node `id`'s `cluster.json`, fetched with `GET /-/raft/cluster`.
+    Peer(u64),
+}
+
+impl std::fmt::Display for Whose {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Whose::Here => f.write_str("this data dir"),
+            Whose::Peer(id) => write!(f, "node {id}'s data dir"),
+        }
+    }
+}
+
+impl Whose {
+    /// The other way out, after "start with <the stored value>".
+    fn or_else(self) -> String {
+        match self {
+            Whose::Here => " or an empty data dir".to_owned(),
+            Whose::Peer(id) => format!(" to join node {id}'s cluster"),
+        }
+    }
+}
+
 /// One way the flags contradict `cluster.json`; the message says how to fix
 /// it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -311,28 +342,34 @@ pub enum Difference {
         given: u64,
     },
     /// Another shard count.
-    #[error("--shards {given} but this data dir was created with --shards {stored}; start with --shards {stored} or an empty data dir (the shard count cannot change)")]
+    #[error("--shards {given} but {whose} was created with --shards {stored}; start with --shards {stored}{} (the shard count cannot change)", whose.or_else())]
     Shards {
         /// In the file.
         stored: u32,
         /// On the command line.
         given: u32,
+        /// Whose file.
+        whose: Whose,
     },
     /// Another replica count.
-    #[error("--replicas {given} but this data dir was created with --replicas {stored}; start with --replicas {stored} or an empty data dir (changing it is not supported yet)")]
+    #[error("--replicas {given} but {whose} was created with --replicas {stored}; start with --replicas {stored}{} (changing it is not supported yet)", whose.or_else())]
     Replicas {
         /// In the file.
         stored: u32,
         /// On the command line.
         given: u32,
+        /// Whose file.
+        whose: Whose,
     },
     /// Other members.
-    #[error("--peers differs from the members this data dir was created with ({}); start with --peers {} (changing members is not supported yet)", describe_members(stored, given), format_peers(stored))]
+    #[error("--peers differs from the members {whose} was created with ({}); start with --peers {} (changing members is not supported yet)", describe_members(stored, given), format_peers(stored))]
     Members {
         /// In the file.
         stored: BTreeMap<u64, String>,
         /// On the command line.
         given: BTreeMap<u64, String>,
+        /// Whose file.
+        whose: Whose,
     },
     /// No `--peers` for a data dir that belongs to a cluster.
     #[error("this data dir belongs to a cluster (node {node_id}) but --peers was not given; start with --node-id {node_id} --peers {}", format_peers(stored))]
@@ -397,33 +434,70 @@ pub fn check_flags(stored: &ClusterSpec, flags: &Flags) -> Result<(), Mismatch> 
             given: flags.node_id,
         });
     }
-    match &flags.members {
-        None => differences.push(Difference::NoPeers {
+    if flags.members.is_none() {
+        differences.push(Difference::NoPeers {
             node_id: stored.node_id,
             stored: stored.members.clone(),
-        }),
-        Some(given) if *given != stored.members => differences.push(Difference::Members {
+        });
+    }
+    compare_cluster(stored, flags, Whose::Here, &mut differences);
+    Mismatch::of(differences)
+}
+
+/// Checks a first start's flags against node `peer`'s stored spec (design
+/// §8's first-start guard): the same members, shard count and replica count
+/// (the node ids differ, of course). The messages name the peer's data dir.
+pub fn check_flags_with_peer(
+    theirs: &ClusterSpec,
+    flags: &Flags,
+    peer: u64,
+) -> Result<(), Mismatch> {
+    let mut differences = Vec::new();
+    compare_cluster(theirs, flags, Whose::Peer(peer), &mut differences);
+    Mismatch::of(differences)
+}
+
+/// Members, shards and replicas of `flags` against `stored`.
+fn compare_cluster(
+    stored: &ClusterSpec,
+    flags: &Flags,
+    whose: Whose,
+    differences: &mut Vec<Difference>,
+) {
+    if let Some(given) = flags
+        .members
+        .as_ref()
+        .filter(|given| **given != stored.members)
+    {
+        differences.push(Difference::Members {
             stored: stored.members.clone(),
             given: given.clone(),
-        }),
-        Some(_) => {}
+            whose,
+        });
     }
     if let Some(given) = flags.shards.filter(|&given| given != stored.shards) {
         differences.push(Difference::Shards {
             stored: stored.shards,
             given,
+            whose,
         });
     }
     if let Some(given) = flags.replicas.filter(|&given| given != stored.replicas) {
         differences.push(Difference::Replicas {
             stored: stored.replicas,
             given,
+            whose,
         });
     }
-    if differences.is_empty() {
-        Ok(())
-    } else {
-        Err(Mismatch { differences })
+}
+
+impl Mismatch {
+    fn of(differences: Vec<Difference>) -> Result<(), Mismatch> {
+        if differences.is_empty() {
+            Ok(())
+        } else {
+            Err(Mismatch { differences })
+        }
     }
 }
 
@@ -690,7 +764,8 @@ mod tests {
             check_flags(&stored, &given).unwrap_err().differences,
             vec![Difference::Replicas {
                 stored: 3,
-                given: 1
+                given: 1,
+                whose: Whose::Here,
             }]
         );
 
@@ -722,6 +797,24 @@ mod tests {
             text.contains("--peers was not given; start with --node-id 1 --peers 1="),
             "{text}"
         );
+    }
+
+    #[test]
+    fn a_peers_cluster_is_named_as_the_peers_data_dir() {
+        let theirs = three(2).spec;
+        let mut given = flags(1);
+        given.shards = Some(32);
+        let text = check_flags_with_peer(&theirs, &given, 2)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            text,
+            "--shards 32 but node 2's data dir was created with --shards 64; start with \
+             --shards 64 to join node 2's cluster (the shard count cannot change)"
+        );
+        assert!(!text.contains("this data dir"), "{text}");
+        // Node ids differ between peers: not a difference.
+        check_flags_with_peer(&theirs, &flags(1), 2).unwrap();
     }
 
     #[test]

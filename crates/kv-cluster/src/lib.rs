@@ -36,13 +36,14 @@ mod spec;
 mod table;
 
 pub use file::{
-    check_flags, cluster_file, decode_cluster, encode_cluster, read_cluster, write_cluster,
-    ClusterFileError, Difference, Flags, Mismatch, StoredCluster, CLUSTER_FILE, CLUSTER_FORMAT,
+    check_flags, check_flags_with_peer, cluster_file, decode_cluster, encode_cluster, read_cluster,
+    write_cluster, ClusterFileError, Difference, Flags, Mismatch, StoredCluster, Whose,
+    CLUSTER_FILE, CLUSTER_FORMAT,
 };
 pub use placement::{placement, preferred_leaders, shard_point, NO_LEADER, PLACEMENT_VNODES};
 pub use route::{
     is_final, wants_stale, Attempt, Next, Routing, BACKGROUND_REFRESH, CONSISTENCY_HEADER,
-    CONSISTENCY_STALE, DEFAULT_LEADER_WAIT, MAX_HOPS, REFRESH_EVERY,
+    CONSISTENCY_STALE, DEFAULT_LEADER_WAIT, MAX_HOPS, READ_PATIENCE, REFRESH_EVERY,
 };
 pub use shard::{shard_of, MAX_SHARDS, SHARD_SEED};
 pub use spec::{

@@ -27,8 +27,8 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Request, StatusCode};
 use kv_cluster::{
-    check_flags, cluster_file, decode_cluster, parse_peers, placement, preferred_leaders,
-    read_cluster, write_cluster, ClusterSpec, Flags, StoredCluster,
+    check_flags, check_flags_with_peer, cluster_file, decode_cluster, parse_peers, placement,
+    preferred_leaders, read_cluster, write_cluster, ClusterSpec, Flags, StoredCluster,
 };
 use kv_raft::{raft_config, Groups, Network, NodeId, Raft, MAX_REPLICATED_VALUE};
 use kv_store::Store;
@@ -289,15 +289,13 @@ async fn first_start_guard(
             &answer.body,
         )
         .map_err(|error| refuse(error.to_string()))?;
-        let mut as_ours = theirs.spec.clone();
-        as_ours.node_id = spec.node_id;
         let flags = Flags {
             node_id: spec.node_id,
             members: Some(spec.members.clone()),
             shards: Some(spec.shards),
             replicas: Some(spec.replicas),
         };
-        if let Err(mismatch) = check_flags(&as_ours, &flags) {
+        if let Err(mismatch) = check_flags_with_peer(&theirs.spec, &flags, peer) {
             return Err(refuse(format!(
                 "node {peer} at {addr} belongs to a different cluster than these flags describe: {mismatch}"
             )));
