@@ -236,6 +236,24 @@ impl Cluster {
         }
     }
 
+    /// Freezes node `id` (SIGSTOP): it stops answering anyone, its
+    /// connections stay open. [`Cluster::thaw`] resumes it.
+    pub fn freeze(&self, id: u64) {
+        self.process(id).freeze();
+    }
+
+    /// Resumes a frozen node (SIGCONT).
+    pub fn thaw(&self, id: u64) {
+        self.process(id).thaw();
+    }
+
+    fn process(&self, id: u64) -> &Process {
+        self.nodes
+            .get(&id)
+            .and_then(Option::as_ref)
+            .unwrap_or_else(|| panic!("node {id} does not run"))
+    }
+
     /// Node `id`'s client address (its own port, never a relay).
     pub fn addr(&self, id: u64) -> SocketAddr {
         SocketAddr::from(([127, 0, 0, 1], self.ports[&id]))
