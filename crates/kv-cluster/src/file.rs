@@ -9,11 +9,12 @@
 //! type instead ([`check_flags`]).
 //!
 //! **On disk**: pretty JSON, `{"checksum": "<16 hex digits>", "format": 1,
-//! "node_id": 1, "shards": 64, "replicas": 3, "members": {"1": "127.0.0.1:8081", ...},
+//! "cluster_id": "<uuid>", "node_id": 1, "shards": 64, "replicas": 3, "members": {"1": "127.0.0.1:8081", ...},
 //! "seen": [2, 3]}`. `seen` lists the members
 //! this node has exchanged Raft traffic with (the first-start guard of §8:
 //! a peer that has seen a node whose data dir is empty knows its data was
-//! lost). `checksum` is the xxh3 of the compact JSON of everything else, so
+//! lost). `cluster_id` names the cluster (design §8; absent in files
+//! written before it existed, which still read). `checksum` is the xxh3 of the compact JSON of everything else, so
 //! a flipped digit (a member's port, the shard count) is caught instead of
 //! silently starting a different cluster; JSON keeps the file readable. A
 //! file without `checksum` is accepted: that is how a damaged file is
@@ -49,6 +50,11 @@ pub struct StoredCluster {
     pub spec: ClusterSpec,
     /// Members this node has exchanged Raft traffic with (design §8).
     pub seen: BTreeSet<u64>,
+    /// The cluster's id: a random UUID chosen once, when the cluster is
+    /// created, and agreed by every member (design §8). `None` in a file
+    /// written before ids existed, or by a member that has not learnt it
+    /// yet; kv-node adopts one then.
+    pub cluster_id: Option<String>,
 }
 
 /// Why `cluster.json` could not be read or written. Every variant names the
@@ -113,6 +119,10 @@ const RESTORE: &str = "restore it from a backup, or copy another node's cluster.
 #[derive(Serialize)]
 struct Body<'a> {
     format: u64,
+    /// Skipped when absent, so a file written before ids existed keeps
+    /// its checksum.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cluster_id: Option<&'a str>,
     node_id: u64,
     shards: u32,
     replicas: u32,
@@ -131,6 +141,8 @@ struct OnDisk {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     checksum: Option<String>,
     format: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    cluster_id: Option<String>,
     node_id: u64,
     shards: u32,
     replicas: u32,
@@ -143,6 +155,7 @@ impl OnDisk {
     fn body(&self) -> Body<'_> {
         Body {
             format: self.format,
+            cluster_id: self.cluster_id.as_deref(),
             node_id: self.node_id,
             shards: self.shards,
             replicas: self.replicas,
@@ -219,6 +232,7 @@ pub fn decode_cluster(path: &Path, bytes: &[u8]) -> Result<StoredCluster, Cluste
             members: file.members,
         },
         seen: file.seen,
+        cluster_id: file.cluster_id,
     };
     cluster
         .spec
@@ -239,6 +253,7 @@ pub fn encode_cluster(cluster: &StoredCluster) -> Result<Vec<u8>, serde_json::Er
         replicas: cluster.spec.replicas,
         members: cluster.spec.members.clone(),
         seen: cluster.seen.clone(),
+        cluster_id: cluster.cluster_id.clone(),
         checksum: None,
     };
     file.checksum = Some(checksum(&file.body())?);
@@ -515,6 +530,7 @@ mod tests {
             )
             .unwrap(),
             seen: [2, 3].into(),
+            cluster_id: Some("6f0c1a52-2f4e-4d39-9b7a-0d2b8f3c9e11".into()),
         }
     }
 
@@ -550,6 +566,29 @@ mod tests {
         more.spec.members.insert(4, "127.0.0.1:8084".into());
         write_cluster(dir.path(), &more).unwrap();
         assert_eq!(read_cluster(dir.path()).unwrap(), Some(more));
+    }
+
+    #[test]
+    fn a_file_written_before_cluster_ids_still_reads_with_its_checksum() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut old = three(1);
+        old.cluster_id = None;
+        write_cluster(dir.path(), &old).unwrap();
+        let text = fs::read_to_string(cluster_file(dir.path())).unwrap();
+        assert!(!text.contains("cluster_id"), "{text}");
+        assert_eq!(read_cluster(dir.path()).unwrap(), Some(old));
+        // And an id is kept, under the checksum.
+        let new = three(1);
+        write_cluster(dir.path(), &new).unwrap();
+        let text = fs::read_to_string(cluster_file(dir.path())).unwrap();
+        assert!(text.contains(new.cluster_id.as_deref().unwrap()), "{text}");
+        assert_eq!(read_cluster(dir.path()).unwrap(), Some(new));
+        let changed = text.replace("6f0c1a52", "6f0c1a53");
+        fs::write(cluster_file(dir.path()), changed).unwrap();
+        assert!(matches!(
+            read_cluster(dir.path()),
+            Err(ClusterFileError::Checksum { .. })
+        ));
     }
 
     #[test]

@@ -51,6 +51,7 @@ pub use spec::{
     DEFAULT_SHARDS,
 };
 pub use table::{
-    GroupView, Leader, NotLeader, ShardTable, ShardsView, TableError, LEADER_HEADER,
-    LEADER_ID_HEADER, NOT_LEADER_ERROR, NOT_LEADER_STATUS, ROUTE_DIRECT, ROUTE_HEADER,
+    GroupView, Leader, NotLeader, ShardTable, ShardsView, TableError, CLUSTER_ID_HEADER,
+    LEADER_HEADER, LEADER_ID_HEADER, NODE_ID_HEADER, NOT_LEADER_ERROR, NOT_LEADER_STATUS,
+    ROUTE_DIRECT, ROUTE_HEADER,
 };

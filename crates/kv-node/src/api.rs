@@ -131,6 +131,8 @@ async fn route(
     if let Some(cluster) = &app.cluster {
         // Node-to-node traffic: kv-raft answers it, errors included.
         if path.starts_with("/-/raft/") && path != "/-/raft/cluster" {
+            // From a node of another cluster: 409, before anything is read.
+            cluster.check_cluster_id(&parts.headers)?;
             if let Some(body) = body.take() {
                 let mut request = Request::new(body);
                 *request.method_mut() = parts.method.clone();
@@ -191,6 +193,10 @@ async fn cluster_key(
 ) -> Result<Response<Body>, NodeError> {
     let shard = cluster.shard_of(key);
     let logged = !is_forwarded(&parts.headers);
+    if !logged {
+        // Forwarded by a node of another cluster: 409, nothing done.
+        cluster.check_cluster_id(&parts.headers)?;
+    }
     let solo = cluster.solo_owner(shard);
     if solo == Some(cluster.id()) {
         return local_key(app, parts, key, body, logged).await;

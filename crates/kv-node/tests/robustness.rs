@@ -196,3 +196,96 @@ fn readiness_names_the_shards_that_lost_their_leader_or_quorum() {
         status == 503 && unready_shards(&body).len() == SHARDS as usize
     });
 }
+
+/// The `cluster_id` in a data dir's `cluster.json`.
+fn cluster_id_in(dir: &std::path::Path) -> String {
+    let text = std::fs::read_to_string(dir.join("cluster.json")).unwrap();
+    let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    json["cluster_id"].as_str().unwrap().to_owned()
+}
+
+#[test]
+fn a_node_started_on_another_clusters_data_dir_is_refused_by_its_peers() {
+    // Cluster B: written to, then stopped; its data dirs stay.
+    let mut b = Cluster::start(3, 3, ClusterOpts::default());
+    let b_keys = key_per_shard("b", SHARDS);
+    for key in &b_keys {
+        assert_eq!(put(b.addr(1), key, "b").status, 200);
+    }
+    b.wait_caught_up(2, BOUND);
+    for id in 1..=3 {
+        b.kill9(id);
+    }
+    // Cluster A: the same member ids and addresses, its own data.
+    let mut a = Cluster::start(
+        3,
+        3,
+        ClusterOpts {
+            ports: Some(b.ports()),
+            ..ClusterOpts::default()
+        },
+    );
+    let a_keys = key_per_shard("a", SHARDS);
+    for key in &a_keys {
+        assert_eq!(put(a.addr(1), key, "a").status, 200);
+    }
+    let (a_id, b_id) = (cluster_id_in(&a.data_dir(1)), cluster_id_in(&b.data_dir(2)));
+    assert_ne!(a_id, b_id, "each cluster chose its own id");
+    assert_eq!(cluster_id_in(&a.data_dir(3)), a_id, "agreed by all members");
+
+    // A's node 2 started on B's node 2 data dir: same flags, same address.
+    a.kill9(2);
+    std::fs::remove_dir_all(a.data_dir(2)).unwrap();
+    std::fs::rename(b.data_dir(2), a.data_dir(2)).unwrap();
+    a.restart(2);
+    for id in [1, 3] {
+        wait_until(&format!("node {id} refuses node 2"), BOUND, || {
+            a.log(id).contains(&format!(
+                "node 2 belongs to cluster {b_id} but this node belongs to cluster {a_id}"
+            ))
+        });
+    }
+    wait_until("node 2 refuses its peers", BOUND, || {
+        a.log(2).contains(&format!(
+            "belongs to cluster {a_id} but this node belongs to cluster {b_id}"
+        ))
+    });
+    // A refusal is a 409 naming both ids.
+    let refused = send(
+        a.addr(1),
+        "POST",
+        "/-/raft/vote",
+        &[("X-Kv-Cluster-Id", &b_id), ("X-Kv-Node-Id", "2")],
+        Some("{}"),
+    )
+    .unwrap();
+    assert_eq!(refused.status, 409, "{}", refused.text());
+    let body = json(&refused);
+    assert_eq!(body["cluster_id"], a_id.as_str(), "{body}");
+    assert_eq!(body["peer_cluster_id"], b_id.as_str(), "{body}");
+    // The other shards keep serving: every key of A, through nodes 1 and 3,
+    // once they elected leaders among themselves.
+    a.wait_for_leaders_among(&[1, 3], BOUND);
+    for key in &a_keys {
+        let read = get(a.addr(3), key);
+        assert_eq!(read.text(), "{\"value\":\"a\"}\n", "{key}");
+        assert_eq!(put(a.addr(1), key, "a2").status, 200, "{key}");
+    }
+    // Node 2's replicas were neither joined nor overwritten: they still hold
+    // B's keys and none of A's.
+    for (a_key, b_key) in a_keys.iter().zip(&b_keys) {
+        let stale = [("X-Kv-Consistency", "stale")];
+        let theirs = send(a.addr(2), "GET", &format!("/{b_key}"), &stale, None).unwrap();
+        assert_eq!(theirs.text(), "{\"value\":\"b\"}\n", "{b_key}");
+        let ours = send(a.addr(2), "GET", &format!("/{a_key}"), &stale, None).unwrap();
+        assert_eq!(ours.status, 404, "{a_key}: {}", ours.text());
+    }
+    // Logged once per peer.
+    let log = a.log(1);
+    assert_eq!(
+        log.matches(&format!("node 2 belongs to cluster {b_id}"))
+            .count(),
+        1,
+        "{log}"
+    );
+}

@@ -44,6 +44,10 @@ pub struct ClusterOpts {
     pub relays: bool,
     /// Start a `kv-proxy` in front of the nodes, with these extra arguments.
     pub proxy: Option<Vec<String>>,
+    /// The members' ports, in id order, instead of fresh ones: a second
+    /// cluster on another's ports has the same member ids and addresses
+    /// (the first must be stopped), for data-dir swap tests.
+    pub ports: Option<Vec<u16>>,
 }
 
 impl Default for ClusterOpts {
@@ -53,6 +57,7 @@ impl Default for ClusterOpts {
             extra: Vec::new(),
             relays: false,
             proxy: None,
+            ports: None,
         }
     }
 }
@@ -145,7 +150,11 @@ impl Cluster {
 
     /// Members on fresh ports (and their relays), none started yet.
     fn new(members: u64, replicas: usize, opts: ClusterOpts) -> Cluster {
-        let ports: BTreeMap<u64, u16> = (1..=members).zip(free_ports(members as usize)).collect();
+        let ports = opts
+            .ports
+            .clone()
+            .unwrap_or_else(|| free_ports(members as usize));
+        let ports: BTreeMap<u64, u16> = (1..=members).zip(ports).collect();
         let mut relays = BTreeMap::new();
         if opts.relays {
             for from in 1..=members {
@@ -164,6 +173,11 @@ impl Cluster {
             relays,
             proxy: None,
         }
+    }
+
+    /// The members' ports, in id order (see [`ClusterOpts::ports`]).
+    pub fn ports(&self) -> Vec<u16> {
+        self.ports.values().copied().collect()
     }
 
     /// Member ids.

@@ -34,14 +34,16 @@ pub(crate) mod start;
 pub(crate) mod storage;
 pub(crate) mod watch;
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
+use hyper::HeaderMap;
 use kv_cluster::{
     encode_cluster, write_cluster, ClusterSpec, GroupView, ShardsView, StoredCluster,
+    CLUSTER_ID_HEADER, NODE_ID_HEADER,
 };
 use kv_http::metrics::Scrape;
 use kv_raft::{GroupId, Groups, Network, NodeId, Timeouts};
@@ -54,6 +56,7 @@ use tokio::task::JoinHandle;
 use self::forward::Forwarder;
 use self::request::ReadGate;
 use self::storage::{GroupLog, NodeStorage, ShardRaft, ShardSm};
+use crate::error::ClusterError;
 
 pub use start::start;
 
@@ -187,6 +190,11 @@ pub struct ClusterNode {
     /// committed before the start.
     pub(crate) recovered: AtomicUsize,
     pub(crate) stopping: AtomicBool,
+    /// The cluster's id (design §8), once known: sent on every node-to-node
+    /// request and checked on every one received.
+    pub(crate) cluster_id: OnceLock<String>,
+    /// Peers already warned about for being of another cluster (once each).
+    pub(crate) other_clusters: Mutex<BTreeSet<String>>,
     /// `cluster.json` as last written (its `seen` grows).
     pub(crate) stored: Mutex<StoredCluster>,
     pub(crate) data_dir: PathBuf,
@@ -251,6 +259,41 @@ impl ClusterNode {
                 log::warn!("cannot record node {peer} as seen: {error}");
             }
         }
+    }
+
+    /// Refuses a node-to-node request from a node of another cluster
+    /// (design §8): its `X-Kv-Cluster-Id` differs from ours. A request
+    /// without one (a node that has not learnt the id yet, an older build)
+    /// and any request before this node knows its own id pass. Logged once
+    /// per peer at warn.
+    pub(crate) fn check_cluster_id(&self, headers: &HeaderMap) -> Result<(), ClusterError> {
+        let (Some(ours), Some(theirs)) = (self.cluster_id.get(), headers.get(CLUSTER_ID_HEADER))
+        else {
+            return Ok(());
+        };
+        if theirs.as_bytes() == ours.as_bytes() {
+            return Ok(());
+        }
+        let peer = headers
+            .get(NODE_ID_HEADER)
+            .or_else(|| headers.get(request::FORWARDED_BY_HEADER))
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("?")
+            .to_owned();
+        let error = ClusterError::OtherCluster {
+            ours: ours.clone(),
+            theirs: String::from_utf8_lossy(theirs.as_bytes()).into_owned(),
+            peer: peer.clone(),
+        };
+        let first = self
+            .other_clusters
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(peer);
+        if first {
+            log::warn!("{error}");
+        }
+        Err(error)
     }
 
     /// `GET /-/raft/cluster`: this node's `cluster.json`.

@@ -564,6 +564,19 @@ impl ClusterNode {
                     self.forget_leader(shard, target.id);
                     return Err(ClusterError::NoLeader { shard }.into());
                 }
+                Ok(answer) if answer.status == StatusCode::CONFLICT => {
+                    // The target belongs to another cluster (design §8): it
+                    // refused before doing anything, so as an unreachable
+                    // leader (waited out, then 503), never relayed.
+                    self.forget_leader(shard, target.id);
+                    return Err(ClusterError::LeaderUnreachable {
+                        shard,
+                        leader: target.id,
+                        addr,
+                        why: String::from_utf8_lossy(&answer.body).trim_end().to_owned(),
+                    }
+                    .into());
+                }
                 Ok(answer) => {
                     self.learn_leader(shard, target.id);
                     return Ok(relay(answer, target.id));
