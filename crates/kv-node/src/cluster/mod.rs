@@ -514,8 +514,6 @@ impl ClusterNode {
         out
     }
 
-    /// Keeps a background task to stop with the node.
-
     /// The per-shard and per-node series of design §11.
     pub fn add_metrics(&self, scrape: &mut Scrape) {
         type Series = Vec<(Vec<(&'static str, String)>, u64)>;

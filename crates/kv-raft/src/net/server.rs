@@ -38,8 +38,11 @@ pub type Body = Full<Bytes>;
 /// The groups a node hosts: group id → its `Raft` handle, and when an
 /// append from the group's leader was last accepted here.
 pub struct Groups<SM: RaftStateMachine<KvRaft>> {
-    inner: RwLock<HashMap<GroupId, (Raft<SM>, Arc<Contact>)>>,
+    inner: RwLock<HashMap<GroupId, Hosted<SM>>>,
 }
+
+/// One hosted group: its handle and its leader contact time.
+type Hosted<SM> = (Raft<SM>, Arc<Contact>);
 
 /// When this replica last accepted an append or heartbeat from its group's
 /// leader (one that did not answer "higher vote"): a follower's evidence
@@ -115,7 +118,7 @@ impl<SM: RaftStateMachine<KvRaft>> Groups<SM> {
             .and_then(|(_, contact)| contact.last())
     }
 
-    fn get_with_contact(&self, group: GroupId) -> Option<(Raft<SM>, Arc<Contact>)> {
+    fn get_with_contact(&self, group: GroupId) -> Option<Hosted<SM>> {
         self.inner
             .read()
             .unwrap_or_else(PoisonError::into_inner)
