@@ -56,8 +56,9 @@ pub use exec::{
     CATCH_UP_SLACK,
 };
 pub use file::{
-    check_flags, cluster_file, decode_cluster, encode_cluster, read_cluster, write_cluster,
-    ClusterFileError, Difference, Flags, Mismatch, StoredCluster, CLUSTER_FILE, CLUSTER_FORMAT,
+    check_flags, check_flags_with_peer, cluster_file, decode_cluster, encode_cluster, read_cluster,
+    write_cluster, ClusterFileError, Difference, Flags, Mismatch, StoredCluster, Whose,
+    CLUSTER_FILE, CLUSTER_FORMAT,
 };
 pub use meta::{
     apply, meta_learners, meta_voters, BootstrapProblem, ClusterId, ClusterState, Member,
@@ -72,7 +73,7 @@ pub use plan::{
 };
 pub use route::{
     is_final, wants_stale, Attempt, Next, Routing, BACKGROUND_REFRESH, CONSISTENCY_HEADER,
-    CONSISTENCY_STALE, DEFAULT_LEADER_WAIT, MAX_HOPS, REFRESH_EVERY,
+    CONSISTENCY_STALE, DEFAULT_LEADER_WAIT, MAX_HOPS, READ_PATIENCE, REFRESH_EVERY,
 };
 pub use shard::{shard_of, MAX_SHARDS, SHARD_SEED};
 pub use spec::{
@@ -80,8 +81,9 @@ pub use spec::{
     DEFAULT_SHARDS,
 };
 pub use table::{
-    GroupView, Leader, NotLeader, ShardTable, ShardsView, TableError, LEADER_HEADER,
-    LEADER_ID_HEADER, NOT_LEADER_ERROR, NOT_LEADER_STATUS, ROUTE_DIRECT, ROUTE_HEADER,
+    GroupView, Leader, NotLeader, ShardTable, ShardsView, TableError, CLUSTER_ID_HEADER,
+    LEADER_HEADER, LEADER_ID_HEADER, NODE_ID_HEADER, NOT_LEADER_ERROR, NOT_LEADER_STATUS,
+    ROUTE_DIRECT, ROUTE_HEADER,
 };
 pub use view::{
     shards_body, ClusterView, LocalProgress, MemberView, MetaRole, MoveCounts, MoveProgress,

@@ -7,7 +7,8 @@
 //!   logged ("listening on http://ADDR"), then waits until `GET /-/health`
 //!   answers 200 (kv-http's probe, the one the servers' health checks use).
 //!   No sleeps: every wait is for an event, bounded by a deadline.
-//! * [`Process`] kills its child on drop; [`Process::kill9`] is a crash.
+//! * [`Process`] kills its child on drop; [`Process::kill9`] is a crash,
+//!   [`Process::freeze`] a hang (SIGSTOP).
 //! * [`FakeCluster`] is three fake replicated nodes on port 0 that serve
 //!   `/-/shards` and answer 421/503/504 as a test scripts them, for testing
 //!   leader routing in kv-proxy and kv-bench (see [`fake_cluster`]).
@@ -200,6 +201,29 @@ impl Process {
         if let Ok(closed) = self.log_closed.lock() {
             let _ = closed.recv_timeout(Duration::from_secs(5));
         }
+    }
+
+    /// Sends SIGSTOP: the process stops answering but its sockets stay
+    /// open (the kernel still accepts connections), as a hung process
+    /// would. [`Process::thaw`] resumes it; a kill works either way.
+    pub fn freeze(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Sends SIGCONT to a frozen process.
+    pub fn thaw(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([signal, &self.child.id().to_string()])
+            .status();
+        assert!(
+            status.as_ref().is_ok_and(|s| s.success()),
+            "kill {signal} {}: {status:?}",
+            self.child.id()
+        );
     }
 
     /// Sends SIGTERM and waits for the exit code (None if killed by a signal).
