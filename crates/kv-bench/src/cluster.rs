@@ -7,22 +7,29 @@
 //! run over all its members (a run over "the first n nodes" means nothing
 //! when every key is on every replica), with `X-Kv-Route: direct` on every
 //! request, and [`routed`] applies [`kv_cluster::Routing`]: a 421 is
-//! followed to the named leader (at most three hops), a 503 or a refused
-//! connection is waited out (the table refreshed every 50 ms) up to
-//! `--leader-wait`, and a 504, a timeout or a write whose connection broke
-//! is never retried.
+//! followed to the named leader (at most three hops; counted as
+//! `redirects`, not as errors), a 503 or a refused connection is waited out
+//! (the table refreshed every 50 ms) up to `--leader-wait`, and a write
+//! that got a 504, timed out or whose connection broke is never retried. A
+//! read is: after a 504, a timeout or a broken connection it waits for a
+//! leader, and one unanswered after `READ_PATIENCE` moves to the new leader
+//! as soon as the others name one (a frozen leader).
 //!
 //! What each operation finally came to is what `--history` records: a
-//! request that ended on 421 or 503 (or on no connection at all) was never
-//! proposed and records as `fail`; one that ended on 504, a timeout or a
-//! broken write records as `unknown` (see [`crate::history`]).
+//! request that ended on 503 (or on no connection at all, or on a 421
+//! after too many hops, reported as 503) was never proposed and records as
+//! `fail`; one that ended on 504, a timeout or a broken write records as
+//! `unknown` (see [`crate::history`]).
 
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use hyper::{Method, Uri};
-use kv_cluster::{is_final, Attempt, Next, Routing, ShardTable, ShardsView, BACKGROUND_REFRESH};
+use kv_cluster::{
+    is_final, Attempt, Next, Routing, ShardTable, ShardsView, BACKGROUND_REFRESH,
+    NOT_LEADER_STATUS, REFRESH_EVERY,
+};
 
 use crate::check::{ErrorKind, Failure};
 use crate::client::{self, Answer, ClientKind, Conn, Endpoint};
@@ -175,12 +182,39 @@ impl BenchCluster {
             }
         })
     }
+
+    /// Resolves once the table names another leader for `routing`'s shard
+    /// than `endpoints[sent_to]` (or none): after `patience`, refreshing
+    /// every [`REFRESH_EVERY`]; pending while it stays the leader.
+    async fn leader_moved(&self, routing: &Routing, sent_to: usize, patience: Duration) {
+        tokio::time::sleep(patience).await;
+        let addr = &self.endpoints[sent_to].authority;
+        loop {
+            let asked = Instant::now();
+            self.refresh(asked).await;
+            if routing.moved(&self.read_table(), addr) {
+                return;
+            }
+            tokio::time::sleep_until((asked + REFRESH_EVERY).into()).await;
+        }
+    }
+}
+
+/// What [`routed`] came to.
+pub struct Routed {
+    /// The final answer (or failure).
+    pub result: Result<Answer, Failure>,
+    /// The node that gave it.
+    pub node: usize,
+    /// 421s followed to the leader they named: routing, not errors.
+    pub redirects: u32,
 }
 
 /// Sends one operation on `shard` to its leader over the worker's
 /// connections (`conns[i]` to `cluster.endpoints[i]`), following the rules
-/// in the module docs. Returns the final answer (or failure) and the node
-/// that gave it.
+/// in the module docs. A read still unanswered after
+/// [`kv_cluster::READ_PATIENCE`] is abandoned (its connection dropped) and
+/// sent again once the refreshed table names another leader.
 #[allow(clippy::too_many_arguments)]
 pub async fn routed(
     cluster: &BenchCluster,
@@ -191,16 +225,18 @@ pub async fn routed(
     body: Option<&[u8]>,
     timeout: Duration,
     client: ClientKind,
-) -> (Result<Answer, Failure>, usize) {
+) -> Routed {
     let read = matches!(method, Method::GET | Method::HEAD);
     let mut routing = Routing::new(shard, read, cluster.leader_wait);
     let mut last_node = 0;
+    let mut redirects = 0;
     loop {
         let target = cluster.leader_index(shard);
+        let mut abandoned = false;
         let result = match target {
             Some(node) => {
                 last_node = node;
-                crate::worker::exchange(
+                let exchange = crate::worker::exchange(
                     &mut conns[node],
                     &cluster.endpoints[node],
                     client,
@@ -208,16 +244,41 @@ pub async fn routed(
                     uri,
                     body,
                     timeout,
-                )
-                .await
+                );
+                match routing.patience() {
+                    Some(patience) => {
+                        tokio::select! {
+                            result = exchange => result,
+                            () = cluster.leader_moved(&routing, node, patience) => {
+                                abandoned = true;
+                                Err(Failure::new(
+                                    ErrorKind::Timeout,
+                                    format!("shard {shard}: read abandoned, the leader moved"),
+                                ))
+                            }
+                        }
+                    }
+                    None => exchange.await,
+                }
             }
             None => Err(Failure::new(
                 ErrorKind::Connect,
                 format!("shard {shard}: no leader known"),
             )),
         };
+        if abandoned {
+            // Dropped mid-exchange: the connection's state is unknown.
+            conns[last_node] = None;
+        }
         let attempt = match &result {
-            Ok(answer) if is_final(answer.status) => return (result, last_node),
+            Ok(answer) if is_final(answer.status) => {
+                return Routed {
+                    result,
+                    node: last_node,
+                    redirects,
+                }
+            }
+            _ if abandoned => Attempt::Abandoned,
             Ok(answer) => Attempt::Answered {
                 status: answer.status,
                 body: &answer.body,
@@ -227,11 +288,15 @@ pub async fn routed(
             Err(failure) if failure.kind == ErrorKind::Timeout => Attempt::TimedOut,
             Err(_) => Attempt::Lost,
         };
+        let not_leader = matches!(&result, Ok(answer) if answer.status == NOT_LEADER_STATUS);
         let now = Instant::now();
         let next = {
             let mut table = cluster.table.write().unwrap_or_else(|e| e.into_inner());
             routing.next(&mut table, attempt, now)
         };
+        if not_leader && matches!(next, Next::Retry | Next::WaitForLeader) {
+            redirects += 1;
+        }
         match next {
             Next::Retry => {}
             Next::WaitForLeader => {
@@ -240,9 +305,11 @@ pub async fn routed(
                 cluster.refresh(at).await;
                 routing.refreshed(Instant::now());
             }
-            // Given up: the last answer is the outcome (a 421 or 503: not
-            // proposed; a 504, timeout or broken write: unknown). With no
-            // leader ever known, say so as a node would: 503.
+            // Given up: the last answer is the outcome (a 503: not proposed;
+            // a 504, timeout or broken write: unknown). With no leader ever
+            // known, or a 421 after too many hops (not proposed either), say
+            // so as kv-proxy would: 503. A 421 is a routing answer, never an
+            // operation's result.
             Next::Deliver | Next::NoLeader | Next::TooManyHops | Next::Unknown => {
                 let result = match result {
                     Err(failure) if target.is_none() => Ok(Answer {
@@ -253,9 +320,20 @@ pub async fn routed(
                             failure.detail
                         )),
                     }),
+                    Ok(answer) if answer.status == NOT_LEADER_STATUS => Ok(Answer {
+                        status: 503,
+                        body: Bytes::from(format!(
+                            "{{\"error\":\"shard {shard}: the leader moved {} times during the request\"}}",
+                            routing.hops()
+                        )),
+                    }),
                     other => other,
                 };
-                return (result, last_node);
+                return Routed {
+                    result,
+                    node: last_node,
+                    redirects,
+                };
             }
         }
     }

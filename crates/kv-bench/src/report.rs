@@ -76,6 +76,10 @@ pub struct RunReport {
     pub corrected_latency_ms: Option<Latency>,
     pub errors_total: u64,
     pub errors: ErrorCounts,
+    /// Cluster mode: 421s followed to the leader they named. A routing
+    /// answer (nothing was proposed), so not an error; many of them mean
+    /// leaders moved during the run.
+    pub redirects: u64,
     pub node_requests: Vec<u64>,
     pub node_share: Vec<f64>,
     /// The ring's share of the hash space per node (client-side routing).
@@ -104,6 +108,7 @@ pub fn build(
     let mut ops = [0u64; 3];
     let mut node_requests = vec![0u64; nodes];
     let mut errors = ErrorCounts::default();
+    let mut redirects = 0;
     let mut finished = measure_start;
     for worker in &workers {
         let _ = latency.add(&worker.latency);
@@ -117,6 +122,7 @@ pub fn build(
             *total += mine;
         }
         errors.merge(&worker.errors);
+        redirects += worker.redirects;
         if let Some(done) = worker.finished {
             finished = finished.max(done);
         }
@@ -163,6 +169,7 @@ pub fn build(
         corrected_latency_ms: corrected.as_ref().map(Latency::of),
         errors_total: errors.total(),
         errors,
+        redirects,
         node_share: node_requests
             .iter()
             .map(|&n| {
@@ -222,6 +229,13 @@ impl RunReport {
         for sample in &self.errors.samples {
             let _ = writeln!(out, "    e.g. {sample}");
         }
+        if self.redirects > 0 {
+            let _ = writeln!(
+                out,
+                "  redirects: {} (421s followed to the named leader; not errors)",
+                self.redirects
+            );
+        }
         let shares: Vec<String> = self
             .urls
             .iter()
@@ -269,13 +283,18 @@ pub fn final_results(reports: &[RunReport]) -> String {
         };
         let _ = writeln!(
             out,
-            "{}, {label}p50 {:.3} ms, p99 {:.3} ms, p99.9 {:.3} ms, max {:.3} ms, errors {}",
+            "{}, {label}p50 {:.3} ms, p99 {:.3} ms, p99.9 {:.3} ms, max {:.3} ms, errors {}{}",
             report.flask_row(),
             latency.p50,
             latency.p99,
             latency.p999,
             latency.max,
-            report.errors_total
+            report.errors_total,
+            if report.redirects > 0 {
+                format!(", redirects {}", report.redirects)
+            } else {
+                String::new()
+            }
         );
     }
     let speedups: Vec<String> = reports

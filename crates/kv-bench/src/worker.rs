@@ -85,6 +85,10 @@ pub struct WorkerStats {
     pub ops: [u64; 3],
     pub node_requests: Vec<u64>,
     pub errors: ErrorCounts,
+    /// Cluster mode: 421s followed to the leader they named (nothing was
+    /// proposed; routing, not errors), preload and cleanup included as
+    /// errors are.
+    pub redirects: u64,
     /// When its last measured request finished.
     pub finished: Option<Instant>,
     /// Set if the worker could not start (no connection to a node).
@@ -101,6 +105,7 @@ impl WorkerStats {
             ops: [0; 3],
             node_requests: vec![0; nodes],
             errors: ErrorCounts::default(),
+            redirects: 0,
             finished: None,
             setup_failure: None,
             history: None,
@@ -171,6 +176,8 @@ pub struct MixWorker {
     expected: ValueTemplate,
     next_seq: u64,
     history: Option<Recorder>,
+    /// 421s followed in cluster mode (see [`WorkerStats::redirects`]).
+    redirects: u64,
 }
 
 impl MixWorker {
@@ -206,6 +213,7 @@ impl MixWorker {
             put: ValueTemplate::new(plan.value_size),
             expected: ValueTemplate::new(plan.value_size),
             next_seq: (id as u64) << 40,
+            redirects: 0,
             shared,
         }
     }
@@ -251,7 +259,7 @@ impl MixWorker {
         };
         let (answer, node) = match self.shared.cluster.as_deref() {
             Some(cluster) => {
-                cluster::routed(
+                let routed = cluster::routed(
                     cluster,
                     &mut self.conns,
                     key.node,
@@ -261,7 +269,9 @@ impl MixWorker {
                     timeout,
                     client,
                 )
-                .await
+                .await;
+                self.redirects += u64::from(routed.redirects);
+                (routed.result, routed.node)
             }
             None => {
                 let answer = exchange(
@@ -408,6 +418,7 @@ impl MixWorker {
         shared.batch.wait().await;
         self.cleanup(&mut stats.errors).await;
         stats.history = self.history.take();
+        stats.redirects = self.redirects;
         stats
     }
 
@@ -512,6 +523,8 @@ pub struct SeedWorker {
     /// Keys a DELETE may not have removed.
     leftovers: Vec<u64>,
     history: Option<Recorder>,
+    /// 421s followed in cluster mode (see [`WorkerStats::redirects`]).
+    redirects: u64,
 }
 
 impl SeedWorker {
@@ -527,6 +540,7 @@ impl SeedWorker {
             ring,
             leftovers: Vec::new(),
             history,
+            redirects: 0,
         }
     }
 
@@ -555,7 +569,7 @@ impl SeedWorker {
         let path = path_of(&name);
         let (answer, node) = match self.shared.cluster.as_deref() {
             Some(cluster) => {
-                cluster::routed(
+                let routed = cluster::routed(
                     cluster,
                     &mut self.conns,
                     cluster.shard_of(name.as_bytes()),
@@ -565,7 +579,9 @@ impl SeedWorker {
                     self.shared.plan.timeout,
                     self.shared.plan.client,
                 )
-                .await
+                .await;
+                self.redirects += u64::from(routed.redirects);
+                (routed.result, routed.node)
             }
             None => {
                 let answer = exchange(
@@ -685,6 +701,7 @@ impl SeedWorker {
         }
         self.cleanup(&mut stats.errors).await;
         stats.history = self.history.take();
+        stats.redirects = self.redirects;
         stats
     }
 }

@@ -58,14 +58,32 @@ fn kv_bench_follows_421s_to_the_leader_and_every_operation_is_ok() {
     });
     let dir = tempfile::tempdir().unwrap();
     let history = dir.path().join("h.jsonl");
+    let json = dir.path().join("runs.jsonl");
     let output = run(
         &fake,
         &history,
-        &["--requests", "400", "--mix", "set=2,get=2,delete=1"],
+        &[
+            "--requests",
+            "400",
+            "--mix",
+            "set=2,get=2,delete=1",
+            "--json",
+            json.to_str().unwrap(),
+        ],
     );
     assert!(output.status.success(), "{}", explain(&output));
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(stdout.contains("cluster of 3"), "{stdout}");
+    // The 421s followed are routing, reported as redirects, never errors.
+    let report = &lines(&json)[0];
+    assert_eq!(report["errors_total"], 0, "{report}");
+    assert_eq!(report["errors"]["unexpected_status"], 0, "{report}");
+    let redirects = report["redirects"].as_u64().unwrap();
+    assert!((1..=8 * 4).contains(&redirects), "{report}");
+    assert!(
+        stdout.contains(&format!("redirects {redirects}")),
+        "{stdout}"
+    );
     let ops = lines(&history);
     assert!(ops.len() >= 400, "{} lines", ops.len());
     for op in &ops {
@@ -83,6 +101,7 @@ fn kv_bench_follows_421s_to_the_leader_and_every_operation_is_ok() {
         .map(|m| fake.count(2, m))
         .sum();
     assert!((1..=8 * 4).contains(&at_1), "node 1 got {at_1}");
+    assert_eq!(redirects as usize, at_1, "one redirect per 421");
     assert!(at_2 >= 400, "node 2 got {at_2}");
     assert_eq!(fake.count(3, "PUT") + fake.count(3, "GET"), 0);
     assert!(fake.get(|s| s.seen.iter().all(|seen| seen.direct)));

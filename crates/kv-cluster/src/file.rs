@@ -9,11 +9,12 @@
 //! type instead ([`check_flags`]).
 //!
 //! **On disk**: pretty JSON, `{"checksum": "<16 hex digits>", "format": 1,
-//! "node_id": 1, "shards": 64, "replicas": 3, "members": {"1": "127.0.0.1:8081", ...},
+//! "cluster_id": "<uuid>", "node_id": 1, "shards": 64, "replicas": 3, "members": {"1": "127.0.0.1:8081", ...},
 //! "seen": [2, 3]}`. `seen` lists the members
 //! this node has exchanged Raft traffic with (the first-start guard of §8:
 //! a peer that has seen a node whose data dir is empty knows its data was
-//! lost). `checksum` is the xxh3 of the compact JSON of everything else, so
+//! lost). `cluster_id` names the cluster (design §8; absent in files
+//! written before it existed, which still read). `checksum` is the xxh3 of the compact JSON of everything else, so
 //! a flipped digit (a member's port, the shard count) is caught instead of
 //! silently starting a different cluster; JSON keeps the file readable. A
 //! file without `checksum` is accepted: that is how a damaged file is
@@ -49,6 +50,11 @@ pub struct StoredCluster {
     pub spec: ClusterSpec,
     /// Members this node has exchanged Raft traffic with (design §8).
     pub seen: BTreeSet<u64>,
+    /// The cluster's id: a random UUID chosen once, when the cluster is
+    /// created, and agreed by every member (design §8). `None` in a file
+    /// written before ids existed, or by a member that has not learnt it
+    /// yet; kv-node adopts one then.
+    pub cluster_id: Option<String>,
 }
 
 /// Why `cluster.json` could not be read or written. Every variant names the
@@ -113,6 +119,10 @@ const RESTORE: &str = "restore it from a backup, or copy another node's cluster.
 #[derive(Serialize)]
 struct Body<'a> {
     format: u64,
+    /// Skipped when absent, so a file written before ids existed keeps
+    /// its checksum.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cluster_id: Option<&'a str>,
     node_id: u64,
     shards: u32,
     replicas: u32,
@@ -131,6 +141,8 @@ struct OnDisk {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     checksum: Option<String>,
     format: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    cluster_id: Option<String>,
     node_id: u64,
     shards: u32,
     replicas: u32,
@@ -143,6 +155,7 @@ impl OnDisk {
     fn body(&self) -> Body<'_> {
         Body {
             format: self.format,
+            cluster_id: self.cluster_id.as_deref(),
             node_id: self.node_id,
             shards: self.shards,
             replicas: self.replicas,
@@ -219,6 +232,7 @@ pub fn decode_cluster(path: &Path, bytes: &[u8]) -> Result<StoredCluster, Cluste
             members: file.members,
         },
         seen: file.seen,
+        cluster_id: file.cluster_id,
     };
     cluster
         .spec
@@ -239,6 +253,7 @@ pub fn encode_cluster(cluster: &StoredCluster) -> Result<Vec<u8>, serde_json::Er
         replicas: cluster.spec.replicas,
         members: cluster.spec.members.clone(),
         seen: cluster.seen.clone(),
+        cluster_id: cluster.cluster_id.clone(),
         checksum: None,
     };
     file.checksum = Some(checksum(&file.body())?);
@@ -298,6 +313,37 @@ pub struct Flags {
     pub replicas: Option<u32>,
 }
 
+/// Whose stored cluster the flags were compared with: this node's own
+/// data dir (a restart), or a peer's (the first-start guard, design §8).
+/// The messages name it, since the fix differs: an empty data dir starts a
+/// new cluster here, but cannot change what a peer stores.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Whose {
+    /// This node's `cluster.json`.
+    Here,
+    /// Node `id`'s `cluster.json`, fetched with `GET /-/raft/cluster`.
+    Peer(u64),
+}
+
+impl std::fmt::Display for Whose {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Whose::Here => f.write_str("this data dir"),
+            Whose::Peer(id) => write!(f, "node {id}'s data dir"),
+        }
+    }
+}
+
+impl Whose {
+    /// The other way out, after "start with <the stored value>".
+    fn or_else(self) -> String {
+        match self {
+            Whose::Here => " or an empty data dir".to_owned(),
+            Whose::Peer(id) => format!(" to join node {id}'s cluster"),
+        }
+    }
+}
+
 /// One way the flags contradict `cluster.json`; the message says how to fix
 /// it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -311,28 +357,34 @@ pub enum Difference {
         given: u64,
     },
     /// Another shard count.
-    #[error("--shards {given} but this data dir was created with --shards {stored}; start with --shards {stored} or an empty data dir (the shard count cannot change)")]
+    #[error("--shards {given} but {whose} was created with --shards {stored}; start with --shards {stored}{} (the shard count cannot change)", whose.or_else())]
     Shards {
         /// In the file.
         stored: u32,
         /// On the command line.
         given: u32,
+        /// Whose file.
+        whose: Whose,
     },
     /// Another replica count.
-    #[error("--replicas {given} but this data dir was created with --replicas {stored}; start with --replicas {stored} or an empty data dir (changing it is not supported yet)")]
+    #[error("--replicas {given} but {whose} was created with --replicas {stored}; start with --replicas {stored}{} (changing it is not supported yet)", whose.or_else())]
     Replicas {
         /// In the file.
         stored: u32,
         /// On the command line.
         given: u32,
+        /// Whose file.
+        whose: Whose,
     },
     /// Other members.
-    #[error("--peers differs from the members this data dir was created with ({}); start with --peers {} (changing members is not supported yet)", describe_members(stored, given), format_peers(stored))]
+    #[error("--peers differs from the members {whose} was created with ({}); start with --peers {} (changing members is not supported yet)", describe_members(stored, given), format_peers(stored))]
     Members {
         /// In the file.
         stored: BTreeMap<u64, String>,
         /// On the command line.
         given: BTreeMap<u64, String>,
+        /// Whose file.
+        whose: Whose,
     },
     /// No `--peers` for a data dir that belongs to a cluster.
     #[error("this data dir belongs to a cluster (node {node_id}) but --peers was not given; start with --node-id {node_id} --peers {}", format_peers(stored))]
@@ -397,33 +449,70 @@ pub fn check_flags(stored: &ClusterSpec, flags: &Flags) -> Result<(), Mismatch> 
             given: flags.node_id,
         });
     }
-    match &flags.members {
-        None => differences.push(Difference::NoPeers {
+    if flags.members.is_none() {
+        differences.push(Difference::NoPeers {
             node_id: stored.node_id,
             stored: stored.members.clone(),
-        }),
-        Some(given) if *given != stored.members => differences.push(Difference::Members {
+        });
+    }
+    compare_cluster(stored, flags, Whose::Here, &mut differences);
+    Mismatch::of(differences)
+}
+
+/// Checks a first start's flags against node `peer`'s stored spec (design
+/// §8's first-start guard): the same members, shard count and replica count
+/// (the node ids differ, of course). The messages name the peer's data dir.
+pub fn check_flags_with_peer(
+    theirs: &ClusterSpec,
+    flags: &Flags,
+    peer: u64,
+) -> Result<(), Mismatch> {
+    let mut differences = Vec::new();
+    compare_cluster(theirs, flags, Whose::Peer(peer), &mut differences);
+    Mismatch::of(differences)
+}
+
+/// Members, shards and replicas of `flags` against `stored`.
+fn compare_cluster(
+    stored: &ClusterSpec,
+    flags: &Flags,
+    whose: Whose,
+    differences: &mut Vec<Difference>,
+) {
+    if let Some(given) = flags
+        .members
+        .as_ref()
+        .filter(|given| **given != stored.members)
+    {
+        differences.push(Difference::Members {
             stored: stored.members.clone(),
             given: given.clone(),
-        }),
-        Some(_) => {}
+            whose,
+        });
     }
     if let Some(given) = flags.shards.filter(|&given| given != stored.shards) {
         differences.push(Difference::Shards {
             stored: stored.shards,
             given,
+            whose,
         });
     }
     if let Some(given) = flags.replicas.filter(|&given| given != stored.replicas) {
         differences.push(Difference::Replicas {
             stored: stored.replicas,
             given,
+            whose,
         });
     }
-    if differences.is_empty() {
-        Ok(())
-    } else {
-        Err(Mismatch { differences })
+}
+
+impl Mismatch {
+    fn of(differences: Vec<Difference>) -> Result<(), Mismatch> {
+        if differences.is_empty() {
+            Ok(())
+        } else {
+            Err(Mismatch { differences })
+        }
     }
 }
 
@@ -441,6 +530,7 @@ mod tests {
             )
             .unwrap(),
             seen: [2, 3].into(),
+            cluster_id: Some("6f0c1a52-2f4e-4d39-9b7a-0d2b8f3c9e11".into()),
         }
     }
 
@@ -476,6 +566,29 @@ mod tests {
         more.spec.members.insert(4, "127.0.0.1:8084".into());
         write_cluster(dir.path(), &more).unwrap();
         assert_eq!(read_cluster(dir.path()).unwrap(), Some(more));
+    }
+
+    #[test]
+    fn a_file_written_before_cluster_ids_still_reads_with_its_checksum() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut old = three(1);
+        old.cluster_id = None;
+        write_cluster(dir.path(), &old).unwrap();
+        let text = fs::read_to_string(cluster_file(dir.path())).unwrap();
+        assert!(!text.contains("cluster_id"), "{text}");
+        assert_eq!(read_cluster(dir.path()).unwrap(), Some(old));
+        // And an id is kept, under the checksum.
+        let new = three(1);
+        write_cluster(dir.path(), &new).unwrap();
+        let text = fs::read_to_string(cluster_file(dir.path())).unwrap();
+        assert!(text.contains(new.cluster_id.as_deref().unwrap()), "{text}");
+        assert_eq!(read_cluster(dir.path()).unwrap(), Some(new));
+        let changed = text.replace("6f0c1a52", "6f0c1a53");
+        fs::write(cluster_file(dir.path()), changed).unwrap();
+        assert!(matches!(
+            read_cluster(dir.path()),
+            Err(ClusterFileError::Checksum { .. })
+        ));
     }
 
     #[test]
@@ -690,7 +803,8 @@ mod tests {
             check_flags(&stored, &given).unwrap_err().differences,
             vec![Difference::Replicas {
                 stored: 3,
-                given: 1
+                given: 1,
+                whose: Whose::Here,
             }]
         );
 
@@ -722,6 +836,24 @@ mod tests {
             text.contains("--peers was not given; start with --node-id 1 --peers 1="),
             "{text}"
         );
+    }
+
+    #[test]
+    fn a_peers_cluster_is_named_as_the_peers_data_dir() {
+        let theirs = three(2).spec;
+        let mut given = flags(1);
+        given.shards = Some(32);
+        let text = check_flags_with_peer(&theirs, &given, 2)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            text,
+            "--shards 32 but node 2's data dir was created with --shards 64; start with \
+             --shards 64 to join node 2's cluster (the shard count cannot change)"
+        );
+        assert!(!text.contains("this data dir"), "{text}");
+        // Node ids differ between peers: not a difference.
+        check_flags_with_peer(&theirs, &flags(1), 2).unwrap();
     }
 
     #[test]

@@ -23,26 +23,57 @@
 //!   refusal of restart flags that contradict it, with the fix in the
 //!   message (§8).
 //!
+//! Issue 13 (live membership change, `docs/membership.md`) adds the pure
+//! logic of the metadata group:
+//!
+//! - [`meta`]: the replicated [`ClusterState`], its [`MetaCommand`]s and
+//!   [`apply`] with typed [`Refusal`]s; [`meta_voters`] (§3).
+//! - [`plan`]: placement over the active members, one-swap moves, and the
+//!   metadata leader's [`schedule`] (§4.2, §4.3).
+//! - [`exec`]: a shard leader's [`next_step`] in a move and [`may_drop`]
+//!   (§4.4, §5).
+//! - [`view`]: the `GET /-/cluster` JSON ([`ClusterView`]) and the
+//!   `/-/shards` additions ([`PlacementFields`]) (§6, §8).
+//!
 //! Everything here is deterministic and order-independent: two processes
 //! given the same members in any order agree on every shard's replicas and
 //! preferred leader, which is what lets a fresh cluster initialise each Raft
 //! group exactly once (§8).
 
+pub mod exec;
 mod file;
+pub mod meta;
 mod placement;
+pub mod plan;
 mod route;
 mod shard;
 mod spec;
 mod table;
+pub mod view;
 
-pub use file::{
-    check_flags, cluster_file, decode_cluster, encode_cluster, read_cluster, write_cluster,
-    ClusterFileError, Difference, Flags, Mismatch, StoredCluster, CLUSTER_FILE, CLUSTER_FORMAT,
+pub use exec::{
+    may_drop, next_step, GroupMembership, ReplicaView, Replication, ShardWork, Step, Wait,
+    CATCH_UP_SLACK,
 };
-pub use placement::{placement, preferred_leaders, shard_point, NO_LEADER, PLACEMENT_VNODES};
+pub use file::{
+    check_flags, check_flags_with_peer, cluster_file, decode_cluster, encode_cluster, read_cluster,
+    write_cluster, ClusterFileError, Difference, Flags, Mismatch, StoredCluster, Whose,
+    CLUSTER_FILE, CLUSTER_FORMAT,
+};
+pub use meta::{
+    apply, meta_learners, meta_voters, BootstrapProblem, ClusterId, ClusterState, Member,
+    MemberState, MetaCommand, Move, NodeId, Outcome, Phase, Refusal, StateError,
+};
+pub use placement::{
+    placement, placement_over, preferred_leaders, shard_point, NO_LEADER, PLACEMENT_VNODES,
+};
+pub use plan::{
+    next_swap, replicas_to_move, schedule, target_placement, LiveInfo, Settings,
+    DEFAULT_MAX_INCOMING, DEFAULT_MAX_MOVES,
+};
 pub use route::{
     is_final, wants_stale, Attempt, Next, Routing, BACKGROUND_REFRESH, CONSISTENCY_HEADER,
-    CONSISTENCY_STALE, DEFAULT_LEADER_WAIT, MAX_HOPS, REFRESH_EVERY,
+    CONSISTENCY_STALE, DEFAULT_LEADER_WAIT, MAX_HOPS, READ_PATIENCE, REFRESH_EVERY,
 };
 pub use shard::{shard_of, MAX_SHARDS, SHARD_SEED};
 pub use spec::{
@@ -50,6 +81,11 @@ pub use spec::{
     DEFAULT_SHARDS,
 };
 pub use table::{
-    GroupView, Leader, NotLeader, ShardTable, ShardsView, TableError, LEADER_HEADER,
-    LEADER_ID_HEADER, NOT_LEADER_ERROR, NOT_LEADER_STATUS, ROUTE_DIRECT, ROUTE_HEADER,
+    GroupView, Leader, NotLeader, ShardTable, ShardsView, TableError, CLUSTER_ID_HEADER,
+    LEADER_HEADER, LEADER_ID_HEADER, NODE_ID_HEADER, NOT_LEADER_ERROR, NOT_LEADER_STATUS,
+    ROUTE_DIRECT, ROUTE_HEADER,
+};
+pub use view::{
+    shards_body, ClusterView, LocalProgress, MemberView, MetaRole, MoveCounts, MoveProgress,
+    MoveView, Moving, NodeKnowledge, PlacementFields, PLACEMENT_VERSION_HEADER,
 };

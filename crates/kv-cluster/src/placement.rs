@@ -58,17 +58,33 @@ pub fn shard_point(shard: u32) -> String {
 /// `spec.replicas` distinct members clockwise from the shard's point, in that
 /// order. For a valid spec every row has exactly `spec.replicas` distinct ids.
 pub fn placement(spec: &ClusterSpec) -> Vec<Vec<u64>> {
-    let ids: Vec<u64> = spec.members.keys().copied().collect();
+    placement_over(spec.members.keys().copied(), spec.shards, spec.replicas)
+}
+
+/// [`placement`] over any set of member ids (issue 13: the `Active` members
+/// of the replicated cluster state, `docs/membership.md` §4.2). Ids may come
+/// in any order and repeat; with fewer ids than `replicas` a row holds every
+/// id, and with none every row is empty.
+pub fn placement_over(
+    ids: impl IntoIterator<Item = u64>,
+    shards: u32,
+    replicas: u32,
+) -> Vec<Vec<u64>> {
+    let ids: Vec<u64> = ids
+        .into_iter()
+        .collect::<std::collections::BTreeSet<u64>>()
+        .into_iter()
+        .collect();
     let ring = match Ring::new(ids.iter().map(u64::to_string), PLACEMENT_VNODES) {
         Ok(ring) => ring,
-        // Only for no members (ids are distinct keys of a map and the vnode
-        // count is not zero), a spec `validate` refuses: nothing to place on.
-        Err(_) => return vec![Vec::new(); spec.shards as usize],
+        // Only for no members (ids are distinct and the vnode count is not
+        // zero), which a valid spec or cluster state never has.
+        Err(_) => return vec![Vec::new(); shards as usize],
     };
-    (0..spec.shards)
+    (0..shards)
         .map(|shard| {
             ring.successor_indices(shard_point(shard).as_bytes())
-                .take(spec.replicas as usize)
+                .take(replicas as usize)
                 .map(|index| ids[index])
                 .collect()
         })

@@ -11,9 +11,21 @@
 //! |---|---|
 //! | 421 with a [`NotLeader`] body | update the table, retry at the named leader at once, at most [`MAX_HOPS`] times, then 503 |
 //! | 503, a connection that failed before anything was written, no leader known | wait for a leader: refresh the table every [`REFRESH_EVERY`] and retry, until the wait bound (`--leader-wait`, default [`DEFAULT_LEADER_WAIT`]) passes, then 503 |
-//! | 504, or a write whose exchange broke after it was written | outcome unknown: 504, never retried |
-//! | a read whose exchange broke after it was written | as a failed connect: a read changes nothing, so it may go again |
+//! | 504, or a write whose exchange broke or timed out after it was written | outcome unknown: 504, never retried |
+//! | a read (GET/HEAD) whose exchange broke, timed out or was answered 504 | as a failed connect: a read changes nothing, so it may go again |
+//! | a read still unanswered after [`READ_PATIENCE`] while a refreshed table names another leader ([`Attempt::Abandoned`]) | retry at the new leader at once, like a 421 (counts as a hop) |
 //! | anything else | the answer (200, 404, 400, 413, ...) |
+//!
+//! **Reads behind a frozen leader.** A leader that stops answering (SIGSTOP,
+//! a full disk, a GC-like pause) without closing its connections leaves a
+//! read waiting for the whole request timeout. A read is safe to send again,
+//! so a client waiting on one for longer than [`READ_PATIENCE`] re-learns
+//! the shard's leader from the other replicas' `/-/shards` (every
+//! [`REFRESH_EVERY`], [`Routing::moved`]) and, once they name another one
+//! (they elect within about one election timeout), abandons the first
+//! attempt and sends the read there. A leader that is only slow keeps its
+//! read: the table still names it. Writes never do this: a write in flight
+//! may be applied, so giving up on it would be a 504 anyway.
 //!
 //! The rules are pure: no clock of their own (the caller passes `now`), no
 //! I/O. Sending, sleeping and fetching `/-/shards` are the caller's, in its
@@ -31,6 +43,13 @@ pub const MAX_HOPS: u32 = 3;
 pub const DEFAULT_LEADER_WAIT: Duration = Duration::from_secs(3);
 /// How often a waiting request refreshes the table from `/-/shards`.
 pub const REFRESH_EVERY: Duration = Duration::from_millis(50);
+/// How long a read waits at its shard's leader before the client starts
+/// checking (every [`REFRESH_EVERY`]) whether the other replicas name
+/// another leader. Far above a healthy read's time (a read-index round on
+/// loopback takes well under a millisecond), near the election timeout a
+/// frozen leader's followers wait before electing another (kv-node's
+/// default 300-600 ms): checking sooner would only refresh tables.
+pub const READ_PATIENCE: Duration = Duration::from_millis(500);
 /// How often the table is refreshed in the background, waiting or not.
 pub const BACKGROUND_REFRESH: Duration = Duration::from_secs(1);
 /// Request header choosing the read consistency (design §6.3).
@@ -57,8 +76,12 @@ pub enum Attempt<'a> {
     /// connection broke. A timeout is not this: it is [`Attempt::Answered`]
     /// with 504 as far as the rules go (see [`Attempt::TimedOut`]).
     Lost,
-    /// No answer within the request timeout: outcome unknown.
+    /// No answer within the request timeout: outcome unknown for a write;
+    /// for a read, as [`Attempt::Lost`].
     TimedOut,
+    /// A read given up on by the client after [`READ_PATIENCE`] because the
+    /// table now names another leader ([`Routing::moved`]).
+    Abandoned,
 }
 
 /// What the caller does next.
@@ -161,13 +184,43 @@ impl Routing {
                 self.wait(now)
             }
             Attempt::Answered { status, .. } if is_final(status) => Next::Deliver,
-            Attempt::Answered { .. } | Attempt::TimedOut => Next::Unknown,
-            Attempt::Lost if !self.read => Next::Unknown,
-            Attempt::Lost | Attempt::NotSent => {
+            // A write's outcome is unknown: never sent again.
+            Attempt::Answered { .. } | Attempt::TimedOut | Attempt::Lost if !self.read => {
+                Next::Unknown
+            }
+            // A read changes nothing: whatever became of it, it may go
+            // again, once a leader is known.
+            Attempt::Answered { .. } | Attempt::TimedOut | Attempt::Lost | Attempt::NotSent => {
                 table.clear_leader(self.shard);
                 self.wait(now)
             }
+            Attempt::Abandoned => {
+                self.hops += 1;
+                if self.hops > MAX_HOPS {
+                    Next::TooManyHops
+                } else if table.leader(self.shard).is_some() {
+                    Next::Retry
+                } else {
+                    self.wait(now)
+                }
+            }
         }
+    }
+
+    /// How long an attempt waits before the client checks whether the
+    /// shard's leader moved ([`Routing::moved`]): [`READ_PATIENCE`] for a
+    /// read sent to the leader, `None` for a write (never abandoned).
+    pub fn patience(&self) -> Option<Duration> {
+        self.read.then_some(READ_PATIENCE)
+    }
+
+    /// Whether `table` now names a leader other than the one at `sent_to`
+    /// (or none): a read still waiting there is then abandoned and sent
+    /// again ([`Attempt::Abandoned`]).
+    pub fn moved(&self, table: &ShardTable, sent_to: &str) -> bool {
+        table
+            .leader(self.shard)
+            .is_none_or(|leader| leader.addr != sent_to)
     }
 
     fn wait(&mut self, now: Instant) -> Next {
@@ -344,13 +397,42 @@ mod tests {
             let mut routing = Routing::new(0, false, DEFAULT_LEADER_WAIT);
             assert_eq!(routing.next(&mut table, attempt, now), Next::Unknown);
         }
+        // A read is sent again, whatever became of it, once the table names
+        // a leader: the one it was sent to is forgotten until a refresh.
+        for attempt in [Attempt::Lost, Attempt::TimedOut, answered(504, b"")] {
+            let mut table = self::table();
+            let mut read = Routing::new(0, true, DEFAULT_LEADER_WAIT);
+            assert_eq!(read.next(&mut table, attempt, now), Next::WaitForLeader);
+            assert_eq!(table.leader(0), None);
+        }
+    }
+
+    #[test]
+    fn a_read_waits_its_patience_then_moves_with_the_table() {
+        let write = Routing::new(0, false, DEFAULT_LEADER_WAIT);
+        assert_eq!(write.patience(), None, "a write is never abandoned");
         let mut read = Routing::new(0, true, DEFAULT_LEADER_WAIT);
+        assert_eq!(read.patience(), Some(READ_PATIENCE));
+        let mut table = table();
+        assert!(!read.moved(&table, "127.0.0.1:8082"), "still the leader");
+        assert!(read.moved(&table, "127.0.0.1:8081"));
+        // The other replicas elected node 3 in a newer term.
+        let mut view = ShardsView::parse(VIEW.as_bytes()).unwrap();
+        view.groups[0].leader = Some(3);
+        view.groups[0].term = Some(6);
+        table.refresh(view).unwrap();
+        assert!(read.moved(&table, "127.0.0.1:8082"));
+        let now = Instant::now();
+        assert_eq!(read.next(&mut table, Attempt::Abandoned, now), Next::Retry);
+        assert_eq!(table.leader(0).unwrap().id, 3, "the new leader is kept");
+        assert_eq!(read.hops(), 1);
+        // A leader nobody names: wait for one.
+        table.clear_leader(0);
+        assert!(read.moved(&table, "127.0.0.1:8083"));
         assert_eq!(
-            read.next(&mut table, Attempt::Lost, now),
+            read.next(&mut table, Attempt::Abandoned, now),
             Next::WaitForLeader
         );
-        let mut read = Routing::new(0, true, DEFAULT_LEADER_WAIT);
-        assert_eq!(read.next(&mut table, Attempt::TimedOut, now), Next::Unknown);
     }
 
     #[test]

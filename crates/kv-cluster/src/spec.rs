@@ -94,7 +94,10 @@ pub enum PeersError {
 }
 
 /// What is wrong with an address (part of [`PeersError::BadAddr`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, thiserror::Error, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "snake_case")]
 pub enum AddrProblem {
     /// No `:port`.
     #[error("has no ':PORT'")]

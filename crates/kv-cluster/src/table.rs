@@ -38,6 +38,12 @@ pub const ROUTE_DIRECT: &str = "direct";
 pub const LEADER_HEADER: &str = "x-kv-leader";
 /// Response header of a forwarded answer carrying the leader's id.
 pub const LEADER_ID_HEADER: &str = "x-kv-leader-id";
+/// Header on every node-to-node request (Raft traffic, forwarded client
+/// requests): the sender's cluster id (design §8). A node of another
+/// cluster refuses the request with 409.
+pub const CLUSTER_ID_HEADER: &str = "x-kv-cluster-id";
+/// Header on every node-to-node request: the sender's member id.
+pub const NODE_ID_HEADER: &str = "x-kv-node-id";
 
 /// The body of `GET /-/shards` (design §11).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

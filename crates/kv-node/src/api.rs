@@ -42,7 +42,7 @@ use crate::oplog::{Entry, OpLog};
 pub use kv_http::Body;
 
 use crate::cluster::request::{is_forwarded, KeyRequest, DELETED, STORED};
-use crate::cluster::ClusterNode;
+use crate::cluster::{ClusterNode, NotReady};
 const KEY_METHODS: &str = "GET, HEAD, PUT, POST, DELETE, OPTIONS";
 const ADMIN_METHODS: &str = "GET, HEAD, OPTIONS";
 /// What a stored body looks like around the value's JSON text.
@@ -131,6 +131,8 @@ async fn route(
     if let Some(cluster) = &app.cluster {
         // Node-to-node traffic: kv-raft answers it, errors included.
         if path.starts_with("/-/raft/") && path != "/-/raft/cluster" {
+            // From a node of another cluster: 409, before anything is read.
+            cluster.check_cluster_id(&parts.headers)?;
             // A node that cannot persist takes no leadership (its election
             // would wait on the disk while the old leader stays silent):
             // the sender sees 503, as from an unreachable node.
@@ -199,6 +201,10 @@ async fn cluster_key(
 ) -> Result<Response<Body>, NodeError> {
     let shard = cluster.shard_of(key);
     let logged = !is_forwarded(&parts.headers);
+    if !logged {
+        // Forwarded by a node of another cluster: 409, nothing done.
+        cluster.check_cluster_id(&parts.headers)?;
+    }
     let solo = cluster.solo_owner(shard);
     if solo == Some(cluster.id()) {
         return local_key(app, parts, key, body, logged).await;
@@ -438,6 +444,18 @@ fn admin_route(app: &App, method: &Method, path: &str) -> Result<Response<Body>,
                 body["node_id"] = cluster.id().into();
                 body["shards_led"] = cluster.shards_led().into();
                 body["shards_hosted"] = cluster.shards_hosted().into();
+                // Still 200 (the process serves), but say which shards
+                // cannot serve linearizable requests, as kv-proxy's health
+                // names the nodes that are down.
+                let unavailable = cluster.unavailable();
+                if !unavailable.is_empty() {
+                    body["status"] = "degraded".into();
+                }
+                body["shards_unavailable"] = unavailable
+                    .iter()
+                    .map(|u| u.to_json())
+                    .collect::<Vec<_>>()
+                    .into();
             }
             let mut bytes = body.to_string().into_bytes();
             bytes.push(b'\n');
@@ -447,11 +465,16 @@ fn admin_route(app: &App, method: &Method, path: &str) -> Result<Response<Body>,
             only_get(method)?;
             // The listener opens only after recovery, so "ready" means the
             // store still accepts writes (no disk failure, not closing); in
-            // cluster mode also that every hosted group recovered.
+            // cluster mode also that every hosted group recovered and can
+            // serve linearizable requests (a leader or quorum lost: 503
+            // naming the shards).
             let ready = app
                 .store
                 .writable()
-                .map_err(|error| error.to_string())
+                .map_err(|error| NotReady {
+                    error: error.to_string(),
+                    shards: Vec::new(),
+                })
                 .and_then(|()| {
                     app.cluster
                         .as_ref()
@@ -462,8 +485,15 @@ fn admin_route(app: &App, method: &Method, path: &str) -> Result<Response<Body>,
                     StatusCode::OK,
                     Bytes::from_static(b"{\"ready\":true}\n"),
                 )),
-                Err(error) => {
-                    let body = serde_json::json!({ "ready": false, "error": error });
+                Err(NotReady { error, shards }) => {
+                    let mut body = serde_json::json!({ "ready": false, "error": error });
+                    if !shards.is_empty() {
+                        body["shards"] = shards
+                            .iter()
+                            .map(|u| u.to_json())
+                            .collect::<Vec<_>>()
+                            .into();
+                    }
                     let mut bytes = body.to_string().into_bytes();
                     bytes.push(b'\n');
                     Ok(json_response(

@@ -57,6 +57,15 @@ pub enum ClusterError {
     /// still commit. Never retried by anyone.
     #[error("outcome unknown: {0}")]
     OutcomeUnknown(String),
+    /// A node-to-node request (Raft traffic, a forwarded request) from a
+    /// node of another cluster (design §8's cluster id): refused, nothing
+    /// done.
+    #[error("node {peer} belongs to cluster {theirs} but this node belongs to cluster {ours}: it was started on another cluster's data dir; refused")]
+    OtherCluster {
+        ours: String,
+        theirs: String,
+        peer: String,
+    },
 }
 
 impl ClusterError {
@@ -68,6 +77,7 @@ impl ClusterError {
             | ClusterError::NoQuorum { .. }
             | ClusterError::LeaderUnreachable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ClusterError::OutcomeUnknown(_) => StatusCode::GATEWAY_TIMEOUT,
+            ClusterError::OtherCluster { .. } => StatusCode::CONFLICT,
         }
     }
 
@@ -78,6 +88,13 @@ impl ClusterError {
         let body = match &self {
             ClusterError::NotLeader(not_leader) => serde_json::to_vec(not_leader)
                 .unwrap_or_else(|_| b"{\"error\":\"not leader\"}".to_vec()),
+            ClusterError::OtherCluster { ours, theirs, .. } => serde_json::json!({
+                "error": self.to_string(),
+                "cluster_id": ours,
+                "peer_cluster_id": theirs,
+            })
+            .to_string()
+            .into_bytes(),
             other => serde_json::json!({ "error": other.to_string() })
                 .to_string()
                 .into_bytes(),

@@ -633,7 +633,12 @@ fn flags_that_contradict_the_stored_cluster_are_refused() {
         message.contains("node 1 at") && message.contains("different cluster"),
         "{message}"
     );
-    assert!(message.contains("--shards"), "{message}");
+    // The stored cluster compared with is node 1's, not the empty one here.
+    assert!(
+        message.contains("--shards 16 but node 1's data dir was created with --shards 8"),
+        "{message}"
+    );
+    assert!(!message.contains("this data dir"), "{message}");
 
     // Node 1 restarted with flags its cluster.json contradicts.
     cluster

@@ -53,9 +53,10 @@ pub struct Proxy {
     pub started: Instant,
     /// Requests by operation and status, and latency; shared by the workers.
     pub metrics: Arc<Metrics>,
-    /// Cluster mode ([`crate::cluster`]): `nodes` are the members, and keys
-    /// go to their shard's leader instead of their ring owner.
-    pub cluster: Option<ClusterWorker>,
+    /// The routing mode ([`crate::cluster`]): in cluster mode keys go to
+    /// their shard's leader among `nodes` instead of their ring owner. Ring
+    /// mode may turn into cluster mode while the proxy runs, never back.
+    pub cluster: ClusterWorker,
 }
 
 /// The service function: every request gets an answer, errors included.
@@ -108,11 +109,9 @@ async fn route(
     }
     let key = key::parse(path)?;
     // Cluster mode hashes the key to its shard; the ring path is as it was.
-    let (owner, shard) = match &proxy.cluster {
-        Some(cluster) => (
-            0,
-            kv_cluster::shard_of(key.as_bytes(), cluster.shared.shards()),
-        ),
+    let cluster = proxy.cluster.get();
+    let (owner, shard) = match cluster {
+        Some(cluster) => (0, kv_cluster::shard_of(key.as_bytes(), cluster.shards())),
         None => (proxy.ring.owner_index(key.as_bytes()), 0),
     };
     // A method the node would refuse is refused here, before the body is
@@ -136,12 +135,12 @@ async fn route(
         }
         .into());
     }
-    if let Some(cluster) = &proxy.cluster {
+    if let Some(cluster) = cluster {
         // The body is read in full before anything is sent (a retry sends
         // it again), so the client's connection can stay open whatever the
         // answer; the body errors that must close say so themselves.
         *forwarded = true;
-        return cluster::forward(proxy, cluster, request, shard).await;
+        return cluster::forward(proxy, &proxy.cluster, cluster, request, shard).await;
     }
     let node = &proxy.nodes[owner];
     let result = upstream::forward(
@@ -154,6 +153,11 @@ async fn route(
     .await;
     node.stats.record(&result);
     let response = result?;
+    // Nodes started (or restarted) as a cluster after the proxy chose ring
+    // mode: ask them now (see `cluster::rediscover`).
+    if cluster::looks_clustered(response.status(), response.headers()) {
+        proxy.cluster.mode.hint();
+    }
     // The node answered; if it did before reading the body, it said it
     // would close (see `NodeClosed`).
     *forwarded = true;
@@ -211,7 +215,7 @@ fn admin_route(
             let mut health = serde_json::json!({
                 "status": if down.is_empty() { "ok" } else { "degraded" },
                 "role": "proxy",
-                "mode": if proxy.cluster.is_some() { "cluster" } else { "ring" },
+                "mode": if proxy.cluster.get().is_some() { "cluster" } else { "ring" },
                 "nodes": proxy.nodes.len(),
                 "nodes_up": proxy.nodes.len() - down.len(),
                 "nodes_down": down,
@@ -220,12 +224,12 @@ fn admin_route(
             });
             // Cluster mode: a shard without a known leader is answered only
             // after a wait, or 503: degraded too.
-            if let Some(cluster) = &proxy.cluster {
-                let leaderless = cluster.shared.without_leader();
+            if let Some(cluster) = proxy.cluster.get() {
+                let leaderless = cluster.without_leader();
                 if !leaderless.is_empty() {
                     health["status"] = "degraded".into();
                 }
-                health["shards"] = cluster.shared.shards().into();
+                health["shards"] = cluster.shards().into();
                 health["shards_without_leader"] = leaderless.into();
             }
             health
@@ -241,12 +245,12 @@ fn admin_route(
             }).collect::<Vec<_>>(),
         }),
         _ => match path.strip_prefix("owner/") {
-            Some(encoded) if proxy.cluster.is_some() => {
+            Some(encoded) if proxy.cluster.get().is_some() => {
                 let key = key::parse(encoded)?;
-                let Some(cluster) = &proxy.cluster else {
+                let Some(cluster) = proxy.cluster.get() else {
                     return Err(ApiError::UnknownAdminPath.into());
                 };
-                let (shard, leader) = cluster.shared.leader_of(key.as_bytes());
+                let (shard, leader) = cluster.leader_of(key.as_bytes());
                 let up = leader.as_deref().is_some_and(|addr| {
                     proxy
                         .nodes
@@ -329,8 +333,8 @@ fn render_metrics(proxy: &Proxy) -> String {
         true,
         errors,
     );
-    if let Some(cluster) = &proxy.cluster {
-        let stats = &cluster.shared.stats;
+    if let Some(cluster) = proxy.cluster.get() {
+        let stats = &cluster.stats;
         let count = |counter: &std::sync::atomic::AtomicU64| {
             vec![(
                 Vec::new(),
@@ -362,6 +366,12 @@ fn render_metrics(proxy: &Proxy) -> String {
             count(&stats.unknown),
         );
         scrape.family(
+            "kv_proxy_reads_abandoned_total",
+            "Reads given up on at a leader that stopped answering and sent to the new leader.",
+            true,
+            count(&stats.abandoned),
+        );
+        scrape.family(
             "kv_proxy_table_refreshes_total",
             "Refreshes of the shard table from GET /-/shards.",
             true,
@@ -371,7 +381,7 @@ fn render_metrics(proxy: &Proxy) -> String {
             "kv_proxy_shards_without_leader",
             "Shards whose leader the proxy does not know right now.",
             false,
-            vec![(Vec::new(), cluster.shared.without_leader().len() as u64)],
+            vec![(Vec::new(), cluster.without_leader().len() as u64)],
         );
     }
     scrape.encode()

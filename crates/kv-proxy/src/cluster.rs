@@ -4,10 +4,22 @@
 //! `GET /-/shards` ([`discover`]). A node in a replicated cluster answers
 //! 200 with a [`ShardsView`]; a standalone kv-node answers 404. Any 200 →
 //! cluster mode, routed by a [`ShardTable`]; otherwise (404s, nodes down,
-//! anything else) → today's ring routing, unchanged. The mode is decided
-//! once, so start the proxy after the nodes (`scripts/cluster.sh` does).
-//! Each node gets `--health-timeout` to answer, all at once, so a silent
-//! node delays the start by at most that.
+//! anything else) → today's ring routing, unchanged. Each node gets
+//! `--health-timeout` to answer, all at once, so a silent node delays the
+//! start by at most that.
+//!
+//! **Switching later.** A proxy in ring mode keeps asking
+//! ([`rediscover`]): every `--rediscover-every` (10 s; one small GET per
+//! node), and at once when a node's answer is one only a cluster node gives
+//! (a 421, an `X-Kv-Leader-Id` header: [`Mode::hint`]), so a proxy started
+//! long before its nodes does not route by the ring forever. Once a node
+//! shows a cluster whose members are all among `--nodes`, the proxy
+//! switches to cluster mode for good and logs it once at info. Members at
+//! other addresses (`localhost` in `--peers`, `127.0.0.1` in `--nodes`)
+//! cannot be routed to without a pool and health checker each, so that is
+//! a warning and the proxy stays in ring mode (which still works: the nodes
+//! forward to their leaders). Standalone nodes answer 404 and nothing
+//! changes for them.
 //!
 //! **Routing.** A key's request goes to its shard's leader with
 //! `X-Kv-Route: direct`, so a node that is not the leader answers 421
@@ -15,9 +27,14 @@
 //! [`kv_cluster::Routing`]'s, shared with kv-bench: follow a 421 (at most
 //! three hops), wait out a 503 or a refused connection by refreshing the
 //! table every 50 ms until a leader appears or `--leader-wait` passes (then
-//! 503), and never retry a 504 or a write whose exchange broke (504: the
-//! outcome is unknown). The request body is read in full first (bodies are
-//! bounded by `--max-body-bytes`), so a retry can send it again.
+//! 503), and never retry a write that got a 504, timed out or whose
+//! exchange broke (504: the outcome is unknown). A read has no side effect:
+//! one that timed out, broke or got a 504 waits for a leader like a refused
+//! connection, and one still unanswered after `READ_PATIENCE` (500 ms) is
+//! sent to the new leader as soon as the other replicas name one, so a
+//! frozen leader (SIGSTOP) costs reads an election's latency, not a 504.
+//! The request body is read in full first (bodies are bounded by
+//! `--max-body-bytes`), so a retry can send it again.
 //!
 //! **Stale reads.** A GET or HEAD with `X-Kv-Consistency: stale` may be
 //! answered by any replica of its shard (design §6.3): the first try goes to
@@ -40,7 +57,7 @@
 //! routed to until the proxy restarts.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -52,7 +69,7 @@ use hyper::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper_util::rt::TokioIo;
 use kv_cluster::{
     wants_stale, Attempt, Next, Routing, ShardTable, ShardsView, BACKGROUND_REFRESH,
-    CONSISTENCY_HEADER, ROUTE_DIRECT, ROUTE_HEADER,
+    CONSISTENCY_HEADER, REFRESH_EVERY, ROUTE_DIRECT, ROUTE_HEADER,
 };
 use kv_http::request::discard;
 use kv_http::ApiError;
@@ -98,22 +115,126 @@ pub struct ClusterStats {
     pub unknown: AtomicU64,
     /// Refreshes of the table from `/-/shards`.
     pub refreshes: AtomicU64,
+    /// Reads given up on at a leader that stopped answering and sent to
+    /// the new one.
+    pub abandoned: AtomicU64,
 }
 
-/// One worker's view of the cluster: the shared table, and its own turn
-/// for spreading stale reads over replicas.
+/// The proxy's routing mode, shared by the workers: ring until a node shows
+/// a cluster, then cluster mode for good (set once, never unset).
+#[derive(Default)]
+pub struct Mode {
+    cluster: OnceLock<Arc<Cluster>>,
+    /// Wakes [`rediscover`] when a ring-mode answer looks like a cluster
+    /// node's.
+    hint: tokio::sync::Notify,
+}
+
+impl Mode {
+    /// Cluster mode from the start.
+    pub fn cluster(cluster: Arc<Cluster>) -> Self {
+        let mode = Self::default();
+        let _ = mode.cluster.set(cluster);
+        mode
+    }
+
+    /// The cluster, once in cluster mode.
+    #[inline]
+    pub fn get(&self) -> Option<&Arc<Cluster>> {
+        self.cluster.get()
+    }
+
+    /// A node answered in ring mode as only a cluster member does: ask the
+    /// nodes for `/-/shards` now rather than at the next period. Cheap (a
+    /// stored permit), so every such answer may call it.
+    pub fn hint(&self) {
+        self.hint.notify_one();
+    }
+}
+
+/// Whether a node's answer in ring mode is one only a cluster member gives:
+/// a 421 (not the leader), or a header of the replicated path.
+pub fn looks_clustered(status: StatusCode, headers: &hyper::HeaderMap) -> bool {
+    status == StatusCode::MISDIRECTED_REQUEST
+        || headers.contains_key(kv_cluster::LEADER_ID_HEADER)
+        || headers.contains_key(kv_cluster::LEADER_HEADER)
+}
+
+/// One worker's view of the mode: the shared cluster (once there is one),
+/// and its own turn for spreading stale reads over replicas.
 pub struct ClusterWorker {
-    pub shared: Arc<Cluster>,
+    pub mode: Arc<Mode>,
     stale_turn: AtomicUsize,
 }
 
 impl ClusterWorker {
-    pub fn new(shared: Arc<Cluster>) -> Self {
+    pub fn new(mode: Arc<Mode>) -> Self {
         Self {
-            shared,
+            mode,
             stale_turn: AtomicUsize::new(0),
         }
     }
+
+    /// The cluster, once in cluster mode.
+    #[inline]
+    pub fn get(&self) -> Option<&Arc<Cluster>> {
+        self.mode.get()
+    }
+}
+
+/// Ring mode's background task: asks `names` (the `--nodes`, which have
+/// pools and health checkers) for `/-/shards` every `every` and whenever
+/// [`Mode::hint`] wakes it (at most once a second), and switches to
+/// cluster mode once a node shows a cluster whose members are all among
+/// `names`; then keeps its table fresh ([`Cluster::refresh_forever`]).
+pub async fn rediscover(
+    mode: Arc<Mode>,
+    names: Vec<String>,
+    every: Duration,
+    timeout: Duration,
+    leader_wait: Duration,
+) {
+    const MIN_GAP: Duration = Duration::from_secs(1);
+    let mut warned = false;
+    let mut last = Instant::now();
+    let cluster = loop {
+        tokio::select! {
+            () = tokio::time::sleep_until((last + every).into()) => {}
+            () = mode.hint.notified() => {
+                // Pacing: a burst of 421s asks once.
+                tokio::time::sleep_until((last + MIN_GAP).into()).await;
+            }
+        }
+        last = Instant::now();
+        let Round::Cluster(table) = discover_once(&names, timeout).await else {
+            continue;
+        };
+        let outside: Vec<&String> = table
+            .members()
+            .values()
+            .filter(|addr| !names.contains(addr))
+            .collect();
+        if !outside.is_empty() {
+            if !warned {
+                log::warn!(
+                    "the nodes form a replicated cluster, but members {outside:?} are not among \
+                     --nodes {names:?}: staying in ring mode (the nodes forward to their leaders); \
+                     give --nodes the members' addresses as --peers does and restart the proxy"
+                );
+                warned = true;
+            }
+            continue;
+        }
+        break Arc::new(Cluster::new(table, &names, leader_wait, timeout));
+    };
+    log::info!(
+        "a node answered GET /-/shards as a cluster member: switching to cluster mode: {} \
+         shards, routed to their leaders; leader wait {}",
+        cluster.shards(),
+        humantime::format_duration(leader_wait)
+    );
+    let _ = mode.cluster.set(Arc::clone(&cluster));
+    cluster.refresh_forever().await;
 }
 
 /// What a node said to `GET /-/shards`.
@@ -144,8 +265,8 @@ pub async fn discover(nodes: &[String], timeout: Duration, wait: Duration) -> Op
         }
         if Instant::now() >= deadline {
             log::warn!(
-                "no node answered GET /-/shards within {}: starting in ring mode; restart the \
-                 proxy once the nodes serve if they form a replicated cluster",
+                "no node answered GET /-/shards within {}: starting in ring mode; asking again \
+                 in the background, to switch to cluster mode if they form a replicated cluster",
                 humantime::format_duration(wait)
             );
             return None;
@@ -352,6 +473,23 @@ impl Cluster {
         }
     }
 
+    /// Resolves once the table names another leader for `routing`'s shard
+    /// than the one at `sent_to` (or none): after `patience`, refreshing
+    /// the table every [`REFRESH_EVERY`] (shared with every request waiting
+    /// at once). Pending forever while `sent_to` stays the leader, so a
+    /// slow but healthy leader keeps its read.
+    async fn leader_moved(self: &Arc<Self>, routing: &Routing, sent_to: &str, patience: Duration) {
+        tokio::time::sleep(patience).await;
+        loop {
+            let asked = Instant::now();
+            self.refresh(asked).await;
+            if routing.moved(&self.table.read(), sent_to) {
+                return;
+            }
+            tokio::time::sleep_until((asked + REFRESH_EVERY).into()).await;
+        }
+    }
+
     /// Refreshes the table every [`BACKGROUND_REFRESH`], forever.
     pub async fn refresh_forever(self: Arc<Self>) {
         let mut ticks = tokio::time::interval(BACKGROUND_REFRESH);
@@ -391,10 +529,10 @@ impl Cluster {
 pub async fn forward(
     proxy: &Proxy,
     worker: &ClusterWorker,
+    cluster: &Arc<Cluster>,
     request: Request<Incoming>,
     shard: u32,
 ) -> Result<Response<Body>, ProxyError> {
-    let cluster = &worker.shared;
     let (mut parts, body) = request.into_parts();
     let body = read_body(body, proxy.max_body_bytes, proxy.request_timeout).await?;
     prepare(&mut parts);
@@ -414,17 +552,31 @@ pub async fn forward(
     loop {
         let replica = first.take();
         let target = replica.or_else(|| cluster.leader_index(&proxy.nodes, shard));
-        let (tried, index) = match target {
-            Some(index) => (attempt(proxy, index, &parts, &body).await, Some(index)),
-            None => (Tried::NotSent, None),
+        let (tried, index) = match (target, routing.patience()) {
+            // A read at the leader: abandoned if the leader moves while it
+            // waits (a frozen leader), see `kv_cluster::Routing::moved`.
+            (Some(index), Some(patience)) if replica.is_none() => {
+                let send = attempt(proxy, index, &parts, &body);
+                let moved = cluster.leader_moved(&routing, &proxy.nodes[index].name, patience);
+                let tried = tokio::select! {
+                    tried = send => tried,
+                    () = moved => Tried::Abandoned,
+                };
+                (tried, Some(index))
+            }
+            (Some(index), _) => (attempt(proxy, index, &parts, &body).await, Some(index)),
+            (None, _) => (Tried::NotSent, None),
         };
         // The common case, decided without the table's lock.
-        if let Tried::Answered(response) = tried {
-            if kv_cluster::is_final(response.status().as_u16()) {
+        let tried = match tried {
+            Tried::Answered(response) if kv_cluster::is_final(response.status().as_u16()) => {
                 return Ok(response.map(Either::Left));
             }
-            return relay_unknown(cluster, response);
-        }
+            // A node's own 504 to a write: relayed, never retried. A read's
+            // goes by the rules below (it may be sent again).
+            Tried::Answered(response) if !read => return relay_unknown(cluster, response),
+            other => other,
+        };
         // A replica picked for a stale read could not be reached: that says
         // nothing about the leader, so go to it without touching the table.
         if replica.is_some() && matches!(tried, Tried::NotSent) {
@@ -434,8 +586,11 @@ pub async fn forward(
         let next = {
             let mut table = cluster.table.write();
             let seen = match &tried {
-                // Handled above.
-                Tried::Answered(_) => Attempt::TimedOut,
+                Tried::Answered(response) => Attempt::Answered {
+                    status: response.status().as_u16(),
+                    body: &[],
+                },
+                Tried::Abandoned => Attempt::Abandoned,
                 Tried::NotLeader(body) => Attempt::Answered {
                     status: kv_cluster::NOT_LEADER_STATUS,
                     body,
@@ -454,7 +609,11 @@ pub async fn forward(
             // The rules deliver answers only, handled above.
             Next::Deliver => return Err(no_leader(cluster, &routing, now)),
             Next::Retry => {
-                cluster.stats.not_leader.fetch_add(1, Ordering::Relaxed);
+                let counter = match tried {
+                    Tried::Abandoned => &cluster.stats.abandoned,
+                    _ => &cluster.stats.not_leader,
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
             }
             Next::WaitForLeader => {
                 if routing.waited(now).is_zero() {
@@ -523,6 +682,8 @@ enum Tried {
     Lost(String),
     /// No answer within the request timeout.
     TimedOut(Duration),
+    /// A read given up on: the leader moved while it waited.
+    Abandoned,
 }
 
 /// One attempt at `nodes[index]`: everything about the node is in

@@ -68,10 +68,19 @@ pub struct Config {
     /// At start, how long to keep asking the nodes for GET /-/shards when
     /// none answers yet (nodes still starting): the first node that answers
     /// decides the mode (200: cluster mode, 404: ring mode). If none answers
-    /// within this, the proxy starts in ring mode and says so. Takes a
-    /// duration such as 500ms, 10s or 1m.
+    /// within this, the proxy starts in ring mode and says so, and keeps
+    /// asking in the background (switching once a node shows a cluster).
+    /// Takes a duration such as 500ms, 10s or 1m.
     #[arg(long, env = "KV_PROXY_DISCOVER_WAIT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub discover_wait: Duration,
+
+    /// In ring mode, how often to ask the nodes for GET /-/shards again, in
+    /// case they were started (or restarted) as a replicated cluster after
+    /// the proxy: the proxy then switches to cluster mode, once. An answer
+    /// only a cluster node gives (a 421, an X-Kv-Leader-Id header) asks at
+    /// once. Hidden: for tests.
+    #[arg(long, env = "KV_PROXY_REDISCOVER_EVERY", default_value = "10s", value_parser = humantime::parse_duration, hide = true)]
+    pub rediscover_every: Duration,
 
     /// Time between active health checks of each node (GET /-/health).
     /// Takes a duration such as 500ms, 30s or 2m.

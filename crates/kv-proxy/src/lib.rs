@@ -59,6 +59,10 @@ pub async fn run(
                 config.health_timeout,
             ))
         });
+    let mode = Arc::new(match &cluster {
+        Some(cluster) => cluster::Mode::cluster(Arc::clone(cluster)),
+        None => cluster::Mode::default(),
+    });
     // In cluster mode requests go to the members, as the table names them.
     let names: Vec<String> = match &cluster {
         Some(cluster) => cluster.members(),
@@ -97,13 +101,11 @@ pub async fn run(
                 max_body_bytes: config.max_body_bytes,
                 started,
                 metrics: Arc::clone(&metrics),
-                cluster: cluster
-                    .as_ref()
-                    .map(|c| cluster::ClusterWorker::new(Arc::clone(c))),
+                cluster: cluster::ClusterWorker::new(Arc::clone(&mode)),
             })
         })
         .collect();
-    let mode = match &cluster {
+    let described = match &cluster {
         Some(cluster) => format!(
             "cluster mode: {} shards, routed to their leaders; leader wait {}",
             cluster.shards(),
@@ -112,7 +114,7 @@ pub async fn run(
         None => format!("ring mode: {} vnodes each", config.vnodes),
     };
     log::info!(
-        "kv-proxy {} listening on http://{} (nodes {}; {mode}; {} workers)",
+        "kv-proxy {} listening on http://{} (nodes {}; {described}; {} workers)",
         env!("CARGO_PKG_VERSION"),
         listener.local_addr()?,
         names.join(", "),
@@ -120,8 +122,16 @@ pub async fn run(
     );
     let mut checkers =
         health::spawn_checkers(&health, config.health_interval, config.health_timeout);
-    if let Some(cluster) = &cluster {
-        checkers.push(tokio::spawn(Arc::clone(cluster).refresh_forever()));
+    match &cluster {
+        Some(cluster) => checkers.push(tokio::spawn(Arc::clone(cluster).refresh_forever())),
+        // Nodes may show a cluster later (started after the proxy).
+        None => checkers.push(tokio::spawn(cluster::rediscover(
+            mode,
+            names.clone(),
+            config.rediscover_every,
+            config.health_timeout,
+            config.leader_wait,
+        ))),
     }
     let limits = kv_http::server::ConnectionLimits {
         max_connections: config.max_connections,

@@ -379,3 +379,67 @@ fn no_answer_within_the_discover_wait_is_ring_mode_and_says_so() {
         "{log}"
     );
 }
+
+/// The proxy's `/-/health` `mode`.
+fn mode(proxy: &Process) -> String {
+    let health = request(proxy.addr, "GET", "/-/health", None).unwrap();
+    let body: serde_json::Value = serde_json::from_slice(&health.body).unwrap();
+    body["mode"].as_str().unwrap_or_default().to_owned()
+}
+
+#[test]
+fn a_proxy_started_before_its_cluster_switches_to_leader_routing_once_it_shows() {
+    let fake = start();
+    // No node answers /-/shards while the proxy starts: ring mode.
+    fake.set(|s| s.views_refused = usize::MAX);
+    let proxy = proxy(
+        &fake,
+        &["--discover-wait", "300ms", "--rediscover-every", "200ms"],
+    );
+    assert!(proxy.log().contains("ring mode"), "{}", proxy.log());
+    assert_eq!(mode(&proxy), "ring");
+    // The nodes come up as a cluster: the periodic check finds it.
+    fake.set(|s| {
+        s.views_refused = 0;
+        s.actual = Some(2);
+        s.actual_term = 2;
+    });
+    wait_until(Duration::from_secs(20), "cluster mode", || {
+        mode(&proxy) == "cluster"
+    });
+    // Now routed to the leader, as the direct route, after one 421.
+    let got = put(&proxy, "late", "v");
+    assert_eq!(got.status, 200, "{}", got.text());
+    assert!(fake.get(|s| s.data.contains_key("late")));
+    assert!(fake.get(|s| s.seen.last().is_some_and(|seen| seen.direct)));
+    let log = proxy.log();
+    assert_eq!(log.matches("switching to cluster mode").count(), 1, "{log}");
+}
+
+#[test]
+fn a_cluster_answer_in_ring_mode_makes_the_proxy_ask_at_once() {
+    let fake = start();
+    fake.set(|s| s.views_refused = usize::MAX);
+    // The periodic check is out of the picture: only an answer can wake it.
+    let proxy = proxy(
+        &fake,
+        &["--discover-wait", "300ms", "--rediscover-every", "1h"],
+    );
+    assert_eq!(mode(&proxy), "ring");
+    fake.set(|s| {
+        s.views_refused = 0;
+        s.actual = Some(2);
+        s.actual_term = 2;
+    });
+    // In ring mode a key owned by node 1 or 3 gets their 421 (relayed as
+    // ring mode relays everything); the 421 says "cluster".
+    let mut sent = 0;
+    wait_until(Duration::from_secs(20), "cluster mode after a 421", || {
+        sent += 1;
+        let _ = put(&proxy, &format!("k{sent}"), "v");
+        mode(&proxy) == "cluster"
+    });
+    assert!(fake.count(1, "PUT") + fake.count(3, "PUT") >= 1);
+    let log = proxy.log();
+    assert_eq!(log.matches("switching to cluster mode").count(), 1, "{log}");
+}

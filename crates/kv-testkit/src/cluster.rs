@@ -44,6 +44,10 @@ pub struct ClusterOpts {
     pub relays: bool,
     /// Start a `kv-proxy` in front of the nodes, with these extra arguments.
     pub proxy: Option<Vec<String>>,
+    /// The members' ports, in id order, instead of fresh ones: a second
+    /// cluster on another's ports has the same member ids and addresses
+    /// (the first must be stopped), for data-dir swap tests.
+    pub ports: Option<Vec<u16>>,
 }
 
 impl Default for ClusterOpts {
@@ -53,6 +57,7 @@ impl Default for ClusterOpts {
             extra: Vec::new(),
             relays: false,
             proxy: None,
+            ports: None,
         }
     }
 }
@@ -159,7 +164,11 @@ impl Cluster {
 
     /// Members on fresh ports (and their relays), none started yet.
     fn new(members: u64, replicas: usize, opts: ClusterOpts) -> Cluster {
-        let ports: BTreeMap<u64, u16> = (1..=members).zip(free_ports(members as usize)).collect();
+        let ports = opts
+            .ports
+            .clone()
+            .unwrap_or_else(|| free_ports(members as usize));
+        let ports: BTreeMap<u64, u16> = (1..=members).zip(ports).collect();
         let mut relays = BTreeMap::new();
         if opts.relays {
             for from in 1..=members {
@@ -178,6 +187,11 @@ impl Cluster {
             relays,
             proxy: None,
         }
+    }
+
+    /// The members' ports, in id order (see [`ClusterOpts::ports`]).
+    pub fn ports(&self) -> Vec<u16> {
+        self.ports.values().copied().collect()
     }
 
     /// Member ids.
@@ -248,6 +262,24 @@ impl Cluster {
         if let Some(mut process) = self.nodes.insert(id, None).flatten() {
             process.kill9();
         }
+    }
+
+    /// Freezes node `id` (SIGSTOP): it stops answering anyone, its
+    /// connections stay open. [`Cluster::thaw`] resumes it.
+    pub fn freeze(&self, id: u64) {
+        self.process(id).freeze();
+    }
+
+    /// Resumes a frozen node (SIGCONT).
+    pub fn thaw(&self, id: u64) {
+        self.process(id).thaw();
+    }
+
+    fn process(&self, id: u64) -> &Process {
+        self.nodes
+            .get(&id)
+            .and_then(Option::as_ref)
+            .unwrap_or_else(|| panic!("node {id} does not run"))
     }
 
     /// Node `id`'s client address (its own port, never a relay).

@@ -7,7 +7,8 @@
 //!   logged ("listening on http://ADDR"), then waits until `GET /-/health`
 //!   answers 200 (kv-http's probe, the one the servers' health checks use).
 //!   No sleeps: every wait is for an event, bounded by a deadline.
-//! * [`Process`] kills its child on drop; [`Process::kill9`] is a crash.
+//! * [`Process`] kills its child on drop; [`Process::kill9`] is a crash,
+//!   [`Process::freeze`] a hang (SIGSTOP).
 //! * [`FakeCluster`] is three fake replicated nodes on port 0 that serve
 //!   `/-/shards` and answer 421/503/504 as a test scripts them, for testing
 //!   leader routing in kv-proxy and kv-bench (see [`fake_cluster`]).
@@ -88,6 +89,9 @@ pub struct Process {
     pub addr: SocketAddr,
     /// Everything the child wrote to stderr so far (its log).
     log: Arc<Mutex<String>>,
+    /// Signalled by the log reader when the child's stderr reaches end of
+    /// file, so a log read after the child exited holds its last lines.
+    log_closed: Mutex<mpsc::Receiver<()>>,
     program: PathBuf,
     args: Vec<String>,
 }
@@ -117,6 +121,7 @@ impl Process {
         let (addr_tx, addr_rx) = mpsc::channel();
         let stderr = child.stderr.take().expect("stderr is piped");
         let log_writer = log.clone();
+        let (closed_tx, log_closed) = mpsc::channel();
         thread::spawn(move || {
             let mut sent = false;
             for line in BufReader::new(stderr).lines() {
@@ -134,6 +139,7 @@ impl Process {
                     }
                 }
             }
+            let _ = closed_tx.send(());
         });
         let addr = match addr_rx.recv_timeout(STARTUP_DEADLINE) {
             Ok(addr) => addr,
@@ -151,6 +157,7 @@ impl Process {
             child,
             addr,
             log,
+            log_closed: Mutex::new(log_closed),
             program,
             args,
         };
@@ -189,6 +196,38 @@ impl Process {
     pub fn kill9(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        self.wait_log_closed();
+    }
+
+    /// Once the child has exited, waits (bounded) until its whole stderr is
+    /// in [`Process::log`]: the reader thread may still hold its last lines.
+    fn wait_log_closed(&self) {
+        if let Ok(closed) = self.log_closed.lock() {
+            let _ = closed.recv_timeout(Duration::from_secs(5));
+        }
+    }
+
+    /// Sends SIGSTOP: the process stops answering but its sockets stay
+    /// open (the kernel still accepts connections), as a hung process
+    /// would. [`Process::thaw`] resumes it; a kill works either way.
+    pub fn freeze(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Sends SIGCONT to a frozen process.
+    pub fn thaw(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([signal, &self.child.id().to_string()])
+            .status();
+        assert!(
+            status.as_ref().is_ok_and(|s| s.success()),
+            "kill {signal} {}: {status:?}",
+            self.child.id()
+        );
     }
 
     /// Sends SIGTERM and waits for the exit code (None if killed by a signal).
@@ -196,7 +235,9 @@ impl Process {
         let _ = Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
             .status();
-        self.child.wait().ok().and_then(|s| s.code())
+        let code = self.child.wait().ok().and_then(|s| s.code());
+        self.wait_log_closed();
+        code
     }
 
     /// Whether the child has exited, and with what code.

@@ -14,6 +14,7 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -22,6 +23,7 @@ use hyper::client::conn::http1::SendRequest;
 use hyper::header::{HeaderMap, HeaderValue, HOST};
 use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
+use kv_cluster::{CLUSTER_ID_HEADER, NODE_ID_HEADER};
 use tokio::net::TcpStream;
 
 /// Largest answer relayed (a GET of the largest value, with room).
@@ -56,12 +58,28 @@ thread_local! {
     static IDLE: RefCell<Idle> = RefCell::new(HashMap::new());
 }
 
-/// The client (its pools are per thread).
-pub(crate) struct Forwarder;
+/// The client (its pools are per thread), and who it sends as: every
+/// request carries `X-Kv-Node-Id` and, once known, `X-Kv-Cluster-Id`
+/// (design §8), so a node of another cluster refuses it.
+pub(crate) struct Forwarder {
+    node: HeaderValue,
+    cluster: OnceLock<HeaderValue>,
+}
 
 impl Forwarder {
-    pub(crate) fn new() -> Self {
-        Self
+    pub(crate) fn new(node: u64) -> Self {
+        Self {
+            node: HeaderValue::from(node),
+            cluster: OnceLock::new(),
+        }
+    }
+
+    /// Marks requests from now on with the cluster id (once; it never
+    /// changes).
+    pub(crate) fn set_cluster_id(&self, id: &str) {
+        if let Ok(value) = HeaderValue::from_str(id) {
+            let _ = self.cluster.set(value);
+        }
     }
 
     /// Sends one request to `addr` and reads its whole answer, within
@@ -69,9 +87,14 @@ impl Forwarder {
     pub(crate) async fn send(
         &self,
         addr: &str,
-        request: Request<Full<Bytes>>,
+        mut request: Request<Full<Bytes>>,
         timeout: Duration,
     ) -> Result<Forwarded, ForwardError> {
+        let headers = request.headers_mut();
+        headers.insert(NODE_ID_HEADER, self.node.clone());
+        if let Some(cluster) = self.cluster.get() {
+            headers.insert(CLUSTER_ID_HEADER, cluster.clone());
+        }
         match tokio::time::timeout(timeout, exchange(addr, request)).await {
             Ok(result) => result,
             Err(_) => Err(ForwardError::Lost(format!(

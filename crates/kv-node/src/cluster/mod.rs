@@ -34,14 +34,16 @@ pub(crate) mod start;
 pub(crate) mod storage;
 pub(crate) mod watch;
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
+use hyper::HeaderMap;
 use kv_cluster::{
     encode_cluster, write_cluster, ClusterSpec, GroupView, ShardsView, StoredCluster,
+    CLUSTER_ID_HEADER, NODE_ID_HEADER,
 };
 use kv_http::metrics::Scrape;
 use kv_raft::{GroupId, Groups, Network, NodeId, Timeouts};
@@ -54,6 +56,7 @@ use tokio::task::JoinHandle;
 use self::forward::Forwarder;
 use self::request::ReadGate;
 use self::storage::{GroupLog, NodeStorage, ShardRaft, ShardSm};
+use crate::error::ClusterError;
 
 pub use start::start;
 
@@ -83,6 +86,75 @@ pub(crate) struct Hosted {
     pub(crate) log: GroupLog,
     pub(crate) sm: ShardSm,
     pub(crate) gate: Arc<ReadGate>,
+}
+
+/// Why `/-/ready` says no: the message, and the shards that cannot serve
+/// linearizable requests (empty for a reason that is not per shard).
+#[derive(Debug)]
+pub struct NotReady {
+    pub error: String,
+    pub shards: Vec<Unavailable>,
+}
+
+/// A hosted shard that cannot serve a linearizable request now.
+#[derive(Debug, Clone)]
+pub struct Unavailable {
+    pub shard: u32,
+    pub reason: Reason,
+}
+
+/// Why a shard cannot serve (see [`ClusterNode::unavailable`]).
+#[derive(Debug, Clone, Copy)]
+pub enum Reason {
+    /// No leader known, or (`silent`) the one named has not been heard from
+    /// for this long (`None`: not since this node started).
+    NoLeader {
+        silent: Option<(NodeId, Option<Duration>)>,
+    },
+    /// This node leads without a quorum ack for this long (`None`: none yet).
+    NoQuorum { acked: Option<Duration> },
+}
+
+impl Reason {
+    /// `"no leader"` or `"no quorum"`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Reason::NoLeader { .. } => "no leader",
+            Reason::NoQuorum { .. } => "no quorum",
+        }
+    }
+}
+
+impl std::fmt::Display for Unavailable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ago = |age: &Option<Duration>| {
+            age.map_or_else(
+                || "never".to_owned(),
+                |age| format!("{} ms ago", age.as_millis()),
+            )
+        };
+        write!(f, "shard {}: {}", self.shard, self.reason.name())?;
+        match &self.reason {
+            Reason::NoLeader { silent: None } => Ok(()),
+            Reason::NoLeader {
+                silent: Some((leader, heard)),
+            } => write!(f, " (node {leader} last heard {})", ago(heard)),
+            Reason::NoQuorum { acked } => {
+                write!(f, " (this node leads; last quorum ack {})", ago(acked))
+            }
+        }
+    }
+}
+
+impl Unavailable {
+    /// `{"shard": 3, "reason": "no quorum", "detail": "..."}`.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "shard": self.shard,
+            "reason": self.reason.name(),
+            "detail": self.to_string(),
+        })
+    }
 }
 
 /// Everything cluster mode shares between requests and background tasks.
@@ -118,6 +190,11 @@ pub struct ClusterNode {
     /// committed before the start.
     pub(crate) recovered: AtomicUsize,
     pub(crate) stopping: AtomicBool,
+    /// The cluster's id (design §8), once known: sent on every node-to-node
+    /// request and checked on every one received.
+    pub(crate) cluster_id: OnceLock<String>,
+    /// Peers already warned about for being of another cluster (once each).
+    pub(crate) other_clusters: Mutex<BTreeSet<String>>,
     /// `cluster.json` as last written (its `seen` grows).
     pub(crate) stored: Mutex<StoredCluster>,
     pub(crate) data_dir: PathBuf,
@@ -191,6 +268,41 @@ impl ClusterNode {
                 log::warn!("cannot record node {peer} as seen: {error}");
             }
         }
+    }
+
+    /// Refuses a node-to-node request from a node of another cluster
+    /// (design §8): its `X-Kv-Cluster-Id` differs from ours. A request
+    /// without one (a node that has not learnt the id yet, an older build)
+    /// and any request before this node knows its own id pass. Logged once
+    /// per peer at warn.
+    pub(crate) fn check_cluster_id(&self, headers: &HeaderMap) -> Result<(), ClusterError> {
+        let (Some(ours), Some(theirs)) = (self.cluster_id.get(), headers.get(CLUSTER_ID_HEADER))
+        else {
+            return Ok(());
+        };
+        if theirs.as_bytes() == ours.as_bytes() {
+            return Ok(());
+        }
+        let peer = headers
+            .get(NODE_ID_HEADER)
+            .or_else(|| headers.get(request::FORWARDED_BY_HEADER))
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("?")
+            .to_owned();
+        let error = ClusterError::OtherCluster {
+            ours: ours.clone(),
+            theirs: String::from_utf8_lossy(theirs.as_bytes()).into_owned(),
+            peer: peer.clone(),
+        };
+        let first = self
+            .other_clusters
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(peer);
+        if first {
+            log::warn!("{error}");
+        }
+        Err(error)
     }
 
     /// `GET /-/raft/cluster`: this node's `cluster.json`.
@@ -324,10 +436,15 @@ impl ClusterNode {
             + self.store.len()
     }
 
-    /// `/-/ready`: every hosted group has recovered and none has failed.
-    pub fn ready(&self) -> Result<(), String> {
+    /// `/-/ready`: every hosted group has recovered, none has failed, and
+    /// each can serve linearizable requests now ([`ClusterNode::unavailable`]).
+    pub fn ready(&self) -> Result<(), NotReady> {
+        let not_ready = |error: String| NotReady {
+            error,
+            shards: Vec::new(),
+        };
         if self.stopping.load(Relaxed) {
-            return Err("the node is stopping".into());
+            return Err(not_ready("the node is stopping".into()));
         }
         for (shard, hosted) in self.hosted_iter() {
             if hosted
@@ -337,7 +454,7 @@ impl ClusterNode {
                 .running_state
                 .is_err()
             {
-                return Err(format!("shard {shard} {}", request::STOPPED));
+                return Err(not_ready(format!("shard {shard} {}", request::STOPPED)));
             }
         }
         let recovered = self.recovered.load(Relaxed);
@@ -345,9 +462,71 @@ impl ClusterNode {
         // whose writability the caller checks.
         let hosted = self.hosted_iter().count();
         if recovered < hosted {
-            return Err(format!("{recovered} of {hosted} shards recovered"));
+            return Err(not_ready(format!(
+                "{recovered} of {hosted} shards recovered"
+            )));
+        }
+        let shards = self.unavailable();
+        if !shards.is_empty() {
+            let list: Vec<String> = shards.iter().map(ToString::to_string).collect();
+            return Err(NotReady {
+                error: format!(
+                    "{} of {hosted} hosted shards cannot serve linearizable requests: {}",
+                    shards.len(),
+                    list.join(", ")
+                ),
+                shards,
+            });
         }
         Ok(())
+    }
+
+    /// The hosted shards that cannot serve a linearizable request now, from
+    /// the groups' metrics and the transport's contact times (no Raft round
+    /// trip, so a probe costs a few reads per shard):
+    /// * a leader whose last quorum ack is older than the leader lease
+    ///   (`--raft-election-timeout` × 2): cut off from its peers, it cannot
+    ///   commit nor confirm a read (openraft refuses both): **no quorum**;
+    /// * a replica that knows no leader (an election, or it lost quorum
+    ///   and stands for election in vain): **no leader**;
+    /// * a follower that has not heard from the leader it names for longer
+    ///   than the lease (openraft keeps naming a silent leader): **no
+    ///   leader** too, as it can neither forward nor be served.
+    ///
+    /// A follower of a live leader elsewhere is fine: it forwards.
+    pub fn unavailable(&self) -> Vec<Unavailable> {
+        let lease = Duration::from_millis(self.timeouts.election_max_ms);
+        let now = Instant::now();
+        let me = self.id();
+        let age = |at: Option<Instant>| at.map(|at| now.saturating_duration_since(at));
+        let mut out = Vec::new();
+        for (shard, hosted) in self.hosted_iter() {
+            let metrics = hosted.raft.metrics();
+            let m = metrics.borrow_watched();
+            let reason = match m.current_leader {
+                None => Some(Reason::NoLeader { silent: None }),
+                Some(leader) if leader == me => {
+                    let acked = m
+                        .last_quorum_acked
+                        .as_ref()
+                        .map(|at| openraft::Instant::elapsed(&**at));
+                    match acked {
+                        Some(acked) if acked < lease => None,
+                        _ => Some(Reason::NoQuorum { acked }),
+                    }
+                }
+                Some(leader) => match age(self.groups.last_leader_contact(shard)) {
+                    Some(heard) if heard < lease => None,
+                    heard => Some(Reason::NoLeader {
+                        silent: Some((leader, heard)),
+                    }),
+                },
+            };
+            if let Some(reason) = reason {
+                out.push(Unavailable { shard, reason });
+            }
+        }
+        out
     }
 
     /// The per-shard and per-node series of design §11.
@@ -496,6 +675,32 @@ impl ClusterNode {
             "Solo shards (one replica, no Raft group) this node owns and serves from its store.",
             self.solo_owned().count() as u64,
         );
+    }
+
+    /// The leader of `shard` as this node knows it now: its group's view
+    /// when hosted, the owner of a solo shard, else the cached (or
+    /// preferred) leader, where a request for it would be forwarded.
+    pub(crate) fn leader_now(&self, shard: u32) -> Option<NodeId> {
+        if let Some(owner) = self.solo_owner(shard) {
+            return Some(owner);
+        }
+        if let Some(hosted) = self.hosted(shard) {
+            return hosted.raft.metrics().borrow_watched().current_leader;
+        }
+        Some(self.cached_leader(shard).id())
+    }
+
+    /// Resolves once this node no longer sees `from` as `shard`'s leader:
+    /// checked every 50 ms after [`kv_cluster::READ_PATIENCE`] (a forwarded
+    /// read waiting at a frozen leader gives up when the group elects
+    /// another). Pending while `from` stays the leader, so a slow leader
+    /// keeps its read; a shard not hosted here only learns of a new leader
+    /// from other requests' answers.
+    pub(crate) async fn leader_moved(&self, shard: u32, from: NodeId) {
+        tokio::time::sleep(kv_cluster::READ_PATIENCE).await;
+        while self.leader_now(shard) == Some(from) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// Keeps a background task to stop with the node.

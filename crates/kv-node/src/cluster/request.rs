@@ -33,7 +33,7 @@ use http_body_util::Full;
 use hyper::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE, RETRY_AFTER};
 use hyper::http::request::Parts;
 use hyper::{Method, Request, Response, StatusCode};
-use kv_cluster::{NotLeader, LEADER_ID_HEADER, ROUTE_DIRECT, ROUTE_HEADER};
+use kv_cluster::{NotLeader, LEADER_ID_HEADER, READ_PATIENCE, ROUTE_DIRECT, ROUTE_HEADER};
 use kv_http::{json_response, ApiError, Body};
 use kv_raft::{Command, KvRaft, NodeId, Outcome};
 use openraft::async_runtime::WatchReceiver;
@@ -68,6 +68,12 @@ pub(crate) struct LeaderAt {
     id: NodeId,
     addr: String,
     term: u64,
+}
+
+impl LeaderAt {
+    pub(crate) fn id(&self) -> NodeId {
+        self.id
+    }
 }
 
 /// Why a read was not confirmed; cloned to every read waiting on one
@@ -495,7 +501,7 @@ impl ClusterNode {
 
     /// For a shard not hosted here: the leader last learnt, else its
     /// preferred leader (a 421 corrects a wrong guess).
-    fn cached_leader(&self, shard: u32) -> LeaderAt {
+    pub(super) fn cached_leader(&self, shard: u32) -> LeaderAt {
         let cached = self
             .leader_cache
             .lock()
@@ -589,14 +595,25 @@ impl ClusterNode {
             let addr = self
                 .peer_addr(target.id)
                 .unwrap_or_else(|| target.addr.clone());
-            let forwarded = self
-                .forwarder
-                .send(
-                    &addr,
-                    self.forward_request(request, raw.clone())?,
-                    self.write_timeout + Duration::from_secs(1),
-                )
-                .await;
+            let send = self.forwarder.send(
+                &addr,
+                self.forward_request(request, raw.clone())?,
+                self.write_timeout + Duration::from_secs(1),
+            );
+            // A read at a leader that stopped answering (frozen, cut off) is
+            // given up once this node sees another leader (or none), and
+            // waited out like an unreachable leader: safe, a read changes
+            // nothing. A write in flight may be applied: never given up.
+            let forwarded = if write {
+                send.await
+            } else {
+                tokio::select! {
+                    forwarded = send => forwarded,
+                    () = self.leader_moved(shard, target.id) => Err(ForwardError::Lost(format!(
+                        "no answer within {READ_PATIENCE:?}, and shard {shard} has another leader now"
+                    ))),
+                }
+            };
             match forwarded {
                 Ok(answer) if answer.status == StatusCode::MISDIRECTED_REQUEST => {
                     // Not proposed there: safe to try the leader it names, once.
@@ -622,6 +639,19 @@ impl ClusterNode {
                     // (`with_leader_wait`) rather than relaying the 503.
                     self.forget_leader(shard, target.id);
                     return Err(ClusterError::NoLeader { shard }.into());
+                }
+                Ok(answer) if answer.status == StatusCode::CONFLICT => {
+                    // The target belongs to another cluster (design §8): it
+                    // refused before doing anything, so as an unreachable
+                    // leader (waited out, then 503), never relayed.
+                    self.forget_leader(shard, target.id);
+                    return Err(ClusterError::LeaderUnreachable {
+                        shard,
+                        leader: target.id,
+                        addr,
+                        why: String::from_utf8_lossy(&answer.body).trim_end().to_owned(),
+                    }
+                    .into());
                 }
                 Ok(answer) => {
                     self.learn_leader(shard, target.id);

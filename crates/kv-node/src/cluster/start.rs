@@ -20,15 +20,15 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Request, StatusCode};
 use kv_cluster::{
-    check_flags, cluster_file, decode_cluster, parse_peers, placement, preferred_leaders,
-    read_cluster, write_cluster, ClusterSpec, Flags, StoredCluster,
+    check_flags, check_flags_with_peer, cluster_file, decode_cluster, parse_peers, placement,
+    preferred_leaders, read_cluster, write_cluster, ClusterSpec, Flags, StoredCluster,
 };
 use kv_raft::{raft_config, Groups, Network, NodeId, Raft, MAX_REPLICATED_VALUE};
 use kv_store::Store;
@@ -101,10 +101,10 @@ pub async fn start(
         shards: config.shards,
         replicas: config.replicas,
     };
-    let forwarder = Forwarder::new();
+    let forwarder = Forwarder::new(node_id);
     let routes: std::collections::HashMap<NodeId, String> =
         config.raft_routes.iter().cloned().collect();
-    let (stored, first_start) = match read_cluster(data_dir) {
+    let (mut stored, first_start) = match read_cluster(data_dir) {
         Ok(Some(stored)) => {
             check_flags(&stored.spec, &flags).map_err(|mismatch| {
                 refuse(format!("{}: {mismatch}", cluster_file(data_dir).display()))
@@ -114,8 +114,9 @@ pub async fn start(
         Ok(None) => {
             let spec = ClusterSpec::new(node_id, peers, config.shards, config.replicas)
                 .map_err(|error| refuse(error.to_string()))?;
-            first_start_guard(&spec, &routes, &forwarder, data_dir).await?;
+            let ids = first_start_guard(&spec, &routes, &forwarder, data_dir).await?;
             let stored = StoredCluster {
+                cluster_id: choose_cluster_id(&spec, &ids, true),
                 spec,
                 seen: BTreeSet::new(),
             };
@@ -124,12 +125,27 @@ pub async fn start(
         }
         Err(error) => return Err(refuse(error.to_string())),
     };
+    if stored.cluster_id.is_none() && !first_start {
+        // A data dir from before cluster ids: take the cluster's (§8).
+        let ids = peer_cluster_ids(&stored.spec, &routes, &forwarder).await;
+        if let Some(id) = choose_cluster_id(&stored.spec, &ids, false) {
+            stored.cluster_id = Some(id);
+            write_cluster(data_dir, &stored).map_err(|error| refuse(error.to_string()))?;
+        }
+    }
+    if let Some(id) = &stored.cluster_id {
+        forwarder.set_cluster_id(id);
+    }
     let spec = stored.spec.clone();
     let timeouts = config.raft_timeouts();
     let raft_config = raft_config(timeouts, config.max_value_bytes)
         .map_err(|error| refuse(format!("raft timeouts: {error}")))?;
     let raft_config = storage::adjust_config(raft_config);
     let network = Network::new();
+    network.set_node_id(node_id);
+    if let Some(id) = &stored.cluster_id {
+        network.set_cluster_id(id);
+    }
     for (id, addr) in &routes {
         network.set_route(*id, addr.clone());
     }
@@ -218,6 +234,11 @@ pub async fn start(
         path_stats: PathStats::default(),
         recovered: AtomicUsize::new(0),
         stopping: AtomicBool::new(false),
+        cluster_id: stored
+            .cluster_id
+            .clone()
+            .map_or_else(OnceLock::new, OnceLock::from),
+        other_clusters: Mutex::new(BTreeSet::new()),
         stored: Mutex::new(stored),
         data_dir: data_dir.to_path_buf(),
         tasks: Mutex::new(Vec::new()),
@@ -234,6 +255,9 @@ pub async fn start(
     }
     watch::snapshots(&node, config.raft_log_max_bytes);
     watch::disk(&node);
+    if node.cluster_id.get().is_none() {
+        adopt_cluster_id_later(&node);
+    }
     log::info!(
         "cluster mode: node {node_id} of {} members, {} shards x {} replicas, hosting {} ({} solo) ({})",
         node.spec.members.len(),
@@ -250,13 +274,136 @@ pub async fn start(
     Ok(node)
 }
 
-/// Asks every peer for its `cluster.json` (design §8).
+/// The cluster id a node takes (design §8), from the ids of the peers that
+/// answered (`theirs`): the lowest-id member's that has one (they all
+/// should agree; a disagreement is logged); with none, a new random one if
+/// this node is the lowest-id member (the creator), else none yet — the
+/// node asks again in the background ([`adopt_cluster_id_later`]).
+///
+/// The trade-off of this rule: no coordination beyond the GETs the
+/// first-start guard makes anyway, and one creator, so two ids for one
+/// cluster need the creator's data dir lost while nobody has seen it; but
+/// until the lowest-id member has started once, the others run without an
+/// id and without the check (as data dirs from before ids do).
+fn choose_cluster_id(
+    spec: &ClusterSpec,
+    theirs: &BTreeMap<NodeId, String>,
+    first_start: bool,
+) -> Option<String> {
+    let distinct: BTreeSet<&String> = theirs.values().collect();
+    if distinct.len() > 1 {
+        log::warn!(
+            "peers disagree on the cluster id ({theirs:?}): one of them was started on another \
+             cluster's data dir; taking the lowest-id member's"
+        );
+    }
+    if let Some((peer, id)) = theirs.iter().next() {
+        log::info!("cluster id {id}, adopted from node {peer}");
+        return Some(id.clone());
+    }
+    let lowest = spec.members.keys().next().copied();
+    if lowest == Some(spec.node_id) {
+        let id = uuid::Uuid::new_v4().to_string();
+        log::info!(
+            "cluster id {id}, created here: this node has the lowest member id and no peer \
+             that answered has one{}",
+            if first_start {
+                ""
+            } else {
+                " (a data dir from before cluster ids)"
+            }
+        );
+        return Some(id);
+    }
+    log::info!(
+        "no cluster id yet: node {} (the lowest member id) creates it; asking the peers again \
+         every second",
+        lowest.unwrap_or_default()
+    );
+    None
+}
+
+/// Every answering peer's cluster id, from `GET /-/raft/cluster`.
+async fn peer_cluster_ids(
+    spec: &ClusterSpec,
+    routes: &std::collections::HashMap<NodeId, String>,
+    forwarder: &Forwarder,
+) -> BTreeMap<NodeId, String> {
+    let mut ids = BTreeMap::new();
+    for (&peer, advertised) in &spec.members {
+        if peer == spec.node_id {
+            continue;
+        }
+        let addr = routes.get(&peer).unwrap_or(advertised);
+        let Ok(request) = Request::get("/-/raft/cluster").body(Full::new(Bytes::new())) else {
+            continue;
+        };
+        let Ok(answer) = forwarder.send(addr, request, GUARD_TIMEOUT).await else {
+            continue;
+        };
+        if answer.status != StatusCode::OK {
+            continue;
+        }
+        let path = format!("node {peer}'s cluster.json");
+        if let Ok(theirs) = decode_cluster(Path::new(&path), &answer.body) {
+            if let Some(id) = theirs.cluster_id {
+                ids.insert(peer, id);
+            }
+        }
+    }
+    ids
+}
+
+/// A node without a cluster id asks its peers every second until the
+/// lowest-id member that has one answers, then takes it: stored in
+/// `cluster.json`, sent and checked from then on.
+fn adopt_cluster_id_later(node: &Arc<ClusterNode>) {
+    let weak = Arc::downgrade(node);
+    let task = tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let Some(node) = weak.upgrade() else { return };
+            let ids = peer_cluster_ids(&node.spec, &node.routes, &node.forwarder).await;
+            let Some((peer, id)) = ids.into_iter().next() else {
+                continue;
+            };
+            node.adopt_cluster_id(peer, id);
+            return;
+        }
+    });
+    node.keep_task(task);
+}
+
+impl ClusterNode {
+    /// Takes `id` as the cluster's (learnt from node `peer`): stored, sent
+    /// on node-to-node requests and checked from now on.
+    fn adopt_cluster_id(&self, peer: NodeId, id: String) {
+        if self.cluster_id.set(id.clone()).is_err() {
+            return;
+        }
+        self.network.set_cluster_id(&id);
+        self.forwarder.set_cluster_id(&id);
+        let mut stored = self
+            .stored
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        stored.cluster_id = Some(id.clone());
+        if let Err(error) = write_cluster(&self.data_dir, &stored) {
+            log::warn!("cannot store the cluster id {id}: {error}");
+        }
+        log::info!("cluster id {id}, adopted from node {peer}");
+    }
+}
+
+/// Asks every peer for its `cluster.json` (design §8); returns the cluster
+/// ids of those that have one.
 async fn first_start_guard(
     spec: &ClusterSpec,
     routes: &std::collections::HashMap<NodeId, String>,
     forwarder: &Forwarder,
     data_dir: &Path,
-) -> io::Result<()> {
+) -> io::Result<BTreeMap<NodeId, String>> {
+    let mut ids = BTreeMap::new();
     for (&peer, advertised) in &spec.members {
         if peer == spec.node_id {
             continue;
@@ -290,18 +437,19 @@ async fn first_start_guard(
             &answer.body,
         )
         .map_err(|error| refuse(error.to_string()))?;
-        let mut as_ours = theirs.spec.clone();
-        as_ours.node_id = spec.node_id;
         let flags = Flags {
             node_id: spec.node_id,
             members: Some(spec.members.clone()),
             shards: Some(spec.shards),
             replicas: Some(spec.replicas),
         };
-        if let Err(mismatch) = check_flags(&as_ours, &flags) {
+        if let Err(mismatch) = check_flags_with_peer(&theirs.spec, &flags, peer) {
             return Err(refuse(format!(
                 "node {peer} at {addr} belongs to a different cluster than these flags describe: {mismatch}"
             )));
+        }
+        if let Some(id) = theirs.cluster_id {
+            ids.insert(peer, id);
         }
         if theirs.seen.contains(&spec.node_id) {
             return Err(refuse(format!(
@@ -312,7 +460,7 @@ async fn first_start_guard(
             )));
         }
     }
-    Ok(())
+    Ok(ids)
 }
 
 /// Initialises the groups this node is the preferred leader of, when they

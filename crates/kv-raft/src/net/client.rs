@@ -30,13 +30,13 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::client::conn::http1::SendRequest;
-use hyper::header::{CONTENT_TYPE, HOST};
+use hyper::header::{HeaderValue, CONTENT_TYPE, HOST};
 use hyper::{Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use openraft::alias::{SnapshotOf, VoteOf};
@@ -130,10 +130,39 @@ pub struct TransportStats {
 /// Peers by (id, address): an address change (issue 13) makes a new peer.
 type PeerMap = HashMap<(NodeId, String), Arc<Peer>>;
 
+/// Who sends node-to-node traffic: header values set once by the node.
+#[derive(Default)]
+struct Identity {
+    node: OnceLock<HeaderValue>,
+    cluster: OnceLock<HeaderValue>,
+}
+
+impl Identity {
+    fn mark(&self, headers: &mut hyper::HeaderMap) {
+        if let Some(node) = self.node.get() {
+            headers.insert(kv_cluster_headers::NODE_ID, node.clone());
+        }
+        if let Some(cluster) = self.cluster.get() {
+            headers.insert(kv_cluster_headers::CLUSTER_ID, cluster.clone());
+        }
+    }
+}
+
+/// The identity headers' names: kv-cluster's `NODE_ID_HEADER` and
+/// `CLUSTER_ID_HEADER` (kv-raft does not depend on kv-cluster; a test in
+/// kv-node checks that a mismatch is refused, so the names cannot drift).
+mod kv_cluster_headers {
+    use hyper::header::HeaderName;
+    pub const NODE_ID: HeaderName = HeaderName::from_static("x-kv-node-id");
+    pub const CLUSTER_ID: HeaderName = HeaderName::from_static("x-kv-cluster-id");
+}
+
 /// A node's client side of the transport, shared by all its groups.
 #[derive(Clone, Default)]
 pub struct Network {
     peers: Arc<Mutex<PeerMap>>,
+    /// Who sends: headers on every request (design §8's cluster id).
+    identity: Arc<Identity>,
     /// Addresses that override a member's advertised one (`--raft-route`).
     routes: Arc<Mutex<HashMap<NodeId, String>>>,
     counters: Arc<Counters>,
@@ -164,6 +193,20 @@ impl Network {
             .insert(target, addr);
     }
 
+    /// Marks every request from now on with `X-Kv-Node-Id: node`.
+    pub fn set_node_id(&self, node: NodeId) {
+        let _ = self.identity.node.set(HeaderValue::from(node));
+    }
+
+    /// Marks every request from now on with `X-Kv-Cluster-Id: id`, so a
+    /// node of another cluster refuses it (409). Set once: a cluster id
+    /// never changes; a second call is ignored.
+    pub fn set_cluster_id(&self, id: &str) {
+        if let Ok(value) = HeaderValue::from_str(id) {
+            let _ = self.identity.cluster.set(value);
+        }
+    }
+
     /// What the append path did so far.
     pub fn stats(&self) -> TransportStats {
         TransportStats {
@@ -181,9 +224,13 @@ impl Network {
             .cloned();
         let addr = route.as_deref().unwrap_or(advertised);
         let mut peers = self.peers.lock().unwrap_or_else(PoisonError::into_inner);
-        let peer = peers
-            .entry((target, addr.to_string()))
-            .or_insert_with(|| Peer::start(addr.to_string(), Arc::clone(&self.counters)));
+        let peer = peers.entry((target, addr.to_string())).or_insert_with(|| {
+            Peer::start(
+                addr.to_string(),
+                Arc::clone(&self.counters),
+                Arc::clone(&self.identity),
+            )
+        });
         Arc::clone(peer)
     }
 }
@@ -216,16 +263,23 @@ struct Pending {
 /// One member as seen from here: its batcher and its connection pool.
 struct Peer {
     addr: String,
+    identity: Arc<Identity>,
     appends: mpsc::UnboundedSender<Pending>,
     idle: Mutex<Vec<SendRequest<Full<Bytes>>>>,
 }
 
 impl Peer {
-    fn start(addr: String, counters: Arc<Counters>) -> Arc<Peer> {
+    fn start(addr: String, counters: Arc<Counters>, identity: Arc<Identity>) -> Arc<Peer> {
         let (appends, queue) = mpsc::unbounded_channel();
-        tokio::spawn(batcher(addr.clone(), queue, counters));
+        tokio::spawn(batcher(
+            addr.clone(),
+            queue,
+            counters,
+            Arc::clone(&identity),
+        ));
         Arc::new(Peer {
             addr,
+            identity,
             appends,
             idle: Mutex::new(Vec::new()),
         })
@@ -248,7 +302,16 @@ impl Peer {
             Some(sender) if !sender.is_closed() => sender,
             _ => connect(&self.addr, ttl).await?,
         };
-        let answer = exchange(&mut sender, &self.addr, path, body, ttl, limit).await;
+        let answer = exchange(
+            &mut sender,
+            &self.addr,
+            &self.identity,
+            path,
+            body,
+            ttl,
+            limit,
+        )
+        .await;
         if answer.is_ok() {
             let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
             if idle.len() < MAX_IDLE {
@@ -278,6 +341,7 @@ async fn batcher(
     addr: String,
     mut queue: mpsc::UnboundedReceiver<Pending>,
     counters: Arc<Counters>,
+    identity: Arc<Identity>,
 ) {
     let mut connection: Option<SendRequest<Full<Bytes>>> = None;
     let mut carry = None;
@@ -306,7 +370,7 @@ async fn batcher(
             .into_iter()
             .map(|pending| ((pending.group, pending.reply), (pending.group, pending.rpc)))
             .unzip();
-        let answer = send_batch(&mut connection, &addr, &rpcs, ttl).await;
+        let answer = send_batch(&mut connection, &addr, &identity, &rpcs, ttl).await;
         match answer {
             Ok(answers) if answers.len() == replies.len() => {
                 for ((group, reply), (answered, result)) in replies.into_iter().zip(answers) {
@@ -390,6 +454,7 @@ fn estimated_bytes(rpc: &AppendEntriesRequest<KvRaft>) -> usize {
 async fn send_batch(
     connection: &mut Option<SendRequest<Full<Bytes>>>,
     addr: &str,
+    identity: &Identity,
     rpcs: &wire::AppendBatch,
     ttl: Duration,
 ) -> Result<wire::AppendReplies, CallError> {
@@ -398,7 +463,16 @@ async fn send_batch(
         Some(sender) if !sender.is_closed() => sender,
         _ => connection.insert(connect(addr, ttl).await?),
     };
-    let bytes = exchange(sender, addr, wire::APPEND, body, ttl, wire::MAX_RPC_BODY).await?;
+    let bytes = exchange(
+        sender,
+        addr,
+        identity,
+        wire::APPEND,
+        body,
+        ttl,
+        wire::MAX_RPC_BODY,
+    )
+    .await?;
     wire::decode(&bytes)
         .map_err(|error| CallError::Protocol(format!("undecodable answer from {addr}: {error}")))
 }
@@ -430,16 +504,18 @@ async fn connect(addr: &str, ttl: Duration) -> Result<SendRequest<Full<Bytes>>, 
 async fn exchange(
     sender: &mut SendRequest<Full<Bytes>>,
     addr: &str,
+    identity: &Identity,
     path: &str,
     body: Vec<u8>,
     ttl: Duration,
     limit: usize,
 ) -> Result<Bytes, CallError> {
-    let request = Request::post(path)
+    let mut request = Request::post(path)
         .header(HOST, addr)
         .header(CONTENT_TYPE, wire::CONTENT_TYPE)
         .body(Full::new(Bytes::from(body)))
         .map_err(|error| CallError::Protocol(error.to_string()))?;
+    identity.mark(request.headers_mut());
     let round_trip = async {
         sender
             .ready()

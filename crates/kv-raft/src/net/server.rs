@@ -17,14 +17,16 @@
 //! is issue 14's.
 
 use std::collections::HashMap;
-use std::sync::{PoisonError, RwLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock, PoisonError, RwLock};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::header::{HeaderValue, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
 use openraft::alias::SnapshotOf;
-use openraft::raft::AppendEntriesRequest;
+use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse};
 use openraft::storage::RaftStateMachine;
 
 use crate::net::wire::{self, WireError};
@@ -33,9 +35,42 @@ use crate::types::{GroupId, KvRaft, Raft, SnapshotData};
 /// The response body type of [`handle_raft`] (kv-http's).
 pub type Body = Full<Bytes>;
 
-/// The groups a node hosts: group id → its `Raft` handle.
+/// The groups a node hosts: group id → its `Raft` handle, and when an
+/// append from the group's leader was last accepted here.
 pub struct Groups<SM: RaftStateMachine<KvRaft>> {
-    inner: RwLock<HashMap<GroupId, Raft<SM>>>,
+    inner: RwLock<HashMap<GroupId, Hosted<SM>>>,
+}
+
+/// One hosted group: its handle and its leader contact time.
+type Hosted<SM> = (Raft<SM>, Arc<Contact>);
+
+/// When this replica last accepted an append or heartbeat from its group's
+/// leader (one that did not answer "higher vote"): a follower's evidence
+/// that it has a live leader, which openraft's metrics do not carry (a
+/// follower keeps naming its last leader however long it is silent).
+/// Milliseconds since [`epoch`], 0 for never: one relaxed store per append.
+#[derive(Default)]
+struct Contact(AtomicU64);
+
+/// The base of [`Contact`]'s clock.
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+impl Contact {
+    fn touch(&self) {
+        let millis = epoch().elapsed().as_millis() as u64;
+        // 0 means never: the first millisecond counts as 1.
+        self.0.store(millis.max(1), Ordering::Relaxed);
+    }
+
+    fn last(&self) -> Option<Instant> {
+        match self.0.load(Ordering::Relaxed) {
+            0 => None,
+            millis => Some(epoch() + Duration::from_millis(millis)),
+        }
+    }
 }
 
 impl<SM: RaftStateMachine<KvRaft>> Default for Groups<SM> {
@@ -52,7 +87,7 @@ impl<SM: RaftStateMachine<KvRaft>> Groups<SM> {
         self.inner
             .write()
             .unwrap_or_else(PoisonError::into_inner)
-            .insert(group, raft);
+            .insert(group, (raft, Arc::default()));
     }
 
     /// Stops hosting `group`; returns its handle.
@@ -61,10 +96,29 @@ impl<SM: RaftStateMachine<KvRaft>> Groups<SM> {
             .write()
             .unwrap_or_else(PoisonError::into_inner)
             .remove(&group)
+            .map(|(raft, _)| raft)
     }
 
     /// Group `group`'s handle, if hosted.
     pub fn get(&self, group: GroupId) -> Option<Raft<SM>> {
+        self.inner
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&group)
+            .map(|(raft, _)| raft.clone())
+    }
+
+    /// When this replica of `group` last accepted an append or heartbeat
+    /// from the group's leader; `None` if never since it was hosted.
+    pub fn last_leader_contact(&self, group: GroupId) -> Option<Instant> {
+        self.inner
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&group)
+            .and_then(|(_, contact)| contact.last())
+    }
+
+    fn get_with_contact(&self, group: GroupId) -> Option<Hosted<SM>> {
         self.inner
             .read()
             .unwrap_or_else(PoisonError::into_inner)
@@ -188,16 +242,23 @@ where
                 wire::decode(&body).map_err(RaftHttpError::Undecodable)?;
             let replies: wire::AppendReplies =
                 futures_util::future::join_all(batch.into_iter().map(|(group, rpc)| async move {
-                    let reply = match (groups.get(group), check_append(&rpc)) {
+                    let reply = match (groups.get_with_contact(group), check_append(&rpc)) {
                         (None, _) => Err(WireError::UnknownGroup(group)),
                         (Some(_), Err(message)) => Err(WireError::Malformed { group, message }),
-                        (Some(raft), Ok(())) => {
-                            raft.append_entries(rpc)
-                                .await
-                                .map_err(|error| WireError::Fatal {
+                        (Some((raft, contact)), Ok(())) => {
+                            let reply = raft.append_entries(rpc).await.map_err(|error| {
+                                WireError::Fatal {
                                     group,
                                     message: error.to_string(),
-                                })
+                                }
+                            });
+                            // Any answer but "higher vote" accepted the sender
+                            // as leader.
+                            if matches!(&reply, Ok(answer) if !matches!(answer, AppendEntriesResponse::HigherVote(_)))
+                            {
+                                contact.touch();
+                            }
+                            reply
                         }
                     };
                     (group, reply)
