@@ -119,9 +119,7 @@ pub const MAX_REPLICATED_VALUE: usize = APPEND_BUDGET - ENTRY_OVERHEAD - crate::
 ///   size and WAL pressure (§4.3), not openraft's entry count;
 /// - a short log tail kept after a snapshot, so a briefly lagging follower
 ///   catches up from the log rather than a snapshot;
-/// - `api_channel_size` 1024 per group instead of 65536: 64 groups per node;
-/// - heartbeats suppressed to a follower that acknowledged an append within
-///   the last heartbeat interval ([`heartbeat_min_interval`]).
+/// - `api_channel_size` 1024 per group instead of 65536: 64 groups per node.
 pub fn raft_config(
     timeouts: Timeouts,
     max_value_bytes: usize,
@@ -142,26 +140,9 @@ pub fn raft_config(
         max_payload_entries,
         install_snapshot_timeout: 2000,
         api_channel_size: Some(1024),
-        heartbeat_min_interval: heartbeat_min_interval(timeouts),
         ..Default::default()
     };
     Ok(Arc::new(config.validate()?))
-}
-
-/// openraft's `heartbeat_min_interval`: a follower that acknowledged an
-/// append sent within it gets no periodic heartbeat (the append proved the
-/// same and renewed the leader's lease), so under writes most heartbeats
-/// disappear; read-index confirmations are not suppressed (they bypass it).
-/// One heartbeat interval, shortened so that interval + it + one tick stays
-/// below the minimum election timeout (openraft refuses the config
-/// otherwise: a suppressed heartbeat must never let a follower time out);
-/// `None` (no suppression) when even a 1 ms one would not fit.
-fn heartbeat_min_interval(timeouts: Timeouts) -> Option<u64> {
-    let tick = (timeouts.heartbeat_ms * 13 / 64).max(1);
-    let room = timeouts
-        .election_min_ms
-        .checked_sub(timeouts.heartbeat_ms + tick + 1)?;
-    Some(timeouts.heartbeat_ms.min(room)).filter(|ms| *ms > 0)
 }
 
 #[cfg(test)]
@@ -175,26 +156,6 @@ mod tests {
         assert_eq!(config.enable_pre_vote, Some(true));
         assert_eq!(config.election_timeout_max, 600);
         assert!(matches!(config.snapshot_policy, SnapshotPolicy::Never));
-    }
-
-    #[test]
-    fn heartbeat_suppression_fits_the_election_timeout() {
-        let config = raft_config(Timeouts::default(), 1 << 20).unwrap();
-        assert_eq!(config.heartbeat_min_interval, Some(100));
-        // Tight timeouts shorten it, and drop it when nothing fits, so the
-        // config stays valid either way.
-        for (heartbeat_ms, election_min_ms) in [(100, 250), (100, 121), (50, 150), (10, 12)] {
-            let timeouts = Timeouts {
-                heartbeat_ms,
-                election_min_ms,
-                election_max_ms: election_min_ms * 2,
-            };
-            let config = raft_config(timeouts, 1 << 20).unwrap();
-            if let Some(min) = config.heartbeat_min_interval {
-                assert!(min <= heartbeat_ms);
-                assert!(heartbeat_ms + min + config.heartbeat_interval * 13 / 64 < election_min_ms);
-            }
-        }
     }
 
     #[test]
