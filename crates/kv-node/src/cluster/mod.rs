@@ -189,13 +189,11 @@ impl ClusterNode {
     pub(crate) fn seen_all(&self, shard: u32) -> bool {
         let me = self.id();
         let stored = self.stored.lock().unwrap_or_else(PoisonError::into_inner);
-        self.placement
-            .get(shard as usize)
-            .is_some_and(|replicas| {
-                replicas
-                    .iter()
-                    .all(|member| *member == me || stored.seen.contains(member))
-            })
+        self.placement.get(shard as usize).is_some_and(|replicas| {
+            replicas
+                .iter()
+                .all(|member| *member == me || stored.seen.contains(member))
+        })
     }
 
     /// `GET /-/raft/cluster`: this node's `cluster.json`.

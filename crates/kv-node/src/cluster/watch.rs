@@ -22,8 +22,8 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, PoisonError};
 use std::time::{Duration, Instant};
 
-use openraft::async_runtime::WatchReceiver;
 use kv_raft::NodeId;
+use openraft::async_runtime::WatchReceiver;
 use openraft::ServerState;
 
 use super::ClusterNode;
