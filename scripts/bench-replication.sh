@@ -18,7 +18,10 @@
 #
 # Usage: scripts/bench-replication.sh   (env: DURATION=8s ROUNDS=3 KILLS=20
 #        CONNECTIONS=64 THREADS=2 KEYS=10000 BASE_PORT=29080 SKIP_ETCD=1
-#        KEEP_WORK=1 to keep the nodes' logs and data)
+#        KEEP_WORK=1 to keep the nodes' logs and data; REPLICAS="3 1" the
+#        kv configurations to run; BIN=dir to run prebuilt kv-node and
+#        kv-proxy from dir instead of building them, for A/B runs of two
+#        builds side by side)
 # Installs wrk, etcd-server and python3's xxhash module when missing.
 # Everything started here is stopped on exit (trap); data lives in a temp dir.
 set -euo pipefail
@@ -44,10 +47,22 @@ python3 -c 'import xxhash' 2>/dev/null || python3 -m pip install --quiet xxhash
 WORK=$(mktemp -d -t kv-bench-replication.XXXXXX)
 PIDS=()
 stop_pids() {
-    local pid
+    local pid port deadline=$((SECONDS + 30))
     for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
     for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
     PIDS=()
+    # The nodes are disowned, so `wait` returns before they have exited (a
+    # node hands its leaderships over first, up to 1 s, more on a loaded
+    # machine): wait until the ports are free, or the next start fails.
+    for port in "$PROXY_PORT" "${NODE_PORTS[@]}" "${ETCD_CLIENT[@]}"; do
+        while (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; do
+            if [ $SECONDS -ge $deadline ]; then
+                echo "error: port $port still in use 30 s after stopping" >&2
+                return 1
+            fi
+            sleep 0.05
+        done
+    done
 }
 cleanup() {
     stop_pids
@@ -66,9 +81,12 @@ for port in "$PROXY_PORT" "${NODE_PORTS[@]}" "${ETCD_CLIENT[@]}" "${ETCD_PEER[@]
     fi
 done
 
-echo "== building release binaries" >&2
-cargo build --release --quiet --bin kv-node --bin kv-proxy
-BIN=target/release
+if [ -z "${BIN:-}" ]; then
+    echo "== building release binaries" >&2
+    cargo build --release --quiet --bin kv-node --bin kv-proxy
+    BIN=${CARGO_TARGET_DIR:-target}/release
+fi
+REPLICAS=${REPLICAS:-3 1}
 PEERS="1=127.0.0.1:${NODE_PORTS[0]},2=127.0.0.1:${NODE_PORTS[1]},3=127.0.0.1:${NODE_PORTS[2]}"
 NODE_PIDS=()
 
@@ -175,7 +193,7 @@ run_wrk() { # label, url, lua
 echo "== $ROUNDS rounds; wrk -t$THREADS -c$CONNECTIONS -d$DURATION; $KEYS keys, 100-byte values; $(nproc) cores shared with the client"
 for round in $(seq 1 "$ROUNDS"); do
     echo "round $round"
-    for replicas in 3 1; do
+    for replicas in $REPLICAS; do
         start_kv "$replicas"
         run_wrk "kv-r$replicas-put" "http://127.0.0.1:$PROXY_PORT" "$WORK/kv-put.lua"
         run_wrk "kv-r$replicas-get" "http://127.0.0.1:$PROXY_PORT" "$WORK/kv-get.lua"

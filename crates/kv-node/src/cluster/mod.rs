@@ -305,6 +305,18 @@ impl ClusterNode {
         Err(error)
     }
 
+    /// Whether every other replica of `shard` is recorded as seen (its
+    /// group has nothing more for [`note_seen`](Self::note_seen) to learn).
+    pub(crate) fn seen_all(&self, shard: u32) -> bool {
+        let me = self.id();
+        let stored = self.stored.lock().unwrap_or_else(PoisonError::into_inner);
+        self.placement.get(shard as usize).is_some_and(|replicas| {
+            replicas
+                .iter()
+                .all(|member| *member == me || stored.seen.contains(member))
+        })
+    }
+
     /// `GET /-/raft/cluster`: this node's `cluster.json`.
     pub fn cluster_json(&self) -> Vec<u8> {
         let stored = self.stored.lock().unwrap_or_else(PoisonError::into_inner);

@@ -29,6 +29,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, PoisonError};
 use std::time::{Duration, Instant};
 
+use kv_raft::NodeId;
 use openraft::async_runtime::WatchReceiver;
 use openraft::ServerState;
 
@@ -40,15 +41,22 @@ const TRANSFERS_PER_ROUND: usize = 4;
 const ROUND: Duration = Duration::from_secs(2);
 
 /// Starts following shard `shard`'s metrics.
+///
+/// openraft publishes the full metrics after every turn of a group's core
+/// loop (they carry `millis_since_quorum_ack`, which always changes), so a
+/// task waiting on them wakes several times per write. Only recovery and
+/// the members seen need the data half; once the group has recovered and
+/// every other replica of the shard has been seen, the task waits on the server metrics
+/// instead, which change only with the leader, state, vote or membership.
 pub(crate) fn follow(node: &Arc<ClusterNode>, shard: u32) {
     let Some(hosted) = node.hosted(shard) else {
         return;
     };
     let mut metrics = hosted.raft.metrics();
+    let mut server = hosted.raft.server_metrics();
     let weak = Arc::downgrade(node);
     let task = node.runtime.spawn(async move {
-        let mut leader = None;
-        let mut state = ServerState::Learner;
+        let mut seen_leader = LeaderSeen::default();
         let mut recovered = false;
         let mut stopped = false;
         loop {
@@ -64,31 +72,13 @@ pub(crate) fn follow(node: &Arc<ClusterNode>, shard: u32) {
                         log::error!("shard {shard}: the Raft group stopped on this node: {fatal}");
                     }
                 }
-                if m.current_leader != leader {
-                    if let Some(new) = m.current_leader {
-                        let old = leader.map_or_else(|| "none".to_owned(), |l: u64| l.to_string());
-                        log::info!(
-                            "shard {shard}: leader {old} -> {new} (term {})",
-                            m.current_term
-                        );
-                        let stats = &node.shard_stats[shard as usize];
-                        stats.leader_changes.fetch_add(1, Relaxed);
-                        *stats
-                            .last_change
-                            .lock()
-                            .unwrap_or_else(PoisonError::into_inner) = Some(Instant::now());
-                        if new != me {
-                            seen.push(new);
-                        }
+                if let Some(new) =
+                    seen_leader.observe(&node, shard, m.current_leader, m.current_term, m.state)
+                {
+                    if new != me {
+                        seen.push(new);
                     }
-                    leader = m.current_leader;
                 }
-                if m.state == ServerState::Candidate && state != ServerState::Candidate {
-                    node.shard_stats[shard as usize]
-                        .elections
-                        .fetch_add(1, Relaxed);
-                }
-                state = m.state;
                 if let Some(replication) = &m.replication {
                     seen.extend(
                         replication
@@ -111,13 +101,89 @@ pub(crate) fn follow(node: &Arc<ClusterNode>, shard: u32) {
             for peer in seen {
                 node.note_seen(peer);
             }
+            let quiet = recovered && node.seen_all(shard);
             drop(node);
+            if quiet {
+                break;
+            }
             if metrics.changed().await.is_err() {
+                return;
+            }
+        }
+        loop {
+            let Some(node) = weak.upgrade() else { return };
+            let new = {
+                let m = server.borrow_watched();
+                let term = m.vote.leader_id().term;
+                let new = seen_leader.observe(&node, shard, m.current_leader, term, m.state);
+                new.filter(|new| *new != m.id)
+            };
+            if let Some(new) = new {
+                node.note_seen(new);
+            }
+            drop(node);
+            if server.changed().await.is_err() {
+                // The group's core is gone: say why once, if it failed.
+                if let (Some(node), Err(fatal)) =
+                    (weak.upgrade(), &metrics.borrow_watched().running_state)
+                {
+                    if !stopped && !node.stopping.load(Relaxed) {
+                        log::error!("shard {shard}: the Raft group stopped on this node: {fatal}");
+                    }
+                }
                 return;
             }
         }
     });
     node.keep_task(task);
+}
+
+/// What [`follow`] last saw of a group's leadership.
+struct LeaderSeen {
+    leader: Option<NodeId>,
+    state: ServerState,
+}
+
+impl Default for LeaderSeen {
+    fn default() -> Self {
+        Self {
+            leader: None,
+            state: ServerState::Learner,
+        }
+    }
+}
+
+impl LeaderSeen {
+    /// Logs and counts a leader change and the start of an election;
+    /// returns the new leader when it changed.
+    fn observe(
+        &mut self,
+        node: &ClusterNode,
+        shard: u32,
+        leader: Option<NodeId>,
+        term: u64,
+        state: ServerState,
+    ) -> Option<NodeId> {
+        let stats = &node.shard_stats[shard as usize];
+        if state == ServerState::Candidate && self.state != ServerState::Candidate {
+            stats.elections.fetch_add(1, Relaxed);
+        }
+        self.state = state;
+        if leader == self.leader {
+            return None;
+        }
+        let old = self.leader;
+        self.leader = leader;
+        let new = leader?;
+        let old = old.map_or_else(|| "none".to_owned(), |l| l.to_string());
+        log::info!("shard {shard}: leader {old} -> {new} (term {term})");
+        stats.leader_changes.fetch_add(1, Relaxed);
+        *stats
+            .last_change
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(Instant::now());
+        Some(new)
+    }
 }
 
 /// Starts the leader balancer.
