@@ -573,7 +573,10 @@ fn a_dropped_groups_segments_retire_and_the_drop_survives() {
     };
     snapshots(&store, 4);
     let pinned = segment_count(dir.path());
-    assert!(pinned >= 5, "group 7's entries pin its first segment ({pinned})");
+    assert!(
+        pinned >= 5,
+        "group 7's entries pin its first segment ({pinned})"
+    );
 
     log(&store, 7, GroupRecord::Drop).unwrap();
     snapshots(&store, 3);

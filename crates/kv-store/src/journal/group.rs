@@ -631,7 +631,10 @@ mod tests {
         assert_eq!(checkpoint.encode(3, &mut buf), 1);
         let rec = record::decode(&buf).unwrap().unwrap();
         assert_eq!(rec.framed_len, buf.len());
-        assert!(matches!(decode(rec.kind, rec.body), Ok((3, GroupRef::Drop))));
+        assert!(matches!(
+            decode(rec.kind, rec.body),
+            Ok((3, GroupRef::Drop))
+        ));
         checkpoint.note(&GroupRecord::Committed(Bytes::from("c")));
         buf.clear();
         assert_eq!(checkpoint.encode(3, &mut buf), 1);
