@@ -440,6 +440,10 @@ fn estimated_bytes(rpc: &AppendEntriesRequest<KvRaft>) -> usize {
                 + match &entry.payload {
                     EntryPayload::Normal(Command::Put { key, value }) => key.len() + value.len(),
                     EntryPayload::Normal(Command::Delete { key }) => key.len(),
+                    // Rare and small (a Bootstrap lists the members): measure.
+                    EntryPayload::Normal(Command::Meta(cmd)) => {
+                        postcard::to_stdvec(cmd).map_or(0, |bytes| bytes.len())
+                    }
                     EntryPayload::Membership(membership) => membership
                         .nodes()
                         .map(|(_, node)| node.addr.len() + 32)
