@@ -7,6 +7,8 @@
 //! - [`types`]: `declare_raft_types!` ([`KvRaft`]: a [`Command`] is a PUT or
 //!   DELETE of one key, answered with an [`Outcome`]), and the openraft
 //!   [`raft_config`] every group runs with (§9.1);
+//! - [`meta`]: how the metadata group's state machine applies a
+//!   [`Command::Meta`] (issue 13, `docs/membership.md` §3.1);
 //! - [`net`]: node-to-node traffic over HTTP/1.1 under `/-/raft/...` on the
 //!   node's own port, postcard bodies, many groups' appends and heartbeats
 //!   to one peer batched into one request (§7). The client side is
@@ -24,6 +26,7 @@
 //! transfer leadership); keeping it inside this crate keeps an alpha's API
 //! changes in one place.
 
+pub mod meta;
 pub mod net;
 pub mod storage;
 pub mod types;
@@ -31,7 +34,7 @@ pub mod types;
 #[cfg(feature = "mem")]
 pub mod mem;
 
-pub use net::{handle_raft, Groups, Network, RaftHttpError};
+pub use net::{handle_raft, Groups, Network, RaftHttpError, SnapshotThrottle};
 pub use storage::{
     digest_entries, GroupLog, NodeStorage, ShardRaft, ShardSm, SnapshotScheduler, StorageError,
 };

@@ -200,6 +200,15 @@ impl RaftStateMachine<KvRaft> for MemSm {
                     EntryPayload::Normal(Command::Delete { key }) => Outcome::Deleted {
                         found: inner.map.remove(&key).is_some(),
                     },
+                    EntryPayload::Normal(Command::Meta(cmd)) => {
+                        let stored = inner.map.get(crate::meta::META_KEY);
+                        let (outcome, state) =
+                            crate::meta::apply_meta(stored.map(|v| &v[..]), &cmd)?;
+                        if let Some(state) = state {
+                            inner.map.insert(crate::meta::META_KEY.to_owned(), state);
+                        }
+                        outcome
+                    }
                     EntryPayload::Membership(membership) => {
                         inner.membership =
                             StoredMembershipOf::<KvRaft>::new(Some(entry.log_id), membership);

@@ -1,8 +1,9 @@
 //! The Raft type declarations every group shares, and the openraft
 //! [`Config`] kv runs with (design `docs/replication.md` §9.1).
 //!
-//! A group replicates [`Command`]s (a PUT or a DELETE of one key) and answers
-//! each with an [`Outcome`] decided in log order. Node ids are `u64` (the
+//! A group replicates [`Command`]s (a PUT or a DELETE of one key in a shard
+//! group; a [`MetaCommand`] in the metadata group, `docs/membership.md` §3.1)
+//! and answers each with an [`Outcome`] decided in log order. Node ids are `u64` (the
 //! `--node-id` of a member), nodes are [`BasicNode`]s whose `addr` is the
 //! member's `host:port`: clients and peers share one port.
 
@@ -10,6 +11,7 @@ use std::fmt;
 use std::io::Cursor;
 use std::sync::Arc;
 
+use kv_cluster::meta::{self, MetaCommand, Refusal};
 use openraft::{BasicNode, Config, SnapshotPolicy};
 use serde::{Deserialize, Serialize};
 
@@ -23,13 +25,22 @@ pub const METADATA_GROUP: GroupId = u32::MAX;
 /// A member's id (`--node-id`).
 pub type NodeId = u64;
 
-/// What a group replicates: one write of one key.
+/// What a group replicates: one write of one key, or (metadata group only)
+/// one change of the cluster state.
+///
+/// Postcard-encoded in the WAL and on the wire, which writes a variant as
+/// its index: variants are only ever **appended**, never reordered or
+/// removed, so records written by an older build still decode
+/// (`tests::old_records_still_decode`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
     /// Store `value` under `key`.
     Put { key: String, value: Vec<u8> },
     /// Remove `key`.
     Delete { key: String },
+    /// Change the cluster state with [`kv_cluster::meta::apply`]; proposed
+    /// to [`METADATA_GROUP`] only, never to a shard group.
+    Meta(MetaCommand),
 }
 
 /// openraft logs entries with `Display`; keep values out of the logs.
@@ -38,11 +49,13 @@ impl fmt::Display for Command {
         match self {
             Command::Put { key, value } => write!(f, "put {key:?} ({} bytes)", value.len()),
             Command::Delete { key } => write!(f, "delete {key:?}"),
+            Command::Meta(cmd) => write!(f, "meta {cmd:?}"),
         }
     }
 }
 
 /// How a command was applied, decided in log order on every replica.
+/// Variants are only appended, as for [`Command`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Outcome {
     /// A PUT was applied (also the answer to entries that carry no command).
@@ -50,6 +63,9 @@ pub enum Outcome {
     Stored,
     /// A DELETE was applied; `found` says whether the key existed.
     Deleted { found: bool },
+    /// A [`Command::Meta`] was applied (the state's version after it) or
+    /// refused (the state is unchanged).
+    Meta(Result<meta::Outcome, Refusal>),
 }
 
 openraft::declare_raft_types!(
@@ -194,6 +210,60 @@ mod tests {
                 .max_payload_entries,
             1
         );
+    }
+
+    /// Bytes as the build before `Command::Meta` wrote them (postcard:
+    /// variant index, then fields; strings and byte vectors length-prefixed).
+    #[test]
+    fn old_records_still_decode() {
+        let put: Command = postcard::from_bytes(&[0, 1, b'k', 2, b'v', b'w']).unwrap();
+        assert_eq!(
+            put,
+            Command::Put {
+                key: "k".into(),
+                value: b"vw".to_vec()
+            }
+        );
+        let delete: Command = postcard::from_bytes(&[1, 1, b'k']).unwrap();
+        assert_eq!(delete, Command::Delete { key: "k".into() });
+        // And today's encoding of them is still those bytes.
+        assert_eq!(
+            postcard::to_stdvec(&put).unwrap(),
+            [0, 1, b'k', 2, b'v', b'w']
+        );
+        assert_eq!(postcard::to_stdvec(&delete).unwrap(), [1, 1, b'k']);
+        let stored: Outcome = postcard::from_bytes(&[0]).unwrap();
+        assert_eq!(stored, Outcome::Stored);
+        let deleted: Outcome = postcard::from_bytes(&[1, 1]).unwrap();
+        assert_eq!(deleted, Outcome::Deleted { found: true });
+    }
+
+    #[test]
+    fn meta_commands_and_outcomes_round_trip() {
+        let commands = [
+            Command::Meta(MetaCommand::AddMember {
+                id: 4,
+                addr: "127.0.0.1:8084".into(),
+            }),
+            Command::Meta(MetaCommand::Done {
+                shard: 3,
+                move_id: 9,
+                voters: vec![1, 2, 4],
+                membership_log_index: 77,
+            }),
+        ];
+        for command in commands {
+            let bytes = postcard::to_stdvec(&command).unwrap();
+            assert_eq!(bytes[0], 2, "Meta is the third variant");
+            assert_eq!(postcard::from_bytes::<Command>(&bytes).unwrap(), command);
+        }
+        for outcome in [
+            Outcome::Meta(Ok(meta::Outcome::Changed { version: 5 })),
+            Outcome::Meta(Err(Refusal::NotBootstrapped)),
+        ] {
+            let bytes = postcard::to_stdvec(&outcome).unwrap();
+            assert_eq!(postcard::from_bytes::<Outcome>(&bytes).unwrap(), outcome);
+        }
     }
 
     #[test]

@@ -364,6 +364,11 @@ async fn a_lost_leader_is_replaced() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lagging_replica_gets_a_snapshot_after_the_leader_purges() {
     let mut cluster = Cluster::start(2).await;
+    for node in cluster.nodes.values() {
+        // Throttled (well above this snapshot's size: the test asserts what
+        // is counted, never how long it took).
+        node.network.snapshot_throttle().set_rate(32 << 20);
+    }
     let group = 1;
     let leader_id = cluster.leader(group, None).await;
     let lagging = *cluster.nodes.keys().find(|id| **id != leader_id).unwrap();
@@ -404,6 +409,52 @@ async fn a_lagging_replica_gets_a_snapshot_after_the_leader_purges() {
         cluster.nodes[&leader_id].sms[&group].contents()
     );
     assert_eq!(replica.get("k49"), Some(b"v49".to_vec()));
+    // The leader counted the snapshot bytes it sent, against the lagging peer.
+    let throttle = cluster.nodes[&leader_id].network.snapshot_throttle();
+    assert_eq!(throttle.rate(), 32 << 20);
+    let sent = throttle.bytes_sent();
+    assert!(
+        sent.get(&lagging).is_some_and(|bytes| *bytes > 50 * 4),
+        "{sent:?}"
+    );
+    assert_eq!(throttle.total_bytes_sent(), sent.values().sum::<u64>());
+    cluster.shutdown().await;
+}
+
+/// A forgotten member's peer is dropped (batcher stopped, connections
+/// closed) and the others go on committing without it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forgotten_member_is_dropped_from_the_transport() {
+    let cluster = Cluster::start(1).await;
+    let group = 0;
+    let leader_id = cluster.leader(group, None).await;
+    let leader = cluster.nodes[&leader_id].raft(group);
+    leader.client_write(put("a", "1")).await.unwrap();
+    let network = &cluster.nodes[&leader_id].network;
+    assert_eq!(network.peer_count(), 2, "one peer per other member");
+    let followers: Vec<NodeId> = cluster
+        .nodes
+        .keys()
+        .copied()
+        .filter(|id| *id != leader_id)
+        .collect();
+    let (gone, kept) = (followers[0], followers[1]);
+    network.forget(gone);
+    assert_eq!(network.peer_count(), 1);
+    // Quorum without it: the write commits and the kept follower applies it.
+    let index = leader
+        .client_write(put("b", "2"))
+        .await
+        .unwrap()
+        .log_id
+        .index;
+    cluster.applied(kept, group, index).await;
+    assert_eq!(
+        cluster.nodes[&kept].sms[&group].get("b"),
+        Some(b"2".to_vec())
+    );
+    // Forgetting an unknown id is harmless.
+    network.forget(99);
     cluster.shutdown().await;
 }
 

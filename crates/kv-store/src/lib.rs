@@ -223,8 +223,10 @@ impl Store {
     }
 
     /// The Raft groups' logs as recovery found them (per group: the last
-    /// vote, committed and purge, and the entries after the purge), handed
-    /// over once: later calls, and a store in memory, get an empty map.
+    /// vote, committed and purge, and the entries after the purge; or,
+    /// for a group whose last record is a drop, nothing but `dropped`),
+    /// handed over once: later calls, and a store in memory, get an empty
+    /// map.
     pub fn take_recovered_groups(&self) -> BTreeMap<u32, RecoveredGroup> {
         self.durable
             .as_ref()

@@ -54,6 +54,8 @@ struct Model {
     purged: Option<(u64, Bytes)>,
     vote: Option<Bytes>,
     committed: Option<Bytes>,
+    /// The last record was a drop.
+    dropped: bool,
 }
 
 impl Model {
@@ -65,7 +67,14 @@ impl Model {
     }
 
     fn apply(&mut self, record: &GroupRecord) {
+        self.dropped = false;
         match record {
+            GroupRecord::Drop => {
+                *self = Model {
+                    dropped: true,
+                    ..Model::default()
+                }
+            }
             GroupRecord::Entries {
                 first_index,
                 entries,
@@ -88,7 +97,8 @@ impl Model {
     }
 
     /// The `k`th operation of group `g`, chosen from the state so far: a mix
-    /// of appends, overwrites, truncations, votes, commits and purges.
+    /// of appends, overwrites, truncations, votes, commits and purges, and
+    /// now and then a drop (the replica leaves, then comes back).
     fn op(&self, g: u32, k: u64) -> GroupRecord {
         let next = self.last().map_or(1, |l| l + 1);
         let entries = |first: u64, n: u64| GroupRecord::Entries {
@@ -98,6 +108,9 @@ impl Model {
                 .collect(),
         };
         let floor = self.purged.as_ref().map_or(0, |p| p.0);
+        if k % 211 == 210 {
+            return GroupRecord::Drop;
+        }
         match k % 10 {
             0..=4 => entries(next, 1 + k % 3),
             5 if self.entries.len() > 1 => entries(next - 1, 2),
@@ -130,6 +143,7 @@ impl Model {
             && self.purged == got.purged
             && self.vote == got.vote
             && self.committed == got.committed
+            && self.dropped == got.dropped
     }
 }
 
@@ -525,6 +539,82 @@ fn segments_holding_unpurged_group_entries_are_not_retired() {
     // Its only record was in a retired segment: a checkpoint restated it.
     assert_eq!(groups[&7].vote, Some(Bytes::from_static(b"vote-7")));
     assert_eq!(groups[&8].purged.as_ref().map(|p| p.0), Some(4));
+}
+
+/// A dropped group's entries pin no segment: they are retired by the next
+/// snapshots although never purged, and the drop itself survives them (the
+/// checkpoints restate it), so recovery reports the group dropped rather
+/// than resurrect a log whose start is gone. Written again, the group
+/// starts a new incarnation whose entries pin segments as before.
+#[test]
+fn a_dropped_groups_segments_retire_and_the_drop_survives() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), options(FsyncPolicy::Never, u64::MAX)).unwrap();
+    log(&store, 7, GroupRecord::Vote(Bytes::from_static(b"vote-7"))).unwrap();
+    log(
+        &store,
+        7,
+        GroupRecord::Entries {
+            first_index: 1,
+            entries: vec![Bytes::from_static(b"one"), Bytes::from_static(b"two")],
+        },
+    )
+    .unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let snapshots = |store: &Store, rounds: u64| {
+        for round in 0..rounds {
+            runtime
+                .block_on(store.put(&format!("k{round}"), Bytes::from_static(b"v")))
+                .unwrap();
+            store.snapshot_now().unwrap();
+        }
+    };
+    snapshots(&store, 4);
+    let pinned = segment_count(dir.path());
+    assert!(
+        pinned >= 5,
+        "group 7's entries pin its first segment ({pinned})"
+    );
+
+    log(&store, 7, GroupRecord::Drop).unwrap();
+    snapshots(&store, 3);
+    let left = segment_count(dir.path());
+    assert!(left <= 3, "{left} segments left of {pinned} after the drop");
+    drop(store);
+    let groups = recovered(dir.path());
+    let g7 = &groups[&7];
+    assert!(g7.dropped);
+    assert!(g7.entries.is_empty() && g7.vote.is_none() && g7.purged.is_none());
+
+    // Added back: a new incarnation, from a snapshot at 10.
+    let store = Store::open(dir.path(), options(FsyncPolicy::Never, u64::MAX)).unwrap();
+    log(
+        &store,
+        7,
+        GroupRecord::Purge {
+            upto: 10,
+            log_id: Bytes::from_static(b"l10"),
+        },
+    )
+    .unwrap();
+    log(
+        &store,
+        7,
+        GroupRecord::Entries {
+            first_index: 11,
+            entries: vec![Bytes::from_static(b"eleven")],
+        },
+    )
+    .unwrap();
+    snapshots(&store, 4);
+    drop(store);
+    let groups = recovered(dir.path());
+    assert!(!groups[&7].dropped);
+    assert_eq!(indexes(&groups[&7]), [11]);
+    assert_eq!(groups[&7].purged.as_ref().map(|p| p.0), Some(10));
+    assert_eq!(groups[&7].vote, None, "the old incarnation's vote is gone");
 }
 
 /// A record the log cannot frame is refused through its completion, before

@@ -23,13 +23,20 @@
 //!   leadership transfers and snapshots, so a snapshot never delays
 //!   heartbeats.
 //!
+//! Snapshots are paced by the node's [`SnapshotThrottle`] (bytes/s, one for
+//! every peer and group) and counted per peer.
+//!
+//! A member removed for good (issue 13) is [`Network::forget`]-ed: its
+//! batcher stops, its pooled connections close, and its clients that
+//! openraft still holds answer `Unreachable` from then on.
+//!
 //! Failures: a connection that cannot be made, breaks, or does not answer
 //! within the RPC's `hard_ttl` is `Unreachable` (openraft backs off); an
 //! answer that does not decode is a `Network` error.
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
@@ -51,6 +58,7 @@ use serde::de::DeserializeOwned;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::net::throttle::SnapshotThrottle;
 use crate::net::wire::{self, WireError};
 use crate::types::{Command, GroupId, KvRaft, NodeId, SnapshotData, ENTRY_OVERHEAD};
 
@@ -148,13 +156,12 @@ impl Identity {
     }
 }
 
-/// The identity headers' names: kv-cluster's `NODE_ID_HEADER` and
-/// `CLUSTER_ID_HEADER` (kv-raft does not depend on kv-cluster; a test in
-/// kv-node checks that a mismatch is refused, so the names cannot drift).
+/// The identity headers' names: kv-cluster's own constants, so they
+/// cannot drift.
 mod kv_cluster_headers {
     use hyper::header::HeaderName;
-    pub const NODE_ID: HeaderName = HeaderName::from_static("x-kv-node-id");
-    pub const CLUSTER_ID: HeaderName = HeaderName::from_static("x-kv-cluster-id");
+    pub const NODE_ID: HeaderName = HeaderName::from_static(kv_cluster::NODE_ID_HEADER);
+    pub const CLUSTER_ID: HeaderName = HeaderName::from_static(kv_cluster::CLUSTER_ID_HEADER);
 }
 
 /// A node's client side of the transport, shared by all its groups.
@@ -166,6 +173,7 @@ pub struct Network {
     /// Addresses that override a member's advertised one (`--raft-route`).
     routes: Arc<Mutex<HashMap<NodeId, String>>>,
     counters: Arc<Counters>,
+    snapshots: SnapshotThrottle,
 }
 
 impl Network {
@@ -205,6 +213,45 @@ impl Network {
         if let Ok(value) = HeaderValue::from_str(id) {
             let _ = self.identity.cluster.set(value);
         }
+    }
+
+    /// The node's snapshot send throttle and its counters (rate 0,
+    /// unbounded, until [`SnapshotThrottle::set_rate`]).
+    pub fn snapshot_throttle(&self) -> &SnapshotThrottle {
+        &self.snapshots
+    }
+
+    /// Drops member `target` for good (it was removed; ids are never
+    /// reused): its append batcher stops, its idle connections close, its
+    /// route override goes, and every client openraft still holds for it
+    /// answers `Unreachable` (a group that still lists it as a member keeps
+    /// trying, harmlessly, until its membership no longer does). A later
+    /// client for the id, if any, starts a new peer.
+    pub fn forget(&self, target: NodeId) {
+        self.routes
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&target);
+        let forgotten: Vec<Arc<Peer>> = {
+            let mut peers = self.peers.lock().unwrap_or_else(PoisonError::into_inner);
+            let keys: Vec<_> = peers
+                .keys()
+                .filter(|(id, _)| *id == target)
+                .cloned()
+                .collect();
+            keys.iter().filter_map(|key| peers.remove(key)).collect()
+        };
+        for peer in forgotten {
+            peer.stop();
+        }
+    }
+
+    /// How many peers the transport keeps (each with a batcher task).
+    pub fn peer_count(&self) -> usize {
+        self.peers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
     }
 
     /// What the append path did so far.
@@ -247,7 +294,9 @@ impl RaftNetworkFactory<KvRaft> for NetFactory {
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> PeerClient {
         PeerClient {
             group: self.group,
+            target,
             peer: self.network.peer(target, &node.addr),
+            throttle: self.network.snapshots.clone(),
         }
     }
 }
@@ -266,14 +315,20 @@ struct Peer {
     identity: Arc<Identity>,
     appends: mpsc::UnboundedSender<Pending>,
     idle: Mutex<Vec<SendRequest<Full<Bytes>>>>,
+    /// Stops the batcher ([`Peer::stop`]); taken once.
+    stop_batcher: Mutex<Option<oneshot::Sender<()>>>,
+    /// Forgotten: no new connections.
+    stopped: AtomicBool,
 }
 
 impl Peer {
     fn start(addr: String, counters: Arc<Counters>, identity: Arc<Identity>) -> Arc<Peer> {
         let (appends, queue) = mpsc::unbounded_channel();
+        let (stop_batcher, stop) = oneshot::channel();
         tokio::spawn(batcher(
             addr.clone(),
             queue,
+            stop,
             counters,
             Arc::clone(&identity),
         ));
@@ -282,7 +337,28 @@ impl Peer {
             identity,
             appends,
             idle: Mutex::new(Vec::new()),
+            stop_batcher: Mutex::new(Some(stop_batcher)),
+            stopped: AtomicBool::new(false),
         })
+    }
+
+    /// The member was removed: stop the batcher (its queued appends fail),
+    /// close idle connections (dropping a `SendRequest` ends its
+    /// connection), refuse new calls.
+    fn stop(&self) {
+        self.stopped.store(true, Relaxed);
+        let stop = self
+            .stop_batcher
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(stop) = stop {
+            let _ = stop.send(());
+        }
+        self.idle
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
     }
 
     /// One request on a pooled connection (a new one if none is idle).
@@ -293,6 +369,12 @@ impl Peer {
         ttl: Duration,
         limit: usize,
     ) -> Result<Bytes, CallError> {
+        if self.stopped.load(Relaxed) {
+            return Err(CallError::Unreachable(format!(
+                "{}: the member was removed",
+                self.addr
+            )));
+        }
         let idle = self
             .idle
             .lock()
@@ -312,7 +394,7 @@ impl Peer {
             limit,
         )
         .await;
-        if answer.is_ok() {
+        if answer.is_ok() && !self.stopped.load(Relaxed) {
             let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
             if idle.len() < MAX_IDLE {
                 idle.push(sender);
@@ -336,10 +418,11 @@ impl Peer {
 }
 
 /// The append batcher of one peer (see the module docs). Ends when the peer
-/// is dropped.
+/// is dropped or stopped ([`Network::forget`]).
 async fn batcher(
     addr: String,
     mut queue: mpsc::UnboundedReceiver<Pending>,
+    mut stop: oneshot::Receiver<()>,
     counters: Arc<Counters>,
     identity: Arc<Identity>,
 ) {
@@ -348,9 +431,14 @@ async fn batcher(
     loop {
         let first = match carry.take() {
             Some(pending) => pending,
-            None => match queue.recv().await {
-                Some(pending) => pending,
-                None => break,
+            None => tokio::select! {
+                biased;
+                // Stopped (or the peer dropped its sender): end.
+                _ = &mut stop => break,
+                next = queue.recv() => match next {
+                    Some(pending) => pending,
+                    None => break,
+                },
             },
         };
         let mut batch = form_batch(first, &mut queue, &mut carry);
@@ -440,6 +528,10 @@ fn estimated_bytes(rpc: &AppendEntriesRequest<KvRaft>) -> usize {
                 + match &entry.payload {
                     EntryPayload::Normal(Command::Put { key, value }) => key.len() + value.len(),
                     EntryPayload::Normal(Command::Delete { key }) => key.len(),
+                    // Rare and small (a Bootstrap lists the members): measure.
+                    EntryPayload::Normal(Command::Meta(cmd)) => {
+                        postcard::to_stdvec(cmd).map_or(0, |bytes| bytes.len())
+                    }
                     EntryPayload::Membership(membership) => membership
                         .nodes()
                         .map(|(_, node)| node.addr.len() + 32)
@@ -556,7 +648,9 @@ async fn exchange(
 /// openraft's client for one (peer, group).
 pub struct PeerClient {
     group: GroupId,
+    target: NodeId,
     peer: Arc<Peer>,
+    throttle: SnapshotThrottle,
 }
 
 impl PeerClient {
@@ -638,10 +732,14 @@ impl RaftNetworkV2<KvRaft> for PeerClient {
         );
         let body = self.encode(&body).map_err(CallError::streaming)?;
         // openraft passes `install_snapshot_timeout` as the TTL; a whole
-        // snapshot in one request gets it as a whole (design open question 5).
-        let send =
-            self.peer
-                .call_decode(wire::SNAPSHOT, body, option.hard_ttl(), wire::MAX_RPC_BODY);
+        // snapshot in one request gets it as a whole (design open question
+        // 5). The throttle's wait comes first, outside that TTL.
+        let (peer, throttle, target) = (Arc::clone(&self.peer), self.throttle.clone(), self.target);
+        let send = async move {
+            throttle.send(target, body.len() as u64).await;
+            peer.call_decode(wire::SNAPSHOT, body, option.hard_ttl(), wire::MAX_RPC_BODY)
+                .await
+        };
         tokio::select! {
             closed = cancel => Err(StreamingError::Closed(closed)),
             answer = send => answer.map_err(CallError::streaming),

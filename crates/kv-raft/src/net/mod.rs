@@ -5,12 +5,15 @@
 //! - [`wire`]: routes, body types, limits;
 //! - [`client`]: openraft's network factory and per-(peer, group) client,
 //!   the per-peer append batcher and connection pool;
+//! - [`throttle`]: the node's snapshot send throttle and counters;
 //! - [`server`]: [`handle_raft`], which a node mounts for `/-/raft/...`.
 
 pub mod client;
 pub mod server;
+pub mod throttle;
 pub mod wire;
 
 pub use client::{NetFactory, Network, PeerClient, TransportStats};
 pub use server::{handle_raft, Groups, RaftHttpError};
+pub use throttle::SnapshotThrottle;
 pub use wire::{WireError, MAX_KEY_BYTES, MAX_RPC_BODY, MAX_SNAPSHOT_BODY};

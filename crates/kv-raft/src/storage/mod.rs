@@ -21,6 +21,20 @@
 //! and hands both to the caller for `Raft::new`; openraft re-applies the
 //! committed entries after the snapshot itself.
 //!
+//! # Dropping a replica
+//!
+//! A replica that moved away ([`NodeStorage::drop_group`], issue 13,
+//! `docs/membership.md` §5) is forgotten in three steps, each safe to be
+//! interrupted by a crash: a `GroupRecord::Drop` made durable in the WAL
+//! (from then on recovery reports the group dropped and its old log
+//! entries no longer pin WAL segments), then `shards/<g>/` renamed to
+//! `shards/dropped-<g>/` (one atomic step, synced), then that deleted.
+//! [`NodeStorage::open`] finishes whatever a crash interrupted: it deletes
+//! every `dropped-*` directory and the leftover `shards/<g>/` of a group
+//! whose last record is a drop, so a snapshot whose vote and log are gone
+//! is never loaded again. The group id can be hosted again later: it then
+//! starts empty, as a new replica.
+//!
 //! # kv-store in cluster mode
 //!
 //! The store's own map stays empty: kv-node never calls `Store::put` or
@@ -33,7 +47,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use kv_store::{RecoveredGroup, Store};
+use kv_store::{GroupRecord, RecoveredGroup, Store, StoreError};
 use parking_lot::Mutex;
 
 mod log;
@@ -76,6 +90,14 @@ pub enum StorageError {
          node's data dir and let it rejoin as a new replica"
     )]
     SnapshotUnusable { group: GroupId, problems: String },
+    /// The WAL did not make a group's drop record durable (the replica's
+    /// files are left as they were).
+    #[error("shard {group}: cannot log the drop of this replica: {source}")]
+    DropNotLogged {
+        group: GroupId,
+        #[source]
+        source: StoreError,
+    },
     /// The snapshot that loaded does not reach where the log was purged:
     /// the entries between are gone from this node.
     #[error(
@@ -106,19 +128,71 @@ impl std::fmt::Debug for NodeStorage {
     }
 }
 
+/// Where a dropped replica's directory goes before it is deleted.
+const DROPPED_PREFIX: &str = "dropped-";
+
+fn io_error<'a>(
+    action: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(io::Error) -> StorageError + 'a {
+    move |source| StorageError::Io {
+        action,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Deletes `shards/<group>/` as §5 says: renamed to `dropped-<group>` and
+/// the rename synced (so a crash leaves either the old name, which the
+/// drop record condemns, or the new one, which [`NodeStorage::open`]
+/// deletes), then deleted. Nothing there is fine. Blocking.
+fn remove_shard_dir(shards_dir: &Path, group: GroupId) -> Result<(), StorageError> {
+    let dir = shards_dir.join(group.to_string());
+    let doomed = shards_dir.join(format!("{DROPPED_PREFIX}{group}"));
+    if doomed.exists() {
+        // An earlier deletion that failed half way.
+        std::fs::remove_dir_all(&doomed).map_err(io_error("delete", &doomed))?;
+    }
+    match std::fs::rename(&dir, &doomed) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io_error("rename", &dir)(e)),
+    }
+    snapshot::sync_dir(shards_dir).map_err(io_error("sync", shards_dir))?;
+    std::fs::remove_dir_all(&doomed).map_err(io_error("delete", &doomed))
+}
+
 impl NodeStorage {
     /// `store` was opened by kv-node on the data dir (cluster mode);
     /// snapshots live under `dir/shards/`. Takes the groups the store
     /// recovered (once: a second `NodeStorage` over the same store would
-    /// find none). Blocking.
+    /// find none), and finishes drops a crash interrupted (module docs):
+    /// a dropped group is then unknown here. Blocking.
     pub fn open(store: Arc<Store>, dir: &Path) -> Result<NodeStorage, StorageError> {
         let shards_dir = dir.join("shards");
-        std::fs::create_dir_all(&shards_dir).map_err(|source| StorageError::Io {
-            action: "create",
-            path: shards_dir.clone(),
-            source,
-        })?;
-        let recovered = store.take_recovered_groups();
+        std::fs::create_dir_all(&shards_dir).map_err(io_error("create", &shards_dir))?;
+        let items = std::fs::read_dir(&shards_dir).map_err(io_error("list", &shards_dir))?;
+        for item in items {
+            let item = item.map_err(io_error("list", &shards_dir))?;
+            if item
+                .file_name()
+                .to_string_lossy()
+                .starts_with(DROPPED_PREFIX)
+            {
+                let path = item.path();
+                std::fs::remove_dir_all(&path).map_err(io_error("delete", &path))?;
+            }
+        }
+        let mut recovered = store.take_recovered_groups();
+        let dropped: Vec<GroupId> = recovered
+            .iter()
+            .filter(|(_, group)| group.dropped)
+            .map(|(&id, _)| id)
+            .collect();
+        for group in dropped {
+            remove_shard_dir(&shards_dir, group)?;
+            recovered.remove(&group);
+        }
         Ok(NodeStorage {
             store,
             shards_dir,
@@ -198,6 +272,38 @@ impl NodeStorage {
         }
         opened.insert(group, (log.clone(), sm.clone()));
         Ok((log, sm))
+    }
+
+    /// Forgets this node's replica of `group` (`docs/membership.md` §5):
+    /// logs a drop record and waits until it is durable, then deletes
+    /// `shards/<group>/` (module docs: a crash at any step is finished by
+    /// the next [`NodeStorage::open`]). The caller has removed the group
+    /// from its `Groups` and shut its Raft down first: nothing may write
+    /// the group's log or snapshots any more. Handles still held to its
+    /// log or state machine go stale; asking [`NodeStorage::group`] for
+    /// the id again opens a new, empty replica.
+    pub async fn drop_group(&self, group: GroupId) -> Result<(), StorageError> {
+        self.opened.lock().remove(&group);
+        self.recovered.lock().remove(&group);
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.store.submit_group(
+            group,
+            GroupRecord::Drop,
+            Box::new(move |result| {
+                let _ = tx.send(result);
+            }),
+        );
+        rx.await
+            .unwrap_or(Err(StoreError::Closed))
+            .map_err(|source| StorageError::DropNotLogged { group, source })?;
+        let shards_dir = self.shards_dir.clone();
+        tokio::task::spawn_blocking(move || remove_shard_dir(&shards_dir, group))
+            .await
+            .map_err(|e| StorageError::Io {
+                action: "delete",
+                path: self.shards_dir.join(group.to_string()),
+                source: io::Error::other(format!("the deleting task failed: {e}")),
+            })?
     }
 
     /// The store the logs write through.

@@ -4,7 +4,9 @@
 //! openraft hands `apply` the committed entries in log order; a PUT
 //! inserts into the shard's map (outcome `Stored`), a DELETE removes
 //! (`Deleted { found }`, decided in log order on every replica), blank and
-//! membership entries only advance the applied log id. The map holds
+//! membership entries only advance the applied log id. In the metadata
+//! group a META command rewrites the cluster state under its reserved key
+//! ([`crate::meta`], `docs/membership.md` §3.1). The map holds
 //! applied (so committed) writes only, and readers look it up directly
 //! ([`ShardSm::get`]): no await, no channel hop, no Raft task in the path.
 //!
@@ -35,8 +37,11 @@ use openraft::{EntryPayload, OptionalSend};
 use parking_lot::{Mutex, RwLock};
 use xxhash_rust::xxh3::xxh3_64;
 
+use kv_cluster::meta::{ClusterState, StateError};
+
 use super::log::PurgeFloor;
 use super::snapshot::{self, Meta};
+use crate::meta::{apply_meta, decode_state, META_KEY};
 use crate::types::{Command, GroupId, KvRaft, Outcome, SnapshotData};
 
 #[derive(Debug, Default)]
@@ -156,6 +161,12 @@ impl ShardSm {
     /// The value of `key` as applied here: a map lookup, nothing else.
     pub fn get(&self, key: &[u8]) -> Option<Bytes> {
         self.0.map.read().get(key)
+    }
+
+    /// The cluster state applied here, for the metadata group's state
+    /// machine (`None`: not bootstrapped yet, or not the metadata group).
+    pub fn cluster_state(&self) -> Result<Option<ClusterState>, StateError> {
+        decode_state(self.get(META_KEY.as_bytes()).as_deref())
     }
 
     /// How many keys the shard holds here.
@@ -299,6 +310,15 @@ impl RaftStateMachine<KvRaft> for ShardSm {
                 EntryPayload::Normal(Command::Delete { key }) => Outcome::Deleted {
                     found: map.remove(key.as_bytes()),
                 },
+                EntryPayload::Normal(Command::Meta(cmd)) => {
+                    let stored = map.get(META_KEY.as_bytes());
+                    let (outcome, state) = apply_meta(stored.as_deref(), &cmd)?;
+                    if let Some(state) = state {
+                        map.insert(META_KEY.as_bytes(), &state)
+                            .map_err(io::Error::other)?;
+                    }
+                    outcome
+                }
                 EntryPayload::Membership(membership) => {
                     self.0.state.lock().membership =
                         StoredMembershipOf::<KvRaft>::new(Some(entry.log_id), membership);

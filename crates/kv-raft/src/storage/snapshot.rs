@@ -184,7 +184,7 @@ pub(crate) fn write(dir: &Path, position: (u64, u64), bytes: &[u8]) -> io::Resul
     Ok(path)
 }
 
-fn sync_dir(dir: &Path) -> io::Result<()> {
+pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 

@@ -21,6 +21,7 @@
 //! | `GroupCommitted = 6` | log-id bytes |
 //! | `GroupTruncate = 7` | `after u64` (`u64::MAX`: drop everything) |
 //! | `GroupPurge = 8` | `upto u64`, log-id bytes |
+//! | `GroupDrop = 9` | nothing (`docs/membership.md` §5) |
 //!
 //! # Replay
 //!
@@ -37,6 +38,11 @@
 //!   produce.
 //! * a truncate drops the entries after `after`; a purge drops those at or
 //!   below `upto`.
+//! * a drop forgets everything recovered so far for the group (the replica
+//!   left this node); records after it are a new incarnation (the node was
+//!   added back). A group whose last record is a drop is reported with
+//!   [`RecoveredGroup::dropped`] set, so its owner deletes leftover files
+//!   rather than load them.
 //!
 //! # Which segments stay
 //!
@@ -51,6 +57,13 @@
 //! a prefix of whole segments keeps replay exact: every record after the
 //! first segment kept is still read, and what the deleted prefix held is
 //! either purged or restated by a later checkpoint.
+//!
+//! A dropped group's entries before its drop no longer count (the drop,
+//! once committed, removes them from the book), and its checkpoint restates
+//! only the drop itself (one empty record per segment) until the group is
+//! written again: so its old entries stop pinning segments, and a
+//! recovery never sees the old incarnation without the drop after it, even
+//! once the drop's own segment is retired.
 //!
 //! A data directory where a group record was ever written holds the file
 //! [`GROUPS_FILE`]; only then does recovery read the segments a snapshot of
@@ -87,6 +100,10 @@ pub enum GroupRecord {
     TruncateAfter(Option<u64>),
     /// Drop the entries at or below `upto`, whose log id is `log_id`.
     Purge { upto: u64, log_id: Bytes },
+    /// The group's replica left this node: everything logged for it before
+    /// is forgotten. The caller writes nothing else for the group until
+    /// this record's `done` ran (its Raft is shut down first).
+    Drop,
 }
 
 impl GroupRecord {
@@ -97,6 +114,7 @@ impl GroupRecord {
             GroupRecord::Committed(_) => Kind::GroupCommitted,
             GroupRecord::TruncateAfter(_) => Kind::GroupTruncate,
             GroupRecord::Purge { .. } => Kind::GroupPurge,
+            GroupRecord::Drop => Kind::GroupDrop,
         }
     }
 
@@ -110,6 +128,7 @@ impl GroupRecord {
                 GroupRecord::Vote(b) | GroupRecord::Committed(b) => b.len(),
                 GroupRecord::TruncateAfter(_) => 8,
                 GroupRecord::Purge { log_id, .. } => 8 + log_id.len(),
+                GroupRecord::Drop => 0,
             }
     }
 
@@ -156,6 +175,7 @@ impl GroupRecord {
                 body.extend_from_slice(&upto.to_le_bytes());
                 body.extend_from_slice(log_id);
             }
+            GroupRecord::Drop => {}
         }
         record::encode(out, self.kind(), &body);
     }
@@ -188,6 +208,7 @@ pub enum GroupRef<'a> {
         upto: u64,
         log_id: &'a [u8],
     },
+    Drop,
 }
 
 fn u64_at(bytes: &[u8], at: usize) -> Option<u64> {
@@ -245,6 +266,8 @@ pub(crate) fn decode(kind: Kind, body: &[u8]) -> Result<(u32, GroupRef<'_>), &'s
             upto: u64_at(rest, 0).ok_or("malformed group purge record")?,
             log_id: &rest[8..],
         },
+        Kind::GroupDrop if rest.is_empty() => GroupRef::Drop,
+        Kind::GroupDrop => return Err("malformed group drop record"),
         Kind::Put | Kind::Delete | Kind::End => return Err("not a group record"),
     };
     Ok((group, what))
@@ -259,6 +282,9 @@ pub struct RecoveredGroup {
     pub purged: Option<(u64, Bytes)>,
     /// The entries after `purged`, at consecutive indexes.
     pub entries: VecDeque<(u64, Bytes)>,
+    /// The last record is a drop: the replica left this node, nothing
+    /// above is set, and files it left behind are to be deleted.
+    pub dropped: bool,
     /// While replaying: the index a later purge must reach to cover a hole.
     pub(crate) hole_upto: Option<u64>,
 }
@@ -274,6 +300,8 @@ impl RecoveredGroup {
     /// Replays one record (`Err`: it makes no sense here; none does yet,
     /// since a hole is judged only at the end of the log).
     pub(crate) fn replay(&mut self, what: GroupRef<'_>) -> Result<(), &'static str> {
+        // Any record after a drop starts a new incarnation.
+        self.dropped = false;
         match what {
             GroupRef::Entries {
                 first_index,
@@ -328,6 +356,13 @@ impl RecoveredGroup {
                     self.hole_upto = None;
                 }
             }
+            // A hole in the dropped incarnation needs no purge any more.
+            GroupRef::Drop => {
+                *self = RecoveredGroup {
+                    dropped: true,
+                    ..RecoveredGroup::default()
+                }
+            }
         }
         Ok(())
     }
@@ -336,6 +371,7 @@ impl RecoveredGroup {
     /// segment's checkpoint.
     pub(crate) fn checkpoint(&self) -> Checkpoint {
         Checkpoint {
+            dropped: self.dropped,
             vote: self.vote.clone().map(GroupRecord::Vote),
             committed: self.committed.clone().map(GroupRecord::Committed),
             purge: self
@@ -350,6 +386,8 @@ impl RecoveredGroup {
 /// the start of each new segment.
 #[derive(Clone, Debug, Default)]
 pub(crate) struct Checkpoint {
+    /// The group's last record is a drop: restate only that.
+    dropped: bool,
     vote: Option<GroupRecord>,
     committed: Option<GroupRecord>,
     purge: Option<GroupRecord>,
@@ -358,7 +396,14 @@ pub(crate) struct Checkpoint {
 impl Checkpoint {
     /// Notes `record` if it is one a checkpoint restates.
     pub(crate) fn note(&mut self, record: &GroupRecord) {
+        self.dropped = false;
         match record {
+            GroupRecord::Drop => {
+                *self = Checkpoint {
+                    dropped: true,
+                    ..Checkpoint::default()
+                }
+            }
             GroupRecord::Vote(_) => self.vote = Some(record.clone()),
             GroupRecord::Committed(_) => self.committed = Some(record.clone()),
             GroupRecord::Purge { upto, .. } => {
@@ -376,6 +421,10 @@ impl Checkpoint {
 
     /// Frames the checkpoint of `group` onto `out`; how many records.
     pub(crate) fn encode(&self, group: u32, out: &mut Vec<u8>) -> u64 {
+        if self.dropped {
+            GroupRecord::Drop.encode(group, out);
+            return 1;
+        }
         let mut count = 0;
         for record in [&self.vote, &self.committed, &self.purge]
             .into_iter()
@@ -415,6 +464,15 @@ impl GroupBook {
     pub(crate) fn purged(&mut self, group: u32, upto: u64) {
         let purged = self.purged.entry(group).or_insert(0);
         *purged = (*purged).max(upto);
+    }
+
+    /// `group` was dropped (committed): the entries it wrote so far are
+    /// needed no more, and a new incarnation starts unpurged.
+    pub(crate) fn dropped(&mut self, group: u32) {
+        for tops in self.segments.values_mut() {
+            tops.remove(&group);
+        }
+        self.purged.remove(&group);
     }
 
     /// The first segment that must stay for the groups' sake (`None`:
@@ -520,6 +578,71 @@ mod tests {
     }
 
     #[test]
+    fn a_drop_forgets_the_group_and_a_later_record_starts_anew() {
+        // Records alternate between groups 0 and 1 (see `replay_all`).
+        let groups = replay_all(&[
+            entries(1, 3),                        // g0
+            GroupRecord::Vote(Bytes::from("v1")), // g1
+            GroupRecord::Vote(Bytes::from("v0")), // g0
+            entries(1, 1),                        // g1
+            GroupRecord::Drop,                    // g0
+            GroupRecord::Drop,                    // g1
+        ])
+        .unwrap();
+        for id in [0, 1] {
+            assert_eq!(
+                groups[&id],
+                RecoveredGroup {
+                    dropped: true,
+                    ..RecoveredGroup::default()
+                }
+            );
+        }
+        let groups = replay_all(&[
+            entries(1, 3),     // g0
+            entries(1, 3),     // g1
+            GroupRecord::Drop, // g0
+            entries(9, 1),     // g1: a hole
+            GroupRecord::Purge {
+                upto: 10,
+                log_id: Bytes::from("l10"),
+            }, // g0: added back, from a snapshot at 10
+            GroupRecord::Drop, // g1: the hole goes with the rest
+            entries(11, 2),    // g0
+        ])
+        .unwrap();
+        let g0 = &groups[&0];
+        assert!(!g0.dropped);
+        assert_eq!(g0.purged, Some((10, Bytes::from("l10"))));
+        assert_eq!(
+            g0.entries.iter().map(|(i, _)| *i).collect::<Vec<_>>(),
+            [11, 12]
+        );
+        assert!(groups[&1].dropped);
+        assert_eq!(groups[&1].hole_upto, None);
+    }
+
+    #[test]
+    fn a_dropped_checkpoint_restates_only_the_drop() {
+        let mut checkpoint = Checkpoint::default();
+        checkpoint.note(&GroupRecord::Vote(Bytes::from("v")));
+        checkpoint.note(&GroupRecord::Drop);
+        let mut buf = Vec::new();
+        assert_eq!(checkpoint.encode(3, &mut buf), 1);
+        let rec = record::decode(&buf).unwrap().unwrap();
+        assert_eq!(rec.framed_len, buf.len());
+        assert!(matches!(
+            decode(rec.kind, rec.body),
+            Ok((3, GroupRef::Drop))
+        ));
+        checkpoint.note(&GroupRecord::Committed(Bytes::from("c")));
+        buf.clear();
+        assert_eq!(checkpoint.encode(3, &mut buf), 1);
+        let rec = record::decode(&buf).unwrap().unwrap();
+        assert_eq!(rec.kind, Kind::GroupCommitted);
+    }
+
+    #[test]
     fn malformed_bodies_are_refused() {
         let mut buf = Vec::new();
         entries(1, 2).encode(7, &mut buf);
@@ -546,5 +669,21 @@ mod tests {
         assert_eq!(book.keep_from(), None);
         book.forget_below(3);
         assert_eq!(book.segments.len(), 1);
+    }
+
+    #[test]
+    fn a_drop_unpins_the_groups_segments_and_a_new_incarnation_pins_again() {
+        let mut book = GroupBook::default();
+        book.wrote(1, 0, 10);
+        book.wrote(2, 1, 5);
+        book.purged(0, 4);
+        assert_eq!(book.keep_from(), Some(1));
+        book.dropped(0);
+        assert_eq!(book.keep_from(), Some(2));
+        book.dropped(1);
+        assert_eq!(book.keep_from(), None);
+        // Added back: its entries count again, from no purge.
+        book.wrote(3, 0, 2);
+        assert_eq!(book.keep_from(), Some(3));
     }
 }

@@ -42,6 +42,8 @@ pub enum Kind {
     GroupTruncate = 7,
     /// A Raft group drops the entries up to an index.
     GroupPurge = 8,
+    /// A Raft group's replica left this node: forget everything before.
+    GroupDrop = 9,
 }
 
 impl Kind {
@@ -55,6 +57,7 @@ impl Kind {
             6 => Some(Kind::GroupCommitted),
             7 => Some(Kind::GroupTruncate),
             8 => Some(Kind::GroupPurge),
+            9 => Some(Kind::GroupDrop),
             _ => None,
         }
     }
@@ -68,6 +71,7 @@ impl Kind {
                 | Kind::GroupCommitted
                 | Kind::GroupTruncate
                 | Kind::GroupPurge
+                | Kind::GroupDrop
         )
     }
 }

@@ -166,13 +166,14 @@ pub fn recover(
             *seq >= base,
             |batch| map.apply_recovered(batch),
             |id, what| {
-                if let GroupRef::Entries {
-                    first_index, count, ..
-                } = what
-                {
-                    if count > 0 {
+                match what {
+                    GroupRef::Entries {
+                        first_index, count, ..
+                    } if count > 0 => {
                         book.wrote(*seq, id, first_index + u64::from(count) - 1);
                     }
+                    GroupRef::Drop => book.dropped(id),
+                    _ => {}
                 }
                 groups.entry(id).or_default().replay(what)
             },

@@ -600,10 +600,11 @@ struct Writer {
     buf: Vec<u8>,
     ops: Vec<Op>,
     waiters: Vec<Done>,
-    /// The batch's group records' completions, and the purges among them
-    /// (counted in the book once committed).
+    /// The batch's group records' completions, and the purges (`Some`)
+    /// and drops (`None`) among them, in order (counted in the book once
+    /// committed).
     group_dones: Vec<Pending>,
-    purges: Vec<(u32, u64)>,
+    purges: Vec<(u32, Option<u64>)>,
     /// The batch's group records, kept until its commit: a batch held for
     /// room is framed again without its refused plain writes.
     records: Vec<(u32, GroupRecord)>,
@@ -747,8 +748,10 @@ impl Writer {
                 if let Some(last) = record.last_index() {
                     self.book.lock().wrote(self.config.seq, group, last);
                 }
-                if let GroupRecord::Purge { upto, .. } = &record {
-                    self.purges.push((group, *upto));
+                match &record {
+                    GroupRecord::Purge { upto, .. } => self.purges.push((group, Some(*upto))),
+                    GroupRecord::Drop => self.purges.push((group, None)),
+                    _ => {}
                 }
                 self.checkpoints.entry(group).or_default().note(&record);
                 self.group_dones.push(done);
@@ -787,7 +790,10 @@ impl Writer {
                 if !self.purges.is_empty() {
                     let mut book = self.book.lock();
                     for (group, upto) in self.purges.drain(..) {
-                        book.purged(group, upto);
+                        match upto {
+                            Some(upto) => book.purged(group, upto),
+                            None => book.dropped(group),
+                        }
                     }
                 }
                 for done in self.group_dones.drain(..) {
