@@ -78,6 +78,10 @@ pub enum ApiError {
     /// The proxy: the key's node broke the exchange.
     #[error("node {node} failed: {why}")]
     NodeFailed { node: String, why: String },
+    /// A state the code rules out was reached (a bug, not bad input): the
+    /// request is refused rather than the process stopped.
+    #[error("Internal error: {0}")]
+    Internal(&'static str),
 }
 
 impl ApiError {
@@ -102,6 +106,7 @@ impl ApiError {
             | ApiError::NodeUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::NodeTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ApiError::NodeFailed { .. } => StatusCode::BAD_GATEWAY,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 

@@ -382,6 +382,7 @@ mod tests {
                 node: "n".into(),
                 after: Duration::from_secs(1),
             },
+            ApiError::Internal("x"),
         ];
         for error in errors {
             let status = error.status().as_u16();

@@ -745,6 +745,11 @@ fn outcome_response(outcome: Outcome) -> Response<Body> {
             json_response(StatusCode::OK, Bytes::from_static(DELETED))
         }
         Outcome::Deleted { found: false } => ApiError::KeyNotFound.into_response(),
+        // Metadata commands go to the metadata group only (issue 13), never
+        // through a shard's client path.
+        Outcome::Meta(_) => {
+            ApiError::Internal("a shard answered with a metadata outcome").into_response()
+        }
     }
 }
 
