@@ -412,6 +412,10 @@ fn a_proxy_started_before_its_cluster_switches_to_leader_routing_once_it_shows()
     assert_eq!(got.status, 200, "{}", got.text());
     assert!(fake.get(|s| s.data.contains_key("late")));
     assert!(fake.get(|s| s.seen.last().is_some_and(|seen| seen.direct)));
+    // The line reaches the captured log through a pipe: wait for it.
+    wait_until(Duration::from_secs(20), "the switch logged", || {
+        proxy.log().contains("switching to cluster mode")
+    });
     let log = proxy.log();
     assert_eq!(log.matches("switching to cluster mode").count(), 1, "{log}");
 }
@@ -440,6 +444,10 @@ fn a_cluster_answer_in_ring_mode_makes_the_proxy_ask_at_once() {
         mode(&proxy) == "cluster"
     });
     assert!(fake.count(1, "PUT") + fake.count(3, "PUT") >= 1);
+    // The line reaches the captured log through a pipe: wait for it.
+    wait_until(Duration::from_secs(20), "the switch logged", || {
+        proxy.log().contains("switching to cluster mode")
+    });
     let log = proxy.log();
     assert_eq!(log.matches("switching to cluster mode").count(), 1, "{log}");
 }
