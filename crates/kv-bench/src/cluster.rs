@@ -7,7 +7,8 @@
 //! run over all its members (a run over "the first n nodes" means nothing
 //! when every key is on every replica), with `X-Kv-Route: direct` on every
 //! request, and [`routed`] applies [`kv_cluster::Routing`]: a 421 is
-//! followed to the named leader (at most three hops; counted as
+//! followed to the named leader (three hops at once, then paced by table
+//! refreshes up to `--leader-wait`; counted as
 //! `redirects`, not as errors), a 503 or a refused connection is waited out
 //! (the table refreshed every 50 ms) up to `--leader-wait`, and a write
 //! that got a 504, timed out or whose connection broke is never retried. A

@@ -9,7 +9,7 @@
 //!
 //! | what happened | next step |
 //! |---|---|
-//! | 421 with a [`NotLeader`] body | update the table, retry at the named leader at once, at most [`MAX_HOPS`] times, then 503 |
+//! | 421 with a [`NotLeader`] body | update the table, retry at the named leader at once, [`MAX_HOPS`] times; after that keep following, paced as a wait for a leader, until the wait bound, then 503 |
 //! | 503, a connection that failed before anything was written, no leader known | wait for a leader: refresh the table every [`REFRESH_EVERY`] and retry, until the wait bound (`--leader-wait`, default [`DEFAULT_LEADER_WAIT`]) passes, then 503 |
 //! | 504, or a write whose exchange broke or timed out after it was written | outcome unknown: 504, never retried |
 //! | a read (GET/HEAD) whose exchange broke, timed out or was answered 504 | as a failed connect: a read changes nothing, so it may go again |
@@ -35,9 +35,12 @@ use std::time::{Duration, Instant};
 
 use crate::table::{NotLeader, ShardTable, NOT_LEADER_STATUS};
 
-/// Most 421s followed for one request before giving up with 503: leaders
-/// change rarely, so three hops mean the cluster is moving faster than the
-/// client can follow.
+/// 421s followed at once for one request. Leaders change rarely, so more
+/// mean leadership is in flux (a thawed leader taking its shards back, a
+/// hand-over racing an election): later 421s are followed only after a
+/// table refresh ([`REFRESH_EVERY`]), within the wait bound, and 503 once
+/// it passes ([`Next::TooManyHops`]), so a failover costs latency, not
+/// errors.
 pub const MAX_HOPS: u32 = 3;
 /// How long a request waits for its shard to elect a leader before 503.
 pub const DEFAULT_LEADER_WAIT: Duration = Duration::from_secs(3);
@@ -97,7 +100,8 @@ pub enum Next {
     WaitForLeader,
     /// Give up: 503, nothing was proposed, the client may retry.
     NoLeader,
-    /// Give up: 503 after [`MAX_HOPS`] 421s, nothing was proposed.
+    /// Give up: 503, still redirected (over [`MAX_HOPS`] 421s) when the wait
+    /// bound passed; nothing was proposed.
     TooManyHops,
     /// Give up: 504, the outcome is unknown; never retried.
     Unknown,
@@ -168,14 +172,7 @@ impl Routing {
                         return self.wait(now);
                     }
                 }
-                self.hops += 1;
-                if self.hops > MAX_HOPS {
-                    Next::TooManyHops
-                } else if table.leader(self.shard).is_some() {
-                    Next::Retry
-                } else {
-                    self.wait(now)
-                }
+                self.hop(table, now)
             }
             Attempt::Answered { status: 503, .. } => {
                 // No leader or no quorum there: not proposed. The leader
@@ -194,16 +191,24 @@ impl Routing {
                 table.clear_leader(self.shard);
                 self.wait(now)
             }
-            Attempt::Abandoned => {
-                self.hops += 1;
-                if self.hops > MAX_HOPS {
-                    Next::TooManyHops
-                } else if table.leader(self.shard).is_some() {
-                    Next::Retry
-                } else {
-                    self.wait(now)
-                }
+            Attempt::Abandoned => self.hop(table, now),
+        }
+    }
+
+    /// A redirect to the leader the table now names: at once for the first
+    /// [`MAX_HOPS`], then paced as a wait for a leader (the caller
+    /// refreshes the table first), 503 at the wait bound.
+    fn hop(&mut self, table: &ShardTable, now: Instant) -> Next {
+        self.hops += 1;
+        if self.hops > MAX_HOPS {
+            match self.wait(now) {
+                Next::NoLeader => Next::TooManyHops,
+                next => next,
             }
+        } else if table.leader(self.shard).is_some() {
+            Next::Retry
+        } else {
+            self.wait(now)
         }
     }
 
@@ -302,7 +307,7 @@ mod tests {
     }
 
     #[test]
-    fn a_421_moves_the_table_and_retries_at_most_max_hops_times() {
+    fn a_421_moves_the_table_and_later_ones_are_paced_until_the_wait_bound() {
         let mut table = table();
         let now = Instant::now();
         let mut routing = Routing::new(0, false, DEFAULT_LEADER_WAIT);
@@ -313,8 +318,9 @@ mod tests {
         );
         assert_eq!(table.leader(0).unwrap().addr, "127.0.0.1:8083");
         assert_eq!(routing.hops(), 1);
-        // Nodes bouncing the request around: three hops are followed,
-        // the fourth 421 gives up (not proposed: 503).
+        // Nodes bouncing the request around: three hops are followed at
+        // once, later ones after a table refresh, until the wait bound
+        // passes; then 503 (not proposed).
         assert_eq!(
             routing.next(&mut table, answered(421, &body), now),
             Next::Retry
@@ -325,8 +331,20 @@ mod tests {
         );
         assert_eq!(
             routing.next(&mut table, answered(421, &body), now),
+            Next::WaitForLeader
+        );
+        let later = now + DEFAULT_LEADER_WAIT / 2;
+        assert_eq!(
+            routing.next(&mut table, answered(421, &body), later),
+            Next::WaitForLeader
+        );
+        assert_eq!(table.leader(0).unwrap().addr, "127.0.0.1:8083");
+        let past = now + DEFAULT_LEADER_WAIT;
+        assert_eq!(
+            routing.next(&mut table, answered(421, &body), past),
             Next::TooManyHops
         );
+        assert_eq!(routing.hops(), 6);
     }
 
     #[test]

@@ -24,8 +24,8 @@
 //! **Routing.** A key's request goes to its shard's leader with
 //! `X-Kv-Route: direct`, so a node that is not the leader answers 421
 //! naming it instead of forwarding. What each answer means is
-//! [`kv_cluster::Routing`]'s, shared with kv-bench: follow a 421 (at most
-//! three hops), wait out a 503 or a refused connection by refreshing the
+//! [`kv_cluster::Routing`]'s, shared with kv-bench: follow a 421 (three hops
+//! at once, then paced by table refreshes up to `--leader-wait`), wait out a 503 or a refused connection by refreshing the
 //! table every 50 ms until a leader appears or `--leader-wait` passes (then
 //! 503), and never retry a write that got a 504, timed out or whose
 //! exchange broke (504: the outcome is unknown). A read has no side effect:
