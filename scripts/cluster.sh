@@ -147,7 +147,12 @@ up() {
   if [ "$REPLICAS" -ge 2 ] && [ ${#missing[@]} -eq $((${#NODE_PORTS[@]} + 1)) ]; then
     demo_failover "$proxy"
   fi
-  echo "Try: curl -X PUT $proxy/hello -d '{\"value\": 1}' ; curl $proxy/-/owner/hello ; curl http://127.0.0.1:${NODE_PORTS[0]}/-/shards ; scripts/cluster.sh status ; scripts/cluster.sh down"
+  # Say the settings this cluster was started with, so `status` and `down`
+  # find it when they were not the defaults.
+  local env=""
+  [ -n "${KV_BASE_PORT:-}" ] && env+="KV_BASE_PORT=$KV_BASE_PORT "
+  [ -n "${KV_DATA:-}" ] && env+="KV_DATA=$KV_DATA "
+  echo "Try: curl -X PUT $proxy/hello -d '{\"value\": 1}' ; curl $proxy/-/owner/hello ; curl http://127.0.0.1:${NODE_PORTS[0]}/-/shards ; ${env}scripts/cluster.sh status ; ${env}scripts/cluster.sh down"
 }
 
 # Writes a few keys, kills one node with SIGKILL, shows every key still

@@ -138,9 +138,11 @@ impl ProxyError {
     }
 }
 
-/// A wait as people read it: whole milliseconds.
+/// A wait as people read it: to the nearest 100 ms ("3s", "1s 500ms"),
+/// not the timer's overshoot ("3s 1ms").
 fn round_ms(waited: Duration) -> Duration {
-    Duration::from_millis(u64::try_from(waited.as_millis()).unwrap_or(u64::MAX))
+    let ms = u64::try_from(waited.as_millis()).unwrap_or(u64::MAX);
+    Duration::from_millis(ms.saturating_add(50) / 100 * 100)
 }
 
 #[cfg(test)]
@@ -181,6 +183,15 @@ mod tests {
 
     #[test]
     fn cluster_refusals_are_503_with_retry_after_and_unknown_is_504() {
+        let (api, _) = ProxyError::NoLeader {
+            shard: 17,
+            waited: Duration::from_millis(3_001),
+        }
+        .into_api();
+        assert_eq!(
+            api.message(),
+            "Service unavailable: shard 17 has no leader (waited 3s)"
+        );
         let response = ProxyError::NoLeader {
             shard: 17,
             waited: Duration::from_micros(3_000_400),
