@@ -448,6 +448,21 @@ impl ClusterNode {
             + self.store.len()
     }
 
+    /// The refusal of every key request while a majority of the other
+    /// members refuse this node as another cluster's (design §8): one
+    /// atomic load when they do not.
+    #[inline]
+    pub(crate) fn foreign_data_dir(&self) -> Option<ClusterError> {
+        let refusals = self.network.refusals();
+        if !refusals.is_foreign() {
+            return None;
+        }
+        Some(ClusterError::ForeignDataDir {
+            ours: self.cluster_id.get().cloned().unwrap_or_else(|| "?".into()),
+            theirs: refusals.foreign()?,
+        })
+    }
+
     /// `/-/ready`: every hosted group has recovered, none has failed, and
     /// each can serve linearizable requests now ([`ClusterNode::unavailable`]).
     pub fn ready(&self) -> Result<(), NotReady> {
@@ -457,6 +472,9 @@ impl ClusterNode {
         };
         if self.stopping.load(Relaxed) {
             return Err(not_ready("the node is stopping".into()));
+        }
+        if let Some(foreign) = self.foreign_data_dir() {
+            return Err(not_ready(foreign.to_string()));
         }
         for (shard, hosted) in self.hosted_iter() {
             if hosted
