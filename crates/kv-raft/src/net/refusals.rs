@@ -9,8 +9,13 @@
 //! serve no client request on keys (not even a stale read). A node refused
 //! by a minority keeps serving: the refusing peer is the foreign one.
 //!
-//! The raft transport ([`crate::Network`]) and the node's forwarder both
-//! report here; the request path reads one atomic flag.
+//! The raft transport ([`crate::Network`]) and the node's forwarder report
+//! the answers to this node's requests here; the node also reports the
+//! requests it receives (a mismatch is symmetric: a peer whose request
+//! carries another cluster's id is one this node's requests would be
+//! refused by), so it learns at its peers' first heartbeat. The request
+//! path reads one atomic flag; an accepted exchange with no refusal on
+//! record costs one atomic load too.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
@@ -22,6 +27,8 @@ pub struct Refusals {
     state: Mutex<State>,
     /// A majority of the other members refuse us: read on every request.
     foreign: AtomicBool,
+    /// Some peer's refusal is on record (else `accepted` has nothing to do).
+    any: AtomicBool,
 }
 
 #[derive(Debug, Default)]
@@ -51,10 +58,19 @@ impl Refusals {
 
     /// The peer at `addr` accepted our cluster id.
     pub fn accepted(&self, addr: &str) {
+        if !self.has_refusals() {
+            return;
+        }
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         if state.refused.remove(addr).is_some() {
             self.update(&state);
         }
+    }
+
+    /// Whether any peer's refusal is on record (one atomic load).
+    #[inline]
+    pub fn has_refusals(&self) -> bool {
+        self.any.load(Relaxed)
     }
 
     /// Whether a majority of the other members refuse us (one atomic load).
@@ -74,6 +90,7 @@ impl Refusals {
 
     /// Recomputes the flag; logs each change (at error when it sets).
     fn update(&self, state: &State) {
+        self.any.store(!state.refused.is_empty(), Relaxed);
         let now = majority_id(state);
         let was = self.foreign.swap(now.is_some(), Relaxed);
         match (&now, was) {
