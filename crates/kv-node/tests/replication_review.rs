@@ -176,3 +176,34 @@ fn a_foreign_node_refuses_every_key_request_and_says_why() {
         a.log(2)
     );
 }
+
+/// The refusal lasts only while the peers refuse: once nodes 1 and 3 are
+/// restarted on B's data dirs too, node 2 (not restarted) is accepted by
+/// them and serves B's keys again.
+#[test]
+fn a_foreign_node_serves_again_once_its_peers_accept_it() {
+    let (mut a, b, _a_keys, b_keys) = a_with_bs_node_2();
+    let node2 = a.addr(2);
+    let stale = [("X-Kv-Consistency", "stale")];
+    let read_b = |key: &str| send(node2, "GET", &format!("/{key}"), &stale, None).unwrap();
+    wait_until("node 2 refuses stale reads", BOUND, || {
+        read_b(&b_keys[0]).status == 503
+    });
+    for id in [1, 3] {
+        a.kill9(id);
+        std::fs::remove_dir_all(a.data_dir(id)).unwrap();
+        std::fs::rename(b.data_dir(id), a.data_dir(id)).unwrap();
+        a.restart(id);
+    }
+    wait_until("node 2 serves B's keys again", BOUND, || {
+        read_b(&b_keys[0]).status == 200
+    });
+    for key in &b_keys {
+        let read = read_b(key);
+        assert_eq!(read.text(), "{\"value\":\"b\"}\n", "{key}");
+    }
+    wait_until("node 2 is ready", BOUND, || {
+        send(node2, "GET", "/-/ready", &[], None).is_ok_and(|ready| ready.status == 200)
+    });
+    assert!(a.log(2).contains("accept this node again"), "{}", a.log(2));
+}
