@@ -205,6 +205,11 @@ async fn cluster_key(
         // Forwarded by a node of another cluster: 409, nothing done.
         cluster.check_cluster_id(&parts.headers)?;
     }
+    // This node's data dir is another cluster's (its peers refuse it): it
+    // must not answer from it, not even a stale read.
+    if let Some(foreign) = cluster.foreign_data_dir() {
+        return Err(foreign.into());
+    }
     let solo = cluster.solo_owner(shard);
     if solo == Some(cluster.id()) {
         return local_key(app, parts, key, body, logged).await;
@@ -450,6 +455,10 @@ fn admin_route(app: &App, method: &Method, path: &str) -> Result<Response<Body>,
                 let unavailable = cluster.unavailable();
                 if !unavailable.is_empty() {
                     body["status"] = "degraded".into();
+                }
+                if let Some(foreign) = cluster.foreign_data_dir() {
+                    body["status"] = "degraded".into();
+                    body["error"] = foreign.to_string().into();
                 }
                 body["shards_unavailable"] = unavailable
                     .iter()

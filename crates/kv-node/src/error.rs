@@ -66,6 +66,11 @@ pub enum ClusterError {
         theirs: String,
         peer: String,
     },
+    /// A majority of the other members refuse this node as another
+    /// cluster's: its data dir is the foreign one, so it serves no key (not
+    /// even a stale read) until they accept it.
+    #[error("Service unavailable: this node's data dir belongs to cluster {ours}, its peers are cluster {theirs}; start it on its own data dir")]
+    ForeignDataDir { ours: String, theirs: String },
 }
 
 impl ClusterError {
@@ -75,7 +80,8 @@ impl ClusterError {
             ClusterError::NotLeader(_) => StatusCode::MISDIRECTED_REQUEST,
             ClusterError::NoLeader { .. }
             | ClusterError::NoQuorum { .. }
-            | ClusterError::LeaderUnreachable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            | ClusterError::LeaderUnreachable { .. }
+            | ClusterError::ForeignDataDir { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ClusterError::OutcomeUnknown(_) => StatusCode::GATEWAY_TIMEOUT,
             ClusterError::OtherCluster { .. } => StatusCode::CONFLICT,
         }

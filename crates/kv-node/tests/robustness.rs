@@ -271,14 +271,23 @@ fn a_node_started_on_another_clusters_data_dir_is_refused_by_its_peers() {
         assert_eq!(read.text(), "{\"value\":\"a\"}\n", "{key}");
         assert_eq!(put(a.addr(1), key, "a2").status, 200, "{key}");
     }
-    // Node 2's replicas were neither joined nor overwritten: they still hold
-    // B's keys and none of A's.
-    for (a_key, b_key) in a_keys.iter().zip(&b_keys) {
-        let stale = [("X-Kv-Consistency", "stale")];
-        let theirs = send(a.addr(2), "GET", &format!("/{b_key}"), &stale, None).unwrap();
-        assert_eq!(theirs.text(), "{\"value\":\"b\"}\n", "{b_key}");
-        let ours = send(a.addr(2), "GET", &format!("/{a_key}"), &stale, None).unwrap();
-        assert_eq!(ours.status, 404, "{a_key}: {}", ours.text());
+    // Node 2, refused by both other members, serves none of its (B's)
+    // keys, not even a stale read: 503 naming both ids.
+    let stale = [("X-Kv-Consistency", "stale")];
+    wait_until("node 2 refuses stale reads", BOUND, || {
+        send(a.addr(2), "GET", &format!("/{}", b_keys[0]), &stale, None)
+            .is_ok_and(|read| read.status == 503)
+    });
+    for key in a_keys.iter().chain(&b_keys) {
+        let read = send(a.addr(2), "GET", &format!("/{key}"), &stale, None).unwrap();
+        assert_eq!(read.status, 503, "{key}: {}", read.text());
+        let error = json(&read)["error"].as_str().unwrap().to_owned();
+        assert!(
+            error.contains(&format!(
+                "this node's data dir belongs to cluster {b_id}, its peers are cluster {a_id}"
+            )),
+            "{key}: {error}"
+        );
     }
     // Logged once per peer.
     let log = a.log(1);
@@ -288,4 +297,19 @@ fn a_node_started_on_another_clusters_data_dir_is_refused_by_its_peers() {
         1,
         "{log}"
     );
+    // Node 2's replicas were neither joined nor overwritten: back in
+    // cluster B (A stopped: same ports), they hold B's keys and none of A's.
+    for id in 1..=3 {
+        a.kill9(id);
+    }
+    std::fs::rename(a.data_dir(2), b.data_dir(2)).unwrap();
+    for id in 1..=3 {
+        b.restart(id);
+    }
+    for (a_key, b_key) in a_keys.iter().zip(&b_keys) {
+        let theirs = send(b.addr(2), "GET", &format!("/{b_key}"), &stale, None).unwrap();
+        assert_eq!(theirs.text(), "{\"value\":\"b\"}\n", "{b_key}");
+        let ours = send(b.addr(2), "GET", &format!("/{a_key}"), &stale, None).unwrap();
+        assert_eq!(ours.status, 404, "{a_key}: {}", ours.text());
+    }
 }

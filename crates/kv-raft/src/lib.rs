@@ -34,7 +34,7 @@ pub mod types;
 #[cfg(feature = "mem")]
 pub mod mem;
 
-pub use net::{handle_raft, Groups, Network, RaftHttpError, SnapshotThrottle};
+pub use net::{handle_raft, Groups, Network, RaftHttpError, Refusals, SnapshotThrottle};
 pub use storage::{
     digest_entries, GroupLog, NodeStorage, ShardRaft, ShardSm, SnapshotScheduler, StorageError,
 };

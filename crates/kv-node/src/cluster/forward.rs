@@ -10,11 +10,15 @@
 //! What the caller learns matters more than the bytes: [`Forwarded::Sent`]
 //! carries the leader's whole answer, [`ForwardError::NotSent`] means the
 //! request never left (safe to retry or refuse), [`ForwardError::Lost`]
-//! means it was written and no answer came (a write's outcome is unknown).
+//! means it was written and no answer came (a write's outcome is unknown),
+//! [`ForwardError::OtherCluster`] means the peer refused us as another
+//! cluster's (409, design §8; nothing done). Each key request's verdict
+//! (refused or accepted) goes to the node's [`Refusals`], shared with the
+//! raft transport.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -24,6 +28,8 @@ use hyper::header::{HeaderMap, HeaderValue, HOST};
 use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use kv_cluster::{CLUSTER_ID_HEADER, NODE_ID_HEADER};
+use kv_raft::net::refusals::other_cluster_id;
+use kv_raft::Refusals;
 use tokio::net::TcpStream;
 
 /// Largest answer relayed (a GET of the largest value, with room).
@@ -48,6 +54,10 @@ pub(crate) enum ForwardError {
     /// The request was written; no (whole) answer came.
     #[error("{0}")]
     Lost(String),
+    /// The peer answered 409: it belongs to cluster `theirs`, not ours.
+    /// Nothing was done there.
+    #[error("{addr} belongs to cluster {theirs}, not to this node's")]
+    OtherCluster { addr: String, theirs: String },
 }
 
 /// Idle keep-alive connections by peer address.
@@ -64,13 +74,15 @@ thread_local! {
 pub(crate) struct Forwarder {
     node: HeaderValue,
     cluster: OnceLock<HeaderValue>,
+    refusals: Arc<Refusals>,
 }
 
 impl Forwarder {
-    pub(crate) fn new(node: u64) -> Self {
+    pub(crate) fn new(node: u64, refusals: Arc<Refusals>) -> Self {
         Self {
             node: HeaderValue::from(node),
             cluster: OnceLock::new(),
+            refusals,
         }
     }
 
@@ -92,15 +104,42 @@ impl Forwarder {
     ) -> Result<Forwarded, ForwardError> {
         let headers = request.headers_mut();
         headers.insert(NODE_ID_HEADER, self.node.clone());
-        if let Some(cluster) = self.cluster.get() {
-            headers.insert(CLUSTER_ID_HEADER, cluster.clone());
+        let marked = match self.cluster.get() {
+            Some(cluster) => {
+                headers.insert(CLUSTER_ID_HEADER, cluster.clone());
+                true
+            }
+            None => false,
+        };
+        // Only a key request is checked against our id by the peer (its
+        // `/-/` admin answers say nothing about us).
+        let checked = marked && !request.uri().path().starts_with("/-/");
+        let answer = match tokio::time::timeout(timeout, exchange(addr, request)).await {
+            Ok(result) => result?,
+            Err(_) => {
+                return Err(ForwardError::Lost(format!(
+                    "{addr} did not answer within {timeout:?}"
+                )))
+            }
+        };
+        if !checked {
+            return Ok(answer);
         }
-        match tokio::time::timeout(timeout, exchange(addr, request)).await {
-            Ok(result) => result,
-            Err(_) => Err(ForwardError::Lost(format!(
-                "{addr} did not answer within {timeout:?}"
-            ))),
+        match answer.status {
+            StatusCode::CONFLICT => {
+                if let Some(theirs) = other_cluster_id(&answer.body) {
+                    self.refusals.refused(addr, &theirs);
+                    return Err(ForwardError::OtherCluster {
+                        addr: addr.to_owned(),
+                        theirs,
+                    });
+                }
+            }
+            // Refused before the id check (overload), or no verdict.
+            StatusCode::SERVICE_UNAVAILABLE => {}
+            _ => self.refusals.accepted(addr),
         }
+        Ok(answer)
     }
 }
 

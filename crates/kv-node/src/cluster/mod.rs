@@ -274,14 +274,35 @@ impl ClusterNode {
     /// (design §8): its `X-Kv-Cluster-Id` differs from ours. A request
     /// without one (a node that has not learnt the id yet, an older build)
     /// and any request before this node knows its own id pass. Logged once
-    /// per peer at warn.
+    /// per peer at warn. The verdict (same id or not) also goes to the
+    /// node's `Refusals`, as the answers to its own requests do.
     pub(crate) fn check_cluster_id(&self, headers: &HeaderMap) -> Result<(), ClusterError> {
         let (Some(ours), Some(theirs)) = (self.cluster_id.get(), headers.get(CLUSTER_ID_HEADER))
         else {
             return Ok(());
         };
+        // The sender's verdict on us too (see `kv_raft::Refusals`), by its
+        // address as the transport's and the forwarder's are; looked up
+        // only when there is something to record.
+        let sender = || {
+            headers
+                .get(NODE_ID_HEADER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<NodeId>().ok())
+                .filter(|id| *id != self.id())
+                .and_then(|id| self.peer_addr(id))
+        };
+        let refusals = self.network.refusals();
         if theirs.as_bytes() == ours.as_bytes() {
+            if refusals.has_refusals() {
+                if let Some(addr) = sender() {
+                    refusals.accepted(&addr);
+                }
+            }
             return Ok(());
+        }
+        if let (Some(addr), Ok(id)) = (sender(), theirs.to_str()) {
+            refusals.refused(&addr, id);
         }
         let peer = headers
             .get(NODE_ID_HEADER)
@@ -448,6 +469,21 @@ impl ClusterNode {
             + self.store.len()
     }
 
+    /// The refusal of every key request while a majority of the other
+    /// members refuse this node as another cluster's (design §8): one
+    /// atomic load when they do not.
+    #[inline]
+    pub(crate) fn foreign_data_dir(&self) -> Option<ClusterError> {
+        let refusals = self.network.refusals();
+        if !refusals.is_foreign() {
+            return None;
+        }
+        Some(ClusterError::ForeignDataDir {
+            ours: self.cluster_id.get().cloned().unwrap_or_else(|| "?".into()),
+            theirs: refusals.foreign()?,
+        })
+    }
+
     /// `/-/ready`: every hosted group has recovered, none has failed, and
     /// each can serve linearizable requests now ([`ClusterNode::unavailable`]).
     pub fn ready(&self) -> Result<(), NotReady> {
@@ -457,6 +493,9 @@ impl ClusterNode {
         };
         if self.stopping.load(Relaxed) {
             return Err(not_ready("the node is stopping".into()));
+        }
+        if let Some(foreign) = self.foreign_data_dir() {
+            return Err(not_ready(foreign.to_string()));
         }
         for (shard, hosted) in self.hosted_iter() {
             if hosted

@@ -640,16 +640,20 @@ impl ClusterNode {
                     self.forget_leader(shard, target.id);
                     return Err(ClusterError::NoLeader { shard }.into());
                 }
-                Ok(answer) if answer.status == StatusCode::CONFLICT => {
+                Err(ForwardError::OtherCluster { theirs, .. }) => {
                     // The target belongs to another cluster (design §8): it
                     // refused before doing anything, so as an unreachable
-                    // leader (waited out, then 503), never relayed.
+                    // leader (waited out, then 503, in our words), never
+                    // relayed.
                     self.forget_leader(shard, target.id);
                     return Err(ClusterError::LeaderUnreachable {
                         shard,
                         leader: target.id,
                         addr,
-                        why: String::from_utf8_lossy(&answer.body).trim_end().to_owned(),
+                        why: format!(
+                            "it belongs to cluster {theirs}, this node to cluster {}",
+                            self.cluster_id.get().map_or("?", String::as_str)
+                        ),
                     }
                     .into());
                 }

@@ -37,7 +37,7 @@ use openraft::errors::{InitializeError, RaftError};
 use openraft::{BasicNode, ServerState};
 use tokio::runtime::Handle;
 
-use super::forward::{ForwardError, Forwarder};
+use super::forward::Forwarder;
 use super::request::ReadGate;
 use super::storage;
 use super::{watch, ClusterNode, Hosted, PathStats, ShardStats};
@@ -101,7 +101,9 @@ pub async fn start(
         shards: config.shards,
         replicas: config.replicas,
     };
-    let forwarder = Forwarder::new(node_id);
+    // Created first: the forwarder shares its record of peers refusing us.
+    let network = Network::new();
+    let forwarder = Forwarder::new(node_id, Arc::clone(network.refusals()));
     let routes: std::collections::HashMap<NodeId, String> =
         config.raft_routes.iter().cloned().collect();
     let (mut stored, first_start) = match read_cluster(data_dir) {
@@ -141,8 +143,10 @@ pub async fn start(
     let raft_config = raft_config(timeouts, config.max_value_bytes)
         .map_err(|error| refuse(format!("raft timeouts: {error}")))?;
     let raft_config = storage::adjust_config(raft_config);
-    let network = Network::new();
     network.set_node_id(node_id);
+    network
+        .refusals()
+        .set_others(spec.members.len().saturating_sub(1));
     if let Some(id) = &stored.cluster_id {
         network.set_cluster_id(id);
     }
@@ -414,7 +418,7 @@ async fn first_start_guard(
             .map_err(io::Error::other)?;
         let answer = match forwarder.send(addr, request, GUARD_TIMEOUT).await {
             Ok(answer) => answer,
-            Err(ForwardError::NotSent(why) | ForwardError::Lost(why)) => {
+            Err(why) => {
                 log::warn!("first start: node {peer} at {addr} did not answer ({why}); going on without it");
                 continue;
             }

@@ -32,7 +32,9 @@
 //!
 //! Failures: a connection that cannot be made, breaks, or does not answer
 //! within the RPC's `hard_ttl` is `Unreachable` (openraft backs off); an
-//! answer that does not decode is a `Network` error.
+//! answer that does not decode is a `Network` error. A peer's 409 naming
+//! another cluster (design §8) is `Unreachable` to openraft too, but is
+//! also recorded in the node's [`Refusals`], as is every accepted answer.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -58,6 +60,7 @@ use serde::de::DeserializeOwned;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::net::refusals::{other_cluster_id, Refusals};
 use crate::net::throttle::SnapshotThrottle;
 use crate::net::wire::{self, WireError};
 use crate::types::{Command, GroupId, KvRaft, NodeId, SnapshotData, ENTRY_OVERHEAD};
@@ -83,12 +86,16 @@ enum CallError {
     /// An answer that is not what the protocol says.
     #[error("{0}")]
     Protocol(String),
+    /// The peer refused us as another cluster's (409): no answer, as
+    /// `Unreachable`, but recorded in [`Refusals`].
+    #[error("{0}")]
+    OtherCluster(String),
 }
 
 impl CallError {
     fn rpc(self) -> RPCError<KvRaft> {
         match self {
-            CallError::Unreachable(message) => {
+            CallError::Unreachable(message) | CallError::OtherCluster(message) => {
                 RPCError::Unreachable(Unreachable::from_string(message))
             }
             CallError::Protocol(message) => RPCError::Network(NetworkError::from_string(message)),
@@ -97,7 +104,7 @@ impl CallError {
 
     fn streaming(self) -> StreamingError<KvRaft> {
         match self {
-            CallError::Unreachable(message) => {
+            CallError::Unreachable(message) | CallError::OtherCluster(message) => {
                 StreamingError::Unreachable(Unreachable::from_string(message))
             }
             CallError::Protocol(message) => {
@@ -138,11 +145,13 @@ pub struct TransportStats {
 /// Peers by (id, address): an address change (issue 13) makes a new peer.
 type PeerMap = HashMap<(NodeId, String), Arc<Peer>>;
 
-/// Who sends node-to-node traffic: header values set once by the node.
+/// Who sends node-to-node traffic: header values set once by the node,
+/// and what the peers said of its cluster id.
 #[derive(Default)]
 struct Identity {
     node: OnceLock<HeaderValue>,
     cluster: OnceLock<HeaderValue>,
+    refusals: Arc<Refusals>,
 }
 
 impl Identity {
@@ -213,6 +222,12 @@ impl Network {
         if let Ok(value) = HeaderValue::from_str(id) {
             let _ = self.identity.cluster.set(value);
         }
+    }
+
+    /// Which peers refuse this node as another cluster's (shared with the
+    /// node's forwarder; the node reads it on every client request).
+    pub fn refusals(&self) -> &Arc<Refusals> {
+        &self.identity.refusals
     }
 
     /// The node's snapshot send throttle and its counters (rate 0,
@@ -626,7 +641,22 @@ async fn exchange(
             })?
             .to_bytes();
         match status {
-            StatusCode::OK => Ok(bytes),
+            StatusCode::OK => {
+                identity.refusals.accepted(addr);
+                Ok(bytes)
+            }
+            StatusCode::CONFLICT => match other_cluster_id(&bytes) {
+                Some(theirs) => {
+                    identity.refusals.refused(addr, &theirs);
+                    Err(CallError::OtherCluster(format!(
+                        "{addr} refused {path}: it belongs to cluster {theirs}, not ours"
+                    )))
+                }
+                None => Err(CallError::Unreachable(format!(
+                    "{addr} answered {path} with {status} {}",
+                    String::from_utf8_lossy(&bytes).trim_end()
+                ))),
+            },
             // Our own request was refused as malformed: a bug, not a network fault.
             StatusCode::BAD_REQUEST | StatusCode::PAYLOAD_TOO_LARGE => {
                 Err(CallError::Protocol(format!(

@@ -9,11 +9,13 @@
 //! - [`server`]: [`handle_raft`], which a node mounts for `/-/raft/...`.
 
 pub mod client;
+pub mod refusals;
 pub mod server;
 pub mod throttle;
 pub mod wire;
 
 pub use client::{NetFactory, Network, PeerClient, TransportStats};
+pub use refusals::Refusals;
 pub use server::{handle_raft, Groups, RaftHttpError};
 pub use throttle::SnapshotThrottle;
 pub use wire::{WireError, MAX_KEY_BYTES, MAX_RPC_BODY, MAX_SNAPSHOT_BODY};
