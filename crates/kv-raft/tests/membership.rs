@@ -11,69 +11,28 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod support;
+use support::serve;
+use support::{store_options, BOUND};
+
 use std::collections::{BTreeMap, BTreeSet};
-use std::convert::Infallible;
-use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper::service::service_fn;
-use kv_http::server::{Admission, ConnectionLimits};
 use kv_raft::{
-    handle_raft, raft_config, Command, GroupLog, Groups, Network, NodeId, NodeStorage, ShardRaft,
-    ShardSm, Timeouts,
+    raft_config, Command, GroupLog, Groups, Network, NodeId, NodeStorage, ShardRaft, ShardSm,
+    Timeouts,
 };
-use kv_store::{FsyncPolicy, Store, StoreOptions};
+use kv_store::{FsyncPolicy, Store};
 use openraft::async_runtime::WatchReceiver;
 use openraft::errors::{ClientWriteError, RaftError};
 use openraft::raft::Precondition;
 use openraft::storage::RaftLogReader;
 use openraft::{BasicNode, EntryPayload, Membership, Raft, ServerState};
-use tokio::task::{JoinHandle, JoinSet};
+use tokio::task::JoinHandle;
 
-const BOUND: Duration = Duration::from_secs(20);
 const GROUP: u32 = 0;
-
-fn store_options() -> StoreOptions {
-    StoreOptions {
-        fsync: FsyncPolicy::Never,
-        snapshot_interval: Duration::from_secs(3600),
-        wal_max_bytes: 64 << 20,
-        repair: false,
-    }
-}
-
-async fn serve(port: u16, groups: Arc<Groups<ShardSm>>) -> (u16, JoinHandle<()>) {
-    let listener = kv_http::server::bind(IpAddr::V4(Ipv4Addr::LOCALHOST), port)
-        .await
-        .unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let server = tokio::spawn(async move {
-        let admission = Admission::new(64);
-        let limits = ConnectionLimits {
-            max_connections: 64,
-            header_timeout: Duration::from_secs(5),
-            shutdown_timeout: Duration::from_secs(1),
-        };
-        let builder = limits.http1();
-        let mut connections = JoinSet::new();
-        loop {
-            let (stream, slot) = kv_http::server::next_connection(&listener, &admission).await;
-            let groups = Arc::clone(&groups);
-            let service = service_fn(move |request| {
-                let groups = Arc::clone(&groups);
-                async move { Ok::<_, Infallible>(handle_raft(request, &groups).await) }
-            });
-            let connection = kv_http::server::serve_connection(&builder, stream, service);
-            connections.spawn(async move {
-                let _slot = slot;
-                let _ = connection.await;
-            });
-        }
-    });
-    (port, server)
-}
 
 /// One running node: its store, the group's handles, its server.
 struct Node {
@@ -93,7 +52,7 @@ impl Node {
     async fn start(id: NodeId, dir: &Path, port: u16) -> Node {
         let groups = Arc::new(Groups::default());
         let (port, server) = serve(port, Arc::clone(&groups)).await;
-        let store = Arc::new(Store::open(dir, store_options()).unwrap());
+        let store = Arc::new(Store::open(dir, store_options(FsyncPolicy::Never)).unwrap());
         let storage = NodeStorage::open(Arc::clone(&store), dir).unwrap();
         let (log, sm) = storage.group(GROUP).unwrap();
         let config = raft_config(Timeouts::default(), 1 << 20).unwrap();

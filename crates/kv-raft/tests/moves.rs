@@ -6,6 +6,9 @@
 //! and the group id can be hosted afresh.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod support;
+use support::{store_options, BOUND};
+
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::{mpsc, Arc};
@@ -15,20 +18,10 @@ use kv_cluster::meta::{self, ClusterId, MemberState, MetaCommand, Refusal};
 use kv_raft::{
     raft_config, Command, GroupId, Network, NodeStorage, Outcome, ShardRaft, ShardSm, Timeouts,
 };
-use kv_store::{FsyncPolicy, GroupRecord, Store, StoreOptions};
+use kv_store::{FsyncPolicy, GroupRecord, Store};
 use openraft::{BasicNode, Raft};
 
-const BOUND: Duration = Duration::from_secs(20);
 const GROUP: GroupId = 7;
-
-fn store_options() -> StoreOptions {
-    StoreOptions {
-        fsync: FsyncPolicy::Always,
-        snapshot_interval: Duration::from_secs(3600),
-        wal_max_bytes: 64 << 20,
-        repair: false,
-    }
-}
 
 /// Waits (bounded) until only `store`'s last handle is left, then drops it
 /// (closing the WAL), so the directory can be opened again.
@@ -47,7 +40,7 @@ async fn start(dir: &Path) -> (Arc<Store>, NodeStorage, ShardRaft, ShardSm) {
 }
 
 async fn start_group(dir: &Path, group: GroupId) -> (Arc<Store>, NodeStorage, ShardRaft, ShardSm) {
-    let store = Arc::new(Store::open(dir, store_options()).unwrap());
+    let store = Arc::new(Store::open(dir, store_options(FsyncPolicy::Always)).unwrap());
     let storage = NodeStorage::open(Arc::clone(&store), dir).unwrap();
     let (log, sm) = storage.group(group).unwrap();
     let config = raft_config(Timeouts::default(), 1 << 20).unwrap();
@@ -193,7 +186,7 @@ async fn replica_with_a_snapshot(dir: &Path) {
 /// After a drop, re-opened: the group is unknown, its directory gone, and
 /// asking for it gives an empty replica.
 async fn assert_forgotten(dir: &Path) {
-    let store = Arc::new(Store::open(dir, store_options()).unwrap());
+    let store = Arc::new(Store::open(dir, store_options(FsyncPolicy::Always)).unwrap());
     let storage = NodeStorage::open(Arc::clone(&store), dir).unwrap();
     assert!(!storage.known_groups().contains(&GROUP));
     let shards: Vec<String> = std::fs::read_dir(dir.join("shards"))
@@ -214,7 +207,7 @@ async fn a_crash_after_the_drop_record_leaves_nothing_to_load() {
     let dir = tempfile::tempdir().unwrap();
     replica_with_a_snapshot(dir.path()).await;
     // Step 1 only: the record is durable, the directory still there.
-    let store = Store::open(dir.path(), store_options()).unwrap();
+    let store = Store::open(dir.path(), store_options(FsyncPolicy::Always)).unwrap();
     let (tx, rx) = mpsc::channel();
     store.submit_group(
         GROUP,
@@ -234,7 +227,7 @@ async fn a_crash_after_the_rename_deletes_the_renamed_directory() {
     let dir = tempfile::tempdir().unwrap();
     replica_with_a_snapshot(dir.path()).await;
     // Steps 1 and 2: the record, and the directory renamed.
-    let store = Store::open(dir.path(), store_options()).unwrap();
+    let store = Store::open(dir.path(), store_options(FsyncPolicy::Always)).unwrap();
     let (tx, rx) = mpsc::channel();
     store.submit_group(
         GROUP,

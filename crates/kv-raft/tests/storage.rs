@@ -7,19 +7,20 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod support;
+use support::serve;
+use support::{store_options, BOUND};
+
 use std::collections::{BTreeMap, HashMap};
-use std::convert::Infallible;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper::service::service_fn;
-use kv_http::server::{Admission, ConnectionLimits};
 use kv_raft::{
-    handle_raft, raft_config, Command, GroupId, GroupLog, Groups, Network, NodeId, NodeStorage,
-    Outcome, ShardRaft, ShardSm, StorageError, Timeouts,
+    raft_config, Command, GroupId, GroupLog, Groups, Network, NodeId, NodeStorage, Outcome,
+    ShardRaft, ShardSm, StorageError, Timeouts,
 };
 use kv_store::hooks::Event;
 use kv_store::{FsyncPolicy, Store, StoreError, StoreOptions};
@@ -28,17 +29,7 @@ use openraft::storage::{RaftLogReader, RaftLogStorage};
 use openraft::{BasicNode, Raft, ReadPolicy};
 use tokio::task::{JoinHandle, JoinSet};
 
-const BOUND: Duration = Duration::from_secs(20);
 const GROUPS: u32 = 4;
-
-fn store_options() -> StoreOptions {
-    StoreOptions {
-        fsync: FsyncPolicy::Never,
-        snapshot_interval: Duration::from_secs(3600),
-        wal_max_bytes: 64 << 20,
-        repair: false,
-    }
-}
 
 /// One running node: its store, storage, groups and server.
 struct Running {
@@ -56,37 +47,6 @@ struct Node {
     running: Option<Running>,
 }
 
-async fn serve(port: u16, groups: Arc<Groups<ShardSm>>) -> (u16, JoinHandle<()>) {
-    let listener = kv_http::server::bind(IpAddr::V4(Ipv4Addr::LOCALHOST), port)
-        .await
-        .unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let server = tokio::spawn(async move {
-        let admission = Admission::new(64);
-        let limits = ConnectionLimits {
-            max_connections: 64,
-            header_timeout: Duration::from_secs(5),
-            shutdown_timeout: Duration::from_secs(1),
-        };
-        let builder = limits.http1();
-        let mut connections = JoinSet::new();
-        loop {
-            let (stream, slot) = kv_http::server::next_connection(&listener, &admission).await;
-            let groups = Arc::clone(&groups);
-            let service = service_fn(move |request| {
-                let groups = Arc::clone(&groups);
-                async move { Ok::<_, Infallible>(handle_raft(request, &groups).await) }
-            });
-            let connection = kv_http::server::serve_connection(&builder, stream, service);
-            connections.spawn(async move {
-                let _slot = slot;
-                let _ = connection.await;
-            });
-        }
-    });
-    (port, server)
-}
-
 /// Opens the node's store and storage on `dir` and creates its groups
 /// (none initialised here).
 async fn open_groups(
@@ -102,7 +62,7 @@ async fn open_groups(
     ),
     StorageError,
 > {
-    let store = Arc::new(Store::open(dir, store_options()).unwrap());
+    let store = Arc::new(Store::open(dir, store_options(FsyncPolicy::Never)).unwrap());
     let storage = NodeStorage::open(Arc::clone(&store), dir)?;
     let network = Network::new();
     for (peer, addr) in members {
@@ -643,7 +603,7 @@ async fn a_lagging_replica_receives_a_snapshot_and_ends_identical() {
 
 /// One node, one single-voter group: writes, two snapshots, more writes.
 async fn solo(dir: &Path) -> Result<(ShardRaft, ShardSm, GroupLog, Arc<Store>), StorageError> {
-    let store = Arc::new(Store::open(dir, store_options()).unwrap());
+    let store = Arc::new(Store::open(dir, store_options(FsyncPolicy::Never)).unwrap());
     let storage = NodeStorage::open(Arc::clone(&store), dir)?;
     let (log, sm) = storage.group(7)?;
     let config = raft_config(Timeouts::default(), 1 << 20).unwrap();
@@ -781,7 +741,8 @@ mod suite {
             openraft::StorageError<kv_raft::KvRaft>,
         > {
             let dir = tempfile::tempdir().unwrap();
-            let store = Arc::new(Store::open(dir.path(), store_options()).unwrap());
+            let store =
+                Arc::new(Store::open(dir.path(), store_options(FsyncPolicy::Never)).unwrap());
             let storage = NodeStorage::open(Arc::clone(&store), dir.path()).unwrap();
             let (log, sm) = storage.group(0).unwrap();
             Ok(((dir, store), log, sm))
@@ -856,7 +817,7 @@ mod log_recovery {
     }
 
     async fn open(dir: &Path) -> (GroupLog, ShardSm, Arc<Store>) {
-        let store = Arc::new(Store::open(dir, store_options()).unwrap());
+        let store = Arc::new(Store::open(dir, store_options(FsyncPolicy::Never)).unwrap());
         let storage = NodeStorage::open(Arc::clone(&store), dir).unwrap();
         let (log, sm) = storage.group(3).unwrap();
         (log, sm, store)
@@ -933,7 +894,7 @@ async fn purged_entries_let_wal_segments_go_and_a_restart_still_has_every_key() 
     let dir = tempfile::tempdir().unwrap();
     let options = StoreOptions {
         wal_max_bytes: 64 << 10,
-        ..store_options()
+        ..store_options(FsyncPolicy::Never)
     };
     let store = Arc::new(Store::open(dir.path(), options.clone()).unwrap());
     let storage = NodeStorage::open(Arc::clone(&store), dir.path()).unwrap();
