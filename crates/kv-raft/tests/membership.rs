@@ -12,7 +12,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod support;
-use support::serve;
+use support::{agreed_leader, serve};
 use support::{store_options, BOUND};
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -152,32 +152,11 @@ impl Cluster {
     /// Waits until every node of `among` names the same leader, one of
     /// `among`, and that leader has a quorum's acknowledgement.
     async fn leader(&self, among: &[NodeId]) -> NodeId {
-        let mut leader = None;
-        for id in among {
-            let metrics = self
-                .raft(*id)
-                .wait(Some(BOUND))
-                .metrics(
-                    |m| {
-                        m.current_leader.is_some_and(|l| among.contains(&l))
-                            && (leader.is_none() || m.current_leader == leader)
-                    },
-                    "a leader",
-                )
-                .await
-                .unwrap();
-            leader = metrics.current_leader;
-        }
-        let leader = leader.unwrap();
-        self.raft(leader)
-            .wait(Some(BOUND))
-            .metrics(
-                |m| m.state.is_leader() && m.last_quorum_acked.is_some(),
-                "leading",
-            )
-            .await
-            .unwrap();
-        leader
+        let rafts: Vec<(NodeId, ShardRaft)> = among
+            .iter()
+            .map(|id| (*id, self.raft(*id).clone()))
+            .collect();
+        agreed_leader(&rafts).await
     }
 
     /// Writes keys `<prefix>-<i>` through `leader`; the last index.

@@ -8,7 +8,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod support;
-use support::serve;
+use support::{agreed_leader, serve};
 use support::{store_options, BOUND};
 
 use std::collections::{BTreeMap, HashMap};
@@ -220,39 +220,13 @@ impl Cluster {
     /// Waits (bounded) until the running nodes agree on a leader of
     /// `group` that a quorum acknowledged; returns it.
     async fn leader(&self, group: GroupId) -> NodeId {
-        let mut leader = None;
-        let running: Vec<NodeId> = self
+        let rafts: Vec<(NodeId, ShardRaft)> = self
             .nodes
             .values()
             .filter(|n| n.running.is_some())
-            .map(|n| n.id)
+            .map(|n| (n.id, n.raft(group)))
             .collect();
-        for node in self.nodes.values().filter(|n| n.running.is_some()) {
-            let metrics = node
-                .raft(group)
-                .wait(Some(BOUND))
-                .metrics(
-                    |m| {
-                        m.current_leader.is_some_and(|l| running.contains(&l))
-                            && (leader.is_none() || m.current_leader == leader)
-                    },
-                    "a leader",
-                )
-                .await
-                .unwrap();
-            leader = metrics.current_leader;
-        }
-        let leader = leader.unwrap();
-        self.nodes[&leader]
-            .raft(group)
-            .wait(Some(BOUND))
-            .metrics(
-                |m| m.state.is_leader() && m.last_quorum_acked.is_some(),
-                "leading",
-            )
-            .await
-            .unwrap();
-        leader
+        agreed_leader(&rafts).await
     }
 
     /// Writes `count` keys `<prefix>-<group>-<i>` to every group through

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use hyper::service::service_fn;
 use kv_http::server::{Admission, ConnectionLimits};
-use kv_raft::{handle_raft, Groups, ShardSm};
+use kv_raft::{handle_raft, Groups, NodeId, ShardRaft, ShardSm};
 use kv_store::{FsyncPolicy, StoreOptions};
 use tokio::task::{JoinHandle, JoinSet};
 
@@ -57,4 +57,35 @@ pub async fn serve(port: u16, groups: Arc<Groups<ShardSm>>) -> (u16, JoinHandle<
         }
     });
     (port, server)
+}
+
+/// Waits (bounded) until every raft of `among` names the same leader, one
+/// of `among`, and that leader has a quorum's acknowledgement; returns it.
+pub async fn agreed_leader(among: &[(NodeId, ShardRaft)]) -> NodeId {
+    let ids: Vec<NodeId> = among.iter().map(|(id, _)| *id).collect();
+    let mut leader = None;
+    for (_, raft) in among {
+        let metrics = raft
+            .wait(Some(BOUND))
+            .metrics(
+                |m| {
+                    m.current_leader.is_some_and(|l| ids.contains(&l))
+                        && (leader.is_none() || m.current_leader == leader)
+                },
+                "a leader",
+            )
+            .await
+            .unwrap();
+        leader = metrics.current_leader;
+    }
+    let leader = leader.unwrap();
+    let (_, raft) = among.iter().find(|(id, _)| *id == leader).unwrap();
+    raft.wait(Some(BOUND))
+        .metrics(
+            |m| m.state.is_leader() && m.last_quorum_acked.is_some(),
+            "leading",
+        )
+        .await
+        .unwrap();
+    leader
 }
