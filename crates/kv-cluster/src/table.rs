@@ -844,7 +844,10 @@ mod tests {
         let shown = table.view();
         assert_eq!(shown.version, 2);
         assert_eq!(shown.groups[1].leader, Some(4));
-        assert_eq!(shown.groups[1].leader_addr.as_deref(), Some("127.0.0.1:8084"));
+        assert_eq!(
+            shown.groups[1].leader_addr.as_deref(),
+            Some("127.0.0.1:8084")
+        );
         assert_eq!(shown.groups[3].leader, None);
         let json = serde_json::to_string(&shown).unwrap();
         assert_eq!(serde_json::from_str::<TableView>(&json).unwrap(), shown);
