@@ -204,11 +204,13 @@ impl Mode {
 }
 
 /// Whether a node's answer in ring mode is one only a cluster member gives:
-/// a 421 (not the leader), or a header of the replicated path.
+/// a 421 (not the leader), a header of the replicated path, or the
+/// placement version every answer of a cluster node carries (issue 13).
 pub fn looks_clustered(status: StatusCode, headers: &hyper::HeaderMap) -> bool {
     status == StatusCode::MISDIRECTED_REQUEST
         || headers.contains_key(kv_cluster::LEADER_ID_HEADER)
         || headers.contains_key(kv_cluster::LEADER_HEADER)
+        || headers.contains_key(PLACEMENT_VERSION_HEADER)
 }
 
 /// One worker's view of the mode: the shared cluster (once there is one),
@@ -720,7 +722,9 @@ impl Cluster {
     /// Refreshes the table every `refresh_every` ([`kv_cluster::BACKGROUND_REFRESH`]),
     /// forever.
     pub async fn refresh_forever(self: Arc<Self>) {
-        let mut ticks = tokio::time::interval(self.settings.refresh_every);
+        // The table was just built: the first refresh is one period away.
+        let every = self.settings.refresh_every;
+        let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             ticks.tick().await;

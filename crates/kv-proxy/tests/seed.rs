@@ -237,3 +237,36 @@ fn ring_mode_has_no_shard_table() {
     assert_eq!(answer.status, 404);
     assert!(answer.text().contains("ring mode"), "{}", answer.text());
 }
+
+/// A proxy that started in ring mode (no node answered `/-/shards` yet)
+/// switches as soon as an answer carries a placement version, even a 200
+/// from the leader: only cluster nodes send that header.
+#[test]
+fn a_placement_version_in_a_ring_mode_answer_makes_the_proxy_ask_at_once() {
+    let fake = fake();
+    fake.set(|s| s.views_refused = usize::MAX);
+    // The periodic check is out of the picture: only an answer can wake it.
+    let proxy = proxy(
+        &fake.node_list(),
+        &["--discover-wait", "300ms", "--rediscover-every", "1h"],
+    );
+    let mode = |proxy: &Process| {
+        let health = request(proxy.addr, "GET", "/-/health", None).unwrap();
+        let health: serde_json::Value = serde_json::from_slice(&health.body).unwrap();
+        health["mode"].as_str().unwrap().to_owned()
+    };
+    assert_eq!(mode(&proxy), "ring");
+    fake.set(|s| s.views_refused = 0);
+    // Keys the ring gives node 1, the leader: answered 200, never 421.
+    let names: Vec<String> = fake.addrs.iter().take(3).map(ToString::to_string).collect();
+    let ring = kv_ring::Ring::new(names, kv_ring::DEFAULT_VNODES).unwrap();
+    let mut keys = (0..)
+        .map(|i| format!("ring_{i}"))
+        .filter(|key| ring.owner_index(key.as_bytes()) == 0);
+    wait_until("cluster mode after a 200 with a version", BOUND, || {
+        let key = keys.next().unwrap();
+        assert_eq!(put(&proxy, &key, "v").status, 200);
+        mode(&proxy) == "cluster"
+    });
+    assert_eq!(fake.count(2, "PUT") + fake.count(3, "PUT"), 0, "no 421");
+}
