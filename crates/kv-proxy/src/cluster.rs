@@ -263,11 +263,6 @@ impl ClusterWorker {
             pool.evict_idle();
         }
     }
-
-    /// How many pools this worker holds (for tests).
-    pub fn pool_count(&self) -> usize {
-        self.pools.lock().len()
-    }
 }
 
 /// Ring mode's background task: asks `names` (the `--nodes`) for
@@ -533,6 +528,8 @@ impl Cluster {
             }
         }
         let mut nodes = self.nodes.write();
+        // The first members are in the start line; later ones are news.
+        let first = nodes.is_empty();
         nodes.retain(|addr, _| {
             let keep = wanted.binary_search(addr).is_ok();
             if !keep {
@@ -546,7 +543,9 @@ impl Cluster {
             }
             match self.member(&addr) {
                 Ok(member) => {
-                    log::info!("node {addr} learnt from the cluster: routing to it");
+                    if !first {
+                        log::info!("node {addr} learnt from the cluster: routing to it");
+                    }
                     nodes.insert(addr, member);
                 }
                 Err(why) => log::warn!("cannot route to {addr}: {why}"),
