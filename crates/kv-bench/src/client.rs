@@ -186,6 +186,14 @@ async fn connect_hyper(endpoint: &Endpoint, timeout: Duration) -> Result<HyperCo
 pub struct Answer {
     pub status: u16,
     pub body: Bytes,
+    /// Its `X-Kv-Placement-Version`, if any: a cluster node's layout
+    /// version, which tells cluster mode to refresh a table that is older.
+    pub placement_version: Option<u64>,
+}
+
+/// The value of an `X-Kv-Placement-Version` header.
+pub(crate) fn parse_version(value: &[u8]) -> Option<u64> {
+    std::str::from_utf8(value).ok()?.trim().parse().ok()
 }
 
 /// Builds a request. `uri` is a path (`/key`); cloning it only bumps a
@@ -229,8 +237,16 @@ async fn send_hyper(
         sender.ready().await?;
         let response = sender.send_request(request).await?;
         let status = response.status().as_u16();
+        let placement_version = response
+            .headers()
+            .get(kv_cluster::PLACEMENT_VERSION_HEADER)
+            .and_then(|value| parse_version(value.as_bytes()));
         let body = read_body(response.into_body()).await?;
-        Ok::<_, hyper::Error>(Answer { status, body })
+        Ok::<_, hyper::Error>(Answer {
+            status,
+            body,
+            placement_version,
+        })
     };
     let mut exchange = std::pin::pin!(exchange);
     let driver = &mut conn.driver;

@@ -16,20 +16,33 @@
 //! leader, and one unanswered after `READ_PATIENCE` moves to the new leader
 //! as soon as the others name one (a frozen leader).
 //!
+//! **`--nodes` are seeds** (issue 13, `docs/membership.md` §6): the members
+//! are the ones a node's `/-/shards` names, so one member's URL is enough,
+//! and kv-bench follows members that join or leave during a run. The table
+//! holds the placement version of its layout and takes members only from an
+//! answer of that version or newer ([`ShardTable::refresh_at`]); it is
+//! refreshed when an answer's `X-Kv-Placement-Version` is newer than its
+//! own or a 421 names a leader at an address that is not a member's (by the
+//! worker that saw it, before its next request), and every second. A newly
+//! learnt address gets the next endpoint index (indexes never change, so
+//! per-node counts stay put); workers open connections to it on first use
+//! and close theirs to members that left.
+//!
 //! What each operation finally came to is what `--history` records: a
 //! request that ended on 503 (or on no connection at all, or on a 421
 //! after too many hops, reported as 503) was never proposed and records as
 //! `fail`; one that ended on 504, a timeout or a broken write records as
 //! `unknown` (see [`crate::history`]).
 
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use hyper::{Method, Uri};
 use kv_cluster::{
-    is_final, Attempt, Next, Routing, ShardTable, ShardsView, BACKGROUND_REFRESH,
-    NOT_LEADER_STATUS, REFRESH_EVERY,
+    is_final, placement_version, Attempt, Next, NotLeader, Routing, ShardTable, ShardsView,
+    BACKGROUND_REFRESH, NOT_LEADER_STATUS, REFRESH_EVERY,
 };
 
 use crate::check::{ErrorKind, Failure};
@@ -38,8 +51,18 @@ use crate::client::{self, Answer, ClientKind, Conn, Endpoint};
 /// The table every worker routes by, and how it is refreshed.
 pub struct BenchCluster {
     table: RwLock<ShardTable>,
-    /// The members, in id order: `endpoints[i]` is worker connection `i`.
-    pub endpoints: Vec<Endpoint>,
+    /// Every address routed to so far, members first: `endpoints[i]` is
+    /// worker connection `i`. Only ever appended to.
+    endpoints: RwLock<Vec<Endpoint>>,
+    /// The `--nodes` entries: asked when no member answers.
+    seeds: Vec<Endpoint>,
+    /// Bumped whenever a member leaves, so workers know to close their
+    /// connections to it ([`BenchCluster::close_departed`]).
+    departures: AtomicU64,
+    /// A background refresh ([`BenchCluster::refresh_soon`]) is under way.
+    refreshing_soon: AtomicBool,
+    /// That refresh's task, awaited by [`BenchCluster::settle`].
+    soon: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// When the last completed refresh started (single flight: workers
     /// waiting at once share one).
     refreshed: tokio::sync::Mutex<Option<Instant>>,
@@ -48,13 +71,13 @@ pub struct BenchCluster {
     client: ClientKind,
 }
 
-/// `GET /-/shards` from `endpoint` on a fresh connection: `Ok(None)` for a
-/// standalone node (404).
+/// `GET /-/shards` from `endpoint` on a fresh connection, with the
+/// placement version it shows: `Ok(None)` for a standalone node (404).
 pub async fn fetch_view(
     endpoint: &Endpoint,
     timeout: Duration,
     kind: ClientKind,
-) -> Result<Option<ShardsView>, String> {
+) -> Result<Option<(ShardsView, u64)>, String> {
     let mut conn = client::connect(endpoint, timeout, kind)
         .await
         .map_err(|f| f.detail)?;
@@ -64,7 +87,7 @@ pub async fn fetch_view(
         .map_err(|f| f.detail)?;
     match answer.status {
         200 => ShardsView::parse(&answer.body)
-            .map(Some)
+            .map(|view| Some((view, placement_version(&answer.body))))
             .map_err(|e| e.to_string()),
         404 => Ok(None),
         other => Err(format!("/-/shards answered {other}")),
@@ -72,7 +95,8 @@ pub async fn fetch_view(
 }
 
 /// Asks each of `endpoints` for `/-/shards`; a table merged from every
-/// cluster answer, or `None` when no node is in a cluster.
+/// cluster answer (the newest placement version's members), or `None`
+/// when no node is in a cluster.
 pub async fn discover(
     endpoints: &[Endpoint],
     timeout: Duration,
@@ -81,15 +105,15 @@ pub async fn discover(
     let mut table: Option<ShardTable> = None;
     for endpoint in endpoints {
         match fetch_view(endpoint, timeout, kind).await {
-            Ok(Some(view)) => match &mut table {
+            Ok(Some((view, version))) => match &mut table {
                 Some(table) => {
                     table
-                        .refresh(view)
+                        .refresh_at(view, version)
                         .map_err(|e| format!("{}: {e}", endpoint.url))?;
                 }
                 None => {
                     table = Some(
-                        ShardTable::from_view(view)
+                        ShardTable::from_view_at(view, version)
                             .map_err(|e| format!("{}: {e}", endpoint.url))?,
                     )
                 }
@@ -102,10 +126,18 @@ pub async fn discover(
     Ok(table)
 }
 
+fn direct_endpoint(addr: &str) -> Result<Endpoint, String> {
+    Endpoint::parse(addr).map(|mut endpoint| {
+        endpoint.direct = true;
+        endpoint
+    })
+}
+
 impl BenchCluster {
-    /// Routes by `table`, over its members.
+    /// Routes by `table`, over its members; `seeds` are the `--nodes`.
     pub fn new(
         table: ShardTable,
+        seeds: &[Endpoint],
         leader_wait: Duration,
         timeout: Duration,
         client: ClientKind,
@@ -113,16 +145,15 @@ impl BenchCluster {
         let endpoints = table
             .members()
             .values()
-            .map(|addr| {
-                Endpoint::parse(addr).map(|mut endpoint| {
-                    endpoint.direct = true;
-                    endpoint
-                })
-            })
+            .map(|addr| direct_endpoint(addr))
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Self {
             table: RwLock::new(table),
-            endpoints,
+            endpoints: RwLock::new(endpoints),
+            seeds: seeds.to_vec(),
+            departures: AtomicU64::new(0),
+            refreshing_soon: AtomicBool::new(false),
+            soon: std::sync::Mutex::new(None),
             refreshed: tokio::sync::Mutex::new(None),
             leader_wait,
             timeout,
@@ -135,23 +166,110 @@ impl BenchCluster {
         self.read_table().shard_of(key)
     }
 
-    fn read_table(&self) -> std::sync::RwLockReadGuard<'_, ShardTable> {
+    fn read_table(&self) -> RwLockReadGuard<'_, ShardTable> {
         // A worker that panicked holding the lock left a table that is
         // still a table: keep routing by it.
         self.table.read().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The index in [`BenchCluster::endpoints`] of `shard`'s leader.
-    pub fn leader_index(&self, shard: u32) -> Option<usize> {
-        let table = self.read_table();
-        let leader = table.leader(shard)?;
-        self.endpoints
-            .iter()
-            .position(|e| e.authority == leader.addr)
+    fn read_endpoints(&self) -> RwLockReadGuard<'_, Vec<Endpoint>> {
+        self.endpoints.read().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Refreshes the table from the members (the first answer is merged)
-    /// unless a refresh that started at or after `wanted` completed.
+    /// Every address routed to so far, by index.
+    pub fn endpoints(&self) -> Vec<Endpoint> {
+        self.read_endpoints().clone()
+    }
+
+    /// `endpoints[index]`.
+    pub fn endpoint(&self, index: usize) -> Option<Endpoint> {
+        self.read_endpoints().get(index).cloned()
+    }
+
+    /// The placement version of the table's layout.
+    pub fn version(&self) -> u64 {
+        self.read_table().version()
+    }
+
+    /// The index of the endpoint at `addr`, appended if it is new.
+    fn endpoint_index(&self, addr: &str) -> Option<usize> {
+        if let Some(index) = self
+            .read_endpoints()
+            .iter()
+            .position(|e| e.authority == addr)
+        {
+            return Some(index);
+        }
+        let endpoint = direct_endpoint(addr).ok()?;
+        let mut endpoints = self.endpoints.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(index) = endpoints.iter().position(|e| e.authority == addr) {
+            return Some(index);
+        }
+        log::info!("routing to {} from now on", endpoint.url);
+        endpoints.push(endpoint);
+        Some(endpoints.len() - 1)
+    }
+
+    /// The index in [`BenchCluster::endpoints`] of `shard`'s leader.
+    pub fn leader_index(&self, shard: u32) -> Option<usize> {
+        let addr = self.read_table().leader(shard)?.addr.clone();
+        self.endpoint_index(&addr)
+    }
+
+    /// Whether `addr` is a member's address.
+    fn is_member(&self, addr: &str) -> bool {
+        self.read_table()
+            .members()
+            .values()
+            .any(|known| known == addr)
+    }
+
+    /// Closes a worker's connections to members that left (cheap when
+    /// none has: one atomic load). `seen` is the worker's count of
+    /// departures dealt with.
+    pub fn close_departed(&self, conns: &mut [Option<Conn>], seen: &mut u64) {
+        let departures = self.departures.load(Ordering::Acquire);
+        if departures == *seen {
+            return;
+        }
+        *seen = departures;
+        let table = self.read_table();
+        let endpoints = self.read_endpoints();
+        for (slot, endpoint) in conns.iter_mut().zip(endpoints.iter()) {
+            if slot.is_some() && !table.members().values().any(|a| *a == endpoint.authority) {
+                *slot = None;
+            }
+        }
+    }
+
+    /// Takes an answer of placement version `version` from `source`; true
+    /// if it merged.
+    fn merge(&self, view: ShardsView, version: u64) -> bool {
+        let mut table = self.table.write().unwrap_or_else(|e| e.into_inner());
+        let before: Vec<String> = table.members().values().cloned().collect();
+        if table.refresh_at(view, version).is_err() {
+            return false;
+        }
+        let after: Vec<String> = table.members().values().cloned().collect();
+        drop(table);
+        if before != after {
+            for addr in &after {
+                self.endpoint_index(addr);
+            }
+            if before.iter().any(|addr| !after.contains(addr)) {
+                self.departures.fetch_add(1, Ordering::AcqRel);
+            }
+            log::info!(
+                "cluster members now (version {version}): {}",
+                after.join(", ")
+            );
+        }
+        true
+    }
+
+    /// Refreshes the table from the members, then the seeds (the first
+    /// answer of the table's version or newer is merged) unless a refresh
+    /// that started at or after `wanted` completed.
     pub async fn refresh(&self, wanted: Instant) {
         let mut last = self.refreshed.lock().await;
         if last.is_some_and(|last| last >= wanted) {
@@ -160,15 +278,64 @@ impl BenchCluster {
         let started = Instant::now();
         // Short per node, so a node that is down or cut off costs little.
         let each = self.timeout.min(Duration::from_millis(500));
-        for endpoint in &self.endpoints {
-            if let Ok(Some(view)) = fetch_view(endpoint, each, self.client).await {
-                let mut table = self.table.write().unwrap_or_else(|e| e.into_inner());
-                if table.refresh(view).is_ok() {
+        let mut sources: Vec<Endpoint> = {
+            let table = self.read_table();
+            self.endpoints()
+                .into_iter()
+                .filter(|e| table.members().values().any(|a| *a == e.authority))
+                .collect()
+        };
+        sources.extend(self.seeds.iter().cloned());
+        for endpoint in &sources {
+            if let Ok(Some((view, version))) = fetch_view(endpoint, each, self.client).await {
+                // An older layout's answer still merges leaders; go on to
+                // the next node for the layout itself.
+                let current = version >= self.version();
+                if self.merge(view, version) && current {
                     break;
                 }
             }
         }
         *last = Some(started);
+    }
+
+    /// Whether `answer` says the table is out of date: a newer placement
+    /// version, or a 421 naming a leader at an address that is no member's.
+    fn outdated_by(&self, answer: &Answer) -> bool {
+        if answer
+            .placement_version
+            .is_some_and(|version| version > self.version())
+        {
+            return true;
+        }
+        answer.status == NOT_LEADER_STATUS
+            && serde_json::from_slice::<NotLeader>(&answer.body)
+                .is_ok_and(|not_leader| !self.is_member(&not_leader.leader_addr))
+    }
+
+    /// A refresh in the background unless one is under way, so the
+    /// request that noticed the table is out of date does not wait for it.
+    pub fn refresh_soon(self: &Arc<Self>) {
+        if self.refreshing_soon.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let cluster = Arc::clone(self);
+        let task = tokio::spawn(async move {
+            cluster.refresh(Instant::now()).await;
+            // Pacing: asked again at most this often.
+            tokio::time::sleep(REFRESH_EVERY).await;
+            cluster.refreshing_soon.store(false, Ordering::Release);
+        });
+        *self.soon.lock().unwrap_or_else(|e| e.into_inner()) = Some(task);
+    }
+
+    /// Waits for the refresh [`BenchCluster::refresh_soon`] started, if
+    /// any, so a run's report names every member its answers showed.
+    pub async fn settle(&self) {
+        let task = self.soon.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(task) = task {
+            let _ = task.await;
+        }
     }
 
     /// Refreshes the table every second until the returned task is aborted.
@@ -185,11 +352,10 @@ impl BenchCluster {
     }
 
     /// Resolves once the table names another leader for `routing`'s shard
-    /// than `endpoints[sent_to]` (or none): after `patience`, refreshing
-    /// every [`REFRESH_EVERY`]; pending while it stays the leader.
-    async fn leader_moved(&self, routing: &Routing, sent_to: usize, patience: Duration) {
+    /// than `addr` (or none): after `patience`, refreshing every
+    /// [`REFRESH_EVERY`]; pending while it stays the leader.
+    async fn leader_moved(&self, routing: &Routing, addr: &str, patience: Duration) {
         tokio::time::sleep(patience).await;
-        let addr = &self.endpoints[sent_to].authority;
         loop {
             let asked = Instant::now();
             self.refresh(asked).await;
@@ -212,14 +378,17 @@ pub struct Routed {
 }
 
 /// Sends one operation on `shard` to its leader over the worker's
-/// connections (`conns[i]` to `cluster.endpoints[i]`), following the rules
-/// in the module docs. A read still unanswered after
-/// [`kv_cluster::READ_PATIENCE`] is abandoned (its connection dropped) and
-/// sent again once the refreshed table names another leader.
+/// connections (`conns[i]` to `cluster.endpoints()[i]`, grown as addresses
+/// are learnt), following the rules in the module docs. A read still
+/// unanswered after [`kv_cluster::READ_PATIENCE`] is abandoned (its
+/// connection dropped) and sent again once the refreshed table names
+/// another leader. `departures` is the worker's own count for
+/// [`BenchCluster::close_departed`].
 #[allow(clippy::too_many_arguments)]
 pub async fn routed(
-    cluster: &BenchCluster,
-    conns: &mut [Option<Conn>],
+    cluster: &Arc<BenchCluster>,
+    conns: &mut Vec<Option<Conn>>,
+    departures: &mut u64,
     shard: u32,
     method: Method,
     uri: &Uri,
@@ -227,19 +396,26 @@ pub async fn routed(
     timeout: Duration,
     client: ClientKind,
 ) -> Routed {
+    cluster.close_departed(conns, departures);
     let read = matches!(method, Method::GET | Method::HEAD);
     let mut routing = Routing::new(shard, read, cluster.leader_wait);
     let mut last_node = 0;
     let mut redirects = 0;
     loop {
-        let target = cluster.leader_index(shard);
+        let target = cluster
+            .leader_index(shard)
+            .and_then(|node| cluster.endpoint(node).map(|endpoint| (node, endpoint)));
         let mut abandoned = false;
-        let result = match target {
-            Some(node) => {
+        let result = match &target {
+            Some((node, endpoint)) => {
+                let node = *node;
                 last_node = node;
+                if conns.len() <= node {
+                    conns.resize_with(node + 1, || None);
+                }
                 let exchange = crate::worker::exchange(
                     &mut conns[node],
-                    &cluster.endpoints[node],
+                    endpoint,
                     client,
                     method.clone(),
                     uri,
@@ -250,7 +426,7 @@ pub async fn routed(
                     Some(patience) => {
                         tokio::select! {
                             result = exchange => result,
-                            () = cluster.leader_moved(&routing, node, patience) => {
+                            () = cluster.leader_moved(&routing, &endpoint.authority, patience) => {
                                 abandoned = true;
                                 Err(Failure::new(
                                     ErrorKind::Timeout,
@@ -267,6 +443,11 @@ pub async fn routed(
                 format!("shard {shard}: no leader known"),
             )),
         };
+        if let Ok(answer) = &result {
+            if cluster.outdated_by(answer) {
+                cluster.refresh_soon();
+            }
+        }
         if abandoned {
             // Dropped mid-exchange: the connection's state is unknown.
             conns[last_node] = None;
@@ -314,6 +495,7 @@ pub async fn routed(
             Next::Deliver | Next::NoLeader | Next::TooManyHops | Next::Unknown => {
                 let result = match result {
                     Err(failure) if target.is_none() => Ok(Answer {
+                        placement_version: None,
                         status: 503,
                         body: Bytes::from(format!(
                             "{{\"error\":\"shard {shard} has no leader (waited {:?}): {}\"}}",
@@ -322,6 +504,7 @@ pub async fn routed(
                         )),
                     }),
                     Ok(answer) if answer.status == NOT_LEADER_STATUS => Ok(Answer {
+                        placement_version: answer.placement_version,
                         status: 503,
                         body: Bytes::from(format!(
                             "{{\"error\":\"shard {shard}: the leader moved {} times during the request\"}}",

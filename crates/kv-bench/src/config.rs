@@ -48,7 +48,9 @@ pub struct Config {
     pub host: String,
 
     /// Explicit node URLs, comma-separated (instead of --host/--base-port);
-    /// --nodes defaults to their count.
+    /// --nodes defaults to their count. Against a replicated cluster these
+    /// are seeds: the members are learnt from GET /-/shards (one member's
+    /// URL is enough) and followed as they join or leave.
     #[arg(long, env = "KV_BENCH_URLS", value_delimiter = ',', conflicts_with_all = ["proxy", "spawn"])]
     pub urls: Vec<String>,
 

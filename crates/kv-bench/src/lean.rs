@@ -157,6 +157,7 @@ async fn exchange(
             return Ok(Answer {
                 status: head.status,
                 body,
+                placement_version: head.placement_version,
             });
         }
         if read.capacity() - read.len() < 1024 {
@@ -182,6 +183,8 @@ struct Head {
     content_length: usize,
     /// `Connection: close`: the server ends the connection after this answer.
     close: bool,
+    /// `X-Kv-Placement-Version`, from a cluster node.
+    placement_version: Option<u64>,
 }
 
 /// Parses a response head at the start of `buffer`: `Ok(None)` if more bytes
@@ -202,6 +205,7 @@ fn parse_head(buffer: &mut BytesMut) -> Result<Option<Head>, String> {
         }
         let mut content_length = None;
         let mut close = response.version == Some(0);
+        let mut placement_version = None;
         for header in response.headers.iter() {
             if header.name.eq_ignore_ascii_case("content-length") {
                 let value = std::str::from_utf8(header.value)
@@ -216,6 +220,11 @@ fn parse_head(buffer: &mut BytesMut) -> Result<Option<Head>, String> {
                 );
             } else if header.name.eq_ignore_ascii_case("connection") {
                 close = header.value.eq_ignore_ascii_case(b"close");
+            } else if header
+                .name
+                .eq_ignore_ascii_case(kv_cluster::PLACEMENT_VERSION_HEADER)
+            {
+                placement_version = crate::client::parse_version(header.value);
             }
         }
         let content_length = match (content_length, status) {
@@ -228,6 +237,7 @@ fn parse_head(buffer: &mut BytesMut) -> Result<Option<Head>, String> {
             length,
             content_length,
             close,
+            placement_version,
         }));
     }
 }

@@ -175,10 +175,16 @@ pub fn run(config: Config) -> Result<Outcome, BenchError> {
             .map_err(BenchError::Unreachable)?;
         match found {
             Some(table) => {
-                let cluster =
-                    cluster::BenchCluster::new(table, plan.leader_wait, plan.timeout, plan.client)
-                        .map_err(BenchError::Config)?;
-                endpoints = cluster.endpoints.clone();
+                // `--nodes` were seeds: the run goes over the members.
+                let cluster = cluster::BenchCluster::new(
+                    table,
+                    &endpoints,
+                    plan.leader_wait,
+                    plan.timeout,
+                    plan.client,
+                )
+                .map_err(BenchError::Config)?;
+                endpoints = cluster.endpoints();
                 target = "cluster";
                 Some(Arc::new(cluster))
             }
@@ -318,6 +324,8 @@ async fn run_once(
     let refresher = cluster
         .as_ref()
         .map(cluster::BenchCluster::refresh_in_background);
+    // Cluster mode learns members during the run: the report names them all.
+    let learnt = cluster.clone();
     let ring = if target == "nodes" {
         let ring = Ring::new(
             endpoints.iter().map(|e| e.authority.clone()),
@@ -413,6 +421,13 @@ async fn run_once(
             failure.detail
         )));
     }
+    let urls = match learnt {
+        Some(cluster) => {
+            cluster.settle().await;
+            cluster.endpoints().iter().map(|e| e.url.clone()).collect()
+        }
+        None => urls,
+    };
     Ok(report::build(
         plan,
         target,

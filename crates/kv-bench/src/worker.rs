@@ -178,6 +178,9 @@ pub struct MixWorker {
     history: Option<Recorder>,
     /// 421s followed in cluster mode (see [`WorkerStats::redirects`]).
     redirects: u64,
+    /// Cluster mode: members' departures dealt with (see
+    /// [`BenchCluster::close_departed`]).
+    departures: u64,
 }
 
 impl MixWorker {
@@ -214,6 +217,7 @@ impl MixWorker {
             expected: ValueTemplate::new(plan.value_size),
             next_seq: (id as u64) << 40,
             redirects: 0,
+            departures: 0,
             shared,
         }
     }
@@ -257,11 +261,12 @@ impl MixWorker {
         } else {
             0
         };
-        let (answer, node) = match self.shared.cluster.as_deref() {
+        let (answer, node) = match self.shared.cluster.as_ref() {
             Some(cluster) => {
                 let routed = cluster::routed(
                     cluster,
                     &mut self.conns,
+                    &mut self.departures,
                     key.node,
                     method,
                     &key.path,
@@ -293,7 +298,7 @@ impl MixWorker {
         }
         let key = &mut self.keys[local];
         let verdict = match answer {
-            Ok(Answer { status, body }) => {
+            Ok(Answer { status, body, .. }) => {
                 let value = match (kind, key.state) {
                     (OpKind::Get, State::Present(seq)) => self.expected.value(seq),
                     _ => &[],
@@ -400,7 +405,7 @@ impl MixWorker {
                     let _ = corrected.record(micros(finished - due_at));
                 }
                 stats.ops[kind as usize] += 1;
-                stats.node_requests[node] += 1;
+                count_node(&mut stats.node_requests, node);
                 stats.finished = Some(finished);
                 remaining -= 1;
             }
@@ -505,6 +510,15 @@ async fn connect_members(conns: &mut [Option<Conn>], endpoints: &[Endpoint], pla
     }
 }
 
+/// One more request answered by `node`; cluster mode learns nodes during a
+/// run, so the counts grow with them.
+fn count_node(counts: &mut Vec<u64>, node: usize) {
+    if counts.len() <= node {
+        counts.resize(node + 1, 0);
+    }
+    counts[node] += 1;
+}
+
 async fn wait_start(mut start: watch::Receiver<Option<Instant>>) -> Option<Instant> {
     start.wait_for(Option::is_some).await.ok().and_then(|s| *s)
 }
@@ -525,6 +539,9 @@ pub struct SeedWorker {
     history: Option<Recorder>,
     /// 421s followed in cluster mode (see [`WorkerStats::redirects`]).
     redirects: u64,
+    /// Cluster mode: members' departures dealt with (see
+    /// [`BenchCluster::close_departed`]).
+    departures: u64,
 }
 
 impl SeedWorker {
@@ -541,6 +558,7 @@ impl SeedWorker {
             leftovers: Vec::new(),
             history,
             redirects: 0,
+            departures: 0,
         }
     }
 
@@ -567,11 +585,12 @@ impl SeedWorker {
             0
         };
         let path = path_of(&name);
-        let (answer, node) = match self.shared.cluster.as_deref() {
+        let (answer, node) = match self.shared.cluster.as_ref() {
             Some(cluster) => {
                 let routed = cluster::routed(
                     cluster,
                     &mut self.conns,
+                    &mut self.departures,
                     cluster.shard_of(name.as_bytes()),
                     method,
                     &path,
@@ -684,7 +703,7 @@ impl SeedWorker {
                     let finished = Instant::now();
                     let _ = stats.latency.record(micros(finished - sent));
                     stats.ops[op.kind as usize] += 1;
-                    stats.node_requests[node] += 1;
+                    count_node(&mut stats.node_requests, node);
                     stats.finished = Some(finished);
                     done += 1;
                     if let Err(failure) = verdict {

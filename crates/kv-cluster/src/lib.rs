@@ -81,9 +81,9 @@ pub use spec::{
     DEFAULT_SHARDS,
 };
 pub use table::{
-    GroupView, Leader, NotLeader, ShardTable, ShardsView, TableError, CLUSTER_ID_HEADER,
-    LEADER_HEADER, LEADER_ID_HEADER, NODE_ID_HEADER, NOT_LEADER_ERROR, NOT_LEADER_STATUS,
-    ROUTE_DIRECT, ROUTE_HEADER,
+    placement_version, GroupView, Leader, NotLeader, ShardTable, ShardsView, TableError,
+    TableGroup, TableView, CLUSTER_ID_HEADER, LEADER_HEADER, LEADER_ID_HEADER, NODE_ID_HEADER,
+    NOT_LEADER_ERROR, NOT_LEADER_STATUS, ROUTE_DIRECT, ROUTE_HEADER,
 };
 pub use view::{
     shards_body, ClusterView, LocalProgress, MemberView, MetaRole, MoveCounts, MoveProgress,

@@ -17,6 +17,18 @@
 //! a newer one. A view that knows only a newer term, without a leader (an
 //! election in progress), clears the leader, so the client waits for one
 //! instead of hammering the deposed node.
+//!
+//! **Placement versions order the layout** (issue 13, `docs/membership.md`
+//! §6). Members and replica sets change when nodes join or leave; every
+//! change bumps the cluster's placement version, which a node shows in
+//! `/-/shards` ([`crate::PlacementFields`]) and in the
+//! [`crate::PLACEMENT_VERSION_HEADER`] of every answer. The table keeps the
+//! version of the layout it holds and takes members and replicas only from
+//! an answer of that version or newer ([`ShardTable::refresh_at`]): a node
+//! that has not applied the last change yet can never take a member back.
+//! Leaders are still merged by term from any answer, since terms order
+//! leaders whatever the layout, but only for members of the newest layout.
+//! A node that predates issue 13 shows no version: version 0.
 
 use std::collections::BTreeMap;
 
@@ -192,6 +204,8 @@ struct Entry {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ShardTable {
     shards: u32,
+    /// The placement version of the members and replicas held.
+    version: u64,
     members: BTreeMap<u64, String>,
     entries: Vec<Entry>,
 }
@@ -244,14 +258,60 @@ impl ShardsView {
     }
 }
 
+/// The placement version a `/-/shards` body shows: its `version` field
+/// ([`crate::PlacementFields`]), 0 when absent (a node that predates issue
+/// 13, or one whose metadata group has not bootstrapped yet).
+pub fn placement_version(body: &[u8]) -> u64 {
+    crate::view::PlacementFields::parse(body)
+        .ok()
+        .and_then(|fields| fields.version)
+        .unwrap_or(0)
+}
+
+/// What a client shows of its [`ShardTable`] (kv-proxy's `GET
+/// /-/proxy/shards`), so two clients' tables can be compared.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TableView {
+    /// The placement version of the members and replicas.
+    pub version: u64,
+    /// Number of shards.
+    pub shards: u32,
+    /// Member id → address (JSON object keys are the ids as strings).
+    pub members: BTreeMap<u64, String>,
+    /// One entry per shard, in shard order.
+    pub groups: Vec<TableGroup>,
+}
+
+/// One shard in a [`TableView`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TableGroup {
+    /// Shard number.
+    pub shard: u32,
+    /// The leader's member id, if known.
+    pub leader: Option<u64>,
+    /// Where requests for it go, if known.
+    pub leader_addr: Option<String>,
+    /// The newest term known.
+    pub term: Option<u64>,
+    /// Member ids holding it, in placement order.
+    pub replicas: Vec<u64>,
+}
+
 impl ShardTable {
-    /// Parses a `GET /-/shards` body into a table.
+    /// Parses a `GET /-/shards` body into a table, with the placement
+    /// version the body shows.
     pub fn parse(body: &[u8]) -> Result<Self, TableError> {
-        Self::from_view(ShardsView::parse(body)?)
+        Self::from_view_at(ShardsView::parse(body)?, placement_version(body))
     }
 
-    /// A table from a view (checked again: it may not come from `parse`).
+    /// A table from a view of version 0 (checked again: it may not come
+    /// from `parse`).
     pub fn from_view(view: ShardsView) -> Result<Self, TableError> {
+        Self::from_view_at(view, 0)
+    }
+
+    /// A table from a view of placement version `version`.
+    pub fn from_view_at(view: ShardsView, version: u64) -> Result<Self, TableError> {
         view.check()?;
         let entries = view
             .groups
@@ -269,15 +329,25 @@ impl ShardTable {
             .collect();
         Ok(Self {
             shards: view.shards,
+            version,
             members: view.members,
             entries,
         })
     }
 
-    /// Merges a newer answer from any node: members and replicas are taken
-    /// as given, leaders only by the term rules. Returns how many shards'
-    /// leader or term changed.
+    /// [`ShardTable::refresh_at`] for an answer of version 0.
     pub fn refresh(&mut self, view: ShardsView) -> Result<usize, TableError> {
+        self.refresh_at(view, 0)
+    }
+
+    /// Merges an answer of placement version `version` from any node.
+    /// Members and replicas are taken as given from an answer of the
+    /// table's version or newer, never from an older one; a leader that is
+    /// no longer a member is forgotten, one whose address changed is
+    /// readdressed. Leaders are merged by the term rules, for members of the
+    /// table's (newest) layout only. Returns how many shards' leader or term
+    /// changed.
+    pub fn refresh_at(&mut self, view: ShardsView, version: u64) -> Result<usize, TableError> {
         view.check()?;
         if view.shards != self.shards {
             return Err(TableError::ShardCountChanged {
@@ -285,13 +355,19 @@ impl ShardTable {
                 got: view.shards,
             });
         }
-        self.members = view.members;
-        let mut changed = 0;
+        let mut changed = vec![false; self.entries.len()];
+        if version >= self.version {
+            self.version = version;
+            self.members = view.members;
+            for (shard, group) in view.groups.iter().enumerate() {
+                if let Some(entry) = self.entries.get_mut(shard) {
+                    entry.replicas.clone_from(&group.replicas);
+                }
+            }
+            self.forget_departed(&mut changed);
+        }
         for group in view.groups {
             let shard = group.shard;
-            if let Some(entry) = self.entries.get_mut(shard as usize) {
-                entry.replicas = group.replicas;
-            }
             let learned = match (group.leader, group.term) {
                 (Some(id), Some(term)) => match self.members.get(&id).cloned() {
                     Some(addr) => self.update_leader(shard, id, addr, term),
@@ -301,9 +377,28 @@ impl ShardTable {
                 // A leader without a term cannot be ordered; ignore it.
                 (_, None) => false,
             };
-            changed += usize::from(learned);
+            if let Some(slot) = changed.get_mut(shard as usize) {
+                *slot |= learned;
+            }
         }
-        Ok(changed)
+        Ok(changed.iter().filter(|&&c| c).count())
+    }
+
+    /// Forgets leaders that are no longer members and readdresses those
+    /// whose member address changed, keeping their terms; marks the shards
+    /// it changed in `changed`.
+    fn forget_departed(&mut self, changed: &mut [bool]) {
+        for (entry, changed) in self.entries.iter_mut().zip(changed) {
+            let Some(leader) = &mut entry.leader else {
+                continue;
+            };
+            match self.members.get(&leader.id) {
+                Some(addr) if *addr == leader.addr => continue,
+                Some(addr) => leader.addr.clone_from(addr),
+                None => entry.leader = None,
+            }
+            *changed = true;
+        }
     }
 
     /// Takes `id` at `addr` as the leader of `shard` if `term` is newer than
@@ -371,6 +466,42 @@ impl ShardTable {
     /// Number of shards.
     pub fn shards(&self) -> u32 {
         self.shards
+    }
+
+    /// The placement version of the members and replicas held (0: the
+    /// nodes show none).
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    /// The table as [`TableView`] shows it.
+    pub fn view(&self) -> TableView {
+        TableView {
+            version: self.version,
+            shards: self.shards,
+            members: self.members.clone(),
+            groups: self
+                .entries
+                .iter()
+                .enumerate()
+                .map(|(shard, entry)| TableGroup {
+                    shard: shard as u32,
+                    leader: entry.leader.as_ref().map(|leader| leader.id),
+                    leader_addr: entry.leader.as_ref().map(|leader| leader.addr.clone()),
+                    term: entry.term,
+                    replicas: entry.replicas.clone(),
+                })
+                .collect(),
+        }
+    }
+
+    /// Whether `addr` is a member's address, or a known leader's.
+    pub fn knows_addr(&self, addr: &str) -> bool {
+        self.members.values().any(|known| known == addr)
+            || self
+                .entries
+                .iter()
+                .any(|entry| entry.leader.as_ref().is_some_and(|l| l.addr == addr))
     }
 
     /// The shard of `key` in this cluster.
@@ -656,6 +787,82 @@ mod tests {
                 TableError::Json(_)
             ));
         }
+    }
+
+    /// Issue 13: members and replicas follow the newest placement version;
+    /// an older answer only ever adds leaders (by term) among them.
+    #[test]
+    fn refresh_keeps_the_newest_versions_members() {
+        let old = ShardsView::parse(VIEW.as_bytes()).unwrap();
+        let mut table = ShardTable::from_view_at(old.clone(), 1).unwrap();
+        assert_eq!(table.version(), 1);
+        // Version 2: node 4 joined and leads shard 1 (a newer term); node 1
+        // left, so its leadership of shard 3 is forgotten; node 2 moved.
+        let mut new = old.clone();
+        new.members.remove(&1);
+        new.members.insert(2, "127.0.0.1:9082".into());
+        new.members.insert(4, "127.0.0.1:8084".into());
+        for group in &mut new.groups {
+            group.replicas = vec![2, 3, 4];
+            group.preferred_leader = 2;
+            if group.leader == Some(1) {
+                group.leader = None;
+            }
+        }
+        new.groups[1].leader = Some(4);
+        new.groups[1].term = Some(3);
+        assert_eq!(table.refresh_at(new.clone(), 2).unwrap(), 3);
+        assert_eq!(table.version(), 2);
+        assert_eq!(table.members().len(), 3);
+        assert_eq!(table.replicas(0), &[2, 3, 4]);
+        assert_eq!(table.leader(1).unwrap().addr, "127.0.0.1:8084");
+        assert_eq!(table.leader(0).unwrap().addr, "127.0.0.1:9082", "moved");
+        assert_eq!(table.leader(3), None, "node 1 left");
+        assert_eq!(table.term(3), Some(1), "the term is kept");
+        assert!(table.knows_addr("127.0.0.1:8084"));
+        assert!(!table.knows_addr("127.0.0.1:8081"));
+
+        // A node still at version 1 answers: nothing of its layout is
+        // taken back, and its leader for shard 3 (node 1) is not a member.
+        let mut lagging = old.clone();
+        lagging.groups[3].term = Some(2);
+        assert_eq!(table.refresh_at(lagging.clone(), 1).unwrap(), 0);
+        assert_eq!(table.version(), 2);
+        assert!(!table.members().contains_key(&1));
+        assert_eq!(table.replicas(0), &[2, 3, 4]);
+        assert_eq!(table.leader(1).unwrap().id, 4);
+        assert_eq!(table.leader(3), None);
+        // But a newer term among current members is learned from it too.
+        lagging.groups[2].leader = Some(3);
+        lagging.groups[2].term = Some(8);
+        assert_eq!(table.refresh_at(lagging.clone(), 1).unwrap(), 1);
+        assert_eq!(table.leader(2).unwrap().addr, "127.0.0.1:8083");
+        // Version 0 (no version shown) is older than any version too.
+        assert_eq!(table.refresh(old).unwrap(), 0);
+        assert_eq!(table.version(), 2);
+
+        let shown = table.view();
+        assert_eq!(shown.version, 2);
+        assert_eq!(shown.groups[1].leader, Some(4));
+        assert_eq!(
+            shown.groups[1].leader_addr.as_deref(),
+            Some("127.0.0.1:8084")
+        );
+        assert_eq!(shown.groups[3].leader, None);
+        let json = serde_json::to_string(&shown).unwrap();
+        assert_eq!(serde_json::from_str::<TableView>(&json).unwrap(), shown);
+    }
+
+    #[test]
+    fn the_version_is_read_from_the_body() {
+        assert_eq!(placement_version(VIEW.as_bytes()), 0);
+        assert_eq!(ShardTable::parse(VIEW.as_bytes()).unwrap().version(), 0);
+        let mut object: serde_json::Value = serde_json::from_str(VIEW).unwrap();
+        object["version"] = 7.into();
+        let body = serde_json::to_vec(&object).unwrap();
+        assert_eq!(placement_version(&body), 7);
+        assert_eq!(ShardTable::parse(&body).unwrap().version(), 7);
+        assert_eq!(placement_version(b"not json"), 0);
     }
 
     /// Every prefix of a valid answer (a connection cut mid-body) is refused,

@@ -8,6 +8,11 @@
 //! | `OPTIONS *`, `OPTIONS /-/...` | 204 with `Allow` (`OPTIONS /<key>` is forwarded) |
 //! | `GET /-/ring`         | nodes, their health, vnodes, each node's share          |
 //! | `GET /-/owner/<key>`  | `{"key": ..., "owner": ..., "up": ...}`                 |
+//! | `GET /-/proxy/shards` | cluster mode: the shard table ([`kv_cluster::TableView`]: placement version, members, each shard's leader); 404 in ring mode |
+//!
+//! In cluster mode the nodes of `/-/health`, `/-/ready`, `/-/ring` and
+//! `/-/metrics` are the cluster's members as the proxy knows them now
+//! (they change as members join and leave), not `--nodes`.
 //!
 //! The key is decoded with kv-http's [`key::parse`], as kv-node does, and the
 //! ring hashes the decoded bytes, as kv-bench does, so `/caf%C3%A9` and
@@ -54,9 +59,40 @@ pub struct Proxy {
     /// Requests by operation and status, and latency; shared by the workers.
     pub metrics: Arc<Metrics>,
     /// The routing mode ([`crate::cluster`]): in cluster mode keys go to
-    /// their shard's leader among `nodes` instead of their ring owner. Ring
-    /// mode may turn into cluster mode while the proxy runs, never back.
+    /// their shard's leader among the cluster's members instead of their
+    /// ring owner among `nodes`. Ring mode may turn into cluster mode while
+    /// the proxy runs, never back.
     pub cluster: ClusterWorker,
+}
+
+impl Proxy {
+    /// The nodes requests go to: the cluster's members (and leaders) in
+    /// cluster mode, `--nodes` in ring mode.
+    pub fn current_nodes(&self) -> Vec<Node> {
+        match self.cluster.get() {
+            Some(cluster) => cluster.nodes().iter().map(|n| Node::clone(n)).collect(),
+            None => self.nodes.to_vec(),
+        }
+    }
+
+    /// Closes idle pooled connections, and the pools of nodes no longer
+    /// routed to; each worker runs it every second.
+    pub fn evict_idle(&self) {
+        for pool in self.pools.iter() {
+            pool.evict_idle();
+        }
+        self.cluster.evict();
+    }
+}
+
+/// Runs [`Proxy::evict_idle`] every second, forever.
+pub async fn evict_idle_forever(proxy: Arc<Proxy>) {
+    let mut ticks = tokio::time::interval(Duration::from_secs(1));
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        proxy.evict_idle();
+    }
 }
 
 /// The service function: every request gets an answer, errors included.
@@ -188,11 +224,20 @@ fn admin_route(
         );
         return Ok(response);
     }
+    if path == "proxy/shards" {
+        let Some(cluster) = proxy.cluster.get() else {
+            return Err(ProxyError::NotClustered);
+        };
+        let mut bytes = serde_json::to_vec(&cluster.table_view()).unwrap_or_default();
+        bytes.push(b'\n');
+        return Ok(json_response(StatusCode::OK, Bytes::from(bytes)));
+    }
+    let nodes = proxy.current_nodes();
     let body = match path {
         // Ready while any node is up: the keys of the nodes that are up
         // are answered. With every node down, nothing is, so a load
         // balancer should look elsewhere (the node's /-/ready shape).
-        "ready" if proxy.nodes.iter().all(|n| !n.health.is_up()) => {
+        "ready" if nodes.iter().all(|n| !n.health.is_up()) => {
             let body = serde_json::json!({ "ready": false, "error": "no node is up" });
             let mut bytes = body.to_string().into_bytes();
             bytes.push(b'\n');
@@ -203,8 +248,7 @@ fn admin_route(
         }
         "ready" => serde_json::json!({ "ready": true }),
         "health" => {
-            let down: Vec<&str> = proxy
-                .nodes
+            let down: Vec<&str> = nodes
                 .iter()
                 .filter(|n| !n.health.is_up())
                 .map(|n| n.name.as_str())
@@ -216,8 +260,8 @@ fn admin_route(
                 "status": if down.is_empty() { "ok" } else { "degraded" },
                 "role": "proxy",
                 "mode": if proxy.cluster.get().is_some() { "cluster" } else { "ring" },
-                "nodes": proxy.nodes.len(),
-                "nodes_up": proxy.nodes.len() - down.len(),
+                "nodes": nodes.len(),
+                "nodes_up": nodes.len() - down.len(),
                 "nodes_down": down,
                 "uptime_seconds": proxy.started.elapsed().as_secs(),
                 "version": env!("CARGO_PKG_VERSION"),
@@ -230,10 +274,18 @@ fn admin_route(
                     health["status"] = "degraded".into();
                 }
                 health["shards"] = cluster.shards().into();
+                health["placement_version"] = cluster.version().into();
                 health["shards_without_leader"] = leaderless.into();
             }
             health
         }
+        // Cluster mode routes by the shard table: no ring shares.
+        "ring" if proxy.cluster.get().is_some() => serde_json::json!({
+            "mode": "cluster",
+            "nodes": nodes.iter().map(|node| {
+                serde_json::json!({ "node": node.name, "up": node.health.is_up() })
+            }).collect::<Vec<_>>(),
+        }),
         "ring" => serde_json::json!({
             "vnodes": proxy.ring.vnodes(),
             "nodes": proxy.nodes.iter().zip(&proxy.shares).map(|(node, share)| {
@@ -251,12 +303,9 @@ fn admin_route(
                     return Err(ApiError::UnknownAdminPath.into());
                 };
                 let (shard, leader) = cluster.leader_of(key.as_bytes());
-                let up = leader.as_deref().is_some_and(|addr| {
-                    proxy
-                        .nodes
-                        .iter()
-                        .any(|n| n.name == addr && n.health.is_up())
-                });
+                let up = leader
+                    .as_deref()
+                    .is_some_and(|addr| nodes.iter().any(|n| n.name == addr && n.health.is_up()));
                 serde_json::json!({
                     "key": key,
                     "shard": shard,
@@ -294,13 +343,13 @@ fn allow(methods: &'static str) -> Response<Full<Bytes>> {
 /// The proxy's metrics in the Prometheus text format.
 fn render_metrics(proxy: &Proxy) -> String {
     let mut scrape = Scrape::new(&proxy.metrics);
+    let nodes = proxy.current_nodes();
     let node = |node: &upstream::Node| vec![("node", node.name.clone())];
     scrape.family(
         "kv_proxy_node_up",
         "Whether health checks consider the node up.",
         false,
-        proxy
-            .nodes
+        nodes
             .iter()
             .map(|n| (node(n), u64::from(n.health.is_up())))
             .collect(),
@@ -309,14 +358,13 @@ fn render_metrics(proxy: &Proxy) -> String {
         "kv_proxy_forwarded_total",
         "Requests a node answered (any status).",
         true,
-        proxy
-            .nodes
+        nodes
             .iter()
             .map(|n| (node(n), n.stats.count(Outcome::Forwarded)))
             .collect(),
     );
     let mut errors = Vec::new();
-    for n in proxy.nodes.iter() {
+    for n in &nodes {
         for (kind, outcome) in [
             ("down", Outcome::Down),
             ("connect", Outcome::Connect),
@@ -376,6 +424,12 @@ fn render_metrics(proxy: &Proxy) -> String {
             "Refreshes of the shard table from GET /-/shards.",
             true,
             count(&stats.refreshes),
+        );
+        scrape.family(
+            "kv_proxy_placement_version",
+            "The placement version of the shard table's members and replicas.",
+            false,
+            vec![(Vec::new(), cluster.version())],
         );
         scrape.family(
             "kv_proxy_shards_without_leader",

@@ -13,13 +13,28 @@
 //! node), and at once when a node's answer is one only a cluster node gives
 //! (a 421, an `X-Kv-Leader-Id` header: [`Mode::hint`]), so a proxy started
 //! long before its nodes does not route by the ring forever. Once a node
-//! shows a cluster whose members are all among `--nodes`, the proxy
-//! switches to cluster mode for good and logs it once at info. Members at
-//! other addresses (`localhost` in `--peers`, `127.0.0.1` in `--nodes`)
-//! cannot be routed to without a pool and health checker each, so that is
-//! a warning and the proxy stays in ring mode (which still works: the nodes
-//! forward to their leaders). Standalone nodes answer 404 and nothing
-//! changes for them.
+//! shows a cluster, the proxy switches to cluster mode for good and logs it
+//! once at info. Standalone nodes answer 404 and nothing changes for them.
+//!
+//! **`--nodes` are seeds** in cluster mode (issue 13, `docs/membership.md`
+//! §6): the members and their addresses are the ones the nodes' `/-/shards`
+//! name, so a proxy given one node's address finds the whole cluster, and
+//! every proxy follows members that join or leave without a restart. Each
+//! member address has a health checker (on the proxy's main runtime) and,
+//! in each worker, a connection pool, both created when the address is
+//! first learnt (a refresh, or a 421 naming a leader at an address not
+//! known yet) and dropped once it is neither a member nor a shard's leader
+//! in the table ([`Cluster::sync_nodes`], the workers' once-a-second
+//! [`ClusterWorker::evict`]). Refreshes ask the members, and the seeds
+//! that are not members as a fallback.
+//!
+//! **Placement versions.** The table holds the placement version of its
+//! layout and takes members and replicas only from an answer of that
+//! version or newer ([`ShardTable::refresh_at`]). It is refreshed when an
+//! answer carries an `X-Kv-Placement-Version` newer than its own, when a
+//! 421 names a leader at an address that is not a member's, and every
+//! second; the first two in the background ([`Cluster::refresh_soon`]),
+//! so the request that noticed does not wait for it.
 //!
 //! **Routing.** A key's request goes to its shard's leader with
 //! `X-Kv-Route: direct`, so a node that is not the leader answers 421
@@ -51,12 +66,9 @@
 //! A HEAD's 421 has no body to name the leader: it is treated as "no
 //! leader named", so the request waits for one refresh of the table.
 //!
-//! Members are the ones of the first `/-/shards` answer: each has a pool
-//! per worker and a health checker, as ring-mode nodes do. A leader at an
-//! address that is not a member (membership changes, issue 13) is not
-//! routed to until the proxy restarts.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -68,38 +80,77 @@ use hyper::http::request::Parts;
 use hyper::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper_util::rt::TokioIo;
 use kv_cluster::{
-    wants_stale, Attempt, Next, Routing, ShardTable, ShardsView, BACKGROUND_REFRESH,
-    CONSISTENCY_HEADER, REFRESH_EVERY, ROUTE_DIRECT, ROUTE_HEADER,
+    placement_version, wants_stale, Attempt, Next, NotLeader, Routing, ShardTable, ShardsView,
+    TableView, CONSISTENCY_HEADER, PLACEMENT_VERSION_HEADER, REFRESH_EVERY, ROUTE_DIRECT,
+    ROUTE_HEADER,
 };
 use kv_http::request::discard;
 use kv_http::ApiError;
-use parking_lot::RwLock;
+use parking_lot::{Mutex, RwLock};
 use tokio::net::TcpStream;
+use tokio::task::JoinHandle;
 
 use crate::api::{Body, Proxy};
 use crate::error::ProxyError;
-use crate::pool::PooledBody;
+use crate::health;
+use crate::pool::{NodePool, PoolSettings, PooledBody};
 use crate::request_body::UpstreamBody;
 use crate::upstream::{self, Node};
 
 /// Largest 421 body read to learn the leader (they are ~100 bytes).
 const MAX_NOT_LEADER_BODY: usize = 64 * 1024;
 
+/// How the cluster mode's fetches and health checks are bounded.
+#[derive(Debug, Clone, Copy)]
+pub struct ClusterSettings {
+    /// `--leader-wait`.
+    pub leader_wait: Duration,
+    /// Bound on one `/-/shards` fetch.
+    pub fetch_timeout: Duration,
+    /// `--health-interval` of each member's checker.
+    pub health_interval: Duration,
+    /// `--health-timeout` of one check.
+    pub health_timeout: Duration,
+    /// How often the table is refreshed in the background
+    /// ([`kv_cluster::BACKGROUND_REFRESH`] unless a test says otherwise).
+    pub refresh_every: Duration,
+}
+
 /// What the workers share in cluster mode.
 pub struct Cluster {
     shards: u32,
     table: RwLock<ShardTable>,
-    /// Where refreshes ask: the members, then any `--nodes` entry that is
-    /// not one (deduplicated).
-    sources: Vec<String>,
+    /// `--nodes`: asked at start, and by refreshes when they are not
+    /// members (a fallback when no member answers).
+    seeds: Vec<String>,
+    /// Address → the node there, for every member and every leader the
+    /// table names ([`Cluster::sync_nodes`]).
+    nodes: RwLock<HashMap<String, Member>>,
+    /// Where health checkers run: the runtime that built the cluster (the
+    /// proxy's main one), not the worker that happens to learn an address.
+    runtime: Option<tokio::runtime::Handle>,
     /// When the last completed refresh started. Held across a refresh, so
     /// requests waiting at once share one.
     refreshed: tokio::sync::Mutex<Option<Instant>>,
-    /// `--leader-wait`.
+    /// A background refresh ([`Cluster::refresh_soon`]) is under way.
+    refreshing_soon: AtomicBool,
     pub leader_wait: Duration,
-    /// Bound on one `/-/shards` fetch.
-    fetch_timeout: Duration,
+    settings: ClusterSettings,
     pub stats: ClusterStats,
+}
+
+/// A member's node and its health checker, stopped when it is dropped.
+struct Member {
+    node: Arc<Node>,
+    checker: Option<JoinHandle<()>>,
+}
+
+impl Drop for Member {
+    fn drop(&mut self) {
+        if let Some(checker) = self.checker.take() {
+            checker.abort();
+        }
+    }
 }
 
 /// Counters for `/-/metrics`.
@@ -153,24 +204,32 @@ impl Mode {
 }
 
 /// Whether a node's answer in ring mode is one only a cluster member gives:
-/// a 421 (not the leader), or a header of the replicated path.
+/// a 421 (not the leader), a header of the replicated path, or the
+/// placement version every answer of a cluster node carries (issue 13).
 pub fn looks_clustered(status: StatusCode, headers: &hyper::HeaderMap) -> bool {
     status == StatusCode::MISDIRECTED_REQUEST
         || headers.contains_key(kv_cluster::LEADER_ID_HEADER)
         || headers.contains_key(kv_cluster::LEADER_HEADER)
+        || headers.contains_key(PLACEMENT_VERSION_HEADER)
 }
 
 /// One worker's view of the mode: the shared cluster (once there is one),
-/// and its own turn for spreading stale reads over replicas.
+/// its own connection pools to the cluster's nodes, and its own turn for
+/// spreading stale reads over replicas.
 pub struct ClusterWorker {
     pub mode: Arc<Mode>,
+    /// Address → this worker's pool, created on first use.
+    pools: Mutex<HashMap<String, Arc<NodePool>>>,
+    pool_settings: PoolSettings,
     stale_turn: AtomicUsize,
 }
 
 impl ClusterWorker {
-    pub fn new(mode: Arc<Mode>) -> Self {
+    pub fn new(mode: Arc<Mode>, pool_settings: PoolSettings) -> Self {
         Self {
             mode,
+            pools: Mutex::new(HashMap::new()),
+            pool_settings,
             stale_turn: AtomicUsize::new(0),
         }
     }
@@ -180,22 +239,43 @@ impl ClusterWorker {
     pub fn get(&self) -> Option<&Arc<Cluster>> {
         self.mode.get()
     }
+
+    /// This worker's pool for `addr`, made on first use.
+    fn pool(&self, addr: &str) -> Arc<NodePool> {
+        let mut pools = self.pools.lock();
+        if let Some(pool) = pools.get(addr) {
+            return Arc::clone(pool);
+        }
+        let pool = Arc::new(NodePool::new(addr, self.pool_settings));
+        pools.insert(addr.to_owned(), Arc::clone(&pool));
+        pool
+    }
+
+    /// Closes idle connections, and drops the pools of addresses the
+    /// cluster no longer routes to (their connections close).
+    pub fn evict(&self) {
+        let Some(cluster) = self.get() else {
+            return;
+        };
+        let mut pools = self.pools.lock();
+        pools.retain(|addr, _| cluster.has_node(addr));
+        for pool in pools.values() {
+            pool.evict_idle();
+        }
+    }
 }
 
-/// Ring mode's background task: asks `names` (the `--nodes`, which have
-/// pools and health checkers) for `/-/shards` every `every` and whenever
-/// [`Mode::hint`] wakes it (at most once a second), and switches to
-/// cluster mode once a node shows a cluster whose members are all among
-/// `names`; then keeps its table fresh ([`Cluster::refresh_forever`]).
+/// Ring mode's background task: asks `names` (the `--nodes`) for
+/// `/-/shards` every `every` and whenever [`Mode::hint`] wakes it (at most
+/// once a second), and switches to cluster mode once a node shows a
+/// cluster; then keeps its table fresh ([`Cluster::refresh_forever`]).
 pub async fn rediscover(
     mode: Arc<Mode>,
     names: Vec<String>,
     every: Duration,
-    timeout: Duration,
-    leader_wait: Duration,
+    settings: ClusterSettings,
 ) {
     const MIN_GAP: Duration = Duration::from_secs(1);
-    let mut warned = false;
     let mut last = Instant::now();
     let cluster = loop {
         tokio::select! {
@@ -206,32 +286,16 @@ pub async fn rediscover(
             }
         }
         last = Instant::now();
-        let Round::Cluster(table) = discover_once(&names, timeout).await else {
-            continue;
-        };
-        let outside: Vec<&String> = table
-            .members()
-            .values()
-            .filter(|addr| !names.contains(addr))
-            .collect();
-        if !outside.is_empty() {
-            if !warned {
-                log::warn!(
-                    "the nodes form a replicated cluster, but members {outside:?} are not among \
-                     --nodes {names:?}: staying in ring mode (the nodes forward to their leaders); \
-                     give --nodes the members' addresses as --peers does and restart the proxy"
-                );
-                warned = true;
-            }
-            continue;
+        if let Round::Cluster(table) = discover_once(&names, settings.fetch_timeout).await {
+            break Cluster::new(table, &names, settings);
         }
-        break Arc::new(Cluster::new(table, &names, leader_wait, timeout));
     };
     log::info!(
         "a node answered GET /-/shards as a cluster member: switching to cluster mode: {} \
-         shards, routed to their leaders; leader wait {}",
+         shards, routed to their leaders; leader wait {}; members {}",
         cluster.shards(),
-        humantime::format_duration(leader_wait)
+        humantime::format_duration(settings.leader_wait),
+        cluster.members().join(", ")
     );
     let _ = mode.cluster.set(Arc::clone(&cluster));
     cluster.refresh_forever().await;
@@ -240,8 +304,8 @@ pub async fn rediscover(
 /// What a node said to `GET /-/shards`.
 #[derive(Debug)]
 pub enum Discovered {
-    /// A cluster member: its view.
-    Cluster(ShardsView),
+    /// A cluster member: its view, and the placement version it shows.
+    Cluster(ShardsView, u64),
     /// 404: a standalone node.
     Standalone,
 }
@@ -297,13 +361,13 @@ async fn discover_once(nodes: &[String], timeout: Duration) -> Round {
     while let Some(joined) = tasks.join_next().await {
         let Ok((node, found)) = joined else { continue };
         match found {
-            Ok(Discovered::Cluster(view)) => match &mut table {
+            Ok(Discovered::Cluster(view, version)) => match &mut table {
                 Some(table) => {
-                    if let Err(error) = table.refresh(view) {
+                    if let Err(error) = table.refresh_at(view, version) {
                         log::warn!("node {node}: {error}");
                     }
                 }
-                None => match ShardTable::from_view(view) {
+                None => match ShardTable::from_view_at(view, version) {
                     Ok(first) => table = Some(first),
                     Err(error) => log::warn!("node {node}: {error}"),
                 },
@@ -329,7 +393,7 @@ pub async fn fetch_view(node: &str, timeout: Duration) -> Result<Discovered, Str
         .map_err(|_| format!("no answer within {timeout:?}"))??;
     match status {
         200 => ShardsView::parse(&body)
-            .map(Discovered::Cluster)
+            .map(|view| Discovered::Cluster(view, placement_version(&body)))
             .map_err(|e| e.to_string()),
         404 => Ok(Discovered::Standalone),
         other => Err(format!("answered {other}")),
@@ -370,39 +434,138 @@ async fn get(node: &str, path: &'static str) -> Result<(u16, Bytes), String> {
 }
 
 impl Cluster {
-    /// Cluster state from the table [`discover`] built. `nodes` are the
-    /// `--nodes` entries, asked too when refreshing.
-    pub fn new(
-        table: ShardTable,
-        nodes: &[String],
-        leader_wait: Duration,
-        fetch_timeout: Duration,
-    ) -> Self {
-        let mut sources: Vec<String> = table.members().values().cloned().collect();
-        for node in nodes {
-            if !sources.contains(node) {
-                sources.push(node.clone());
-            }
-        }
-        Self {
+    /// Cluster state from the table [`discover`] built. `seeds` are the
+    /// `--nodes` entries, asked too when refreshing. Starts a health
+    /// checker per member on the current runtime, if there is one.
+    pub fn new(table: ShardTable, seeds: &[String], settings: ClusterSettings) -> Arc<Self> {
+        let cluster = Arc::new(Self {
             shards: table.shards(),
             table: RwLock::new(table),
-            sources,
+            seeds: seeds.to_vec(),
+            nodes: RwLock::new(HashMap::new()),
+            runtime: tokio::runtime::Handle::try_current().ok(),
             refreshed: tokio::sync::Mutex::new(None),
-            leader_wait,
-            fetch_timeout,
+            refreshing_soon: AtomicBool::new(false),
+            leader_wait: settings.leader_wait,
+            settings,
             stats: ClusterStats::default(),
-        }
+        });
+        cluster.sync_nodes();
+        cluster
     }
 
-    /// The member addresses, in member id order: the nodes requests go to.
+    /// The member addresses, in member id order.
     pub fn members(&self) -> Vec<String> {
         self.table.read().members().values().cloned().collect()
+    }
+
+    /// The nodes requests may go to (members and leaders), by address.
+    pub fn nodes(&self) -> Vec<Arc<Node>> {
+        let nodes = self.nodes.read();
+        let mut list: Vec<Arc<Node>> = nodes.values().map(|m| Arc::clone(&m.node)).collect();
+        list.sort_by(|a, b| a.name.cmp(&b.name));
+        list
+    }
+
+    /// Whether `addr` has a node (a member's or a leader's).
+    pub fn has_node(&self, addr: &str) -> bool {
+        self.nodes.read().contains_key(addr)
+    }
+
+    /// The node at `addr`, made (with a health checker) if it is new: a
+    /// 421 may name a leader at an address no refresh has shown yet.
+    fn node(&self, addr: &str) -> Result<Arc<Node>, ProxyError> {
+        if let Some(member) = self.nodes.read().get(addr) {
+            return Ok(Arc::clone(&member.node));
+        }
+        let mut nodes = self.nodes.write();
+        if let Some(member) = nodes.get(addr) {
+            return Ok(Arc::clone(&member.node));
+        }
+        let member = self.member(addr).map_err(|why| ProxyError::Connect {
+            node: addr.to_owned(),
+            why,
+        })?;
+        let node = Arc::clone(&member.node);
+        nodes.insert(addr.to_owned(), member);
+        Ok(node)
+    }
+
+    fn member(&self, addr: &str) -> Result<Member, String> {
+        let node = Arc::new(Node::new(addr)?);
+        let checker = self.runtime.as_ref().map(|runtime| {
+            health::spawn_checker(
+                runtime,
+                Arc::clone(&node.health),
+                self.settings.health_interval,
+                self.settings.health_timeout,
+            )
+        });
+        log::debug!("routing to node {addr} from now on");
+        Ok(Member { node, checker })
+    }
+
+    /// Makes the nodes those of the table: a node (and checker) for every
+    /// member address and leader address, none for any other. Workers drop
+    /// their pools of the addresses dropped here ([`ClusterWorker::evict`]).
+    pub fn sync_nodes(&self) {
+        let wanted: Vec<String> = {
+            let table = self.table.read();
+            let mut wanted: Vec<String> = table.members().values().cloned().collect();
+            for shard in 0..self.shards {
+                if let Some(leader) = table.leader(shard) {
+                    wanted.push(leader.addr.clone());
+                }
+            }
+            wanted.sort();
+            wanted.dedup();
+            wanted
+        };
+        {
+            let nodes = self.nodes.read();
+            if nodes.len() == wanted.len() && wanted.iter().all(|addr| nodes.contains_key(addr)) {
+                return;
+            }
+        }
+        let mut nodes = self.nodes.write();
+        // The first members are in the start line; later ones are news.
+        let first = nodes.is_empty();
+        nodes.retain(|addr, _| {
+            let keep = wanted.binary_search(addr).is_ok();
+            if !keep {
+                log::info!("node {addr} is no longer a member: its connections are closed");
+            }
+            keep
+        });
+        for addr in wanted {
+            if nodes.contains_key(&addr) {
+                continue;
+            }
+            match self.member(&addr) {
+                Ok(member) => {
+                    if !first {
+                        log::info!("node {addr} learnt from the cluster: routing to it");
+                    }
+                    nodes.insert(addr, member);
+                }
+                Err(why) => log::warn!("cannot route to {addr}: {why}"),
+            }
+        }
     }
 
     /// Number of shards.
     pub fn shards(&self) -> u32 {
         self.shards
+    }
+
+    /// The placement version of the table's layout.
+    pub fn version(&self) -> u64 {
+        self.table.read().version()
+    }
+
+    /// The table, as `GET /-/proxy/shards` shows it.
+    pub fn table_view(&self) -> TableView {
+        self.table.read().view()
     }
 
     /// The shards whose leader is not known right now.
@@ -420,6 +583,17 @@ impl Cluster {
         (shard, leader)
     }
 
+    /// Where refreshes ask: the members, then the seeds that are not.
+    fn sources(&self) -> Vec<String> {
+        let mut sources = self.members();
+        for seed in &self.seeds {
+            if !sources.contains(seed) {
+                sources.push(seed.clone());
+            }
+        }
+        sources
+    }
+
     /// Refreshes the table from every source at once unless a refresh that
     /// started at or after `wanted` has completed meanwhile. Returns when
     /// one answer was merged, or every source failed (each within the
@@ -431,9 +605,10 @@ impl Cluster {
         }
         let started = Instant::now();
         self.stats.refreshes.fetch_add(1, Ordering::Relaxed);
-        let (done_tx, mut done_rx) = tokio::sync::mpsc::channel(self.sources.len().max(1));
-        for source in &self.sources {
-            let (cluster, source, done) = (Arc::clone(self), source.clone(), done_tx.clone());
+        let sources = self.sources();
+        let (done_tx, mut done_rx) = tokio::sync::mpsc::channel(sources.len().max(1));
+        for source in sources {
+            let (cluster, done) = (Arc::clone(self), done_tx.clone());
             tokio::spawn(async move {
                 let merged = cluster.refresh_from(&source).await;
                 let _ = done.send(merged).await;
@@ -448,20 +623,73 @@ impl Cluster {
         *last = Some(started);
     }
 
+    /// A refresh in the background, unless one is under way: for an answer
+    /// that showed a newer layout, which need not wait for it.
+    pub fn refresh_soon(self: &Arc<Self>) {
+        if self.refreshing_soon.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let cluster = Arc::clone(self);
+        tokio::spawn(async move {
+            cluster.refresh(Instant::now()).await;
+            // Pacing: a node that shows a version its /-/shards does not
+            // have yet is asked again at most this often.
+            tokio::time::sleep(REFRESH_EVERY).await;
+            cluster.refreshing_soon.store(false, Ordering::Release);
+        });
+    }
+
+    /// An answer's `X-Kv-Placement-Version`: a newer one than the table's
+    /// refreshes it in the background.
+    fn saw_version(self: &Arc<Self>, headers: &hyper::HeaderMap) {
+        let Some(version) = headers
+            .get(PLACEMENT_VERSION_HEADER)
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.parse::<u64>().ok())
+        else {
+            return;
+        };
+        if version > self.version() {
+            log::debug!("a node shows placement version {version}: refreshing the table");
+            self.refresh_soon();
+        }
+    }
+
+    /// A 421 naming a leader at an address that is not a member's: the
+    /// layout changed, so refresh it in the background.
+    fn saw_not_leader(self: &Arc<Self>, body: &[u8]) {
+        let Ok(answer) = serde_json::from_slice::<NotLeader>(body) else {
+            return;
+        };
+        let known = self
+            .table
+            .read()
+            .members()
+            .values()
+            .any(|addr| *addr == answer.leader_addr);
+        if !known {
+            self.refresh_soon();
+        }
+    }
+
     async fn refresh_from(&self, source: &str) -> bool {
-        match fetch_view(source, self.fetch_timeout).await {
-            Ok(Discovered::Cluster(view)) => match self.table.write().refresh(view) {
-                Ok(changed) => {
-                    if changed > 0 {
-                        log::debug!("{changed} shard leaders learned from {source}");
+        match fetch_view(source, self.settings.fetch_timeout).await {
+            Ok(Discovered::Cluster(view, version)) => {
+                let merged = self.table.write().refresh_at(view, version);
+                match merged {
+                    Ok(changed) => {
+                        if changed > 0 {
+                            log::debug!("{changed} shard leaders learned from {source}");
+                        }
+                        self.sync_nodes();
+                        true
                     }
-                    true
+                    Err(error) => {
+                        log::warn!("node {source}: {error}");
+                        false
+                    }
                 }
-                Err(error) => {
-                    log::warn!("node {source}: {error}");
-                    false
-                }
-            },
+            }
             Ok(Discovered::Standalone) => {
                 log::warn!("node {source} answers /-/shards with 404: not in the cluster");
                 false
@@ -490,9 +718,12 @@ impl Cluster {
         }
     }
 
-    /// Refreshes the table every [`BACKGROUND_REFRESH`], forever.
+    /// Refreshes the table every `refresh_every` ([`kv_cluster::BACKGROUND_REFRESH`]),
+    /// forever.
     pub async fn refresh_forever(self: Arc<Self>) {
-        let mut ticks = tokio::time::interval(BACKGROUND_REFRESH);
+        // The table was just built: the first refresh is one period away.
+        let every = self.settings.refresh_every;
+        let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             ticks.tick().await;
@@ -500,27 +731,23 @@ impl Cluster {
         }
     }
 
-    /// The index in `nodes` of the node at `addr`.
-    fn node_index(nodes: &[Node], addr: &str) -> Option<usize> {
-        nodes.iter().position(|node| node.name == addr)
-    }
-
-    /// Where to send `shard`'s next attempt: its leader, as a node index.
-    fn leader_index(&self, nodes: &[Node], shard: u32) -> Option<usize> {
-        let table = self.table.read();
-        let leader = table.leader(shard)?;
-        Self::node_index(nodes, &leader.addr)
+    /// Where to send `shard`'s next attempt: its leader's address.
+    fn leader_addr(&self, shard: u32) -> Option<String> {
+        self.table
+            .read()
+            .leader(shard)
+            .map(|leader| leader.addr.clone())
     }
 
     /// A replica of `shard` for a stale read: the `turn`-th, in turn.
-    fn replica_index(&self, nodes: &[Node], shard: u32, turn: usize) -> Option<usize> {
+    fn replica_addr(&self, shard: u32, turn: usize) -> Option<String> {
         let table = self.table.read();
         let replicas = table.replicas(shard);
         if replicas.is_empty() {
             return None;
         }
         let id = replicas[turn % replicas.len()];
-        Self::node_index(nodes, table.members().get(&id)?)
+        table.members().get(&id).cloned()
     }
 }
 
@@ -546,26 +773,26 @@ pub async fn forward(
     let mut first = stale
         .then(|| {
             let turn = worker.stale_turn.fetch_add(1, Ordering::Relaxed);
-            cluster.replica_index(&proxy.nodes, shard, turn)
+            cluster.replica_addr(shard, turn)
         })
         .flatten();
     loop {
         let replica = first.take();
-        let target = replica.or_else(|| cluster.leader_index(&proxy.nodes, shard));
-        let (tried, index) = match (target, routing.patience()) {
+        let stale_try = replica.is_some();
+        let target = replica.or_else(|| cluster.leader_addr(shard));
+        let tried = match (&target, routing.patience()) {
             // A read at the leader: abandoned if the leader moves while it
             // waits (a frozen leader), see `kv_cluster::Routing::moved`.
-            (Some(index), Some(patience)) if replica.is_none() => {
-                let send = attempt(proxy, index, &parts, &body);
-                let moved = cluster.leader_moved(&routing, &proxy.nodes[index].name, patience);
-                let tried = tokio::select! {
+            (Some(addr), Some(patience)) if !stale_try => {
+                let send = attempt(proxy, worker, cluster, addr, &parts, &body);
+                let moved = cluster.leader_moved(&routing, addr, patience);
+                tokio::select! {
                     tried = send => tried,
                     () = moved => Tried::Abandoned,
-                };
-                (tried, Some(index))
+                }
             }
-            (Some(index), _) => (attempt(proxy, index, &parts, &body).await, Some(index)),
-            (None, _) => (Tried::NotSent, None),
+            (Some(addr), _) => attempt(proxy, worker, cluster, addr, &parts, &body).await,
+            (None, _) => Tried::NotSent,
         };
         // The common case, decided without the table's lock.
         let tried = match tried {
@@ -579,7 +806,7 @@ pub async fn forward(
         };
         // A replica picked for a stale read could not be reached: that says
         // nothing about the leader, so go to it without touching the table.
-        if replica.is_some() && matches!(tried, Tried::NotSent) {
+        if stale_try && matches!(tried, Tried::NotSent) {
             continue;
         }
         let now = Instant::now();
@@ -637,7 +864,7 @@ pub async fn forward(
             }
             Next::Unknown => {
                 cluster.stats.unknown.fetch_add(1, Ordering::Relaxed);
-                let node = index.map_or_else(String::new, |i| proxy.nodes[i].name.clone());
+                let node = target.unwrap_or_default();
                 return match tried {
                     Tried::TimedOut(after) => Err(ProxyError::Timeout { node, after }),
                     Tried::Lost(why) => Err(ProxyError::OutcomeUnknown { node, why }),
@@ -686,10 +913,24 @@ enum Tried {
     Abandoned,
 }
 
-/// One attempt at `nodes[index]`: everything about the node is in
-/// [`Tried`].
-async fn attempt(proxy: &Proxy, index: usize, parts: &Parts, body: &Bytes) -> Tried {
-    let node = &proxy.nodes[index];
+/// One attempt at the node at `addr`: everything about the node is in
+/// [`Tried`]. An answer showing a newer placement version, or a 421 naming
+/// an unknown address, refreshes the table in the background.
+async fn attempt(
+    proxy: &Proxy,
+    worker: &ClusterWorker,
+    cluster: &Arc<Cluster>,
+    addr: &str,
+    parts: &Parts,
+    body: &Bytes,
+) -> Tried {
+    let node = match cluster.node(addr) {
+        Ok(node) => node,
+        Err(error) => {
+            log::warn!("{}", error.into_api().0);
+            return Tried::NotSent;
+        }
+    };
     if !node.health.is_up() {
         node.stats.record::<()>(&Err(ProxyError::NodeDown {
             node: node.name.clone(),
@@ -704,8 +945,11 @@ async fn attempt(proxy: &Proxy, index: usize, parts: &Parts, body: &Bytes) -> Tr
         request.headers_mut().insert(HOST, node.header.clone());
     }
     let timeout = proxy.request_timeout;
-    let sent =
-        tokio::time::timeout(timeout, upstream::send(&proxy.pools[index], node, request)).await;
+    let pool = worker.pool(addr);
+    let sent = tokio::time::timeout(timeout, upstream::send(&pool, &node, request)).await;
+    if let Ok(Ok(Ok(response))) = &sent {
+        cluster.saw_version(response.headers());
+    }
     let tried = match sent {
         Err(_) => Tried::TimedOut(timeout),
         Ok(Err(error)) => {
@@ -717,7 +961,10 @@ async fn attempt(proxy: &Proxy, index: usize, parts: &Parts, body: &Bytes) -> Tr
         Ok(Ok(Ok(response))) => {
             if response.status() == StatusCode::MISDIRECTED_REQUEST {
                 match read_small(response, timeout).await {
-                    Some(body) => Tried::NotLeader(body),
+                    Some(body) => {
+                        cluster.saw_not_leader(&body);
+                        Tried::NotLeader(body)
+                    }
                     // A 421 is given before proposing, whatever became of
                     // its body: safe to treat as "no leader named".
                     None => Tried::NotLeader(Bytes::new()),

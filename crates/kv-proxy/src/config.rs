@@ -20,8 +20,12 @@ pub struct Config {
     #[arg(long, env = "KV_PROXY_PORT", default_value_t = 8080)]
     pub port: u16,
 
-    /// The kv-nodes, as comma-separated host:port. Every process routing to
-    /// the cluster (proxies, kv-bench) must be given the same names.
+    /// The kv-nodes, as comma-separated host:port. Standalone nodes: the
+    /// nodes of the ring, and every proxy in front of them must be given the
+    /// same list. A replicated cluster: seeds only; the proxy learns the
+    /// members and their addresses from any seed's GET /-/shards and
+    /// follows members that join or leave, so one member's address is
+    /// enough.
     #[arg(
         long,
         env = "KV_PROXY_NODES",
@@ -81,6 +85,14 @@ pub struct Config {
     /// once. Hidden: for tests.
     #[arg(long, env = "KV_PROXY_REDISCOVER_EVERY", default_value = "10s", value_parser = humantime::parse_duration, hide = true)]
     pub rediscover_every: Duration,
+
+    /// Cluster mode: how often the shard table is refreshed from the
+    /// members' GET /-/shards when nothing else asks for it (a newer
+    /// placement version in an answer, a 421 naming an unknown address, a
+    /// request waiting for a leader). Hidden: tests set it long to see the
+    /// other triggers alone.
+    #[arg(long, env = "KV_PROXY_REFRESH_EVERY", default_value = "1s", value_parser = humantime::parse_duration, hide = true)]
+    pub refresh_every: Duration,
 
     /// Time between active health checks of each node (GET /-/health).
     /// Takes a duration such as 500ms, 30s or 2m.

@@ -46,7 +46,13 @@ pub enum ProxyError {
     /// Cluster mode: a write reached `node` and then the exchange broke, so
     /// whether it was applied is unknown (504, never retried).
     OutcomeUnknown { node: String, why: String },
+    /// `GET /-/proxy/shards` in ring mode: there is no shard table.
+    NotClustered,
 }
+
+/// The body of [`ProxyError::NotClustered`]'s 404.
+const NOT_CLUSTERED: &str =
+    "ring mode: the nodes are standalone (they answer GET /-/shards with 404), so there is no shard table";
 
 impl From<ApiError> for ProxyError {
     fn from(error: ApiError) -> Self {
@@ -81,6 +87,7 @@ impl ProxyError {
                 Some(node),
             ),
             ProxyError::Api(error) => (error, None),
+            ProxyError::NotClustered => (ApiError::UnknownAdminPath, None),
             ProxyError::NodeDown { node } | ProxyError::Connect { node, .. } => {
                 (ApiError::NodeUnavailable { node: node.clone() }, Some(node))
             }
@@ -110,6 +117,13 @@ impl ProxyError {
             }
             _ => None,
         };
+        if let ProxyError::NotClustered = &self {
+            let mut bytes = serde_json::json!({ "error": NOT_CLUSTERED })
+                .to_string()
+                .into_bytes();
+            bytes.push(b'\n');
+            return json_response(StatusCode::NOT_FOUND, Bytes::from(bytes));
+        }
         if let ProxyError::OutcomeUnknown { node, why } = &self {
             let message =
                 format!("outcome unknown: node {node} failed after the request was sent: {why}");

@@ -82,24 +82,32 @@ pub fn spawn_checkers(
     interval: Duration,
     timeout: Duration,
 ) -> Vec<JoinHandle<()>> {
+    let runtime = tokio::runtime::Handle::current();
     nodes
         .iter()
-        .map(|health| {
-            let health = health.clone();
-            tokio::spawn(async move {
-                let mut ticks = tokio::time::interval(interval);
-                // A slow check delays the next one rather than firing a burst.
-                ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                loop {
-                    ticks.tick().await;
-                    match check(&health.node, timeout).await {
-                        Ok(()) => health.record_success(),
-                        Err(why) => health.record_failure(&why),
-                    }
-                }
-            })
-        })
+        .map(|health| spawn_checker(&runtime, Arc::clone(health), interval, timeout))
         .collect()
+}
+
+/// Starts one node's checker task on `runtime`; abort the handle to stop it.
+pub fn spawn_checker(
+    runtime: &tokio::runtime::Handle,
+    health: Arc<NodeHealth>,
+    interval: Duration,
+    timeout: Duration,
+) -> JoinHandle<()> {
+    runtime.spawn(async move {
+        let mut ticks = tokio::time::interval(interval);
+        // A slow check delays the next one rather than firing a burst.
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticks.tick().await;
+            match check(&health.node, timeout).await {
+                Ok(()) => health.record_success(),
+                Err(why) => health.record_failure(&why),
+            }
+        }
+    })
 }
 
 /// One active check: kv-http's [`probe`](kv_http::probe) (a fresh

@@ -48,26 +48,25 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()> {
     let invalid = |why: String| io::Error::new(io::ErrorKind::InvalidInput, why);
+    let settings = cluster::ClusterSettings {
+        leader_wait: config.leader_wait,
+        fetch_timeout: config.health_timeout,
+        health_interval: config.health_interval,
+        health_timeout: config.health_timeout,
+        refresh_every: config.refresh_every,
+    };
     // Replicated nodes answer /-/shards; standalone ones 404 (ring mode).
+    // In cluster mode `--nodes` are seeds: the members come from the
+    // answers, each with its own health checker (`cluster::Cluster`).
     let cluster = cluster::discover(&config.nodes, config.health_timeout, config.discover_wait)
         .await
-        .map(|table| {
-            Arc::new(cluster::Cluster::new(
-                table,
-                &config.nodes,
-                config.leader_wait,
-                config.health_timeout,
-            ))
-        });
+        .map(|table| cluster::Cluster::new(table, &config.nodes, settings));
     let mode = Arc::new(match &cluster {
         Some(cluster) => cluster::Mode::cluster(Arc::clone(cluster)),
         None => cluster::Mode::default(),
     });
-    // In cluster mode requests go to the members, as the table names them.
-    let names: Vec<String> = match &cluster {
-        Some(cluster) => cluster.members(),
-        None => config.nodes.clone(),
-    };
+    // The ring routes ring mode only; in cluster mode it is unused.
+    let names: Vec<String> = config.nodes.clone();
     let ring = Ring::new(names.iter().map(String::as_str), config.vnodes)
         .map_err(|e| invalid(format!("cannot build the ring: {e}")))?;
     let nodes = ring
@@ -101,37 +100,47 @@ pub async fn run(
                 max_body_bytes: config.max_body_bytes,
                 started,
                 metrics: Arc::clone(&metrics),
-                cluster: cluster::ClusterWorker::new(Arc::clone(&mode)),
+                cluster: cluster::ClusterWorker::new(Arc::clone(&mode), pool_settings),
             })
         })
         .collect();
     let described = match &cluster {
         Some(cluster) => format!(
-            "cluster mode: {} shards, routed to their leaders; leader wait {}",
+            "cluster mode: {} shards, routed to their leaders; leader wait {}; seeds {}; \
+             members {}, placement version {}",
             cluster.shards(),
-            humantime::format_duration(config.leader_wait)
+            humantime::format_duration(config.leader_wait),
+            names.join(", "),
+            cluster.members().join(", "),
+            cluster.version()
         ),
-        None => format!("ring mode: {} vnodes each", config.vnodes),
+        None => format!(
+            "nodes {}; ring mode: {} vnodes each",
+            names.join(", "),
+            config.vnodes
+        ),
     };
     log::info!(
-        "kv-proxy {} listening on http://{} (nodes {}; {described}; {} workers)",
+        "kv-proxy {} listening on http://{} ({described}; {} workers)",
         env!("CARGO_PKG_VERSION"),
         listener.local_addr()?,
-        names.join(", "),
         workers.len()
     );
-    let mut checkers =
-        health::spawn_checkers(&health, config.health_interval, config.health_timeout);
+    let mut checkers = Vec::new();
     match &cluster {
+        // The members' checkers are the cluster's own.
         Some(cluster) => checkers.push(tokio::spawn(Arc::clone(cluster).refresh_forever())),
-        // Nodes may show a cluster later (started after the proxy).
-        None => checkers.push(tokio::spawn(cluster::rediscover(
-            mode,
-            names.clone(),
-            config.rediscover_every,
-            config.health_timeout,
-            config.leader_wait,
-        ))),
+        None => {
+            checkers =
+                health::spawn_checkers(&health, config.health_interval, config.health_timeout);
+            // Nodes may show a cluster later (started after the proxy).
+            checkers.push(tokio::spawn(cluster::rediscover(
+                mode,
+                names.clone(),
+                config.rediscover_every,
+                settings,
+            )));
+        }
     }
     let limits = kv_http::server::ConnectionLimits {
         max_connections: config.max_connections,

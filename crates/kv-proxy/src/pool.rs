@@ -232,15 +232,3 @@ impl Drop for PooledBody {
         }
     }
 }
-
-/// Runs `evict_idle` on `pools` every second, forever.
-pub async fn evict_idle_forever(pools: Vec<Arc<NodePool>>) {
-    let mut ticks = tokio::time::interval(Duration::from_secs(1));
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        ticks.tick().await;
-        for pool in &pools {
-            pool.evict_idle();
-        }
-    }
-}

@@ -14,7 +14,6 @@ use kv_http::server::Reserve;
 use kv_http::workers::{Background, Worker};
 
 use crate::api::{self, Proxy};
-use crate::pool;
 
 /// One worker's proxy.
 pub struct ProxyWorker(pub Arc<Proxy>);
@@ -37,6 +36,6 @@ impl Worker for ProxyWorker {
     }
 
     fn background(&self) -> Option<Background> {
-        Some(Box::pin(pool::evict_idle_forever(self.0.pools.to_vec())))
+        Some(Box::pin(api::evict_idle_forever(Arc::clone(&self.0))))
     }
 }

@@ -97,7 +97,10 @@ impl Outcome {
                 Outcome::Upstream
             }
             Err(
-                ProxyError::Api(_) | ProxyError::NoLeader { .. } | ProxyError::LeaderMoving { .. },
+                ProxyError::Api(_)
+                | ProxyError::NoLeader { .. }
+                | ProxyError::LeaderMoving { .. }
+                | ProxyError::NotClustered,
             ) => return None,
         })
     }

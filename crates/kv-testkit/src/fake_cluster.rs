@@ -11,6 +11,14 @@
 //! A GET with `X-Kv-Consistency: stale` is answered by any node. `fault`
 //! makes the leader answer writes 504, or close without answering;
 //! `bounce` makes every node answer 421 naming the next one.
+//!
+//! Issue 13 (membership change): [`FakeCluster::start_with`] starts spare
+//! nodes beyond the three members, which a test makes members by editing
+//! `members`; `version` is the placement version every node shows (in
+//! `/-/shards` as kv-cluster's [`PlacementFields`], and in the
+//! `X-Kv-Placement-Version` header of every answer; `None` for a node that
+//! predates issue 13); `leaders` gives single shards their own leader and
+//! term; `lagging` makes a node keep showing an older layout.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -23,7 +31,10 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
-use kv_cluster::{shard_of, GroupView, NotLeader, ShardsView};
+use kv_cluster::{
+    shard_of, shards_body, GroupView, MemberState, NotLeader, PlacementFields, ShardsView,
+    PLACEMENT_VERSION_HEADER,
+};
 
 /// How the leader answers writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,14 +61,35 @@ pub struct Seen {
     pub consistency: Option<String>,
 }
 
+/// A node that has not applied the newest layout yet: what it still shows.
+#[derive(Debug, Clone)]
+pub struct Lagging {
+    /// Its placement version.
+    pub version: u64,
+    /// Its members.
+    pub members: BTreeMap<u64, String>,
+}
+
 /// What the fake cluster believes, and what it has seen.
 #[derive(Debug)]
 pub struct FakeState {
     /// Number of shards in `/-/shards`.
     pub shards: u32,
-    /// Member id → address; ids 1-3 are the fake nodes. A test may add
-    /// members at addresses where nothing listens (a killed node).
+    /// Member id → address; ids 1-3 are the fake nodes (and 4.. the spare
+    /// ones of [`FakeCluster::start_with`]). A test may add members at
+    /// addresses where nothing listens (a killed node).
     pub members: BTreeMap<u64, String>,
+    /// The placement version every node shows; `None`: no version at all,
+    /// as from a node that predates issue 13.
+    pub version: Option<u64>,
+    /// Shard → its own leader and term, both advertised and actual,
+    /// instead of `advertised`/`actual`.
+    pub leaders: BTreeMap<u32, (u64, u64)>,
+    /// Node id → the older layout it still shows in `/-/shards` (and the
+    /// version in its header).
+    pub lagging: BTreeMap<u64, Lagging>,
+    /// Every node's address, members or not; `addrs[i]` is node `i + 1`.
+    pub addrs: Vec<String>,
     /// The leader every node's `/-/shards` names for every shard.
     pub advertised: Option<u64>,
     pub advertised_term: u64,
@@ -75,15 +107,35 @@ pub struct FakeState {
     pub seen: Vec<Seen>,
     /// `/-/shards` requests served.
     pub views: usize,
+    /// `/-/shards` requests served, by node id.
+    pub views_by: BTreeMap<u64, usize>,
     /// This many more `/-/shards` requests are answered 503, as by a node
     /// that is still starting.
     pub views_refused: usize,
+    /// Once this many key requests were seen, node `.1` joins and leads
+    /// shards `.2` ([`FakeState::join`]): a layout change in the middle of a
+    /// client's run, at a point set by requests rather than time.
+    pub join_after: Option<(usize, u64, Vec<u32>)>,
 }
 
-/// Three fake nodes; dropping it stops them.
+impl FakeState {
+    /// Makes node `id` (a spare one) a member at its address, bumps the
+    /// version and gives it the leadership of `shards` in a newer term.
+    pub fn join(&mut self, id: u64, shards: &[u32]) {
+        let addr = self.addrs[(id - 1) as usize].clone();
+        self.members.insert(id, addr);
+        self.version = Some(self.version.unwrap_or(0) + 1);
+        let term = self.actual_term.max(self.advertised_term) + 1;
+        for &shard in shards {
+            self.leaders.insert(shard, (id, term));
+        }
+    }
+}
+
+/// Three fake nodes (and any spare ones); dropping it stops them.
 pub struct FakeCluster {
     state: Arc<Mutex<FakeState>>,
-    /// The nodes' addresses; `addrs[i]` is member `i + 1`.
+    /// The nodes' addresses; `addrs[i]` is node `i + 1`.
     pub addrs: Vec<SocketAddr>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
 }
@@ -91,7 +143,14 @@ pub struct FakeCluster {
 impl FakeCluster {
     /// Starts three nodes; node 1 leads every shard in term 1, and says so.
     pub fn start(shards: u32) -> FakeCluster {
-        let listeners: Vec<std::net::TcpListener> = (0..3)
+        Self::start_with(shards, 3)
+    }
+
+    /// Starts `nodes` nodes (at least 3) of which 1-3 are members; the
+    /// others serve like any fake node and become members when a test
+    /// adds them to `members`.
+    pub fn start_with(shards: u32, nodes: usize) -> FakeCluster {
+        let listeners: Vec<std::net::TcpListener> = (0..nodes.max(3))
             .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
             .collect();
         let addrs: Vec<SocketAddr> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
@@ -99,9 +158,14 @@ impl FakeCluster {
             shards,
             members: addrs
                 .iter()
+                .take(3)
                 .enumerate()
                 .map(|(i, addr)| (i as u64 + 1, addr.to_string()))
                 .collect(),
+            version: None,
+            leaders: BTreeMap::new(),
+            lagging: BTreeMap::new(),
+            addrs: addrs.iter().map(ToString::to_string).collect(),
             advertised: Some(1),
             advertised_term: 1,
             actual: Some(1),
@@ -111,7 +175,9 @@ impl FakeCluster {
             data: BTreeMap::new(),
             seen: Vec::new(),
             views: 0,
+            views_by: BTreeMap::new(),
             views_refused: 0,
+            join_after: None,
         }));
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let shared = state.clone();
@@ -156,13 +222,55 @@ impl FakeCluster {
         })
     }
 
-    /// `host:port,host:port,host:port`, for `--nodes`.
+    /// `host:port,host:port,host:port` of the three members, for `--nodes`.
     pub fn node_list(&self) -> String {
         self.addrs
             .iter()
+            .take(3)
             .map(ToString::to_string)
             .collect::<Vec<_>>()
             .join(",")
+    }
+
+    /// Makes node `id` (a spare one) a member at its address, bumps the
+    /// version and gives it the leadership of `shards` in a newer term.
+    pub fn add_member(&self, id: u64, shards: &[u32]) {
+        self.set(|s| s.join(id, shards));
+    }
+
+    /// Takes member `id` out, bumps the version and gives the shards it led
+    /// back to node 1 in a newer term.
+    pub fn remove_member(&self, id: u64) {
+        self.set(|s| {
+            s.members.remove(&id);
+            s.version = Some(s.version.unwrap_or(0) + 1);
+            let term = s.leaders.values().map(|&(_, term)| term).max().unwrap_or(0) + 1;
+            for (leader, led) in s.leaders.values_mut() {
+                if *leader == id {
+                    *leader = 1;
+                    *led = term;
+                }
+            }
+        });
+    }
+
+    /// A key (`key_N`) of `shard`.
+    pub fn key_in(&self, shard: u32) -> String {
+        let shards = self.get(|s| s.shards);
+        (0..)
+            .map(|i| format!("key_{i}"))
+            .find(|key| shard_of(key.as_bytes(), shards) == shard)
+            .unwrap_or_default()
+    }
+
+    /// Key requests node `id` was sent for `path`.
+    pub fn count_path(&self, id: u64, path: &str) -> usize {
+        self.get(|s| {
+            s.seen
+                .iter()
+                .filter(|seen| seen.node == id && seen.path == path)
+                .count()
+        })
     }
 }
 
@@ -201,8 +309,8 @@ fn json(status: u16, body: String) -> Response<Full<Bytes>> {
     response
 }
 
-/// Node `id`'s answer. An `Err` makes hyper close the connection without
-/// answering.
+/// Node `id`'s answer, with its placement version header. An `Err` makes
+/// hyper close the connection without answering.
 async fn answer(
     id: u64,
     state: &Mutex<FakeState>,
@@ -214,38 +322,91 @@ async fn answer(
         .await
         .map(|b| b.to_bytes())
         .unwrap_or_default();
-    let path = parts.uri.path().to_owned();
     let mut s = state.lock().unwrap();
-    if path == "/-/health" {
-        return Ok(json(200, "{\"status\":\"ok\"}\n".into()));
+    let version = match s.lagging.get(&id) {
+        Some(lagging) => Some(lagging.version),
+        None => s.version,
+    };
+    let mut response = answer_locked(id, &mut s, parts, body)?;
+    if let Some(version) = version {
+        response
+            .headers_mut()
+            .insert(PLACEMENT_VERSION_HEADER, version.into());
     }
-    if path == "/-/shards" {
-        s.views += 1;
-        if s.views_refused > 0 {
-            s.views_refused -= 1;
-            return Ok(json(503, "{\"error\":\"starting\"}\n".into()));
-        }
-        let view = ShardsView {
-            shards: s.shards,
-            replicas: 3,
-            node_id: id,
-            members: s.members.clone(),
-            groups: (0..s.shards)
-                .map(|shard| GroupView {
+    Ok(response)
+}
+
+/// Node `id`'s `/-/shards` body: the layout it shows (its own if lagging).
+fn shards_answer(id: u64, s: &FakeState) -> Vec<u8> {
+    let (version, members) = match s.lagging.get(&id) {
+        Some(lagging) => (Some(lagging.version), lagging.members.clone()),
+        None => (s.version, s.members.clone()),
+    };
+    let ids: Vec<u64> = members.keys().copied().collect();
+    let view = ShardsView {
+        shards: s.shards,
+        replicas: 3,
+        node_id: id,
+        groups: (0..s.shards)
+            .map(|shard| {
+                let (leader, term) = match s.leaders.get(&shard) {
+                    Some(&(leader, term)) => (Some(leader), term),
+                    None => (s.advertised, s.advertised_term),
+                };
+                GroupView {
                     shard,
-                    replicas: vec![1, 2, 3],
-                    preferred_leader: 1,
-                    leader: s.advertised,
-                    term: Some(s.advertised_term),
+                    replicas: ids.clone(),
+                    preferred_leader: ids.first().copied().unwrap_or(1),
+                    // A leader the node does not know as a member is not
+                    // named (kv-node cannot give its address).
+                    leader: leader.filter(|leader| members.contains_key(leader)),
+                    term: Some(term),
                     committed: None,
                     applied: None,
                     snapshot: None,
                     purged: None,
                     hosted: true,
-                })
-                .collect(),
-        };
-        return Ok(json(200, serde_json::to_string(&view).unwrap()));
+                }
+            })
+            .collect(),
+        members,
+    };
+    match version {
+        Some(version) => {
+            let fields = PlacementFields {
+                version: Some(version),
+                member_states: view
+                    .members
+                    .keys()
+                    .map(|&id| (id, MemberState::Active))
+                    .collect(),
+                moving: BTreeMap::new(),
+            };
+            shards_body(&view, &fields)
+        }
+        None => serde_json::to_vec(&view).unwrap(),
+    }
+}
+
+fn answer_locked(
+    id: u64,
+    s: &mut FakeState,
+    parts: hyper::http::request::Parts,
+    body: Bytes,
+) -> Result<Response<Full<Bytes>>, std::io::Error> {
+    let path = parts.uri.path().to_owned();
+    if path == "/-/health" {
+        return Ok(json(200, "{\"status\":\"ok\"}\n".into()));
+    }
+    if path == "/-/shards" {
+        s.views += 1;
+        *s.views_by.entry(id).or_default() += 1;
+        if s.views_refused > 0 {
+            s.views_refused -= 1;
+            return Ok(json(503, "{\"error\":\"starting\"}\n".into()));
+        }
+        let body = shards_answer(id, s);
+        return Ok(json(200, String::from_utf8(body).unwrap()));
     }
     let method = parts.method.as_str().to_owned();
     let direct = parts
@@ -265,6 +426,14 @@ async fn answer(
         direct,
         consistency: consistency.clone(),
     });
+    if s.join_after
+        .as_ref()
+        .is_some_and(|(after, _, _)| s.seen.len() >= *after)
+    {
+        if let Some((_, joining, shards)) = s.join_after.take() {
+            s.join(joining, &shards);
+        }
+    }
     let key = path.trim_start_matches('/').to_owned();
     let shard = shard_of(key.as_bytes(), s.shards);
     if s.bounce {
@@ -275,11 +444,21 @@ async fn answer(
         return Ok(json(421, serde_json::to_string(&not_leader).unwrap()));
     }
     let stale_read = method == "GET" && consistency.as_deref() == Some("stale");
-    if s.actual != Some(id) && !stale_read {
-        return Ok(match s.actual {
+    let (actual, actual_term) = match s.leaders.get(&shard) {
+        Some(&(leader, term)) => (Some(leader), term),
+        None => (s.actual, s.actual_term),
+    };
+    if actual != Some(id) && !stale_read {
+        return Ok(match actual {
             Some(leader) => {
-                let addr = s.members[&leader].clone();
-                let not_leader = NotLeader::new(shard, leader, &addr, s.actual_term);
+                // A leader that is not a member yet is still at its address.
+                let addr = s.members.get(&leader).cloned().unwrap_or_else(|| {
+                    s.addrs
+                        .get((leader as usize).wrapping_sub(1))
+                        .cloned()
+                        .unwrap_or_default()
+                });
+                let not_leader = NotLeader::new(shard, leader, &addr, actual_term);
                 let mut response = json(421, serde_json::to_string(&not_leader).unwrap());
                 response
                     .headers_mut()

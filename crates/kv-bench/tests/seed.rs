@@ -1,0 +1,97 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! kv-bench's `--urls` as seeds of a replicated cluster (issue 13,
+//! `docs/membership.md` §6), against kv-testkit's [`FakeCluster`]: one
+//! node's URL finds every member, and a member that joins during the run
+//! (scripted to happen after a number of requests, not at a time) is routed
+//! to without a restart, the table taking the newer placement version.
+
+use std::process::Command;
+
+use kv_testkit::FakeCluster;
+
+mod common;
+use common::{binary, explain, lines};
+
+fn args<'a>(urls: &'a str, history: &'a str, json: &'a str, requests: &'a str) -> Vec<&'a str> {
+    vec![
+        "--urls",
+        urls,
+        "--history",
+        history,
+        "--json",
+        json,
+        "--concurrency",
+        "4",
+        "--keys",
+        "32",
+        "--value-size",
+        "20",
+        "--prefix",
+        "seed",
+        "--requests",
+        requests,
+        "--mix",
+        "set=2,get=2,delete=1",
+        "--quiet",
+    ]
+}
+
+#[test]
+fn one_seed_finds_every_member_and_a_member_that_joins_mid_run_is_routed_to() {
+    let fake = FakeCluster::start_with(8, 4);
+    fake.set(|s| {
+        s.version = Some(1);
+        // After 300 key requests node 4 joins and leads shards 0-3.
+        s.join_after = Some((300, 4, vec![0, 1, 2, 3]));
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let history = dir.path().join("h.jsonl");
+    let json = dir.path().join("runs.jsonl");
+    let seed = fake.addrs[1].to_string();
+    let output = Command::new(binary("kv-bench"))
+        .args(args(
+            &seed,
+            history.to_str().unwrap(),
+            json.to_str().unwrap(),
+            "2000",
+        ))
+        .env("RUST_LOG", "kv_bench=info")
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", explain(&output));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("cluster of 3"), "{stdout}");
+    // The newer version was taken: the first answer carrying it started a
+    // refresh, which the run waits for before its report.
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("cluster members now (version 2)"),
+        "{stderr}"
+    );
+    let report = &lines(&json)[0];
+    assert_eq!(report["errors_total"], 0, "{report}");
+    let urls: Vec<String> = report["urls"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| u.as_str().unwrap().to_owned())
+        .collect();
+    let node4 = format!("http://{}", fake.addrs[3]);
+    let at = urls
+        .iter()
+        .position(|u| *u == node4)
+        .expect("node 4 in urls");
+    assert!(
+        report["node_requests"][at].as_u64().unwrap() > 0,
+        "{report}"
+    );
+    assert!(fake.get(|s| s.seen.iter().filter(|seen| seen.node == 4).count()) > 0);
+    for op in &lines(&history) {
+        assert_eq!(op["outcome"], "ok", "{op}");
+    }
+    let check = Command::new(binary("kv-bench"))
+        .args(["check-history", history.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(check.status.success(), "{}", explain(&check));
+}
