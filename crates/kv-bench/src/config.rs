@@ -192,6 +192,28 @@ pub enum Command {
     /// register with delete; exit 0 when every key is linearizable, 1 when
     /// any is not (or is too large to check), 2 when the file is unreadable.
     CheckHistory(CheckHistoryArgs),
+    /// Watch a cluster's layout change (`GET /-/cluster`) until it settles:
+    /// a progress bar on a terminal, a line per change otherwise. Exit 0
+    /// when settled, 1 naming the open moves at --timeout, 2 when no node
+    /// answers with the cluster's state.
+    ClusterWatch(ClusterWatchArgs),
+}
+
+/// `kv-bench cluster-watch`'s flags.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ClusterWatchArgs {
+    /// Any member, HOST:PORT (or a URL); the others, learnt from its
+    /// answer, are asked when it stops answering.
+    #[arg(long, env = "KV_WATCH_NODE")]
+    pub node: String,
+
+    /// Give up (exit 1, naming the open moves) when not settled by then.
+    #[arg(long, env = "KV_WATCH_TIMEOUT", default_value = "10m", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
+
+    /// How often to ask.
+    #[arg(long, env = "KV_WATCH_EVERY", default_value = "250ms", value_parser = humantime::parse_duration)]
+    pub every: Duration,
 }
 
 /// `kv-bench check-history`'s flags.

@@ -20,6 +20,7 @@
 //! * [`report`]: merging, printing and JSON.
 //! * [`spawn`]: `--spawn`, local kv-node processes.
 //! * [`progress`]: the live line on a terminal.
+//! * [`cluster_watch`]: `cluster-watch`, a layout change's progress until it settles.
 //! * [`history`]: `--history` recording and `check-history`, over
 //!   [`linearizability`]'s checker.
 
@@ -34,6 +35,7 @@ use tokio::sync::{watch, Barrier};
 pub mod check;
 pub mod client;
 pub mod cluster;
+pub mod cluster_watch;
 pub mod config;
 pub mod history;
 pub mod lean;

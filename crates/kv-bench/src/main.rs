@@ -1,5 +1,5 @@
 //! The `kv-bench` binary: parse flags, set up logging, run (or check a
-//! history), exit code.
+//! history, or watch a cluster's layout change), exit code.
 
 use std::process::ExitCode;
 
@@ -10,6 +10,19 @@ use kv_bench::Config;
 fn main() -> ExitCode {
     let mut config = Config::parse();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    if let Some(Command::ClusterWatch(args)) = &config.command {
+        let end = kv_bench::cluster_watch::run(args);
+        match &end {
+            kv_bench::cluster_watch::WatchEnd::Settled(summary) => println!("{summary}"),
+            kv_bench::cluster_watch::WatchEnd::TimedOut(why) => {
+                eprintln!("kv-bench cluster-watch: {why}")
+            }
+            kv_bench::cluster_watch::WatchEnd::NoView(why) => {
+                eprintln!("kv-bench cluster-watch: {why}")
+            }
+        }
+        return ExitCode::from(end.exit_code());
+    }
     if let Some(Command::CheckHistory(args)) = config.command.take() {
         let mut out = std::io::stdout().lock();
         return match kv_bench::history::check_file(&args.file, args.max_steps, args.quiet, &mut out)

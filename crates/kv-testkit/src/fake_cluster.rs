@@ -19,6 +19,12 @@
 //! `X-Kv-Placement-Version` header of every answer; `None` for a node that
 //! predates issue 13); `leaders` gives single shards their own leader and
 //! term; `lagging` makes a node keep showing an older layout.
+//!
+//! `GET /-/cluster` (for `kv-bench cluster-watch`): `cluster_views` is a
+//! scripted sequence of [`ClusterView`]s, one per request whichever node is
+//! asked, the last repeated (none: 404, as from a node that predates issue
+//! 13); `cluster_silent` makes a node close `/-/cluster` requests without an
+//! answer once that many views were served, as a node that went down.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -32,8 +38,8 @@ use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 use kv_cluster::{
-    shard_of, shards_body, GroupView, MemberState, NotLeader, PlacementFields, ShardsView,
-    PLACEMENT_VERSION_HEADER,
+    shard_of, shards_body, ClusterId, ClusterView, GroupView, MemberState, MemberView, MetaRole,
+    MoveCounts, MoveView, NotLeader, PlacementFields, ShardsView, PLACEMENT_VERSION_HEADER,
 };
 
 /// How the leader answers writes.
@@ -116,6 +122,14 @@ pub struct FakeState {
     /// shards `.2` ([`FakeState::join`]): a layout change in the middle of a
     /// client's run, at a point set by requests rather than time.
     pub join_after: Option<(usize, u64, Vec<u32>)>,
+    /// What `GET /-/cluster` answers, in turn (the last repeated); empty:
+    /// 404.
+    pub cluster_views: Vec<ClusterView>,
+    /// `GET /-/cluster` answers served so far, by all nodes.
+    pub cluster_served: usize,
+    /// Node id → once this many views were served, the node closes
+    /// `/-/cluster` requests without answering.
+    pub cluster_silent: BTreeMap<u64, usize>,
 }
 
 impl FakeState {
@@ -178,6 +192,9 @@ impl FakeCluster {
             views_by: BTreeMap::new(),
             views_refused: 0,
             join_after: None,
+            cluster_views: Vec::new(),
+            cluster_served: 0,
+            cluster_silent: BTreeMap::new(),
         }));
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let shared = state.clone();
@@ -261,6 +278,52 @@ impl FakeCluster {
             .map(|i| format!("key_{i}"))
             .find(|key| shard_of(key.as_bytes(), shards) == shard)
             .unwrap_or_default()
+    }
+
+    /// A `GET /-/cluster` body for the script: the members as they are
+    /// now (active voters), `done` of `total` moves, `active` open (copying
+    /// or joint, the rest planned); settled when `done == total`.
+    pub fn cluster_view(
+        &self,
+        version: u64,
+        done: u64,
+        total: u64,
+        active: Vec<MoveView>,
+    ) -> ClusterView {
+        let (shards, members) = self.get(|s| (s.shards, s.members.clone()));
+        let copying = active
+            .iter()
+            .filter(|m| m.phase != kv_cluster::Phase::Joint)
+            .count() as u64;
+        let joint = active.len() as u64 - copying;
+        ClusterView {
+            cluster_id: ClusterId(0x5f0c),
+            version,
+            node_id: 1,
+            meta_leader: Some(1),
+            shards,
+            replicas: 3,
+            settled: done >= total,
+            members: members
+                .into_iter()
+                .map(|(id, addr)| MemberView {
+                    id,
+                    addr,
+                    state: MemberState::Active,
+                    meta: MetaRole::Voter,
+                    shards_hosted: shards,
+                    shards_led: 0,
+                })
+                .collect(),
+            moves: MoveCounts {
+                total,
+                done,
+                copying,
+                joint,
+                planned: total.saturating_sub(done + copying + joint),
+            },
+            active,
+        }
     }
 
     /// Key requests node `id` was sent for `path`.
@@ -397,6 +460,21 @@ fn answer_locked(
     let path = parts.uri.path().to_owned();
     if path == "/-/health" {
         return Ok(json(200, "{\"status\":\"ok\"}\n".into()));
+    }
+    if path == "/-/cluster" {
+        if s.cluster_silent
+            .get(&id)
+            .is_some_and(|&after| s.cluster_served >= after)
+        {
+            return Err(std::io::Error::other("down: closing without an answer"));
+        }
+        let Some(last) = s.cluster_views.len().checked_sub(1) else {
+            return Ok(json(404, "{\"error\":\"Not found\"}\n".into()));
+        };
+        let mut view = s.cluster_views[s.cluster_served.min(last)].clone();
+        s.cluster_served += 1;
+        view.node_id = id;
+        return Ok(json(200, serde_json::to_string(&view).unwrap()));
     }
     if path == "/-/shards" {
         s.views += 1;
