@@ -236,7 +236,9 @@ fn admin_route(
     let body = match path {
         // Ready while any node is up: the keys of the nodes that are up
         // are answered. With every node down, nothing is, so a load
-        // balancer should look elsewhere (the node's /-/ready shape).
+        // balancer should look elsewhere (the node's /-/ready shape). In
+        // cluster mode the same holds per shard: ready while any shard has
+        // a leader that is up, naming the shards that have none.
         "ready" if nodes.iter().all(|n| !n.health.is_up()) => {
             let body = serde_json::json!({ "ready": false, "error": "no node is up" });
             let mut bytes = body.to_string().into_bytes();
@@ -246,7 +248,28 @@ fn admin_route(
                 Bytes::from(bytes),
             ));
         }
-        "ready" => serde_json::json!({ "ready": true }),
+        // Cluster mode: ready while any shard has a live leader (its keys
+        // are answered); the others are named. None: nothing is served.
+        "ready" => match proxy.cluster.get() {
+            Some(cluster) => {
+                let leaderless = cluster.without_leader();
+                if leaderless.len() >= cluster.shards() as usize {
+                    let body = serde_json::json!({
+                        "ready": false,
+                        "error": "no shard has a leader that is up",
+                        "shards_without_leader": leaderless,
+                    });
+                    let mut bytes = body.to_string().into_bytes();
+                    bytes.push(b'\n');
+                    return Ok(json_response(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        Bytes::from(bytes),
+                    ));
+                }
+                serde_json::json!({ "ready": true, "shards_without_leader": leaderless })
+            }
+            None => serde_json::json!({ "ready": true }),
+        },
         "health" => {
             let down: Vec<&str> = nodes
                 .iter()
@@ -433,7 +456,7 @@ fn render_metrics(proxy: &Proxy) -> String {
         );
         scrape.family(
             "kv_proxy_shards_without_leader",
-            "Shards whose leader the proxy does not know right now.",
+            "Shards without a leader that can serve them: none known, or the known one is at a node that is down.",
             false,
             vec![(Vec::new(), cluster.without_leader().len() as u64)],
         );

@@ -568,11 +568,29 @@ impl Cluster {
         self.table.read().view()
     }
 
-    /// The shards whose leader is not known right now.
+    /// The shards without a leader that can serve them right now: none is
+    /// known, or the one the table names is at a node its health checker
+    /// sees down. The second matters when a quorum is lost: the survivors
+    /// keep naming the dead leader at the same term (pre-vote keeps them
+    /// from raising it), so the table never learns the shard has none.
     pub fn without_leader(&self) -> Vec<u32> {
-        let table = self.table.read();
+        let leaders: Vec<Option<String>> = {
+            let table = self.table.read();
+            (0..self.shards)
+                .map(|shard| table.leader(shard).map(|l| l.addr.clone()))
+                .collect()
+        };
+        // One lock at a time: never the nodes' while holding the table's.
+        let nodes = self.nodes.read();
         (0..self.shards)
-            .filter(|&shard| table.leader(shard).is_none())
+            .zip(leaders)
+            .filter(|(_, leader)| match leader {
+                None => true,
+                Some(addr) => nodes
+                    .get(addr)
+                    .is_some_and(|member| !member.node.health.is_up()),
+            })
+            .map(|(shard, _)| shard)
             .collect()
     }
 
