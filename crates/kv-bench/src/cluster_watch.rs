@@ -37,6 +37,9 @@ use kv_cluster::{ClusterView, MemberState, MoveView, Phase};
 use crate::client::{self, ClientKind, Endpoint};
 use crate::config::ClusterWatchArgs;
 
+/// The shortest pause between two polls.
+const MIN_EVERY: Duration = Duration::from_millis(10);
+
 /// Bound of one `GET /-/cluster` (connect plus answer).
 const FETCH_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -94,7 +97,9 @@ pub fn run(args: &ClusterWatchArgs) -> WatchEnd {
         Err(error) => return WatchEnd::NoView(format!("cannot start the async runtime: {error}")),
     };
     let mut watch = Watch::new(first, Display::new());
-    runtime.block_on(watch.run(args.timeout, args.every))
+    // `--every 0` would ask as fast as the node answers.
+    let every = args.every.max(MIN_EVERY);
+    runtime.block_on(watch.run(args.timeout, every))
 }
 
 /// The watch's state between polls.
