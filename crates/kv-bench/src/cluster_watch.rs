@@ -16,7 +16,10 @@
 //! version than one already shown (a lagging node) is skipped, so the
 //! version and `done/total` never go back.
 //!
-//! **Exit codes** ([`WatchEnd::exit_code`]): 0 once a view says `settled`;
+//! **Exit codes** ([`WatchEnd::exit_code`]): 0 once a view says `settled`
+//! (at `--min-version` or newer: a watch started right after a change was
+//! asked for, e.g. `kv-node --join`, must not take the layout before it as
+//! the end);
 //! 1 at `--timeout`, naming the moves still open; 2 when the first poll finds
 //! no node answering with a `ClusterView` (nothing listening, or an answer
 //! that is not one, e.g. a 404 from a node built before issue 13). Once a
@@ -96,7 +99,7 @@ pub fn run(args: &ClusterWatchArgs) -> WatchEnd {
         Ok(runtime) => runtime,
         Err(error) => return WatchEnd::NoView(format!("cannot start the async runtime: {error}")),
     };
-    let mut watch = Watch::new(first, Display::new());
+    let mut watch = Watch::new(first, args.min_version, Display::new());
     // `--every 0` would ask as fast as the node answers.
     let every = args.every.max(MIN_EVERY);
     runtime.block_on(watch.run(args.timeout, every))
@@ -109,6 +112,8 @@ struct Watch {
     sources: Vec<Endpoint>,
     /// The source that answered last, asked first.
     preferred: usize,
+    /// A settled view of an older version is not the end.
+    min_version: u64,
     /// The newest view shown.
     newest: Option<ClusterView>,
     /// (shard, move id) → the most bytes it reported.
@@ -117,10 +122,11 @@ struct Watch {
 }
 
 impl Watch {
-    fn new(first: Endpoint, display: Display) -> Self {
+    fn new(first: Endpoint, min_version: u64, display: Display) -> Self {
         Self {
             sources: vec![first],
             preferred: 0,
+            min_version,
             newest: None,
             moved: BTreeMap::new(),
             display,
@@ -209,7 +215,7 @@ impl Watch {
             }
         }
         let moved = self.moved.values().sum();
-        let end = view.settled.then(|| {
+        let end = (view.settled && view.version >= self.min_version).then(|| {
             WatchEnd::Settled(format!(
                 "version {}  settled: {}/{} moves done, {} moved, in {}",
                 view.version,
@@ -350,6 +356,9 @@ fn detail(view: &ClusterView, moved: u64) -> String {
         text.push_str("  ");
     } else if view.moves.planned > 0 {
         let _ = write!(text, "{} planned  ", view.moves.planned);
+    } else if view.settled {
+        // Shown only below --min-version: the change is not applied yet.
+        text.push_str("settled, waiting for the change  ");
     }
     text.push_str(&megabytes(moved));
     text.push_str(" moved");

@@ -211,6 +211,12 @@ pub struct ClusterWatchArgs {
     #[arg(long, env = "KV_WATCH_TIMEOUT", default_value = "10m", value_parser = humantime::parse_duration)]
     pub timeout: Duration,
 
+    /// Settled counts only at this placement version or newer: for a
+    /// watch started before the change it follows is applied (the version
+    /// a POST or DELETE /-/cluster/members answered).
+    #[arg(long, env = "KV_WATCH_MIN_VERSION", default_value_t = 0)]
+    pub min_version: u64,
+
     /// How often to ask.
     #[arg(long, env = "KV_WATCH_EVERY", default_value = "250ms", value_parser = humantime::parse_duration)]
     pub every: Duration,

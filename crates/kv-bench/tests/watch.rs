@@ -4,8 +4,9 @@
 //! /-/cluster` views: it exits 0 once a view is settled, printing a line per
 //! change (stdout is a pipe here, so no bar) with `done/total` never going
 //! back, and keeps going through another member when the node it was given
-//! stops answering; it exits 1 at `--timeout` naming the open move, and 2
-//! when the node answers 404 (a build without live membership) or nothing.
+//! stops answering; a settled layout older than `--min-version` is not the
+//! end; it exits 1 at `--timeout` naming the open move, and 2 when the node
+//! answers 404 (a build without live membership) or nothing.
 
 use std::process::{Command, Output};
 
@@ -106,6 +107,32 @@ fn exits_0_when_settled_with_monotone_lines_through_another_member() {
     assert_eq!(seen.len(), lines.len(), "{stdout}");
     // Views came from nodes 2 or 3 once node 1 went silent.
     assert!(fake.get(|s| s.cluster_served) >= 6);
+}
+
+#[test]
+fn a_settled_layout_older_than_min_version_is_not_the_end() {
+    let fake = FakeCluster::start(8);
+    let views = vec![
+        // Before the join is applied: settled, at the old version.
+        fake.cluster_view(8, 0, 0, vec![]),
+        fake.cluster_view(9, 0, 1, vec![copying(2, 4, 1_000_000, None)]),
+        fake.cluster_view(9, 1, 1, vec![]),
+    ];
+    fake.set(|s| s.cluster_views = views);
+    let output = Command::new(binary("kv-bench"))
+        .args(["cluster-watch", "--node", &fake.addrs[0].to_string()])
+        .args(["--every", "10ms", "--timeout", "1m", "--min-version", "9"])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", explain(&output));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert!(lines[0].starts_with("version 8 "), "{stdout}");
+    assert!(lines[0].contains("waiting for the change"), "{stdout}");
+    assert!(
+        lines[lines.len() - 1].starts_with("version 9  settled: 1/1 moves done"),
+        "{stdout}"
+    );
 }
 
 #[test]
