@@ -162,9 +162,15 @@ pub fn run(config: Config) -> Result<Outcome, BenchError> {
         }
         Target::Proxy(url) => ("proxy", vec![url.clone()]),
     };
+    let authorization = config.authorization().map_err(BenchError::Config)?;
     let mut endpoints = urls
         .iter()
-        .map(|url| Endpoint::parse(url))
+        .map(|url| {
+            Endpoint::parse(url).map(|mut endpoint| {
+                endpoint.authorization = authorization.clone();
+                endpoint
+            })
+        })
         .collect::<Result<Vec<_>, _>>()
         .map_err(BenchError::Config)?;
     // Nodes of a replicated cluster answer /-/shards; standalone ones 404.
@@ -175,9 +181,12 @@ pub fn run(config: Config) -> Result<Outcome, BenchError> {
             .map_err(BenchError::Unreachable)?;
         match found {
             Some(table) => {
-                let cluster =
+                let mut cluster =
                     cluster::BenchCluster::new(table, plan.leader_wait, plan.timeout, plan.client)
                         .map_err(BenchError::Config)?;
+                for endpoint in &mut cluster.endpoints {
+                    endpoint.authorization = authorization.clone();
+                }
                 endpoints = cluster.endpoints.clone();
                 target = "cluster";
                 Some(Arc::new(cluster))
