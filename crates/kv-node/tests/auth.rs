@@ -380,3 +380,27 @@ fn a_replicated_cluster_with_a_token_works_and_refuses_a_member_with_another() {
         );
     }
 }
+
+#[test]
+fn a_proxy_without_a_token_passes_the_clients_header_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = token_file(dir.path(), "token", TOKEN);
+    let data = dir.path().join("data");
+    let node = Process::spawn(
+        &binary("kv-node"),
+        &[
+            "--port",
+            "0",
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--auth-token-file",
+            file.to_str().unwrap(),
+        ],
+    );
+    let nodes = node.addr.to_string();
+    let proxy = Process::spawn(&binary("kv-proxy"), &["--port", "0", "--nodes", &nodes]);
+    // The node's own 401, relayed: the client is the one without a token.
+    assert_401("through a tokenless proxy", &get(proxy.addr, "/k", None));
+    assert_eq!(put(proxy.addr, "/k", Some(&bearer()), "v").status, 200);
+    assert_eq!(get(proxy.addr, "/k", Some(&bearer())).status, 200);
+}

@@ -76,8 +76,14 @@ pub async fn handle(
     let mut forwarded = false;
     let mut response = match route(&proxy, &reserve, request, &mut forwarded).await {
         // A node refused the proxy's own token: the proxy's fault, not the
-        // client's (whose token the proxy accepted), so not a 401.
-        Ok(response) if forwarded && response.status() == StatusCode::UNAUTHORIZED => {
+        // client's (whose token the proxy accepted), so not a 401. Without
+        // a token of its own the proxy passed the client's header on, and
+        // the node's 401 is relayed as it is.
+        Ok(response)
+            if forwarded
+                && response.status() == StatusCode::UNAUTHORIZED
+                && crate::node_auth::is_set() =>
+        {
             let node = response
                 .headers()
                 .get(upstream::X_KV_NODE)

@@ -716,7 +716,7 @@ async fn attempt(proxy: &Proxy, index: usize, parts: &Parts, body: &Bytes) -> Tr
         }
         Ok(Ok(Err(error))) => Tried::Lost(upstream::error_chain(&error)),
         Ok(Ok(Ok(response))) => {
-            if response.status() == StatusCode::UNAUTHORIZED {
+            if response.status() == StatusCode::UNAUTHORIZED && crate::node_auth::is_set() {
                 // The node refused the proxy's token before doing anything
                 // (a member started with another token): as a node that
                 // cannot be reached, so the request waits for a leader the

@@ -30,6 +30,13 @@ pub fn set(authorization: HeaderValue) {
     let _ = NODE_AUTHORIZATION.set(authorization);
 }
 
+/// Whether the proxy sends a token of its own: then a node's 401 is about
+/// it, not about the client (whose header is passed on otherwise).
+#[inline]
+pub fn is_set() -> bool {
+    NODE_AUTHORIZATION.get().is_some()
+}
+
 /// Puts the node token on a request to a node, when there is one.
 #[inline]
 pub fn mark(headers: &mut HeaderMap) {
