@@ -21,6 +21,18 @@ DATA=${KV_DATA:-./data}
 BASE=${KV_BASE_PORT:-8080}
 PROFILE=${KV_BUILD_PROFILE:-release}
 REPLICAS=${KV_REPLICAS:-3}
+
+# KV_AUTH_TOKEN, when set, is the token of every node and the proxy (they
+# read it from the environment they inherit, kv-bench too), and every curl
+# here sends it; the header goes through a file descriptor, not argv, so
+# `ps` does not show it.
+kvcurl() {
+  if [ -n "${KV_AUTH_TOKEN:-}" ]; then
+    curl -H @<(printf 'Authorization: Bearer %s\n' "$KV_AUTH_TOKEN") "$@"
+  else
+    curl "$@"
+  fi
+}
 PROXY_PORT=$BASE
 NODE_PORTS=($((BASE + 1)) $((BASE + 2)) $((BASE + 3)))
 # cargo builds into $CARGO_TARGET_DIR when it is set.
@@ -120,7 +132,7 @@ up() {
   local deadline=$((SECONDS + 10))
   local health
   while :; do
-    health=$(curl -fsS --max-time 1 "$proxy/-/health" 2>&1 || true)
+    health=$(kvcurl -fsS --max-time 1 "$proxy/-/health" 2>&1 || true)
     [[ $health == *"\"nodes_up\":${#NODE_PORTS[@]},"* ]] && break
     if [ $SECONDS -ge $deadline ]; then
       echo "warning: the proxy does not see every node up yet: $health" >&2
@@ -131,16 +143,19 @@ up() {
   echo
   echo "kv cluster is up: proxy $proxy, nodes $(node_list)"
   echo "data in $DATA/node-*, logs in $LOGS"
+  if [ -n "${KV_AUTH_TOKEN:-}" ]; then
+    echo "every request but /-/health needs the token: curl -H \"Authorization: Bearer \$KV_AUTH_TOKEN\" ..."
+  fi
   echo
   # The demo uses a key of its own and deletes it, so `up` never touches
   # data a user stored.
   local key=cluster-demo-$$
   echo "\$ curl -X PUT $proxy/$key -H 'Content-Type: application/json' -d '{\"value\": \"world\"}'"
-  curl -sS -X PUT "$proxy/$key" -H 'Content-Type: application/json' -d '{"value": "world"}'
+  kvcurl -sS -X PUT "$proxy/$key" -H 'Content-Type: application/json' -d '{"value": "world"}'
   echo "\$ curl -i $proxy/$key"
-  curl -sS -i "$proxy/$key"
+  kvcurl -sS -i "$proxy/$key"
   echo "\$ curl -X DELETE $proxy/$key"
-  curl -sS -X DELETE "$proxy/$key"
+  kvcurl -sS -X DELETE "$proxy/$key"
   echo
   # The failover demo kills a node: only on a cluster this `up` started
   # whole, never on one it repaired (whose nodes may be serving clients).
@@ -164,7 +179,7 @@ demo_failover() {
   echo
   echo "Every key lives on $REPLICAS nodes. Writing ${#keys[@]} keys, then: kill -9 node-$victim"
   for key in "${keys[@]}"; do
-    curl -fsS -o /dev/null -X PUT "$proxy/$key" -d '{"value": "before"}'
+    kvcurl -fsS -o /dev/null -X PUT "$proxy/$key" -d '{"value": "before"}'
   done
   local pid
   pid=$(cat "$PIDS/node-$victim.pid")
@@ -172,13 +187,13 @@ demo_failover() {
   while running "$pid"; do sleep 0.05; done
   codes=""
   for key in "${keys[@]}"; do
-    code=$(curl -sS -o /dev/null -w '%{http_code}' --max-time 10 "$proxy/$key")
+    code=$(kvcurl -sS -o /dev/null -w '%{http_code}' --max-time 10 "$proxy/$key")
     codes+=" $code"
   done
   echo "  GET of each key with node-$victim dead:$codes"
   codes=""
   for key in "${keys[@]}"; do
-    code=$(curl -sS -o /dev/null -w '%{http_code}' --max-time 10 -X PUT "$proxy/$key" -d '{"value": "after"}')
+    code=$(kvcurl -sS -o /dev/null -w '%{http_code}' --max-time 10 -X PUT "$proxy/$key" -d '{"value": "after"}')
     codes+=" $code"
   done
   echo "  PUT of each key with node-$victim dead:$codes"
@@ -187,20 +202,20 @@ demo_failover() {
   wait_healthy "127.0.0.1:$victim" 30 || return 1
   # Its own copy (a stale read answers from the local replica) catches up.
   local last=${keys[-1]} deadline=$((SECONDS + 15)) seen
-  until seen=$(curl -fsS --max-time 1 -H 'X-Kv-Consistency: stale' "http://127.0.0.1:$victim/$last" 2>/dev/null) &&
+  until seen=$(kvcurl -fsS --max-time 1 -H 'X-Kv-Consistency: stale' "http://127.0.0.1:$victim/$last" 2>/dev/null) &&
     [[ $seen == *after* ]]; do
     [ $SECONDS -ge $deadline ] && { echo "  node-$victim has not caught up yet: $seen"; break; }
     sleep 0.05
   done
   echo "  restarted node-$victim; its own replica of $last now reads: $seen"
-  for key in "${keys[@]}"; do curl -fsS -o /dev/null -X DELETE "$proxy/$key" || true; done
+  for key in "${keys[@]}"; do kvcurl -fsS -o /dev/null -X DELETE "$proxy/$key" || true; done
 }
 
 # Waits (up to $2 seconds) until the node on port $1 is healthy; if it
 # exits first (say, flags that contradict its data dir), shows why at once.
 wait_node() {
   local port=$1 deadline=$((SECONDS + $2))
-  until curl -fsS -o /dev/null --max-time 1 "http://127.0.0.1:$port/-/health" 2>/dev/null; do
+  until kvcurl -fsS -o /dev/null --max-time 1 "http://127.0.0.1:$port/-/health" 2>/dev/null; do
     if ! alive "$PIDS/node-$port.pid"; then
       echo "error: node-$port exited; the end of its log ($LOGS/node-$port.log):" >&2
       tail -n 5 "$LOGS/node-$port.log" >&2
@@ -219,7 +234,7 @@ wait_node() {
 wait_leaders() {
   local deadline=$((SECONDS + $1)) port view
   for port in "${NODE_PORTS[@]}"; do
-    until view=$(curl -fsS --max-time 1 "http://127.0.0.1:$port/-/shards" 2>/dev/null) &&
+    until view=$(kvcurl -fsS --max-time 1 "http://127.0.0.1:$port/-/shards" 2>/dev/null) &&
       [[ $view != *'"leader":null'* ]]; do
       if [ $SECONDS -ge $deadline ]; then
         echo "error: node on port $port does not see a leader for every shard yet" >&2

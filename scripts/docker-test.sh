@@ -33,6 +33,7 @@ export KV_BUILD_IMAGE=$KV_BASE_IMAGE KV_RUNTIME_IMAGE=$KV_BASE_IMAGE
 PROJECT=kvdockertest
 FILE=docker/docker-compose.yml
 work=$(mktemp -d)
+made_env=
 cleanup() {
   compose -p "$PROJECT" -f "$FILE" down -v --remove-orphans >/dev/null 2>&1 || true
   if [ "${KV_KEEP_IMAGES:-0}" != 1 ]; then
@@ -41,8 +42,17 @@ cleanup() {
     docker image prune -f --filter label=kv.stage=build >/dev/null 2>&1 || true
   fi
   rm -rf "$work" docker/prebuilt
+  [ -z "$made_env" ] || rm -f docker/kv.env
 }
 trap cleanup EXIT
+
+# The cluster's token (protected mode: the containers listen on 0.0.0.0):
+# the user's docker/kv.env if there is one, else one made for this run.
+[ -s docker/kv.env ] || made_env=1
+scripts/docker-token.sh >/dev/null
+token=$(sed -n 's/^KV_AUTH_TOKEN=//p' docker/kv.env)
+[ -n "$token" ] || { echo "FAIL: docker/kv.env has no KV_AUTH_TOKEN" >&2; exit 1; }
+printf 'Authorization: Bearer %s\n' "$token" >"$work/auth"
 
 scripts/docker-offline.sh
 
@@ -53,7 +63,9 @@ wait_healthy "$proxy" 60
 for port in $KV_NODE1_PORT $KV_NODE2_PORT $KV_NODE3_PORT; do wait_healthy "127.0.0.1:$port" 60; done
 
 fail() { echo "FAIL: $*" >&2; compose -p "$PROJECT" -f "$FILE" logs --tail 30 >&2 || true; exit 1; }
-status_of() { curl -s -o /dev/null -w '%{http_code}' "$@"; }
+# Every request but /-/health carries the token (from a file: not in argv).
+kvcurl() { curl -H @"$work/auth" "$@"; }
+status_of() { kvcurl -s -o /dev/null -w '%{http_code}' "$@"; }
 
 echo "== writing 60 keys through the proxy"
 for i in $(seq 1 60); do
@@ -61,12 +73,12 @@ for i in $(seq 1 60); do
   [ "$code" = 200 ] || fail "PUT dk_$i answered $code"
 done
 for i in $(seq 1 60); do
-  body=$(curl -s "http://$proxy/dk_$i")
+  body=$(kvcurl -s "http://$proxy/dk_$i")
   [ "$body" = "{\"value\":$i}" ] || fail "GET dk_$i answered $body"
 done
 
 # Which container owns each key, from the proxy's X-Kv-Node header.
-owner_of() { curl -s -D - -o /dev/null "http://$proxy/$1" | awk -F': ' 'tolower($1) == "x-kv-node" {print $2}' | tr -d '\r'; }
+owner_of() { kvcurl -s -D - -o /dev/null "http://$proxy/$1" | awk -F': ' 'tolower($1) == "x-kv-node" {print $2}' | tr -d '\r'; }
 victim_keys=() other_keys=()
 for i in $(seq 1 60); do
   if [ "$(owner_of "dk_$i")" = "node2:8081" ]; then victim_keys+=("dk_$i"); else other_keys+=("dk_$i"); fi
@@ -98,10 +110,14 @@ until [ "$(status_of "http://$proxy/${victim_keys[0]}")" = 200 ]; do
   sleep 0.1
 done
 for key in "${victim_keys[@]}"; do
-  body=$(curl -s "http://$proxy/$key")
+  body=$(kvcurl -s "http://$proxy/$key")
   [ "$body" = "{\"value\":${key#dk_}}" ] || fail "$key came back as '$body'"
 done
 echo "node2's ${#victim_keys[@]} keys came back from its volume"
+
+echo "== without the token: 401"
+code=$(curl -s -o /dev/null -w '%{http_code}' "http://$proxy/dk_1")
+[ "$code" = 401 ] || fail "GET without a token answered $code, not 401"
 
 echo "== health as Docker sees it"
 compose -p "$PROJECT" -f "$FILE" ps

@@ -19,7 +19,7 @@ use std::pin::Pin;
 use std::task::Poll;
 
 use hyper::client::conn::http1::{Connection, SendRequest};
-use hyper::header::{HeaderValue, CONTENT_TYPE, HOST};
+use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE, HOST};
 use hyper::{Method, Request, Uri};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
@@ -39,6 +39,8 @@ pub struct Endpoint {
     /// direct`) instead of the node forwarding to it, so the client learns
     /// where the leader is (design §12).
     pub direct: bool,
+    /// `Bearer <token>` sent on every request (`--auth-token-file`).
+    pub authorization: Option<HeaderValue>,
 }
 
 impl Endpoint {
@@ -69,6 +71,7 @@ impl Endpoint {
             authority,
             host_header,
             direct: false,
+            authorization: None,
         })
     }
 }
@@ -211,6 +214,9 @@ fn request(
     *request.uri_mut() = uri.clone();
     let headers = request.headers_mut();
     headers.insert(HOST, endpoint.host_header.clone());
+    if let Some(authorization) = &endpoint.authorization {
+        headers.insert(AUTHORIZATION, authorization.clone());
+    }
     if endpoint.direct {
         headers.insert(
             kv_cluster::ROUTE_HEADER,

@@ -39,6 +39,7 @@ use std::sync::{Arc, RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use hyper::header::HeaderValue;
 use hyper::{Method, Uri};
 use kv_cluster::{
     is_final, placement_version, Attempt, Next, NotLeader, Routing, ShardTable, ShardsView,
@@ -56,6 +57,8 @@ pub struct BenchCluster {
     endpoints: RwLock<Vec<Endpoint>>,
     /// The `--nodes` entries: asked when no member answers.
     seeds: Vec<Endpoint>,
+    /// The `Authorization` every member is sent (the seeds').
+    authorization: Option<HeaderValue>,
     /// Bumped whenever a member leaves, so workers know to close their
     /// connections to it ([`BenchCluster::close_departed`]).
     departures: AtomicU64,
@@ -126,9 +129,12 @@ pub async fn discover(
     Ok(table)
 }
 
-fn direct_endpoint(addr: &str) -> Result<Endpoint, String> {
+/// A member at `addr`, asked directly (no forwarding), with the run's
+/// `Authorization` header.
+fn direct_endpoint(addr: &str, authorization: Option<&HeaderValue>) -> Result<Endpoint, String> {
     Endpoint::parse(addr).map(|mut endpoint| {
         endpoint.direct = true;
+        endpoint.authorization = authorization.cloned();
         endpoint
     })
 }
@@ -142,15 +148,18 @@ impl BenchCluster {
         timeout: Duration,
         client: ClientKind,
     ) -> Result<Self, String> {
+        // Every seed carries the same token (`--auth-token-file`).
+        let authorization = seeds.first().and_then(|seed| seed.authorization.clone());
         let endpoints = table
             .members()
             .values()
-            .map(|addr| direct_endpoint(addr))
+            .map(|addr| direct_endpoint(addr, authorization.as_ref()))
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Self {
             table: RwLock::new(table),
             endpoints: RwLock::new(endpoints),
             seeds: seeds.to_vec(),
+            authorization,
             departures: AtomicU64::new(0),
             refreshing_soon: AtomicBool::new(false),
             soon: std::sync::Mutex::new(None),
@@ -200,7 +209,7 @@ impl BenchCluster {
         {
             return Some(index);
         }
-        let endpoint = direct_endpoint(addr).ok()?;
+        let endpoint = direct_endpoint(addr, self.authorization.as_ref()).ok()?;
         let mut endpoints = self.endpoints.write().unwrap_or_else(|e| e.into_inner());
         if let Some(index) = endpoints.iter().position(|e| e.authority == addr) {
             return Some(index);

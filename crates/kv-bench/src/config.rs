@@ -72,6 +72,13 @@ pub struct Config {
     #[arg(long, env = "KV_BENCH_NODE_BIN")]
     pub node_bin: Option<PathBuf>,
 
+    /// Send `Authorization: Bearer <token>` on every request, with the token
+    /// in this file (one line), for nodes and proxies started with a token.
+    /// The environment variable KV_AUTH_TOKEN may hold the token itself
+    /// instead. Nodes started by --spawn inherit KV_AUTH_TOKEN.
+    #[arg(long, env = "KV_AUTH_TOKEN_FILE", value_name = "PATH")]
+    pub auth_token_file: Option<PathBuf>,
+
     /// `mix`: random operations from --mix over --keys; `seed`: the Flask
     /// benchmark's exact sequence (N/3 sets, N/3 gets, N/3 deletes, in
     /// batches of --concurrency).
@@ -396,6 +403,18 @@ pub const MIN_VALUE_SIZE: usize = 16;
 
 impl Config {
     /// Resolves workload-dependent defaults and rejects inconsistent flags.
+    /// `Bearer <token>` for every request, from --auth-token-file or
+    /// KV_AUTH_TOKEN, if either is set.
+    pub fn authorization(&self) -> Result<Option<hyper::header::HeaderValue>, String> {
+        let args = kv_http::auth::AuthArgs {
+            auth_token_file: self.auth_token_file.clone(),
+            ..Default::default()
+        };
+        args.token()
+            .map(|token| token.map(|t| t.authorization()))
+            .map_err(|e| e.to_string())
+    }
+
     pub fn plan(&self) -> Result<Plan, String> {
         let seed = self.workload == WorkloadKind::Seed;
         let concurrency = self.concurrency.unwrap_or(if seed { 250 } else { 64 });

@@ -78,6 +78,10 @@ pub async fn send(
     out.extend_from_slice(path.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\nhost: ");
     out.extend_from_slice(endpoint.authority.as_bytes());
+    if let Some(authorization) = &endpoint.authorization {
+        out.extend_from_slice(b"\r\nauthorization: ");
+        out.extend_from_slice(authorization.as_bytes());
+    }
     if endpoint.direct {
         out.extend_from_slice(b"\r\nx-kv-route: direct");
     }

@@ -164,9 +164,15 @@ pub fn run(config: Config) -> Result<Outcome, BenchError> {
         }
         Target::Proxy(url) => ("proxy", vec![url.clone()]),
     };
+    let authorization = config.authorization().map_err(BenchError::Config)?;
     let mut endpoints = urls
         .iter()
-        .map(|url| Endpoint::parse(url))
+        .map(|url| {
+            Endpoint::parse(url).map(|mut endpoint| {
+                endpoint.authorization = authorization.clone();
+                endpoint
+            })
+        })
         .collect::<Result<Vec<_>, _>>()
         .map_err(BenchError::Config)?;
     // Nodes of a replicated cluster answer /-/shards; standalone ones 404.
@@ -177,7 +183,8 @@ pub fn run(config: Config) -> Result<Outcome, BenchError> {
             .map_err(BenchError::Unreachable)?;
         match found {
             Some(table) => {
-                // `--nodes` were seeds: the run goes over the members.
+                // `--nodes` were seeds: the run goes over the members, each
+                // sent the seeds' token.
                 let cluster = cluster::BenchCluster::new(
                     table,
                     &endpoints,

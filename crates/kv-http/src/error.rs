@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper::header::{HeaderValue, ALLOW, CONNECTION, CONTENT_TYPE, RETRY_AFTER};
+use hyper::header::{HeaderValue, ALLOW, CONNECTION, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
 use hyper::{Response, StatusCode};
 
 /// The response body type of every answer made here.
@@ -56,6 +56,9 @@ pub enum ApiError {
     /// cannot be decoded, and read as if plain it would be stored wrong.
     #[error("Not implemented: only the 'chunked' transfer coding is supported")]
     TransferCodingNotImplemented,
+    /// No valid `Authorization: Bearer <token>` (see [`crate::auth`]).
+    #[error("Unauthorized: {0}")]
+    Unauthorized(&'static str),
     /// The request target is longer than hyper parses.
     #[error("URI too long")]
     UriTooLong,
@@ -94,6 +97,7 @@ impl ApiError {
             | ApiError::MissingValue
             | ApiError::BodyRead(_)
             | ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
@@ -147,6 +151,13 @@ impl ApiError {
         let headers = response.headers_mut();
         if let ApiError::MethodNotAllowed { allow } = self {
             headers.insert(ALLOW, HeaderValue::from_static(allow));
+        }
+        if let ApiError::Unauthorized(_) = self {
+            // RFC 9110 §11.6.1: a 401 names the scheme that would pass.
+            headers.insert(
+                WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"kv\""),
+            );
         }
         if self.closes() {
             headers.insert(CONNECTION, HeaderValue::from_static("close"));

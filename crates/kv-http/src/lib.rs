@@ -7,6 +7,8 @@
 //! error has one status, chosen in one place ([`ApiError::status`]).
 //!
 //! Modules, one concern each:
+//! * [`auth`]: bearer tokens checked on every request, and protected mode
+//!   (no token, no listening beyond loopback).
 //! * [`error`]: every way a request can fail, its status, its JSON body.
 //! * [`key`]: path → key decoding and validation (the ring hashes the
 //!   decoded key, so proxy and node must decode alike).
@@ -24,6 +26,7 @@
 //! * [`probe`]: the one `GET /-/health` probe (kv-health, kv-bench,
 //!   kv-proxy's health checks, kv-testkit), std only.
 
+pub mod auth;
 pub mod canned;
 pub mod error;
 pub mod key;

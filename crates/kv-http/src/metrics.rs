@@ -82,8 +82,8 @@ impl Operation {
 
 /// The statuses kv-node and kv-proxy answer with; anything else counts as
 /// "other" (the trailing 0).
-pub const STATUSES: [u16; 17] = [
-    200, 204, 400, 404, 405, 408, 411, 413, 414, 417, 431, 500, 501, 502, 503, 504, 0,
+pub const STATUSES: [u16; 18] = [
+    200, 204, 400, 401, 404, 405, 408, 411, 413, 414, 417, 431, 500, 501, 502, 503, 504, 0,
 ];
 
 fn status_index(status: u16) -> usize {
@@ -383,6 +383,7 @@ mod tests {
                 after: Duration::from_secs(1),
             },
             ApiError::Internal("x"),
+            ApiError::Unauthorized("x"),
         ];
         for error in errors {
             let status = error.status().as_u16();

@@ -59,6 +59,8 @@ pub struct App {
     pub started: Instant,
     /// Cluster mode (`--peers`); `None` for a standalone node.
     pub cluster: Option<Arc<ClusterNode>>,
+    /// The token every request but `/-/health` needs, if one is set.
+    pub auth: kv_http::auth::Auth,
 }
 
 /// What each worker thread serves with: the shared [`App`].
@@ -128,6 +130,10 @@ async fn route(
 ) -> Result<Response<Body>, NodeError> {
     let path = parts.uri.path();
     reserve.admit(path)?;
+    // Before anything else, node-to-node traffic included: a peer that
+    // says which member it is gets its refusal logged once.
+    app.auth
+        .check(&parts.method, path, &parts.headers, || peer_name(parts))?;
     if let Some(cluster) = &app.cluster {
         // Node-to-node traffic: kv-raft answers it, errors included.
         if path.starts_with("/-/raft/") && path != "/-/raft/cluster" {
@@ -165,6 +171,18 @@ async fn route(
         return cluster_key(app, cluster, parts, &key, body).await;
     }
     local_key(app, parts, &key, body, true).await
+}
+
+/// Who sent a request, when it says it is a member (`X-Kv-Node-Id` on
+/// node-to-node traffic, `X-Kv-Forwarded-By` on a forwarded request).
+fn peer_name(parts: &Parts) -> Option<String> {
+    [
+        kv_cluster::NODE_ID_HEADER,
+        crate::cluster::request::FORWARDED_BY_HEADER,
+    ]
+    .into_iter()
+    .find_map(|name| parts.headers.get(name))
+    .map(|id| format!("node {}", String::from_utf8_lossy(id.as_bytes())))
 }
 
 /// A key request served by this node's store: a standalone node's every

@@ -104,6 +104,11 @@ pub struct Config {
     #[arg(long, env = "KV_EXIT_WITH_PARENT")]
     pub exit_with_parent: bool,
 
+    /// Bearer tokens and protected mode (kv-http's `auth`): the token is
+    /// also the cluster token this node sends to its peers.
+    #[command(flatten)]
+    pub auth: kv_http::auth::AuthArgs,
+
     /// Cluster mode: this node's member id (with `--peers`).
     #[arg(long, env = "KV_NODE_ID")]
     pub node_id: Option<u64>,

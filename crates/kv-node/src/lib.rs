@@ -47,6 +47,10 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()> {
     let data_dir = config.data_dir();
+    let auth = config
+        .auth
+        .resolve(config.bind, "kv-node")
+        .map_err(io::Error::other)?;
     survive_file_size_limit();
     if !config.cluster_mode() {
         cluster::start::check_standalone(&data_dir)?;
@@ -98,6 +102,7 @@ pub async fn run(
         body_timeout: config.body_timeout,
         started: Instant::now(),
         cluster: cluster.clone(),
+        auth,
     });
     let limits = kv_http::server::ConnectionLimits {
         max_connections: config.max_connections,

@@ -35,6 +35,12 @@ fn main() -> ExitCode {
     let config = Config::parse();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     tune_allocator();
+    // Protected mode and an unusable token refuse the start before anything
+    // is opened, with clap's exit code for a bad configuration.
+    if let Err(error) = config.auth.validate(config.bind, "kv-node") {
+        log::error!("{error}");
+        return ExitCode::from(kv_http::auth::CONFIG_EXIT_CODE);
+    }
     // Each connection is a descriptor; leave room for data files and logs.
     kv_node::raise_fd_limit(config.max_connections + 256);
     let runtime = match tokio::runtime::Builder::new_multi_thread()

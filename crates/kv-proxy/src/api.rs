@@ -63,6 +63,9 @@ pub struct Proxy {
     /// ring owner among `nodes`. Ring mode may turn into cluster mode while
     /// the proxy runs, never back.
     pub cluster: ClusterWorker,
+    /// The token clients must send (kv-http's one check), shared by the
+    /// workers.
+    pub auth: Arc<kv_http::auth::Auth>,
 }
 
 impl Proxy {
@@ -108,6 +111,33 @@ pub async fn handle(
     let has_body = !request.body().is_end_stream();
     let mut forwarded = false;
     let mut response = match route(&proxy, &reserve, request, &mut forwarded).await {
+        // A node refused the proxy's own token: the proxy's fault, not the
+        // client's (whose token the proxy accepted), so not a 401. Without
+        // a token of its own the proxy passed the client's header on, and
+        // the node's 401 is relayed as it is.
+        Ok(response)
+            if forwarded
+                && response.status() == StatusCode::UNAUTHORIZED
+                && crate::node_auth::is_set() =>
+        {
+            let node = response
+                .headers()
+                .get(upstream::X_KV_NODE)
+                .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+                .unwrap_or_default();
+            crate::node_auth::refused_by(&node);
+            let mut refused = ProxyError::from(ApiError::NodeFailed {
+                node,
+                why: "it refused the proxy's node token".into(),
+            })
+            .into_response()
+            .map(Either::Right);
+            if has_body {
+                // The node answered before reading the body, if at all.
+                close_after(&mut refused);
+            }
+            refused
+        }
         Ok(response) => response,
         Err(error) => error.into_response().map(Either::Right),
     };
@@ -132,6 +162,9 @@ async fn route(
 ) -> Result<Response<Body>, ProxyError> {
     let path = request.uri().path();
     reserve.admit(path)?;
+    proxy
+        .auth
+        .check(request.method(), path, request.headers(), || None)?;
     check_head(request.version(), request.headers())?;
     if let Some(admin) = path.strip_prefix("/-/") {
         return admin_route(proxy, request.method(), admin).map(|r| r.map(Either::Right));

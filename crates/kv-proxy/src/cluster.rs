@@ -414,6 +414,7 @@ async fn get(node: &str, path: &'static str) -> Result<(u16, Bytes), String> {
     let mut request = Request::new(Full::new(Bytes::new()));
     *request.uri_mut() = Uri::from_static(path);
     request.headers_mut().insert(HOST, host);
+    crate::node_auth::mark(request.headers_mut());
     let answer = async {
         let response = sender
             .send_request(request)
@@ -977,6 +978,15 @@ async fn attempt(
         }
         Ok(Ok(Err(error))) => Tried::Lost(upstream::error_chain(&error)),
         Ok(Ok(Ok(response))) => {
+            if response.status() == StatusCode::UNAUTHORIZED && crate::node_auth::is_set() {
+                // The node refused the proxy's token before doing anything
+                // (a member started with another token): as a node that
+                // cannot be reached, so the request waits for a leader the
+                // proxy can use instead of failing.
+                let _ = read_small(response, timeout).await;
+                crate::node_auth::refused_by(&node.name);
+                return Tried::NotSent;
+            }
             if response.status() == StatusCode::MISDIRECTED_REQUEST {
                 match read_small(response, timeout).await {
                     Some(body) => {

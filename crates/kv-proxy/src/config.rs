@@ -4,6 +4,7 @@
 //! `Config::parse_from`.
 
 use std::net::IpAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
@@ -129,9 +130,34 @@ pub struct Config {
     /// Takes a duration such as 500ms, 30s or 2m.
     #[arg(long, env = "KV_PROXY_SHUTDOWN_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub shutdown_timeout: Duration,
+
+    /// Bearer tokens and protected mode, as kv-node has them.
+    #[command(flatten)]
+    pub auth: kv_http::auth::AuthArgs,
+
+    /// The token the proxy sends to the nodes, in this file (one line), when
+    /// it is not the proxy's own (--auth-token-file / KV_AUTH_TOKEN, the
+    /// default). Without either, clients' Authorization headers go to the
+    /// nodes as they came.
+    #[arg(long, env = "KV_PROXY_NODE_TOKEN_FILE", value_name = "PATH")]
+    pub node_token_file: Option<PathBuf>,
 }
 
 impl Config {
+    /// What clients must send, or the refusal to start (protected mode, an
+    /// unusable token).
+    pub fn auth(&self, bind: &IpAddr) -> Result<kv_http::auth::Auth, kv_http::auth::AuthError> {
+        self.auth.resolve(*bind, "kv-proxy")
+    }
+
+    /// The token sent to the nodes: `--node-token-file`, else the proxy's.
+    pub fn node_token(&self) -> Result<Option<kv_http::auth::Token>, kv_http::auth::AuthError> {
+        match &self.node_token_file {
+            Some(path) => kv_http::auth::Token::from_file(path).map(Some),
+            None => self.auth.token(),
+        }
+    }
+
     /// `--workers`, or one per CPU.
     pub fn workers(&self) -> usize {
         self.workers

@@ -15,6 +15,7 @@
 //! * [`request_body`]: the body sent on, and the limit on chunked ones.
 //! * [`health`]: active and passive health of each node; fail closed.
 //! * [`error`]: every failure, mapped to a status in one place.
+//! * [`node_auth`]: the token the proxy sends to the nodes.
 //! * [`server`]: what each worker thread serves with (kv-http's thread per
 //!   core, one single-threaded runtime and node connection pool each, as
 //!   nginx's worker processes).
@@ -32,6 +33,7 @@ pub mod cluster;
 pub mod config;
 pub mod error;
 pub mod health;
+pub mod node_auth;
 pub mod pool;
 pub mod request_body;
 pub mod server;
@@ -55,6 +57,14 @@ pub async fn run(
         health_timeout: config.health_timeout,
         refresh_every: config.refresh_every,
     };
+    let auth = Arc::new(
+        config
+            .auth(&config.bind)
+            .map_err(|e| invalid(e.to_string()))?,
+    );
+    if let Some(token) = config.node_token().map_err(|e| invalid(e.to_string()))? {
+        node_auth::set(token.authorization());
+    }
     // Replicated nodes answer /-/shards; standalone ones 404 (ring mode).
     // In cluster mode `--nodes` are seeds: the members come from the
     // answers, each with its own health checker (`cluster::Cluster`).
@@ -101,6 +111,7 @@ pub async fn run(
                 started,
                 metrics: Arc::clone(&metrics),
                 cluster: cluster::ClusterWorker::new(Arc::clone(&mode), pool_settings),
+                auth: Arc::clone(&auth),
             })
         })
         .collect();

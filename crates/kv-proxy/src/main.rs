@@ -15,6 +15,16 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 fn main() -> ExitCode {
     let config = Config::parse();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    // Protected mode and unusable tokens refuse the start before binding,
+    // with clap's exit code for a bad configuration.
+    if let Err(error) = config
+        .auth
+        .validate(config.bind, "kv-proxy")
+        .and_then(|_| config.node_token())
+    {
+        log::error!("{error}");
+        return ExitCode::from(kv_http::auth::CONFIG_EXIT_CODE);
+    }
     // This runtime only accepts connections and runs health checks; the
     // requests are served by the worker threads `run` starts.
     let runtime = match tokio::runtime::Builder::new_current_thread()

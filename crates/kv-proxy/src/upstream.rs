@@ -346,6 +346,7 @@ pub(crate) async fn send(
                 why,
             }
         })?;
+        crate::node_auth::mark(request.headers_mut());
         match sender.try_send_request(request).await {
             Ok(response) => {
                 node.health.record_success();

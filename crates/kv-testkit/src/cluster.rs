@@ -48,6 +48,10 @@ pub struct ClusterOpts {
     /// cluster on another's ports has the same member ids and addresses
     /// (the first must be stopped), for data-dir swap tests.
     pub ports: Option<Vec<u16>>,
+    /// A cluster token (issue 14): written to [`Cluster::token_file`] and
+    /// given to every node and the proxy with `--auth-token-file`; the
+    /// cluster's own requests (`/-/shards`) carry it.
+    pub token: Option<String>,
 }
 
 impl Default for ClusterOpts {
@@ -58,6 +62,7 @@ impl Default for ClusterOpts {
             relays: false,
             proxy: None,
             ports: None,
+            token: None,
         }
     }
 }
@@ -156,6 +161,7 @@ impl Cluster {
                 "--nodes".to_owned(),
                 nodes,
             ];
+            args.extend(cluster.token_args());
             args.extend(extra);
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
             cluster.proxy = Some(Process::spawn(&binary("kv-proxy"), &args));
@@ -178,8 +184,13 @@ impl Cluster {
                 }
             }
         }
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        if let Some(token) = &opts.token {
+            std::fs::write(dir.path().join("token"), format!("{token}\n"))
+                .expect("write the token");
+        }
         Cluster {
-            dir: tempfile::tempdir().expect("a temporary directory"),
+            dir,
             replicas,
             opts,
             nodes: (1..=members).map(|id| (id, None)).collect(),
@@ -213,6 +224,32 @@ impl Cluster {
         self.dir.path().join(format!("node{id}"))
     }
 
+    /// The file holding [`ClusterOpts::token`], read by each server when it
+    /// starts (a test may rewrite it to start one node with another token).
+    pub fn token_file(&self) -> PathBuf {
+        self.dir.path().join("token")
+    }
+
+    /// `--auth-token-file FILE` when the cluster has a token.
+    fn token_args(&self) -> Vec<String> {
+        match &self.opts.token {
+            Some(_) => vec![
+                "--auth-token-file".into(),
+                self.token_file().to_string_lossy().into_owned(),
+            ],
+            None => Vec::new(),
+        }
+    }
+
+    /// `Authorization: Bearer <token>` when the cluster has a token.
+    pub fn auth_header(&self) -> Vec<(&'static str, String)> {
+        self.opts
+            .token
+            .iter()
+            .map(|token| ("Authorization", format!("Bearer {token}")))
+            .collect()
+    }
+
     /// The arguments node `id` is started with.
     pub fn args(&self, id: u64) -> Vec<String> {
         let mut args: Vec<String> = vec![
@@ -238,6 +275,7 @@ impl Cluster {
                 args.push(format!("{to}={}", relay.addr()));
             }
         }
+        args.extend(self.token_args());
         args.extend(self.opts.extra.iter().cloned());
         args
     }
@@ -312,7 +350,9 @@ impl Cluster {
 
     /// Node `id`'s `GET /-/shards`, `None` when it does not answer 200.
     pub fn shards(&self, id: u64) -> Option<ShardsView> {
-        let response = send(self.addr(id), "GET", "/-/shards", &[], None).ok()?;
+        let auth = self.auth_header();
+        let headers: Vec<(&str, &str)> = auth.iter().map(|(n, v)| (*n, v.as_str())).collect();
+        let response = send(self.addr(id), "GET", "/-/shards", &headers, None).ok()?;
         if response.status != 200 {
             return None;
         }
@@ -414,7 +454,10 @@ impl Cluster {
         self.running()
             .into_iter()
             .filter_map(|id| {
-                let response = send(self.addr(id), "GET", &path, &[], None).ok()?;
+                let auth = self.auth_header();
+                let headers: Vec<(&str, &str)> =
+                    auth.iter().map(|(n, v)| (*n, v.as_str())).collect();
+                let response = send(self.addr(id), "GET", &path, &headers, None).ok()?;
                 if response.status != 200 {
                     return None;
                 }
@@ -426,7 +469,9 @@ impl Cluster {
 
     /// The sum over all label sets of metric `name` on node `id`.
     pub fn metric_sum(&self, id: u64, name: &str) -> u64 {
-        let Ok(response) = send(self.addr(id), "GET", "/-/metrics", &[], None) else {
+        let auth = self.auth_header();
+        let headers: Vec<(&str, &str)> = auth.iter().map(|(n, v)| (*n, v.as_str())).collect();
+        let Ok(response) = send(self.addr(id), "GET", "/-/metrics", &headers, None) else {
             return 0;
         };
         response

@@ -108,6 +108,11 @@ impl Process {
     fn start(program: PathBuf, args: Vec<String>) -> Process {
         let mut child = Command::new(&program)
             .args(&args)
+            // A token in the developer's environment must not turn every
+            // test server into a protected one: tests give tokens by flag.
+            .env_remove("KV_AUTH_TOKEN")
+            .env_remove("KV_AUTH_TOKEN_FILE")
+            .env_remove("KV_PROXY_NODE_TOKEN_FILE")
             .env(
                 "RUST_LOG",
                 std::env::var("KV_TEST_LOG").unwrap_or_else(|_| "info".into()),

@@ -24,7 +24,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::client::conn::http1::SendRequest;
-use hyper::header::{HeaderMap, HeaderValue, HOST};
+use hyper::header::{HeaderMap, HeaderValue, AUTHORIZATION, HOST};
 use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use kv_cluster::{CLUSTER_ID_HEADER, NODE_ID_HEADER};
@@ -74,15 +74,25 @@ thread_local! {
 pub(crate) struct Forwarder {
     node: HeaderValue,
     cluster: OnceLock<HeaderValue>,
+    /// `Bearer <cluster token>` (issue 14), when the node has one.
+    authorization: Option<HeaderValue>,
     refusals: Arc<Refusals>,
+    /// Peers that refused our token (401), each logged once.
+    unauthorized: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 impl Forwarder {
-    pub(crate) fn new(node: u64, refusals: Arc<Refusals>) -> Self {
+    pub(crate) fn new(
+        node: u64,
+        refusals: Arc<Refusals>,
+        authorization: Option<HeaderValue>,
+    ) -> Self {
         Self {
             node: HeaderValue::from(node),
             cluster: OnceLock::new(),
+            authorization,
             refusals,
+            unauthorized: Default::default(),
         }
     }
 
@@ -104,6 +114,9 @@ impl Forwarder {
     ) -> Result<Forwarded, ForwardError> {
         let headers = request.headers_mut();
         headers.insert(NODE_ID_HEADER, self.node.clone());
+        if let Some(authorization) = &self.authorization {
+            headers.insert(AUTHORIZATION, authorization.clone());
+        }
         let marked = match self.cluster.get() {
             Some(cluster) => {
                 headers.insert(CLUSTER_ID_HEADER, cluster.clone());
@@ -122,6 +135,24 @@ impl Forwarder {
                 )))
             }
         };
+        if answer.status == StatusCode::UNAUTHORIZED {
+            // Our cluster token is not the peer's: nothing was done there
+            // (the check comes first), and the client is not to blame.
+            let first = self
+                .unauthorized
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .insert(addr.to_owned());
+            if first {
+                log::warn!(
+                    "peer {addr} refused this node's cluster token (401): every member must be \
+                     started with the same --auth-token-file / KV_AUTH_TOKEN (logged once per peer)"
+                );
+            }
+            return Err(ForwardError::NotSent(format!(
+                "{addr} refused this node's cluster token"
+            )));
+        }
         if !checked {
             return Ok(answer);
         }

@@ -103,7 +103,16 @@ pub async fn start(
     };
     // Created first: the forwarder shares its record of peers refusing us.
     let network = Network::new();
-    let forwarder = Forwarder::new(node_id, Arc::clone(network.refusals()));
+    // The cluster token (issue 14): on every node-to-node request.
+    let authorization = config
+        .auth
+        .token()
+        .map_err(|error| refuse(error.to_string()))?
+        .map(|token| token.authorization());
+    if let Some(authorization) = &authorization {
+        network.set_authorization(authorization.clone());
+    }
+    let forwarder = Forwarder::new(node_id, Arc::clone(network.refusals()), authorization);
     let routes: std::collections::HashMap<NodeId, String> =
         config.raft_routes.iter().cloned().collect();
     let (mut stored, first_start) = match read_cluster(data_dir) {

@@ -151,11 +151,34 @@ type PeerMap = HashMap<(NodeId, String), Arc<Peer>>;
 struct Identity {
     node: OnceLock<HeaderValue>,
     cluster: OnceLock<HeaderValue>,
+    /// `Bearer <cluster token>` (issue 14), when the node has one.
+    authorization: OnceLock<HeaderValue>,
     refusals: Arc<Refusals>,
+    /// Peers that refused our token (401), each logged once.
+    unauthorized: Mutex<std::collections::HashSet<String>>,
 }
 
 impl Identity {
+    /// A peer answered 401: our cluster token is not its. Logged once per
+    /// peer (openraft retries every heartbeat).
+    fn refused_token(&self, addr: &str) {
+        let first = self
+            .unauthorized
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(addr.to_owned());
+        if first {
+            log::warn!(
+                "peer {addr} refused this node's cluster token (401): every member must be \
+                 started with the same --auth-token-file / KV_AUTH_TOKEN (logged once per peer)"
+            );
+        }
+    }
+
     fn mark(&self, headers: &mut hyper::HeaderMap) {
+        if let Some(authorization) = self.authorization.get() {
+            headers.insert(hyper::header::AUTHORIZATION, authorization.clone());
+        }
         if let Some(node) = self.node.get() {
             headers.insert(kv_cluster_headers::NODE_ID, node.clone());
         }
@@ -222,6 +245,13 @@ impl Network {
         if let Ok(value) = HeaderValue::from_str(id) {
             let _ = self.identity.cluster.set(value);
         }
+    }
+
+    /// Sends `authorization` (`Bearer <cluster token>`) on every request
+    /// from now on. Set once, before the groups start; a second call is
+    /// ignored.
+    pub fn set_authorization(&self, authorization: HeaderValue) {
+        let _ = self.identity.authorization.set(authorization);
     }
 
     /// Which peers refuse this node as another cluster's (shared with the
@@ -657,6 +687,14 @@ async fn exchange(
                     String::from_utf8_lossy(&bytes).trim_end()
                 ))),
             },
+            // Our token is not the peer's: no answer, as from an
+            // unreachable peer (openraft backs off), logged once.
+            StatusCode::UNAUTHORIZED => {
+                identity.refused_token(addr);
+                Err(CallError::Unreachable(format!(
+                    "{addr} refused {path}: 401, this node's cluster token is not its"
+                )))
+            }
             // Our own request was refused as malformed: a bug, not a network fault.
             StatusCode::BAD_REQUEST | StatusCode::PAYLOAD_TOO_LARGE => {
                 Err(CallError::Protocol(format!(
