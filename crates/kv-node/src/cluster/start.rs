@@ -116,6 +116,11 @@ pub async fn start(
         config.raft_routes.iter().cloned().collect();
     let (mut stored, first_start) = match read_cluster(data_dir) {
         Ok(Some(stored)) => {
+            let mut flags = flags;
+            if config.join.is_some() {
+                // The members were learnt, not given: nothing to compare.
+                flags.members = Some(stored.spec.members.clone());
+            }
             check_flags(&stored.spec, &flags).map_err(|mismatch| {
                 refuse(format!("{}: {mismatch}", cluster_file(data_dir).display()))
             })?;
