@@ -74,6 +74,19 @@ impl ClusterNode {
         self.meta()?.raft.metrics().borrow_watched().current_leader
     }
 
+    /// Whether this node leads the metadata group without a quorum ack
+    /// within the leader lease (as [`ClusterNode::unavailable`] judges a
+    /// shard's leader).
+    fn leads_without_quorum(&self, meta: &Hosted) -> bool {
+        let lease = Duration::from_millis(self.timeouts.election_max_ms);
+        let metrics = meta.raft.metrics();
+        let m = metrics.borrow_watched();
+        m.state == ServerState::Leader
+            && m.last_quorum_acked
+                .as_ref()
+                .is_none_or(|at| openraft::Instant::elapsed(&**at) >= lease)
+    }
+
     /// Whether this node founded the cluster's metadata group: the lowest
     /// member id of `cluster.json`, created with `--peers` (not `--join`).
     fn founder(&self) -> bool {
@@ -104,6 +117,11 @@ impl ClusterNode {
         let meta = self
             .meta()
             .ok_or(MembershipError::Refused(Refusal::SingleReplica))?;
+        if self.leads_without_quorum(meta) {
+            // It would append and wait out the timeout: 504 for a command
+            // that cannot commit. Refused before proposing instead.
+            return Err(MembershipError::NoLeader);
+        }
         let written = tokio::time::timeout(
             self.write_timeout,
             meta.raft.client_write(Command::Meta(cmd.clone())),
