@@ -205,6 +205,16 @@ fn the_metadata_group_bootstraps_and_survives_kill9_of_every_node() {
         8 * 3
     );
 
+    for id in 1..=3 {
+        assert_eq!(cluster.metric_sum(id, "kv_cluster_version"), 1);
+        assert_eq!(cluster.metric_sum(id, "kv_cluster_members"), 3);
+    }
+    wait_until("one node says it leads the metadata group", BOUND, || {
+        (1..=3)
+            .map(|id| cluster.metric_sum(id, "kv_cluster_is_meta_leader"))
+            .sum::<u64>()
+            == 1
+    });
     for (n, addr) in addrs.iter().enumerate() {
         assert_eq!(put(*addr, &format!("boot-{n}"), n as u64), 200);
         // Every answer names the placement version.
@@ -219,12 +229,26 @@ fn the_metadata_group_bootstraps_and_survives_kill9_of_every_node() {
         kv_cluster::ShardsView::parse(&shards.body).expect("issue-12 readers still read it");
     }
 
+    // A proposal on any node reaches the metadata leader (forwarded once
+    // by a follower); a repeat changes nothing.
+    let harmless = r#"{"Activate": {"id": 1}}"#;
+    for addr in &addrs {
+        let response = send(*addr, "POST", "/-/meta/propose", &[], Some(harmless)).unwrap();
+        assert_eq!(response.status, 200, "{addr}: {}", response.text());
+        let json: serde_json::Value = serde_json::from_slice(&response.body).unwrap();
+        assert_eq!(
+            json["outcome"],
+            serde_json::json!({"Unchanged": {"version": 1}})
+        );
+        let bad = send(*addr, "POST", "/-/meta/propose", &[], Some("{}")).unwrap();
+        assert_eq!(bad.status, 400, "{}", bad.text());
+    }
+
     // Without a quorum of the metadata group a proposal is refused, not
     // left unknown: 503 + Retry-After once node 1 knows it is alone (a 504
     // before that is allowed, for a command that changes nothing anyway).
     cluster.kill9(2);
     cluster.kill9(3);
-    let harmless = r#"{"Activate": {"id": 1}}"#;
     wait_until("a proposal on node 1 alone answers 503", BOUND, || {
         let response = send(addrs[0], "POST", "/-/meta/propose", &[], Some(harmless)).unwrap();
         assert!(

@@ -762,6 +762,46 @@ impl ClusterNode {
             "Solo shards (one replica, no Raft group) this node owns and serves from its store.",
             self.solo_owned().len() as u64,
         );
+        self.add_meta_metrics(scrape);
+    }
+
+    /// The metadata group's series (design §8): the applied placement
+    /// version, members by state, whether this node leads the group.
+    fn add_meta_metrics(&self, scrape: &mut Scrape) {
+        let Some(state) = self.cluster_state() else {
+            return;
+        };
+        scrape.gauge_u64(
+            "kv_cluster_version",
+            "Placement version of the cluster state this node applied.",
+            state.version,
+        );
+        let members = [
+            kv_cluster::MemberState::Joining,
+            kv_cluster::MemberState::Active,
+            kv_cluster::MemberState::Leaving,
+            kv_cluster::MemberState::Removed,
+        ]
+        .into_iter()
+        .map(|member_state| {
+            let count = state.with_state(member_state).count() as u64;
+            (vec![("state", member_state.as_str().to_owned())], count)
+        })
+        .collect();
+        scrape.family(
+            "kv_cluster_members",
+            "Members of the cluster by state.",
+            false,
+            members,
+        );
+        let leads = self
+            .meta()
+            .is_some_and(|meta| meta.raft.metrics().borrow_watched().state == ServerState::Leader);
+        scrape.gauge_u64(
+            "kv_cluster_is_meta_leader",
+            "1 when this node leads the metadata group.",
+            u64::from(leads),
+        );
     }
 
     /// The leader of `shard` as this node knows it now: its group's view

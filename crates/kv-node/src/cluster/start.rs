@@ -624,6 +624,7 @@ impl ClusterNode {
                 }
             }
         }
+        self.hand_meta_leadership_away().await;
         if moving.is_empty() {
             return;
         }
@@ -651,6 +652,35 @@ impl ClusterNode {
             }
         }
         log::info!("stopping: {handed} of {count} leaderships handed over within {bound:?}");
+    }
+
+    /// The metadata group's leadership, when this node holds it, goes to
+    /// a caught-up voter (not waited for: proposals retry on 503 meanwhile).
+    async fn hand_meta_leadership_away(&self) {
+        let Some(meta) = self.meta() else { return };
+        let me = self.id();
+        let target = {
+            let metrics = meta.raft.metrics();
+            let m = metrics.borrow_watched();
+            if m.state != ServerState::Leader {
+                return;
+            }
+            let voters: Vec<NodeId> = m.membership_config.membership().voter_ids().collect();
+            voters.into_iter().find(|id| {
+                *id != me
+                    && m.replication
+                        .as_ref()
+                        .and_then(|r| r.get(id))
+                        .and_then(|matched| matched.as_ref())
+                        .map(|l| l.index)
+                        == m.last_log_index
+            })
+        };
+        if let Some(target) = target {
+            if meta.raft.trigger().transfer_leader(target).await.is_ok() {
+                log::info!("stopping: handing the metadata group's leadership to node {target}");
+            }
+        }
     }
 
     /// Stops background tasks and shuts every group down.
