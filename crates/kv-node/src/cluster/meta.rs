@@ -277,7 +277,12 @@ pub(crate) fn follow(node: &Arc<ClusterNode>) {
             if applied != seen_applied {
                 seen_applied = applied;
                 match meta.sm.cluster_state() {
-                    Ok(Some(state)) if !state.is_empty() => node.apply_state(state).await,
+                    Ok(Some(state)) if !state.is_empty() => {
+                        if !node.apply_state(state).await {
+                            // A replica could not be hosted: again next tick.
+                            seen_applied = None;
+                        }
+                    }
                     Ok(_) => {}
                     Err(error) if !bad_state_logged => {
                         bad_state_logged = true;
@@ -388,15 +393,15 @@ impl ClusterNode {
         }
     }
 
-    /// Follows a newly applied state (module docs): hosts the groups it
-    /// places here, forgets removed members, then swaps the layout.
-    pub(crate) async fn apply_state(self: &Arc<Self>, state: ClusterState) {
+    /// Follows an applied state (module docs): hosts the groups it places
+    /// here, and when it is newer than the layout, forgets removed members
+    /// and swaps the layout. Returns whether every replica it places here
+    /// is hosted (else the caller tries again).
+    pub(crate) async fn apply_state(self: &Arc<Self>, state: ClusterState) -> bool {
         let old = self.layout();
-        if state.version <= old.version {
-            return;
-        }
         let layout = Layout::from_state(state);
         let me = self.id();
+        let mut complete = true;
         for shard in layout.groups_of(me) {
             if self.hosted(shard).is_some() {
                 continue;
@@ -406,8 +411,14 @@ impl ClusterNode {
                     "shard {shard}: hosting a replica from placement version {}",
                     layout.version
                 ),
-                Err(error) => log::error!("shard {shard}: cannot host a replica: {error}"),
+                Err(error) => {
+                    complete = false;
+                    log::error!("shard {shard}: cannot host a replica: {error}");
+                }
             }
+        }
+        if layout.version <= old.version {
+            return complete;
         }
         if let (Some(new), old_state) = (&layout.state, &old.state) {
             for (&id, member) in &new.members {
@@ -428,6 +439,7 @@ impl ClusterNode {
         if self.layout.swap_if_newer(layout) {
             log::info!("placement version {version}: {members} members");
         }
+        complete
     }
 
     /// Creates this node's (uninitialised) replica of `shard`, recovered
