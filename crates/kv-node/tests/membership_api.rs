@@ -426,6 +426,28 @@ fn a_node_joins_every_node_sees_it_active_with_the_planned_moves() {
     traffic.set(&all);
     let rounds = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| traffic.more_rounds()));
     assert!(rounds.is_ok(), "node 4's log:\n{}", node4.log());
+
+    // Removing it again: leaving (its moves are M3b's), on every node; the
+    // planned moves into it are dropped. A repeat is a 200.
+    let leave = send(addrs[2], "DELETE", "/-/cluster/members/4", &[], None).unwrap();
+    assert_eq!(leave.status, 202, "{}", leave.text());
+    assert!(
+        leave.text().contains(r#""state":"leaving""#),
+        "{}",
+        leave.text()
+    );
+    wait_until("every node shows node 4 leaving", BOUND, || {
+        all.iter().all(|addr| {
+            view(*addr).is_some_and(|v| {
+                v.members[3].state == MemberState::Leaving
+                    && v.moves.planned == 0
+                    && v.version > after.version
+            })
+        })
+    });
+    let again = send(addrs[0], "DELETE", "/-/cluster/members/4", &[], None).unwrap();
+    assert_eq!(again.status, 200, "{}", again.text());
+    traffic.more_rounds();
     traffic.finish();
     eprintln!(
         "answers sent again after a 503/504/421 or a client timeout: {}",
