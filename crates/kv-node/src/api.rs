@@ -282,6 +282,12 @@ async fn cluster_key(
 fn options(app: &App, path: &str) -> Result<Response<Body>, NodeError> {
     let allow = if path == "*" {
         KEY_METHODS
+    } else if let Some(allow) = app
+        .cluster
+        .as_ref()
+        .and_then(|_| crate::cluster::members::allow(path))
+    {
+        allow
     } else if let Some(admin) = path.strip_prefix("/-/") {
         // Known admin paths only, as GET would.
         admin_route(app, &Method::HEAD, admin)?;

@@ -331,6 +331,10 @@ fn a_node_joins_every_node_sees_it_active_with_the_planned_moves() {
     assert!(error.contains("would leave 2 active members"), "{error}");
     assert_eq!(members("DELETE", "/-/cluster/members/9", None).0, 404);
     assert_eq!(members("DELETE", "/-/cluster/members/x", None).0, 400);
+    assert_eq!(members("PUT", "/-/cluster/members", Some("{}")).0, 405);
+    let options = send(addrs[1], "OPTIONS", "/-/cluster/members/4", &[], None).unwrap();
+    assert_eq!(options.status, 204);
+    assert_eq!(options.header("allow"), Some("DELETE, OPTIONS"));
     for bad in [
         r#"{"id": "four"}"#,
         r#"{"id": 4}"#,

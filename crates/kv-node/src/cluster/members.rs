@@ -40,6 +40,19 @@ const MAX_BODY: usize = 64 << 10;
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 const MEMBERS_PATH: &str = "/-/cluster/members";
 
+/// The methods a path of the module table takes (`Allow`, for OPTIONS and
+/// 405); `None` for any other path.
+pub(crate) fn allow(path: &str) -> Option<&'static str> {
+    match path {
+        "/-/cluster" => Some("GET, HEAD, OPTIONS"),
+        PROPOSE_PATH | MEMBERS_PATH => Some("POST, OPTIONS"),
+        _ => path
+            .strip_prefix(MEMBERS_PATH)?
+            .strip_prefix('/')
+            .map(|_| "DELETE, OPTIONS"),
+    }
+}
+
 /// Answers the paths of the module table; `None` for any other path.
 pub(crate) async fn route(
     node: &ClusterNode,
@@ -47,32 +60,17 @@ pub(crate) async fn route(
     body: &mut Option<Incoming>,
 ) -> Option<Result<Response<Body>, NodeError>> {
     let path = parts.uri.path();
-    let method = &parts.method;
-    Some(match path {
-        "/-/cluster" => match *method {
-            Method::GET | Method::HEAD => node.cluster_view(parts.uri.query()),
-            _ => Err(not_allowed("GET, HEAD")),
-        },
-        PROPOSE_PATH => match *method {
-            Method::POST => forwarded_proposal(node, parts, body).await,
-            _ => Err(not_allowed("POST")),
-        },
-        MEMBERS_PATH => match *method {
-            Method::POST => add_member(node, body).await,
-            _ => Err(not_allowed("POST")),
-        },
-        _ => {
+    let allow = allow(path)?;
+    Some(match (&parts.method, path) {
+        (&Method::GET | &Method::HEAD, "/-/cluster") => node.cluster_view(parts.uri.query()),
+        (&Method::POST, PROPOSE_PATH) => forwarded_proposal(node, parts, body).await,
+        (&Method::POST, MEMBERS_PATH) => add_member(node, body).await,
+        (&Method::DELETE, _) if allow.starts_with("DELETE") => {
             let id = path.strip_prefix(MEMBERS_PATH)?.strip_prefix('/')?;
-            match *method {
-                Method::DELETE => remove_member(node, id).await,
-                _ => Err(not_allowed("DELETE")),
-            }
+            remove_member(node, id).await
         }
+        _ => Err(ApiError::MethodNotAllowed { allow }.into()),
     })
-}
-
-fn not_allowed(allow: &'static str) -> NodeError {
-    ApiError::MethodNotAllowed { allow }.into()
 }
 
 /// A JSON answer with a trailing newline.
