@@ -55,6 +55,11 @@ pub struct StoredCluster {
     /// written before ids existed, or by a member that has not learnt it
     /// yet; kv-node adopts one then.
     pub cluster_id: Option<String>,
+    /// This node joined a running cluster (`kv-node --join`, issue 13)
+    /// rather than being created with it: it never initialises the metadata
+    /// group (only a founding member may). Absent (false) in files written
+    /// by `--peers`.
+    pub joined: bool,
 }
 
 /// Why `cluster.json` could not be read or written. Every variant names the
@@ -128,6 +133,13 @@ struct Body<'a> {
     replicas: u32,
     members: &'a BTreeMap<u64, String>,
     seen: &'a BTreeSet<u64>,
+    /// Skipped when false, so files without it keep their checksum.
+    #[serde(skip_serializing_if = "is_false")]
+    joined: bool,
+}
+
+fn is_false(value: &bool) -> bool {
+    !*value
 }
 
 /// The whole file. Unknown fields are refused: in format 1 a key that is
@@ -149,6 +161,8 @@ struct OnDisk {
     members: BTreeMap<u64, String>,
     #[serde(default)]
     seen: BTreeSet<u64>,
+    #[serde(default, skip_serializing_if = "is_false")]
+    joined: bool,
 }
 
 impl OnDisk {
@@ -161,6 +175,7 @@ impl OnDisk {
             replicas: self.replicas,
             members: &self.members,
             seen: &self.seen,
+            joined: self.joined,
         }
     }
 }
@@ -233,6 +248,7 @@ pub fn decode_cluster(path: &Path, bytes: &[u8]) -> Result<StoredCluster, Cluste
         },
         seen: file.seen,
         cluster_id: file.cluster_id,
+        joined: file.joined,
     };
     cluster
         .spec
@@ -254,6 +270,7 @@ pub fn encode_cluster(cluster: &StoredCluster) -> Result<Vec<u8>, serde_json::Er
         members: cluster.spec.members.clone(),
         seen: cluster.seen.clone(),
         cluster_id: cluster.cluster_id.clone(),
+        joined: cluster.joined,
         checksum: None,
     };
     file.checksum = Some(checksum(&file.body())?);
@@ -531,7 +548,24 @@ mod tests {
             .unwrap(),
             seen: [2, 3].into(),
             cluster_id: Some("6f0c1a52-2f4e-4d39-9b7a-0d2b8f3c9e11".into()),
+            joined: false,
         }
+    }
+
+    #[test]
+    fn joined_is_stored_only_when_true() {
+        let founding = three(1);
+        let bytes = encode_cluster(&founding).unwrap();
+        assert!(!String::from_utf8_lossy(&bytes).contains("joined"));
+        let path = Path::new("cluster.json");
+        assert_eq!(decode_cluster(path, &bytes).unwrap(), founding);
+        let joined = StoredCluster {
+            joined: true,
+            ..three(3)
+        };
+        let bytes = encode_cluster(&joined).unwrap();
+        assert!(String::from_utf8_lossy(&bytes).contains("\"joined\": true"));
+        assert_eq!(decode_cluster(path, &bytes).unwrap(), joined);
     }
 
     fn flags(node_id: u64) -> Flags {

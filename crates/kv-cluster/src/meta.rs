@@ -53,31 +53,55 @@ pub const META_VOTERS: usize = 3;
 /// Metadata voters from five active members on: tolerates two failures.
 pub const META_VOTERS_LARGE: usize = 5;
 
-/// A cluster's identity, random at bootstrap, checked when a node joins so a
-/// node cannot be joined into the wrong cluster. Written as 32 lowercase hex
-/// digits (JSON has no 128-bit integers).
+/// A cluster's identity, random when the cluster is created, checked when a
+/// node joins so a node cannot be joined into the wrong cluster. One format
+/// everywhere (`cluster.json`, the `X-Kv-Cluster-Id` header, the metadata
+/// state, `GET /-/cluster`): a UUID written as 8-4-4-4-12 lowercase hex digits
+/// (`5f0c1e2a-...`), which is how kv-node has always written the v4 UUID it
+/// creates (JSON has no 128-bit integers). Parsing also takes the 32 digits
+/// without hyphens.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ClusterId(pub u128);
 
 impl fmt::Display for ClusterId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:032x}", self.0)
+        let hex = format!("{:032x}", self.0);
+        write!(
+            f,
+            "{}-{}-{}-{}-{}",
+            &hex[..8],
+            &hex[8..12],
+            &hex[12..16],
+            &hex[16..20],
+            &hex[20..]
+        )
     }
 }
 
 /// Why a cluster id string was not accepted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("a cluster id is 32 hexadecimal digits")]
+#[error("a cluster id is a UUID: 32 hexadecimal digits, as 8-4-4-4-12 with hyphens")]
 pub struct BadClusterId;
 
 impl FromStr for ClusterId {
     type Err = BadClusterId;
 
     fn from_str(text: &str) -> Result<Self, Self::Err> {
-        if text.len() != 32 || !text.bytes().all(|b| b.is_ascii_hexdigit()) {
+        let digits: String = if text.len() == 36 {
+            let hyphens_in_place = text
+                .char_indices()
+                .all(|(i, c)| matches!(i, 8 | 13 | 18 | 23) == (c == '-'));
+            if !hyphens_in_place {
+                return Err(BadClusterId);
+            }
+            text.chars().filter(|c| *c != '-').collect()
+        } else {
+            text.to_owned()
+        };
+        if digits.len() != 32 || !digits.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(BadClusterId);
         }
-        u128::from_str_radix(text, 16)
+        u128::from_str_radix(&digits, 16)
             .map(ClusterId)
             .map_err(|_| BadClusterId)
     }
@@ -956,4 +980,32 @@ fn finish(state: &mut ClusterState) -> Result<Outcome, Refusal> {
     Ok(Outcome::Changed {
         version: state.version,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cluster_id_is_a_uuid_in_one_format() {
+        // What kv-node's uuid crate writes into cluster.json.
+        let written = "5f0c1e2a-9b3d-4c7e-8f01-23456789abcd";
+        let id: ClusterId = written.parse().unwrap();
+        assert_eq!(id.to_string(), written);
+        assert_eq!(id.0, 0x5f0c1e2a_9b3d_4c7e_8f01_23456789abcd);
+        let bare: ClusterId = "5f0c1e2a9b3d4c7e8f0123456789abcd".parse().unwrap();
+        assert_eq!(bare, id);
+        let json = serde_json::to_string(&id).unwrap();
+        assert_eq!(json, format!("\"{written}\""));
+        assert_eq!(serde_json::from_str::<ClusterId>(&json).unwrap(), id);
+        for bad in [
+            "",
+            "5f0c1e2a-9b3d-4c7e-8f01-23456789abc",
+            "5f0c1e2a9-b3d-4c7e-8f01-23456789abcd",
+            "5f0c1e2a-9b3d-4c7e-8f01-23456789abcg",
+            "+f0c1e2a9b3d4c7e8f0123456789abcd",
+        ] {
+            assert_eq!(bad.parse::<ClusterId>(), Err(BadClusterId), "{bad:?}");
+        }
+    }
 }

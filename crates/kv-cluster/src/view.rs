@@ -390,7 +390,7 @@ mod tests {
         );
 
         let json = serde_json::to_string(&view).unwrap();
-        assert!(json.contains(r#""cluster_id":"00000000000000000000000000005f0c""#));
+        assert!(json.contains(r#""cluster_id":"00000000-0000-0000-0000-000000005f0c""#));
         assert!(json.contains(r#""state":"active""#));
         assert!(json.contains(r#""phase":"copying""#));
         assert!(json.contains(r#""stalled":null"#));

@@ -24,7 +24,7 @@ use std::time::Instant;
 use bytes::{BufMut, Bytes, BytesMut};
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::{Body as _, Incoming};
-use hyper::header::{HeaderMap, HeaderValue, ALLOW, CONTENT_TYPE};
+use hyper::header::{HeaderMap, HeaderName, HeaderValue, ALLOW, CONTENT_TYPE};
 use hyper::http::request::Parts;
 use hyper::{Method, Request, Response, StatusCode};
 use kv_http::metrics::{Metrics, Operation, Scrape};
@@ -103,6 +103,17 @@ pub async fn handle(
     let mut response = route(&app, &reserve, &parts, &mut body)
         .await
         .unwrap_or_else(NodeError::into_response);
+    if let Some(cluster) = &app.cluster {
+        // Every answer of a cluster node says which placement it routed by
+        // (issue 13): a client holding an older one refreshes.
+        let version = cluster.layout().version;
+        if version > 0 {
+            response.headers_mut().insert(
+                HeaderName::from_static(kv_cluster::PLACEMENT_VERSION_HEADER),
+                HeaderValue::from(version),
+            );
+        }
+    }
     // Answered without reading the body (a bad key, a refused method, a GET
     // that carried one): hyper closes such a connection, so say so.
     if body.is_some_and(|body| !body.is_end_stream()) {
@@ -158,6 +169,14 @@ async fn route(
     check_head(parts.version, &parts.headers)?;
     if parts.method == Method::OPTIONS {
         return options(app, path);
+    }
+    if let Some(cluster) = &app.cluster {
+        // The members API and forwarded metadata proposals (issue 13).
+        if path.starts_with("/-/cluster") || path.starts_with("/-/meta/") {
+            if let Some(answer) = crate::cluster::members::route(cluster, parts, body).await {
+                return answer;
+            }
+        }
     }
     if let Some(admin) = path.strip_prefix("/-/") {
         return admin_route(app, &parts.method, admin);
@@ -281,6 +300,12 @@ async fn cluster_key(
 fn options(app: &App, path: &str) -> Result<Response<Body>, NodeError> {
     let allow = if path == "*" {
         KEY_METHODS
+    } else if let Some(allow) = app
+        .cluster
+        .as_ref()
+        .and_then(|_| crate::cluster::members::allow(path))
+    {
+        allow
     } else if let Some(admin) = path.strip_prefix("/-/") {
         // Known admin paths only, as GET would.
         admin_route(app, &Method::HEAD, admin)?;
@@ -543,7 +568,7 @@ fn admin_route(app: &App, method: &Method, path: &str) -> Result<Response<Body>,
             only_get(method)?;
             let cluster = app.cluster.as_ref().ok_or(ApiError::UnknownAdminPath)?;
             let mut bytes = if path == "shards" {
-                serde_json::to_vec(&cluster.shards_view()).unwrap_or_default()
+                cluster.shards_json()
             } else {
                 cluster.cluster_json()
             };

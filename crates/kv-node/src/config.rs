@@ -119,6 +119,34 @@ pub struct Config {
     #[arg(long, env = "KV_PEERS")]
     pub peers: Option<String>,
 
+    /// Cluster mode: join a running cluster through any of these members
+    /// (`HOST:PORT`, comma-separated) instead of `--peers`: with an empty
+    /// data dir the node learns the cluster from the first that answers,
+    /// writes `cluster.json` and asks to be added as `--node-id` at
+    /// `--advertise`. A restart (its data dir has `cluster.json`) ignores it.
+    #[arg(long, env = "KV_JOIN", value_name = "SEED[,SEED..]", conflicts_with_all = ["peers", "shards", "replicas"])]
+    pub join: Option<String>,
+
+    /// Cluster mode (`--join`): the `HOST:PORT` other members and clients
+    /// reach this node at [default: --bind:--port, refused when --bind is
+    /// unspecified].
+    #[arg(long, env = "KV_ADVERTISE", value_name = "HOST:PORT")]
+    pub advertise: Option<String>,
+
+    /// Cluster mode: moves copying at a time, cluster-wide (the metadata
+    /// leader's value applies).
+    #[arg(long, env = "KV_MAX_MOVES", default_value_t = kv_cluster::DEFAULT_MAX_MOVES)]
+    pub max_moves: u32,
+
+    /// Cluster mode: snapshot bytes per second this node sends to other
+    /// replicas (moves and lagging replicas alike); 0 is unbounded.
+    #[arg(long, env = "KV_MOVE_BYTES_PER_SEC", default_value_t = 32 << 20)]
+    pub move_bytes_per_sec: u64,
+
+    /// Cluster mode (tests): stop moving shard S at its joint step, once.
+    #[arg(long, env = "KV_MOVE_PAUSE_JOINT_SHARD", hide = true)]
+    pub move_pause_joint_shard: Option<u32>,
+
     /// Cluster mode: number of shards, fixed when the cluster is created
     /// [default: 64].
     #[arg(long, env = "KV_SHARDS")]
@@ -249,9 +277,9 @@ impl Config {
         }
     }
 
-    /// Whether `--peers` puts this node in cluster mode.
+    /// Whether `--peers` or `--join` puts this node in cluster mode.
     pub fn cluster_mode(&self) -> bool {
-        self.peers.is_some()
+        self.peers.is_some() || self.join.is_some()
     }
 
     /// The openraft timeouts: the defaults, or the hidden test flags.
@@ -293,6 +321,9 @@ mod tests {
             (None, None, None)
         );
         assert!(config.leader_balance);
+        assert_eq!((&config.join, &config.advertise), (&None, &None));
+        assert_eq!(config.max_moves, 2);
+        assert_eq!(config.move_bytes_per_sec, 32 << 20);
         assert_eq!(config.raft_write_timeout, Duration::from_secs(2));
         assert_eq!(config.raft_timeouts(), kv_raft::Timeouts::default());
     }
@@ -324,6 +355,20 @@ mod tests {
         assert_eq!(
             (timeouts.election_min_ms, timeouts.election_max_ms),
             (200, 400)
+        );
+        let joining = Config::parse_from([
+            "kv-node",
+            "--node-id",
+            "4",
+            "--join",
+            "127.0.0.1:8081,127.0.0.1:8082",
+            "--advertise",
+            "127.0.0.1:8084",
+        ]);
+        assert!(joining.cluster_mode());
+        assert!(
+            Config::try_parse_from(["kv-node", "--join", "a:1", "--peers", "1=a:1"]).is_err(),
+            "--join learns the members"
         );
         for bad in [
             ["--raft-route", "x"],

@@ -11,7 +11,7 @@
 use bytes::Bytes;
 use hyper::header::{HeaderName, HeaderValue, RETRY_AFTER};
 use hyper::{Response, StatusCode};
-use kv_cluster::{NotLeader, LEADER_HEADER};
+use kv_cluster::{NotLeader, Refusal, LEADER_HEADER};
 use kv_http::{json_response, Body};
 use kv_store::StoreError;
 
@@ -26,6 +26,76 @@ pub enum NodeError {
     Api(ApiError),
     /// Cluster mode's own answers.
     Cluster(ClusterError),
+    /// The members API and metadata proposals (issue 13).
+    Membership(MembershipError),
+}
+
+/// Why a change of the cluster's members (or any proposal to the metadata
+/// group) was not made, `docs/membership.md` §4.1. Like the key path's
+/// rule: **503 means nothing was proposed; only 504 leaves the outcome
+/// unknown** (the caller reads `GET /-/cluster` to learn it).
+#[derive(Debug, thiserror::Error)]
+pub enum MembershipError {
+    /// The body or path does not say what to do (400).
+    #[error("{0}")]
+    BadRequest(String),
+    /// The metadata group refused the command (404 for an unknown member,
+    /// 503 before the state is bootstrapped, 409 otherwise).
+    #[error("{0}")]
+    Refused(Refusal),
+    /// The address given for a new member does not answer as that member
+    /// of this cluster (409): nothing was proposed.
+    #[error("nothing at {addr} answers as node {id} of this cluster ({why}); start it there first: kv-node --node-id {id} --join <a member's address> --advertise {addr}")]
+    NotThere { id: u64, addr: String, why: String },
+    /// The metadata group has no leader, or its leader no quorum (503).
+    #[error("the cluster's metadata group has no leader with a quorum now; nothing was proposed, try again")]
+    NoLeader,
+    /// Proposed (or maybe), and no answer came (504).
+    #[error("outcome unknown: {0}; GET /-/cluster says whether it was applied")]
+    Unknown(String),
+}
+
+impl MembershipError {
+    /// The HTTP status: the one map of the members API.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            MembershipError::BadRequest(_) | MembershipError::Refused(Refusal::BadAddr { .. }) => {
+                StatusCode::BAD_REQUEST
+            }
+            MembershipError::Refused(Refusal::UnknownMember { .. }) => StatusCode::NOT_FOUND,
+            MembershipError::Refused(Refusal::NotBootstrapped) | MembershipError::NoLeader => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            MembershipError::Refused(_) | MembershipError::NotThere { .. } => StatusCode::CONFLICT,
+            MembershipError::Unknown(_) => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    /// `{"error": ...}` (with `"refusal"`, the typed reason, when the
+    /// metadata group refused: a forwarding node rebuilds the error from
+    /// it); a 503 says `Retry-After: 1`.
+    pub fn into_response(self) -> Response<Body> {
+        let status = self.status();
+        let mut body = serde_json::json!({ "error": self.to_string() });
+        if let MembershipError::Refused(refusal) = &self {
+            body["refusal"] = serde_json::to_value(refusal).unwrap_or_default();
+        }
+        let mut bytes = body.to_string().into_bytes();
+        bytes.push(b'\n');
+        let mut response = json_response(status, Bytes::from(bytes));
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            response
+                .headers_mut()
+                .insert(RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        response
+    }
+}
+
+impl From<MembershipError> for NodeError {
+    fn from(error: MembershipError) -> Self {
+        NodeError::Membership(error)
+    }
 }
 
 /// Why the replicated request path did not serve a request.
@@ -159,6 +229,7 @@ impl NodeError {
         match self {
             NodeError::Api(error) => error.into_response(),
             NodeError::Cluster(error) => error.into_response(),
+            NodeError::Membership(error) => error.into_response(),
         }
     }
 }
@@ -228,5 +299,46 @@ mod tests {
             assert_eq!(response.status().as_u16(), status);
             assert_eq!(response.headers().contains_key(RETRY_AFTER), status == 503);
         }
+    }
+
+    #[test]
+    fn membership_errors_map_to_their_statuses() {
+        let not_there = MembershipError::NotThere {
+            id: 4,
+            addr: "127.0.0.1:8084".into(),
+            why: "connection refused".into(),
+        };
+        for (error, status) in [
+            (MembershipError::BadRequest("no id".into()), 400),
+            (
+                MembershipError::Refused(Refusal::UnknownMember { id: 9 }),
+                404,
+            ),
+            (MembershipError::Refused(Refusal::IdTaken { id: 2 }), 409),
+            (MembershipError::Refused(Refusal::SingleReplica), 409),
+            (MembershipError::Refused(Refusal::NotBootstrapped), 503),
+            (not_there, 409),
+            (MembershipError::NoLeader, 503),
+            (MembershipError::Unknown("timed out".into()), 504),
+        ] {
+            let refused = matches!(error, MembershipError::Refused(_));
+            let response = error.into_response();
+            assert_eq!(response.status().as_u16(), status);
+            assert_eq!(response.headers().contains_key(RETRY_AFTER), status == 503);
+            let body = futures_body(response);
+            assert!(body["error"].is_string(), "{body}");
+            assert_eq!(body.get("refusal").is_some(), refused, "{body}");
+        }
+    }
+
+    fn futures_body(response: Response<Body>) -> serde_json::Value {
+        use http_body_util::BodyExt;
+        let bytes = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(response.into_body().collect())
+            .unwrap()
+            .to_bytes();
+        serde_json::from_slice(&bytes).unwrap()
     }
 }

@@ -29,6 +29,10 @@
 //! readiness fields, and the per-shard metrics.
 
 pub(crate) mod forward;
+pub(crate) mod join;
+pub(crate) mod layout;
+pub(crate) mod members;
+pub(crate) mod meta;
 pub(crate) mod request;
 pub(crate) mod start;
 pub(crate) mod storage;
@@ -54,6 +58,7 @@ use tokio::runtime::Handle;
 use tokio::task::JoinHandle;
 
 use self::forward::Forwarder;
+use self::layout::{HostedSlots, Layout, LayoutCell};
 use self::request::ReadGate;
 use self::storage::{GroupLog, NodeStorage, ShardRaft, ShardSm};
 use crate::error::ClusterError;
@@ -159,16 +164,14 @@ impl Unavailable {
 
 /// Everything cluster mode shares between requests and background tasks.
 pub struct ClusterNode {
+    /// `cluster.json`'s spec: this node's id, the shard and replica
+    /// counts (fixed), and the members it was created with.
     pub(crate) spec: ClusterSpec,
-    /// Per shard, its replicas in placement order.
-    pub(crate) placement: Vec<Vec<NodeId>>,
-    /// Per shard, who should lead it.
-    pub(crate) preferred: Vec<NodeId>,
-    /// Per shard, `Some` when this node holds a replica in a Raft group.
-    pub(crate) hosted: Vec<Option<Hosted>>,
-    /// Per shard, `Some(owner)` when the shard has one replica: a solo
-    /// shard, served by its owner's store without Raft.
-    pub(crate) solo: Vec<Option<NodeId>>,
+    /// Where shards live now: swapped whole when the metadata group applies
+    /// a new state (see [`layout`]).
+    pub(crate) layout: LayoutCell,
+    /// Per shard, this node's replica in a Raft group, when it holds one.
+    pub(crate) hosted: HostedSlots,
     /// The node's store: its WAL carries the groups' logs, its map the
     /// solo shards' keys.
     pub(crate) store: Arc<Store>,
@@ -200,7 +203,13 @@ pub struct ClusterNode {
     pub(crate) data_dir: PathBuf,
     pub(crate) tasks: Mutex<Vec<JoinHandle<()>>>,
     pub(crate) network: Network,
-    pub(crate) _storage: NodeStorage,
+    pub(crate) storage: Arc<NodeStorage>,
+    /// The openraft config every group runs with (groups are created at
+    /// run time too, see [`meta`]).
+    pub(crate) raft_config: Arc<openraft::Config>,
+    /// The metadata group's replica (issue 13; `None` with `--replicas 1`,
+    /// whose shards cannot move).
+    pub(crate) meta: Option<Arc<Hosted>>,
 }
 
 impl ClusterNode {
@@ -228,29 +237,56 @@ impl ClusterNode {
         }
     }
 
-    pub(crate) fn hosted(&self, shard: u32) -> Option<&Hosted> {
-        self.hosted.get(shard as usize).and_then(Option::as_ref)
+    /// This node's replica of `shard`, when it hosts one.
+    #[inline]
+    pub(crate) fn hosted(&self, shard: u32) -> Option<Arc<Hosted>> {
+        self.hosted.get(shard)
+    }
+
+    /// This node's replica of `shard` when it serves it: hosted here *and* a
+    /// voter of the shard's current membership. A replica that is only a
+    /// move's learner (created before its leader adds it, issue 13) knows no
+    /// leader and holds nothing yet: requests for its shard are routed as
+    /// for a shard not hosted here.
+    #[inline]
+    pub(crate) fn serving(&self, shard: u32) -> Option<Arc<Hosted>> {
+        let hosted = self.hosted(shard)?;
+        self.layout()
+            .replicas(shard)
+            .contains(&self.id())
+            .then_some(hosted)
+    }
+
+    /// The layout now (one read per request: see [`layout`]).
+    #[inline]
+    pub(crate) fn layout(&self) -> Arc<Layout> {
+        self.layout.get()
     }
 
     /// The owner of `shard` when it is a solo shard (one replica, no Raft).
     #[inline]
     pub(crate) fn solo_owner(&self, shard: u32) -> Option<NodeId> {
-        self.solo.get(shard as usize).copied().flatten()
+        self.layout().solo_owner(shard)
     }
 
     /// Solo shards this node owns.
-    fn solo_owned(&self) -> impl Iterator<Item = u32> + '_ {
+    fn solo_owned(&self) -> Vec<u32> {
         let me = self.id();
-        self.solo
-            .iter()
-            .enumerate()
-            .filter(move |(_, owner)| **owner == Some(me))
-            .map(|(shard, _)| shard as u32)
+        let layout = self.layout();
+        (0..self.spec.shards)
+            .filter(|shard| layout.solo_owner(*shard) == Some(me))
+            .collect()
     }
 
-    /// Where node-to-node traffic (and forwarding) for `id` goes.
+    /// Where node-to-node traffic (and forwarding) for `id` goes: a
+    /// `--raft-route` override, else its address in the layout, else in
+    /// `cluster.json`.
     pub(crate) fn peer_addr(&self, id: NodeId) -> Option<String> {
-        self.routes
+        if let Some(route) = self.routes.get(&id) {
+            return Some(route.clone());
+        }
+        self.layout()
+            .members
             .get(&id)
             .or_else(|| self.spec.members.get(&id))
             .cloned()
@@ -330,12 +366,12 @@ impl ClusterNode {
     /// group has nothing more for [`note_seen`](Self::note_seen) to learn).
     pub(crate) fn seen_all(&self, shard: u32) -> bool {
         let me = self.id();
+        let layout = self.layout();
         let stored = self.stored.lock().unwrap_or_else(PoisonError::into_inner);
-        self.placement.get(shard as usize).is_some_and(|replicas| {
-            replicas
-                .iter()
-                .all(|member| *member == me || stored.seen.contains(member))
-        })
+        layout
+            .replicas(shard)
+            .iter()
+            .all(|member| *member == me || stored.seen.contains(member))
     }
 
     /// `GET /-/raft/cluster`: this node's `cluster.json`.
@@ -352,13 +388,14 @@ impl ClusterNode {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clone();
+        let layout = self.layout();
         let groups = (0..self.spec.shards)
             .map(|shard| {
                 let index = shard as usize;
                 let mut view = GroupView {
                     shard,
-                    replicas: self.placement[index].clone(),
-                    preferred_leader: self.preferred[index],
+                    replicas: layout.replicas(shard).to_vec(),
+                    preferred_leader: layout.preferred(shard),
                     leader: cache.get(index).copied().flatten(),
                     term: None,
                     committed: None,
@@ -367,13 +404,13 @@ impl ClusterNode {
                     purged: None,
                     hosted: false,
                 };
-                if let Some(owner) = self.solo_owner(shard) {
+                if let Some(owner) = layout.solo_owner(shard) {
                     // Its owner leads it, always, in term 0 (no election
                     // ever runs); no Raft log, so no indexes: null.
                     view.leader = Some(owner);
                     view.term = Some(0);
                     view.hosted = owner == self.id();
-                } else if let Some(hosted) = self.hosted(shard) {
+                } else if let Some(hosted) = self.serving(shard) {
                     let metrics = hosted.raft.metrics();
                     let m = metrics.borrow_watched();
                     view.hosted = true;
@@ -391,7 +428,7 @@ impl ClusterNode {
             shards: self.spec.shards,
             replicas: self.spec.replicas,
             node_id: self.id(),
-            members: self.spec.members.clone(),
+            members: layout.members.clone(),
             groups,
         }
     }
@@ -438,32 +475,31 @@ impl ClusterNode {
         })
     }
 
-    fn hosted_iter(&self) -> impl Iterator<Item = (u32, &Hosted)> {
-        self.hosted
-            .iter()
-            .enumerate()
-            .filter_map(|(shard, hosted)| Some((shard as u32, hosted.as_ref()?)))
+    fn hosted_iter(&self) -> Vec<(u32, Arc<Hosted>)> {
+        self.hosted.all()
     }
 
     /// Shards this node holds a replica of (solo shards it owns included).
     pub fn shards_hosted(&self) -> usize {
-        self.hosted_iter().count() + self.solo_owned().count()
+        self.hosted.count() + self.solo_owned().len()
     }
 
     /// Shards this node leads now (a solo shard's owner always leads it).
     pub fn shards_led(&self) -> usize {
         self.hosted_iter()
+            .iter()
             .filter(|(_, hosted)| {
                 hosted.raft.metrics().borrow_watched().state == ServerState::Leader
             })
             .count()
-            + self.solo_owned().count()
+            + self.solo_owned().len()
     }
 
     /// Keys on this node's replicas: the groups' maps and the store's map
     /// (which holds the solo shards' keys only).
     pub fn keys(&self) -> usize {
         self.hosted_iter()
+            .iter()
             .map(|(_, hosted)| storage::len(&hosted.sm))
             .sum::<usize>()
             + self.store.len()
@@ -511,7 +547,7 @@ impl ClusterNode {
         let recovered = self.recovered.load(Relaxed);
         // Groups only: a solo shard has nothing to recover past the store,
         // whose writability the caller checks.
-        let hosted = self.hosted_iter().count();
+        let hosted = self.hosted.count();
         if recovered < hosted {
             return Err(not_ready(format!(
                 "{recovered} of {hosted} shards recovered"
@@ -724,7 +760,47 @@ impl ClusterNode {
         scrape.gauge_u64(
             "kv_solo_shards",
             "Solo shards (one replica, no Raft group) this node owns and serves from its store.",
-            self.solo_owned().count() as u64,
+            self.solo_owned().len() as u64,
+        );
+        self.add_meta_metrics(scrape);
+    }
+
+    /// The metadata group's series (design §8): the applied placement
+    /// version, members by state, whether this node leads the group.
+    fn add_meta_metrics(&self, scrape: &mut Scrape) {
+        let Some(state) = self.cluster_state() else {
+            return;
+        };
+        scrape.gauge_u64(
+            "kv_cluster_version",
+            "Placement version of the cluster state this node applied.",
+            state.version,
+        );
+        let members = [
+            kv_cluster::MemberState::Joining,
+            kv_cluster::MemberState::Active,
+            kv_cluster::MemberState::Leaving,
+            kv_cluster::MemberState::Removed,
+        ]
+        .into_iter()
+        .map(|member_state| {
+            let count = state.with_state(member_state).count() as u64;
+            (vec![("state", member_state.as_str().to_owned())], count)
+        })
+        .collect();
+        scrape.family(
+            "kv_cluster_members",
+            "Members of the cluster by state.",
+            false,
+            members,
+        );
+        let leads = self
+            .meta()
+            .is_some_and(|meta| meta.raft.metrics().borrow_watched().state == ServerState::Leader);
+        scrape.gauge_u64(
+            "kv_cluster_is_meta_leader",
+            "1 when this node leads the metadata group.",
+            u64::from(leads),
         );
     }
 
@@ -735,7 +811,7 @@ impl ClusterNode {
         if let Some(owner) = self.solo_owner(shard) {
             return Some(owner);
         }
-        if let Some(hosted) = self.hosted(shard) {
+        if let Some(hosted) = self.serving(shard) {
             return hosted.raft.metrics().borrow_watched().current_leader;
         }
         Some(self.cached_leader(shard).id())
@@ -764,6 +840,9 @@ impl ClusterNode {
 
     /// The shards hosted here, in order.
     pub(crate) fn group_ids(&self) -> Vec<GroupId> {
-        self.hosted_iter().map(|(shard, _)| shard).collect()
+        self.hosted_iter()
+            .into_iter()
+            .map(|(shard, _)| shard)
+            .collect()
     }
 }

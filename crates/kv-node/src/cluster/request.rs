@@ -325,10 +325,10 @@ impl ClusterNode {
         raw: Bytes,
     ) -> Result<Response<Body>, NodeError> {
         let shard = request.shard;
-        let leader = match self.hosted(shard) {
+        let leader = match self.serving(shard) {
             Some(hosted) => {
                 if let Some(full) = self.disk_full() {
-                    return self.around_full_disk(request, hosted, raw, full).await;
+                    return self.around_full_disk(request, &hosted, raw, full).await;
                 }
                 if hosted
                     .raft
@@ -380,7 +380,7 @@ impl ClusterNode {
     /// One try of a GET or HEAD of `request.key`.
     async fn read_once(&self, request: &KeyRequest<'_>) -> Result<Response<Body>, NodeError> {
         let shard = request.shard;
-        let Some(hosted) = self.hosted(shard) else {
+        let Some(hosted) = self.serving(shard) else {
             let leader = self.cached_leader(shard);
             return self.redirect(request, shard, leader, Bytes::new()).await;
         };
@@ -401,7 +401,7 @@ impl ClusterNode {
         }
         if let Some(full) = self.disk_full() {
             return self
-                .around_full_disk(request, hosted, Bytes::new(), full)
+                .around_full_disk(request, &hosted, Bytes::new(), full)
                 .await;
         }
         let started = Instant::now();
@@ -459,9 +459,11 @@ impl ClusterNode {
             None if request.direct() || request.forwarded() => return Err(full.into()),
             None => {
                 let other = self
-                    .placement
-                    .get(shard as usize)
-                    .and_then(|replicas| replicas.iter().copied().find(|id| *id != me));
+                    .layout()
+                    .replicas(shard)
+                    .iter()
+                    .copied()
+                    .find(|id| *id != me);
                 let Some(id) = other else {
                     return Err(full.into());
                 };
@@ -509,10 +511,10 @@ impl ClusterNode {
             .get(shard as usize)
             .copied()
             .flatten();
-        let id = cached.unwrap_or(self.preferred[shard as usize]);
+        let id = cached.unwrap_or_else(|| self.layout().preferred(shard));
         LeaderAt {
             id,
-            addr: self.spec.members.get(&id).cloned().unwrap_or_default(),
+            addr: self.layout().members.get(&id).cloned().unwrap_or_default(),
             term: 0,
         }
     }
@@ -522,12 +524,14 @@ impl ClusterNode {
     /// serves, or its 421 names the leader). Without this the cache would
     /// keep naming a dead node until a request happened to learn better.
     fn forget_leader(&self, shard: u32, dead: NodeId) {
-        if self.hosted(shard).is_some() {
+        if self.serving(shard).is_some() {
             return;
         }
-        let Some(replicas) = self.placement.get(shard as usize) else {
+        let layout = self.layout();
+        let replicas = layout.replicas(shard);
+        if replicas.is_empty() {
             return;
-        };
+        }
         let next = replicas
             .iter()
             .position(|id| *id == dead)
@@ -544,7 +548,7 @@ impl ClusterNode {
     }
 
     fn learn_leader(&self, shard: u32, leader: NodeId) {
-        if self.hosted(shard).is_none() {
+        if self.serving(shard).is_none() {
             if let Some(slot) = self
                 .leader_cache
                 .lock()
@@ -568,7 +572,7 @@ impl ClusterNode {
         let mut leader = leader;
         if leader.addr.is_empty() {
             leader.addr = self
-                .spec
+                .layout()
                 .members
                 .get(&leader.id)
                 .cloned()

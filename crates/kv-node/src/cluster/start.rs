@@ -27,9 +27,10 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Request, StatusCode};
 use kv_cluster::{
-    check_flags, check_flags_with_peer, cluster_file, decode_cluster, parse_peers, placement,
-    preferred_leaders, read_cluster, write_cluster, ClusterSpec, Flags, StoredCluster,
+    check_flags, check_flags_with_peer, cluster_file, decode_cluster, parse_peers, read_cluster,
+    write_cluster, ClusterSpec, Flags, StoredCluster,
 };
+use kv_raft::types::METADATA_GROUP;
 use kv_raft::{raft_config, Groups, Network, NodeId, Raft, MAX_REPLICATED_VALUE};
 use kv_store::Store;
 use openraft::async_runtime::WatchReceiver;
@@ -38,9 +39,10 @@ use openraft::{BasicNode, ServerState};
 use tokio::runtime::Handle;
 
 use super::forward::Forwarder;
+use super::layout::{HostedSlots, Layout, LayoutCell};
 use super::request::ReadGate;
 use super::storage;
-use super::{watch, ClusterNode, Hosted, PathStats, ShardStats};
+use super::{join, meta, watch, ClusterNode, Hosted, PathStats, ShardStats};
 use crate::Config;
 
 /// How long the first-start guard waits for each peer.
@@ -80,9 +82,9 @@ pub async fn start(
     data_dir: &Path,
 ) -> io::Result<Arc<ClusterNode>> {
     let peers = config.peers.as_deref().unwrap_or_default();
-    let node_id = config
-        .node_id
-        .ok_or_else(|| refuse("--peers needs --node-id: which of the members is this node?"))?;
+    let node_id = config.node_id.ok_or_else(|| {
+        refuse("--peers and --join need --node-id: which of the members is this node?")
+    })?;
     if config.max_value_bytes > MAX_REPLICATED_VALUE {
         return Err(refuse(format!(
             "--max-value-bytes {} is more than a replicated write can carry; in cluster mode the most is {MAX_REPLICATED_VALUE}",
@@ -94,10 +96,16 @@ pub async fn start(
             "--import loads a standalone node; it cannot be used with --peers",
         ));
     }
-    let members = parse_peers(peers).map_err(|error| refuse(format!("--peers: {error}")))?;
+    let members = match &config.peers {
+        Some(peers) => {
+            Some(parse_peers(peers).map_err(|error| refuse(format!("--peers: {error}")))?)
+        }
+        // --join: the members are learnt (and --peers refused by the flags).
+        None => None,
+    };
     let flags = Flags {
         node_id,
-        members: Some(members),
+        members,
         shards: config.shards,
         replicas: config.replicas,
     };
@@ -117,10 +125,27 @@ pub async fn start(
         config.raft_routes.iter().cloned().collect();
     let (mut stored, first_start) = match read_cluster(data_dir) {
         Ok(Some(stored)) => {
+            let mut flags = flags;
+            if config.join.is_some() {
+                // The members were learnt, not given: nothing to compare.
+                flags.members = Some(stored.spec.members.clone());
+            }
             check_flags(&stored.spec, &flags).map_err(|mismatch| {
                 refuse(format!("{}: {mismatch}", cluster_file(data_dir).display()))
             })?;
+            if config.join.is_some() {
+                log::info!(
+                    "--join ignored: {} says which cluster this node belongs to",
+                    cluster_file(data_dir).display()
+                );
+            }
             (stored, false)
+        }
+        Ok(None) if config.join.is_some() => {
+            let seeds = config.join.as_deref().unwrap_or_default();
+            let stored = join::learn(config, node_id, seeds, &forwarder).await?;
+            write_cluster(data_dir, &stored).map_err(|error| refuse(error.to_string()))?;
+            (stored, true)
         }
         Ok(None) => {
             let spec = ClusterSpec::new(node_id, peers, config.shards, config.replicas)
@@ -130,6 +155,7 @@ pub async fn start(
                 cluster_id: choose_cluster_id(&spec, &ids, true),
                 spec,
                 seen: BTreeSet::new(),
+                joined: false,
             };
             write_cluster(data_dir, &stored).map_err(|error| refuse(error.to_string()))?;
             (stored, true)
@@ -162,29 +188,49 @@ pub async fn start(
     for (id, addr) in &routes {
         network.set_route(*id, addr.clone());
     }
-    let placed = placement(&spec);
-    let preferred = preferred_leaders(&placed);
-    let solo: Vec<Option<NodeId>> = placed
-        .iter()
-        .map(|replicas| match replicas.as_slice() {
-            [owner] => Some(*owner),
-            _ => None,
-        })
-        .collect();
+    network
+        .snapshot_throttle()
+        .set_rate(config.move_bytes_per_sec);
+    let fixed = if stored.joined {
+        Layout::joined(&spec)
+    } else {
+        Layout::from_spec(&spec)
+    };
     // Recovering the groups reads snapshot files: off the async workers.
-    let here: Vec<u32> = (0..spec.shards)
-        .filter(|shard| {
-            let index = *shard as usize;
-            solo[index].is_none() && placed[index].contains(&node_id)
-        })
-        .collect();
     let dir = data_dir.to_path_buf();
     let owned_solo: Vec<u32> = (0..spec.shards)
-        .filter(|shard| solo[*shard as usize] == Some(node_id))
+        .filter(|shard| fixed.solo_owner(*shard) == Some(node_id))
         .collect();
     let group_store = Arc::clone(&store);
-    let (node_storage, mut opened) = tokio::task::spawn_blocking(move || {
-        let node_storage = storage::open(group_store, &dir)?;
+    let node_storage = Arc::new(
+        tokio::task::spawn_blocking(move || storage::open(group_store, &dir))
+            .await
+            .map_err(io::Error::other)??,
+    );
+    // The metadata group first (issue 13): the state it applied before this
+    // start says which shards live here, when it has one.
+    let meta = if spec.replicas >= 2 {
+        Some(Arc::new(
+            meta::open(node_id, &node_storage, &raft_config, &network).await?,
+        ))
+    } else {
+        None
+    };
+    let layout = match meta.as_ref().map(|meta| meta.sm.cluster_state()) {
+        Some(Ok(Some(state))) if !state.is_empty() => Layout::from_state(state),
+        Some(Err(error)) => {
+            return Err(refuse(format!(
+                "{}: the metadata group's cluster state is unreadable: {error}",
+                data_dir.display()
+            )))
+        }
+        _ => fixed,
+    };
+    let here = layout.groups_of(node_id);
+    let dir = data_dir.to_path_buf();
+    let opening = Arc::clone(&node_storage);
+    let mut opened = tokio::task::spawn_blocking(move || {
+        let node_storage = &*opening;
         // A Raft log of a shard now served solo would be ignored: its
         // writes would vanish. Only a data dir written before solo shards
         // existed can hold one.
@@ -199,17 +245,19 @@ pub async fn start(
         }
         let mut opened = std::collections::HashMap::new();
         for shard in here {
-            opened.insert(shard, storage::group(&node_storage, shard)?);
+            opened.insert(shard, storage::group(node_storage, shard)?);
         }
-        Ok::<_, io::Error>((node_storage, opened))
+        Ok::<_, io::Error>(opened)
     })
     .await
     .map_err(io::Error::other)??;
     let groups = Arc::new(Groups::default());
-    let mut hosted = Vec::with_capacity(spec.shards as usize);
+    if let Some(meta) = &meta {
+        groups.insert(METADATA_GROUP, meta.raft.clone());
+    }
+    let hosted = HostedSlots::new(spec.shards);
     for shard in 0..spec.shards {
         let Some((log, sm)) = opened.remove(&shard) else {
-            hosted.push(None);
             continue;
         };
         let raft = Raft::new(
@@ -222,18 +270,19 @@ pub async fn start(
         .await
         .map_err(|error| io::Error::other(format!("shard {shard}: {error}")))?;
         groups.insert(shard, raft.clone());
-        hosted.push(Some(Hosted {
-            raft,
-            log,
-            sm,
-            gate: Arc::new(ReadGate::default()),
-        }));
+        hosted.fill(
+            shard,
+            Hosted {
+                raft,
+                log,
+                sm,
+                gate: Arc::new(ReadGate::default()),
+            },
+        );
     }
     let node = Arc::new(ClusterNode {
-        placement: placed,
-        preferred,
+        layout: LayoutCell::new(layout),
         hosted,
-        solo,
         store,
         groups,
         routes,
@@ -256,13 +305,18 @@ pub async fn start(
         data_dir: data_dir.to_path_buf(),
         tasks: Mutex::new(Vec::new()),
         network,
-        _storage: node_storage,
+        storage: node_storage,
+        raft_config,
+        meta,
         spec,
     });
     for shard in node.group_ids() {
         watch::follow(&node, shard);
     }
     initialise(&node, first_start).await?;
+    meta::initialise(&node).await?;
+    meta::follow(&node);
+    join::ask(&node);
     if config.leader_balance {
         watch::balance(&node);
     }
@@ -277,7 +331,7 @@ pub async fn start(
         node.spec.shards,
         node.spec.replicas,
         node.shards_hosted(),
-        node.solo_owned().count(),
+        node.solo_owned().len(),
         if first_start {
             "first start"
         } else {
@@ -483,11 +537,16 @@ async fn initialise(node: &ClusterNode, first_start: bool) -> io::Result<()> {
         return Ok(());
     }
     let me = node.id();
+    let layout = node.layout();
     let mut initialised = 0;
     let mut waiting: BTreeSet<NodeId> = BTreeSet::new();
     for shard in node.group_ids() {
-        let index = shard as usize;
-        let preferred = node.preferred[index];
+        // A shard a move changed is never initialised again: its replicas
+        // here are made by its leader (a learner first).
+        if !layout.never_moved(shard) {
+            continue;
+        }
+        let preferred = layout.preferred(shard);
         if preferred != me {
             waiting.insert(preferred);
             continue;
@@ -503,12 +562,13 @@ async fn initialise(node: &ClusterNode, first_start: bool) -> io::Result<()> {
         if initialized {
             continue;
         }
-        let voters: BTreeMap<NodeId, BasicNode> = node.placement[index]
+        let voters: BTreeMap<NodeId, BasicNode> = layout
+            .replicas(shard)
             .iter()
             .map(|id| {
                 (
                     *id,
-                    BasicNode::new(node.spec.members.get(id).cloned().unwrap_or_default()),
+                    BasicNode::new(layout.members.get(id).cloned().unwrap_or_default()),
                 )
             })
             .collect();
@@ -540,6 +600,7 @@ impl ClusterNode {
         let deadline = Instant::now() + bound;
         let me = self.id();
         let mut moving = Vec::new();
+        let layout = self.layout();
         for shard in self.group_ids() {
             let Some(hosted) = self.hosted(shard) else {
                 continue;
@@ -559,14 +620,11 @@ impl ClusterNode {
                             .map(|l| l.index)
                             == m.last_log_index
                 };
-                let preferred = self.preferred[shard as usize];
+                let preferred = layout.preferred(shard);
                 if caught_up(&preferred) {
                     Some(preferred)
                 } else {
-                    self.placement[shard as usize]
-                        .iter()
-                        .copied()
-                        .find(caught_up)
+                    layout.replicas(shard).iter().copied().find(caught_up)
                 }
             };
             if let Some(target) = target {
@@ -575,6 +633,7 @@ impl ClusterNode {
                 }
             }
         }
+        self.hand_meta_leadership_away().await;
         if moving.is_empty() {
             return;
         }
@@ -604,6 +663,35 @@ impl ClusterNode {
         log::info!("stopping: {handed} of {count} leaderships handed over within {bound:?}");
     }
 
+    /// The metadata group's leadership, when this node holds it, goes to
+    /// a caught-up voter (not waited for: proposals retry on 503 meanwhile).
+    async fn hand_meta_leadership_away(&self) {
+        let Some(meta) = self.meta() else { return };
+        let me = self.id();
+        let target = {
+            let metrics = meta.raft.metrics();
+            let m = metrics.borrow_watched();
+            if m.state != ServerState::Leader {
+                return;
+            }
+            let voters: Vec<NodeId> = m.membership_config.membership().voter_ids().collect();
+            voters.into_iter().find(|id| {
+                *id != me
+                    && m.replication
+                        .as_ref()
+                        .and_then(|r| r.get(id))
+                        .and_then(|matched| matched.as_ref())
+                        .map(|l| l.index)
+                        == m.last_log_index
+            })
+        };
+        if let Some(target) = target {
+            if meta.raft.trigger().transfer_leader(target).await.is_ok() {
+                log::info!("stopping: handing the metadata group's leadership to node {target}");
+            }
+        }
+    }
+
     /// Stops background tasks and shuts every group down.
     pub async fn shutdown(&self) {
         for task in self
@@ -622,6 +710,14 @@ impl ClusterNode {
                 {
                     log::warn!("shard {shard}: did not shut down within 5 s");
                 }
+            }
+        }
+        if let Some(meta) = self.meta() {
+            if tokio::time::timeout(Duration::from_secs(5), meta.raft.shutdown())
+                .await
+                .is_err()
+            {
+                log::warn!("the metadata group did not shut down within 5 s");
             }
         }
     }

@@ -200,11 +200,12 @@ pub(crate) fn balance(node: &Arc<ClusterNode>) {
                 return;
             }
             let mut moved = 0;
+            let layout = node.layout();
             for shard in node.group_ids() {
                 if moved >= TRANSFERS_PER_ROUND {
                     break;
                 }
-                let preferred = node.preferred[shard as usize];
+                let preferred = layout.preferred(shard);
                 if preferred == node.id() {
                     continue;
                 }
@@ -268,9 +269,12 @@ pub(crate) fn snapshots(node: &Arc<ClusterNode>, max_log_bytes: u64) {
                 if node.disk_full().is_some() {
                     continue;
                 }
+                // The metadata group too: its log would otherwise only grow.
                 node.hosted
-                    .iter()
-                    .flatten()
+                    .all()
+                    .into_iter()
+                    .map(|(_, hosted)| hosted)
+                    .chain(node.meta().cloned())
                     .map(|hosted| (hosted.log.clone(), hosted.sm.clone(), hosted.raft.clone()))
                     .collect()
             };
@@ -339,6 +343,7 @@ pub(crate) fn disk(node: &Arc<ClusterNode>) {
 /// watcher up.
 fn hand_leaderships_away(node: &Arc<ClusterNode>, handed: &mut HashMap<u32, Instant>) {
     let me = node.id();
+    let layout = node.layout();
     for shard in node.group_ids() {
         let Some(hosted) = node.hosted(shard) else {
             continue;
@@ -363,11 +368,13 @@ fn hand_leaderships_away(node: &Arc<ClusterNode>, handed: &mut HashMap<u32, Inst
                     .and_then(|r| r.get(id))
                     .and_then(|l| l.as_ref().map(|l| l.index))
             };
-            node.placement[shard as usize]
+            let preferred = layout.preferred(shard);
+            layout
+                .replicas(shard)
                 .iter()
                 .copied()
                 .filter(|id| *id != me)
-                .max_by_key(|id| (matched(id), *id == node.preferred[shard as usize]))
+                .max_by_key(|id| (matched(id), *id == preferred))
         };
         let Some(target) = target else {
             continue;

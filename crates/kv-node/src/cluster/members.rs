@@ -1,0 +1,300 @@
+//! The cluster's HTTP API of issue 13 (`docs/membership.md` §4.1, §4.5, §8):
+//!
+//! | request | answer |
+//! |---|---|
+//! | `GET /-/cluster` | [`ClusterView`]: members, version, move counts (`?local`: this node's executors' [`LocalProgress`]) |
+//! | `POST /-/cluster/members {"id", "addr"}` | 202 `{"id", "addr", "state": "joining", "version"}`; 200 when already a member at that address |
+//! | `DELETE /-/cluster/members/<id>` | 202 `{"id", "state": "leaving", "version"}`; 200 when already leaving or removed |
+//! | `POST /-/meta/propose` (JSON [`MetaCommand`]) | 200 `{"outcome": ..., "version": N}`: a proposal forwarded by another node |
+//!
+//! Every change is a proposal to the metadata group ([`ClusterNode::propose`]):
+//! it is first applied to a copy of this node's state (a dry run with the
+//! same pure [`kv_cluster::apply`]), so a refusal the state already decides
+//! (unknown id 404, taken id or address 409, too few members left 409,
+//! `--replicas 1` 409) is answered without a round trip and proposes
+//! nothing; the metadata group applies it again for real, so a decision made
+//! on a stale copy is refused there, never harmful. A new member's address
+//! must answer `GET /-/raft/cluster` as that id of no or this cluster before
+//! it is proposed. Errors are [`MembershipError`]s (one status map).
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::http::request::Parts;
+use hyper::{Method, Request, Response, StatusCode};
+use kv_cluster::meta::{self, ClusterId, ClusterState, MemberState, MetaCommand, Refusal};
+use kv_cluster::{decode_cluster, ClusterView, LocalProgress, NodeKnowledge, PlacementFields};
+use kv_http::{json_response, ApiError, Body};
+use serde::Deserialize;
+
+use super::meta::PROPOSE_PATH;
+use super::request::is_forwarded;
+use super::ClusterNode;
+use crate::error::{MembershipError, NodeError};
+
+/// Largest body of a members request or a forwarded proposal.
+const MAX_BODY: usize = 64 << 10;
+/// How long the new member's address gets to answer.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+const MEMBERS_PATH: &str = "/-/cluster/members";
+
+/// The methods a path of the module table takes (`Allow`, for OPTIONS and
+/// 405); `None` for any other path.
+pub(crate) fn allow(path: &str) -> Option<&'static str> {
+    match path {
+        "/-/cluster" => Some("GET, HEAD, OPTIONS"),
+        PROPOSE_PATH | MEMBERS_PATH => Some("POST, OPTIONS"),
+        _ => path
+            .strip_prefix(MEMBERS_PATH)?
+            .strip_prefix('/')
+            .map(|_| "DELETE, OPTIONS"),
+    }
+}
+
+/// Answers the paths of the module table; `None` for any other path.
+pub(crate) async fn route(
+    node: &ClusterNode,
+    parts: &Parts,
+    body: &mut Option<Incoming>,
+) -> Option<Result<Response<Body>, NodeError>> {
+    let path = parts.uri.path();
+    let allow = allow(path)?;
+    Some(match (&parts.method, path) {
+        (&Method::GET | &Method::HEAD, "/-/cluster") => node.cluster_view(parts.uri.query()),
+        (&Method::POST, PROPOSE_PATH) => forwarded_proposal(node, parts, body).await,
+        (&Method::POST, MEMBERS_PATH) => add_member(node, body).await,
+        (&Method::DELETE, _) if allow.starts_with("DELETE") => {
+            let id = path.strip_prefix(MEMBERS_PATH)?.strip_prefix('/')?;
+            remove_member(node, id).await
+        }
+        _ => Err(ApiError::MethodNotAllowed { allow }.into()),
+    })
+}
+
+/// A JSON answer with a trailing newline.
+fn json(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
+    let mut bytes = value.to_string().into_bytes();
+    bytes.push(b'\n');
+    json_response(status, Bytes::from(bytes))
+}
+
+async fn read_body(body: &mut Option<Incoming>) -> Result<Bytes, MembershipError> {
+    let Some(body) = body.take() else {
+        return Ok(Bytes::new());
+    };
+    Limited::new(body, MAX_BODY)
+        .collect()
+        .await
+        .map(|collected| collected.to_bytes())
+        .map_err(|error| MembershipError::BadRequest(format!("cannot read the body: {error}")))
+}
+
+impl ClusterNode {
+    /// The state this node applied, or the one its `--replicas 1` cluster
+    /// implies (no metadata group: members never change, so version 1).
+    fn state_or_static(&self) -> Result<std::sync::Arc<ClusterState>, MembershipError> {
+        if let Some(state) = self.cluster_state() {
+            return Ok(state);
+        }
+        if self.meta().is_none() {
+            let id = self
+                .cluster_id
+                .get()
+                .and_then(|id| id.parse::<ClusterId>().ok())
+                .unwrap_or_default();
+            return Ok(std::sync::Arc::new(ClusterState::from_spec(&self.spec, id)));
+        }
+        Err(MembershipError::Refused(Refusal::NotBootstrapped))
+    }
+
+    /// `GET /-/cluster` (design §8); `?local`: this node's executors only.
+    fn cluster_view(&self, query: Option<&str>) -> Result<Response<Body>, NodeError> {
+        let state = self.state_or_static()?;
+        if query.is_some_and(|q| q.split('&').any(|p| p == "local")) {
+            // Moves are executed by issue 13's M3b: none here yet.
+            let local = LocalProgress {
+                node_id: self.id(),
+                version: state.version,
+                moves: Vec::new(),
+            };
+            return Ok(json(
+                StatusCode::OK,
+                &serde_json::to_value(local).unwrap_or_default(),
+            ));
+        }
+        let known = NodeKnowledge {
+            node_id: self.id(),
+            meta_leader: self.meta_leader(),
+            leaders: (0..self.spec.shards)
+                .map(|shard| self.leader_now(shard))
+                .collect(),
+            // Bytes and percent of active moves: M3b's executors.
+            progress: Vec::new(),
+        };
+        let view = ClusterView::new(&state, &known);
+        Ok(json(
+            StatusCode::OK,
+            &serde_json::to_value(view).unwrap_or_default(),
+        ))
+    }
+
+    /// `GET /-/shards`: issue 12's view, plus the placement fields once a
+    /// cluster state is applied (`kv_cluster::shards_body`).
+    pub fn shards_json(&self) -> Vec<u8> {
+        let view = self.shards_view();
+        match self.cluster_state() {
+            Some(state) => kv_cluster::shards_body(&view, &PlacementFields::new(&state)),
+            None => serde_json::to_vec(&view).unwrap_or_default(),
+        }
+    }
+
+    /// Applies `cmd` to a copy of this node's state: the refusal or outcome
+    /// the metadata group would give now, and the state after it.
+    fn dry_run(&self, cmd: &MetaCommand) -> Result<(meta::Outcome, ClusterState), MembershipError> {
+        if self.meta().is_none() {
+            return Err(MembershipError::Refused(Refusal::SingleReplica));
+        }
+        let mut state = (*self.state_or_static()?).clone();
+        let outcome = kv_cluster::apply(&mut state, cmd).map_err(MembershipError::Refused)?;
+        Ok((outcome, state))
+    }
+
+    /// Whether `addr` answers as member `id` of no cluster yet or of ours.
+    async fn probe(&self, id: u64, addr: &str) -> Result<(), MembershipError> {
+        let not_there = |why: String| MembershipError::NotThere {
+            id,
+            addr: addr.to_owned(),
+            why,
+        };
+        let request = Request::get("/-/raft/cluster")
+            .body(Full::new(Bytes::new()))
+            .map_err(|error| not_there(error.to_string()))?;
+        let answer = self
+            .forwarder
+            .send(addr, request, PROBE_TIMEOUT)
+            .await
+            .map_err(|error| not_there(error.to_string()))?;
+        if answer.status != StatusCode::OK {
+            return Err(not_there(format!(
+                "GET /-/raft/cluster answered {}",
+                answer.status
+            )));
+        }
+        let path = format!("{addr}'s cluster.json");
+        let theirs = decode_cluster(std::path::Path::new(&path), &answer.body)
+            .map_err(|error| not_there(error.to_string()))?;
+        if theirs.spec.node_id != id {
+            return Err(not_there(format!("it is node {}", theirs.spec.node_id)));
+        }
+        match (&theirs.cluster_id, self.cluster_id.get()) {
+            (Some(theirs), Some(ours)) if theirs != ours => {
+                Err(not_there(format!("it belongs to cluster {theirs}")))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// `POST /-/meta/propose`: a proposal another node forwarded here (or an
+/// operator's raw command): proposed here, never forwarded again when it
+/// was forwarded already.
+async fn forwarded_proposal(
+    node: &ClusterNode,
+    parts: &Parts,
+    body: &mut Option<Incoming>,
+) -> Result<Response<Body>, NodeError> {
+    let forwarded = is_forwarded(&parts.headers);
+    if forwarded {
+        node.check_cluster_id(&parts.headers)?;
+    }
+    let bytes = read_body(body).await?;
+    let cmd: MetaCommand = serde_json::from_slice(&bytes).map_err(|error| {
+        MembershipError::BadRequest(format!("the body is not a metadata command: {error}"))
+    })?;
+    let outcome = node.propose(cmd, forwarded).await?;
+    Ok(json(
+        StatusCode::OK,
+        &serde_json::json!({ "outcome": outcome, "version": outcome.version() }),
+    ))
+}
+
+/// The body of `POST /-/cluster/members`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewMember {
+    id: u64,
+    addr: String,
+}
+
+async fn add_member(
+    node: &ClusterNode,
+    body: &mut Option<Incoming>,
+) -> Result<Response<Body>, NodeError> {
+    let bytes = read_body(body).await?;
+    let NewMember { id, addr } = serde_json::from_slice(&bytes).map_err(|error| {
+        MembershipError::BadRequest(format!(
+            "the body must be {{\"id\": <member id>, \"addr\": \"HOST:PORT\"}}: {error}"
+        ))
+    })?;
+    if id == 0 {
+        return Err(MembershipError::BadRequest("member ids start at 1".into()).into());
+    }
+    let cmd = MetaCommand::AddMember {
+        id,
+        addr: addr.clone(),
+    };
+    let answer = |status, state: MemberState, version| {
+        json(
+            status,
+            &serde_json::json!({ "id": id, "addr": addr, "state": state, "version": version }),
+        )
+    };
+    let (outcome, after) = node.dry_run(&cmd)?;
+    if let meta::Outcome::Unchanged { version } = outcome {
+        let state = after
+            .members
+            .get(&id)
+            .map_or(MemberState::Joining, |m| m.state);
+        return Ok(answer(StatusCode::OK, state, version));
+    }
+    node.probe(id, &addr).await?;
+    let outcome = node.propose(cmd, false).await?;
+    log::info!(
+        "node {id} at {addr} added (joining) at version {}",
+        outcome.version()
+    );
+    let status = match outcome {
+        meta::Outcome::Changed { .. } => StatusCode::ACCEPTED,
+        meta::Outcome::Unchanged { .. } => StatusCode::OK,
+    };
+    Ok(answer(status, MemberState::Joining, outcome.version()))
+}
+
+async fn remove_member(node: &ClusterNode, id: &str) -> Result<Response<Body>, NodeError> {
+    let id: u64 = id
+        .parse()
+        .map_err(|_| MembershipError::BadRequest(format!("{id:?} is not a member id")))?;
+    let cmd = MetaCommand::Leave { id };
+    let (outcome, after) = node.dry_run(&cmd)?;
+    let state = after
+        .members
+        .get(&id)
+        .map_or(MemberState::Leaving, |m| m.state);
+    let outcome = match outcome {
+        meta::Outcome::Unchanged { .. } => outcome,
+        meta::Outcome::Changed { .. } => node.propose(cmd, false).await?,
+    };
+    let status = match outcome {
+        meta::Outcome::Changed { version } => {
+            log::info!("node {id} is {state} at version {version}");
+            StatusCode::ACCEPTED
+        }
+        meta::Outcome::Unchanged { .. } => StatusCode::OK,
+    };
+    Ok(json(
+        status,
+        &serde_json::json!({ "id": id, "state": state, "version": outcome.version() }),
+    ))
+}

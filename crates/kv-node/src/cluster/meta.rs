@@ -1,0 +1,502 @@
+//! The metadata group on this node (`docs/membership.md` §3.2-§3.4).
+//!
+//! Every member of a cluster with `--replicas 2` or more hosts group
+//! [`METADATA_GROUP`]: its state machine holds the replicated
+//! [`ClusterState`] (members, placement, moves, version). Here:
+//!
+//! * **Bootstrap** ([`initialise`], [`follow`]): the lowest member id of
+//!   `cluster.json` (a founding member, not one that joined later)
+//!   initialises the group with [`meta_voters`] of the founding members, and
+//!   then proposes `Bootstrap` from `cluster.json` until a state is applied.
+//!   `Bootstrap` of a non-empty state changes nothing, so a restart, or a
+//!   crash between `initialize` and the proposal, simply repeats it. The
+//!   other members wait to be replicated to (voters) or added as learners.
+//! * **Following** ([`follow`]): a task per node watches the group's applied
+//!   index; on each new state it creates (uninitialised) the groups of the
+//!   shards this node now hosts (a leader's `add_learner` then finds them
+//!   ready), forgets removed members in the transport, and swaps the node's
+//!   [`Layout`] whole. Idempotent: a restart diffs against nothing.
+//! * **Leading**: while this node leads the metadata group it adds every
+//!   member that is not removed as a learner of the group (a joining node
+//!   then catches up on the state), and proposes `Activate` for joiners whose
+//!   replica has caught up ([`kv_cluster::schedule`], its activations only:
+//!   moves are admitted and executed by issue 13's M3b).
+//! * **Proposals from any node** ([`ClusterNode::propose`]): `client_write`
+//!   here when this node leads; else forwarded once to the leader's
+//!   `POST /-/meta/propose` (a JSON [`MetaCommand`]), which answers the
+//!   [`meta::Outcome`] or a typed refusal. 503 when there is no leader or
+//!   quorum (nothing proposed), 504 when the outcome is unknown.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Method, Request, StatusCode};
+use kv_cluster::meta::{self, ClusterId, ClusterState, MemberState, MetaCommand, Refusal};
+use kv_cluster::{meta_voters, LiveInfo, Settings};
+use kv_raft::types::METADATA_GROUP;
+use kv_raft::{Command, NodeId, Outcome, Raft};
+use openraft::async_runtime::WatchReceiver;
+use openraft::errors::{ClientWriteError, InitializeError, RaftError};
+use openraft::{BasicNode, ServerState};
+
+use super::forward::ForwardError;
+use super::layout::Layout;
+use super::request::{ReadGate, FORWARDED_BY_HEADER};
+use super::{storage, watch, ClusterNode, Hosted};
+use crate::error::MembershipError;
+
+/// How often the follower looks at the group (a poll of two atomics; the
+/// state is decoded only when the applied index moved).
+const POLL: Duration = Duration::from_millis(100);
+/// How often the leader re-checks learners and joiners.
+const LEAD_EVERY: Duration = Duration::from_millis(500);
+/// The path proposals are forwarded to.
+pub(crate) const PROPOSE_PATH: &str = "/-/meta/propose";
+
+impl ClusterNode {
+    /// The metadata group's replica here (`None` with `--replicas 1`).
+    pub(crate) fn meta(&self) -> Option<&Arc<Hosted>> {
+        self.meta.as_ref()
+    }
+
+    /// The cluster state this node applied last (`None` before the first).
+    pub(crate) fn cluster_state(&self) -> Option<Arc<ClusterState>> {
+        self.layout().state.clone()
+    }
+
+    /// The metadata group's leader as this node knows it.
+    pub(crate) fn meta_leader(&self) -> Option<NodeId> {
+        self.meta()?.raft.metrics().borrow_watched().current_leader
+    }
+
+    /// Whether this node leads the metadata group without a quorum ack
+    /// within the leader lease (as [`ClusterNode::unavailable`] judges a
+    /// shard's leader).
+    fn leads_without_quorum(&self, meta: &Hosted) -> bool {
+        let lease = Duration::from_millis(self.timeouts.election_max_ms);
+        let metrics = meta.raft.metrics();
+        let m = metrics.borrow_watched();
+        m.state == ServerState::Leader
+            && m.last_quorum_acked
+                .as_ref()
+                .is_none_or(|at| openraft::Instant::elapsed(&**at) >= lease)
+    }
+
+    /// Whether this node founded the cluster's metadata group: the lowest
+    /// member id of `cluster.json`, created with `--peers` (not `--join`).
+    fn founder(&self) -> bool {
+        let stored = self.stored.lock().unwrap_or_else(|p| p.into_inner());
+        !stored.joined && stored.spec.members.keys().next() == Some(&self.id())
+    }
+
+    /// `Bootstrap` from `cluster.json` (design §3.3), once the cluster id is
+    /// known (the founder always knows it: it created it).
+    fn bootstrap_command(&self) -> Option<MetaCommand> {
+        let cluster_id: ClusterId = self.cluster_id.get()?.parse().ok()?;
+        Some(MetaCommand::Bootstrap {
+            cluster_id,
+            shards: self.spec.shards,
+            replicas: self.spec.replicas,
+            members: self.spec.members.clone(),
+        })
+    }
+
+    /// Proposes `cmd` to the metadata group: here when this node leads it,
+    /// else at its leader, once (module docs). `forwarded`: the request came
+    /// from another node, so it is not forwarded again.
+    pub(crate) async fn propose(
+        &self,
+        cmd: MetaCommand,
+        forwarded: bool,
+    ) -> Result<meta::Outcome, MembershipError> {
+        let meta = self
+            .meta()
+            .ok_or(MembershipError::Refused(Refusal::SingleReplica))?;
+        if self.leads_without_quorum(meta) {
+            // It would append and wait out the timeout: 504 for a command
+            // that cannot commit. Refused before proposing instead.
+            return Err(MembershipError::NoLeader);
+        }
+        let written = tokio::time::timeout(
+            self.write_timeout,
+            meta.raft.client_write(Command::Meta(cmd.clone())),
+        )
+        .await;
+        let forward = match written {
+            Err(_) => {
+                return Err(MembershipError::Unknown(format!(
+                    "not committed within {:?}",
+                    self.write_timeout
+                )))
+            }
+            Ok(Ok(response)) => {
+                return match response.data {
+                    Outcome::Meta(Ok(outcome)) => Ok(outcome),
+                    Outcome::Meta(Err(refusal)) => Err(MembershipError::Refused(refusal)),
+                    other => Err(MembershipError::Unknown(format!(
+                        "the metadata group answered {other:?}"
+                    ))),
+                }
+            }
+            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward)))) => forward,
+            Ok(Err(RaftError::APIError(error))) => {
+                log::debug!("metadata proposal not confirmed: {error}");
+                return Err(MembershipError::Unknown(
+                    "the metadata leader changed before the change was confirmed".into(),
+                ));
+            }
+            Ok(Err(RaftError::Fatal(error))) => {
+                log::warn!("metadata group: {error}");
+                return Err(MembershipError::NoLeader);
+            }
+        };
+        let leader = match forward.leader_id {
+            Some(leader) if leader != self.id() && !forwarded => leader,
+            _ => return Err(MembershipError::NoLeader),
+        };
+        let addr = self
+            .peer_addr(leader)
+            .or_else(|| forward.leader_node.map(|node| node.addr))
+            .ok_or(MembershipError::NoLeader)?;
+        let body = serde_json::to_vec(&cmd)
+            .map_err(|error| MembershipError::BadRequest(error.to_string()))?;
+        let request = Request::builder()
+            .method(Method::POST)
+            .uri(PROPOSE_PATH)
+            .header(FORWARDED_BY_HEADER, self.id())
+            .header(hyper::header::CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|error| MembershipError::BadRequest(error.to_string()))?;
+        let answer = self
+            .forwarder
+            .send(&addr, request, self.write_timeout + Duration::from_secs(1))
+            .await;
+        match answer {
+            Ok(answer) => proposal_answer(answer.status, &answer.body),
+            Err(ForwardError::NotSent(why) | ForwardError::OtherCluster { theirs: why, .. }) => {
+                log::debug!("metadata proposal not sent to node {leader} at {addr}: {why}");
+                Err(MembershipError::NoLeader)
+            }
+            Err(ForwardError::Lost(why)) => Err(MembershipError::Unknown(format!(
+                "forwarded to the metadata leader, node {leader}: {why}"
+            ))),
+        }
+    }
+}
+
+/// What the leader's `POST /-/meta/propose` answer means (see
+/// [`MembershipError::into_response`] for its shape).
+fn proposal_answer(status: StatusCode, body: &[u8]) -> Result<meta::Outcome, MembershipError> {
+    let json: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+    if status == StatusCode::OK {
+        return serde_json::from_value(json["outcome"].clone()).map_err(|error| {
+            MembershipError::Unknown(format!(
+                "the metadata leader's answer is unreadable: {error}"
+            ))
+        });
+    }
+    if let Ok(refusal) = serde_json::from_value::<Refusal>(json["refusal"].clone()) {
+        return Err(MembershipError::Refused(refusal));
+    }
+    match status {
+        StatusCode::SERVICE_UNAVAILABLE | StatusCode::MISDIRECTED_REQUEST => {
+            Err(MembershipError::NoLeader)
+        }
+        _ => Err(MembershipError::Unknown(format!(
+            "the metadata leader answered {status}: {}",
+            json["error"].as_str().unwrap_or("")
+        ))),
+    }
+}
+
+/// Initialises the metadata group on the founder when it is not (design
+/// §3.3): voters [`meta_voters`] of the founding members, the others added as
+/// learners by the leader later.
+pub(crate) async fn initialise(node: &ClusterNode) -> io::Result<()> {
+    let Some(meta) = node.meta() else {
+        return Ok(());
+    };
+    if !node.founder() {
+        return Ok(());
+    }
+    let initialized = meta
+        .raft
+        .is_initialized()
+        .await
+        .map_err(|error| io::Error::other(format!("metadata group: {error}")))?;
+    if initialized {
+        return Ok(());
+    }
+    let founding = ClusterState::from_spec(&node.spec, ClusterId::default());
+    let voters: BTreeMap<NodeId, BasicNode> = meta_voters(&founding)
+        .into_iter()
+        .map(|id| {
+            let addr = node.spec.members.get(&id).cloned().unwrap_or_default();
+            (id, BasicNode::new(addr))
+        })
+        .collect();
+    log::info!(
+        "metadata group: initialised with voters {:?} (this node has the lowest member id)",
+        voters.keys().collect::<Vec<_>>()
+    );
+    match meta.raft.initialize(voters).await {
+        Ok(()) | Err(RaftError::APIError(InitializeError::NotAllowed(_))) => Ok(()),
+        Err(error) => Err(io::Error::other(format!(
+            "initialising the metadata group: {error}"
+        ))),
+    }
+}
+
+/// Starts the metadata task (module docs).
+pub(crate) fn follow(node: &Arc<ClusterNode>) {
+    if node.meta().is_none() {
+        return;
+    }
+    let weak = Arc::downgrade(node);
+    let task = node.runtime.spawn(async move {
+        let mut ticks = tokio::time::interval(POLL);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut seen_applied = None;
+        let mut bad_state_logged = false;
+        let mut last_lead = None::<Instant>;
+        loop {
+            ticks.tick().await;
+            let Some(node) = weak.upgrade() else { return };
+            if node.stopping.load(Relaxed) {
+                return;
+            }
+            let Some(meta) = node.meta().cloned() else {
+                return;
+            };
+            let applied = meta.sm.applied_index();
+            if applied != seen_applied {
+                seen_applied = applied;
+                match meta.sm.cluster_state() {
+                    Ok(Some(state)) if !state.is_empty() => {
+                        if !node.apply_state(state).await {
+                            // A replica could not be hosted: again next tick.
+                            seen_applied = None;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(error) if !bad_state_logged => {
+                        bad_state_logged = true;
+                        log::error!(
+                            "metadata group: the applied cluster state is unreadable: {error}"
+                        );
+                    }
+                    Err(_) => {}
+                }
+            }
+            if last_lead.is_none_or(|at| at.elapsed() >= LEAD_EVERY) {
+                last_lead = Some(Instant::now());
+                node.bootstrap_if_empty().await;
+                node.lead(&meta).await;
+            }
+        }
+    });
+    node.keep_task(task);
+}
+
+impl ClusterNode {
+    /// The founder proposes `Bootstrap` while no state is applied (design
+    /// §3.3); a repeat is a no-op, a failure is tried again next round.
+    async fn bootstrap_if_empty(&self) {
+        if self.cluster_state().is_some() || !self.founder() {
+            return;
+        }
+        let Some(cmd) = self.bootstrap_command() else {
+            return;
+        };
+        match self.propose(cmd, false).await {
+            Ok(outcome) => log::info!(
+                "metadata group: bootstrapped from cluster.json (version {})",
+                outcome.version()
+            ),
+            Err(error) => log::debug!("metadata group: bootstrap not applied yet: {error}"),
+        }
+    }
+
+    /// This node's round as the metadata leader (module docs); nothing when
+    /// it does not lead.
+    async fn lead(&self, meta: &Hosted) {
+        let Some(state) = self.cluster_state() else {
+            return;
+        };
+        let (membership, caught_up) = {
+            let metrics = meta.raft.metrics();
+            let m = metrics.borrow_watched();
+            if m.state != ServerState::Leader {
+                return;
+            }
+            let last = m.last_log_index;
+            let caught_up: std::collections::BTreeSet<NodeId> = m
+                .replication
+                .as_ref()
+                .map(|replication| {
+                    replication
+                        .iter()
+                        .filter(|(_, matched)| matched.as_ref().map(|l| l.index) >= last)
+                        .map(|(id, _)| *id)
+                        .collect()
+                })
+                .unwrap_or_default();
+            let known: std::collections::BTreeSet<NodeId> = m
+                .membership_config
+                .membership()
+                .nodes()
+                .map(|(id, _)| *id)
+                .collect();
+            (known, caught_up)
+        };
+        // Every member that applies the state and is not in the group yet
+        // (a new one): a learner, so it catches up on the state.
+        for (&id, member) in &state.members {
+            if member.state == MemberState::Removed || membership.contains(&id) {
+                continue;
+            }
+            let added = tokio::time::timeout(
+                self.write_timeout,
+                meta.raft
+                    .add_learner(id, BasicNode::new(member.addr.clone()), false),
+            )
+            .await;
+            match added {
+                Ok(Ok(_)) => log::info!(
+                    "metadata group: node {id} at {} added as a learner",
+                    member.addr
+                ),
+                Ok(Err(error)) => log::debug!("metadata group: adding learner {id}: {error}"),
+                Err(_) => log::debug!("metadata group: adding learner {id} timed out"),
+            }
+        }
+        let live = LiveInfo {
+            meta_caught_up: caught_up,
+            live: Default::default(),
+        };
+        // Activations only: admitting moves is the executor's task (M3b).
+        for cmd in kv_cluster::schedule(&state, Settings::default(), &live) {
+            if let MetaCommand::Activate { id } = cmd {
+                match self.propose(cmd, false).await {
+                    Ok(outcome) => log::info!(
+                        "node {id} caught up on the metadata group: active at version {}",
+                        outcome.version()
+                    ),
+                    Err(error) => log::debug!("activating node {id}: {error}"),
+                }
+            }
+        }
+    }
+
+    /// Follows an applied state (module docs): hosts the groups it places
+    /// here, and when it is newer than the layout, forgets removed members
+    /// and swaps the layout. Returns whether every replica it places here
+    /// is hosted (else the caller tries again).
+    pub(crate) async fn apply_state(self: &Arc<Self>, state: ClusterState) -> bool {
+        let old = self.layout();
+        let layout = Layout::from_state(state);
+        let me = self.id();
+        let mut complete = true;
+        for shard in layout.groups_of(me) {
+            if self.hosted(shard).is_some() {
+                continue;
+            }
+            match self.host_group(shard).await {
+                Ok(()) => log::info!(
+                    "shard {shard}: hosting a replica from placement version {}",
+                    layout.version
+                ),
+                Err(error) => {
+                    complete = false;
+                    log::error!("shard {shard}: cannot host a replica: {error}");
+                }
+            }
+        }
+        if layout.version <= old.version {
+            return complete;
+        }
+        if let (Some(new), old_state) = (&layout.state, &old.state) {
+            for (&id, member) in &new.members {
+                let was_removed = old_state
+                    .as_ref()
+                    .and_then(|old| old.members.get(&id))
+                    .is_some_and(|m| m.state == MemberState::Removed);
+                if member.state == MemberState::Removed && !was_removed && id != me {
+                    self.network.forget(id);
+                }
+            }
+            self.network
+                .refusals()
+                .set_others(new.addresses().len().saturating_sub(1));
+        }
+        let version = layout.version;
+        let members = layout.members.len();
+        if self.layout.swap_if_newer(layout) {
+            log::info!("placement version {version}: {members} members");
+        }
+        complete
+    }
+
+    /// Creates this node's (uninitialised) replica of `shard`, recovered
+    /// from disk if it has one: its leader adds it as a learner.
+    async fn host_group(self: &Arc<Self>, shard: u32) -> io::Result<()> {
+        let node_storage = Arc::clone(&self.storage);
+        let (log, sm) = tokio::task::spawn_blocking(move || storage::group(&node_storage, shard))
+            .await
+            .map_err(io::Error::other)??;
+        let raft = Raft::new(
+            self.id(),
+            Arc::clone(&self.raft_config),
+            self.network.factory(shard),
+            log.clone(),
+            sm.clone(),
+        )
+        .await
+        .map_err(|error| io::Error::other(format!("shard {shard}: {error}")))?;
+        self.groups.insert(shard, raft.clone());
+        self.hosted.fill(
+            shard,
+            Hosted {
+                raft,
+                log,
+                sm,
+                gate: Arc::new(ReadGate::default()),
+            },
+        );
+        watch::follow(self, shard);
+        Ok(())
+    }
+}
+
+/// Opens the metadata group's replica (after the node's storage is open).
+pub(crate) async fn open(
+    node_id: NodeId,
+    node_storage: &Arc<storage::NodeStorage>,
+    raft_config: &Arc<openraft::Config>,
+    network: &kv_raft::Network,
+) -> io::Result<Hosted> {
+    let opened = Arc::clone(node_storage);
+    let (log, sm) = tokio::task::spawn_blocking(move || storage::group(&opened, METADATA_GROUP))
+        .await
+        .map_err(io::Error::other)??;
+    let raft = Raft::new(
+        node_id,
+        Arc::clone(raft_config),
+        network.factory(METADATA_GROUP),
+        log.clone(),
+        sm.clone(),
+    )
+    .await
+    .map_err(|error| io::Error::other(format!("metadata group: {error}")))?;
+    Ok(Hosted {
+        raft,
+        log,
+        sm,
+        gate: Arc::new(ReadGate::default()),
+    })
+}
