@@ -27,7 +27,13 @@ fn table(proxy: &Process) -> TableView {
 }
 
 fn put(proxy: &Process, key: &str) -> kv_testkit::Response {
-    request(proxy.addr, "PUT", &format!("/{key}"), Some(b"{\"value\": 1}")).unwrap()
+    request(
+        proxy.addr,
+        "PUT",
+        &format!("/{key}"),
+        Some(b"{\"value\": 1}"),
+    )
+    .unwrap()
 }
 
 /// Node 3 answers `/-/shards` once with placement version `u64::MAX`
