@@ -67,7 +67,7 @@
 //! leader named", so the request waits for one refresh of the table.
 //!
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -134,6 +134,8 @@ pub struct Cluster {
     refreshed: tokio::sync::Mutex<Option<Instant>>,
     /// A background refresh ([`Cluster::refresh_soon`]) is under way.
     refreshing_soon: AtomicBool,
+    /// Sources already reported as standalone (404 to `/-/shards`).
+    standalone_warned: Mutex<HashSet<String>>,
     pub leader_wait: Duration,
     settings: ClusterSettings,
     pub stats: ClusterStats,
@@ -446,6 +448,7 @@ impl Cluster {
             runtime: tokio::runtime::Handle::try_current().ok(),
             refreshed: tokio::sync::Mutex::new(None),
             refreshing_soon: AtomicBool::new(false),
+            standalone_warned: Mutex::new(HashSet::new()),
             leader_wait: settings.leader_wait,
             settings,
             stats: ClusterStats::default(),
@@ -709,7 +712,16 @@ impl Cluster {
                 }
             }
             Ok(Discovered::Standalone) => {
-                log::warn!("node {source} answers /-/shards with 404: not in the cluster");
+                // Said once per address: a standalone seed is asked at
+                // every refresh (once a second), and stays what it is.
+                if self.standalone_warned.lock().insert(source.to_owned()) {
+                    log::warn!(
+                        "node {source} answers /-/shards with 404: not in the cluster; \
+                         not routed to (said once)"
+                    );
+                } else {
+                    log::debug!("node {source} answers /-/shards with 404");
+                }
                 false
             }
             Err(error) => {
