@@ -572,26 +572,44 @@ impl Cluster {
     }
 
     /// The shards without a leader that can serve them right now: none is
-    /// known, or the one the table names is at a node its health checker
-    /// sees down. The second matters when a quorum is lost: the survivors
-    /// keep naming the dead leader at the same term (pre-vote keeps them
-    /// from raising it), so the table never learns the shard has none.
+    /// known, the one the table names is at a node its health checker
+    /// sees down, or most of the shard's replicas are at nodes seen down
+    /// (no quorum is possible, so the leader named, alive or not, can
+    /// neither commit a write nor serve a linearizable read). The second
+    /// and third matter when a quorum is lost: the survivors keep naming
+    /// their leaders at the same term (pre-vote keeps them from raising
+    /// it), so the table never learns the shard has none.
     pub fn without_leader(&self) -> Vec<u32> {
-        let leaders: Vec<Option<String>> = {
+        let shards: Vec<(Option<String>, Vec<String>)> = {
             let table = self.table.read();
+            let members = table.members();
             (0..self.shards)
-                .map(|shard| table.leader(shard).map(|l| l.addr.clone()))
+                .map(|shard| {
+                    let leader = table.leader(shard).map(|l| l.addr.clone());
+                    let replicas = table
+                        .replicas(shard)
+                        .iter()
+                        .filter_map(|id| members.get(id).cloned())
+                        .collect();
+                    (leader, replicas)
+                })
                 .collect()
         };
         // One lock at a time: never the nodes' while holding the table's.
         let nodes = self.nodes.read();
+        // An address without a node (not learnt yet) is not known down.
+        let down = |addr: &String| {
+            nodes
+                .get(addr)
+                .is_some_and(|member| !member.node.health.is_up())
+        };
         (0..self.shards)
-            .zip(leaders)
-            .filter(|(_, leader)| match leader {
-                None => true,
-                Some(addr) => nodes
-                    .get(addr)
-                    .is_some_and(|member| !member.node.health.is_up()),
+            .zip(shards)
+            .filter(|(_, (leader, replicas))| {
+                let up = replicas.iter().filter(|addr| !down(addr)).count();
+                // No majority up (an empty replica list says nothing).
+                let no_quorum = up < replicas.len() && up * 2 <= replicas.len();
+                leader.as_ref().is_none_or(down) || no_quorum
             })
             .map(|(shard, _)| shard)
             .collect()
