@@ -140,6 +140,19 @@ up() {
     fi
     sleep 0.05
   done
+  # Up is not serving: each node's /-/ready is 200 only once every shard it
+  # hosts has a leader with a quorum. On a loaded machine elections take
+  # seconds, and a demo started before them shows 503s ("no leader").
+  deadline=$((SECONDS + 30))
+  for port in "${NODE_PORTS[@]}"; do
+    until curl -fsS -o /dev/null --max-time 1 "http://127.0.0.1:$port/-/ready" 2>/dev/null; do
+      if [ $SECONDS -ge $deadline ]; then
+        echo "warning: node $port is not ready yet: $(curl -s --max-time 1 "http://127.0.0.1:$port/-/ready" | head -c 300)" >&2
+        break
+      fi
+      sleep 0.1
+    done
+  done
   echo
   echo "kv cluster is up: proxy $proxy, nodes $(node_list)"
   echo "data in $DATA/node-*, logs in $LOGS"

@@ -260,7 +260,7 @@ impl Watch {
                 phase_progress(mv)
             );
             if let Some(why) = &mv.stalled {
-                let _ = write!(text, ", stalled: {why}");
+                let _ = write!(text, ", stalled: {}", printable(why));
             }
         }
         if view.moves.planned > 0 {
@@ -311,14 +311,29 @@ async fn fetch(endpoint: &Endpoint) -> Result<ClusterView, NoAnswer> {
     }
 }
 
-/// The start of a body, for a message.
+/// The start of a body, for a message (control characters escaped).
 fn snippet(body: &[u8]) -> String {
     let text = String::from_utf8_lossy(body);
     let text = text.trim();
     match text.char_indices().nth(120) {
-        Some((cut, _)) => format!("{}...", &text[..cut]),
-        None => text.to_owned(),
+        Some((cut, _)) => format!("{}...", printable(&text[..cut])),
+        None => printable(text),
     }
+}
+
+/// `text` from a node with its control characters escaped (`\u{1b}`), so
+/// an answer cannot write terminal escape sequences (colours, a cleared
+/// screen, a window title) to the watcher's terminal or log.
+fn printable(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// `bytes` as "12.3 MB".
@@ -348,7 +363,7 @@ fn detail(view: &ClusterView, moved: u64) -> String {
             phase_progress(mv)
         );
         if let Some(why) = &mv.stalled {
-            let _ = write!(text, " (stalled: {why})");
+            let _ = write!(text, " (stalled: {})", printable(why));
         }
         if view.active.len() > 1 {
             let _ = write!(text, " +{} more", view.active.len() - 1);
@@ -451,5 +466,14 @@ mod tests {
     fn snippet_cuts_long_bodies() {
         assert_eq!(snippet(b" {\"error\":\"x\"}\n"), "{\"error\":\"x\"}");
         assert_eq!(snippet(&[b'a'; 200]).len(), 123);
+    }
+
+    #[test]
+    fn node_text_has_no_control_characters() {
+        let body = b"{\"error\":\"\x1b[31mred\x1b]0;title\x07\"}";
+        let shown = snippet(body);
+        assert!(!shown.chars().any(char::is_control), "{shown:?}");
+        assert!(shown.contains("\\u{1b}[31mred"), "{shown:?}");
+        assert_eq!(printable("caf\u{e9} ok"), "caf\u{e9} ok");
     }
 }

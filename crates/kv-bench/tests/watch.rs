@@ -185,3 +185,34 @@ fn exits_2_on_a_404_and_on_no_answer() {
         "{stderr}"
     );
 }
+
+/// Review R1: a node's text (a move's `stalled` reason) is shown with its
+/// control characters escaped, on stdout's lines and in the timeout's
+/// message alike: an answer cannot clear the watcher's screen, retitle its
+/// window or colour its log.
+#[test]
+fn a_nodes_text_writes_no_terminal_escapes() {
+    let fake = FakeCluster::start(8);
+    let view = fake.cluster_view(
+        4,
+        1,
+        3,
+        vec![copying(
+            5,
+            4,
+            400_000,
+            Some("\u{1b}[2J\u{1b}]0;pwned\u{7}slow"),
+        )],
+    );
+    fake.set(|s| s.cluster_views = vec![view]);
+    let output = watch(&fake.addrs[0].to_string(), "300ms");
+    assert_eq!(output.status.code(), Some(1), "{}", explain(&output));
+    for (name, text) in [("stdout", &output.stdout), ("stderr", &output.stderr)] {
+        let text = String::from_utf8_lossy(text);
+        assert!(
+            !text.chars().any(|c| c.is_control() && c != '\n'),
+            "{name}: {text:?}"
+        );
+        assert!(text.contains("\\u{1b}[2J"), "{name}: {text:?}");
+    }
+}

@@ -271,7 +271,8 @@ fn admin_route(
         // are answered. With every node down, nothing is, so a load
         // balancer should look elsewhere (the node's /-/ready shape). In
         // cluster mode the same holds per shard: ready while any shard has
-        // a leader that is up, naming the shards that have none.
+        // a leader that is up with most of its replicas, naming the shards
+        // that have none.
         "ready" if nodes.iter().all(|n| !n.health.is_up()) => {
             let body = serde_json::json!({ "ready": false, "error": "no node is up" });
             let mut bytes = body.to_string().into_bytes();
@@ -289,7 +290,7 @@ fn admin_route(
                 if leaderless.len() >= cluster.shards() as usize {
                     let body = serde_json::json!({
                         "ready": false,
-                        "error": "no shard has a leader that is up",
+                        "error": "no shard has a leader that is up with a quorum of its replicas up",
                         "shards_without_leader": leaderless,
                     });
                     let mut bytes = body.to_string().into_bytes();

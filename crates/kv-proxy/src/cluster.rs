@@ -67,7 +67,7 @@
 //! leader named", so the request waits for one refresh of the table.
 //!
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -134,6 +134,8 @@ pub struct Cluster {
     refreshed: tokio::sync::Mutex<Option<Instant>>,
     /// A background refresh ([`Cluster::refresh_soon`]) is under way.
     refreshing_soon: AtomicBool,
+    /// Sources already reported as standalone (404 to `/-/shards`).
+    standalone_warned: Mutex<HashSet<String>>,
     pub leader_wait: Duration,
     settings: ClusterSettings,
     pub stats: ClusterStats,
@@ -447,6 +449,7 @@ impl Cluster {
             runtime: tokio::runtime::Handle::try_current().ok(),
             refreshed: tokio::sync::Mutex::new(None),
             refreshing_soon: AtomicBool::new(false),
+            standalone_warned: Mutex::new(HashSet::new()),
             leader_wait: settings.leader_wait,
             settings,
             stats: ClusterStats::default(),
@@ -570,26 +573,44 @@ impl Cluster {
     }
 
     /// The shards without a leader that can serve them right now: none is
-    /// known, or the one the table names is at a node its health checker
-    /// sees down. The second matters when a quorum is lost: the survivors
-    /// keep naming the dead leader at the same term (pre-vote keeps them
-    /// from raising it), so the table never learns the shard has none.
+    /// known, the one the table names is at a node its health checker
+    /// sees down, or most of the shard's replicas are at nodes seen down
+    /// (no quorum is possible, so the leader named, alive or not, can
+    /// neither commit a write nor serve a linearizable read). The second
+    /// and third matter when a quorum is lost: the survivors keep naming
+    /// their leaders at the same term (pre-vote keeps them from raising
+    /// it), so the table never learns the shard has none.
     pub fn without_leader(&self) -> Vec<u32> {
-        let leaders: Vec<Option<String>> = {
+        let shards: Vec<(Option<String>, Vec<String>)> = {
             let table = self.table.read();
+            let members = table.members();
             (0..self.shards)
-                .map(|shard| table.leader(shard).map(|l| l.addr.clone()))
+                .map(|shard| {
+                    let leader = table.leader(shard).map(|l| l.addr.clone());
+                    let replicas = table
+                        .replicas(shard)
+                        .iter()
+                        .filter_map(|id| members.get(id).cloned())
+                        .collect();
+                    (leader, replicas)
+                })
                 .collect()
         };
         // One lock at a time: never the nodes' while holding the table's.
         let nodes = self.nodes.read();
+        // An address without a node (not learnt yet) is not known down.
+        let down = |addr: &String| {
+            nodes
+                .get(addr)
+                .is_some_and(|member| !member.node.health.is_up())
+        };
         (0..self.shards)
-            .zip(leaders)
-            .filter(|(_, leader)| match leader {
-                None => true,
-                Some(addr) => nodes
-                    .get(addr)
-                    .is_some_and(|member| !member.node.health.is_up()),
+            .zip(shards)
+            .filter(|(_, (leader, replicas))| {
+                let up = replicas.iter().filter(|addr| !down(addr)).count();
+                // No majority up (an empty replica list says nothing).
+                let no_quorum = up < replicas.len() && up * 2 <= replicas.len();
+                leader.as_ref().is_none_or(down) || no_quorum
             })
             .map(|(shard, _)| shard)
             .collect()
@@ -710,7 +731,16 @@ impl Cluster {
                 }
             }
             Ok(Discovered::Standalone) => {
-                log::warn!("node {source} answers /-/shards with 404: not in the cluster");
+                // Said once per address: a standalone seed is asked at
+                // every refresh (once a second), and stays what it is.
+                if self.standalone_warned.lock().insert(source.to_owned()) {
+                    log::warn!(
+                        "node {source} answers /-/shards with 404: not in the cluster; \
+                         not routed to (said once)"
+                    );
+                } else {
+                    log::debug!("node {source} answers /-/shards with 404");
+                }
                 false
             }
             Err(error) => {
