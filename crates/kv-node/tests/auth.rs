@@ -277,7 +277,7 @@ fn protected_mode_refuses_other_addresses_without_a_token() {
     );
     let local = SocketAddr::from(([127, 0, 0, 1], open.addr.port()));
     assert_eq!(put(local, "/k", None, "open").status, 200);
-    assert!(open.log().contains("--insecure-no-auth"));
+    assert!(open.log_shows("--insecure-no-auth"));
     drop(open);
     let (code, log) = run_to_exit(
         &binary("kv-node"),

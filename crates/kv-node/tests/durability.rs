@@ -216,7 +216,7 @@ fn crash_loop(fsync: &str, cycles: usize, extra: &[&str]) {
     }
     assert!(total_acks >= cycles * 5);
     assert!(
-        node.log().contains("recovered"),
+        node.log_shows("recovered"),
         "recovery is logged:\n{}",
         node.log()
     );
@@ -286,7 +286,7 @@ fn a_flipped_byte_mid_log_refuses_to_start_and_repair_starts() {
     assert!(log.contains("--repair"), "{log}");
 
     let node = Process::spawn(&binary("kv-node"), &node_args(dir.path(), &["--repair"]));
-    assert!(node.log().contains("repair"), "{}", node.log());
+    assert!(node.log_shows("repair"), "{}", node.log());
     for i in 0..5 {
         assert_eq!(
             get(node.addr, &format!("k{i}")),
@@ -361,7 +361,7 @@ fn a_disk_error_answers_503_to_writes_and_reads_keep_working() {
     let ready = request(node.addr, "GET", "/-/ready", None).unwrap();
     assert_eq!(ready.status, 503, "{}", ready.text());
     assert!(ready.text().contains("disk error"), "{}", ready.text());
-    assert!(node.log().contains("disk error"), "{}", node.log());
+    assert!(node.log_shows("disk error"), "{}", node.log());
 }
 
 const FLASK_DUMP: &str = r#"{

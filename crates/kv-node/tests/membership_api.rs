@@ -423,7 +423,7 @@ fn a_node_joins_every_node_sees_it_active_with_the_planned_moves() {
     drop(node4);
     let node4 = Process::spawn(&binary("kv-node"), &args);
     wait_until("node 4 says it ignores --join", BOUND, || {
-        node4.log().contains("--join ignored")
+        node4.log_shows("--join ignored")
     });
     let restarted = wait_agreed(&all, &[1, 2, 3, 4]);
     assert_eq!(restarted.version, after.version);

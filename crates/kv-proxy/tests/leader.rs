@@ -326,7 +326,7 @@ fn standalone_nodes_keep_ring_routing() {
     );
     let name = node.addr.to_string();
     let proxy = Process::spawn(&binary("kv-proxy"), &["--port", "0", "--nodes", &name]);
-    assert!(proxy.log().contains("ring mode"), "{}", proxy.log());
+    assert!(proxy.log_shows("ring mode"), "{}", proxy.log());
     let health = request(proxy.addr, "GET", "/-/health", None).unwrap();
     let body: serde_json::Value = serde_json::from_slice(&health.body).unwrap();
     assert_eq!(body["mode"], "ring", "{body}");
@@ -397,7 +397,7 @@ fn a_proxy_started_before_its_cluster_switches_to_leader_routing_once_it_shows()
         &fake,
         &["--discover-wait", "300ms", "--rediscover-every", "200ms"],
     );
-    assert!(proxy.log().contains("ring mode"), "{}", proxy.log());
+    assert!(proxy.log_shows("ring mode"), "{}", proxy.log());
     assert_eq!(mode(&proxy), "ring");
     // The nodes come up as a cluster: the periodic check finds it.
     fake.set(|s| {
@@ -415,7 +415,7 @@ fn a_proxy_started_before_its_cluster_switches_to_leader_routing_once_it_shows()
     assert!(fake.get(|s| s.seen.last().is_some_and(|seen| seen.direct)));
     // The line reaches the captured log through a pipe: wait for it.
     wait_until(Duration::from_secs(20), "the switch logged", || {
-        proxy.log().contains("switching to cluster mode")
+        proxy.log_shows("switching to cluster mode")
     });
     let log = proxy.log();
     assert_eq!(log.matches("switching to cluster mode").count(), 1, "{log}");
@@ -447,7 +447,7 @@ fn a_cluster_answer_in_ring_mode_makes_the_proxy_ask_at_once() {
     assert!(fake.count(1, "PUT") + fake.count(3, "PUT") >= 1);
     // The line reaches the captured log through a pipe: wait for it.
     wait_until(Duration::from_secs(20), "the switch logged", || {
-        proxy.log().contains("switching to cluster mode")
+        proxy.log_shows("switching to cluster mode")
     });
     let log = proxy.log();
     assert_eq!(log.matches("switching to cluster mode").count(), 1, "{log}");

@@ -197,6 +197,23 @@ impl Process {
         self.log.lock().map(|l| l.clone()).unwrap_or_default()
     }
 
+    /// Whether the child's stderr shows `needle`, waiting up to 10 s for it:
+    /// a line the child wrote may still be in the pipe or the reader thread
+    /// when the caller looks (asserting on [`Process::log`] at once raced).
+    pub fn log_shows(&self, needle: &str) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if self.log().contains(needle) {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            // Polling the reader thread's buffer; not a synchronisation sleep.
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// Sends SIGKILL (a crash) and waits for the process to be gone.
     pub fn kill9(&mut self) {
         let _ = self.child.kill();
