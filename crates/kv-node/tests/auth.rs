@@ -21,6 +21,22 @@ fn token_file(dir: &Path, name: &str, text: &str) -> PathBuf {
     path
 }
 
+/// A standalone kv-node on port 0, its data in `dir/data`, requiring the
+/// token in `file`; `extra` flags appended.
+fn node_with_token(dir: &Path, file: &Path, extra: &[&str]) -> Process {
+    let data = dir.join("data");
+    let mut args = vec![
+        "--port",
+        "0",
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--auth-token-file",
+        file.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    Process::spawn(&binary("kv-node"), &args)
+}
+
 fn bearer() -> String {
     format!("Bearer {TOKEN}")
 }
@@ -108,18 +124,7 @@ fn node_and_proxy_refuse_requests_without_the_token() {
     let dir = tempfile::tempdir().unwrap();
     let file = token_file(dir.path(), "token", &format!("{TOKEN}\n"));
     let file = file.to_str().unwrap();
-    let data = dir.path().join("data");
-    let node = Process::spawn(
-        &binary("kv-node"),
-        &[
-            "--port",
-            "0",
-            "--data-dir",
-            data.to_str().unwrap(),
-            "--auth-token-file",
-            file,
-        ],
-    );
+    let node = node_with_token(dir.path(), file.as_ref(), &[]);
     let nodes = node.addr.to_string();
     let proxy = Process::spawn(
         &binary("kv-proxy"),
@@ -135,19 +140,7 @@ fn node_and_proxy_refuse_requests_without_the_token() {
 fn metrics_open_opens_metrics_only() {
     let dir = tempfile::tempdir().unwrap();
     let file = token_file(dir.path(), "token", TOKEN);
-    let data = dir.path().join("data");
-    let node = Process::spawn(
-        &binary("kv-node"),
-        &[
-            "--port",
-            "0",
-            "--data-dir",
-            data.to_str().unwrap(),
-            "--auth-token-file",
-            file.to_str().unwrap(),
-            "--metrics-open",
-        ],
-    );
+    let node = node_with_token(dir.path(), file.as_ref(), &["--metrics-open"]);
     assert_eq!(get(node.addr, "/-/metrics", None).status, 200);
     assert_401("ready", &get(node.addr, "/-/ready", None));
     assert_401("key", &get(node.addr, "/k", None));
@@ -158,18 +151,7 @@ fn a_proxy_with_the_wrong_node_token_answers_502_and_logs_once() {
     let dir = tempfile::tempdir().unwrap();
     let file = token_file(dir.path(), "token", TOKEN);
     let wrong = token_file(dir.path(), "wrong", "another-token");
-    let data = dir.path().join("data");
-    let node = Process::spawn(
-        &binary("kv-node"),
-        &[
-            "--port",
-            "0",
-            "--data-dir",
-            data.to_str().unwrap(),
-            "--auth-token-file",
-            file.to_str().unwrap(),
-        ],
-    );
+    let node = node_with_token(dir.path(), file.as_ref(), &[]);
     let nodes = node.addr.to_string();
     let proxy = Process::spawn(
         &binary("kv-proxy"),
@@ -385,18 +367,7 @@ fn a_replicated_cluster_with_a_token_works_and_refuses_a_member_with_another() {
 fn a_proxy_without_a_token_passes_the_clients_header_on() {
     let dir = tempfile::tempdir().unwrap();
     let file = token_file(dir.path(), "token", TOKEN);
-    let data = dir.path().join("data");
-    let node = Process::spawn(
-        &binary("kv-node"),
-        &[
-            "--port",
-            "0",
-            "--data-dir",
-            data.to_str().unwrap(),
-            "--auth-token-file",
-            file.to_str().unwrap(),
-        ],
-    );
+    let node = node_with_token(dir.path(), file.as_ref(), &[]);
     let nodes = node.addr.to_string();
     let proxy = Process::spawn(&binary("kv-proxy"), &["--port", "0", "--nodes", &nodes]);
     // The node's own 401, relayed: the client is the one without a token.
