@@ -147,6 +147,10 @@ fn a_lagging_node_does_not_answer_404_for_a_member_the_cluster_has() {
         delete.text()
     );
     cluster.heal();
+    wait_until("node 3 removes node 9 once healed", BOUND, || {
+        send(addrs[2], "DELETE", "/-/cluster/members/9", &[], None)
+            .is_ok_and(|r| matches!(r.status, 200 | 202) && r.text().contains("removed"))
+    });
 }
 
 /// `GET /-/cluster` names each member's role in the metadata group from
