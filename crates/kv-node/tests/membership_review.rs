@@ -185,13 +185,14 @@ fn the_metadata_voters_shown_by_the_cluster_view_make_a_quorum() {
         .filter(|m| m.meta == MetaRole::Voter)
         .map(|m| m.id)
         .collect();
-    // Nodes 1 and 2 down must leave a quorum of the shown voters.
-    let up = shown.iter().filter(|id| **id > 2).count();
-    if up * 2 <= shown.len() {
-        return; // the view does not claim a quorum without 1 and 2
+    // A minority of the shown voters down (the lowest ids: founding
+    // nodes, never node 3) must leave a quorum.
+    let down = (shown.len() - 1) / 2;
+    assert!(down <= 2 && shown.len() >= 3, "{shown:?}");
+    for id in &shown[..down] {
+        cluster.kill9(*id);
     }
-    cluster.kill9(1);
-    cluster.kill9(2);
+    let up = shown.len() - down;
     let survivor = addrs[2];
     let mut last = String::new();
     wait_until(
