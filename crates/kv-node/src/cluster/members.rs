@@ -132,6 +132,7 @@ impl ClusterNode {
                 .collect(),
             // Bytes and percent of active moves: M3b's executors.
             progress: Vec::new(),
+            meta_voters: self.meta_voters_now(),
         };
         let view = ClusterView::new(&state, &known);
         Ok(json(
