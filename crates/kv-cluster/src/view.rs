@@ -161,12 +161,20 @@ pub struct NodeKnowledge {
     pub leaders: Vec<Option<NodeId>>,
     /// Executors' progress, from `?local` answers.
     pub progress: Vec<MoveProgress>,
+    /// The metadata group's voters in the membership the answering node
+    /// knows; `None` shows [`meta_voters`] of the state. The two differ
+    /// until the metadata leader changes its own group's voters (not done
+    /// in M3a), and a view must not claim voters that cannot vote.
+    pub meta_voters: Option<std::collections::BTreeSet<NodeId>>,
 }
 
 impl ClusterView {
     /// The view of `state` from a node that knows `known`.
     pub fn new(state: &ClusterState, known: &NodeKnowledge) -> Self {
-        let voters = meta_voters(state);
+        let voters = known
+            .meta_voters
+            .clone()
+            .unwrap_or_else(|| meta_voters(state));
         let leader_of = |shard: u32| known.leaders.get(shard as usize).copied().flatten();
         let members = state
             .members
@@ -369,6 +377,7 @@ mod tests {
                 total_bytes: Some(2_203_648),
                 stalled: None,
             }],
+            meta_voters: None,
         };
         let view = ClusterView::new(&state, &known);
         assert_eq!(view.version, state.version);

@@ -132,6 +132,7 @@ impl ClusterNode {
                 .collect(),
             // Bytes and percent of active moves: M3b's executors.
             progress: Vec::new(),
+            meta_voters: self.meta_voters_now(),
         };
         let view = ClusterView::new(&state, &known);
         Ok(json(
@@ -252,12 +253,17 @@ async fn add_member(
         )
     };
     let (outcome, after) = node.dry_run(&cmd)?;
-    if let meta::Outcome::Unchanged { version } = outcome {
+    if let meta::Outcome::Unchanged { .. } = outcome {
+        // Already a member with this address here; this node's state may
+        // lag (the id removed since), so the leader confirms. No probe is
+        // needed: ids are never forgotten, so the leader answers unchanged
+        // or "removed", never adds.
+        let outcome = node.propose(cmd, false).await?;
         let state = after
             .members
             .get(&id)
             .map_or(MemberState::Joining, |m| m.state);
-        return Ok(answer(StatusCode::OK, state, version));
+        return Ok(answer(StatusCode::OK, state, outcome.version()));
     }
     node.probe(id, &addr).await?;
     let outcome = node.propose(cmd, false).await?;
@@ -277,15 +283,26 @@ async fn remove_member(node: &ClusterNode, id: &str) -> Result<Response<Body>, N
         .parse()
         .map_err(|_| MembershipError::BadRequest(format!("{id:?} is not a member id")))?;
     let cmd = MetaCommand::Leave { id };
-    let (outcome, after) = node.dry_run(&cmd)?;
-    let state = after
-        .members
-        .get(&id)
-        .map_or(MemberState::Leaving, |m| m.state);
-    let outcome = match outcome {
-        meta::Outcome::Unchanged { .. } => outcome,
-        meta::Outcome::Changed { .. } => node.propose(cmd, false).await?,
+    // The dry run decides on this node's applied state, which may lag the
+    // metadata leader's: a refusal that a later change lifts (the member
+    // was added since, more members became active) is not final here, so
+    // the leader, which applies the command again, decides it.
+    let dry = match node.dry_run(&cmd) {
+        Ok(dry) => Some(dry),
+        Err(MembershipError::Refused(
+            Refusal::UnknownMember { .. } | Refusal::TooFewMembers { .. },
+        )) => None,
+        Err(error) => return Err(error.into()),
     };
+    let outcome = match &dry {
+        Some((outcome @ meta::Outcome::Unchanged { .. }, _)) => *outcome,
+        _ => node.propose(cmd, false).await?,
+    };
+    let state = dry
+        .map(|(_, after)| after)
+        .or_else(|| node.cluster_state().map(|state| (*state).clone()))
+        .and_then(|after| after.members.get(&id).map(|m| m.state))
+        .unwrap_or(MemberState::Leaving);
     let status = match outcome {
         meta::Outcome::Changed { version } => {
             log::info!("node {id} is {state} at version {version}");

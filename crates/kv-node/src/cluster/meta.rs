@@ -74,6 +74,13 @@ impl ClusterNode {
         self.meta()?.raft.metrics().borrow_watched().current_leader
     }
 
+    /// The metadata group's voters in the membership this node knows.
+    pub(crate) fn meta_voters_now(&self) -> Option<std::collections::BTreeSet<NodeId>> {
+        let metrics = self.meta()?.raft.metrics();
+        let m = metrics.borrow_watched();
+        Some(m.membership_config.membership().voter_ids().collect())
+    }
+
     /// Whether this node leads the metadata group without a quorum ack
     /// within the leader lease (as [`ClusterNode::unavailable`] judges a
     /// shard's leader).

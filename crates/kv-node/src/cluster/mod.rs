@@ -586,8 +586,15 @@ impl ClusterNode {
         let now = Instant::now();
         let me = self.id();
         let age = |at: Option<Instant>| at.map(|at| now.saturating_duration_since(at));
+        let layout = self.layout();
         let mut out = Vec::new();
         for (shard, hosted) in self.hosted_iter() {
+            // A move's learner, created ahead of its `add_learner`, knows no
+            // leader until the move copies; it serves nothing
+            // ([`ClusterNode::serving`]), so it cannot make the node unready.
+            if !layout.replicas(shard).contains(&me) {
+                continue;
+            }
             let metrics = hosted.raft.metrics();
             let m = metrics.borrow_watched();
             let reason = match m.current_leader {
