@@ -39,6 +39,9 @@ pub enum MembershipError {
     /// The body or path does not say what to do (400).
     #[error("{0}")]
     BadRequest(String),
+    /// The body is longer than the members API reads (413).
+    #[error("body exceeds the limit of {limit} bytes")]
+    BodyTooLarge { limit: usize },
     /// The metadata group refused the command (404 for an unknown member,
     /// 503 before the state is bootstrapped, 409 otherwise).
     #[error("{0}")]
@@ -62,6 +65,7 @@ impl MembershipError {
             MembershipError::BadRequest(_) | MembershipError::Refused(Refusal::BadAddr { .. }) => {
                 StatusCode::BAD_REQUEST
             }
+            MembershipError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             MembershipError::Refused(Refusal::UnknownMember { .. }) => StatusCode::NOT_FOUND,
             MembershipError::Refused(Refusal::NotBootstrapped) | MembershipError::NoLeader => {
                 StatusCode::SERVICE_UNAVAILABLE
@@ -318,6 +322,7 @@ mod tests {
             (MembershipError::Refused(Refusal::SingleReplica), 409),
             (MembershipError::Refused(Refusal::NotBootstrapped), 503),
             (not_there, 409),
+            (MembershipError::BodyTooLarge { limit: 65536 }, 413),
             (MembershipError::NoLeader, 503),
             (MembershipError::Unknown("timed out".into()), 504),
         ] {

@@ -347,6 +347,9 @@ fn a_node_joins_every_node_sees_it_active_with_the_planned_moves() {
             "{bad}"
         );
     }
+    // A body over the members API's limit is 413, like an oversized value.
+    let huge = format!(r#"{{"id": 4, "addr": "{}"}}"#, "a".repeat(100 << 10));
+    assert_eq!(members("POST", "/-/cluster/members", Some(&huge)).0, 413);
     let taken_id = r#"{"id": 2, "addr": "127.0.0.1:1"}"#;
     let (status, error) = members("POST", "/-/cluster/members", Some(taken_id));
     assert_eq!(status, 409, "{error}");

@@ -88,7 +88,13 @@ async fn read_body(body: &mut Option<Incoming>) -> Result<Bytes, MembershipError
         .collect()
         .await
         .map(|collected| collected.to_bytes())
-        .map_err(|error| MembershipError::BadRequest(format!("cannot read the body: {error}")))
+        .map_err(|error| {
+            if error.is::<http_body_util::LengthLimitError>() {
+                MembershipError::BodyTooLarge { limit: MAX_BODY }
+            } else {
+                MembershipError::BadRequest(format!("cannot read the body: {error}"))
+            }
+        })
 }
 
 impl ClusterNode {
