@@ -12,7 +12,8 @@
 #   3. failover: KILLS times, kill -9 the node leading the most shards and time
 #      each of its shards from the kill to the first acknowledged write of a
 #      key in that shard, through the proxy; then restart it and wait until
-#      leaders are back on their preferred nodes.
+#      every shard has a leader (not until leaders are back on their
+#      preferred nodes: the next victim, whoever leads most, may lead 40).
 # The same client drives every system: wrk, THREADS threads, CONNECTIONS
 # connections, 100-byte values, KEYS distinct keys.
 #
@@ -232,7 +233,7 @@ echo "== failover: $KILLS kills of the node leading the most shards (kill -9 to 
 start_kv 3
 FAILOVER_DIR=$KV_DIR
 for kill in $(seq 1 "$KILLS"); do
-    # Every node up and every shard led, leaders back on their preferred nodes.
+    # Every node up and every shard led (leaders may not be balanced yet).
     for i in 0 1 2; do wait_leaders "${NODE_PORTS[$i]}"; done
     python3 - "$kill" "$PROXY_PORT" "$WORK/failover" "${NODE_PORTS[@]}" "${NODE_PIDS[@]}" <<'PY'
 import http.client, json, os, signal, sys, threading, time, xxhash
