@@ -8,52 +8,18 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod support;
+
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use kv_cluster::{
-    placement_over, replicas_to_move, ClusterView, MemberState, PlacementFields,
-    PLACEMENT_VERSION_HEADER,
+    placement_over, replicas_to_move, MemberState, PlacementFields, PLACEMENT_VERSION_HEADER,
 };
 use kv_testkit::cluster::{free_ports, send, wait_until, BOUND};
 use kv_testkit::{binary, Cluster, ClusterOpts, Process};
-
-/// `GET /-/cluster` of the node at `addr`, when it answers 200.
-fn view(addr: SocketAddr) -> Option<ClusterView> {
-    let response = send(addr, "GET", "/-/cluster", &[], None).ok()?;
-    if response.status != 200 {
-        return None;
-    }
-    serde_json::from_slice(&response.body).ok()
-}
-
-/// Waits until every node in `addrs` shows the same version with exactly
-/// `ids` as members, all active; returns one of the views.
-fn wait_agreed(addrs: &[SocketAddr], ids: &[u64]) -> ClusterView {
-    let mut last = None;
-    wait_until(
-        &format!("nodes {addrs:?} agree on a cluster state with members {ids:?} all active"),
-        BOUND,
-        || {
-            let views: Option<Vec<ClusterView>> = addrs.iter().map(|a| view(*a)).collect();
-            let Some(views) = views else { return false };
-            let first = &views[0];
-            let agreed = views.iter().all(|v| {
-                v.version == first.version
-                    && v.cluster_id == first.cluster_id
-                    && v.members.iter().map(|m| m.id).collect::<Vec<_>>() == ids
-                    && v.members.iter().all(|m| m.state == MemberState::Active)
-            });
-            if agreed {
-                last = Some(first.clone());
-            }
-            agreed
-        },
-    );
-    last.expect("a view")
-}
+use support::membership::{join_args, view, wait_agreed};
 
 fn put(addr: SocketAddr, key: &str, value: u64) -> u16 {
     let body = format!(r#"{{"value": {value}}}"#);
@@ -460,27 +426,6 @@ fn a_node_joins_every_node_sees_it_active_with_the_planned_moves() {
         "answers sent again after a 503/504/421 or a client timeout: {}",
         RETRIES.load(Ordering::Relaxed)
     );
-}
-
-fn join_args(id: u64, port: u16, data: &Path, seeds: &str, advertise: &str) -> Vec<String> {
-    [
-        "--port",
-        &port.to_string(),
-        "--data-dir",
-        &data.to_string_lossy(),
-        "--node-id",
-        &id.to_string(),
-        "--join",
-        seeds,
-        "--advertise",
-        advertise,
-        "--exit-with-parent",
-        "--workers",
-        "2",
-    ]
-    .iter()
-    .map(|s| (*s).to_owned())
-    .collect()
 }
 
 #[test]

@@ -5,67 +5,14 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod support;
+
 use std::net::SocketAddr;
-use std::path::Path;
 
-use kv_cluster::{ClusterView, MemberState, MetaRole};
+use kv_cluster::MetaRole;
 use kv_testkit::cluster::{free_ports, send, wait_until, BOUND};
-use kv_testkit::{binary, Cluster, ClusterOpts, Process};
-
-/// `GET /-/cluster` of the node at `addr`, when it answers 200.
-fn view(addr: SocketAddr) -> Option<ClusterView> {
-    let response = send(addr, "GET", "/-/cluster", &[], None).ok()?;
-    if response.status != 200 {
-        return None;
-    }
-    serde_json::from_slice(&response.body).ok()
-}
-
-/// Waits until every node in `addrs` shows exactly `ids` as members, all
-/// active, at one version.
-fn wait_agreed(addrs: &[SocketAddr], ids: &[u64]) -> ClusterView {
-    let mut last = None;
-    wait_until(
-        &format!("nodes {addrs:?} agree on members {ids:?}, all active"),
-        BOUND,
-        || {
-            let views: Option<Vec<ClusterView>> = addrs.iter().map(|a| view(*a)).collect();
-            let Some(views) = views else { return false };
-            let first = &views[0];
-            let agreed = views.iter().all(|v| {
-                v.version == first.version
-                    && v.members.iter().map(|m| m.id).collect::<Vec<_>>() == ids
-                    && v.members.iter().all(|m| m.state == MemberState::Active)
-            });
-            if agreed {
-                last = Some(first.clone());
-            }
-            agreed
-        },
-    );
-    last.expect("a view")
-}
-
-/// Starts node `id` with `--join seeds`, advertising `127.0.0.1:port`.
-fn join(id: u64, port: u16, data: &Path, seeds: &str) -> Process {
-    let args = [
-        "--port".to_owned(),
-        port.to_string(),
-        "--data-dir".to_owned(),
-        data.to_string_lossy().into_owned(),
-        "--node-id".to_owned(),
-        id.to_string(),
-        "--join".to_owned(),
-        seeds.to_owned(),
-        "--advertise".to_owned(),
-        format!("127.0.0.1:{port}"),
-        "--exit-with-parent".to_owned(),
-        "--workers".to_owned(),
-        "2".to_owned(),
-    ];
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    Process::spawn(&binary("kv-node"), &args)
-}
+use kv_testkit::{Cluster, ClusterOpts};
+use support::membership::{join, view, wait_agreed};
 
 /// A node that joined holds, ahead of M3b's executor, an uninitialised
 /// learner replica of every shard planned to move into it. Those replicas

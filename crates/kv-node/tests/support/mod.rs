@@ -272,3 +272,4 @@ pub fn key_per_shard(prefix: &str, shards: u32) -> Vec<String> {
     }
     keys.into_iter().flatten().collect()
 }
+pub mod membership;
