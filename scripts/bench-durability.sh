@@ -14,6 +14,9 @@
 # Usage: scripts/bench-durability.sh [seconds-per-write-run, default 5]
 # Needs: cargo, python3, wrk, redis-server, redis-tools (installed if missing).
 set -euo pipefail
+# Benchmarks measure the path without tokens: a KV_AUTH_TOKEN exported in
+# the shell would reach the nodes started here but not this script's clients.
+unset KV_AUTH_TOKEN KV_AUTH_TOKEN_FILE
 
 DURATION="${1:-5}"
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"

@@ -33,6 +33,9 @@
 # RATE_DIV=4 runs section 1 at a quarter of the maximum instead of half.
 # Writes bench-results/engine.json. Takes ~6-8 min (300k keys) plus builds.
 set -euo pipefail
+# Benchmarks measure the path without tokens: a KV_AUTH_TOKEN exported in
+# the shell would reach the nodes started here but not this script's clients.
+unset KV_AUTH_TOKEN KV_AUTH_TOKEN_FILE
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 # shellcheck source=lib.sh

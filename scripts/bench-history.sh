@@ -11,6 +11,9 @@
 # ratios per pair, the history's size, and how long check-history takes on
 # the last history.
 set -euo pipefail
+# Benchmarks measure the path without tokens: a KV_AUTH_TOKEN exported in
+# the shell would reach the nodes started here but not this script's clients.
+unset KV_AUTH_TOKEN KV_AUTH_TOKEN_FILE
 cd "$(dirname "$0")/.."
 
 SECS=${1:-5}

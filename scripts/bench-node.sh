@@ -10,6 +10,9 @@
 # The same two runs against a node with --op-log show what the operation log
 # costs. Prints the figures and the ratios. Installs wrk and nginx when missing.
 set -euo pipefail
+# Benchmarks measure the path without tokens: a KV_AUTH_TOKEN exported in
+# the shell would reach the nodes started here but not this script's clients.
+unset KV_AUTH_TOKEN KV_AUTH_TOKEN_FILE
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
 

@@ -16,6 +16,9 @@
 #        THREADS=2 KEYS=10000 BASE_PORT=28080)
 # Everything started here is stopped on exit (trap).
 set -euo pipefail
+# Benchmarks measure the path without tokens: a KV_AUTH_TOKEN exported in
+# the shell would reach the nodes started here but not this script's clients.
+unset KV_AUTH_TOKEN KV_AUTH_TOKEN_FILE
 
 DURATION=${DURATION:-10s}
 CONNECTIONS=${CONNECTIONS:-64}

@@ -26,6 +26,9 @@
 # Installs wrk, etcd-server and python3's xxhash module when missing.
 # Everything started here is stopped on exit (trap); data lives in a temp dir.
 set -euo pipefail
+# Benchmarks measure the path without tokens: a KV_AUTH_TOKEN exported in
+# the shell would reach the nodes started here but not this script's clients.
+unset KV_AUTH_TOKEN KV_AUTH_TOKEN_FILE
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
 

@@ -14,6 +14,9 @@
 # key to its shard's owner, which needs kv-proxy's cluster routing: PROXY_BIN
 # may name such a binary; NO_BUILD=1 uses target/release as it is).
 set -euo pipefail
+# Benchmarks measure the path without tokens: a KV_AUTH_TOKEN exported in
+# the shell would reach the nodes started here but not this script's clients.
+unset KV_AUTH_TOKEN KV_AUTH_TOKEN_FILE
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
 

@@ -9,6 +9,9 @@
 # e.g. build main in a scratch worktree, then
 #   scripts/bench-write-path.sh /tmp/main/target/release/kv-node target/release/kv-node
 set -euo pipefail
+# Benchmarks measure the path without tokens: a KV_AUTH_TOKEN exported in
+# the shell would reach the nodes started here but not this script's clients.
+unset KV_AUTH_TOKEN KV_AUTH_TOKEN_FILE
 
 OLD="${1:?usage: $0 OLD_KV_NODE NEW_KV_NODE [seconds] [rounds]}"
 NEW="${2:?usage: $0 OLD_KV_NODE NEW_KV_NODE [seconds] [rounds]}"

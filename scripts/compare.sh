@@ -26,6 +26,9 @@
 # Figures taken while other work runs on the machine are noisy: compare the
 # ratios, which are measured side by side.
 set -euo pipefail
+# Benchmarks measure the path without tokens: a KV_AUTH_TOKEN exported in
+# the shell would reach the nodes started here but not this script's clients.
+unset KV_AUTH_TOKEN KV_AUTH_TOKEN_FILE
 
 cd "$(dirname "$0")/.."
 ROOT=$PWD
