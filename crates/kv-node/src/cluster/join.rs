@@ -36,6 +36,10 @@ use crate::Config;
 
 /// How long each seed gets to answer.
 const SEED_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long `--join` waits for a seed that answers 503 (a cluster whose
+/// metadata group has not bootstrapped yet), asking every [`SEED_RETRY`].
+const SEED_WAIT: Duration = Duration::from_secs(30);
+const SEED_RETRY: Duration = Duration::from_millis(500);
 /// Pause between rounds of asking to be added.
 const ASK_AGAIN: Duration = Duration::from_secs(1);
 
@@ -74,23 +78,37 @@ pub(crate) async fn learn(
     let addr = advertise(config)?;
     let mut tried = Vec::new();
     let mut found = None;
-    for seed in seeds.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-        let request = Request::get("/-/cluster")
-            .body(Full::new(Bytes::new()))
-            .map_err(io::Error::other)?;
-        match forwarder.send(seed, request, SEED_TIMEOUT).await {
-            Ok(answer) if answer.status == StatusCode::OK => {
-                match serde_json::from_slice::<ClusterView>(&answer.body) {
-                    Ok(view) => {
-                        found = Some(view);
-                        break;
+    // A cluster started moments ago answers 503 until its metadata group
+    // has bootstrapped: only that is waited out (bounded), not a refusal.
+    let deadline = tokio::time::Instant::now() + SEED_WAIT;
+    'rounds: loop {
+        tried.clear();
+        let mut unavailable = false;
+        for seed in seeds.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            let request = Request::get("/-/cluster")
+                .body(Full::new(Bytes::new()))
+                .map_err(io::Error::other)?;
+            match forwarder.send(seed, request, SEED_TIMEOUT).await {
+                Ok(answer) if answer.status == StatusCode::OK => {
+                    match serde_json::from_slice::<ClusterView>(&answer.body) {
+                        Ok(view) => {
+                            found = Some(view);
+                            break 'rounds;
+                        }
+                        Err(error) => tried.push(format!("{seed}: unreadable answer ({error})")),
                     }
-                    Err(error) => tried.push(format!("{seed}: unreadable answer ({error})")),
                 }
+                Ok(answer) => {
+                    unavailable |= answer.status == StatusCode::SERVICE_UNAVAILABLE;
+                    tried.push(format!("{seed}: answered {}", answer.status));
+                }
+                Err(error) => tried.push(format!("{seed}: {error}")),
             }
-            Ok(answer) => tried.push(format!("{seed}: answered {}", answer.status)),
-            Err(error) => tried.push(format!("{seed}: {error}")),
         }
+        if !unavailable || tokio::time::Instant::now() >= deadline {
+            break;
+        }
+        tokio::time::sleep(SEED_RETRY).await;
     }
     let Some(view) = found else {
         return Err(refuse(format!(
