@@ -184,7 +184,8 @@ pub struct Config {
     /// Record every operation (client, op, key, value, invoke and return
     /// times in ns, outcome ok|fail|unknown) to FILE as JSON lines, for
     /// `kv-bench check-history FILE`. The file is emptied first; each run's
-    /// operations are buffered (48 bytes each) and appended when it ends.
+    /// operations are buffered (48 bytes each) and appended when it ends,
+    /// or when SIGINT/SIGTERM stops it (requests in flight finish first).
     #[arg(long, env = "KV_BENCH_HISTORY")]
     pub history: Option<PathBuf>,
 

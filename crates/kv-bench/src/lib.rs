@@ -26,6 +26,7 @@
 
 use std::fmt;
 use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -222,10 +223,38 @@ pub fn run(config: Config) -> Result<Outcome, BenchError> {
         };
         let nodes = endpoints[..count].to_vec();
         println!("{}", describe(&plan, target, &nodes));
+        let stop = Arc::new(AtomicBool::new(false));
         let report = runtime.block_on(async {
+            let run = run_once(
+                &plan,
+                target,
+                nodes,
+                run_prefix,
+                RunOptions {
+                    show_progress,
+                    history: config.history.as_deref(),
+                    stop: stop.clone(),
+                },
+                cluster.clone(),
+            );
+            tokio::pin!(run);
             tokio::select! {
-                report = run_once(&plan, target, nodes, run_prefix, show_progress, config.history.as_deref(), cluster.clone()) => report,
-                signal = interrupted.recv() => Err(BenchError::Interrupted(signal)),
+                report = &mut run => report,
+                signal = interrupted.recv() => {
+                    if plan.workload == WorkloadKind::Mix {
+                        // Let the requests in flight finish (each is bounded
+                        // by --timeout) so the history file holds them; a
+                        // second signal quits at once.
+                        stop.store(true, Ordering::Relaxed);
+                        eprintln!("kv-bench: interrupted; finishing the requests in flight (signal again to quit at once)");
+                        tokio::select! {
+                            _ = &mut run => {}
+                            _ = interrupted.recv() => {}
+                            () = tokio::time::sleep(plan.timeout + STOP_GRACE) => {}
+                        }
+                    }
+                    Err(BenchError::Interrupted(signal))
+                }
             }
         })?;
         println!("{}", report.details());
@@ -294,6 +323,10 @@ fn describe(plan: &Plan, target: &str, nodes: &[Endpoint]) -> String {
     )
 }
 
+/// After a signal, how much longer than one request's `--timeout` the
+/// workers get to stop and hand in their history.
+const STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// SIGINT and SIGTERM, caught instead of killing the process.
 struct Interrupts {
     interrupt: tokio::signal::unix::Signal,
@@ -320,16 +353,30 @@ impl Interrupts {
     }
 }
 
+/// How one run reports and stops.
+struct RunOptions<'a> {
+    /// Draw the live progress line.
+    show_progress: bool,
+    /// Append every operation to this file (`--history`).
+    history: Option<&'a std::path::Path>,
+    /// Set on SIGINT/SIGTERM (see [`worker::RunShared::stop`]).
+    stop: Arc<AtomicBool>,
+}
+
 /// One run over `endpoints`.
 async fn run_once(
     plan: &Plan,
     target: &'static str,
     endpoints: Vec<Endpoint>,
     prefix: String,
-    show_progress: bool,
-    history: Option<&std::path::Path>,
+    options: RunOptions<'_>,
     cluster: Option<Arc<cluster::BenchCluster>>,
 ) -> Result<RunReport, BenchError> {
+    let RunOptions {
+        show_progress,
+        history,
+        stop,
+    } = options;
     let refresher = cluster
         .as_ref()
         .map(cluster::BenchCluster::refresh_in_background);
@@ -363,6 +410,7 @@ async fn run_once(
         seed_ops,
         prefix: prefix.clone(),
         cluster,
+        stop,
     });
     let handles: Vec<_> = (0..workers)
         .map(|id| match plan.workload {

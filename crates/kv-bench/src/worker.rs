@@ -14,7 +14,7 @@
 //! server delayed nothing and both figures start when the request left, so
 //! the timer's own wake-up lag is not charged to the server.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -75,6 +75,10 @@ pub struct RunShared {
     /// Against a replicated cluster: keys go to their shard's leader
     /// ([`crate::cluster`]); `endpoints` are its members.
     pub cluster: Option<Arc<BenchCluster>>,
+    /// Set on SIGINT/SIGTERM: mixed-workload workers stop after the request
+    /// in flight, skip their cleanup, and hand in what they recorded (so
+    /// `--history` keeps an interrupted run's operations).
+    pub stop: Arc<AtomicBool>,
 }
 
 /// A worker's results.
@@ -368,7 +372,7 @@ impl MixWorker {
         let live = &shared.live[self.id];
         let (mut done, mut failed) = (0u64, 0u64);
 
-        while remaining > 0 {
+        while remaining > 0 && !shared.stop.load(Ordering::Relaxed) {
             let intended = match interval {
                 Some(interval) => {
                     let this = due;
@@ -421,7 +425,9 @@ impl MixWorker {
         // Clean up only once every worker is done measuring, so cleanup
         // traffic never overlaps the measured tail of slower workers.
         shared.batch.wait().await;
-        self.cleanup(&mut stats.errors).await;
+        if !shared.stop.load(Ordering::Relaxed) {
+            self.cleanup(&mut stats.errors).await;
+        }
         stats.history = self.history.take();
         stats.redirects = self.redirects;
         stats

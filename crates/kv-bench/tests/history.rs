@@ -157,3 +157,87 @@ fn an_unreadable_or_malformed_history_is_a_clear_error() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("line 2: not a JSON object"), "{stderr}");
 }
+
+/// SIGINT during a timed run still leaves the run's operations in the
+/// history file (they used to be buffered and lost), and they check.
+#[test]
+fn an_interrupted_run_keeps_its_history() {
+    use std::io::{BufRead, BufReader};
+    use std::time::{Duration, Instant};
+    let out = tempfile::tempdir().unwrap();
+    let data = out.path().join("data");
+    let node = kv_testkit::Process::spawn(
+        &binary("kv-node"),
+        &["--port", "0", "--data-dir", data.to_str().unwrap()],
+    );
+    let url = node.url();
+    let addr: std::net::SocketAddr = url.trim_start_matches("http://").parse().unwrap();
+    let history = out.path().join("h.jsonl");
+    let mut child = std::process::Command::new(binary("kv-bench"))
+        .args([
+            "--urls",
+            url.as_str(),
+            "--history",
+            history.to_str().unwrap(),
+            "-d",
+            "120s",
+            "--concurrency",
+            "4",
+            "--keys",
+            "20",
+            "--quiet",
+        ])
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        // Drain, so kv-bench never blocks on a full pipe.
+        for _ in BufReader::new(stdout).lines().map_while(Result::ok) {}
+    });
+    // Interrupt only once the node has answered measured requests, so
+    // there is something to keep.
+    let served = || {
+        let Ok(metrics) = kv_testkit::request(addr, "GET", "/-/metrics", None) else {
+            return 0.0;
+        };
+        metrics
+            .text()
+            .lines()
+            .filter(|l| l.starts_with("kv_requests_total{op=\"get\""))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>()
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while served() < 100.0 {
+        assert!(Instant::now() < deadline, "kv-bench never sent its GETs");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let sent = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "kv-bench exits after SIGINT");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(status.code(), Some(130));
+    let ops = lines(&history);
+    assert!(
+        ops.len() >= 100,
+        "the interrupted run's operations are kept: {}",
+        ops.len()
+    );
+    for op in &ops {
+        assert!(op["invoke"].as_u64() <= op["return"].as_u64(), "{op}");
+    }
+    let output = bench(&["check-history", history.to_str().unwrap()]);
+    assert!(output.status.success(), "{}", explain(&output));
+}
