@@ -7,7 +7,8 @@
 #      3-member etcd cluster (Debian's etcd-server) over its HTTP/JSON gateway
 #      (POST /v3/kv/put), vs kv with --replicas 1 (--fsync always) through
 #      kv-proxy;
-#   2. linearizable reads of existing keys: kv GET (read-index, the default),
+#   2. linearizable reads of existing keys: kv GET (read-index, the default;
+#      and --read-policy lease),
 #      etcd POST /v3/kv/range (linearizable, its default), kv --replicas 1 GET;
 #   3. failover: KILLS times, kill -9 the node leading the most shards and time
 #      each of its shards from the kill to the first acknowledged write of a
@@ -19,8 +20,9 @@
 #
 # Usage: scripts/bench-replication.sh   (env: DURATION=8s ROUNDS=3 KILLS=20
 #        CONNECTIONS=64 THREADS=2 KEYS=10000 BASE_PORT=29080 SKIP_ETCD=1
-#        KEEP_WORK=1 to keep the nodes' logs and data; REPLICAS="3 1" the
-#        kv configurations to run; BIN=dir to run prebuilt kv-node and
+#        KEEP_WORK=1 to keep the nodes' logs and data; REPLICAS="3 3lease 1"
+#        the kv configurations to run, "3lease" being 3 replicas with
+#        --read-policy lease; BIN=dir to run prebuilt kv-node and
 #        kv-proxy from dir instead of building them, for A/B runs of two
 #        builds side by side)
 # Installs wrk, etcd-server and python3's xxhash module when missing.
@@ -90,15 +92,16 @@ if [ -z "${BIN:-}" ]; then
     cargo build --release --quiet --bin kv-node --bin kv-proxy
     BIN=${CARGO_TARGET_DIR:-target}/release
 fi
-REPLICAS=${REPLICAS:-3 1}
+REPLICAS=${REPLICAS:-3 3lease 1}
 PEERS="1=127.0.0.1:${NODE_PORTS[0]},2=127.0.0.1:${NODE_PORTS[1]},3=127.0.0.1:${NODE_PORTS[2]}"
 NODE_PIDS=()
 
-start_node() { # index (0-2), replicas, data dir
-    local i=$1 replicas=$2 dir=$3
+start_node() { # index (0-2), configuration (3, 3lease or 1), data dir
+    local i=$1 replicas=${2%lease} dir=$3 policy=read-index
+    [ "$2" = "$replicas" ] || policy=lease
     RUST_LOG=warn "$BIN/kv-node" --port "${NODE_PORTS[$i]}" --data-dir "$dir/node-$((i + 1))" \
         --node-id $((i + 1)) --peers "$PEERS" --replicas "$replicas" --fsync always \
-        2>>"$WORK/node-$((i + 1)).log" &
+        --read-policy "$policy" 2>>"$WORK/node-$((i + 1)).log" &
     NODE_PIDS[$i]=$!
     PIDS+=($!)
     disown $! 2>/dev/null || true
@@ -117,7 +120,7 @@ wait_leaders() {
     done
 }
 
-# Starts a kv cluster (3 nodes, $1 replicas) and the proxy in front of it.
+# Starts a kv cluster (3 nodes, configuration $1) and the proxy in front of it.
 start_kv() {
     local replicas=$1 dir=$WORK/kv-r$1-$RANDOM i
     KV_DIR=$dir
@@ -229,6 +232,8 @@ ratio("kv-r3-put", "etcd-put", ">= 3x")
 ratio("kv-r3-get", "etcd-get", "(reads, for reference)")
 ratio("kv-r3-put", "kv-r1-put", ">= 0.5x")
 ratio("kv-r3-get", "kv-r1-get", ">= 0.7x")
+ratio("kv-r3lease-get", "kv-r1-get", ">= 0.7x, --read-policy lease")
+ratio("kv-r3lease-get", "kv-r3-get", "lease vs read-index")
 PY
 
 [ "$KILLS" -gt 0 ] || exit 0

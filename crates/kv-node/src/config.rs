@@ -162,6 +162,17 @@ pub struct Config {
     #[arg(long, env = "KV_RAFT_WRITE_TIMEOUT", default_value = "2s", value_parser = humantime::parse_duration)]
     pub raft_write_timeout: Duration,
 
+    /// Cluster mode: how a leader confirms it still leads before a
+    /// linearizable read. `read-index`: a quorum acknowledges a heartbeat
+    /// sent after the read arrived (one round per batch of reads; no clock
+    /// assumption). `lease`: a quorum acknowledgement younger than the leader
+    /// lease (the election timeout) is reused, so most reads need no round
+    /// trip; safe while clocks' rates differ by less than the margin between
+    /// the lease and the election timeout (openraft refuses votes while a
+    /// lease holds).
+    #[arg(long, env = "KV_READ_POLICY", value_enum, default_value = "read-index")]
+    pub read_policy: ReadPolicy,
+
     /// Cluster mode: how long a client's request (one without
     /// `X-Kv-Route: direct`) waits for its shard to have a leader with a
     /// quorum (an election, a leader just restarted) before the node answers
@@ -246,6 +257,18 @@ fn parse_route(value: &str) -> Result<(u64, String), String> {
         return Err(format!("{addr:?} is not HOST:PORT"));
     }
     Ok((id, addr.to_owned()))
+}
+
+/// `--read-policy`: how linearizable reads confirm leadership.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ReadPolicy {
+    /// A quorum round after the read arrived (openraft's `ReadIndex`).
+    #[default]
+    ReadIndex,
+    /// Reuse a quorum acknowledgement younger than the leader lease,
+    /// heartbeating only when it is older (openraft's lease read, waiting
+    /// instead of failing when the lease lapsed).
+    Lease,
 }
 
 fn parse_fsync(value: &str) -> Result<FsyncPolicy, String> {

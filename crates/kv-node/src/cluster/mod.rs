@@ -180,6 +180,8 @@ pub struct ClusterNode {
     /// Node-to-node address overrides (`--raft-route`), for forwarding too.
     pub(crate) routes: HashMap<NodeId, String>,
     pub(crate) write_timeout: Duration,
+    /// `--read-policy`: what a linearizable read's leadership check accepts.
+    pub(crate) read_policy: crate::config::ReadPolicy,
     /// `--leader-wait`: how long a client's request waits out an election.
     pub(crate) leader_wait: Duration,
     pub(crate) timeouts: Timeouts,

@@ -41,7 +41,7 @@ use openraft::errors::{
     ClientWriteError, ForwardReason, ForwardToLeader, LinearizableReadError, RaftError,
 };
 use openraft::raft::linearizable_read::Linearizer;
-use openraft::ReadPolicy;
+use openraft::{LinearizerOption, ReadPolicy};
 use tokio::sync::watch;
 
 use super::forward::{ForwardError, Forwarded};
@@ -106,7 +106,12 @@ struct GateInner {
 impl ReadGate {
     /// Waits (at most `bound`) for a confirmation that started after this
     /// call, and returns it.
-    async fn confirm(self: &Arc<Self>, raft: &ShardRaft, bound: Duration) -> Confirmation {
+    async fn confirm(
+        self: &Arc<Self>,
+        raft: &ShardRaft,
+        bound: Duration,
+        policy: crate::config::ReadPolicy,
+    ) -> Confirmation {
         let mut receiver = {
             let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
             if inner.running {
@@ -124,7 +129,7 @@ impl ReadGate {
                 // On this worker's own runtime: one thread hop fewer than
                 // the main runtime (reads are hop-bound). If the worker
                 // stops, the sender drops and waiting reads get 503.
-                tokio::spawn(drive(Arc::clone(self), raft.clone(), sender, bound));
+                tokio::spawn(drive(Arc::clone(self), raft.clone(), sender, bound, policy));
                 receiver
             }
         };
@@ -151,28 +156,34 @@ async fn drive(
     raft: ShardRaft,
     mut sender: watch::Sender<Option<Confirmation>>,
     bound: Duration,
+    policy: crate::config::ReadPolicy,
 ) {
+    let option = match policy {
+        crate::config::ReadPolicy::ReadIndex => LinearizerOption::from(ReadPolicy::ReadIndex),
+        // openraft's own `LeaseRead` fails at once when the lease lapsed (an
+        // idle shard); this one heartbeats and waits instead, as read-index
+        // does, so an idle shard's first read is not a 503.
+        crate::config::ReadPolicy::Lease => LinearizerOption::new(None, true),
+    };
     loop {
-        let confirmation = match tokio::time::timeout(
-            bound,
-            raft.get_read_linearizer(ReadPolicy::ReadIndex),
-        )
-        .await
-        {
-            Err(_) => Err(ReadFail::NoQuorum),
-            Ok(Ok(linearizer)) => Ok(linearizer),
-            Ok(Err(RaftError::APIError(LinearizableReadError::ForwardToLeader(forward)))) => {
-                Err(match leader_of(&raft, &forward) {
-                    Ok(leader) => ReadFail::NotLeader(leader),
-                    Err(()) if forward.reason == ForwardReason::LeaseExpired => ReadFail::NoQuorum,
-                    Err(()) => ReadFail::NoLeader,
-                })
-            }
-            Ok(Err(RaftError::APIError(LinearizableReadError::QuorumNotEnough(_)))) => {
-                Err(ReadFail::NoQuorum)
-            }
-            Ok(Err(RaftError::Fatal(_))) => Err(ReadFail::Failed(STOPPED.into())),
-        };
+        let confirmation =
+            match tokio::time::timeout(bound, raft.get_read_linearizer(option.clone())).await {
+                Err(_) => Err(ReadFail::NoQuorum),
+                Ok(Ok(linearizer)) => Ok(linearizer),
+                Ok(Err(RaftError::APIError(LinearizableReadError::ForwardToLeader(forward)))) => {
+                    Err(match leader_of(&raft, &forward) {
+                        Ok(leader) => ReadFail::NotLeader(leader),
+                        Err(()) if forward.reason == ForwardReason::LeaseExpired => {
+                            ReadFail::NoQuorum
+                        }
+                        Err(()) => ReadFail::NoLeader,
+                    })
+                }
+                Ok(Err(RaftError::APIError(LinearizableReadError::QuorumNotEnough(_)))) => {
+                    Err(ReadFail::NoQuorum)
+                }
+                Ok(Err(RaftError::Fatal(_))) => Err(ReadFail::Failed(STOPPED.into())),
+            };
         sender.send_replace(Some(confirmation));
         let mut inner = gate.inner.lock().unwrap_or_else(PoisonError::into_inner);
         match inner.next.take() {
@@ -406,7 +417,11 @@ impl ClusterNode {
         }
         let started = Instant::now();
         let bound = self.write_timeout;
-        match hosted.gate.confirm(&hosted.raft, bound).await {
+        match hosted
+            .gate
+            .confirm(&hosted.raft, bound, self.read_policy)
+            .await
+        {
             Ok(linearizer) => {
                 let left = bound.saturating_sub(started.elapsed());
                 match linearizer.try_await_ready(&hosted.raft, Some(left)).await {

@@ -287,6 +287,7 @@ pub async fn start(
         groups,
         routes,
         write_timeout: config.raft_write_timeout,
+        read_policy: config.read_policy,
         leader_wait: config.leader_wait,
         timeouts,
         leader_cache: Mutex::new(vec![None; spec.shards as usize]),
