@@ -233,6 +233,9 @@ fn a_proxy_follows_a_real_cluster_created_again_on_the_same_ports() {
         .collect::<Vec<_>>()
         .join(",");
     let proxy = proxy(&nodes);
+    // Before any node is killed: the founder (node 1) bootstraps the
+    // metadata state, which a node needs to show /-/cluster.
+    let old = cluster_id(a.addr(1));
     let busiest = a.leader_of_most_shards();
     a.kill9(busiest);
     let others: Vec<u64> = a
@@ -241,7 +244,6 @@ fn a_proxy_follows_a_real_cluster_created_again_on_the_same_ports() {
         .filter(|&id| id != busiest)
         .collect();
     a.wait_for_leaders_among(&others, BOUND);
-    let old = cluster_id(a.addr(others[0]));
     let keys: Vec<String> = (0..SHARDS)
         .map(|shard| {
             (0..)
