@@ -98,6 +98,10 @@ pub struct FakeState {
     /// Node id → the older layout it still shows in `/-/shards` (and the
     /// version in its header).
     pub lagging: BTreeMap<u64, Lagging>,
+    /// Node id → how many `/-/shards` answers it shows its `lagging` layout
+    /// in; after that its `lagging` entry is dropped (a node that said
+    /// something wrong a set number of times, then behaves).
+    pub lagging_views: BTreeMap<u64, usize>,
     /// Every node's address, members or not; `addrs[i]` is node `i + 1`.
     pub addrs: Vec<String>,
     /// The leader every node's `/-/shards` names for every shard.
@@ -187,6 +191,7 @@ impl FakeCluster {
             cluster_id: None,
             leaders: BTreeMap::new(),
             lagging: BTreeMap::new(),
+            lagging_views: BTreeMap::new(),
             addrs: addrs.iter().map(ToString::to_string).collect(),
             advertised: Some(1),
             advertised_term: 1,
@@ -492,6 +497,14 @@ fn answer_locked(
         if s.views_refused > 0 {
             s.views_refused -= 1;
             return Ok(json(503, "{\"error\":\"starting\"}\n".into()));
+        }
+        if let Some(left) = s.lagging_views.get_mut(&id) {
+            if *left == 0 {
+                s.lagging_views.remove(&id);
+                s.lagging.remove(&id);
+            } else {
+                *left -= 1;
+            }
         }
         let mut body = shards_answer(id, s);
         if let Some(&pad) = s.shards_pad.get(&id) {
