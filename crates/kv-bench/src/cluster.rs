@@ -75,7 +75,8 @@ pub struct BenchCluster {
     departures: AtomicU64,
     /// A background refresh ([`BenchCluster::refresh_soon`]) is under way.
     refreshing_soon: AtomicBool,
-    /// The newest `X-Kv-Placement-Version` an answer showed.
+    /// The newest `X-Kv-Placement-Version` an answer showed since the last
+    /// background refresh.
     hinted: AtomicU64,
     /// The pause after a background refresh, by whether it reached `hinted`.
     backoff: std::sync::Mutex<HintBackoff>,
@@ -392,7 +393,11 @@ impl BenchCluster {
             // Pacing: 50 ms once the table holds the newest version a
             // header showed, doubling up to 1 s while no /-/shards bears
             // it out (`HintBackoff`).
-            let reached = cluster.version() >= cluster.hinted.load(Ordering::Acquire);
+            // The hints seen up to now are judged by this refresh; later
+            // ones (a header still showing a version no /-/shards has) by
+            // the next.
+            let hinted = cluster.hinted.swap(0, Ordering::AcqRel);
+            let reached = cluster.version() >= hinted;
             let pause = cluster
                 .backoff
                 .lock()

@@ -149,7 +149,8 @@ pub struct Cluster {
     refreshed: tokio::sync::Mutex<Option<Instant>>,
     /// A background refresh ([`Cluster::refresh_soon`]) is under way.
     refreshing_soon: AtomicBool,
-    /// The newest `X-Kv-Placement-Version` an answer showed.
+    /// The newest `X-Kv-Placement-Version` an answer showed since the last
+    /// background refresh.
     hinted: AtomicU64,
     /// The pause after a background refresh, by whether it reached `hinted`.
     backoff: Mutex<HintBackoff>,
@@ -761,13 +762,16 @@ impl Cluster {
         let cluster = Arc::clone(self);
         tokio::spawn(async move {
             cluster.refresh(Instant::now()).await;
-            let reached = cluster.version() >= cluster.hinted.load(Ordering::Acquire);
+            // The hints seen up to now are judged by this refresh; later
+            // ones (a header still showing a version no /-/shards has) by
+            // the next.
+            let hinted = cluster.hinted.swap(0, Ordering::AcqRel);
+            let reached = cluster.version() >= hinted;
             let pause = cluster.backoff.lock().after(reached);
             if !reached {
                 log::debug!(
-                    "a node showed placement version {} in a header, which no /-/shards \
-                     answer bears out: next hinted refresh in {pause:?}",
-                    cluster.hinted.load(Ordering::Acquire)
+                    "a node showed placement version {hinted} in a header, which no \
+                     /-/shards answer bears out: next hinted refresh in {pause:?}"
                 );
             }
             tokio::time::sleep(pause).await;
