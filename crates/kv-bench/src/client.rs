@@ -295,6 +295,59 @@ fn connection_failure(error: hyper::Error) -> Failure {
     Failure::new(ErrorKind::Connection, error.to_string())
 }
 
+/// `GET path` from `endpoint` on a fresh hyper connection (whichever
+/// client the workers use: this is the cluster's bookkeeping, not the
+/// measured load), the whole exchange within `timeout` and the body read up
+/// to `limit` bytes: a longer one is an error, not read further.
+pub async fn get_bounded(
+    endpoint: &Endpoint,
+    path: &'static str,
+    timeout: Duration,
+    limit: usize,
+) -> Result<Answer, String> {
+    let exchange = async {
+        let stream = connect_tcp(endpoint, timeout).await.map_err(|f| f.detail)?;
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|error| error.to_string())?;
+        let driver = tokio::spawn(connection);
+        let answer = async {
+            let request = request(endpoint, Method::GET, &Uri::from_static(path), None);
+            let response = sender
+                .send_request(request)
+                .await
+                .map_err(|error| error.to_string())?;
+            let status = response.status().as_u16();
+            let placement_version = response
+                .headers()
+                .get(kv_cluster::PLACEMENT_VERSION_HEADER)
+                .and_then(|value| parse_version(value.as_bytes()));
+            let body = http_body_util::Limited::new(response.into_body(), limit)
+                .collect()
+                .await
+                .map_err(|error| {
+                    if error.is::<http_body_util::LengthLimitError>() {
+                        format!("{path}: the body is over {limit} bytes: not read")
+                    } else {
+                        error.to_string()
+                    }
+                })?
+                .to_bytes();
+            Ok(Answer {
+                status,
+                body,
+                placement_version,
+            })
+        }
+        .await;
+        driver.abort();
+        answer
+    };
+    tokio::time::timeout(timeout, exchange)
+        .await
+        .map_err(|_| format!("no answer within {timeout:?}"))?
+}
+
 /// Reads a whole body; a body of one chunk (every small answer) is kept
 /// as it came, without `collect()`'s buffer list.
 async fn read_body(mut body: Incoming) -> Result<Bytes, hyper::Error> {

@@ -19,11 +19,18 @@
 //! **`--nodes` are seeds** (issue 13, `docs/membership.md` §6): the members
 //! are the ones a node's `/-/shards` names, so one member's URL is enough,
 //! and kv-bench follows members that join or leave during a run. The table
-//! holds the placement version of its layout and takes members only from an
-//! answer of that version or newer ([`ShardTable::refresh_at`]); it is
-//! refreshed when an answer's `X-Kv-Placement-Version` is newer than its
-//! own or a 421 names a leader at an address that is not a member's (by the
-//! worker that saw it, before its next request), and every second. A newly
+//! is kv-proxy's, merged by the same [`ShardTable::merge`]: its layout is
+//! keyed by cluster id and placement version, taken from an answer of its
+//! version or newer, rebuilt from another cluster's answer once no source
+//! shows its own cluster (a cluster created again at the same addresses),
+//! and given up for the newest layout shown once no source shows its
+//! version (one node said `u64::MAX` once); a source that does not answer
+//! is forgotten until it does. It is refreshed when an answer's
+//! `X-Kv-Placement-Version` is newer than its own (a hint only: a refresh
+//! that does not reach it doubles the pause before the next, up to 1 s,
+//! [`HintBackoff`]) or a 421 names a leader at an address that is not a
+//! member's (by the worker that saw it, before its next request), and every
+//! second. `/-/shards` bodies are read up to [`MAX_SHARDS_BODY`]. A newly
 //! learnt address gets the next endpoint index (indexes never change, so
 //! per-node counts stay put); workers open connections to it on first use
 //! and close theirs to members that left.
@@ -42,9 +49,13 @@ use bytes::Bytes;
 use hyper::header::HeaderValue;
 use hyper::{Method, Uri};
 use kv_cluster::{
-    is_final, placement_version, Attempt, Next, NotLeader, Routing, ShardTable, ShardsView,
-    BACKGROUND_REFRESH, NOT_LEADER_STATUS, REFRESH_EVERY,
+    is_final, Attempt, HintBackoff, Next, NotLeader, Placement, Routing, ShardTable, ShardsView,
+    Taken, BACKGROUND_REFRESH, NOT_LEADER_STATUS, REFRESH_EVERY,
 };
+
+/// Largest `/-/shards` body read (kv-proxy's bound): 4096 shards of three
+/// replicas take about 1 MiB.
+pub const MAX_SHARDS_BODY: usize = 4 << 20;
 
 use crate::check::{ErrorKind, Failure};
 use crate::client::{self, Answer, ClientKind, Conn, Endpoint};
@@ -64,6 +75,11 @@ pub struct BenchCluster {
     departures: AtomicU64,
     /// A background refresh ([`BenchCluster::refresh_soon`]) is under way.
     refreshing_soon: AtomicBool,
+    /// The newest `X-Kv-Placement-Version` an answer showed since the last
+    /// background refresh.
+    hinted: AtomicU64,
+    /// The pause after a background refresh, by whether it reached `hinted`.
+    backoff: std::sync::Mutex<HintBackoff>,
     /// That refresh's task, awaited by [`BenchCluster::settle`].
     soon: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// When the last completed refresh started (single flight: workers
@@ -71,29 +87,41 @@ pub struct BenchCluster {
     refreshed: tokio::sync::Mutex<Option<Instant>>,
     pub leader_wait: Duration,
     timeout: Duration,
-    client: ClientKind,
 }
 
-/// `GET /-/shards` from `endpoint` on a fresh connection, with the
-/// placement version it shows: `Ok(None)` for a standalone node (404).
+/// `GET /-/shards` from `endpoint` on a fresh connection (the body read up
+/// to [`MAX_SHARDS_BODY`]), with the cluster id and placement version it
+/// shows: `Ok(None)` for a standalone node (404).
 pub async fn fetch_view(
     endpoint: &Endpoint,
     timeout: Duration,
-    kind: ClientKind,
-) -> Result<Option<(ShardsView, u64)>, String> {
-    let mut conn = client::connect(endpoint, timeout, kind)
-        .await
-        .map_err(|f| f.detail)?;
-    let uri = Uri::from_static("/-/shards");
-    let answer = client::send(&mut conn, endpoint, Method::GET, &uri, None, timeout)
-        .await
-        .map_err(|f| f.detail)?;
+) -> Result<Option<(ShardsView, Placement)>, String> {
+    let answer = client::get_bounded(endpoint, "/-/shards", timeout, MAX_SHARDS_BODY).await?;
     match answer.status {
         200 => ShardsView::parse(&answer.body)
-            .map(|view| Some((view, placement_version(&answer.body))))
+            .map(|view| Some((view, Placement::of(&answer.body))))
             .map_err(|e| e.to_string()),
         404 => Ok(None),
         other => Err(format!("/-/shards answered {other}")),
+    }
+}
+
+/// Logs what [`ShardTable::merge`] did that a user should know.
+fn report(source: &str, taken: Taken) {
+    match taken {
+        Taken::NewCluster { from, to } => log::warn!(
+            "cluster id changed from {from} to {to}: following the new cluster ({source} \
+             answers for it, and no node answers for the old one any more)"
+        ),
+        Taken::WentBack { from, to } => log::warn!(
+            "no node shows placement version {from} any more: taking version {to}, the newest \
+             shown (from {source})"
+        ),
+        Taken::OtherCluster { theirs, ours } => log::debug!(
+            "{source} answers for cluster {theirs}, not {ours} which other nodes still answer \
+             for: ignored"
+        ),
+        Taken::Layout | Taken::Leaders => {}
     }
 }
 
@@ -103,20 +131,21 @@ pub async fn fetch_view(
 pub async fn discover(
     endpoints: &[Endpoint],
     timeout: Duration,
-    kind: ClientKind,
 ) -> Result<Option<ShardTable>, String> {
     let mut table: Option<ShardTable> = None;
     for endpoint in endpoints {
-        match fetch_view(endpoint, timeout, kind).await {
-            Ok(Some((view, version))) => match &mut table {
+        let source = endpoint.authority.as_str();
+        match fetch_view(endpoint, timeout).await {
+            Ok(Some((view, placement))) => match &mut table {
                 Some(table) => {
-                    table
-                        .refresh_at(view, version)
+                    let merged = table
+                        .merge(source, view, placement)
                         .map_err(|e| format!("{}: {e}", endpoint.url))?;
+                    report(source, merged.taken);
                 }
                 None => {
                     table = Some(
-                        ShardTable::from_view_at(view, version)
+                        ShardTable::from_answer(source, view, placement)
                             .map_err(|e| format!("{}: {e}", endpoint.url))?,
                     )
                 }
@@ -146,7 +175,6 @@ impl BenchCluster {
         seeds: &[Endpoint],
         leader_wait: Duration,
         timeout: Duration,
-        client: ClientKind,
     ) -> Result<Self, String> {
         // Every seed carries the same token (`--auth-token-file`).
         let authorization = seeds.first().and_then(|seed| seed.authorization.clone());
@@ -162,11 +190,12 @@ impl BenchCluster {
             authorization,
             departures: AtomicU64::new(0),
             refreshing_soon: AtomicBool::new(false),
+            hinted: AtomicU64::new(0),
+            backoff: std::sync::Mutex::new(HintBackoff::default()),
             soon: std::sync::Mutex::new(None),
             refreshed: tokio::sync::Mutex::new(None),
             leader_wait,
             timeout,
-            client,
         })
     }
 
@@ -251,16 +280,22 @@ impl BenchCluster {
         }
     }
 
-    /// Takes an answer of placement version `version` from `source`; true
-    /// if it merged.
-    fn merge(&self, view: ShardsView, version: u64) -> bool {
+    /// Merges `source`'s answer ([`ShardTable::merge`]); what it took, if
+    /// it was usable.
+    fn merge(&self, source: &str, view: ShardsView, placement: Placement) -> Option<Taken> {
         let mut table = self.table.write().unwrap_or_else(|e| e.into_inner());
         let before: Vec<String> = table.members().values().cloned().collect();
-        if table.refresh_at(view, version).is_err() {
-            return false;
-        }
+        let taken = match table.merge(source, view, placement) {
+            Ok(merged) => merged.taken,
+            Err(error) => {
+                log::warn!("{source}: {error}");
+                return None;
+            }
+        };
+        let version = table.version();
         let after: Vec<String> = table.members().values().cloned().collect();
         drop(table);
+        report(source, taken);
         if before != after {
             for addr in &after {
                 self.endpoint_index(addr);
@@ -273,7 +308,12 @@ impl BenchCluster {
                 after.join(", ")
             );
         }
-        true
+        Some(taken)
+    }
+
+    fn forget(&self, source: &str) {
+        let mut table = self.table.write().unwrap_or_else(|e| e.into_inner());
+        table.source_failed(source);
     }
 
     /// Refreshes the table from the members, then the seeds (the first
@@ -295,13 +335,31 @@ impl BenchCluster {
                 .collect()
         };
         sources.extend(self.seeds.iter().cloned());
+        {
+            // A source no longer asked (a member that left) backs no layout.
+            let names: Vec<String> = sources.iter().map(|e| e.authority.clone()).collect();
+            let mut table = self.table.write().unwrap_or_else(|e| e.into_inner());
+            table.keep_sources(&names);
+        }
         for endpoint in &sources {
-            if let Ok(Some((view, version))) = fetch_view(endpoint, each, self.client).await {
-                // An older layout's answer still merges leaders; go on to
-                // the next node for the layout itself.
-                let current = version >= self.version();
-                if self.merge(view, version) && current {
-                    break;
+            let source = endpoint.authority.as_str();
+            match fetch_view(endpoint, each).await {
+                Ok(Some((view, placement))) => {
+                    // An older layout's answer still merges leaders; go on
+                    // to the next node for the layout itself.
+                    let taken = self.merge(source, view, placement);
+                    if matches!(
+                        taken,
+                        Some(Taken::Layout | Taken::WentBack { .. } | Taken::NewCluster { .. })
+                    ) {
+                        break;
+                    }
+                }
+                // It no longer vouches for any layout.
+                Ok(None) => self.forget(source),
+                Err(why) => {
+                    log::debug!("{source}: no /-/shards answer: {why}");
+                    self.forget(source);
                 }
             }
         }
@@ -311,10 +369,11 @@ impl BenchCluster {
     /// Whether `answer` says the table is out of date: a newer placement
     /// version, or a 421 naming a leader at an address that is no member's.
     fn outdated_by(&self, answer: &Answer) -> bool {
-        if answer
+        if let Some(version) = answer
             .placement_version
-            .is_some_and(|version| version > self.version())
+            .filter(|&version| version > self.version())
         {
+            self.hinted.fetch_max(version, Ordering::AcqRel);
             return true;
         }
         answer.status == NOT_LEADER_STATUS
@@ -331,8 +390,20 @@ impl BenchCluster {
         let cluster = Arc::clone(self);
         let task = tokio::spawn(async move {
             cluster.refresh(Instant::now()).await;
-            // Pacing: asked again at most this often.
-            tokio::time::sleep(REFRESH_EVERY).await;
+            // Pacing: 50 ms once the table holds the newest version a
+            // header showed, doubling up to 1 s while no /-/shards bears
+            // it out (`HintBackoff`).
+            // The hints seen up to now are judged by this refresh; later
+            // ones (a header still showing a version no /-/shards has) by
+            // the next.
+            let hinted = cluster.hinted.swap(0, Ordering::AcqRel);
+            let reached = cluster.version() >= hinted;
+            let pause = cluster
+                .backoff
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .after(reached);
+            tokio::time::sleep(pause).await;
             cluster.refreshing_soon.store(false, Ordering::Release);
         });
         *self.soon.lock().unwrap_or_else(|e| e.into_inner()) = Some(task);

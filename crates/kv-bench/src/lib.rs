@@ -180,20 +180,15 @@ pub fn run(config: Config) -> Result<Outcome, BenchError> {
     let mut target = target;
     let cluster = if target == "nodes" {
         let found = runtime
-            .block_on(cluster::discover(&endpoints, plan.timeout, plan.client))
+            .block_on(cluster::discover(&endpoints, plan.timeout))
             .map_err(BenchError::Unreachable)?;
         match found {
             Some(table) => {
                 // `--nodes` were seeds: the run goes over the members, each
                 // sent the seeds' token.
-                let cluster = cluster::BenchCluster::new(
-                    table,
-                    &endpoints,
-                    plan.leader_wait,
-                    plan.timeout,
-                    plan.client,
-                )
-                .map_err(BenchError::Config)?;
+                let cluster =
+                    cluster::BenchCluster::new(table, &endpoints, plan.leader_wait, plan.timeout)
+                        .map_err(BenchError::Config)?;
                 endpoints = cluster.endpoints();
                 target = "cluster";
                 Some(Arc::new(cluster))

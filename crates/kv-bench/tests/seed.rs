@@ -7,6 +7,7 @@
 
 use std::process::Command;
 
+use kv_testkit::fake_cluster::Lagging;
 use kv_testkit::FakeCluster;
 
 mod common;
@@ -94,4 +95,55 @@ fn one_seed_finds_every_member_and_a_member_that_joins_mid_run_is_routed_to() {
         .output()
         .unwrap();
     assert!(check.status.success(), "{}", explain(&check));
+}
+
+/// Review R1 in kv-bench (it merges by kv-cluster's `ShardTable::merge`,
+/// as kv-proxy does): node 2's first `/-/shards` answer shows placement
+/// version `u64::MAX`, which the table takes at discovery; node 2 then
+/// behaves. When node 4 joins mid-run at version 2, no node shows
+/// `u64::MAX` any more and the run follows the join: node 4 is routed to
+/// and nothing fails.
+#[test]
+fn one_absurd_placement_version_does_not_pin_the_runs_members() {
+    let fake = FakeCluster::start_with(8, 4);
+    fake.set(|s| {
+        s.version = Some(1);
+        let members = s.members.clone();
+        s.lagging.insert(
+            2,
+            Lagging {
+                version: u64::MAX,
+                members,
+            },
+        );
+        s.lagging_views.insert(2, 1);
+        s.join_after = Some((300, 4, vec![0, 1, 2, 3]));
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let history = dir.path().join("h.jsonl");
+    let json = dir.path().join("runs.jsonl");
+    let seeds = fake.node_list();
+    let output = Command::new(binary("kv-bench"))
+        .args(args(
+            &seeds,
+            history.to_str().unwrap(),
+            json.to_str().unwrap(),
+            "2000",
+        ))
+        .env("RUST_LOG", "kv_bench=info")
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", explain(&output));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("no node shows placement version 18446744073709551615 any more"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("cluster members now (version 2)"),
+        "{stderr}"
+    );
+    let report = &lines(&json)[0];
+    assert_eq!(report["errors_total"], 0, "{report}");
+    assert!(fake.get(|s| s.seen.iter().filter(|seen| seen.node == 4).count()) > 0);
 }

@@ -14,7 +14,9 @@
 //!   deterministic leader per shard spread evenly over its replicas (§3, §9).
 //! - [`ShardTable`]: the `GET /-/shards` answer ([`ShardsView`]) as key →
 //!   shard → leader address, updated from 421 answers ([`NotLeader`]) only
-//!   when they carry a newer term (§6.1, §11, §12).
+//!   when they carry a newer term (§6.1, §11, §12), its layout keyed by
+//!   cluster id and placement version and trusted only while a node shows
+//!   it ([`Placement`], [`ShardTable::merge`]).
 //! - [`Routing`]: what a client does with each answer of a shard's leader
 //!   (follow a 421, wait out a 503, never retry a 504), shared by kv-proxy
 //!   and kv-bench (§12).
@@ -72,8 +74,9 @@ pub use plan::{
     DEFAULT_MAX_INCOMING, DEFAULT_MAX_MOVES,
 };
 pub use route::{
-    is_final, wants_stale, Attempt, Next, Routing, BACKGROUND_REFRESH, CONSISTENCY_HEADER,
-    CONSISTENCY_STALE, DEFAULT_LEADER_WAIT, MAX_HOPS, READ_PATIENCE, REFRESH_EVERY,
+    is_final, wants_stale, Attempt, HintBackoff, Next, Routing, BACKGROUND_REFRESH,
+    CONSISTENCY_HEADER, CONSISTENCY_STALE, DEFAULT_LEADER_WAIT, MAX_HOPS, READ_PATIENCE,
+    REFRESH_EVERY,
 };
 pub use shard::{shard_of, MAX_SHARDS, SHARD_SEED};
 pub use spec::{
@@ -81,9 +84,9 @@ pub use spec::{
     DEFAULT_SHARDS,
 };
 pub use table::{
-    placement_version, GroupView, Leader, NotLeader, ShardTable, ShardsView, TableError,
-    TableGroup, TableView, CLUSTER_ID_HEADER, LEADER_HEADER, LEADER_ID_HEADER, NODE_ID_HEADER,
-    NOT_LEADER_ERROR, NOT_LEADER_STATUS, ROUTE_DIRECT, ROUTE_HEADER,
+    placement_version, GroupView, Leader, Merge, NotLeader, Placement, ShardTable, ShardsView,
+    TableError, TableGroup, TableView, Taken, CLUSTER_ID_HEADER, LEADER_HEADER, LEADER_ID_HEADER,
+    NODE_ID_HEADER, NOT_LEADER_ERROR, NOT_LEADER_STATUS, ROUTE_DIRECT, ROUTE_HEADER,
 };
 pub use view::{
     shards_body, ClusterView, LocalProgress, MemberView, MetaRole, MoveCounts, MoveProgress,

@@ -257,6 +257,42 @@ impl Routing {
     }
 }
 
+/// Pacing of the refreshes an answer's `X-Kv-Placement-Version` asks for
+/// (kv-proxy's and kv-bench's `refresh_soon`).
+///
+/// The header is a hint, not a fact: a node may show a version its
+/// `/-/shards` does not (it applied a change between the two answers), or
+/// one no `/-/shards` ever will (a bug, a foreign program, a version of
+/// another cluster). So a refresh that reaches the hinted version keeps the
+/// next hinted one [`REFRESH_EVERY`] away, and one that does not doubles
+/// the pause, up to [`BACKGROUND_REFRESH`]: a header that is never borne out
+/// costs at most one refresh per background period, not one per 50 ms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HintBackoff {
+    pause: Duration,
+}
+
+impl Default for HintBackoff {
+    fn default() -> Self {
+        Self {
+            pause: REFRESH_EVERY,
+        }
+    }
+}
+
+impl HintBackoff {
+    /// How long to wait before the next hinted refresh, after one that
+    /// `reached` (or did not reach) the hinted version.
+    pub fn after(&mut self, reached: bool) -> Duration {
+        self.pause = if reached {
+            REFRESH_EVERY
+        } else {
+            (self.pause * 2).min(BACKGROUND_REFRESH)
+        };
+        self.pause
+    }
+}
+
 /// Whether an answer with `status` is the request's final answer, to hand
 /// to the client as it is: anything but 421, 503 and 504. A client may check
 /// this first and skip [`Routing::next`] (and the table's lock) on the
@@ -469,6 +505,19 @@ mod tests {
         view.groups[0].term = Some(6);
         table.refresh(view).unwrap();
         assert_eq!(table.leader(0).unwrap().id, 1);
+    }
+
+    #[test]
+    fn hinted_refreshes_back_off_until_the_hint_is_borne_out() {
+        let mut backoff = HintBackoff::default();
+        let pauses: Vec<Duration> = (0..7).map(|_| backoff.after(false)).collect();
+        assert_eq!(
+            pauses,
+            [100, 200, 400, 800, 1000, 1000, 1000].map(Duration::from_millis),
+            "doubling up to the background period, never below it once there"
+        );
+        assert_eq!(backoff.after(true), REFRESH_EVERY, "reached: back to 50 ms");
+        assert_eq!(backoff.after(false), REFRESH_EVERY * 2);
     }
 
     #[test]

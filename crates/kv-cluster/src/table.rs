@@ -23,17 +23,43 @@
 //! change bumps the cluster's placement version, which a node shows in
 //! `/-/shards` ([`crate::PlacementFields`]) and in the
 //! [`crate::PLACEMENT_VERSION_HEADER`] of every answer. The table keeps the
-//! version of the layout it holds and takes members and replicas only from
-//! an answer of that version or newer ([`ShardTable::refresh_at`]): a node
-//! that has not applied the last change yet can never take a member back.
-//! Leaders are still merged by term from any answer, since terms order
-//! leaders whatever the layout, but only for members of the newest layout.
-//! A node that predates issue 13 shows no version: version 0.
+//! version of the layout it holds and takes members and replicas from an
+//! answer of that version or newer ([`ShardTable::merge`]): a node that has
+//! not applied the last change yet does not take a member back. Leaders are
+//! still merged by term from any answer of the same cluster, since terms
+//! order leaders whatever the layout, but only for members of the table's
+//! layout. A node that predates issue 13 shows no version: version 0.
+//!
+//! **No version is trusted for good** (review R1). A version is a number
+//! some node said; one node that says `u64::MAX` once (a bug, another
+//! program on a member's port) must not pin the layout, and a cluster wiped
+//! and created again at the same addresses starts again at version 1 (and
+//! term 1). So:
+//!
+//! - The version is keyed by the cluster id a node shows beside it
+//!   ([`Placement`]). An answer of another cluster is not compared by
+//!   version at all: it rebuilds the table from scratch (the caller logs
+//!   "cluster id changed"), unless a source still shows the table's own
+//!   cluster, in which case it is ignored whole, leaders included (a seed
+//!   list that mixes two clusters stays on the first it found, instead of
+//!   flapping between them).
+//! - The table remembers what each source (an address it asks) showed last
+//!   ([`ShardTable::source_failed`] forgets a source that did not answer).
+//!   The table's layout is *backed* while some source's last answer shows
+//!   its cluster at its version or newer. An unbacked layout is one nobody
+//!   vouches for any more: then the newest layout the sources do show is
+//!   taken, even though its version is lower ([`Taken::WentBack`]). In one
+//!   honest cluster that only happens when every node that applied the
+//!   newest change stops answering at once; the cost is a layout one change
+//!   old until one of them answers again.
+//!
+//! Node ids and terms are only ever compared within one cluster.
 
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::meta::ClusterId;
 use crate::shard::{shard_of, MAX_SHARDS};
 use crate::spec::check_addr;
 
@@ -204,10 +230,95 @@ struct Entry {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ShardTable {
     shards: u32,
+    /// The cluster the layout is of (`None`: its nodes show no id).
+    cluster: Option<ClusterId>,
     /// The placement version of the members and replicas held.
     version: u64,
     members: BTreeMap<u64, String>,
     entries: Vec<Entry>,
+    /// Source address → what its last answer showed (module docs: what
+    /// backs the layout).
+    shown: BTreeMap<String, Placement>,
+}
+
+/// What a `/-/shards` answer says of the layout it shows: whose cluster,
+/// which placement version. Versions of two clusters are not comparable.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Placement {
+    /// The cluster id (`None`: the node does not show one).
+    pub cluster: Option<ClusterId>,
+    /// The placement version (0: none shown).
+    pub version: u64,
+}
+
+impl Placement {
+    /// Of `version` in `cluster`.
+    pub fn new(cluster: Option<ClusterId>, version: u64) -> Self {
+        Self { cluster, version }
+    }
+
+    /// Read from a `/-/shards` body: its `cluster_id` and `version` fields
+    /// ([`crate::PlacementFields`]), absent ones `None` and 0.
+    pub fn of(body: &[u8]) -> Self {
+        match crate::view::PlacementFields::parse(body) {
+            Ok(fields) => Self {
+                cluster: fields.cluster_id,
+                version: fields.version.unwrap_or(0),
+            },
+            Err(_) => Self::default(),
+        }
+    }
+}
+
+/// What [`ShardTable::merge`] took from an answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Taken {
+    /// Its members and replicas (its version is the table's or newer), and
+    /// leaders by term.
+    Layout,
+    /// Leaders by term only: its layout is older than the table's, which
+    /// another source still shows.
+    Leaders,
+    /// Its layout although older: no source shows the table's version any
+    /// more, and this is the newest one shown (module docs).
+    WentBack {
+        /// The version the table held.
+        from: u64,
+        /// The version it holds now.
+        to: u64,
+    },
+    /// The table was rebuilt from it: another cluster's answer, and no
+    /// source shows the table's cluster any more.
+    NewCluster {
+        /// The cluster the table followed.
+        from: ClusterId,
+        /// The one it follows now.
+        to: ClusterId,
+    },
+    /// Nothing: another cluster's answer while a source still shows the
+    /// table's cluster (at any version).
+    OtherCluster {
+        /// The answer's cluster.
+        theirs: ClusterId,
+        /// The table's.
+        ours: ClusterId,
+    },
+}
+
+/// What [`ShardTable::merge`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Merge {
+    /// What of the answer was taken.
+    pub taken: Taken,
+    /// How many shards' leader or term changed.
+    pub changed: usize,
+}
+
+impl Merge {
+    /// Whether anything of the answer was taken (a layout or leaders).
+    pub fn took(&self) -> bool {
+        !matches!(self.taken, Taken::OtherCluster { .. })
+    }
 }
 
 impl ShardsView {
@@ -272,6 +383,9 @@ pub fn placement_version(body: &[u8]) -> u64 {
 /// /-/proxy/shards`), so two clients' tables can be compared.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TableView {
+    /// The cluster the layout is of (`null`: its nodes show no id).
+    #[serde(default)]
+    pub cluster_id: Option<ClusterId>,
     /// The placement version of the members and replicas.
     pub version: u64,
     /// Number of shards.
@@ -310,8 +424,25 @@ impl ShardTable {
         Self::from_view_at(view, 0)
     }
 
-    /// A table from a view of placement version `version`.
+    /// A table from a view of placement version `version` (no cluster id).
     pub fn from_view_at(view: ShardsView, version: u64) -> Result<Self, TableError> {
+        Self::from_view_in(view, Placement::new(None, version))
+    }
+
+    /// A table from `source`'s answer: `view`, showing `placement`. Later
+    /// answers go to [`ShardTable::merge`].
+    pub fn from_answer(
+        source: &str,
+        view: ShardsView,
+        placement: Placement,
+    ) -> Result<Self, TableError> {
+        let mut table = Self::from_view_in(view, placement)?;
+        table.shown.insert(source.to_owned(), placement);
+        Ok(table)
+    }
+
+    /// A table from a view showing `placement`.
+    pub fn from_view_in(view: ShardsView, placement: Placement) -> Result<Self, TableError> {
         view.check()?;
         let entries = view
             .groups
@@ -329,9 +460,11 @@ impl ShardTable {
             .collect();
         Ok(Self {
             shards: view.shards,
-            version,
+            cluster: placement.cluster,
+            version: placement.version,
             members: view.members,
             entries,
+            shown: BTreeMap::new(),
         })
     }
 
@@ -347,7 +480,109 @@ impl ShardTable {
     /// readdressed. Leaders are merged by the term rules, for members of the
     /// table's (newest) layout only. Returns how many shards' leader or term
     /// changed.
+    ///
+    /// This is the merge of one answer on its own, by version alone: no
+    /// cluster id, no source; clients use [`ShardTable::merge`].
     pub fn refresh_at(&mut self, view: ShardsView, version: u64) -> Result<usize, TableError> {
+        let layout = version >= self.version;
+        self.merge_view(view, version, layout)
+    }
+
+    /// Merges `source`'s answer `view`, which shows `placement`, by the
+    /// rules of the module docs: another cluster's rebuilds the table or is
+    /// ignored; within the cluster, the layout is taken from an answer of
+    /// the table's version or newer, or from the newest one shown once the
+    /// table's is not shown by any source; leaders by term.
+    pub fn merge(
+        &mut self,
+        source: &str,
+        view: ShardsView,
+        placement: Placement,
+    ) -> Result<Merge, TableError> {
+        view.check()?;
+        self.shown.insert(source.to_owned(), placement);
+        if let (Some(ours), Some(theirs)) = (self.cluster, placement.cluster) {
+            if ours != theirs {
+                if self.shown.values().any(|shown| shown.cluster == Some(ours)) {
+                    return Ok(Merge {
+                        taken: Taken::OtherCluster { theirs, ours },
+                        changed: 0,
+                    });
+                }
+                let mut table = Self::from_view_in(view, placement)?;
+                table.shown = std::mem::take(&mut self.shown);
+                *self = table;
+                return Ok(Merge {
+                    taken: Taken::NewCluster {
+                        from: ours,
+                        to: theirs,
+                    },
+                    changed: self.shards as usize,
+                });
+            }
+        }
+        let from = self.version;
+        let taken = if placement.version >= self.version {
+            Taken::Layout
+        } else if placement.cluster == self.cluster && !self.backed() && self.newest(placement) {
+            Taken::WentBack {
+                from,
+                to: placement.version,
+            }
+        } else {
+            Taken::Leaders
+        };
+        let layout = !matches!(taken, Taken::Leaders);
+        let changed = match self.merge_view(view, placement.version, layout) {
+            Ok(changed) => changed,
+            Err(error) => {
+                self.shown.remove(source);
+                return Err(error);
+            }
+        };
+        if layout && placement.cluster.is_some() {
+            self.cluster = placement.cluster;
+        }
+        Ok(Merge { taken, changed })
+    }
+
+    /// Forgets what `source` showed: it did not answer (or answered
+    /// nothing usable), so it no longer backs any layout.
+    pub fn source_failed(&mut self, source: &str) {
+        self.shown.remove(source);
+    }
+
+    /// Forgets what every source but `sources` showed: a member that left
+    /// and is asked no more must not back a layout for good.
+    pub fn keep_sources(&mut self, sources: &[String]) {
+        self.shown.retain(|source, _| sources.contains(source));
+    }
+
+    /// Whether some source's last answer shows the table's cluster at its
+    /// version or newer.
+    fn backed(&self) -> bool {
+        self.shown
+            .values()
+            .any(|shown| shown.cluster == self.cluster && shown.version >= self.version)
+    }
+
+    /// Whether `placement` is the newest version any source shows of its
+    /// cluster.
+    fn newest(&self, placement: Placement) -> bool {
+        self.shown
+            .values()
+            .filter(|shown| shown.cluster == placement.cluster)
+            .all(|shown| shown.version <= placement.version)
+    }
+
+    /// Merges `view` of `version`, its members and replicas too when
+    /// `layout`.
+    fn merge_view(
+        &mut self,
+        view: ShardsView,
+        version: u64,
+        layout: bool,
+    ) -> Result<usize, TableError> {
         view.check()?;
         if view.shards != self.shards {
             return Err(TableError::ShardCountChanged {
@@ -356,7 +591,7 @@ impl ShardTable {
             });
         }
         let mut changed = vec![false; self.entries.len()];
-        if version >= self.version {
+        if layout {
             self.version = version;
             self.members = view.members;
             for (shard, group) in view.groups.iter().enumerate() {
@@ -474,9 +709,15 @@ impl ShardTable {
         self.version
     }
 
+    /// The cluster the layout is of (`None`: its nodes show no id).
+    pub fn cluster(&self) -> Option<ClusterId> {
+        self.cluster
+    }
+
     /// The table as [`TableView`] shows it.
     pub fn view(&self) -> TableView {
         TableView {
+            cluster_id: self.cluster,
             version: self.version,
             shards: self.shards,
             members: self.members.clone(),
@@ -874,5 +1115,173 @@ mod tests {
             assert!(ShardTable::parse(&json[..len]).is_err(), "prefix of {len}");
         }
         assert!(ShardTable::parse(&json).is_ok());
+    }
+
+    fn with_node4(view: &ShardsView) -> ShardsView {
+        let mut view = view.clone();
+        view.members.insert(4, "127.0.0.1:8084".into());
+        view.groups[2].leader = Some(4);
+        view.groups[2].term = Some(8);
+        view
+    }
+
+    /// Review R1: one answer with an absurd version pins the layout only
+    /// while its source keeps showing it.
+    #[test]
+    fn an_absurd_version_is_dropped_once_no_source_shows_it() {
+        let view = ShardsView::parse(VIEW.as_bytes()).unwrap();
+        let at = |version| Placement::new(None, version);
+        let mut table = ShardTable::from_answer("n1", view.clone(), at(1)).unwrap();
+        let merged = table.merge("n3", view.clone(), at(u64::MAX)).unwrap();
+        assert_eq!(merged.taken, Taken::Layout);
+        assert_eq!(table.version(), u64::MAX);
+        // The cluster moves to version 2 (node 4 leads shard 2); node 1
+        // says so first, while node 3 still backs u64::MAX: leaders only,
+        // among the table's members (node 4 is not one).
+        let new = with_node4(&view);
+        let merged = table.merge("n1", new.clone(), at(2)).unwrap();
+        assert_eq!(merged.taken, Taken::Leaders);
+        assert!(!table.members().contains_key(&4));
+        // Node 3 now shows version 2 too: nobody shows u64::MAX any more.
+        let merged = table.merge("n3", new.clone(), at(2)).unwrap();
+        assert_eq!(
+            merged.taken,
+            Taken::WentBack {
+                from: u64::MAX,
+                to: 2
+            }
+        );
+        assert_eq!(table.version(), 2);
+        assert_eq!(table.leader(2).unwrap().addr, "127.0.0.1:8084");
+
+        // A source that stops answering backs nothing either.
+        let mut table = ShardTable::from_answer("n1", view.clone(), at(1)).unwrap();
+        table.merge("n3", view.clone(), at(u64::MAX)).unwrap();
+        table.source_failed("n3");
+        assert!(matches!(
+            table.merge("n1", new.clone(), at(2)).unwrap().taken,
+            Taken::WentBack { to: 2, .. }
+        ));
+        // Nor does one no longer asked (a member that left).
+        let mut table = ShardTable::from_answer("n1", view.clone(), at(1)).unwrap();
+        table.merge("n3", view.clone(), at(u64::MAX)).unwrap();
+        table.keep_sources(&["n1".to_owned(), "n2".to_owned()]);
+        assert!(matches!(
+            table.merge("n2", new, at(2)).unwrap().taken,
+            Taken::WentBack { to: 2, .. }
+        ));
+    }
+
+    /// Only the newest version shown is gone back to, and a lagging node
+    /// never takes a member back while another shows the newest layout.
+    #[test]
+    fn going_back_takes_the_newest_layout_shown() {
+        let view = ShardsView::parse(VIEW.as_bytes()).unwrap();
+        let at = |version| Placement::new(None, version);
+        let mut table = ShardTable::from_answer("n1", view.clone(), at(5)).unwrap();
+        assert_eq!(
+            table.merge("n2", view.clone(), at(3)).unwrap().taken,
+            Taken::Leaders,
+            "n1 still shows 5"
+        );
+        table.source_failed("n1");
+        assert_eq!(
+            table.merge("n3", view.clone(), at(2)).unwrap().taken,
+            Taken::Leaders,
+            "n2 shows 3, newer than n3's 2"
+        );
+        assert_eq!(
+            table.merge("n2", view.clone(), at(3)).unwrap().taken,
+            Taken::WentBack { from: 5, to: 3 }
+        );
+        assert_eq!(table.version(), 3);
+        assert_eq!(table.merge("n1", view, at(6)).unwrap().taken, Taken::Layout);
+        assert_eq!(table.version(), 6);
+    }
+
+    /// A cluster created again at the same addresses (new id, versions and
+    /// terms from 1) is followed once no source shows the old one; a seed
+    /// of another cluster beside a live one is ignored, leaders included.
+    #[test]
+    fn another_clusters_answer_rebuilds_the_table_once_ours_is_gone() {
+        let (a, b) = (ClusterId(0xa), ClusterId(0xb));
+        let old = ShardsView::parse(VIEW.as_bytes()).unwrap();
+        let mut table =
+            ShardTable::from_answer("n1", old.clone(), Placement::new(Some(a), 7)).unwrap();
+        table
+            .merge("n2", old.clone(), Placement::new(Some(a), 7))
+            .unwrap();
+        assert_eq!(table.cluster(), Some(a));
+        // Cluster B: other leaders, term 1, version 1, two shards only.
+        let mut new = old.clone();
+        new.shards = 2;
+        new.groups.truncate(2);
+        for group in &mut new.groups {
+            group.leader = Some(3);
+            group.term = Some(1);
+        }
+        let merged = table
+            .merge("n1", new.clone(), Placement::new(Some(b), 1))
+            .unwrap();
+        assert_eq!(
+            merged.taken,
+            Taken::OtherCluster { theirs: b, ours: a },
+            "n2 still shows cluster A"
+        );
+        assert!(!merged.took());
+        assert_eq!(table.leader(0).unwrap().id, 2, "no leader of B taken");
+        assert_eq!(table.version(), 7);
+        // n2 answers for B too: A is gone.
+        let merged = table
+            .merge("n2", new.clone(), Placement::new(Some(b), 1))
+            .unwrap();
+        assert_eq!(merged.taken, Taken::NewCluster { from: a, to: b });
+        assert_eq!(table.cluster(), Some(b));
+        assert_eq!(table.version(), 1);
+        assert_eq!(table.shards(), 2);
+        assert_eq!(table.leader(0).unwrap().id, 3, "term 1 after term 5");
+        assert_eq!(table.view().cluster_id, Some(b));
+        // From now on B's answers merge by its own versions and terms.
+        assert_eq!(
+            table
+                .merge("n3", new, Placement::new(Some(b), 1))
+                .unwrap()
+                .taken,
+            Taken::Layout
+        );
+        // A node that shows no id (not bootstrapped yet) is of no cluster
+        // in particular: version 0, leaders by term only.
+        assert_eq!(
+            table
+                .merge("n4", old.clone(), Placement::new(None, 0))
+                .unwrap_err()
+                .to_string(),
+            "/-/shards now says 4 shards, but this table has 2; is this the same cluster?"
+        );
+        // A table of nodes that showed no id takes the first id it sees.
+        let mut table = ShardTable::from_answer("n1", old.clone(), Placement::default()).unwrap();
+        assert_eq!(
+            table
+                .merge("n2", old, Placement::new(Some(a), 1))
+                .unwrap()
+                .taken,
+            Taken::Layout
+        );
+        assert_eq!(table.cluster(), Some(a));
+    }
+
+    #[test]
+    fn the_placement_is_read_from_the_body() {
+        let mut object: serde_json::Value = serde_json::from_str(VIEW).unwrap();
+        assert_eq!(
+            Placement::of(&serde_json::to_vec(&object).unwrap()),
+            Placement::default()
+        );
+        object["version"] = 3.into();
+        object["cluster_id"] = "00000000-0000-0000-0000-00000000000a".into();
+        assert_eq!(
+            Placement::of(&serde_json::to_vec(&object).unwrap()),
+            Placement::new(Some(ClusterId(0xa)), 3)
+        );
     }
 }

@@ -261,6 +261,12 @@ fn percent(bytes: Option<u64>, total: Option<u64>) -> Option<u8> {
 /// the [`ShardsView`] (module docs).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PlacementFields {
+    /// The cluster's id (`null` from a node that does not know it yet, or
+    /// predates it): a client keys the version by it, so a cluster created
+    /// again at the same addresses (versions restart at 1) is told apart
+    /// from the one it replaced (`crate::ShardTable::merge`).
+    #[serde(default)]
+    pub cluster_id: Option<ClusterId>,
     /// The placement version (`null` from a node that predates issue 13).
     #[serde(default)]
     pub version: Option<u64>,
@@ -288,6 +294,7 @@ impl PlacementFields {
     /// may route to, and the open moves.
     pub fn new(state: &ClusterState) -> Self {
         Self {
+            cluster_id: (!state.is_empty()).then_some(state.cluster_id),
             version: (!state.is_empty()).then_some(state.version),
             member_states: state
                 .members
@@ -453,6 +460,12 @@ mod tests {
         let back = PlacementFields::parse(&body).unwrap();
         assert_eq!(back, fields);
         assert_eq!(back.version, Some(state.version));
+        assert_eq!(back.cluster_id, Some(ClusterId(0x5f0c)));
+        assert!(
+            String::from_utf8_lossy(&body)
+                .contains(r#""cluster_id":"00000000-0000-0000-0000-000000005f0c""#),
+            "the id as GET /-/cluster writes it"
+        );
         assert_eq!(back.moving.len(), state.moves.len());
         assert_eq!(back.member_states[&4], MemberState::Active);
         // A body from an older node has none of them.

@@ -28,13 +28,26 @@
 //! [`ClusterWorker::evict`]). Refreshes ask the members, and the seeds
 //! that are not members as a fallback.
 //!
-//! **Placement versions.** The table holds the placement version of its
-//! layout and takes members and replicas only from an answer of that
-//! version or newer ([`ShardTable::refresh_at`]). It is refreshed when an
-//! answer carries an `X-Kv-Placement-Version` newer than its own, when a
-//! 421 names a leader at an address that is not a member's, and every
-//! second; the first two in the background ([`Cluster::refresh_soon`]),
-//! so the request that noticed does not wait for it.
+//! **Placement versions, and which to trust.** The table holds the cluster
+//! id and placement version of its layout ([`kv_cluster::Placement`]) and
+//! merges each source's answer by [`ShardTable::merge`]: members and
+//! replicas from an answer of its version or newer; another cluster's
+//! answer (a cluster created again at the same addresses) rebuilds it once
+//! no source shows the old cluster any more (logged once at warn: "cluster
+//! id changed from X to Y: following the new cluster"), and is ignored
+//! while one does (logged once per source); a layout no source shows any
+//! more (one node said `u64::MAX` once, then thought better of it, or went
+//! away) gives way to the newest layout the sources show. A source that
+//! does not answer is forgotten until it does. The table is refreshed
+//! every second, when a 421 names a leader at an address that is not a
+//! member's, and when an answer carries an `X-Kv-Placement-Version` newer
+//! than its own; the last two in the background
+//! ([`Cluster::refresh_soon`]), so the request that noticed does not wait
+//! for it. The header is only a hint: a refresh that does not reach the
+//! version it showed doubles the pause before the next hinted one, up to the
+//! 1 s period ([`kv_cluster::HintBackoff`]). A `/-/shards` body is read up
+//! to [`MAX_SHARDS_BODY`]; a longer one is an error (logged at warn, the
+//! table kept).
 //!
 //! **Routing.** A key's request goes to its shard's leader with
 //! `X-Kv-Route: direct`, so a node that is not the leader answers 421
@@ -80,9 +93,9 @@ use hyper::http::request::Parts;
 use hyper::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper_util::rt::TokioIo;
 use kv_cluster::{
-    placement_version, wants_stale, Attempt, Next, NotLeader, Routing, ShardTable, ShardsView,
-    TableView, CONSISTENCY_HEADER, PLACEMENT_VERSION_HEADER, REFRESH_EVERY, ROUTE_DIRECT,
-    ROUTE_HEADER,
+    wants_stale, Attempt, HintBackoff, Merge, Next, NotLeader, Placement, Routing, ShardTable,
+    ShardsView, TableView, Taken, CONSISTENCY_HEADER, PLACEMENT_VERSION_HEADER, REFRESH_EVERY,
+    ROUTE_DIRECT, ROUTE_HEADER,
 };
 use kv_http::request::discard;
 use kv_http::ApiError;
@@ -99,6 +112,9 @@ use crate::upstream::{self, Node};
 
 /// Largest 421 body read to learn the leader (they are ~100 bytes).
 const MAX_NOT_LEADER_BODY: usize = 64 * 1024;
+/// Largest `/-/shards` body read: 4096 shards (the most there can be) of
+/// three replicas take about 1 MiB.
+pub const MAX_SHARDS_BODY: usize = 4 << 20;
 
 /// How the cluster mode's fetches and health checks are bounded.
 #[derive(Debug, Clone, Copy)]
@@ -118,7 +134,6 @@ pub struct ClusterSettings {
 
 /// What the workers share in cluster mode.
 pub struct Cluster {
-    shards: u32,
     table: RwLock<ShardTable>,
     /// `--nodes`: asked at start, and by refreshes when they are not
     /// members (a fallback when no member answers).
@@ -134,8 +149,15 @@ pub struct Cluster {
     refreshed: tokio::sync::Mutex<Option<Instant>>,
     /// A background refresh ([`Cluster::refresh_soon`]) is under way.
     refreshing_soon: AtomicBool,
+    /// The newest `X-Kv-Placement-Version` an answer showed since the last
+    /// background refresh.
+    hinted: AtomicU64,
+    /// The pause after a background refresh, by whether it reached `hinted`.
+    backoff: Mutex<HintBackoff>,
     /// Sources already reported as standalone (404 to `/-/shards`).
     standalone_warned: Mutex<HashSet<String>>,
+    /// Sources already reported as answering for another cluster.
+    other_cluster_warned: Mutex<HashSet<String>>,
     pub leader_wait: Duration,
     settings: ClusterSettings,
     pub stats: ClusterStats,
@@ -306,8 +328,9 @@ pub async fn rediscover(
 /// What a node said to `GET /-/shards`.
 #[derive(Debug)]
 pub enum Discovered {
-    /// A cluster member: its view, and the placement version it shows.
-    Cluster(ShardsView, u64),
+    /// A cluster member: its view, and the cluster id and placement version
+    /// it shows.
+    Cluster(ShardsView, Placement),
     /// 404: a standalone node.
     Standalone,
 }
@@ -363,13 +386,12 @@ async fn discover_once(nodes: &[String], timeout: Duration) -> Round {
     while let Some(joined) = tasks.join_next().await {
         let Ok((node, found)) = joined else { continue };
         match found {
-            Ok(Discovered::Cluster(view, version)) => match &mut table {
-                Some(table) => {
-                    if let Err(error) = table.refresh_at(view, version) {
-                        log::warn!("node {node}: {error}");
-                    }
-                }
-                None => match ShardTable::from_view_at(view, version) {
+            Ok(Discovered::Cluster(view, placement)) => match &mut table {
+                Some(table) => match table.merge(&node, view, placement) {
+                    Ok(merged) => report_merge(&node, &merged),
+                    Err(error) => log::warn!("node {node}: {error}"),
+                },
+                None => match ShardTable::from_answer(&node, view, placement) {
                     Ok(first) => table = Some(first),
                     Err(error) => log::warn!("node {node}: {error}"),
                 },
@@ -388,31 +410,84 @@ async fn discover_once(nodes: &[String], timeout: Duration) -> Round {
     }
 }
 
-/// `GET /-/shards` from `node` on a fresh connection, within `timeout`.
-pub async fn fetch_view(node: &str, timeout: Duration) -> Result<Discovered, String> {
-    let (status, body) = tokio::time::timeout(timeout, get(node, "/-/shards"))
-        .await
-        .map_err(|_| format!("no answer within {timeout:?}"))??;
-    match status {
-        200 => ShardsView::parse(&body)
-            .map(|view| Discovered::Cluster(view, placement_version(&body)))
-            .map_err(|e| e.to_string()),
-        404 => Ok(Discovered::Standalone),
-        other => Err(format!("answered {other}")),
+/// Why a `GET /-/shards` gave nothing to route by.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    /// No answer (down, refused, timed out, cut off): common, said at debug.
+    #[error("{0}")]
+    NoAnswer(String),
+    /// A status other than 200 and 404.
+    #[error("answered {0}")]
+    Status(u16),
+    /// A body past [`MAX_SHARDS_BODY`]: not read further.
+    #[error("its /-/shards body is over {limit} bytes: not read (the table is kept)")]
+    TooLarge {
+        /// The bound.
+        limit: usize,
+    },
+    /// A body that is no [`ShardsView`].
+    #[error("{0}")]
+    Invalid(#[from] kv_cluster::TableError),
+}
+
+impl FetchError {
+    /// Worth a warning: the node answered, wrongly (a refusal or silence
+    /// is the usual life of a node that is down or starting).
+    fn is_wrong_answer(&self) -> bool {
+        matches!(self, FetchError::TooLarge { .. } | FetchError::Invalid(_))
     }
 }
 
-/// One GET on a fresh connection: status and whole body.
-async fn get(node: &str, path: &'static str) -> Result<(u16, Bytes), String> {
+/// `GET /-/shards` from `node` on a fresh connection, within `timeout`,
+/// the body read up to [`MAX_SHARDS_BODY`].
+pub async fn fetch_view(node: &str, timeout: Duration) -> Result<Discovered, FetchError> {
+    let (status, body) = tokio::time::timeout(timeout, get(node, "/-/shards"))
+        .await
+        .map_err(|_| FetchError::NoAnswer(format!("no answer within {timeout:?}")))??;
+    match status {
+        200 => Ok(Discovered::Cluster(
+            ShardsView::parse(&body)?,
+            Placement::of(&body),
+        )),
+        404 => Ok(Discovered::Standalone),
+        other => Err(FetchError::Status(other)),
+    }
+}
+
+/// Logs what [`ShardTable::merge`] did that an operator should know: the
+/// cluster followed changed, or a layout was given up for an older one (a
+/// source answering for another cluster is the caller's to say, once).
+fn report_merge(source: &str, merged: &Merge) {
+    match merged.taken {
+        Taken::NewCluster { from, to } => {
+            log::warn!(
+                "cluster id changed from {from} to {to}: following the new cluster (node \
+                 {source} answers for it, and no node answers for the old one any more)"
+            );
+        }
+        Taken::WentBack { from, to } => {
+            log::warn!(
+                "no node shows placement version {from} any more: taking version {to}, the \
+                 newest shown (from node {source})"
+            );
+        }
+        Taken::OtherCluster { .. } | Taken::Layout | Taken::Leaders => {}
+    }
+}
+
+/// One GET on a fresh connection: status and body (at most
+/// [`MAX_SHARDS_BODY`] bytes).
+async fn get(node: &str, path: &'static str) -> Result<(u16, Bytes), FetchError> {
+    let no_answer = FetchError::NoAnswer;
     let stream = TcpStream::connect(node)
         .await
-        .map_err(|e| format!("connect: {e}"))?;
+        .map_err(|e| no_answer(format!("connect: {e}")))?;
     let _ = stream.set_nodelay(true);
     let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
-        .map_err(|e| format!("handshake: {e}"))?;
+        .map_err(|e| no_answer(format!("handshake: {e}")))?;
     let driver = tokio::spawn(connection);
-    let host = HeaderValue::from_str(node).map_err(|e| format!("host: {e}"))?;
+    let host = HeaderValue::from_str(node).map_err(|e| no_answer(format!("host: {e}")))?;
     let mut request = Request::new(Full::new(Bytes::new()));
     *request.uri_mut() = Uri::from_static(path);
     request.headers_mut().insert(HOST, host);
@@ -421,13 +496,20 @@ async fn get(node: &str, path: &'static str) -> Result<(u16, Bytes), String> {
         let response = sender
             .send_request(request)
             .await
-            .map_err(|e| upstream::error_chain(&e))?;
+            .map_err(|e| no_answer(upstream::error_chain(&e)))?;
         let status = response.status().as_u16();
-        let body = response
-            .into_body()
+        let body = http_body_util::Limited::new(response.into_body(), MAX_SHARDS_BODY)
             .collect()
             .await
-            .map_err(|e| upstream::error_chain(&e))?
+            .map_err(|error| {
+                if error.is::<http_body_util::LengthLimitError>() {
+                    FetchError::TooLarge {
+                        limit: MAX_SHARDS_BODY,
+                    }
+                } else {
+                    no_answer(error.to_string())
+                }
+            })?
             .to_bytes();
         Ok((status, body))
     }
@@ -442,14 +524,16 @@ impl Cluster {
     /// checker per member on the current runtime, if there is one.
     pub fn new(table: ShardTable, seeds: &[String], settings: ClusterSettings) -> Arc<Self> {
         let cluster = Arc::new(Self {
-            shards: table.shards(),
             table: RwLock::new(table),
             seeds: seeds.to_vec(),
             nodes: RwLock::new(HashMap::new()),
             runtime: tokio::runtime::Handle::try_current().ok(),
             refreshed: tokio::sync::Mutex::new(None),
             refreshing_soon: AtomicBool::new(false),
+            hinted: AtomicU64::new(0),
+            backoff: Mutex::new(HintBackoff::default()),
             standalone_warned: Mutex::new(HashSet::new()),
+            other_cluster_warned: Mutex::new(HashSet::new()),
             leader_wait: settings.leader_wait,
             settings,
             stats: ClusterStats::default(),
@@ -516,7 +600,7 @@ impl Cluster {
         let wanted: Vec<String> = {
             let table = self.table.read();
             let mut wanted: Vec<String> = table.members().values().cloned().collect();
-            for shard in 0..self.shards {
+            for shard in 0..table.shards() {
                 if let Some(leader) = table.leader(shard) {
                     wanted.push(leader.addr.clone());
                 }
@@ -557,9 +641,10 @@ impl Cluster {
         }
     }
 
-    /// Number of shards.
+    /// Number of shards (of the cluster followed now: a cluster created
+    /// again may have another count).
     pub fn shards(&self) -> u32 {
-        self.shards
+        self.table.read().shards()
     }
 
     /// The placement version of the table's layout.
@@ -584,7 +669,7 @@ impl Cluster {
         let shards: Vec<(Option<String>, Vec<String>)> = {
             let table = self.table.read();
             let members = table.members();
-            (0..self.shards)
+            (0..table.shards())
                 .map(|shard| {
                     let leader = table.leader(shard).map(|l| l.addr.clone());
                     let replicas = table
@@ -604,7 +689,7 @@ impl Cluster {
                 .get(addr)
                 .is_some_and(|member| !member.node.health.is_up())
         };
-        (0..self.shards)
+        (0..)
             .zip(shards)
             .filter(|(_, (leader, replicas))| {
                 let up = replicas.iter().filter(|addr| !down(addr)).count();
@@ -618,8 +703,9 @@ impl Cluster {
 
     /// `key`'s shard and its leader's address, if known.
     pub fn leader_of(&self, key: &[u8]) -> (u32, Option<String>) {
-        let shard = kv_cluster::shard_of(key, self.shards);
-        let leader = self.table.read().leader(shard).map(|l| l.addr.clone());
+        let table = self.table.read();
+        let shard = table.shard_of(key);
+        let leader = table.leader(shard).map(|l| l.addr.clone());
         (shard, leader)
     }
 
@@ -646,6 +732,8 @@ impl Cluster {
         let started = Instant::now();
         self.stats.refreshes.fetch_add(1, Ordering::Relaxed);
         let sources = self.sources();
+        // A source no longer asked (a member that left) backs no layout.
+        self.table.write().keep_sources(&sources);
         let (done_tx, mut done_rx) = tokio::sync::mpsc::channel(sources.len().max(1));
         for source in sources {
             let (cluster, done) = (Arc::clone(self), done_tx.clone());
@@ -664,7 +752,9 @@ impl Cluster {
     }
 
     /// A refresh in the background, unless one is under way: for an answer
-    /// that showed a newer layout, which need not wait for it.
+    /// that showed a newer layout, which need not wait for it. The next one
+    /// waits [`HintBackoff`]'s pause: 50 ms once the table holds the newest
+    /// version a header showed, doubling up to 1 s while it does not.
     pub fn refresh_soon(self: &Arc<Self>) {
         if self.refreshing_soon.swap(true, Ordering::AcqRel) {
             return;
@@ -672,15 +762,25 @@ impl Cluster {
         let cluster = Arc::clone(self);
         tokio::spawn(async move {
             cluster.refresh(Instant::now()).await;
-            // Pacing: a node that shows a version its /-/shards does not
-            // have yet is asked again at most this often.
-            tokio::time::sleep(REFRESH_EVERY).await;
+            // The hints seen up to now are judged by this refresh; later
+            // ones (a header still showing a version no /-/shards has) by
+            // the next.
+            let hinted = cluster.hinted.swap(0, Ordering::AcqRel);
+            let reached = cluster.version() >= hinted;
+            let pause = cluster.backoff.lock().after(reached);
+            if !reached {
+                log::debug!(
+                    "a node showed placement version {hinted} in a header, which no \
+                     /-/shards answer bears out: next hinted refresh in {pause:?}"
+                );
+            }
+            tokio::time::sleep(pause).await;
             cluster.refreshing_soon.store(false, Ordering::Release);
         });
     }
 
     /// An answer's `X-Kv-Placement-Version`: a newer one than the table's
-    /// refreshes it in the background.
+    /// refreshes it in the background (a hint: [`Cluster::refresh_soon`]).
     fn saw_version(self: &Arc<Self>, headers: &hyper::HeaderMap) {
         let Some(version) = headers
             .get(PLACEMENT_VERSION_HEADER)
@@ -691,6 +791,7 @@ impl Cluster {
         };
         if version > self.version() {
             log::debug!("a node shows placement version {version}: refreshing the table");
+            self.hinted.fetch_max(version, Ordering::AcqRel);
             self.refresh_soon();
         }
     }
@@ -714,12 +815,28 @@ impl Cluster {
 
     async fn refresh_from(&self, source: &str) -> bool {
         match fetch_view(source, self.settings.fetch_timeout).await {
-            Ok(Discovered::Cluster(view, version)) => {
-                let merged = self.table.write().refresh_at(view, version);
+            Ok(Discovered::Cluster(view, placement)) => {
+                let merged = self.table.write().merge(source, view, placement);
                 match merged {
-                    Ok(changed) => {
-                        if changed > 0 {
-                            log::debug!("{changed} shard leaders learned from {source}");
+                    Ok(merged) => {
+                        if merged.changed > 0 {
+                            log::debug!("{} shard leaders learned from {source}", merged.changed);
+                        }
+                        if let Taken::OtherCluster { theirs, ours } = merged.taken {
+                            // Said once per address, like a standalone seed.
+                            if self.other_cluster_warned.lock().insert(source.to_owned()) {
+                                log::warn!(
+                                    "node {source} answers for cluster {theirs}, not {ours} \
+                                     which other nodes still answer for: not routed to (said \
+                                     once)"
+                                );
+                            }
+                            return false;
+                        }
+                        report_merge(source, &merged);
+                        if let Taken::NewCluster { .. } = merged.taken {
+                            // The old cluster's nodes may be the others now.
+                            self.other_cluster_warned.lock().clear();
                         }
                         self.sync_nodes();
                         true
@@ -731,6 +848,7 @@ impl Cluster {
                 }
             }
             Ok(Discovered::Standalone) => {
+                self.table.write().source_failed(source);
                 // Said once per address: a standalone seed is asked at
                 // every refresh (once a second), and stays what it is.
                 if self.standalone_warned.lock().insert(source.to_owned()) {
@@ -744,7 +862,13 @@ impl Cluster {
                 false
             }
             Err(error) => {
-                log::debug!("refresh from {source}: {error}");
+                // It no longer vouches for any layout.
+                self.table.write().source_failed(source);
+                if error.is_wrong_answer() {
+                    log::warn!("refresh from {source}: {error}");
+                } else {
+                    log::debug!("refresh from {source}: {error}");
+                }
                 false
             }
         }

@@ -17,8 +17,10 @@
 //! `members`; `version` is the placement version every node shows (in
 //! `/-/shards` as kv-cluster's [`PlacementFields`], and in the
 //! `X-Kv-Placement-Version` header of every answer; `None` for a node that
-//! predates issue 13); `leaders` gives single shards their own leader and
-//! term; `lagging` makes a node keep showing an older layout.
+//! predates issue 13); `cluster_id` the cluster id every node shows beside
+//! it (`None`: none, as from a node that does not know it yet); `leaders`
+//! gives single shards their own leader and term; `lagging` makes a node
+//! keep showing an older layout.
 //!
 //! `GET /-/cluster` (for `kv-bench cluster-watch`): `cluster_views` is a
 //! scripted sequence of [`ClusterView`]s, one per request whichever node is
@@ -88,12 +90,18 @@ pub struct FakeState {
     /// The placement version every node shows; `None`: no version at all,
     /// as from a node that predates issue 13.
     pub version: Option<u64>,
+    /// The cluster id every node shows in `/-/shards`; `None`: none.
+    pub cluster_id: Option<ClusterId>,
     /// Shard → its own leader and term, both advertised and actual,
     /// instead of `advertised`/`actual`.
     pub leaders: BTreeMap<u32, (u64, u64)>,
     /// Node id → the older layout it still shows in `/-/shards` (and the
     /// version in its header).
     pub lagging: BTreeMap<u64, Lagging>,
+    /// Node id → how many `/-/shards` answers it shows its `lagging` layout
+    /// in; after that its `lagging` entry is dropped (a node that said
+    /// something wrong a set number of times, then behaves).
+    pub lagging_views: BTreeMap<u64, usize>,
     /// Every node's address, members or not; `addrs[i]` is node `i + 1`.
     pub addrs: Vec<String>,
     /// The leader every node's `/-/shards` names for every shard.
@@ -118,6 +126,9 @@ pub struct FakeState {
     /// This many more `/-/shards` requests are answered 503, as by a node
     /// that is still starting.
     pub views_refused: usize,
+    /// Node id → bytes of padding (a `"pad"` string field) added to its
+    /// `/-/shards` body: an answer too long to read.
+    pub shards_pad: BTreeMap<u64, usize>,
     /// Once this many key requests were seen, node `.1` joins and leads
     /// shards `.2` ([`FakeState::join`]): a layout change in the middle of a
     /// client's run, at a point set by requests rather than time.
@@ -177,8 +188,10 @@ impl FakeCluster {
                 .map(|(i, addr)| (i as u64 + 1, addr.to_string()))
                 .collect(),
             version: None,
+            cluster_id: None,
             leaders: BTreeMap::new(),
             lagging: BTreeMap::new(),
+            lagging_views: BTreeMap::new(),
             addrs: addrs.iter().map(ToString::to_string).collect(),
             advertised: Some(1),
             advertised_term: 1,
@@ -191,6 +204,7 @@ impl FakeCluster {
             views: 0,
             views_by: BTreeMap::new(),
             views_refused: 0,
+            shards_pad: BTreeMap::new(),
             join_after: None,
             cluster_views: Vec::new(),
             cluster_served: 0,
@@ -434,10 +448,12 @@ fn shards_answer(id: u64, s: &FakeState) -> Vec<u8> {
             .collect(),
         members,
     };
-    match version {
-        Some(version) => {
+    match (version, s.cluster_id) {
+        (None, None) => serde_json::to_vec(&view).unwrap(),
+        (version, cluster_id) => {
             let fields = PlacementFields {
-                version: Some(version),
+                cluster_id,
+                version,
                 member_states: view
                     .members
                     .keys()
@@ -447,7 +463,6 @@ fn shards_answer(id: u64, s: &FakeState) -> Vec<u8> {
             };
             shards_body(&view, &fields)
         }
-        None => serde_json::to_vec(&view).unwrap(),
     }
 }
 
@@ -483,7 +498,20 @@ fn answer_locked(
             s.views_refused -= 1;
             return Ok(json(503, "{\"error\":\"starting\"}\n".into()));
         }
-        let body = shards_answer(id, s);
+        if let Some(left) = s.lagging_views.get_mut(&id) {
+            if *left == 0 {
+                s.lagging_views.remove(&id);
+                s.lagging.remove(&id);
+            } else {
+                *left -= 1;
+            }
+        }
+        let mut body = shards_answer(id, s);
+        if let Some(&pad) = s.shards_pad.get(&id) {
+            let mut object: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            object["pad"] = "x".repeat(pad).into();
+            body = serde_json::to_vec(&object).unwrap();
+        }
         return Ok(json(200, String::from_utf8(body).unwrap()));
     }
     let method = parts.method.as_str().to_owned();

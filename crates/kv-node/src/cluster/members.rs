@@ -148,13 +148,26 @@ impl ClusterNode {
     }
 
     /// `GET /-/shards`: issue 12's view, plus the placement fields once a
-    /// cluster state is applied (`kv_cluster::shards_body`).
+    /// cluster state is applied (`kv_cluster::shards_body`), and the
+    /// cluster id (`cluster.json`'s) as soon as this node knows it, so a
+    /// client can tell this cluster from one that had its addresses before
+    /// (`kv_cluster::ShardTable::merge`).
     pub fn shards_json(&self) -> Vec<u8> {
         let view = self.shards_view();
-        match self.cluster_state() {
-            Some(state) => kv_cluster::shards_body(&view, &PlacementFields::new(&state)),
-            None => serde_json::to_vec(&view).unwrap_or_default(),
+        let stored_id = self
+            .cluster_id
+            .get()
+            .and_then(|id| id.parse::<ClusterId>().ok());
+        let mut fields = match self.cluster_state() {
+            Some(state) => PlacementFields::new(&state),
+            None => PlacementFields::default(),
+        };
+        fields.cluster_id = stored_id.or(fields.cluster_id);
+        if fields == PlacementFields::default() {
+            // Nothing to add: issue 12's body, as before.
+            return serde_json::to_vec(&view).unwrap_or_default();
         }
+        kv_cluster::shards_body(&view, &fields)
     }
 
     /// Applies `cmd` to a copy of this node's state: the refusal or outcome
