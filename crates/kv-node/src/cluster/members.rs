@@ -119,11 +119,10 @@ impl ClusterNode {
     fn cluster_view(&self, query: Option<&str>) -> Result<Response<Body>, NodeError> {
         let state = self.state_or_static()?;
         if query.is_some_and(|q| q.split('&').any(|p| p == "local")) {
-            // Moves are executed by issue 13's M3b: none here yet.
             let local = LocalProgress {
                 node_id: self.id(),
                 version: state.version,
-                moves: Vec::new(),
+                moves: self.local_progress(),
             };
             return Ok(json(
                 StatusCode::OK,
@@ -136,8 +135,9 @@ impl ClusterNode {
             leaders: (0..self.spec.shards)
                 .map(|shard| self.leader_now(shard))
                 .collect(),
-            // Bytes and percent of active moves: M3b's executors.
-            progress: Vec::new(),
+            // Bytes and percent of the moves this node executes; the
+            // others show null (their executors answer `?local`).
+            progress: self.local_progress(),
             meta_voters: self.meta_voters_now(),
         };
         let view = ClusterView::new(&state, &known);

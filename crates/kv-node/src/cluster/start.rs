@@ -308,6 +308,7 @@ pub async fn start(
         storage: node_storage,
         raft_config,
         meta,
+        moves: super::moves::Moves::new(config.max_moves, config.move_pause_joint_shard),
         spec,
     });
     for shard in node.group_ids() {
@@ -316,6 +317,7 @@ pub async fn start(
     initialise(&node, first_start).await?;
     meta::initialise(&node).await?;
     meta::follow(&node);
+    super::moves::execute(&node);
     join::ask(&node);
     if config.leader_balance {
         watch::balance(&node);
