@@ -419,3 +419,47 @@ fn a_joining_node_killed_mid_copy_finishes_its_moves_after_a_restart() {
     assert_placed(&nodes, &to);
     assert_readable(&all, &keys);
 }
+
+#[test]
+fn a_node_removed_while_down_exits_when_it_comes_back() {
+    let opts = ClusterOpts {
+        shards: SHARDS,
+        ..ClusterOpts::default()
+    };
+    let mut cluster = Cluster::start(4, 3, opts);
+    let addrs: Vec<SocketAddr> = (1..=4).map(|id| cluster.addr(id)).collect();
+    wait_agreed(&addrs, &[1, 2, 3, 4]);
+    let keys = write_keys(&addrs, "down", 100, 100);
+
+    // Node 4 is down while it is removed: the moves replace its replicas
+    // from the live ones (it is the replica that leaves, so the shards keep
+    // `replicas - 1` live copies throughout).
+    cluster.kill9(4);
+    let leave = send(addrs[0], "DELETE", "/-/cluster/members/4", &[], None).unwrap();
+    assert_eq!(leave.status, 202, "{}", leave.text());
+    let live = &addrs[..3];
+    let logs = || String::new();
+    let removed = wait_settled(live, &[1, 2, 3], &logs);
+    assert_eq!(removed.members[3].state, MemberState::Removed);
+    let placement = placement_over([1, 2, 3], SHARDS, 3);
+    let nodes: Vec<(u64, SocketAddr)> = (1..=3).zip(live.iter().copied()).collect();
+    assert_placed(&nodes, &placement);
+    assert_readable(live, &keys);
+
+    // Back on its data dir, it learns it from a member and exits 0; then
+    // its data dir is refused.
+    cluster.restart(4);
+    wait_until("node 4 exits by itself", 3 * BOUND, || {
+        cluster.exit_code(4).is_some()
+    });
+    assert_eq!(cluster.exit_code(4), Some(Some(0)), "{}", cluster.log(4));
+    assert!(cluster
+        .log(4)
+        .contains("node 4 was removed from the cluster at version"));
+    let output = std::process::Command::new(binary("kv-node"))
+        .args(cluster.args(4))
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2), "{output:?}");
+    assert_readable(live, &keys);
+}

@@ -316,7 +316,7 @@ pub(crate) fn follow(node: &Arc<ClusterNode>) {
                     Ok(Some(state)) if !state.is_empty() => {
                         let removed = node.removed_in(&state);
                         if removed {
-                            node.leave_for_good(&state).await;
+                            node.leave_for_good(state.version).await;
                             return;
                         }
                         if !node.apply_state(state).await {

@@ -22,7 +22,10 @@
 //! * **Removal** ([`ClusterNode::leave_for_good`], §4.5): a node that sees
 //!   itself `Removed` writes the [`REMOVED_MARKER`] file in its data dir
 //!   (which refuses any later start there), drops every group it hosts, and
-//!   asks the server to stop: the process exits 0.
+//!   asks the server to stop: the process exits 0. A node removed while it
+//!   was down is no longer in the metadata group to hear it: on a restart
+//!   it asks the members' `GET /-/cluster` in the background
+//!   ([`ask_if_removed`]) and leaves the same way.
 //!
 //! The failpoint `--move-pause-joint-shard S` (tests): once this process
 //! appended the joint membership of shard `S`, its executor stops working
@@ -567,15 +570,15 @@ impl ClusterNode {
             .is_some_and(|m| m.state == MemberState::Removed)
     }
 
-    /// This node was removed (module docs): marker, drops, stop.
-    pub(crate) async fn leave_for_good(&self, state: &ClusterState) {
+    /// This node was removed at `version` (module docs): marker, drops,
+    /// stop.
+    pub(crate) async fn leave_for_good(&self, version: u64) {
         if self.moves.exiting.swap(true, Relaxed) {
             return;
         }
         let message = format!(
-            "node {} was removed from the cluster at version {}",
+            "node {} was removed from the cluster at version {version}",
             self.id(),
-            state.version
         );
         log::info!("{message}; exiting");
         let dir = self.data_dir.clone();
@@ -594,6 +597,75 @@ impl ClusterNode {
     pub async fn removed(&self) {
         self.moves.removed.notified().await;
     }
+}
+
+/// How long a restarted node keeps asking the members whether it was
+/// removed while it was down, and how often.
+const ASK_REMOVED_FOR: Duration = Duration::from_secs(60);
+const ASK_REMOVED_EVERY: Duration = Duration::from_secs(2);
+
+/// A node removed while it was down never hears of it from the metadata
+/// group (the leader took it out of the group): at start, it asks the
+/// members' `GET /-/cluster` in the background until one answers, and
+/// leaves for good if that view says it was removed (design §4.5; in the
+/// background rather than before serving, so a restart of the whole
+/// cluster does not wait on members that are down too).
+pub(crate) fn ask_if_removed(node: &Arc<ClusterNode>) {
+    if node.meta().is_none() {
+        return;
+    }
+    let weak = Arc::downgrade(node);
+    let task = node.runtime.spawn(async move {
+        let deadline = Instant::now() + ASK_REMOVED_FOR;
+        while Instant::now() < deadline {
+            let Some(node) = weak.upgrade() else { return };
+            if node.stopping.load(Relaxed) || node.moves.exiting.load(Relaxed) {
+                return;
+            }
+            let me = node.id();
+            let members: Vec<(NodeId, String)> = node
+                .layout()
+                .members
+                .iter()
+                .filter(|(id, _)| **id != me)
+                .map(|(id, _)| (*id, node.peer_addr(*id).unwrap_or_default()))
+                .collect();
+            for (peer, addr) in members {
+                let Ok(request) = hyper::Request::get("/-/cluster")
+                    .body(http_body_util::Full::new(bytes::Bytes::new()))
+                else {
+                    return;
+                };
+                let Ok(answer) = node
+                    .forwarder
+                    .send(&addr, request, Duration::from_secs(1))
+                    .await
+                else {
+                    continue;
+                };
+                if answer.status != hyper::StatusCode::OK {
+                    continue;
+                }
+                let Ok(view) = serde_json::from_slice::<kv_cluster::ClusterView>(&answer.body)
+                else {
+                    continue;
+                };
+                let removed = view
+                    .members
+                    .iter()
+                    .any(|m| m.id == me && m.state == MemberState::Removed);
+                if removed {
+                    log::info!("node {peer} says this node was removed while it was down");
+                    node.leave_for_good(view.version).await;
+                }
+                // One member's view settles it.
+                return;
+            }
+            drop(node);
+            tokio::time::sleep(ASK_REMOVED_EVERY).await;
+        }
+    });
+    node.keep_task(task);
 }
 
 /// Writes the removal marker durably (file, then directory).

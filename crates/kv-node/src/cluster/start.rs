@@ -318,6 +318,9 @@ pub async fn start(
     meta::initialise(&node).await?;
     meta::follow(&node);
     super::moves::execute(&node);
+    if !first_start {
+        super::moves::ask_if_removed(&node);
+    }
     join::ask(&node);
     if config.leader_balance {
         watch::balance(&node);
