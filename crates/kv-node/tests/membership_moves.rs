@@ -98,12 +98,16 @@ fn assert_readable(addrs: &[SocketAddr], keys: &[(String, String)]) {
     }
 }
 
+/// What a [`Writer`] did: writes sent, each key's last acknowledged value,
+/// and the writes that were not acknowledged.
+type Written = (u64, Vec<(String, String)>, Vec<String>);
+
 /// A client writing through `addrs` in turn while moves run: keys
 /// `load-0..50`, each write a new value, sent again on a safe-to-retry
 /// answer; every write must be acknowledged (200).
 struct Writer {
     stop: Arc<AtomicBool>,
-    thread: std::thread::JoinHandle<(u64, Vec<(String, String)>, Vec<String>)>,
+    thread: std::thread::JoinHandle<Written>,
 }
 
 impl Writer {
