@@ -3,7 +3,10 @@
 //! gets its replicas and the replicas it replaces are dropped; a node
 //! removed with `DELETE /-/cluster/members/N` hands its replicas over,
 //! exits 0 by itself and refuses a restart on its data dir; a joining node
-//! killed -9 in the middle of its moves finishes them after a restart.
+//! killed -9 in the middle of its moves finishes them after a restart; a
+//! shard leader killed between the joint and the goal membership is
+//! replaced by one that finishes the move; a node removed while it was
+//! down exits when it comes back.
 //! Every key written before stays readable through every node, and a
 //! client writing during the moves gets every write acknowledged and read
 //! back.
@@ -466,4 +469,64 @@ fn a_node_removed_while_down_exits_when_it_comes_back() {
         .unwrap();
     assert_eq!(output.status.code(), Some(2), "{output:?}");
     assert_readable(live, &keys);
+}
+
+#[test]
+fn a_leader_killed_between_the_joint_and_the_goal_is_finished_by_the_next() {
+    // The shard to stop at: the first one node 4 takes.
+    let from = placement_over([1, 2, 3], SHARDS, 3);
+    let to = placement_over([1, 2, 3, 4], SHARDS, 3);
+    let shard = (0..SHARDS)
+        .find(|s| to[*s as usize] != from[*s as usize] && to[*s as usize].contains(&4))
+        .expect("a shard moves to node 4") as u32;
+    let opts = ClusterOpts {
+        shards: SHARDS,
+        extra: vec!["--move-pause-joint-shard".into(), shard.to_string()],
+        ..ClusterOpts::default()
+    };
+    let mut cluster = Cluster::start(3, 3, opts);
+    let addrs: Vec<SocketAddr> = (1..=3).map(|id| cluster.addr(id)).collect();
+    wait_agreed(&addrs, &[1, 2, 3]);
+    let keys = write_keys(&addrs, "joint", 100, 100);
+
+    let port = free_ports(1)[0];
+    let dir = tempfile::tempdir().unwrap();
+    let node4 = join(4, port, &dir.path().join("node4"), &addrs[0].to_string());
+    let addr4: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    // The executor of `shard` appended the joint membership and stopped.
+    let mut paused = None;
+    wait_until(
+        &format!("shard {shard}'s executor stops after its joint step"),
+        3 * BOUND,
+        || {
+            paused = (1..=3).find(|id| cluster.log(*id).contains("--move-pause-joint-shard"));
+            paused.is_some()
+        },
+    );
+    let leader = paused.unwrap();
+    let moving = view(addrs[0]).unwrap();
+    eprintln!(
+        "killing node {leader}, shard {shard}'s leader, moves {:?}",
+        moving.moves
+    );
+    cluster.kill9(leader);
+    let live: Vec<SocketAddr> = (1..=3)
+        .filter(|id| *id != leader)
+        .map(|id| cluster.addr(id))
+        .chain([addr4])
+        .collect();
+    // The joint config still has a majority of both voter sets: a new
+    // leader takes over and finishes the move; the others go on.
+    wait_until(&format!("shard {shard}'s move is done"), 3 * BOUND, || {
+        view(live[0]).is_some_and(|v| !v.active.iter().any(|m| m.shard == shard))
+            && metric(live[0], "kv_cluster_moves_done") >= 1
+    });
+    cluster.restart(leader);
+    let mut all = addrs.clone();
+    all.push(addr4);
+    let logs = || format!("node 4's log:\n{}", node4.log());
+    wait_settled(&all, &[1, 2, 3, 4], &logs);
+    let nodes: Vec<(u64, SocketAddr)> = (1..=4).zip(all.iter().copied()).collect();
+    assert_placed(&nodes, &to);
+    assert_readable(&all, &keys);
 }
