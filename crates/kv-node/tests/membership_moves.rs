@@ -478,7 +478,7 @@ fn a_leader_killed_between_the_joint_and_the_goal_is_finished_by_the_next() {
     let to = placement_over([1, 2, 3, 4], SHARDS, 3);
     let shard = (0..SHARDS)
         .find(|s| to[*s as usize] != from[*s as usize] && to[*s as usize].contains(&4))
-        .expect("a shard moves to node 4") as u32;
+        .expect("a shard moves to node 4");
     let opts = ClusterOpts {
         shards: SHARDS,
         extra: vec!["--move-pause-joint-shard".into(), shard.to_string()],
