@@ -504,6 +504,38 @@ fn a_leader_killed_between_the_joint_and_the_goal_is_finished_by_the_next() {
         },
     );
     let leader = paused.unwrap();
+    // The replica the move removes serves no read of its own any more,
+    // not even a stale one: it forwards it to the leader.
+    let s = shard as usize;
+    let remove = *from[s].iter().find(|id| !to[s].contains(id)).unwrap();
+    let remove_addr = cluster.addr(remove);
+    wait_until("the removed replica applied the joint phase", BOUND, || {
+        view(remove_addr).is_some_and(|v| {
+            v.active
+                .iter()
+                .any(|m| m.shard == shard && m.phase == kv_cluster::Phase::Joint)
+        })
+    });
+    let (key, value) = keys
+        .iter()
+        .find(|(key, _)| kv_cluster::shard_of(key.as_bytes(), SHARDS) == shard)
+        .expect("a key in the shard");
+    let forwarded = metric(remove_addr, "kv_raft_forwarded_total");
+    let stale = send(
+        remove_addr,
+        "GET",
+        &format!("/{key}"),
+        &[("X-Kv-Consistency", "stale")],
+        None,
+    )
+    .unwrap();
+    assert_eq!(stale.status, 200, "{}", stale.text());
+    assert_eq!(stale.text(), format!("{{\"value\":\"{value}\"}}\n"));
+    assert_eq!(
+        metric(remove_addr, "kv_raft_forwarded_total"),
+        forwarded + 1,
+        "a stale read on the removed replica is forwarded"
+    );
     let moving = view(addrs[0]).unwrap();
     eprintln!(
         "killing node {leader}, shard {shard}'s leader, moves {:?}",
