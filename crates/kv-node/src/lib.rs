@@ -36,6 +36,7 @@ pub mod error;
 pub mod import;
 pub mod oplog;
 
+pub use cluster::moves::RemovedNode;
 pub use config::Config;
 pub use kv_http::server::{bind, shutdown_signal};
 
@@ -54,6 +55,10 @@ pub async fn run(
     survive_file_size_limit();
     if !config.cluster_mode() {
         cluster::start::check_standalone(&data_dir)?;
+    }
+    if config.cluster_mode() {
+        // A node removed from its cluster never serves from its data dir again.
+        cluster::moves::check_not_removed(&data_dir)?;
     }
     let store = Arc::new(open_store(&config, &data_dir).await?);
     let cluster = if config.cluster_mode() {
@@ -116,8 +121,19 @@ pub async fn run(
     // A clustered node hands its leaderships away while it still serves
     // (the new leaders' elections need its answers), then stops accepting.
     let stopping = cluster.clone();
+    let removed = cluster.clone();
     let shutdown = async move {
-        shutdown.await;
+        // A node removed from the cluster stops by itself (exit 0).
+        let removed = async {
+            match &removed {
+                Some(cluster) => cluster.removed().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            () = shutdown => {}
+            () = removed => {}
+        }
         if let Some(cluster) = stopping {
             cluster.transfer_away(cluster.transfer_bound()).await;
         }

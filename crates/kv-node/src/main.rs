@@ -71,6 +71,13 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             log::error!("{error}");
+            // A removed node's data dir is refused like a bad configuration.
+            if error
+                .get_ref()
+                .is_some_and(|inner| inner.is::<kv_node::RemovedNode>())
+            {
+                return ExitCode::from(kv_http::auth::CONFIG_EXIT_CODE);
+            }
             ExitCode::FAILURE
         }
     }

@@ -1,8 +1,8 @@
 //! Issue 13, M3a: the metadata group, `GET /-/cluster`, the members API and
 //! `--join`, on real `kv-node` processes (`docs/membership.md` §3, §4.1,
-//! §4.5, §7, §8). Moves are not executed yet (M3b): after an add, the new
-//! member is active everywhere and the planned moves are exactly the ring's
-//! placement diff.
+//! §4.5, §7, §8). After an add, the new member is active everywhere and
+//! the moves (executed since M3b, see `membership_moves.rs`) are exactly
+//! the ring's placement diff.
 //!
 //! Every wait is for a condition, bounded by kv-testkit's `BOUND`.
 
@@ -348,7 +348,8 @@ fn a_node_joins_every_node_sees_it_active_with_the_planned_moves() {
     assert!(after.version > before.version);
     assert_eq!(after.members[3].addr, advertise);
 
-    // The planned moves are the exact diff of the ring's placements.
+    // The moves are the exact diff of the ring's placements (executed as
+    // they are admitted: some may be done already, all of them once settled).
     let from = placement_over([1, 2, 3], shards, 3);
     let to = placement_over([1, 2, 3, 4], shards, 3);
     let expected = replicas_to_move(&from, &to) as u64;
@@ -356,15 +357,12 @@ fn a_node_joins_every_node_sees_it_active_with_the_planned_moves() {
         assert_eq!(expected, 47, "docs/membership.md §4.2");
     }
     assert!(expected > 0);
-    assert_eq!(after.moves.total, expected, "{after:?}");
-    assert_eq!(after.moves.planned, expected);
-    assert_eq!(after.moves.done, 0);
-    assert!(!after.settled);
+    assert!(after.moves.total == expected || after.settled, "{after:?}");
     for addr in &all {
         let shards_body = send(*addr, "GET", "/-/shards", &[], None).unwrap();
         let fields = PlacementFields::parse(&shards_body.body).unwrap();
         assert_eq!(fields.version, Some(after.version), "{addr}");
-        assert_eq!(fields.moving.len() as u64, expected, "{addr}");
+        assert!(fields.moving.len() as u64 <= expected, "{addr}");
         for (shard, moving) in &fields.moving {
             let s = *shard as usize;
             assert!(to[s].contains(&moving.add) && !from[s].contains(&moving.add));
@@ -395,13 +393,14 @@ fn a_node_joins_every_node_sees_it_active_with_the_planned_moves() {
         node4.log_shows("--join ignored")
     });
     let restarted = wait_agreed(&all, &[1, 2, 3, 4]);
-    assert_eq!(restarted.version, after.version);
+    assert!(restarted.version >= after.version, "moves go on meanwhile");
     traffic.set(&all);
     let rounds = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| traffic.more_rounds()));
     assert!(rounds.is_ok(), "node 4's log:\n{}", node4.log());
 
-    // Removing it again: leaving (its moves are M3b's), on every node; the
-    // planned moves into it are dropped. A repeat is a 200.
+    // Removing it again: leaving (then removed once its replicas moved
+    // away, when it exits by itself), on every node. A repeat is a 200.
+    traffic.set(&addrs);
     let leave = send(addrs[2], "DELETE", "/-/cluster/members/4", &[], None).unwrap();
     assert_eq!(leave.status, 202, "{}", leave.text());
     assert!(
@@ -409,12 +408,13 @@ fn a_node_joins_every_node_sees_it_active_with_the_planned_moves() {
         "{}",
         leave.text()
     );
-    wait_until("every node shows node 4 leaving", BOUND, || {
-        all.iter().all(|addr| {
+    wait_until("every node shows node 4 leaving or removed", BOUND, || {
+        addrs.iter().all(|addr| {
             view(*addr).is_some_and(|v| {
-                v.members[3].state == MemberState::Leaving
-                    && v.moves.planned == 0
-                    && v.version > after.version
+                matches!(
+                    v.members[3].state,
+                    MemberState::Leaving | MemberState::Removed
+                ) && v.version > after.version
             })
         })
     });

@@ -302,6 +302,12 @@ impl Cluster {
         }
     }
 
+    /// Whether node `id` exited by itself, and with what code (`None`: it
+    /// runs, or was never started; `Some(None)`: killed by a signal).
+    pub fn exit_code(&mut self, id: u64) -> Option<Option<i32>> {
+        self.nodes.get_mut(&id)?.as_mut()?.try_exit_code()
+    }
+
     /// Freezes node `id` (SIGSTOP): it stops answering anyone, its
     /// connections stay open. [`Cluster::thaw`] resumes it.
     pub fn freeze(&self, id: u64) {

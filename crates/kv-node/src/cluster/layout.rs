@@ -197,8 +197,7 @@ impl HostedSlots {
     }
 
     /// Empties `shard`'s slot (the node stops hosting it); returns what it
-    /// held. Used by issue 13's drops (M3b).
-    #[allow(dead_code)]
+    /// held (a dropped replica, `moves`).
     pub(crate) fn empty(&self, shard: u32) -> Option<Arc<Hosted>> {
         self.0.get(shard as usize)?.write().take()
     }

@@ -2,7 +2,7 @@
 //!
 //! | request | answer |
 //! |---|---|
-//! | `GET /-/cluster` | [`ClusterView`]: members, version, move counts (`?local`: this node's executors' [`LocalProgress`]) |
+//! | `GET /-/cluster` | [`ClusterView`]: members, version, move counts, each admitted move's progress (asked of its shard's leader); `?local`: this node's executors' [`LocalProgress`] |
 //! | `POST /-/cluster/members {"id", "addr"}` | 202 `{"id", "addr", "state": "joining", "version"}`; 200 when already a member at that address |
 //! | `DELETE /-/cluster/members/<id>` | 202 `{"id", "state": "leaving", "version"}`; 200 when already leaving or removed |
 //! | `POST /-/meta/propose` (JSON [`MetaCommand`]) | 200 `{"outcome": ..., "version": N}`: a proposal forwarded by another node |
@@ -25,8 +25,11 @@ use hyper::body::Incoming;
 use hyper::http::request::Parts;
 use hyper::{Method, Request, Response, StatusCode};
 use kv_cluster::meta::{self, ClusterId, ClusterState, MemberState, MetaCommand, Refusal};
-use kv_cluster::{decode_cluster, ClusterView, LocalProgress, NodeKnowledge, PlacementFields};
+use kv_cluster::{
+    decode_cluster, ClusterView, LocalProgress, MoveProgress, NodeKnowledge, Phase, PlacementFields,
+};
 use kv_http::{json_response, ApiError, Body};
+use kv_raft::NodeId;
 use serde::Deserialize;
 
 use super::meta::PROPOSE_PATH;
@@ -39,6 +42,8 @@ const MAX_BODY: usize = 64 << 10;
 /// How long the new member's address gets to answer.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 const MEMBERS_PATH: &str = "/-/cluster/members";
+/// How long each shard leader gets to answer `GET /-/cluster?local`.
+const PROGRESS_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// The methods a path of the module table takes (`Allow`, for OPTIONS and
 /// 405); `None` for any other path.
@@ -62,7 +67,7 @@ pub(crate) async fn route(
     let path = parts.uri.path();
     let allow = allow(path)?;
     Some(match (&parts.method, path) {
-        (&Method::GET | &Method::HEAD, "/-/cluster") => node.cluster_view(parts.uri.query()),
+        (&Method::GET | &Method::HEAD, "/-/cluster") => node.cluster_view(parts.uri.query()).await,
         (&Method::POST, PROPOSE_PATH) => forwarded_proposal(node, parts, body).await,
         (&Method::POST, MEMBERS_PATH) => add_member(node, body).await,
         (&Method::DELETE, _) if allow.starts_with("DELETE") => {
@@ -116,28 +121,27 @@ impl ClusterNode {
     }
 
     /// `GET /-/cluster` (design §8); `?local`: this node's executors only.
-    fn cluster_view(&self, query: Option<&str>) -> Result<Response<Body>, NodeError> {
+    async fn cluster_view(&self, query: Option<&str>) -> Result<Response<Body>, NodeError> {
         let state = self.state_or_static()?;
         if query.is_some_and(|q| q.split('&').any(|p| p == "local")) {
-            // Moves are executed by issue 13's M3b: none here yet.
             let local = LocalProgress {
                 node_id: self.id(),
                 version: state.version,
-                moves: Vec::new(),
+                moves: self.local_progress(),
             };
             return Ok(json(
                 StatusCode::OK,
                 &serde_json::to_value(local).unwrap_or_default(),
             ));
         }
+        let leaders: Vec<Option<NodeId>> = (0..self.spec.shards)
+            .map(|shard| self.leader_now(shard))
+            .collect();
         let known = NodeKnowledge {
             node_id: self.id(),
             meta_leader: self.meta_leader(),
-            leaders: (0..self.spec.shards)
-                .map(|shard| self.leader_now(shard))
-                .collect(),
-            // Bytes and percent of active moves: M3b's executors.
-            progress: Vec::new(),
+            progress: self.progress(&state, &leaders).await,
+            leaders,
             meta_voters: self.meta_voters_now(),
         };
         let view = ClusterView::new(&state, &known);
@@ -145,6 +149,44 @@ impl ClusterNode {
             StatusCode::OK,
             &serde_json::to_value(view).unwrap_or_default(),
         ))
+    }
+
+    /// Bytes and percent of the admitted moves: this node's executors', and
+    /// those of each other shard leader that executes one, from its
+    /// `GET /-/cluster?local` (bounded by [`PROGRESS_TIMEOUT`] each; a
+    /// leader that does not answer leaves its moves' progress null).
+    async fn progress(
+        &self,
+        state: &ClusterState,
+        leaders: &[Option<NodeId>],
+    ) -> Vec<MoveProgress> {
+        let mut progress = self.local_progress();
+        let me = self.id();
+        let executors: std::collections::BTreeSet<NodeId> = state
+            .moves
+            .iter()
+            .filter(|(_, mv)| mv.phase != Phase::Planned)
+            .filter_map(|(shard, _)| leaders.get(*shard as usize).copied().flatten())
+            .filter(|leader| *leader != me)
+            .collect();
+        for leader in executors {
+            let Some(addr) = self.peer_addr(leader) else {
+                continue;
+            };
+            let Ok(request) = Request::get("/-/cluster?local").body(Full::new(Bytes::new())) else {
+                continue;
+            };
+            let Ok(answer) = self.forwarder.send(&addr, request, PROGRESS_TIMEOUT).await else {
+                continue;
+            };
+            if answer.status != StatusCode::OK {
+                continue;
+            }
+            if let Ok(local) = serde_json::from_slice::<LocalProgress>(&answer.body) {
+                progress.extend(local.moves);
+            }
+        }
+        progress
     }
 
     /// `GET /-/shards`: issue 12's view, plus the placement fields once a

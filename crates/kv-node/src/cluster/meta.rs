@@ -14,20 +14,31 @@
 //! * **Following** ([`follow`]): a task per node watches the group's applied
 //!   index; on each new state it creates (uninitialised) the groups of the
 //!   shards this node now hosts (a leader's `add_learner` then finds them
-//!   ready), forgets removed members in the transport, and swaps the node's
-//!   [`Layout`] whole. Idempotent: a restart diffs against nothing.
-//! * **Leading**: while this node leads the metadata group it adds every
-//!   member that is not removed as a learner of the group (a joining node
-//!   then catches up on the state), and proposes `Activate` for joiners whose
-//!   replica has caught up ([`kv_cluster::schedule`], its activations only:
-//!   moves are admitted and executed by issue 13's M3b).
+//!   ready) and swaps the node's [`Layout`] whole. Idempotent: a restart
+//!   diffs against nothing.
+//! * **Leading** (the scheduler, design §4.3): while this node leads the
+//!   metadata group, every [`LEAD_EVERY`] it adds every member that is not
+//!   removed as a learner of the group (a joining node then catches up on
+//!   the state) and proposes everything [`kv_cluster::schedule`] returns:
+//!   `Activate` for caught-up joiners, `Admit` for planned moves within
+//!   `--max-moves` into members heard from within the leader lease (the
+//!   group's heartbeat acks), `Forget` for leaving members that hold
+//!   nothing. Then the group's own voters follow [`meta_voters`] of the
+//!   state (a leaving voter swapped out), and removed members leave the
+//!   group once they applied their removal (bounded wait). Moves themselves
+//!   are executed by each shard's leader ([`super::moves`]).
+//!   It also drops replicas the new state no longer places here
+//!   and, on a node that sees itself removed, leaves for good
+//!   ([`super::moves`]); removed members are forgotten by the transport
+//!   only once the metadata group no longer lists them (the leader must
+//!   still tell them they were removed).
 //! * **Proposals from any node** ([`ClusterNode::propose`]): `client_write`
 //!   here when this node leads; else forwarded once to the leader's
 //!   `POST /-/meta/propose` (a JSON [`MetaCommand`]), which answers the
 //!   [`meta::Outcome`] or a typed refusal. 503 when there is no leader or
 //!   quorum (nothing proposed), 504 when the outcome is unknown.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -42,6 +53,7 @@ use kv_raft::types::METADATA_GROUP;
 use kv_raft::{Command, NodeId, Outcome, Raft};
 use openraft::async_runtime::WatchReceiver;
 use openraft::errors::{ClientWriteError, InitializeError, RaftError};
+use openraft::raft::Precondition;
 use openraft::{BasicNode, ServerState};
 
 use super::forward::ForwardError;
@@ -55,6 +67,9 @@ use crate::error::MembershipError;
 const POLL: Duration = Duration::from_millis(100);
 /// How often the leader re-checks learners and joiners.
 const LEAD_EVERY: Duration = Duration::from_millis(500);
+/// How long the metadata leader waits for a removed member to apply its
+/// removal before taking it out of the group anyway (design §4.5).
+const FORGET_WAIT: Duration = Duration::from_secs(10);
 /// The path proposals are forwarded to.
 pub(crate) const PROPOSE_PATH: &str = "/-/meta/propose";
 
@@ -221,6 +236,20 @@ fn proposal_answer(status: StatusCode, body: &[u8]) -> Result<meta::Outcome, Mem
     }
 }
 
+/// What the metadata leader's round reads from the group's metrics.
+struct MetaObserved {
+    /// Every node of the group's membership (voters and learners).
+    known: BTreeSet<NodeId>,
+    voters: BTreeSet<NodeId>,
+    joint: bool,
+    log_id: Option<openraft::alias::LogIdOf<kv_raft::KvRaft>>,
+    committed: bool,
+    last: u64,
+    matched: BTreeMap<NodeId, Option<u64>>,
+    caught_up: BTreeSet<NodeId>,
+    live: BTreeSet<NodeId>,
+}
+
 /// Initialises the metadata group on the founder when it is not (design
 /// §3.3): voters [`meta_voters`] of the founding members, the others added as
 /// learners by the leader later.
@@ -285,10 +314,19 @@ pub(crate) fn follow(node: &Arc<ClusterNode>) {
                 seen_applied = applied;
                 match meta.sm.cluster_state() {
                     Ok(Some(state)) if !state.is_empty() => {
+                        let removed = node.removed_in(&state);
+                        if removed {
+                            node.leave_for_good(state.version).await;
+                            return;
+                        }
                         if !node.apply_state(state).await {
                             // A replica could not be hosted: again next tick.
                             seen_applied = None;
                         }
+                        // In this task, after the hosting: a replica just
+                        // created for a move is never dropped from an
+                        // older view.
+                        node.drop_unplaced().await;
                     }
                     Ok(_) => {}
                     Err(error) if !bad_state_logged => {
@@ -304,6 +342,7 @@ pub(crate) fn follow(node: &Arc<ClusterNode>) {
                 last_lead = Some(Instant::now());
                 node.bootstrap_if_empty().await;
                 node.lead(&meta).await;
+                node.forget_removed(&meta);
             }
         }
     });
@@ -335,36 +374,65 @@ impl ClusterNode {
         let Some(state) = self.cluster_state() else {
             return;
         };
-        let (membership, caught_up) = {
+        let lease = Duration::from_millis(self.timeouts.election_max_ms);
+        let me = self.id();
+        let observed = {
             let metrics = meta.raft.metrics();
             let m = metrics.borrow_watched();
             if m.state != ServerState::Leader {
                 return;
             }
             let last = m.last_log_index;
-            let caught_up: std::collections::BTreeSet<NodeId> = m
+            let matched: BTreeMap<NodeId, Option<u64>> = m
                 .replication
                 .as_ref()
                 .map(|replication| {
                     replication
                         .iter()
-                        .filter(|(_, matched)| matched.as_ref().map(|l| l.index) >= last)
+                        .map(|(id, matched)| (*id, matched.as_ref().map(|l| l.index)))
+                        .collect()
+                })
+                .unwrap_or_default();
+            let caught_up: BTreeSet<NodeId> = matched
+                .iter()
+                .filter(|(_, matched)| **matched >= last)
+                .map(|(id, _)| *id)
+                .collect();
+            // Heard from within the leader lease: a move into any other
+            // member would hold a slot of the throttle copying to nobody.
+            let mut live: BTreeSet<NodeId> = m
+                .heartbeat
+                .as_ref()
+                .map(|heartbeat| {
+                    heartbeat
+                        .iter()
+                        .filter(|(_, at)| {
+                            at.as_ref()
+                                .is_some_and(|at| openraft::Instant::elapsed(&**at) < lease)
+                        })
                         .map(|(id, _)| *id)
                         .collect()
                 })
                 .unwrap_or_default();
-            let known: std::collections::BTreeSet<NodeId> = m
-                .membership_config
-                .membership()
-                .nodes()
-                .map(|(id, _)| *id)
-                .collect();
-            (known, caught_up)
+            live.insert(me);
+            let membership = m.membership_config.membership();
+            MetaObserved {
+                known: membership.nodes().map(|(id, _)| *id).collect(),
+                voters: membership.voter_ids().collect(),
+                joint: membership.get_joint_config().len() > 1,
+                log_id: *m.membership_config.log_id(),
+                committed: m.membership_config.log_id().as_ref().map(|l| l.index)
+                    <= m.local_committed.as_ref().map(|l| l.index),
+                last: last.unwrap_or(0),
+                matched,
+                caught_up,
+                live,
+            }
         };
         // Every member that applies the state and is not in the group yet
         // (a new one): a learner, so it catches up on the state.
         for (&id, member) in &state.members {
-            if member.state == MemberState::Removed || membership.contains(&id) {
+            if member.state == MemberState::Removed || observed.known.contains(&id) {
                 continue;
             }
             let added = tokio::time::timeout(
@@ -383,19 +451,185 @@ impl ClusterNode {
             }
         }
         let live = LiveInfo {
-            meta_caught_up: caught_up,
-            live: Default::default(),
+            meta_caught_up: observed.caught_up.clone(),
+            live: observed.live.clone(),
         };
-        // Activations only: admitting moves is the executor's task (M3b).
-        for cmd in kv_cluster::schedule(&state, Settings::default(), &live) {
-            if let MetaCommand::Activate { id } = cmd {
-                match self.propose(cmd, false).await {
-                    Ok(outcome) => log::info!(
-                        "node {id} caught up on the metadata group: active at version {}",
-                        outcome.version()
-                    ),
-                    Err(error) => log::debug!("activating node {id}: {error}"),
+        let settings = Settings {
+            max_moves: self.moves.max_moves,
+            ..Settings::default()
+        };
+        for cmd in kv_cluster::schedule(&state, settings, &live) {
+            let what = match &cmd {
+                MetaCommand::Activate { id } => {
+                    format!("node {id} caught up on the metadata group: active")
                 }
+                MetaCommand::Admit { shard, move_id } => {
+                    let mv = state.moves.get(shard);
+                    format!(
+                        "shard {shard}: move {move_id} admitted (node {} in, node {} out)",
+                        mv.map_or(0, |mv| mv.add),
+                        mv.map_or(0, |mv| mv.remove)
+                    )
+                }
+                MetaCommand::Forget { id } => format!("node {id} holds nothing any more: removed"),
+                other => format!("{other:?}"),
+            };
+            match self.propose(cmd, false).await {
+                Ok(outcome @ meta::Outcome::Changed { .. }) => {
+                    log::info!("{what} at version {}", outcome.version())
+                }
+                Ok(_) => {}
+                Err(error) => log::debug!("{what}: not applied: {error}"),
+            }
+        }
+        self.change_meta_voters(meta, &state, &observed).await;
+        self.remove_forgotten(meta, &state, &observed).await;
+    }
+
+    /// The metadata group's own voters follow [`meta_voters`] of the state
+    /// (design §4.5: a leaving voter is swapped out, an active member takes
+    /// its seat). Every voter-to-be is a caught-up learner first (the round
+    /// adds every member as one); a leader that is not among them hands its
+    /// leadership to one that is, which then makes the change. The removed
+    /// voters stay learners (`retain`) until they are forgotten.
+    async fn change_meta_voters(
+        &self,
+        meta: &Hosted,
+        state: &ClusterState,
+        observed: &MetaObserved,
+    ) {
+        let want = meta_voters(state);
+        if want.is_empty() || want == observed.voters || observed.joint || !observed.committed {
+            return;
+        }
+        let me = self.id();
+        if !want
+            .iter()
+            .all(|id| *id == me || observed.caught_up.contains(id))
+        {
+            return;
+        }
+        if !want.contains(&me) {
+            let target = want
+                .iter()
+                .copied()
+                .find(|id| observed.voters.contains(id) && observed.live.contains(id))
+                .or_else(|| want.iter().copied().find(|id| observed.live.contains(id)));
+            if let Some(target) = target {
+                if meta.raft.trigger().transfer_leader(target).await.is_ok() {
+                    log::info!(
+                        "metadata group: this node is no voter of {want:?}; handing leadership \
+                         to node {target}"
+                    );
+                }
+            }
+            return;
+        }
+        let changed = tokio::time::timeout(
+            self.write_timeout,
+            meta.raft.change_membership_if(
+                want.clone(),
+                true,
+                [Precondition::LastMembershipLogId {
+                    last_membership_log_id: observed.log_id,
+                }],
+            ),
+        )
+        .await;
+        match changed {
+            Ok(Ok(_)) => log::info!("metadata group: voters {:?} -> {want:?}", observed.voters),
+            Ok(Err(error)) => log::debug!("metadata group: changing voters to {want:?}: {error}"),
+            Err(_) => log::debug!("metadata group: changing voters to {want:?} timed out"),
+        }
+    }
+
+    /// Removed members leave the metadata group (design §4.5) once they
+    /// applied their removal (their replica matched the leader's last index
+    /// when the removal was first seen here), or after [`FORGET_WAIT`]: a
+    /// removed node that is down would hold them forever.
+    async fn remove_forgotten(&self, meta: &Hosted, state: &ClusterState, observed: &MetaObserved) {
+        let removed: Vec<NodeId> = state
+            .with_state(MemberState::Removed)
+            .filter(|id| observed.known.contains(id) && !observed.voters.contains(id))
+            .collect();
+        let ready: BTreeSet<NodeId> = {
+            let mut forgetting = self
+                .moves
+                .forgetting
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            forgetting.retain(|id, _| removed.contains(id));
+            removed
+                .iter()
+                .copied()
+                .filter(|id| {
+                    let (since, index) = *forgetting
+                        .entry(*id)
+                        .or_insert((Instant::now(), observed.last));
+                    observed.matched.get(id).copied().flatten() >= Some(index)
+                        || since.elapsed() >= FORGET_WAIT
+                })
+                .collect()
+        };
+        if ready.is_empty() || observed.joint || !observed.committed {
+            return;
+        }
+        let changed = tokio::time::timeout(
+            self.write_timeout,
+            meta.raft.change_membership_if(
+                openraft::ChangeMembers::RemoveNodes(ready.clone()),
+                false,
+                [Precondition::LastMembershipLogId {
+                    last_membership_log_id: observed.log_id,
+                }],
+            ),
+        )
+        .await;
+        match changed {
+            Ok(Ok(_)) => {
+                log::info!("metadata group: removed nodes {ready:?} left the group");
+                for id in ready {
+                    self.forget_peer(id);
+                }
+            }
+            Ok(Err(error)) => log::debug!("metadata group: removing {ready:?}: {error}"),
+            Err(_) => log::debug!("metadata group: removing {ready:?} timed out"),
+        }
+    }
+
+    /// The transport drops removed member `id` (once).
+    fn forget_peer(&self, id: NodeId) {
+        let first = self
+            .moves
+            .forgotten
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(id);
+        if first && id != self.id() {
+            self.network.forget(id);
+        }
+    }
+
+    /// Removed members the transport still knows, that the metadata group
+    /// no longer lists (so nothing here needs to reach them any more), are
+    /// forgotten. Not before: the metadata leader must still replicate their
+    /// removal to them, so they learn it and exit.
+    fn forget_removed(&self, meta: &Hosted) {
+        let Some(state) = self.cluster_state() else {
+            return;
+        };
+        let known: BTreeSet<NodeId> = {
+            let metrics = meta.raft.metrics();
+            let m = metrics.borrow_watched();
+            m.membership_config
+                .membership()
+                .nodes()
+                .map(|(id, _)| *id)
+                .collect()
+        };
+        for id in state.with_state(MemberState::Removed) {
+            if !known.contains(&id) {
+                self.forget_peer(id);
             }
         }
     }
@@ -427,16 +661,9 @@ impl ClusterNode {
         if layout.version <= old.version {
             return complete;
         }
-        if let (Some(new), old_state) = (&layout.state, &old.state) {
-            for (&id, member) in &new.members {
-                let was_removed = old_state
-                    .as_ref()
-                    .and_then(|old| old.members.get(&id))
-                    .is_some_and(|m| m.state == MemberState::Removed);
-                if member.state == MemberState::Removed && !was_removed && id != me {
-                    self.network.forget(id);
-                }
-            }
+        // Removed members are forgotten by the transport once the metadata
+        // group no longer lists them ([`ClusterNode::forget_removed`]).
+        if let Some(new) = &layout.state {
             self.network
                 .refusals()
                 .set_others(new.addresses().len().saturating_sub(1));

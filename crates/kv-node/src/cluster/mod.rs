@@ -14,6 +14,9 @@
 //!   per leader change, elections, members seen, recovery), the leader
 //!   balancer (§9), and what the node does while its disk is full (§6.7).
 //! * [`storage`]: the seam to Raft storage (kv-raft's durable storage).
+//! * [`meta`], [`members`], [`join`], [`layout`], [`moves`]: issue 13's
+//!   metadata group, members API, `--join`, run-time layout, and the move
+//!   executor with replica drops and a removed node's exit.
 //!
 //! **Solo shards.** A shard placed on exactly one member (`--replicas 1`)
 //! gets no Raft group (design §10, §17 q7): its owner serves its keys
@@ -33,6 +36,7 @@ pub(crate) mod join;
 pub(crate) mod layout;
 pub(crate) mod members;
 pub(crate) mod meta;
+pub(crate) mod moves;
 pub(crate) mod request;
 pub(crate) mod start;
 pub(crate) mod storage;
@@ -212,6 +216,8 @@ pub struct ClusterNode {
     /// The metadata group's replica (issue 13; `None` with `--replicas 1`,
     /// whose shards cannot move).
     pub(crate) meta: Option<Arc<Hosted>>,
+    /// The move executor's settings, counters and progress (issue 13).
+    pub(crate) moves: moves::Moves,
 }
 
 impl ClusterNode {
@@ -422,6 +428,15 @@ impl ClusterNode {
                     view.applied = m.last_applied.as_ref().map(|l| l.index);
                     view.snapshot = m.snapshot.as_ref().map(|l| l.index);
                     view.purged = m.purged.as_ref().map(|l| l.index);
+                    // During a move the group's voters differ from the
+                    // state's `current` (design §6): show the group's.
+                    let voters: BTreeSet<NodeId> =
+                        m.membership_config.membership().voter_ids().collect();
+                    if !voters.is_empty()
+                        && voters != view.replicas.iter().copied().collect::<BTreeSet<_>>()
+                    {
+                        view.replicas = voters.into_iter().collect();
+                    }
                 }
                 view
             })
@@ -810,6 +825,61 @@ impl ClusterNode {
             "kv_cluster_is_meta_leader",
             "1 when this node leads the metadata group.",
             u64::from(leads),
+        );
+        let phases = [
+            kv_cluster::Phase::Planned,
+            kv_cluster::Phase::Copying,
+            kv_cluster::Phase::Joint,
+        ]
+        .into_iter()
+        .map(|phase| {
+            let count = state.moves.values().filter(|mv| mv.phase == phase).count() as u64;
+            (vec![("phase", phase.as_str().to_owned())], count)
+        })
+        .collect();
+        scrape.family(
+            "kv_cluster_moves",
+            "Open moves of the cluster by phase.",
+            false,
+            phases,
+        );
+        scrape.gauge_u64(
+            "kv_cluster_moves_done",
+            "Moves finished since the cluster was created (cluster-wide, monotone).",
+            state.moves_done,
+        );
+        let moves = &self.moves;
+        scrape.counter_u64(
+            "kv_cluster_moves_finished_total",
+            "Moves this node's executor finished (it led the shard at its last step).",
+            moves.finished.load(Relaxed),
+        );
+        scrape.counter_u64(
+            "kv_cluster_move_steps_total",
+            "Move steps this node's executor performed (waits not counted).",
+            moves.steps.load(Relaxed),
+        );
+        scrape.counter_u64(
+            "kv_cluster_replicas_dropped_total",
+            "Replicas this node dropped after they left their group.",
+            moves.dropped.load(Relaxed),
+        );
+        let throttle = self.network.snapshot_throttle();
+        let sent = throttle
+            .bytes_sent()
+            .into_iter()
+            .map(|(peer, bytes)| (vec![("peer", peer.to_string())], bytes))
+            .collect();
+        scrape.family(
+            "kv_raft_snapshot_bytes_sent_total",
+            "Snapshot bytes this node sent, per peer (moves' learners and lagging replicas).",
+            true,
+            sent,
+        );
+        scrape.counter(
+            "kv_raft_snapshot_throttled_seconds_total",
+            "Time snapshot sends waited for --move-bytes-per-sec.",
+            throttle.throttled().as_secs_f64(),
         );
     }
 

@@ -395,6 +395,22 @@ impl ClusterNode {
             let leader = self.cached_leader(shard);
             return self.redirect(request, shard, leader, Bytes::new()).await;
         };
+        if request.stale() && self.leaving_in_joint(shard) {
+            // This replica is the one its shard's move removes, and the
+            // move reached its joint step: the group stops replicating to
+            // it at any moment, so even a stale read goes to the leader
+            // (docs/membership.md §6).
+            let leader = hosted.raft.metrics().borrow_watched().current_leader;
+            let leader = match leader {
+                Some(id) if id != self.id() => LeaderAt {
+                    id,
+                    addr: String::new(),
+                    term: 0,
+                },
+                _ => self.cached_leader(shard),
+            };
+            return self.redirect(request, shard, leader, Bytes::new()).await;
+        }
         if request.stale() {
             let applied = hosted
                 .raft
@@ -518,6 +534,17 @@ impl ClusterNode {
 
     /// For a shard not hosted here: the leader last learnt, else its
     /// preferred leader (a 421 corrects a wrong guess).
+    /// Whether this node is the replica an open move of `shard` removes,
+    /// in its joint phase or later.
+    fn leaving_in_joint(&self, shard: u32) -> bool {
+        self.layout().state.as_ref().is_some_and(|state| {
+            state
+                .moves
+                .get(&shard)
+                .is_some_and(|mv| mv.phase == kv_cluster::Phase::Joint && mv.remove == self.id())
+        })
+    }
+
     pub(super) fn cached_leader(&self, shard: u32) -> LeaderAt {
         let cached = self
             .leader_cache

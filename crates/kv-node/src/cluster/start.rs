@@ -309,6 +309,7 @@ pub async fn start(
         storage: node_storage,
         raft_config,
         meta,
+        moves: super::moves::Moves::new(config.max_moves, config.move_pause_joint_shard),
         spec,
     });
     for shard in node.group_ids() {
@@ -317,6 +318,10 @@ pub async fn start(
     initialise(&node, first_start).await?;
     meta::initialise(&node).await?;
     meta::follow(&node);
+    super::moves::execute(&node);
+    if !first_start {
+        super::moves::ask_if_removed(&node);
+    }
     join::ask(&node);
     if config.leader_balance {
         watch::balance(&node);

@@ -68,7 +68,9 @@ pub(crate) fn follow(node: &Arc<ClusterNode>, shard: u32) {
                 if let (Err(fatal), false) = (&m.running_state, stopped) {
                     // Clients are told in our words (request::STOPPED).
                     stopped = true;
-                    if !node.stopping.load(Relaxed) {
+                    // A replica dropped after a move (its slot emptied
+                    // first) stops on purpose.
+                    if !node.stopping.load(Relaxed) && node.hosted(shard).is_some() {
                         log::error!("shard {shard}: the Raft group stopped on this node: {fatal}");
                     }
                 }
@@ -127,7 +129,7 @@ pub(crate) fn follow(node: &Arc<ClusterNode>, shard: u32) {
                 if let (Some(node), Err(fatal)) =
                     (weak.upgrade(), &metrics.borrow_watched().running_state)
                 {
-                    if !stopped && !node.stopping.load(Relaxed) {
+                    if !stopped && !node.stopping.load(Relaxed) && node.hosted(shard).is_some() {
                         log::error!("shard {shard}: the Raft group stopped on this node: {fatal}");
                     }
                 }
@@ -207,6 +209,16 @@ pub(crate) fn balance(node: &Arc<ClusterNode>) {
                 }
                 let preferred = layout.preferred(shard);
                 if preferred == node.id() {
+                    continue;
+                }
+                // A move hands leadership away from the replica it removes
+                // (issue 13): never back to it.
+                let leaving = layout.state.as_ref().is_some_and(|state| {
+                    state.moves.get(&shard).is_some_and(|mv| {
+                        mv.phase != kv_cluster::Phase::Planned && mv.remove == preferred
+                    })
+                });
+                if leaving {
                     continue;
                 }
                 let Some(hosted) = node.hosted(shard) else {

@@ -1,0 +1,564 @@
+//! Issue 13, M3b: moves executed on real `kv-node` processes
+//! (`docs/membership.md` §4.4-§4.6, §5, §6): a node added with `--join`
+//! gets its replicas and the replicas it replaces are dropped; a node
+//! removed with `DELETE /-/cluster/members/N` hands its replicas over,
+//! exits 0 by itself and refuses a restart on its data dir; a joining node
+//! killed -9 in the middle of its moves finishes them after a restart; a
+//! shard leader killed between the joint and the goal membership is
+//! replaced by one that finishes the move; a node removed while it was
+//! down exits when it comes back.
+//! Every key written before stays readable through every node, and a
+//! client writing during the moves gets every write acknowledged and read
+//! back.
+//!
+//! Every wait is for a condition, bounded (kv-testkit's `BOUND`, or a
+//! multiple of it for whole rebalances on a loaded machine).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use kv_cluster::{placement_over, replicas_to_move, ClusterView, MemberState, ShardsView};
+use kv_testkit::cluster::{free_ports, send, wait_until, BOUND};
+use kv_testkit::{binary, Cluster, ClusterOpts};
+use support::membership::{join, view, wait_agreed};
+
+const SHARDS: u32 = 8;
+/// A whole rebalance (several moves, each a snapshot, a catch-up and two
+/// membership changes) on a shared 2-core machine running debug builds.
+const SETTLE: Duration = Duration::from_secs(120);
+
+fn put(addr: SocketAddr, key: &str, value: &str) -> u16 {
+    let body = format!(r#"{{"value": "{value}"}}"#);
+    send(addr, "PUT", &format!("/{key}"), &[], Some(&body))
+        .map(|r| r.status)
+        .unwrap_or(0)
+}
+
+fn get(addr: SocketAddr, key: &str) -> (u16, String) {
+    send(addr, "GET", &format!("/{key}"), &[], None)
+        .map(|r| (r.status, r.text()))
+        .unwrap_or((0, String::new()))
+}
+
+/// Sends until the answer is not a safe-to-retry one (503 and 421 were not
+/// proposed; a PUT that got 504 or no answer is sent again with the same
+/// value), for at most `BOUND`; returns the last status.
+fn retried(mut attempt: impl FnMut() -> u16) -> u16 {
+    let deadline = std::time::Instant::now() + BOUND;
+    loop {
+        let status = attempt();
+        if !matches!(status, 0 | 503 | 504 | 421) || std::time::Instant::now() >= deadline {
+            return status;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Writes `count` keys of `size`-byte values through `addrs` in turn.
+fn write_keys(
+    addrs: &[SocketAddr],
+    prefix: &str,
+    count: usize,
+    size: usize,
+) -> Vec<(String, String)> {
+    (0..count)
+        .map(|n| {
+            let key = format!("{prefix}-{n}");
+            let value = format!("{n:0size$}");
+            let addr = addrs[n % addrs.len()];
+            assert_eq!(
+                retried(|| put(addr, &key, &value)),
+                200,
+                "PUT {key} via {addr}"
+            );
+            (key, value)
+        })
+        .collect()
+}
+
+/// Every key reads back its value through every node of `addrs`.
+fn assert_readable(addrs: &[SocketAddr], keys: &[(String, String)]) {
+    for addr in addrs {
+        for (key, value) in keys {
+            let mut got = (0, String::new());
+            retried(|| {
+                got = get(*addr, key);
+                got.0
+            });
+            assert_eq!(
+                got,
+                (200, format!("{{\"value\":\"{value}\"}}\n")),
+                "GET {key} via {addr}"
+            );
+        }
+    }
+}
+
+/// What a [`Writer`] did: writes sent, each key's last acknowledged value,
+/// and the writes that were not acknowledged.
+type Written = (u64, Vec<(String, String)>, Vec<String>);
+
+/// A client writing through `addrs` in turn while moves run: keys
+/// `load-0..50`, each write a new value, sent again on a safe-to-retry
+/// answer; every write must be acknowledged (200).
+struct Writer {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<Written>,
+}
+
+impl Writer {
+    fn start(addrs: Vec<SocketAddr>) -> Writer {
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut last: BTreeMap<String, String> = BTreeMap::new();
+            let mut failures = Vec::new();
+            let mut n = 0u64;
+            while !stopped.load(Ordering::Relaxed) {
+                n += 1;
+                let key = format!("load-{}", n % 50);
+                let value = format!("w{n}");
+                let addr = addrs[n as usize % addrs.len()];
+                match retried(|| put(addr, &key, &value)) {
+                    200 => {
+                        last.insert(key, value);
+                    }
+                    status => failures.push(format!("PUT {key} via {addr}: {status}")),
+                }
+            }
+            (n, last.into_iter().collect(), failures)
+        });
+        Writer { stop, thread }
+    }
+
+    /// Stops; the number of writes and each key's last acknowledged value.
+    fn finish(self) -> (u64, Vec<(String, String)>) {
+        self.stop.store(true, Ordering::Relaxed);
+        let (n, last, failures) = self.thread.join().expect("the writer panicked");
+        assert!(
+            failures.is_empty(),
+            "writes not acknowledged: {failures:#?}"
+        );
+        (n, last)
+    }
+}
+
+/// Waits until every node of `addrs` shows one settled state (no open
+/// move, every member active or removed) at one version whose non-removed
+/// members are `ids`; returns it.
+fn wait_settled(addrs: &[SocketAddr], ids: &[u64], logs: &dyn Fn() -> String) -> ClusterView {
+    let mut last = None;
+    let mut seen = String::new();
+    let deadline = std::time::Instant::now() + SETTLE;
+    loop {
+        let views: Option<Vec<ClusterView>> = addrs.iter().map(|a| view(*a)).collect();
+        if let Some(views) = views {
+            let first = &views[0];
+            seen = format!(
+                "versions {:?}, moves {:?}",
+                views.iter().map(|v| v.version).collect::<Vec<_>>(),
+                first.moves
+            );
+            let settled = views.iter().all(|v| {
+                v.version == first.version
+                    && v.settled
+                    && v.members
+                        .iter()
+                        .filter(|m| m.state != MemberState::Removed)
+                        .map(|m| m.id)
+                        .collect::<Vec<_>>()
+                        == ids
+            });
+            if settled {
+                last = Some(first.clone());
+            }
+        }
+        if last.is_some() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "nodes {addrs:?} did not settle with members {ids:?} within {SETTLE:?} ({seen})\n{}",
+            logs()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    last.expect("a view")
+}
+
+fn shards_view(addr: SocketAddr) -> ShardsView {
+    let response = send(addr, "GET", "/-/shards", &[], None).expect("GET /-/shards");
+    assert_eq!(response.status, 200, "{}", response.text());
+    ShardsView::parse(&response.body).expect("a shards view")
+}
+
+fn digest(addr: SocketAddr, shard: u32) -> Option<serde_json::Value> {
+    let response = send(addr, "GET", &format!("/-/shards/{shard}/digest"), &[], None).ok()?;
+    assert_eq!(response.status, 200, "{}", response.text());
+    let json: serde_json::Value = serde_json::from_slice(&response.body).expect("JSON");
+    // `{"shard": s, "hosted": false}` when this node holds no replica.
+    json.get("keys").is_some().then_some(json)
+}
+
+/// The value of `name` (summed over its series) in node `addr`'s metrics.
+fn metric(addr: SocketAddr, name: &str) -> u64 {
+    let response = send(addr, "GET", "/-/metrics", &[], None).expect("GET /-/metrics");
+    response
+        .text()
+        .lines()
+        .filter(|line| {
+            line.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+        })
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+/// Each node in `nodes` (id, address) hosts exactly the shards `placement`
+/// puts on it; every shard's group has exactly those voters, the same
+/// leader everywhere, and the same keys and digest on every replica (once
+/// followers applied what the leader did: waited for, bounded); a node not
+/// placed has dropped its replica (no digest).
+fn assert_placed(nodes: &[(u64, SocketAddr)], placement: &[Vec<u64>]) {
+    for shard in 0..SHARDS {
+        let placed: BTreeSet<u64> = placement[shard as usize].iter().copied().collect();
+        let mut digests = Vec::new();
+        let mut agree = || {
+            digests = nodes
+                .iter()
+                .filter_map(|(id, addr)| {
+                    let digest = digest(*addr, shard)?;
+                    Some((*id, digest["keys"].clone(), digest["digest"].clone()))
+                })
+                .collect::<Vec<_>>();
+            digests
+                .windows(2)
+                .all(|w| (&w[0].1, &w[0].2) == (&w[1].1, &w[1].2))
+        };
+        let deadline = std::time::Instant::now() + BOUND;
+        while !agree() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert!(agree(), "shard {shard}: replicas differ: {digests:?}");
+        for (id, addr) in nodes {
+            let group = shards_view(*addr).groups[shard as usize].clone();
+            let replicas: BTreeSet<u64> = group.replicas.iter().copied().collect();
+            assert_eq!(replicas, placed, "shard {shard} on node {id}: {group:?}");
+            assert_eq!(
+                group.hosted,
+                placed.contains(id),
+                "shard {shard} on node {id}"
+            );
+            assert_eq!(
+                digest(*addr, shard).is_some(),
+                placed.contains(id),
+                "shard {shard} on node {id}: a replica {}",
+                if placed.contains(id) {
+                    "is missing"
+                } else {
+                    "was not dropped"
+                }
+            );
+        }
+    }
+}
+
+#[test]
+fn a_node_added_then_a_node_removed_move_replicas_and_the_removed_node_exits() {
+    let opts = ClusterOpts {
+        shards: SHARDS,
+        ..ClusterOpts::default()
+    };
+    let mut cluster = Cluster::start(3, 3, opts);
+    let addrs: Vec<SocketAddr> = (1..=3).map(|id| cluster.addr(id)).collect();
+    let before = wait_agreed(&addrs, &[1, 2, 3]);
+    let keys = write_keys(&addrs, "add", 200, 100);
+    let writer = Writer::start(addrs.clone());
+
+    // Node 4 joins: the moves are the ring's placement diff, executed.
+    let port = free_ports(1)[0];
+    let dir = tempfile::tempdir().unwrap();
+    let started = std::time::Instant::now();
+    let node4 = join(4, port, &dir.path().join("node4"), &addrs[0].to_string());
+    let addr4: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut all = addrs.clone();
+    all.push(addr4);
+    let logs = || format!("node 4's log:\n{}", node4.log());
+    let added = wait_settled(&all, &[1, 2, 3, 4], &logs);
+    eprintln!("add: settled in {:?}", started.elapsed());
+    assert!(added.version > before.version);
+    let from = placement_over([1, 2, 3], SHARDS, 3);
+    let to = placement_over([1, 2, 3, 4], SHARDS, 3);
+    let expected = replicas_to_move(&from, &to) as u64;
+    assert!(expected > 0);
+    for addr in &all {
+        assert_eq!(metric(*addr, "kv_cluster_moves_done"), expected, "{addr}");
+    }
+    let finished: u64 = all
+        .iter()
+        .map(|addr| metric(*addr, "kv_cluster_moves_finished_total"))
+        .sum();
+    assert_eq!(finished, expected, "each move finished by one executor");
+    // A replica is dropped by its node once it applied the move's `Done`.
+    let dropped = || -> u64 {
+        all.iter()
+            .map(|addr| metric(*addr, "kv_cluster_replicas_dropped_total"))
+            .sum()
+    };
+    wait_until("each replaced replica dropped", BOUND, || {
+        dropped() >= expected
+    });
+    assert_eq!(dropped(), expected, "only replaced replicas dropped");
+    let (written, last) = writer.finish();
+    eprintln!("add: {written} writes acknowledged during the moves");
+    assert!(written > 0);
+    let nodes: Vec<(u64, SocketAddr)> = (1..=4).zip(all.iter().copied()).collect();
+    assert_placed(&nodes, &to);
+    assert_readable(&all, &keys);
+    assert_readable(&all, &last);
+    let on_4 = to.iter().filter(|replicas| replicas.contains(&4)).count() as u32;
+    assert_eq!(added.members[3].shards_hosted, on_4);
+
+    // Node 2 leaves: a metadata voter, so the metadata group swaps it out
+    // too; its replicas move to the others and it exits 0 by itself.
+    let leave = send(addrs[0], "DELETE", "/-/cluster/members/2", &[], None).unwrap();
+    assert_eq!(leave.status, 202, "{}", leave.text());
+    let started = std::time::Instant::now();
+    let left: Vec<SocketAddr> = vec![addrs[0], addrs[2], addr4];
+    let removed = wait_settled(&left, &[1, 3, 4], &logs);
+    eprintln!("remove: settled in {:?}", started.elapsed());
+    assert_eq!(
+        removed.members[1].state,
+        MemberState::Removed,
+        "{removed:?}"
+    );
+    wait_until("node 2 exits by itself", BOUND, || {
+        cluster.exit_code(2).is_some()
+    });
+    assert_eq!(cluster.exit_code(2), Some(Some(0)), "{}", cluster.log(2));
+    assert!(cluster
+        .log(2)
+        .contains("node 2 was removed from the cluster at version"));
+    let after = placement_over([1, 3, 4], SHARDS, 3);
+    let nodes: Vec<(u64, SocketAddr)> = vec![(1, addrs[0]), (3, addrs[2]), (4, addr4)];
+    wait_until(
+        "the remaining nodes dropped what they no longer hold",
+        BOUND,
+        || {
+            (0..SHARDS).all(|shard| {
+                nodes.iter().all(|(id, addr)| {
+                    digest(*addr, shard).is_some() == after[shard as usize].contains(id)
+                })
+            })
+        },
+    );
+    assert_placed(&nodes, &after);
+    assert_readable(&left, &keys);
+    wait_until("the metadata group's voters are 1, 3, 4", BOUND, || {
+        view(addrs[0]).is_some_and(|v| {
+            v.members
+                .iter()
+                .filter(|m| m.meta == kv_cluster::MetaRole::Voter)
+                .map(|m| m.id)
+                .collect::<Vec<_>>()
+                == [1, 3, 4]
+        })
+    });
+
+    // A restart on its data dir is refused.
+    let args = cluster.args(2);
+    let output = std::process::Command::new(binary("kv-node"))
+        .args(&args)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2), "{output:?}");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("was removed from the cluster"), "{stderr}");
+}
+
+#[test]
+fn a_joining_node_killed_mid_copy_finishes_its_moves_after_a_restart() {
+    // Slow snapshots (the senders' rate), so node 4 is caught with moves
+    // still copying.
+    let opts = ClusterOpts {
+        shards: SHARDS,
+        extra: vec!["--move-bytes-per-sec".into(), "10000".into()],
+        ..ClusterOpts::default()
+    };
+    let cluster = Cluster::start(3, 3, opts);
+    let addrs: Vec<SocketAddr> = (1..=3).map(|id| cluster.addr(id)).collect();
+    wait_agreed(&addrs, &[1, 2, 3]);
+    let keys = write_keys(&addrs, "kill", 300, 1000);
+
+    let port = free_ports(1)[0];
+    let dir = tempfile::tempdir().unwrap();
+    let mut node4 = join(4, port, &dir.path().join("node4"), &addrs[1].to_string());
+    let addr4: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    wait_until(
+        "a move into node 4 done and another copying",
+        3 * BOUND,
+        || view(addrs[0]).is_some_and(|v| v.moves.done >= 1 && v.moves.copying >= 1),
+    );
+    let mid = view(addrs[0]).unwrap();
+    eprintln!("killing node 4 with moves {:?}", mid.moves);
+    node4.kill9();
+    node4.restart();
+    let mut all = addrs.clone();
+    all.push(addr4);
+    let logs = || format!("node 4's log:\n{}", node4.log());
+    wait_settled(&all, &[1, 2, 3, 4], &logs);
+    let to = placement_over([1, 2, 3, 4], SHARDS, 3);
+    let nodes: Vec<(u64, SocketAddr)> = (1..=4).zip(all.iter().copied()).collect();
+    wait_until("the replaced replicas are dropped", BOUND, || {
+        (0..SHARDS).all(|shard| {
+            nodes
+                .iter()
+                .all(|(id, addr)| digest(*addr, shard).is_some() == to[shard as usize].contains(id))
+        })
+    });
+    assert_placed(&nodes, &to);
+    assert_readable(&all, &keys);
+}
+
+#[test]
+fn a_node_removed_while_down_exits_when_it_comes_back() {
+    let opts = ClusterOpts {
+        shards: SHARDS,
+        ..ClusterOpts::default()
+    };
+    let mut cluster = Cluster::start(4, 3, opts);
+    let addrs: Vec<SocketAddr> = (1..=4).map(|id| cluster.addr(id)).collect();
+    wait_agreed(&addrs, &[1, 2, 3, 4]);
+    let keys = write_keys(&addrs, "down", 100, 100);
+
+    // Node 4 is down while it is removed: the moves replace its replicas
+    // from the live ones (it is the replica that leaves, so the shards keep
+    // `replicas - 1` live copies throughout).
+    cluster.kill9(4);
+    let leave = send(addrs[0], "DELETE", "/-/cluster/members/4", &[], None).unwrap();
+    assert_eq!(leave.status, 202, "{}", leave.text());
+    let live = &addrs[..3];
+    let logs = || String::new();
+    let removed = wait_settled(live, &[1, 2, 3], &logs);
+    assert_eq!(removed.members[3].state, MemberState::Removed);
+    let placement = placement_over([1, 2, 3], SHARDS, 3);
+    let nodes: Vec<(u64, SocketAddr)> = (1..=3).zip(live.iter().copied()).collect();
+    assert_placed(&nodes, &placement);
+    assert_readable(live, &keys);
+
+    // Back on its data dir, it learns it from a member and exits 0; then
+    // its data dir is refused.
+    cluster.restart(4);
+    wait_until("node 4 exits by itself", 3 * BOUND, || {
+        cluster.exit_code(4).is_some()
+    });
+    assert_eq!(cluster.exit_code(4), Some(Some(0)), "{}", cluster.log(4));
+    assert!(cluster
+        .log(4)
+        .contains("node 4 was removed from the cluster at version"));
+    let output = std::process::Command::new(binary("kv-node"))
+        .args(cluster.args(4))
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2), "{output:?}");
+    assert_readable(live, &keys);
+}
+
+#[test]
+fn a_leader_killed_between_the_joint_and_the_goal_is_finished_by_the_next() {
+    // The shard to stop at: the first one node 4 takes.
+    let from = placement_over([1, 2, 3], SHARDS, 3);
+    let to = placement_over([1, 2, 3, 4], SHARDS, 3);
+    let shard = (0..SHARDS)
+        .find(|s| to[*s as usize] != from[*s as usize] && to[*s as usize].contains(&4))
+        .expect("a shard moves to node 4");
+    let opts = ClusterOpts {
+        shards: SHARDS,
+        extra: vec!["--move-pause-joint-shard".into(), shard.to_string()],
+        ..ClusterOpts::default()
+    };
+    let mut cluster = Cluster::start(3, 3, opts);
+    let addrs: Vec<SocketAddr> = (1..=3).map(|id| cluster.addr(id)).collect();
+    wait_agreed(&addrs, &[1, 2, 3]);
+    let keys = write_keys(&addrs, "joint", 100, 100);
+
+    let port = free_ports(1)[0];
+    let dir = tempfile::tempdir().unwrap();
+    let node4 = join(4, port, &dir.path().join("node4"), &addrs[0].to_string());
+    let addr4: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    // The executor of `shard` appended the joint membership and stopped.
+    let mut paused = None;
+    wait_until(
+        &format!("shard {shard}'s executor stops after its joint step"),
+        3 * BOUND,
+        || {
+            paused = (1..=3).find(|id| cluster.log(*id).contains("--move-pause-joint-shard"));
+            paused.is_some()
+        },
+    );
+    let leader = paused.unwrap();
+    // The replica the move removes serves no read of its own any more,
+    // not even a stale one: it forwards it to the leader.
+    let s = shard as usize;
+    let remove = *from[s].iter().find(|id| !to[s].contains(id)).unwrap();
+    let remove_addr = cluster.addr(remove);
+    wait_until("the removed replica applied the joint phase", BOUND, || {
+        view(remove_addr).is_some_and(|v| {
+            v.active
+                .iter()
+                .any(|m| m.shard == shard && m.phase == kv_cluster::Phase::Joint)
+        })
+    });
+    let (key, value) = keys
+        .iter()
+        .find(|(key, _)| kv_cluster::shard_of(key.as_bytes(), SHARDS) == shard)
+        .expect("a key in the shard");
+    let forwarded = metric(remove_addr, "kv_raft_forwarded_total");
+    let stale = send(
+        remove_addr,
+        "GET",
+        &format!("/{key}"),
+        &[("X-Kv-Consistency", "stale")],
+        None,
+    )
+    .unwrap();
+    assert_eq!(stale.status, 200, "{}", stale.text());
+    assert_eq!(stale.text(), format!("{{\"value\":\"{value}\"}}\n"));
+    assert_eq!(
+        metric(remove_addr, "kv_raft_forwarded_total"),
+        forwarded + 1,
+        "a stale read on the removed replica is forwarded"
+    );
+    let moving = view(addrs[0]).unwrap();
+    eprintln!(
+        "killing node {leader}, shard {shard}'s leader, moves {:?}",
+        moving.moves
+    );
+    cluster.kill9(leader);
+    let live: Vec<SocketAddr> = (1..=3)
+        .filter(|id| *id != leader)
+        .map(|id| cluster.addr(id))
+        .chain([addr4])
+        .collect();
+    // The joint config still has a majority of both voter sets: a new
+    // leader takes over and finishes the move; the others go on.
+    wait_until(&format!("shard {shard}'s move is done"), 3 * BOUND, || {
+        view(live[0]).is_some_and(|v| !v.active.iter().any(|m| m.shard == shard))
+            && metric(live[0], "kv_cluster_moves_done") >= 1
+    });
+    cluster.restart(leader);
+    let mut all = addrs.clone();
+    all.push(addr4);
+    let logs = || format!("node 4's log:\n{}", node4.log());
+    wait_settled(&all, &[1, 2, 3, 4], &logs);
+    let nodes: Vec<(u64, SocketAddr)> = (1..=4).zip(all.iter().copied()).collect();
+    assert_placed(&nodes, &to);
+    assert_readable(&all, &keys);
+}
