@@ -85,9 +85,9 @@ use kv_cluster::{
     ROUTE_HEADER,
 };
 use kv_http::request::discard;
+use kv_http::tls::Tls;
 use kv_http::ApiError;
 use parking_lot::{Mutex, RwLock};
-use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 
 use crate::api::{Body, Proxy};
@@ -404,10 +404,9 @@ pub async fn fetch_view(node: &str, timeout: Duration) -> Result<Discovered, Str
 
 /// One GET on a fresh connection: status and whole body.
 async fn get(node: &str, path: &'static str) -> Result<(u16, Bytes), String> {
-    let stream = TcpStream::connect(node)
+    let stream = Tls::connect(crate::node_auth::tls(), node)
         .await
         .map_err(|e| format!("connect: {e}"))?;
-    let _ = stream.set_nodelay(true);
     let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .map_err(|e| format!("handshake: {e}"))?;
