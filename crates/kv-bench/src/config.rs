@@ -498,7 +498,15 @@ impl Config {
             }
             Target::Nodes(
                 (0..nodes)
-                    .map(|i| format!("http://{}:{}", self.host, self.base_port as usize + i))
+                    .map(|i| {
+                        // https:// when the nodes' CA is given (--tls-ca).
+                        let scheme = if self.tls_ca.is_some() {
+                            "https"
+                        } else {
+                            "http"
+                        };
+                        format!("{scheme}://{}:{}", self.host, self.base_port as usize + i)
+                    })
                     .collect(),
             )
         };
