@@ -26,11 +26,28 @@ REPLICAS=${KV_REPLICAS:-3}
 # read it from the environment they inherit, kv-bench too), and every curl
 # here sends it; the header goes through a file descriptor, not argv, so
 # `ps` does not show it.
+#
+# KV_TLS_DIR, when set, names a directory with ca.pem, node.pem and
+# node-key.pem (see the README's TLS section for the openssl commands): every
+# node and the proxy serve TLS with node.pem, and nodes use mutual TLS
+# between them (the servers read KV_TLS_CERT/KEY/CA from their environment,
+# kv-bench KV_TLS_CA); URLs are https:// and every curl verifies with ca.pem.
+if [ -n "${KV_TLS_DIR:-}" ]; then
+  for f in ca.pem node.pem node-key.pem; do
+    [ -r "$KV_TLS_DIR/$f" ] || { echo "error: KV_TLS_DIR=$KV_TLS_DIR has no readable $f" >&2; exit 2; }
+  done
+  export KV_TLS_CERT=$KV_TLS_DIR/node.pem KV_TLS_KEY=$KV_TLS_DIR/node-key.pem KV_TLS_CA=$KV_TLS_DIR/ca.pem
+  export KV_SCHEME=https
+  TLS_CURL=(--cacert "$KV_TLS_DIR/ca.pem")
+else
+  KV_SCHEME=http
+  TLS_CURL=()
+fi
 kvcurl() {
   if [ -n "${KV_AUTH_TOKEN:-}" ]; then
-    curl -H @<(printf 'Authorization: Bearer %s\n' "$KV_AUTH_TOKEN") "$@"
+    curl "${TLS_CURL[@]}" -H @<(printf 'Authorization: Bearer %s\n' "$KV_AUTH_TOKEN") "$@"
   else
-    curl "$@"
+    curl "${TLS_CURL[@]}" "$@"
   fi
 }
 PROXY_PORT=$BASE
@@ -126,7 +143,7 @@ up() {
     echo "started proxy"
   fi
   wait_healthy "127.0.0.1:$PROXY_PORT" 30 || { echo "see the logs in $LOGS" >&2; down; exit 1; }
-  local proxy=http://127.0.0.1:$PROXY_PORT
+  local proxy=$KV_SCHEME://127.0.0.1:$PROXY_PORT
   # A restarted node is back for clients once the proxy's health check has
   # seen it (within --health-interval, 1 s): wait for that, not the caller.
   local deadline=$((SECONDS + 10))
@@ -145,9 +162,9 @@ up() {
   # seconds, and a demo started before them shows 503s ("no leader").
   deadline=$((SECONDS + 30))
   for port in "${NODE_PORTS[@]}"; do
-    until curl -fsS -o /dev/null --max-time 1 "http://127.0.0.1:$port/-/ready" 2>/dev/null; do
+    until kvcurl -fsS -o /dev/null --max-time 1 "$KV_SCHEME://127.0.0.1:$port/-/ready" 2>/dev/null; do
       if [ $SECONDS -ge $deadline ]; then
-        echo "warning: node $port is not ready yet: $(curl -s --max-time 1 "http://127.0.0.1:$port/-/ready" | head -c 300)" >&2
+        echo "warning: node $port is not ready yet: $(kvcurl -s --max-time 1 "$KV_SCHEME://127.0.0.1:$port/-/ready" | head -c 300)" >&2
         break
       fi
       sleep 0.1
@@ -180,7 +197,7 @@ up() {
   local env=""
   [ -n "${KV_BASE_PORT:-}" ] && env+="KV_BASE_PORT=$KV_BASE_PORT "
   [ -n "${KV_DATA:-}" ] && env+="KV_DATA=$KV_DATA "
-  echo "Try: curl -X PUT $proxy/hello -d '{\"value\": 1}' ; curl $proxy/-/owner/hello ; curl http://127.0.0.1:${NODE_PORTS[0]}/-/shards ; ${env}scripts/cluster.sh status ; ${env}scripts/cluster.sh down"
+  echo "Try: curl -X PUT $proxy/hello -d '{\"value\": 1}' ; curl $proxy/-/owner/hello ; curl $KV_SCHEME://127.0.0.1:${NODE_PORTS[0]}/-/shards ; ${env}scripts/cluster.sh status ; ${env}scripts/cluster.sh down"
 }
 
 # Writes a few keys, kills one node with SIGKILL, shows every key still
@@ -215,7 +232,7 @@ demo_failover() {
   wait_healthy "127.0.0.1:$victim" 30 || return 1
   # Its own copy (a stale read answers from the local replica) catches up.
   local last=${keys[-1]} deadline=$((SECONDS + 15)) seen
-  until seen=$(kvcurl -fsS --max-time 1 -H 'X-Kv-Consistency: stale' "http://127.0.0.1:$victim/$last" 2>/dev/null) &&
+  until seen=$(kvcurl -fsS --max-time 1 -H 'X-Kv-Consistency: stale' "$KV_SCHEME://127.0.0.1:$victim/$last" 2>/dev/null) &&
     [[ $seen == *after* ]]; do
     [ $SECONDS -ge $deadline ] && { echo "  node-$victim has not caught up yet: $seen"; break; }
     sleep 0.05
@@ -228,7 +245,7 @@ demo_failover() {
 # exits first (say, flags that contradict its data dir), shows why at once.
 wait_node() {
   local port=$1 deadline=$((SECONDS + $2))
-  until kvcurl -fsS -o /dev/null --max-time 1 "http://127.0.0.1:$port/-/health" 2>/dev/null; do
+  until kvcurl -fsS -o /dev/null --max-time 1 "$KV_SCHEME://127.0.0.1:$port/-/health" 2>/dev/null; do
     if ! alive "$PIDS/node-$port.pid"; then
       echo "error: node-$port exited; the end of its log ($LOGS/node-$port.log):" >&2
       tail -n 5 "$LOGS/node-$port.log" >&2
@@ -247,7 +264,7 @@ wait_node() {
 wait_leaders() {
   local deadline=$((SECONDS + $1)) port view
   for port in "${NODE_PORTS[@]}"; do
-    until view=$(kvcurl -fsS --max-time 1 "http://127.0.0.1:$port/-/shards" 2>/dev/null) &&
+    until view=$(kvcurl -fsS --max-time 1 "$KV_SCHEME://127.0.0.1:$port/-/shards" 2>/dev/null) &&
       [[ $view != *'"leader":null'* ]]; do
       if [ $SECONDS -ge $deadline ]; then
         echo "error: node on port $port does not see a leader for every shard yet" >&2
@@ -269,8 +286,8 @@ status() {
       any=1
       local addr_port=$port
       [ "$port" = proxy ] && addr_port=$PROXY_PORT
-      printf '%-11s pid %-7s http://127.0.0.1:%-5s %s\n' "$name" "$(cat "$f")" "$addr_port" \
-        "$(curl -s --max-time 2 "http://127.0.0.1:$addr_port/-/health" || echo unreachable)"
+      printf '%-11s pid %-7s %s://127.0.0.1:%-5s %s\n' "$name" "$(cat "$f")" "$KV_SCHEME" "$addr_port" \
+        "$(kvcurl -s --max-time 2 "$KV_SCHEME://127.0.0.1:$addr_port/-/health" || echo unreachable)"
     else
       printf '%-11s stopped\n' "$name"
     fi
@@ -312,7 +329,7 @@ stop_all() {
 bench() {
   [ -x "$BIN/kv-bench" ] || cargo build -q $([ "$PROFILE" = release ] && echo --release) --bin kv-bench
   "$BIN/kv-bench" --nodes 3 --base-port "${NODE_PORTS[0]}" "$@"
-  "$BIN/kv-bench" --proxy "http://127.0.0.1:$PROXY_PORT" "$@"
+  "$BIN/kv-bench" --proxy "$KV_SCHEME://127.0.0.1:$PROXY_PORT" "$@"
 }
 
 case "${1:-up}" in

@@ -15,10 +15,12 @@ ensure_packages() {
     { $sudo apt-get update -qq >/dev/null && $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null; }
 }
 
-# Waits (up to $2 seconds, default 30) until http://$1/-/health answers 200.
+# Waits (up to $2 seconds, default 30) until http://$1/-/health answers 200
+# (https://, verified against $KV_TLS_DIR/ca.pem, when KV_TLS_DIR is set).
 wait_healthy() {
-  local addr=$1 deadline=$((SECONDS + ${2:-30}))
-  until curl -fsS -o /dev/null "http://$addr/-/health" 2>/dev/null; do
+  local addr=$1 deadline=$((SECONDS + ${2:-30})) tls=()
+  [ -n "${KV_TLS_DIR:-}" ] && tls=(--cacert "$KV_TLS_DIR/ca.pem")
+  until curl -fsS -o /dev/null "${tls[@]}" "${KV_SCHEME:-http}://$addr/-/health" 2>/dev/null; do
     if [ $SECONDS -ge $deadline ]; then
       echo "error: $addr did not become healthy" >&2
       return 1

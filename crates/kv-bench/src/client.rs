@@ -9,6 +9,7 @@
 //! wake-up. A connection that fails or times out is dropped (its state is
 //! unknown) and reopened on the next request to that node.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -22,7 +23,7 @@ use hyper::client::conn::http1::{Connection, SendRequest};
 use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE, HOST};
 use hyper::{Method, Request, Uri};
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
+use kv_http::tls::{ClientStream, Tls};
 use tokio::time::Sleep;
 
 use crate::check::{ErrorKind, Failure};
@@ -41,37 +42,56 @@ pub struct Endpoint {
     pub direct: bool,
     /// `Bearer <token>` sent on every request (`--auth-token-file`).
     pub authorization: Option<HeaderValue>,
+    /// `https://`: connect in TLS, verified against `--tls-ca`.
+    pub tls: bool,
+}
+
+/// The TLS settings (`--tls-ca`), process-wide: set once at start, read by
+/// every connection to an `https://` endpoint. A scheme-less address (a
+/// cluster member's, as the nodes report it) is `https://` once set.
+static TLS: std::sync::OnceLock<Arc<Tls>> = std::sync::OnceLock::new();
+
+/// Connects to `https://` endpoints (and scheme-less addresses) with `tls`
+/// from now on. Set once; a second call is ignored.
+pub fn set_tls(tls: Arc<Tls>) {
+    let _ = TLS.set(tls);
 }
 
 impl Endpoint {
-    /// Parses `http://host:port`, or `host:port`.
+    /// Parses `http://host:port`, `https://host:port`, or `host:port`
+    /// (`https` when `--tls-ca` is set, see [`set_tls`]).
     pub fn parse(url: &str) -> Result<Self, String> {
         let url = url.trim();
         let with_scheme = if url.contains("://") {
             url.to_owned()
+        } else if TLS.get().is_some() {
+            format!("https://{url}")
         } else {
             format!("http://{url}")
         };
         let uri: Uri = with_scheme
             .parse()
             .map_err(|e| format!("`{url}` is not a URL: {e}"))?;
-        if uri.scheme_str() != Some("http") {
-            return Err(format!("`{url}`: only http:// is supported"));
-        }
+        let tls = match uri.scheme_str() {
+            Some("http") => false,
+            Some("https") => true,
+            _ => return Err(format!("`{url}`: only http:// and https:// are supported")),
+        };
         if uri.path() != "/" && !uri.path().is_empty() {
             return Err(format!("`{url}`: a node URL has no path"));
         }
         let host = uri.host().ok_or_else(|| format!("`{url}` has no host"))?;
-        let port = uri.port_u16().unwrap_or(80);
+        let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
         let authority = format!("{host}:{port}");
         let host_header =
             HeaderValue::from_str(&authority).map_err(|_| format!("`{url}`: bad host"))?;
         Ok(Endpoint {
-            url: format!("http://{authority}"),
+            url: format!("{}://{authority}", if tls { "https" } else { "http" }),
             authority,
             host_header,
             direct: false,
             authorization: None,
+            tls,
         })
     }
 }
@@ -139,7 +159,7 @@ pub async fn send(
 /// that moves bytes, both owned (and polled) by the worker.
 pub struct HyperConn {
     sender: SendRequest<Full<Bytes>>,
-    driver: Pin<Box<Connection<TokioIo<TcpStream>, Full<Bytes>>>>,
+    driver: Pin<Box<Connection<TokioIo<ClientStream>, Full<Bytes>>>>,
     /// The request timeout, reused: moving a registered tokio timer to a
     /// later deadline is one atomic store, where a fresh `timeout()` per
     /// request registers and deregisters a timer under the driver's lock.
@@ -149,24 +169,26 @@ pub struct HyperConn {
     alive: bool,
 }
 
-/// Opens a TCP connection to `endpoint` within `timeout`, with Nagle off
-/// (small requests, one at a time: send each at once). Both clients use it.
+/// Opens a connection to `endpoint` within `timeout` (TCP with Nagle off:
+/// small requests, one at a time, send each at once; then TLS for an
+/// `https://` one, the handshake within the same bound). Both clients use
+/// it.
 pub(crate) async fn connect_tcp(
     endpoint: &Endpoint,
     timeout: Duration,
-) -> Result<TcpStream, Failure> {
+) -> Result<ClientStream, Failure> {
     let failure =
         |why: String| Failure::new(ErrorKind::Connect, format!("{}: {why}", endpoint.url));
-    let stream = match tokio::time::timeout(timeout, TcpStream::connect(&endpoint.authority)).await
-    {
-        Ok(Ok(stream)) => stream,
-        Ok(Err(error)) => return Err(failure(error.to_string())),
-        Err(_) => return Err(failure(format!("no connection within {timeout:?}"))),
+    let tls = match (endpoint.tls, TLS.get()) {
+        (false, _) => None,
+        (true, Some(tls)) if tls.connects() => Some(&**tls),
+        (true, _) => return Err(failure("https:// needs --tls-ca".to_owned())),
     };
-    stream
-        .set_nodelay(true)
-        .map_err(|error| failure(error.to_string()))?;
-    Ok(stream)
+    match tokio::time::timeout(timeout, Tls::connect(tls, &endpoint.authority)).await {
+        Ok(Ok(stream)) => Ok(stream),
+        Ok(Err(error)) => Err(failure(error.to_string())),
+        Err(_) => Err(failure(format!("no connection within {timeout:?}"))),
+    }
 }
 
 /// Opens a hyper connection to `endpoint` within `timeout`.
@@ -392,7 +414,14 @@ mod tests {
             Endpoint::parse("http://example").unwrap().authority,
             "example:80"
         );
-        assert!(Endpoint::parse("https://127.0.0.1:1").is_err());
+        let e = Endpoint::parse("https://127.0.0.1:1").unwrap();
+        assert!(e.tls);
+        assert_eq!(e.url, "https://127.0.0.1:1");
+        assert_eq!(
+            Endpoint::parse("https://example").unwrap().authority,
+            "example:443"
+        );
+        assert!(Endpoint::parse("ftp://127.0.0.1:1").is_err());
         assert!(Endpoint::parse("http://127.0.0.1:1/x").is_err());
         assert!(Endpoint::parse("http://").is_err());
     }

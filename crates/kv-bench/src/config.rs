@@ -79,6 +79,11 @@ pub struct Config {
     #[arg(long, env = "KV_AUTH_TOKEN_FILE", value_name = "PATH")]
     pub auth_token_file: Option<PathBuf>,
 
+    /// Verify `https://` servers against this CA (PEM); scheme-less
+    /// addresses (the members a cluster reports) are then `https://` too.
+    #[arg(long, env = "KV_TLS_CA", value_name = "PATH")]
+    pub tls_ca: Option<PathBuf>,
+
     /// `mix`: random operations from --mix over --keys; `seed`: the Flask
     /// benchmark's exact sequence (N/3 sets, N/3 gets, N/3 deletes, in
     /// batches of --concurrency).
@@ -416,6 +421,18 @@ impl Config {
             .map_err(|e| e.to_string())
     }
 
+    /// Loads --tls-ca, and makes it what `https://` endpoints connect with.
+    pub fn install_tls(&self) -> Result<(), String> {
+        let args = kv_http::tls::TlsArgs {
+            tls_ca: self.tls_ca.clone(),
+            ..Default::default()
+        };
+        if let Some(tls) = args.load().map_err(|e| e.to_string())? {
+            crate::client::set_tls(tls);
+        }
+        Ok(())
+    }
+
     pub fn plan(&self) -> Result<Plan, String> {
         let seed = self.workload == WorkloadKind::Seed;
         let concurrency = self.concurrency.unwrap_or(if seed { 250 } else { 64 });
@@ -482,7 +499,15 @@ impl Config {
             }
             Target::Nodes(
                 (0..nodes)
-                    .map(|i| format!("http://{}:{}", self.host, self.base_port as usize + i))
+                    .map(|i| {
+                        // https:// when the nodes' CA is given (--tls-ca).
+                        let scheme = if self.tls_ca.is_some() {
+                            "https"
+                        } else {
+                            "http"
+                        };
+                        format!("{scheme}://{}:{}", self.host, self.base_port as usize + i)
+                    })
                     .collect(),
             )
         };

@@ -22,8 +22,8 @@ use std::task::Poll;
 use std::time::Duration;
 
 use bytes::BytesMut;
+use kv_http::tls::ClientStream;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::time::Sleep;
 
 use crate::check::{ErrorKind, Failure};
@@ -36,7 +36,7 @@ const READ_BUFFER: usize = 16 * 1024;
 
 /// An open keep-alive connection and its reused buffers.
 pub struct LeanConn {
-    stream: TcpStream,
+    stream: ClientStream,
     read: BytesMut,
     write: Vec<u8>,
     timer: Pin<Box<Sleep>>,
@@ -127,7 +127,7 @@ pub async fn send(
 }
 
 async fn exchange(
-    stream: &mut TcpStream,
+    stream: &mut ClientStream,
     read: &mut BytesMut,
     request: &[u8],
     alive: &mut bool,

@@ -166,6 +166,7 @@ pub fn run(config: Config) -> Result<Outcome, BenchError> {
         Target::Proxy(url) => ("proxy", vec![url.clone()]),
     };
     let authorization = config.authorization().map_err(BenchError::Config)?;
+    config.install_tls().map_err(BenchError::Config)?;
     let mut endpoints = urls
         .iter()
         .map(|url| {

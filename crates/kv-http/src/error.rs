@@ -59,6 +59,14 @@ pub enum ApiError {
     /// No valid `Authorization: Bearer <token>` (see [`crate::auth`]).
     #[error("Unauthorized: {0}")]
     Unauthorized(&'static str),
+    /// Plain HTTP on a port that speaks TLS (see [`crate::tls`]): answered
+    /// in plain text, then the connection is closed.
+    #[error("Bad request: this port speaks TLS; use https://")]
+    TlsRequired,
+    /// A node-to-node path asked for on a port with mutual TLS, without a
+    /// client certificate signed by the cluster's CA (see [`crate::tls`]).
+    #[error("Forbidden: {0}")]
+    ClientCertRequired(&'static str),
     /// The request target is longer than hyper parses.
     #[error("URI too long")]
     UriTooLong,
@@ -96,8 +104,10 @@ impl ApiError {
             | ApiError::MalformedJson(_)
             | ApiError::MissingValue
             | ApiError::BodyRead(_)
-            | ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            | ApiError::BadRequest(_)
+            | ApiError::TlsRequired => StatusCode::BAD_REQUEST,
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ApiError::ClientCertRequired(_) => StatusCode::FORBIDDEN,
             ApiError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
@@ -138,6 +148,7 @@ impl ApiError {
                 | ApiError::BodyTimeout
                 | ApiError::BodyRead(_)
                 | ApiError::BadRequest(_)
+                | ApiError::TlsRequired
                 | ApiError::TransferCodingNotImplemented
                 | ApiError::UriTooLong
                 | ApiError::HeadersTooLarge
@@ -232,6 +243,7 @@ mod tests {
             ApiError::UriTooLong,
             ApiError::HeadersTooLarge,
             ApiError::BadRequest("x"),
+            ApiError::TlsRequired,
         ] {
             let wire = error.to_wire();
             let text = std::str::from_utf8(&wire).unwrap();

@@ -19,6 +19,8 @@
 //! * [`server`]: bind, accepting with its connection cap (and a small
 //!   reserve that keeps `/-/health` and `/-/ready` answerable at the cap),
 //!   per-connection timeouts, graceful drain, signals.
+//! * [`tls`]: rustls on the port (`--tls-cert`/`--tls-key`), for the
+//!   clients to nodes (`--tls-ca`), mutual TLS between nodes, SIGHUP reload.
 //! * [`workers`]: thread per core (as nginx's worker processes), each
 //!   worker a single-threaded runtime serving the connections it is handed.
 //! * [`metrics`]: request counters and latency histograms, sharded by
@@ -34,6 +36,7 @@ pub mod metrics;
 pub mod probe;
 pub mod request;
 pub mod server;
+pub mod tls;
 pub mod workers;
 
 pub use error::{json_response, ApiError, Body};

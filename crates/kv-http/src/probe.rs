@@ -5,10 +5,13 @@
 //! kv-proxy's health checks run it on tokio's blocking pool. Each probe is
 //! a fresh connection (never a pooled one), so it sees what a new client
 //! would: a restarted or firewalled server. Only the status line is read.
+//! With a CA ([`check_with`]), the probe speaks TLS.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
+
+use crate::tls::Tls;
 
 /// The probe's request.
 pub const REQUEST: &[u8] =
@@ -17,6 +20,13 @@ pub const REQUEST: &[u8] =
 /// Probes `addr` (`host:port`): `Ok` if `GET /-/health` answers 200 within
 /// `timeout` in all (resolve, connect, answer), else what went wrong.
 pub fn check(addr: &str, timeout: Duration) -> Result<(), String> {
+    check_with(addr, timeout, None)
+}
+
+/// [`check`], in TLS when `tls` has a CA (rustls' blocking stream: the
+/// handshake happens within the first write and read, under the same
+/// deadline).
+pub fn check_with(addr: &str, timeout: Duration, tls: Option<&Tls>) -> Result<(), String> {
     let deadline = Instant::now() + timeout;
     let target: SocketAddr = addr
         .to_socket_addrs()
@@ -29,15 +39,43 @@ pub fn check(addr: &str, timeout: Duration) -> Result<(), String> {
             .filter(|d| !d.is_zero())
             .ok_or_else(|| format!("no answer within {timeout:?} ({what})"))
     };
-    let mut stream = TcpStream::connect_timeout(&target, left("connect")?)
+    let stream = TcpStream::connect_timeout(&target, left("connect")?)
         .map_err(|e| format!("connect: {e}"))?;
+    // The same socket, to set its timeouts while a TLS stream owns it.
+    let control = stream.try_clone().map_err(|e| format!("connect: {e}"))?;
+    control
+        .set_write_timeout(Some(left("write")?))
+        .map_err(|e| format!("write: {e}"))?;
+    match tls.and_then(Tls::client_config) {
+        None => exchange(stream, &control, timeout, &left),
+        Some(config) => {
+            let name = crate::tls::server_name(addr).map_err(|e| format!("TLS: {e}"))?;
+            let connection =
+                rustls::ClientConnection::new(config, name).map_err(|e| format!("TLS: {e}"))?;
+            exchange(
+                rustls::StreamOwned::new(connection, stream),
+                &control,
+                timeout,
+                &left,
+            )
+        }
+    }
+}
+
+/// Sends the probe on `stream` and reads its status line.
+fn exchange(
+    mut stream: impl Read + Write,
+    control: &TcpStream,
+    timeout: Duration,
+    left: &dyn Fn(&str) -> Result<Duration, String>,
+) -> Result<(), String> {
     stream
         .write_all(REQUEST)
         .map_err(|e| format!("write: {e}"))?;
     let mut head = [0u8; 64];
     let mut filled = 0;
     while !head[..filled].contains(&b'\n') && filled < head.len() {
-        stream
+        control
             .set_read_timeout(Some(left("read")?))
             .map_err(|e| format!("read: {e}"))?;
         let read = stream

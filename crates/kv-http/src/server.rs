@@ -15,6 +15,8 @@
 //!   and because it starts whenever hyper waits for a request head, it also
 //!   closes keep-alive connections left idle. The body timeout lives with
 //!   the service, where the body is read.
+//! * With TLS ([`crate::tls`]), the handshake runs on the worker that
+//!   serves the connection, bounded by the header timeout.
 //! * Every connection's socket is wrapped in [`JsonErrors`], so hyper's own
 //!   answers keep the JSON contract.
 //! * On shutdown the listener is dropped (no new connections), every
@@ -38,6 +40,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::canned::JsonErrors;
 use crate::error::ApiError;
+use crate::tls::ClientCert;
 
 /// Connections past `--max-connections` still served for health and
 /// readiness probes.
@@ -153,21 +156,32 @@ impl Slot {
     }
 }
 
-/// Whether a connection is one of the probe reserve, where only
-/// `/-/health` and `/-/ready` are served: every service checks each request
-/// with [`Reserve::admit`].
+/// What a connection's requests are admitted to: whether it is one of the
+/// probe reserve, where only `/-/health` and `/-/ready` are served (every
+/// service checks each request with [`Reserve::admit`]), and what its
+/// client proved with a TLS certificate (see [`crate::tls`]).
 #[derive(Debug, Clone, Default)]
-pub struct Reserve(Option<Arc<Refusals>>);
+pub struct Reserve(Option<Arc<Refusals>>, ClientCert);
 
 impl Reserve {
     /// A connection under the cap: everything is admitted.
     pub fn none() -> Self {
-        Self(None)
+        Self(None, ClientCert::NotAsked)
     }
 
     /// Whether this is a probe-only connection.
     pub fn is_probe_only(&self) -> bool {
         self.0.is_some()
+    }
+
+    /// This connection, with what its TLS handshake proved.
+    pub fn with_client_cert(self, cert: ClientCert) -> Self {
+        Self(self.0, cert)
+    }
+
+    /// What the client proved with a TLS certificate.
+    pub fn client_cert(&self) -> ClientCert {
+        self.1
     }
 
     /// The 503 for anything but a probe on a reserve connection (counted
@@ -243,7 +257,10 @@ pub async fn next_connection(listener: &TcpListener, admission: &Admission) -> (
                         .ok()
                         .map(|permit| Slot {
                             _permit: permit,
-                            reserve: Reserve(Some(Arc::clone(&admission.refusals))),
+                            reserve: Reserve(
+                                Some(Arc::clone(&admission.refusals)),
+                                ClientCert::NotAsked,
+                            ),
                         }),
                 };
                 match slot {
@@ -265,12 +282,13 @@ pub async fn next_connection(listener: &TcpListener, admission: &Admission) -> (
 
 /// Serves one connection with `service`, on `builder`'s settings (see
 /// [`ConnectionLimits::http1`]), hyper's own answers in the JSON contract.
-pub fn serve_connection<S, B>(
+pub fn serve_connection<T, S, B>(
     builder: &http1::Builder,
-    stream: TcpStream,
+    stream: T,
     service: S,
-) -> http1::Connection<TokioIo<JsonErrors<TcpStream>>, S>
+) -> http1::Connection<TokioIo<JsonErrors<T>>, S>
 where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     S: HttpService<Incoming, ResBody = B>,
     S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     B: HttpBody + 'static,
@@ -323,7 +341,7 @@ mod tests {
     #[test]
     fn only_probes_pass_the_reserve_and_the_rest_is_counted() {
         let admission = Admission::new(1);
-        let reserve = Reserve(Some(Arc::clone(&admission.refusals)));
+        let reserve = Reserve(Some(Arc::clone(&admission.refusals)), ClientCert::NotAsked);
         assert!(reserve.admit("/-/health").is_ok());
         assert!(reserve.admit("/-/ready").is_ok());
         assert!(Reserve::none().admit("/key").is_ok());

@@ -17,6 +17,7 @@
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
 
 use hyper::body::{Body as HttpBody, Incoming};
 use hyper::service::HttpService;
@@ -27,6 +28,7 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 use crate::server::{
     drain, next_connection, serve_connection, Admission, ConnectionLimits, Reserve, Slot,
 };
+use crate::tls::{Accepted, ClientCert, Tls};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -68,9 +70,12 @@ type Handoff = (std::net::TcpStream, Slot);
 pub async fn serve<W: Worker>(
     listener: TcpListener,
     limits: ConnectionLimits,
+    tls: Option<Arc<Tls>>,
     workers: Vec<W>,
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()> {
+    // A process with only a CA (its clients speak TLS) serves plain HTTP.
+    let tls = tls.filter(|tls| tls.serves());
     let admission = Admission::new(limits.max_connections);
     let mut senders: Vec<UnboundedSender<Handoff>> = Vec::with_capacity(workers.len());
     let mut threads = Vec::with_capacity(workers.len());
@@ -78,12 +83,13 @@ pub async fn serve<W: Worker>(
         let (sender, receiver) = unbounded_channel();
         senders.push(sender);
         let limits = limits.clone();
+        let tls = tls.clone();
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
         let thread = std::thread::Builder::new()
             .name(format!("kv-worker-{index}"))
-            .spawn(move || runtime.block_on(run_worker(receiver, worker, limits)))?;
+            .spawn(move || runtime.block_on(run_worker(receiver, worker, limits, tls)))?;
         threads.push(thread);
     }
     if senders.is_empty() {
@@ -132,18 +138,44 @@ pub async fn serve<W: Worker>(
     Ok(())
 }
 
+/// A TLS connection whose handshake is done, back to its worker.
+type Shaken = (
+    Box<tokio_rustls::server::TlsStream<TcpStream>>,
+    ClientCert,
+    Slot,
+);
+
 /// One worker: serves the connections it is handed until the accept loop
 /// closes its channel, then finishes its in-flight requests (bounded).
+///
+/// With TLS, each handshake runs in a task of its own (a slow client delays
+/// no other, and it is bounded by the header timeout), which hands the
+/// connection back here to be served: the service is made by the worker,
+/// told what the client's certificate proved.
 async fn run_worker<W: Worker>(
     mut connections: UnboundedReceiver<Handoff>,
     worker: W,
     limits: ConnectionLimits,
+    tls: Option<Arc<Tls>>,
 ) {
     let graceful = GracefulShutdown::new();
     let builder = limits.http1();
     let probe_builder = limits.http1_probe();
     let background = worker.background().map(tokio::spawn);
-    while let Some((stream, slot)) = connections.recv().await {
+    let (shaken_sender, mut shaken) = unbounded_channel::<Shaken>();
+    loop {
+        let (stream, slot) = tokio::select! {
+            handed = connections.recv() => match handed {
+                Some(handed) => handed,
+                None => break,
+            },
+            Some((stream, cert, slot)) = shaken.recv() => {
+                let reserve = slot.reserve().with_client_cert(cert);
+                let builder = if reserve.is_probe_only() { &probe_builder } else { &builder };
+                spawn_served(&graceful, builder, *stream, worker.service(reserve), slot);
+                continue;
+            }
+        };
         let stream = match TcpStream::from_std(stream) {
             Ok(stream) => stream,
             Err(error) => {
@@ -151,22 +183,53 @@ async fn run_worker<W: Worker>(
                 continue;
             }
         };
-        let reserve = slot.reserve();
-        let builder = if reserve.is_probe_only() {
-            &probe_builder
-        } else {
-            &builder
-        };
-        let connection = graceful.watch(serve_connection(builder, stream, worker.service(reserve)));
-        tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                log::debug!("connection ended with an error: {error}");
+        match &tls {
+            None => {
+                let reserve = slot.reserve();
+                let builder = if reserve.is_probe_only() {
+                    &probe_builder
+                } else {
+                    &builder
+                };
+                spawn_served(&graceful, builder, stream, worker.service(reserve), slot);
             }
-            drop(slot);
-        });
+            Some(tls) => {
+                let tls = Arc::clone(tls);
+                let timeout = limits.header_timeout;
+                let back = shaken_sender.clone();
+                tokio::spawn(async move {
+                    if let Accepted::Tls(stream, cert) = tls.accept(stream, timeout).await {
+                        // The worker is draining: the connection is dropped.
+                        let _ = back.send((stream, cert, slot));
+                    }
+                });
+            }
+        }
     }
     drain(graceful, limits.shutdown_timeout).await;
     if let Some(background) = background {
         background.abort();
     }
+}
+
+/// Serves `stream` in a task of its own, watched for the drain; the slot is
+/// freed when it ends.
+fn spawn_served<T, S>(
+    graceful: &GracefulShutdown,
+    builder: &hyper::server::conn::http1::Builder,
+    stream: T,
+    service: S,
+    slot: Slot,
+) where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: HttpService<Incoming, Error: Into<BoxError>, Future: Send + 'static> + Send + 'static,
+    S::ResBody: HttpBody<Data: Send, Error: Into<BoxError>> + Send + 'static,
+{
+    let connection = graceful.watch(serve_connection(builder, stream, service));
+    tokio::spawn(async move {
+        if let Err(error) = connection.await {
+            log::debug!("connection ended with an error: {error}");
+        }
+        drop(slot);
+    });
 }

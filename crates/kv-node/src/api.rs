@@ -145,6 +145,12 @@ async fn route(
     // says which member it is gets its refusal logged once.
     app.auth
         .check(&parts.method, path, &parts.headers, || peer_name(parts))?;
+    // Mutual TLS (kv-http's `tls`): on a port that asks for client
+    // certificates, node-to-node requests need one signed by the CA; other
+    // clients (curl with the CA only) need none.
+    if node_to_node(path, &parts.headers) {
+        reserve.client_cert().require()?;
+    }
     if let Some(cluster) = &app.cluster {
         // Node-to-node traffic: kv-raft answers it, errors included.
         if path.starts_with("/-/raft/") && path != "/-/raft/cluster" {
@@ -190,6 +196,12 @@ async fn route(
         return cluster_key(app, cluster, parts, &key, body).await;
     }
     local_key(app, parts, &key, body, true).await
+}
+
+/// Whether only another node sends this request: Raft traffic, forwarded
+/// metadata proposals, and forwarded key requests.
+fn node_to_node(path: &str, headers: &HeaderMap) -> bool {
+    path.starts_with("/-/raft/") || path.starts_with("/-/meta/") || is_forwarded(headers)
 }
 
 /// Who sent a request, when it says it is a member (`X-Kv-Node-Id` on

@@ -109,6 +109,11 @@ pub struct Config {
     #[command(flatten)]
     pub auth: kv_http::auth::AuthArgs,
 
+    /// TLS on the port, to peers, and mutual TLS between nodes (kv-http's
+    /// `tls`).
+    #[command(flatten)]
+    pub tls: kv_http::tls::TlsArgs,
+
     /// Cluster mode: this node's member id (with `--peers`).
     #[arg(long, env = "KV_NODE_ID")]
     pub node_id: Option<u64>,

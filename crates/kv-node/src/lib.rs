@@ -52,6 +52,10 @@ pub async fn run(
         .auth
         .resolve(config.bind, "kv-node")
         .map_err(io::Error::other)?;
+    let tls = config.tls.load().map_err(io::Error::other)?;
+    if let Some(tls) = &tls {
+        tokio::spawn(kv_http::tls::reload_on_sighup(Arc::clone(tls)));
+    }
     survive_file_size_limit();
     if !config.cluster_mode() {
         cluster::start::check_standalone(&data_dir)?;
@@ -62,7 +66,7 @@ pub async fn run(
     }
     let store = Arc::new(open_store(&config, &data_dir).await?);
     let cluster = if config.cluster_mode() {
-        Some(cluster::start(&config, Arc::clone(&store), &data_dir).await?)
+        Some(cluster::start(&config, Arc::clone(&store), &data_dir, tls.clone()).await?)
     } else {
         None
     };
@@ -77,8 +81,13 @@ pub async fn run(
             started.elapsed()
         );
     }
+    let (scheme, described) = match &tls {
+        Some(tls) if tls.serves() => ("https", tls.describe()),
+        Some(tls) => ("http", tls.describe()),
+        None => ("http", "plain HTTP"),
+    };
     log::info!(
-        "kv-node {} listening on http://{} (data dir {}, fsync {})",
+        "kv-node {} listening on {scheme}://{} ({described}; data dir {}, fsync {})",
         env!("CARGO_PKG_VERSION"),
         listener.local_addr()?,
         data_dir.display(),
@@ -138,7 +147,7 @@ pub async fn run(
             cluster.transfer_away(cluster.transfer_bound()).await;
         }
     };
-    let served = kv_http::workers::serve(listener, limits, workers, shutdown).await;
+    let served = kv_http::workers::serve(listener, limits, tls, workers, shutdown).await;
     if let Some(cluster) = &cluster {
         cluster.shutdown().await;
     }

@@ -41,6 +41,10 @@ fn main() -> ExitCode {
         log::error!("{error}");
         return ExitCode::from(kv_http::auth::CONFIG_EXIT_CODE);
     }
+    if let Err(error) = config.tls.load() {
+        log::error!("{error}");
+        return ExitCode::from(kv_http::auth::CONFIG_EXIT_CODE);
+    }
     // Each connection is a descriptor; leave room for data files and logs.
     kv_node::raise_fd_limit(config.max_connections + 256);
     let runtime = match tokio::runtime::Builder::new_multi_thread()

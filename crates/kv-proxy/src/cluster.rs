@@ -98,9 +98,9 @@ use kv_cluster::{
     ROUTE_DIRECT, ROUTE_HEADER,
 };
 use kv_http::request::discard;
+use kv_http::tls::Tls;
 use kv_http::ApiError;
 use parking_lot::{Mutex, RwLock};
-use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 
 use crate::api::{Body, Proxy};
@@ -479,10 +479,9 @@ fn report_merge(source: &str, merged: &Merge) {
 /// [`MAX_SHARDS_BODY`] bytes).
 async fn get(node: &str, path: &'static str) -> Result<(u16, Bytes), FetchError> {
     let no_answer = FetchError::NoAnswer;
-    let stream = TcpStream::connect(node)
+    let stream = Tls::connect(crate::node_auth::tls(), node)
         .await
         .map_err(|e| no_answer(format!("connect: {e}")))?;
-    let _ = stream.set_nodelay(true);
     let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .map_err(|e| no_answer(format!("handshake: {e}")))?;

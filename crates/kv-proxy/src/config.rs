@@ -141,6 +141,11 @@ pub struct Config {
     /// nodes as they came.
     #[arg(long, env = "KV_PROXY_NODE_TOKEN_FILE", value_name = "PATH")]
     pub node_token_file: Option<PathBuf>,
+
+    /// TLS on the port (--tls-cert/--tls-key) and to the nodes (--tls-ca),
+    /// as kv-node has them.
+    #[command(flatten)]
+    pub tls: kv_http::tls::TlsArgs,
 }
 
 impl Config {

@@ -114,9 +114,11 @@ pub fn spawn_checker(
 /// connection, `GET /-/health`, 200 or bust), on the blocking pool.
 pub async fn check(node: &str, timeout: Duration) -> Result<(), String> {
     let node = node.to_owned();
-    tokio::task::spawn_blocking(move || kv_http::probe::check(&node, timeout))
-        .await
-        .unwrap_or_else(|error| Err(format!("check failed: {error}")))
+    tokio::task::spawn_blocking(move || {
+        kv_http::probe::check_with(&node, timeout, crate::node_auth::tls())
+    })
+    .await
+    .unwrap_or_else(|error| Err(format!("check failed: {error}")))
 }
 
 #[cfg(test)]

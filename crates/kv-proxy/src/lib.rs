@@ -65,6 +65,11 @@ pub async fn run(
     if let Some(token) = config.node_token().map_err(|e| invalid(e.to_string()))? {
         node_auth::set(token.authorization());
     }
+    let tls = config.tls.load().map_err(|e| invalid(e.to_string()))?;
+    if let Some(tls) = &tls {
+        node_auth::set_tls(Arc::clone(tls));
+        tokio::spawn(kv_http::tls::reload_on_sighup(Arc::clone(tls)));
+    }
     // Replicated nodes answer /-/shards; standalone ones 404 (ring mode).
     // In cluster mode `--nodes` are seeds: the members come from the
     // answers, each with its own health checker (`cluster::Cluster`).
@@ -131,8 +136,13 @@ pub async fn run(
             config.vnodes
         ),
     };
+    let (scheme, tls_described) = match &tls {
+        Some(tls) if tls.serves() => ("https", tls.describe()),
+        Some(tls) => ("http", tls.describe()),
+        None => ("http", "plain HTTP"),
+    };
     log::info!(
-        "kv-proxy {} listening on http://{} ({described}; {} workers)",
+        "kv-proxy {} listening on {scheme}://{} ({tls_described}; {described}; {} workers)",
         env!("CARGO_PKG_VERSION"),
         listener.local_addr()?,
         workers.len()
@@ -159,7 +169,7 @@ pub async fn run(
         shutdown_timeout: config.shutdown_timeout,
     };
     let workers = workers.into_iter().map(server::ProxyWorker).collect();
-    let served = kv_http::workers::serve(listener, limits, workers, shutdown).await;
+    let served = kv_http::workers::serve(listener, limits, tls, workers, shutdown).await;
     for checker in checkers {
         checker.abort();
     }

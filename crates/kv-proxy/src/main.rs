@@ -25,6 +25,10 @@ fn main() -> ExitCode {
         log::error!("{error}");
         return ExitCode::from(kv_http::auth::CONFIG_EXIT_CODE);
     }
+    if let Err(error) = config.tls.load() {
+        log::error!("{error}");
+        return ExitCode::from(kv_http::auth::CONFIG_EXIT_CODE);
+    }
     // This runtime only accepts connections and runs health checks; the
     // requests are served by the worker threads `run` starts.
     let runtime = match tokio::runtime::Builder::new_current_thread()

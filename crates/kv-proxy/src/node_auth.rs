@@ -12,22 +12,40 @@
 //! the client's fault: the client gets 502 naming the node, and the
 //! refusal is logged once per node.
 //!
+//! TLS to the nodes (`--tls-ca`) is held here too ([`set_tls`], [`tls`]):
+//! the pools, the shard table's fetches and the health checks connect with
+//! it.
+//!
 //! Held process-wide (set once at start): the proxy binary runs one proxy,
 //! and the header is needed on paths that know no proxy state (the shard
 //! table's refresh).
 
 use std::collections::HashSet;
-use std::sync::{Mutex, OnceLock, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use hyper::header::{HeaderMap, HeaderValue, AUTHORIZATION};
+use kv_http::tls::Tls;
 
 static NODE_AUTHORIZATION: OnceLock<HeaderValue> = OnceLock::new();
+static NODE_TLS: OnceLock<Arc<Tls>> = OnceLock::new();
 static REFUSED_BY: Mutex<Option<HashSet<String>>> = Mutex::new(None);
 
 /// Sends `authorization` (`Bearer <token>`) to the nodes from now on. Set
 /// once; a second call is ignored.
 pub fn set(authorization: HeaderValue) {
     let _ = NODE_AUTHORIZATION.set(authorization);
+}
+
+/// Connects to the nodes with `tls` from now on (TLS when it has a CA).
+/// Set once; a second call is ignored.
+pub fn set_tls(tls: Arc<Tls>) {
+    let _ = NODE_TLS.set(tls);
+}
+
+/// What the proxy connects to the nodes with, if TLS is configured.
+#[inline]
+pub fn tls() -> Option<&'static Tls> {
+    NODE_TLS.get().map(|tls| &**tls)
 }
 
 /// Whether the proxy sends a token of its own: then a node's 401 is about

@@ -34,8 +34,8 @@ use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
+use kv_http::tls::Tls;
 use parking_lot::Mutex;
-use tokio::net::TcpStream;
 
 use crate::request_body::UpstreamBody;
 
@@ -96,7 +96,9 @@ impl NodePool {
 
     /// A new connection, not taken from the pool.
     pub async fn connect(&self) -> Result<Sender, String> {
-        let connecting = TcpStream::connect(self.target.as_str());
+        // TCP (no delay: small request/response pairs) and the TLS
+        // handshake, if any, within the connect timeout.
+        let connecting = Tls::connect(crate::node_auth::tls(), self.target.as_str());
         let stream = match tokio::time::timeout(self.settings.connect_timeout, connecting).await {
             Ok(Ok(stream)) => stream,
             Ok(Err(error)) => return Err(format!("connect: {error}")),
@@ -107,10 +109,6 @@ impl NodePool {
                 ))
             }
         };
-        // Small request/response pairs: send each at once.
-        stream
-            .set_nodelay(true)
-            .map_err(|e| format!("connect: set TCP_NODELAY: {e}"))?;
         let (sender, connection) = http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|e| format!("connect: handshake: {e}"))?;

@@ -113,6 +113,9 @@ impl Process {
             .env_remove("KV_AUTH_TOKEN")
             .env_remove("KV_AUTH_TOKEN_FILE")
             .env_remove("KV_PROXY_NODE_TOKEN_FILE")
+            .env_remove("KV_TLS_CERT")
+            .env_remove("KV_TLS_KEY")
+            .env_remove("KV_TLS_CA")
             .env(
                 "RUST_LOG",
                 std::env::var("KV_TEST_LOG").unwrap_or_else(|_| "info".into()),
@@ -170,11 +173,15 @@ impl Process {
         process
     }
 
-    /// Waits until `GET /-/health` answers 200, or panics with the log.
+    /// Waits until `GET /-/health` answers 200, or panics with the log. A
+    /// server started with `--tls-cert` is probed in TLS, verified against
+    /// its `--tls-ca`.
     pub fn wait_healthy(&self) {
         let deadline = Instant::now() + STARTUP_DEADLINE;
+        let tls = self.probe_tls();
         while Instant::now() < deadline {
-            if kv_http::probe::check(&self.addr.to_string(), Duration::from_secs(5)).is_ok() {
+            let addr = self.addr.to_string();
+            if kv_http::probe::check_with(&addr, Duration::from_secs(5), tls.as_deref()).is_ok() {
                 return;
             }
             // Polling a socket for readiness; not a synchronisation sleep.
@@ -185,6 +192,20 @@ impl Process {
             self.program.display(),
             self.log()
         );
+    }
+
+    /// What to probe a TLS port with: its own `--tls-ca`.
+    fn probe_tls(&self) -> Option<Arc<kv_http::tls::Tls>> {
+        let flag = |name: &str| {
+            let at = self.args.iter().position(|a| a == name)?;
+            self.args.get(at + 1).map(PathBuf::from)
+        };
+        flag("--tls-cert")?;
+        let args = kv_http::tls::TlsArgs {
+            tls_ca: Some(flag("--tls-ca")?),
+            ..Default::default()
+        };
+        args.load().ok().flatten()
     }
 
     /// `http://ADDR`
@@ -241,6 +262,11 @@ impl Process {
         self.signal("-CONT");
     }
 
+    /// Sends SIGHUP (kv-node and kv-proxy reload their TLS certificates).
+    pub fn hangup(&self) {
+        self.signal("-HUP");
+    }
+
     fn signal(&self, signal: &str) {
         let status = Command::new("kill")
             .args([signal, &self.child.id().to_string()])
@@ -294,10 +320,14 @@ impl Drop for Process {
     }
 }
 
-/// Finds `http://ADDR` after "listening on " in a log line.
+/// Finds `http://ADDR` (or `https://ADDR`) after "listening on " in a log
+/// line.
 fn parse_listening(line: &str) -> Option<SocketAddr> {
     let rest = &line[line.find("listening on ")? + "listening on ".len()..];
-    let rest = rest.strip_prefix("http://").unwrap_or(rest);
+    let rest = rest
+        .strip_prefix("http://")
+        .or_else(|| rest.strip_prefix("https://"))
+        .unwrap_or(rest);
     let end = rest.find(|c: char| c.is_whitespace()).unwrap_or(rest.len());
     rest[..end].parse().ok()
 }

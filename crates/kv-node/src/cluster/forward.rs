@@ -28,9 +28,9 @@ use hyper::header::{HeaderMap, HeaderValue, AUTHORIZATION, HOST};
 use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use kv_cluster::{CLUSTER_ID_HEADER, NODE_ID_HEADER};
+use kv_http::tls::Tls;
 use kv_raft::net::refusals::other_cluster_id;
 use kv_raft::Refusals;
-use tokio::net::TcpStream;
 
 /// Largest answer relayed (a GET of the largest value, with room).
 const MAX_ANSWER: usize = 256 << 20;
@@ -79,6 +79,8 @@ pub(crate) struct Forwarder {
     refusals: Arc<Refusals>,
     /// Peers that refused our token (401), each logged once.
     unauthorized: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// TLS to peers (`--tls-ca`), with this node's client certificate.
+    tls: Option<Arc<Tls>>,
 }
 
 impl Forwarder {
@@ -86,6 +88,7 @@ impl Forwarder {
         node: u64,
         refusals: Arc<Refusals>,
         authorization: Option<HeaderValue>,
+        tls: Option<Arc<Tls>>,
     ) -> Self {
         Self {
             node: HeaderValue::from(node),
@@ -93,6 +96,7 @@ impl Forwarder {
             authorization,
             refusals,
             unauthorized: Default::default(),
+            tls,
         }
     }
 
@@ -127,14 +131,16 @@ impl Forwarder {
         // Only a key request is checked against our id by the peer (its
         // `/-/` admin answers say nothing about us).
         let checked = marked && !request.uri().path().starts_with("/-/");
-        let answer = match tokio::time::timeout(timeout, exchange(addr, request)).await {
-            Ok(result) => result?,
-            Err(_) => {
-                return Err(ForwardError::Lost(format!(
-                    "{addr} did not answer within {timeout:?}"
-                )))
-            }
-        };
+        let answer =
+            match tokio::time::timeout(timeout, exchange(addr, request, self.tls.as_deref())).await
+            {
+                Ok(result) => result?,
+                Err(_) => {
+                    return Err(ForwardError::Lost(format!(
+                        "{addr} did not answer within {timeout:?}"
+                    )))
+                }
+            };
         if answer.status == StatusCode::UNAUTHORIZED {
             // Our cluster token is not the peer's: nothing was done there
             // (the check comes first), and the client is not to blame.
@@ -197,11 +203,10 @@ fn put_idle(addr: &str, sender: SendRequest<Full<Bytes>>) {
     });
 }
 
-async fn connect(addr: &str) -> Result<SendRequest<Full<Bytes>>, ForwardError> {
-    let stream = TcpStream::connect(addr)
+async fn connect(addr: &str, tls: Option<&Tls>) -> Result<SendRequest<Full<Bytes>>, ForwardError> {
+    let stream = Tls::connect(tls, addr)
         .await
         .map_err(|error| ForwardError::NotSent(format!("cannot connect to {addr}: {error}")))?;
-    let _ = stream.set_nodelay(true);
     let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .map_err(|error| ForwardError::NotSent(format!("cannot talk HTTP to {addr}: {error}")))?;
@@ -216,6 +221,7 @@ async fn connect(addr: &str) -> Result<SendRequest<Full<Bytes>>, ForwardError> {
 async fn exchange(
     addr: &str,
     mut request: Request<Full<Bytes>>,
+    tls: Option<&Tls>,
 ) -> Result<Forwarded, ForwardError> {
     if let Ok(host) = HeaderValue::from_str(addr) {
         request.headers_mut().insert(HOST, host);
@@ -225,10 +231,10 @@ async fn exchange(
     // sending on it fails before anything was written, retry on a fresh one.
     let mut sender = match take_idle(addr) {
         Some(sender) => sender,
-        None => connect(addr).await?,
+        None => connect(addr, tls).await?,
     };
     if sender.ready().await.is_err() {
-        sender = connect(addr).await?;
+        sender = connect(addr, tls).await?;
         sender
             .ready()
             .await

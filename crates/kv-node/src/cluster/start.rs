@@ -80,6 +80,7 @@ pub async fn start(
     config: &Config,
     store: Arc<Store>,
     data_dir: &Path,
+    tls: Option<Arc<kv_http::tls::Tls>>,
 ) -> io::Result<Arc<ClusterNode>> {
     let peers = config.peers.as_deref().unwrap_or_default();
     let node_id = config.node_id.ok_or_else(|| {
@@ -120,7 +121,11 @@ pub async fn start(
     if let Some(authorization) = &authorization {
         network.set_authorization(authorization.clone());
     }
-    let forwarder = Forwarder::new(node_id, Arc::clone(network.refusals()), authorization);
+    // TLS to peers (issue 14): raft traffic and forwards alike.
+    if let Some(tls) = &tls {
+        network.set_tls(Arc::clone(tls));
+    }
+    let forwarder = Forwarder::new(node_id, Arc::clone(network.refusals()), authorization, tls);
     let routes: std::collections::HashMap<NodeId, String> =
         config.raft_routes.iter().cloned().collect();
     let (mut stored, first_start) = match read_cluster(data_dir) {

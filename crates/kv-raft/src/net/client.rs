@@ -48,6 +48,7 @@ use hyper::client::conn::http1::SendRequest;
 use hyper::header::{HeaderValue, CONTENT_TYPE, HOST};
 use hyper::{Request, StatusCode};
 use hyper_util::rt::TokioIo;
+use kv_http::tls::Tls;
 use openraft::alias::{SnapshotOf, VoteOf};
 use openraft::error::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
 use openraft::network::{RPCOption, RaftNetworkFactory, RaftNetworkV2};
@@ -57,7 +58,6 @@ use openraft::raft::{
 };
 use openraft::{BasicNode, EntryPayload, OptionalSend};
 use serde::de::DeserializeOwned;
-use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::net::refusals::{other_cluster_id, Refusals};
@@ -156,6 +156,8 @@ struct Identity {
     refusals: Arc<Refusals>,
     /// Peers that refused our token (401), each logged once.
     unauthorized: Mutex<std::collections::HashSet<String>>,
+    /// TLS to peers (`--tls-ca`), with the node's client certificate.
+    tls: OnceLock<Arc<Tls>>,
 }
 
 impl Identity {
@@ -252,6 +254,13 @@ impl Network {
     /// ignored.
     pub fn set_authorization(&self, authorization: HeaderValue) {
         let _ = self.identity.authorization.set(authorization);
+    }
+
+    /// Speaks TLS to every peer from now on (kv-http's [`Tls`]: verified
+    /// against `--tls-ca`, presenting the node's certificate). Set once,
+    /// before the groups start; a second call is ignored.
+    pub fn set_tls(&self, tls: Arc<Tls>) {
+        let _ = self.identity.tls.set(tls);
     }
 
     /// Which peers refuse this node as another cluster's (shared with the
@@ -427,7 +436,7 @@ impl Peer {
             .pop();
         let mut sender = match idle {
             Some(sender) if !sender.is_closed() => sender,
-            _ => connect(&self.addr, ttl).await?,
+            _ => connect(&self.addr, ttl, self.identity.tls.get()).await?,
         };
         let answer = exchange(
             &mut sender,
@@ -598,7 +607,7 @@ async fn send_batch(
     let body = wire::encode(rpcs).map_err(|error| CallError::Protocol(error.to_string()))?;
     let sender = match connection {
         Some(sender) if !sender.is_closed() => sender,
-        _ => connection.insert(connect(addr, ttl).await?),
+        _ => connection.insert(connect(addr, ttl, identity.tls.get()).await?),
     };
     let bytes = exchange(
         sender,
@@ -614,18 +623,22 @@ async fn send_batch(
         .map_err(|error| CallError::Protocol(format!("undecodable answer from {addr}: {error}")))
 }
 
-async fn connect(addr: &str, ttl: Duration) -> Result<SendRequest<Full<Bytes>>, CallError> {
+async fn connect(
+    addr: &str,
+    ttl: Duration,
+    tls: Option<&Arc<Tls>>,
+) -> Result<SendRequest<Full<Bytes>>, CallError> {
     let unreachable = |what: &str, error: &dyn std::fmt::Display| {
         CallError::Unreachable(format!("{what} {addr}: {error}"))
     };
-    let stream = tokio::time::timeout(ttl, TcpStream::connect(addr))
+    // TCP (no delay: small messages, votes and heartbeats, go at once) and
+    // the TLS handshake, if any, within the one bound.
+    let stream = tokio::time::timeout(ttl, Tls::connect(tls.map(|tls| &**tls), addr))
         .await
         .map_err(|_| {
             CallError::Unreachable(format!("connecting to {addr} timed out after {ttl:?}"))
         })?
         .map_err(|error| unreachable("cannot connect to", &error))?;
-    // Small messages (votes, heartbeats): send each at once.
-    let _ = stream.set_nodelay(true);
     let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .map_err(|error| unreachable("cannot talk HTTP to", &error))?;
