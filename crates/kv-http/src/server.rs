@@ -47,7 +47,7 @@ use crate::tls::ClientCert;
 pub const PROBE_RESERVE: usize = 16;
 /// The header timeout of a reserve connection: a probe sends its request at
 /// once, and the reserve must not be held by idle sockets.
-const PROBE_HEADER_TIMEOUT: Duration = Duration::from_secs(2);
+pub(crate) const PROBE_HEADER_TIMEOUT: Duration = Duration::from_secs(2);
 /// At most one "refused" warning per this long.
 const REFUSED_LOG_EVERY: Duration = Duration::from_secs(1);
 

@@ -27,6 +27,7 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 use crate::server::{
     drain, next_connection, serve_connection, Admission, ConnectionLimits, Reserve, Slot,
+    PROBE_HEADER_TIMEOUT,
 };
 use crate::tls::{Accepted, ClientCert, Tls};
 
@@ -195,7 +196,13 @@ async fn run_worker<W: Worker>(
             }
             Some(tls) => {
                 let tls = Arc::clone(tls);
-                let timeout = limits.header_timeout;
+                // A reserve connection's handshake is bounded as its request
+                // head is: the reserve must not be held by idle sockets.
+                let timeout = if slot.reserve().is_probe_only() {
+                    PROBE_HEADER_TIMEOUT.min(limits.header_timeout)
+                } else {
+                    limits.header_timeout
+                };
                 let back = shaken_sender.clone();
                 tokio::spawn(async move {
                     if let Accepted::Tls(stream, cert) = tls.accept(stream, timeout).await {
