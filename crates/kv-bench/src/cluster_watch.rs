@@ -33,6 +33,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
+use hyper::header::HeaderValue;
 use hyper::{Method, Uri};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use kv_cluster::{ClusterView, MemberState, MoveView, Phase};
@@ -87,11 +88,16 @@ impl NoAnswer {
 
 /// Runs the watch to its end, printing progress; the caller exits with
 /// [`WatchEnd::exit_code`] after printing the end's message.
-pub fn run(args: &ClusterWatchArgs) -> WatchEnd {
-    let first = match Endpoint::parse(&args.node) {
+///
+/// `authorization` (kv-bench's `--auth-token-file` / `KV_AUTH_TOKEN`) goes
+/// on every request, to `--node` and to the members learnt; `https://`
+/// endpoints use the TLS settings installed by [`crate::Config::install_tls`].
+pub fn run(args: &ClusterWatchArgs, authorization: Option<HeaderValue>) -> WatchEnd {
+    let mut first = match Endpoint::parse(&args.node) {
         Ok(endpoint) => endpoint,
         Err(why) => return WatchEnd::NoView(format!("--node: {why}")),
     };
+    first.authorization = authorization.clone();
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -100,6 +106,7 @@ pub fn run(args: &ClusterWatchArgs) -> WatchEnd {
         Err(error) => return WatchEnd::NoView(format!("cannot start the async runtime: {error}")),
     };
     let mut watch = Watch::new(first, args.min_version, Display::new());
+    watch.authorization = authorization;
     // `--every 0` would ask as fast as the node answers.
     let every = args.every.max(MIN_EVERY);
     runtime.block_on(watch.run(args.timeout, every))
@@ -119,6 +126,11 @@ struct Watch {
     /// (shard, move id) → the most bytes it reported.
     moved: BTreeMap<(u32, u64), u64>,
     display: Display,
+    /// Sent on every request (`Bearer <token>`).
+    authorization: Option<HeaderValue>,
+    /// The most moves a view counted: a node's counts start again from 0
+    /// once its state settles, so the summary says what the change took.
+    moves_seen: u64,
 }
 
 impl Watch {
@@ -130,6 +142,8 @@ impl Watch {
             newest: None,
             moved: BTreeMap::new(),
             display,
+            authorization: None,
+            moves_seen: 0,
         }
     }
 
@@ -192,7 +206,10 @@ impl Watch {
                 continue;
             }
             match Endpoint::parse(&member.addr) {
-                Ok(endpoint) => self.sources.push(endpoint),
+                Ok(mut endpoint) => {
+                    endpoint.authorization = self.authorization.clone();
+                    self.sources.push(endpoint)
+                }
                 Err(why) => log::debug!("member {}: {why}", member.id),
             }
         }
@@ -215,12 +232,13 @@ impl Watch {
             }
         }
         let moved = self.moved.values().sum();
+        self.moves_seen = self.moves_seen.max(view.moves.total);
         let end = (view.settled && view.version >= self.min_version).then(|| {
+            // Settled: every move seen is done.
+            let total = view.moves.total.max(self.moves_seen);
             WatchEnd::Settled(format!(
-                "version {}  settled: {}/{} moves done, {} moved, in {}",
+                "version {}  settled: {total}/{total} moves done, {} moved, in {}",
                 view.version,
-                view.moves.done,
-                view.moves.total,
                 megabytes(moved),
                 humantime::format_duration(Duration::from_millis(
                     started.elapsed().as_millis() as u64
@@ -453,6 +471,44 @@ impl Display {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn view(version: u64, settled: bool, total: u64, done: u64) -> ClusterView {
+        ClusterView {
+            cluster_id: kv_cluster::meta::ClusterId(7),
+            version,
+            node_id: 1,
+            meta_leader: Some(1),
+            shards: 8,
+            replicas: 3,
+            settled,
+            members: Vec::new(),
+            moves: kv_cluster::MoveCounts {
+                total,
+                done,
+                ..Default::default()
+            },
+            active: Vec::new(),
+        }
+    }
+
+    /// A real node's counts start again from 0 once it settles: the summary
+    /// still says how many moves the change took.
+    #[test]
+    fn the_summary_counts_the_moves_seen_before_the_counts_reset() {
+        let first = Endpoint::parse("127.0.0.1:1").expect("an address");
+        let mut watch = Watch::new(first, 5, Display::new());
+        let started = Instant::now();
+        assert!(watch.show(view(5, false, 3, 1), started).is_none());
+        match watch.show(view(8, true, 0, 0), started) {
+            Some(WatchEnd::Settled(summary)) => {
+                assert!(
+                    summary.starts_with("version 8  settled: 3/3 moves done"),
+                    "{summary}"
+                )
+            }
+            other => panic!("not settled: {other:?}"),
+        }
+    }
 
     #[test]
     fn text_bar_is_bounded() {

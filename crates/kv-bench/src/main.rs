@@ -11,7 +11,18 @@ fn main() -> ExitCode {
     let mut config = Config::parse();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     if let Some(Command::ClusterWatch(args)) = &config.command {
-        let end = kv_bench::cluster_watch::run(args);
+        let authorization = match config.authorization() {
+            Ok(authorization) => authorization,
+            Err(why) => {
+                eprintln!("kv-bench cluster-watch: {why}");
+                return ExitCode::from(2);
+            }
+        };
+        if let Err(why) = config.install_tls() {
+            eprintln!("kv-bench cluster-watch: {why}");
+            return ExitCode::from(2);
+        }
+        let end = kv_bench::cluster_watch::run(args, authorization);
         match &end {
             kv_bench::cluster_watch::WatchEnd::Settled(summary) => println!("{summary}"),
             kv_bench::cluster_watch::WatchEnd::TimedOut(why) => {
