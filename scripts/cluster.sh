@@ -8,7 +8,15 @@
 #                               on a running cluster, starts only what is missing
 #   scripts/cluster.sh status   what is running, and each server's health
 #   scripts/cluster.sh bench    kv-bench over 1, 2 and 3 nodes, then through the proxy
-#   scripts/cluster.sh down     stop what `up` started (by its pid files)
+#   scripts/cluster.sh add-node [ID]
+#                               start node ID (default: the next free id) on
+#                               BASE+ID with --join, and show the moves that give
+#                               it its share of the shards until the layout settles
+#   scripts/cluster.sh remove-node ID
+#                               DELETE /-/cluster/members/ID: its replicas move to
+#                               the others (progress shown until settled), then
+#                               the node exits by itself
+#   scripts/cluster.sh down     stop what `up` and add-node started (by their pid files)
 #
 # Data, logs and pid files live under ./data (KV_DATA to move it). KV_BASE_PORT
 # moves the ports (proxy on BASE, nodes on BASE+1..BASE+3; default 8080), and
@@ -51,15 +59,30 @@ kvcurl() {
   fi
 }
 PROXY_PORT=$BASE
-NODE_PORTS=($((BASE + 1)) $((BASE + 2)) $((BASE + 3)))
+# The founding members, ids 1-3, on BASE+1..BASE+3 (their --peers list).
+FOUNDING_PORTS=($((BASE + 1)) $((BASE + 2)) $((BASE + 3)))
+# The members this script runs: the founding ones that remove-node did not
+# take out (a removed node leaves a `removed` file in its data dir and is
+# refused a restart), and the ones add-node started (node id N on BASE+N),
+# found by their data dirs.
+NODE_PORTS=()
+for port in "${FOUNDING_PORTS[@]}" $(ls "$DATA" 2>/dev/null | sed -n 's/^node-\([0-9]*\)$/\1/p' | sort -n); do
+  [[ " ${NODE_PORTS[*]} " == *" $port "* ]] && continue
+  [ -e "$DATA/node-$port/removed" ] && continue
+  if [[ " ${FOUNDING_PORTS[*]} " != *" $port "* ]] && [ ! -e "$DATA/node-$port/cluster.json" ]; then
+    continue
+  fi
+  NODE_PORTS+=("$port")
+done
 # cargo builds into $CARGO_TARGET_DIR when it is set.
 BIN=${CARGO_TARGET_DIR:-target}/$PROFILE
 PIDS=$DATA/pids
 LOGS=$DATA/logs
 
 # --peers: node N (1-3) is 127.0.0.1:BASE+N.
-peer_list() { local IFS=,; local list=() i; for i in "${!NODE_PORTS[@]}"; do list+=("$((i + 1))=127.0.0.1:${NODE_PORTS[$i]}"); done; echo "${list[*]}"; }
+peer_list() { local IFS=,; local list=() p; for p in "${FOUNDING_PORTS[@]}"; do list+=("$((p - BASE))=127.0.0.1:$p"); done; echo "${list[*]}"; }
 node_list() { local IFS=,; local list=(); for p in "${NODE_PORTS[@]}"; do list+=("127.0.0.1:$p"); done; echo "${list[*]}"; }
+founding_list() { local IFS=,; local list=(); for p in "${FOUNDING_PORTS[@]}"; do list+=("127.0.0.1:$p"); done; echo "${list[*]}"; }
 
 # Is process $1 running? An exited child of a script that has gone is a
 # zombie until init reaps it (some inits take seconds): that counts as gone.
@@ -89,6 +112,20 @@ start() { # name port command...
   echo $! >"$PIDS/$name.pid"
   # Not this shell's job any more: the demo's kill -9 prints no "Killed".
   disown $!
+}
+
+# Starts the member on port $1 (node id $1 - BASE).
+start_node() {
+  local port=$1
+  if [[ " ${FOUNDING_PORTS[*]} " == *" $port "* ]]; then
+    start "node-$port" "$port" "$BIN/kv-node" --port "$port" --data-dir "$DATA/node-$port" \
+      --node-id $((port - BASE)) --peers "$(peer_list)" --replicas "$REPLICAS"
+  else
+    # A member add-node started: its data dir knows the cluster (--join is
+    # only used on a first start).
+    start "node-$port" "$port" "$BIN/kv-node" --port "$port" --data-dir "$DATA/node-$port" \
+      --node-id $((port - BASE)) --join "$(founding_list)"
+  fi
 }
 
 up() {
@@ -125,9 +162,7 @@ up() {
   # shard table (GET /-/shards) at its start.
   for name in "${missing[@]}"; do
     [ "$name" = proxy ] && continue
-    port=${name#node-}
-    start "$name" "$port" "$BIN/kv-node" --port "$port" --data-dir "$DATA/$name" \
-      --node-id $((port - BASE)) --peers "$(peer_list)" --replicas "$REPLICAS"
+    start_node "${name#node-}"
     echo "started $name"
   done
   for port in "${NODE_PORTS[@]}"; do
@@ -189,7 +224,7 @@ up() {
   echo
   # The failover demo kills a node: only on a cluster this `up` started
   # whole, never on one it repaired (whose nodes may be serving clients).
-  if [ "$REPLICAS" -ge 2 ] && [ ${#missing[@]} -eq $((${#NODE_PORTS[@]} + 1)) ]; then
+  if [ "$REPLICAS" -ge 2 ] && [ ${#NODE_PORTS[@]} -ge 3 ] && [ ${#missing[@]} -eq $((${#NODE_PORTS[@]} + 1)) ]; then
     demo_failover "$proxy"
   fi
   # Say the settings this cluster was started with, so `status` and `down`
@@ -227,8 +262,7 @@ demo_failover() {
     codes+=" $code"
   done
   echo "  PUT of each key with node-$victim dead:$codes"
-  start "node-$victim" "$victim" "$BIN/kv-node" --port "$victim" --data-dir "$DATA/node-$victim" \
-    --node-id $((victim - BASE)) --peers "$(peer_list)" --replicas "$REPLICAS"
+  start_node "$victim"
   wait_healthy "127.0.0.1:$victim" 30 || return 1
   # Its own copy (a stale read answers from the local replica) catches up.
   local last=${keys[-1]} deadline=$((SECONDS + 15)) seen
@@ -278,7 +312,12 @@ wait_leaders() {
 status() {
   local f name any=0
   mkdir -p "$PIDS"
-  for port in "${NODE_PORTS[@]}" proxy; do
+  local ports=("${NODE_PORTS[@]}") extra
+  # Nodes add-node started (pid files beyond the three base ports).
+  for extra in $(ls "$PIDS" 2>/dev/null | sed -n 's/^node-\([0-9]*\)\.pid$/\1/p' | sort -n); do
+    [[ " ${ports[*]} " == *" $extra "* ]] || ports+=("$extra")
+  done
+  for port in "${ports[@]}" proxy; do
     name=node-$port
     [ "$port" = proxy ] && name=proxy
     f=$PIDS/$name.pid
@@ -326,6 +365,105 @@ stop_all() {
   done
 }
 
+# The first base node that answers: the seed add-node and remove-node ask.
+seed_port() {
+  local port
+  for port in "${NODE_PORTS[@]}" $(ls "$PIDS" 2>/dev/null | sed -n 's/^node-\([0-9]*\)\.pid$/\1/p'); do
+    if kvcurl -fsS -o /dev/null --max-time 1 "$KV_SCHEME://127.0.0.1:$port/-/cluster" 2>/dev/null; then
+      echo "$port"
+      return 0
+    fi
+  done
+  echo "error: no node of the cluster answers GET /-/cluster (start it with scripts/cluster.sh up)" >&2
+  return 1
+}
+
+# The placement version of node $1's GET /-/cluster (its first "version").
+cluster_version() {
+  kvcurl -fsS --max-time 2 "$KV_SCHEME://127.0.0.1:$1/-/cluster" | grep -o '"version":[0-9]*' | head -n 1 | cut -d: -f2
+}
+
+# Follows the layout from node $1 until it settles at version $2 or newer:
+# kv-bench cluster-watch draws the progress bar (a line per change when
+# the output is not a terminal).
+watch_layout() {
+  local port=$1 version=$2
+  local watch=("$BIN/kv-bench" cluster-watch --node "$KV_SCHEME://127.0.0.1:$port" --min-version "$version"
+    --timeout "${KV_WATCH_TIMEOUT:-30m}")
+  "${watch[@]}"
+}
+
+add_node() {
+  mkdir -p "$PIDS" "$LOGS"
+  local seed id port version view
+  seed=$(seed_port) || exit 1
+  view=$(kvcurl -fsS --max-time 2 "$KV_SCHEME://127.0.0.1:$seed/-/cluster")
+  if [ -n "${1:-}" ]; then
+    id=$1
+    [[ $id =~ ^[1-9][0-9]*$ ]] || { echo "error: the node id must be a positive integer, not '$id'" >&2; exit 2; }
+  else
+    # Ids are never reused: one past the highest ever used, removed ones included.
+    id=$(grep -o '"id":[0-9]*' <<<"$view" | cut -d: -f2 | sort -n | tail -n 1)
+    id=$((id + 1))
+  fi
+  port=$((BASE + id))
+  if alive "$PIDS/node-$port.pid"; then
+    echo "node-$port (id $id) is already running" >&2
+    exit 1
+  fi
+  if port_in_use "$port"; then
+    echo "error: port $port (node id $id is served on KV_BASE_PORT + id) is in use by another program" >&2
+    exit 1
+  fi
+  local flags=(--bin kv-node --bin kv-bench)
+  [ "$PROFILE" = release ] && flags+=(--release)
+  cargo build "${flags[@]}"
+  version=$(cluster_version "$seed")
+  start "node-$port" "$port" "$BIN/kv-node" --port "$port" --data-dir "$DATA/node-$port" \
+    --node-id "$id" --join "127.0.0.1:$seed"
+  echo "started node-$port (id $id), joining through 127.0.0.1:$seed; its log: $LOGS/node-$port.log"
+  wait_node "$port" 60 || exit 1
+  # The join is a change once the seed applied it: version + 1 or newer.
+  watch_layout "$seed" $((version + 1))
+  echo "node $id serves on $KV_SCHEME://127.0.0.1:$port; proxies and kv-bench find it by themselves"
+}
+
+remove_node() {
+  local id=${1:-} seed answer version port
+  [[ $id =~ ^[1-9][0-9]*$ ]] || { echo "usage: $0 remove-node ID (a member id, as GET /-/cluster lists them)" >&2; exit 2; }
+  port=$((BASE + id))
+  # Ask a node other than the one leaving.
+  local saved=("${NODE_PORTS[@]}")
+  NODE_PORTS=()
+  for p in "${saved[@]}"; do [ "$p" = "$port" ] || NODE_PORTS+=("$p"); done
+  seed=$(seed_port) || exit 1
+  NODE_PORTS=("${saved[@]}")
+  answer=$(kvcurl -sS --max-time 10 -w '\n%{http_code}' -X DELETE "$KV_SCHEME://127.0.0.1:$seed/-/cluster/members/$id")
+  local code=${answer##*$'\n'} body=${answer%$'\n'*}
+  case "$code" in
+    200|202) echo "node $id is leaving: $body" ;;
+    *) echo "error: removing node $id was refused ($code): $body" >&2; exit 1 ;;
+  esac
+  version=$(grep -o '"version":[0-9]*' <<<"$body" | head -n 1 | cut -d: -f2)
+  [ -x "$BIN/kv-bench" ] || cargo build $([ "$PROFILE" = release ] && echo --release) --bin kv-bench
+  watch_layout "$seed" "${version:-0}"
+  # The node exits by itself once it applied its removal.
+  if [ -f "$PIDS/node-$port.pid" ]; then
+    local pid deadline=$((SECONDS + 30))
+    pid=$(cat "$PIDS/node-$port.pid")
+    while running "$pid"; do
+      if [ $SECONDS -ge $deadline ]; then
+        echo "warning: node-$port (pid $pid) has not exited 30 s after the layout settled; see $LOGS/node-$port.log" >&2
+        return 0
+      fi
+      sleep 0.1
+    done
+    rm -f "$PIDS/node-$port.pid"
+    echo "node-$port exited: $(grep -o 'node [0-9]* was removed.*' "$LOGS/node-$port.log" | tail -n 1)"
+  fi
+  echo "its data dir $DATA/node-$port is no longer needed (a restart on it is refused): remove it when you like"
+}
+
 bench() {
   [ -x "$BIN/kv-bench" ] || cargo build -q $([ "$PROFILE" = release ] && echo --release) --bin kv-bench
   "$BIN/kv-bench" --nodes 3 --base-port "${NODE_PORTS[0]}" "$@"
@@ -337,5 +475,7 @@ case "${1:-up}" in
   down) down ;;
   status) status ;;
   bench) shift; bench "$@" ;;
-  *) echo "usage: $0 up|status|bench|down" >&2; exit 2 ;;
+  add-node) shift; add_node "$@" ;;
+  remove-node) shift; remove_node "$@" ;;
+  *) echo "usage: $0 up|status|bench|add-node [ID]|remove-node ID|down" >&2; exit 2 ;;
 esac

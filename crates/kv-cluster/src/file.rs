@@ -394,7 +394,7 @@ pub enum Difference {
         whose: Whose,
     },
     /// Other members.
-    #[error("--peers differs from the members {whose} was created with ({}); start with --peers {} (changing members is not supported yet)", describe_members(stored, given), format_peers(stored))]
+    #[error("--peers differs from the members {whose} was created with ({}); start with --peers {} (members change through POST and DELETE /-/cluster/members, not --peers)", describe_members(stored, given), format_peers(stored))]
     Members {
         /// In the file.
         stored: BTreeMap<u64, String>,
