@@ -409,8 +409,13 @@ async fn refuse_plaintext(stream: &mut TcpStream) {
 
 /// Reloads `tls` on every SIGHUP, logging the outcome. The handler is
 /// installed by this call (before the future is polled), so a SIGHUP after
-/// it no longer ends the process. Spawn the future.
-pub fn reload_on_sighup(tls: Arc<Tls>) -> impl std::future::Future<Output = ()> + Send + 'static {
+/// it no longer ends the process. Spawn the future. Without TLS (`None`)
+/// the handler is installed all the same: a `kill -HUP` sent to every kv
+/// process of a deployment (the way certificates are reloaded) must not
+/// stop the ones that serve plain HTTP; it is logged and ignored.
+pub fn reload_on_sighup(
+    tls: Option<Arc<Tls>>,
+) -> impl std::future::Future<Output = ()> + Send + 'static {
     use tokio::signal::unix::{signal, SignalKind};
     let hangups = signal(SignalKind::hangup());
     async move {
@@ -422,6 +427,10 @@ pub fn reload_on_sighup(tls: Arc<Tls>) -> impl std::future::Future<Output = ()> 
             }
         };
         while hangups.recv().await.is_some() {
+            let Some(tls) = &tls else {
+                log::info!("SIGHUP: no TLS certificates to reload (no --tls-cert or --tls-ca)");
+                continue;
+            };
             match tls.reload() {
                 Ok(()) => log::info!("SIGHUP: TLS certificates reloaded ({})", tls.describe()),
                 Err(error) => log::error!(

@@ -53,9 +53,7 @@ pub async fn run(
         .resolve(config.bind, "kv-node")
         .map_err(io::Error::other)?;
     let tls = config.tls.load().map_err(io::Error::other)?;
-    if let Some(tls) = &tls {
-        tokio::spawn(kv_http::tls::reload_on_sighup(Arc::clone(tls)));
-    }
+    tokio::spawn(kv_http::tls::reload_on_sighup(tls.clone()));
     survive_file_size_limit();
     if !config.cluster_mode() {
         cluster::start::check_standalone(&data_dir)?;

@@ -4,7 +4,8 @@
 //! left hanging; a 3-node replicated cluster over mutual TLS (a write on
 //! one node read on another, a proxy in front), node-to-node paths refused
 //! without a client certificate from the CA; and SIGHUP serving a new
-//! certificate while an open keep-alive connection keeps working.
+//! certificate while an open keep-alive connection keeps working; SIGHUP
+//! on a node without TLS logged and ignored, not fatal.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::SocketAddr;
@@ -449,4 +450,33 @@ fn sighup_serves_a_new_certificate_and_keeps_open_connections() {
     );
     let after = rt.block_on(open(&trusting, node.addr)).unwrap();
     assert_eq!(after.leaf, second.der, "the previous certificate is kept");
+}
+
+/// A `kill -HUP` sent to every kv process (how certificates are reloaded)
+/// must not stop one that serves plain HTTP: it logs that there is nothing
+/// to reload and keeps serving. Before, only a TLS node installed the
+/// handler, and a plain one died of the signal's default action.
+#[test]
+fn sighup_on_a_node_without_tls_is_logged_and_ignored() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut node = standalone(dir.path(), &[]);
+    let put = send(node.addr, "PUT", "/hup", &[], Some(r#"{"value": 1}"#)).unwrap();
+    assert_eq!(put.status, 200, "{}", put.text());
+    node.hangup();
+    assert!(
+        node.log_shows("SIGHUP: no TLS certificates to reload"),
+        "{}",
+        node.log()
+    );
+    assert_eq!(
+        node.try_exit_code(),
+        None,
+        "the node exited: {}",
+        node.log()
+    );
+    let get = send(node.addr, "GET", "/hup", &[], None).unwrap();
+    assert_eq!(
+        (get.status, get.text()),
+        (200, "{\"value\":1}\n".to_owned())
+    );
 }

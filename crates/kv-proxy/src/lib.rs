@@ -68,8 +68,8 @@ pub async fn run(
     let tls = config.tls.load().map_err(|e| invalid(e.to_string()))?;
     if let Some(tls) = &tls {
         node_auth::set_tls(Arc::clone(tls));
-        tokio::spawn(kv_http::tls::reload_on_sighup(Arc::clone(tls)));
     }
+    tokio::spawn(kv_http::tls::reload_on_sighup(tls.clone()));
     // Replicated nodes answer /-/shards; standalone ones 404 (ring mode).
     // In cluster mode `--nodes` are seeds: the members come from the
     // answers, each with its own health checker (`cluster::Cluster`).
