@@ -401,6 +401,23 @@ impl ClusterNode {
                     "shard {shard}: move {move_id}: snapshot and purge the log through {through} \
                      before adding the learner"
                 );
+                // A snapshot that already covers `through` was built by an
+                // earlier round whose purge openraft has not done yet (it
+                // waits while a follower, perhaps a down one, still
+                // replicates those entries): ask again for the same purge,
+                // which openraft treats as already scheduled. A new snapshot
+                // now would make openraft schedule its own purge (snapshot
+                // minus `max_in_snapshot_log_to_keep`) below the pending
+                // one, which trips its `update_purge_upto` debug assertion
+                // and kills the group's Raft core in debug builds.
+                let built = raft.metrics().borrow_watched().snapshot.map(|s| s.index);
+                if let Some(index) = built.filter(|index| *index >= through) {
+                    raft.trigger()
+                        .purge_log(index)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    return Ok(());
+                }
                 // A new index first, so the snapshot is a new generation.
                 raft.client_write(Command::Delete {
                     key: NO_OP_KEY.to_owned(),
