@@ -19,7 +19,7 @@ use kv_cluster::{
 };
 use kv_testkit::cluster::{free_ports, send, wait_until, BOUND};
 use kv_testkit::{binary, Cluster, ClusterOpts, Process};
-use support::membership::{join_args, view, wait_agreed};
+use support::membership::{get, join_args, retried, view, wait_agreed, RETRIES};
 
 fn put(addr: SocketAddr, key: &str, value: u64) -> u16 {
     let body = format!(r#"{{"value": {value}}}"#);
@@ -27,32 +27,6 @@ fn put(addr: SocketAddr, key: &str, value: u64) -> u16 {
         .map(|r| r.status)
         .unwrap_or(0)
 }
-
-fn get(addr: SocketAddr, key: &str) -> (u16, String) {
-    send(addr, "GET", &format!("/{key}"), &[], None)
-        .map(|r| (r.status, r.text()))
-        .unwrap_or((0, String::new()))
-}
-
-/// Sends until the answer is not a safe-to-retry one (as kv-proxy's safe
-/// retries: 503 and 421 were not proposed; a PUT that got 504, or no answer
-/// within the client's 10 s, is sent again, as a client that must know
-/// does, the value being the same), for at most `BOUND`; returns the last
-/// status.
-fn retried(mut attempt: impl FnMut() -> u16) -> u16 {
-    let deadline = std::time::Instant::now() + BOUND;
-    loop {
-        let status = attempt();
-        if !matches!(status, 0 | 503 | 504 | 421) || std::time::Instant::now() >= deadline {
-            return status;
-        }
-        RETRIES.fetch_add(1, Ordering::Relaxed);
-    }
-}
-
-/// Answers [`retried`] sent again (reported, not asserted: how often depends
-/// on the machine's load).
-static RETRIES: AtomicU64 = AtomicU64::new(0);
 
 /// A client writing and reading back keys through each of `addrs` in turn
 /// until stopped; every write must be acknowledged and read back, through

@@ -27,7 +27,7 @@ use std::time::Duration;
 use kv_cluster::{placement_over, replicas_to_move, ClusterView, MemberState, ShardsView};
 use kv_testkit::cluster::{free_ports, send, wait_until, BOUND};
 use kv_testkit::{binary, Cluster, ClusterOpts};
-use support::membership::{join, view, wait_agreed};
+use support::membership::{get, join, retried, view, wait_agreed};
 
 const SHARDS: u32 = 8;
 /// A whole rebalance (several moves, each a snapshot, a catch-up and two
@@ -39,26 +39,6 @@ fn put(addr: SocketAddr, key: &str, value: &str) -> u16 {
     send(addr, "PUT", &format!("/{key}"), &[], Some(&body))
         .map(|r| r.status)
         .unwrap_or(0)
-}
-
-fn get(addr: SocketAddr, key: &str) -> (u16, String) {
-    send(addr, "GET", &format!("/{key}"), &[], None)
-        .map(|r| (r.status, r.text()))
-        .unwrap_or((0, String::new()))
-}
-
-/// Sends until the answer is not a safe-to-retry one (503 and 421 were not
-/// proposed; a PUT that got 504 or no answer is sent again with the same
-/// value), for at most `BOUND`; returns the last status.
-fn retried(mut attempt: impl FnMut() -> u16) -> u16 {
-    let deadline = std::time::Instant::now() + BOUND;
-    loop {
-        let status = attempt();
-        if !matches!(status, 0 | 503 | 504 | 421) || std::time::Instant::now() >= deadline {
-            return status;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 /// Writes `count` keys of `size`-byte values through `addrs` in turn.

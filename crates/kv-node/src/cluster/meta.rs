@@ -400,20 +400,7 @@ impl ClusterNode {
                 .collect();
             // Heard from within the leader lease: a move into any other
             // member would hold a slot of the throttle copying to nobody.
-            let mut live: BTreeSet<NodeId> = m
-                .heartbeat
-                .as_ref()
-                .map(|heartbeat| {
-                    heartbeat
-                        .iter()
-                        .filter(|(_, at)| {
-                            at.as_ref()
-                                .is_some_and(|at| openraft::Instant::elapsed(&**at) < lease)
-                        })
-                        .map(|(id, _)| *id)
-                        .collect()
-                })
-                .unwrap_or_default();
+            let mut live = super::moves::heard_within(&m, lease);
             live.insert(me);
             let membership = m.membership_config.membership();
             MetaObserved {

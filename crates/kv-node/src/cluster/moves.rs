@@ -140,6 +140,27 @@ struct Observed {
     nodes: BTreeMap<NodeId, BasicNode>,
 }
 
+/// The targets a leader heard from (an acknowledged heartbeat) within
+/// `lease`; empty on a node that does not lead.
+pub(crate) fn heard_within(
+    m: &openraft::RaftMetrics<kv_raft::KvRaft>,
+    lease: Duration,
+) -> BTreeSet<NodeId> {
+    m.heartbeat
+        .as_ref()
+        .map(|heartbeat| {
+            heartbeat
+                .iter()
+                .filter(|(_, at)| {
+                    at.as_ref()
+                        .is_some_and(|at| openraft::Instant::elapsed(&**at) < lease)
+                })
+                .map(|(id, _)| *id)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 fn observe(hosted: &Hosted, lease: Duration) -> Observed {
     let metrics = hosted.raft.metrics();
     let m = metrics.borrow_watched();
@@ -156,19 +177,7 @@ fn observe(hosted: &Hosted, lease: Duration) -> Observed {
                 .collect()
         })
         .unwrap_or_default();
-    let live = m
-        .heartbeat
-        .as_ref()
-        .map(|h| {
-            h.iter()
-                .filter(|(_, at)| {
-                    at.as_ref()
-                        .is_some_and(|at| openraft::Instant::elapsed(&**at) < lease)
-                })
-                .map(|(id, _)| *id)
-                .collect()
-        })
-        .unwrap_or_default();
+    let live = heard_within(&m, lease);
     Observed {
         membership: GroupMembership {
             log_index: index.unwrap_or(0),

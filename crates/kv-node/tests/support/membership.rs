@@ -1,5 +1,6 @@
 //! Shared by the `membership_*` tests: reading `GET /-/cluster`, waiting
-//! until nodes agree on the members, and starting a node with `--join`.
+//! until nodes agree on the members, starting a node with `--join`, and
+//! reads and retried writes of single keys.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -71,3 +72,31 @@ pub fn join(id: u64, port: u16, data: &Path, seeds: &str) -> Process {
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     Process::spawn(&binary("kv-node"), &args)
 }
+
+/// `GET /<key>` on `addr`: status (0 for no answer) and body.
+pub fn get(addr: SocketAddr, key: &str) -> (u16, String) {
+    send(addr, "GET", &format!("/{key}"), &[], None)
+        .map(|r| (r.status, r.text()))
+        .unwrap_or((0, String::new()))
+}
+
+/// Sends until the answer is not a safe-to-retry one (as kv-proxy's safe
+/// retries: 503 and 421 were not proposed; a PUT that got 504, or no answer
+/// within the client's 10 s, is sent again, as a client that must know
+/// does, the value being the same), for at most `BOUND`; returns the last
+/// status.
+pub fn retried(mut attempt: impl FnMut() -> u16) -> u16 {
+    let deadline = std::time::Instant::now() + BOUND;
+    loop {
+        let status = attempt();
+        if !matches!(status, 0 | 503 | 504 | 421) || std::time::Instant::now() >= deadline {
+            return status;
+        }
+        RETRIES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// Answers [`retried`] sent again (reported, not asserted: how often depends
+/// on the machine's load).
+pub static RETRIES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
