@@ -45,20 +45,7 @@ fn one_seed_finds_every_member_and_a_member_that_joins_mid_run_is_routed_to() {
         // After 300 key requests node 4 joins and leads shards 0-3.
         s.join_after = Some((300, 4, vec![0, 1, 2, 3]));
     });
-    let dir = tempfile::tempdir().unwrap();
-    let history = dir.path().join("h.jsonl");
-    let json = dir.path().join("runs.jsonl");
-    let seed = fake.addrs[1].to_string();
-    let output = Command::new(binary("kv-bench"))
-        .args(args(
-            &seed,
-            history.to_str().unwrap(),
-            json.to_str().unwrap(),
-            "2000",
-        ))
-        .env("RUST_LOG", "kv_bench=info")
-        .output()
-        .unwrap();
+    let (_dir, history, json, output) = run_2000(&fake.addrs[1].to_string());
     assert!(output.status.success(), "{}", explain(&output));
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(stdout.contains("cluster of 3"), "{stdout}");
@@ -119,20 +106,7 @@ fn one_absurd_placement_version_does_not_pin_the_runs_members() {
         s.lagging_views.insert(2, 1);
         s.join_after = Some((300, 4, vec![0, 1, 2, 3]));
     });
-    let dir = tempfile::tempdir().unwrap();
-    let history = dir.path().join("h.jsonl");
-    let json = dir.path().join("runs.jsonl");
-    let seeds = fake.node_list();
-    let output = Command::new(binary("kv-bench"))
-        .args(args(
-            &seeds,
-            history.to_str().unwrap(),
-            json.to_str().unwrap(),
-            "2000",
-        ))
-        .env("RUST_LOG", "kv_bench=info")
-        .output()
-        .unwrap();
+    let (_dir, _history, json, output) = run_2000(&fake.node_list());
     assert!(output.status.success(), "{}", explain(&output));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
@@ -146,4 +120,30 @@ fn one_absurd_placement_version_does_not_pin_the_runs_members() {
     let report = &lines(&json)[0];
     assert_eq!(report["errors_total"], 0, "{report}");
     assert!(fake.get(|s| s.seen.iter().filter(|seen| seen.node == 4).count()) > 0);
+}
+
+/// 2,000 requests from kv-bench seeded with `seeds`, recording its history
+/// and JSON report in a temporary directory (kept alive by the first value).
+fn run_2000(
+    seeds: &str,
+) -> (
+    tempfile::TempDir,
+    std::path::PathBuf,
+    std::path::PathBuf,
+    std::process::Output,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let history = dir.path().join("h.jsonl");
+    let json = dir.path().join("runs.jsonl");
+    let output = Command::new(binary("kv-bench"))
+        .args(args(
+            seeds,
+            history.to_str().unwrap(),
+            json.to_str().unwrap(),
+            "2000",
+        ))
+        .env("RUST_LOG", "kv_bench=info")
+        .output()
+        .unwrap();
+    (dir, history, json, output)
 }
