@@ -55,12 +55,12 @@ pub async fn run(
     let tls = config.tls.load().map_err(io::Error::other)?;
     tokio::spawn(kv_http::tls::reload_on_sighup(tls.clone()));
     survive_file_size_limit();
+    // A node removed from its cluster never serves from its data dir again,
+    // whatever the flags (checked first: without --peers the refusal would
+    // otherwise be about the missing flag).
+    cluster::moves::check_not_removed(&data_dir)?;
     if !config.cluster_mode() {
         cluster::start::check_standalone(&data_dir)?;
-    }
-    if config.cluster_mode() {
-        // A node removed from its cluster never serves from its data dir again.
-        cluster::moves::check_not_removed(&data_dir)?;
     }
     let store = Arc::new(open_store(&config, &data_dir).await?);
     let cluster = if config.cluster_mode() {

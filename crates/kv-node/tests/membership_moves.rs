@@ -361,6 +361,16 @@ fn a_node_added_then_a_node_removed_move_replicas_and_the_removed_node_exits() {
     assert_eq!(output.status.code(), Some(2), "{output:?}");
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("was removed from the cluster"), "{stderr}");
+    // Without the cluster flags too, and for that reason (not the missing
+    // --peers).
+    let data = cluster.data_dir(2);
+    let output = std::process::Command::new(binary("kv-node"))
+        .args(["--port", "0", "--data-dir", data.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2), "{output:?}");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("was removed from the cluster"), "{stderr}");
 }
 
 #[test]
