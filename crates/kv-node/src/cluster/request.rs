@@ -10,6 +10,9 @@
 //!   leader *after* the read arrived) serves every read that arrived before
 //!   it started, then each waits for its replica to apply up to the read
 //!   index. A deposed leader cannot be confirmed and never answers stale.
+//!   With `--read-policy lease` a confirmation may reuse a quorum
+//!   acknowledgement younger than the leader lease instead of a new round
+//!   (openraft refuses votes while that lease holds).
 //! * **Stale reads** (`X-Kv-Consistency: stale`) answer from the local
 //!   replica with `X-Kv-Applied-Index`.
 //! * **Not leader**: with `X-Kv-Route: direct`, or on a request already
