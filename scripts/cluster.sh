@@ -170,7 +170,9 @@ up() {
   done
   if ! wait_leaders 30; then
     echo "see the logs in $LOGS" >&2
-    down
+    # Tear down only what this `up` started whole; a cluster it repaired
+    # keeps serving with the members that were running.
+    [ ${#missing[@]} -eq $((${#NODE_PORTS[@]} + 1)) ] && down
     exit 1
   fi
   if [[ " ${missing[*]} " == *" proxy "* ]]; then
@@ -293,15 +295,16 @@ wait_node() {
   done
 }
 
-# Waits (up to $1 seconds) until every node's GET /-/shards names a
-# leader for every shard: elections after a start take a moment.
+# Waits (up to $1 seconds) until every node's GET /-/ready is 200: each
+# shard it hosts has a leader with a quorum (elections after a start take a
+# moment). Not "/-/shards names a leader for every shard": once add-node
+# has run, a node hosts only its share and knows no leader for the rest.
 wait_leaders() {
-  local deadline=$((SECONDS + $1)) port view
+  local deadline=$((SECONDS + $1)) port
   for port in "${NODE_PORTS[@]}"; do
-    until view=$(kvcurl -fsS --max-time 1 "$KV_SCHEME://127.0.0.1:$port/-/shards" 2>/dev/null) &&
-      [[ $view != *'"leader":null'* ]]; do
+    until kvcurl -fsS -o /dev/null --max-time 1 "$KV_SCHEME://127.0.0.1:$port/-/ready" 2>/dev/null; do
       if [ $SECONDS -ge $deadline ]; then
-        echo "error: node on port $port does not see a leader for every shard yet" >&2
+        echo "error: node on port $port is not ready (a shard it hosts has no leader with a quorum): $(kvcurl -s --max-time 1 "$KV_SCHEME://127.0.0.1:$port/-/ready" | head -c 300)" >&2
         return 1
       fi
       sleep 0.05
