@@ -18,68 +18,20 @@
 
 mod support;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
-use kv_cluster::{placement_over, replicas_to_move, ClusterView, MemberState, ShardsView};
+use kv_cluster::{placement_over, replicas_to_move, MemberState};
 use kv_testkit::cluster::{free_ports, send, wait_until, BOUND};
 use kv_testkit::{binary, Cluster, ClusterOpts};
-use support::membership::{get, join, retried, view, wait_agreed};
+use support::membership::{
+    assert_placed, assert_readable, digest, join, metric, put, retried, view, wait_agreed,
+    wait_settled, write_keys,
+};
 
 const SHARDS: u32 = 8;
-/// A whole rebalance (several moves, each a snapshot, a catch-up and two
-/// membership changes) on a shared 2-core machine running debug builds.
-const SETTLE: Duration = Duration::from_secs(120);
-
-fn put(addr: SocketAddr, key: &str, value: &str) -> u16 {
-    let body = format!(r#"{{"value": "{value}"}}"#);
-    send(addr, "PUT", &format!("/{key}"), &[], Some(&body))
-        .map(|r| r.status)
-        .unwrap_or(0)
-}
-
-/// Writes `count` keys of `size`-byte values through `addrs` in turn.
-fn write_keys(
-    addrs: &[SocketAddr],
-    prefix: &str,
-    count: usize,
-    size: usize,
-) -> Vec<(String, String)> {
-    (0..count)
-        .map(|n| {
-            let key = format!("{prefix}-{n}");
-            let value = format!("{n:0size$}");
-            let addr = addrs[n % addrs.len()];
-            assert_eq!(
-                retried(|| put(addr, &key, &value)),
-                200,
-                "PUT {key} via {addr}"
-            );
-            (key, value)
-        })
-        .collect()
-}
-
-/// Every key reads back its value through every node of `addrs`.
-fn assert_readable(addrs: &[SocketAddr], keys: &[(String, String)]) {
-    for addr in addrs {
-        for (key, value) in keys {
-            let mut got = (0, String::new());
-            retried(|| {
-                got = get(*addr, key);
-                got.0
-            });
-            assert_eq!(
-                got,
-                (200, format!("{{\"value\":\"{value}\"}}\n")),
-                "GET {key} via {addr}"
-            );
-        }
-    }
-}
 
 /// What a [`Writer`] did: writes sent, each key's last acknowledged value,
 /// and the writes that were not acknowledged.
@@ -127,126 +79,6 @@ impl Writer {
             "writes not acknowledged: {failures:#?}"
         );
         (n, last)
-    }
-}
-
-/// Waits until every node of `addrs` shows one settled state (no open
-/// move, every member active or removed) at one version whose non-removed
-/// members are `ids`; returns it.
-fn wait_settled(addrs: &[SocketAddr], ids: &[u64], logs: &dyn Fn() -> String) -> ClusterView {
-    let mut last = None;
-    let mut seen = String::new();
-    let deadline = std::time::Instant::now() + SETTLE;
-    loop {
-        let views: Option<Vec<ClusterView>> = addrs.iter().map(|a| view(*a)).collect();
-        if let Some(views) = views {
-            let first = &views[0];
-            seen = format!(
-                "versions {:?}, moves {:?}",
-                views.iter().map(|v| v.version).collect::<Vec<_>>(),
-                first.moves
-            );
-            let settled = views.iter().all(|v| {
-                v.version == first.version
-                    && v.settled
-                    && v.members
-                        .iter()
-                        .filter(|m| m.state != MemberState::Removed)
-                        .map(|m| m.id)
-                        .collect::<Vec<_>>()
-                        == ids
-            });
-            if settled {
-                last = Some(first.clone());
-            }
-        }
-        if last.is_some() {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "nodes {addrs:?} did not settle with members {ids:?} within {SETTLE:?} ({seen})\n{}",
-            logs()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    last.expect("a view")
-}
-
-fn shards_view(addr: SocketAddr) -> ShardsView {
-    let response = send(addr, "GET", "/-/shards", &[], None).expect("GET /-/shards");
-    assert_eq!(response.status, 200, "{}", response.text());
-    ShardsView::parse(&response.body).expect("a shards view")
-}
-
-fn digest(addr: SocketAddr, shard: u32) -> Option<serde_json::Value> {
-    let response = send(addr, "GET", &format!("/-/shards/{shard}/digest"), &[], None).ok()?;
-    assert_eq!(response.status, 200, "{}", response.text());
-    let json: serde_json::Value = serde_json::from_slice(&response.body).expect("JSON");
-    // `{"shard": s, "hosted": false}` when this node holds no replica.
-    json.get("keys").is_some().then_some(json)
-}
-
-/// The value of `name` (summed over its series) in node `addr`'s metrics.
-fn metric(addr: SocketAddr, name: &str) -> u64 {
-    let response = send(addr, "GET", "/-/metrics", &[], None).expect("GET /-/metrics");
-    response
-        .text()
-        .lines()
-        .filter(|line| {
-            line.strip_prefix(name)
-                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
-        })
-        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum::<f64>() as u64
-}
-
-/// Each node in `nodes` (id, address) hosts exactly the shards `placement`
-/// puts on it; every shard's group has exactly those voters, the same
-/// leader everywhere, and the same keys and digest on every replica (once
-/// followers applied what the leader did: waited for, bounded); a node not
-/// placed has dropped its replica (no digest).
-fn assert_placed(nodes: &[(u64, SocketAddr)], placement: &[Vec<u64>]) {
-    for shard in 0..SHARDS {
-        let placed: BTreeSet<u64> = placement[shard as usize].iter().copied().collect();
-        let mut digests = Vec::new();
-        let mut agree = || {
-            digests = nodes
-                .iter()
-                .filter_map(|(id, addr)| {
-                    let digest = digest(*addr, shard)?;
-                    Some((*id, digest["keys"].clone(), digest["digest"].clone()))
-                })
-                .collect::<Vec<_>>();
-            digests
-                .windows(2)
-                .all(|w| (&w[0].1, &w[0].2) == (&w[1].1, &w[1].2))
-        };
-        let deadline = std::time::Instant::now() + BOUND;
-        while !agree() && std::time::Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        assert!(agree(), "shard {shard}: replicas differ: {digests:?}");
-        for (id, addr) in nodes {
-            let group = shards_view(*addr).groups[shard as usize].clone();
-            let replicas: BTreeSet<u64> = group.replicas.iter().copied().collect();
-            assert_eq!(replicas, placed, "shard {shard} on node {id}: {group:?}");
-            assert_eq!(
-                group.hosted,
-                placed.contains(id),
-                "shard {shard} on node {id}"
-            );
-            assert_eq!(
-                digest(*addr, shard).is_some(),
-                placed.contains(id),
-                "shard {shard} on node {id}: a replica {}",
-                if placed.contains(id) {
-                    "is missing"
-                } else {
-                    "was not dropped"
-                }
-            );
-        }
     }
 }
 

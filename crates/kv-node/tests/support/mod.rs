@@ -59,6 +59,7 @@ impl History {
             id: self.next_client.fetch_add(1, Ordering::SeqCst),
             history: self.clone(),
             headers: Vec::new(),
+            last_status: 0,
         }
     }
 
@@ -125,6 +126,9 @@ pub struct Client {
     id: u64,
     history: Arc<History>,
     headers: Vec<(String, String)>,
+    /// The status of the last answer (0: none came), to tell a 504 from a
+    /// broken connection among [`Answer::Unknown`]s.
+    pub last_status: u16,
 }
 
 impl Client {
@@ -142,6 +146,7 @@ impl Client {
         let invoke = now_ns();
         let response = send(addr, method, &format!("/{key}"), &headers, body.as_deref());
         let ret = now_ns();
+        self.last_status = response.as_ref().map_or(0, |r| r.status);
         let answer = match response {
             Err(_) => match input {
                 // A read that got no answer changed nothing.
