@@ -336,6 +336,11 @@ impl Cluster {
         self.proxy.as_ref().map(|p| p.addr)
     }
 
+    /// The proxy's log so far (empty when none was started).
+    pub fn proxy_log(&self) -> String {
+        self.proxy.as_ref().map(Process::log).unwrap_or_default()
+    }
+
     /// The ids of the running nodes.
     pub fn running(&self) -> Vec<u64> {
         self.nodes

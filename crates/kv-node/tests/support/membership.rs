@@ -109,6 +109,7 @@ pub fn retried(mut attempt: impl FnMut() -> u16) -> u16 {
 /// on the machine's load).
 pub static RETRIES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
+/// `PUT /<key>` of a string value on `addr`: the status (0 for no answer).
 pub fn put(addr: SocketAddr, key: &str, value: &str) -> u16 {
     let body = format!(r#"{{"value": "{value}"}}"#);
     send(addr, "PUT", &format!("/{key}"), &[], Some(&body))
@@ -128,11 +129,14 @@ pub fn write_keys(
             let key = format!("{prefix}-{n}");
             let value = format!("{n:0size$}");
             let addr = addrs[n % addrs.len()];
-            assert_eq!(
-                retried(|| put(addr, &key, &value)),
-                200,
-                "PUT {key} via {addr}"
-            );
+            let body = format!(r#"{{"value": "{value}"}}"#);
+            let mut last = String::new();
+            let status = retried(|| {
+                let answer = send(addr, "PUT", &format!("/{key}"), &[], Some(&body));
+                last = answer.as_ref().map_or_else(|e| e.to_string(), |r| r.text());
+                answer.map_or(0, |r| r.status)
+            });
+            assert_eq!(status, 200, "PUT {key} via {addr}: {last}");
             (key, value)
         })
         .collect()
