@@ -187,10 +187,22 @@ fn finish_load(
     let checked = history
         .check_linearizable()
         .unwrap_or_else(|e| panic!("histories not linearizable: {e}\n{}", trouble()));
+    // How much the proxy's safe retries had to do (reported: how often
+    // depends on timing).
+    let retries: Vec<String> = [
+        "kv_proxy_not_leader_total",
+        "kv_proxy_leader_waits_total",
+        "kv_proxy_no_leader_total",
+        "kv_proxy_outcome_unknown_total",
+    ]
+    .iter()
+    .map(|name| format!("{name} {}", metric(proxy, name)))
+    .collect();
     format!(
         "{} operations acknowledged on {checked} keys, answers by status {statuses:?}, \
-         unknown outcomes by status {unknown:?} (0: connection broke)",
-        history.acknowledged()
+         unknown outcomes by status {unknown:?} (0: connection broke); proxy: {}",
+        history.acknowledged(),
+        retries.join(", ")
     )
 }
 

@@ -154,7 +154,10 @@ pub fn assert_readable(addrs: &[SocketAddr], keys: &[(String, String)]) {
             assert_eq!(
                 got,
                 (200, format!("{{\"value\":\"{value}\"}}\n")),
-                "GET {key} via {addr}"
+                // What the node knows of the shards, for the message.
+                "GET {key} via {addr}; its /-/shards: {}",
+                send(*addr, "GET", "/-/shards", &[], None)
+                    .map_or_else(|e| e.to_string(), |r| r.text())
             );
         }
     }
