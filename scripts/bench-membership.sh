@@ -36,6 +36,11 @@
 #   p99              kv-bench's latency corrected for coordinated omission
 #                    (from each request's due time); "during" over "before"
 #                    (target <= 2).
+#   also shown        421s the proxy followed, its waits for a leader and its
+#                    503s, and the leader changes the nodes' groups saw
+#                    (kv_raft_leader_changes_total, summed over replicas), over
+#                    the add and, for comparison, over the "before" window; the
+#                    seconds snapshot sends waited for the throttle.
 #
 # Usage: scripts/bench-membership.sh [--json FILE]
 #   env: KEYS=1000000 (KEYS=50000 for a quick run)  DURATION=20s
@@ -195,12 +200,25 @@ MAX=$(run_field "$WORK/max.json" ops_per_sec)
 RATE=$(python3 -c "print(max(1, round($MAX * $RATE_FRACTION)))")
 printf '   %.0f req/s; the open-loop runs send %s req/s (%s of it)\n' "$MAX" "$RATE" "$RATE_FRACTION"
 
+proxy_metrics() {
+    curl -fsS --max-time 5 "$PROXY_URL/-/metrics" | awk '
+        $1 ~ /^kv_proxy_not_leader_total/ {nl += $2}
+        $1 ~ /^kv_proxy_leader_waits_total/ {lw += $2}
+        $1 ~ /^kv_proxy_no_leader_total/ {no += $2}
+        END {printf "%d %d %d\n", nl, lw, no}'
+}
+# The same counts over the "before" window: what the load alone causes
+# (elections of a starved node, say), to compare with the add's.
+PROXY_BASE=$(proxy_metrics)
+LEADER_CHANGES_BASE=$(metric_sum kv_raft_leader_changes_total 1 2 3)
 echo "== before: open loop at $RATE req/s, $DURATION"
 timeout 600 "${BENCH[@]}" --mix "$MIX" -c "$CONCURRENCY" -d "$DURATION" --rate "$RATE" \
     --json "$WORK/before.json" >"$WORK/before.out"
 
 VERSION=$(curl -fsS --max-time 5 "http://127.0.0.1:${NODE_PORTS[0]}/-/cluster" | python3 -c 'import json,sys; print(json.load(sys.stdin)["version"])')
 SNAP_BEFORE=$(metric_sum kv_raft_snapshot_bytes_sent_total 1 2 3)
+PROXY_BEFORE=$(proxy_metrics)
+LEADER_CHANGES_BEFORE=$(metric_sum kv_raft_leader_changes_total 1 2 3)
 THROTTLED_BEFORE=$(metric_sum kv_raft_snapshot_throttled_seconds_total 1 2 3)
 
 echo "== during: the same load while node 4 joins (placement version $VERSION before)"
@@ -241,6 +259,9 @@ tail -1 "$WORK/watch.out" | sed 's/^/   /'
 
 SNAP_AFTER=$(metric_sum kv_raft_snapshot_bytes_sent_total 1 2 3 4)
 THROTTLED_AFTER=$(metric_sum kv_raft_snapshot_throttled_seconds_total 1 2 3 4)
+PROXY_AFTER=$(proxy_metrics)
+# Node 4's own count starts at its start: its changes are all during the add.
+LEADER_CHANGES_AFTER=$(metric_sum kv_raft_leader_changes_total 1 2 3 4)
 curl -fsS --max-time 5 "http://127.0.0.1:${NODE_PORTS[0]}/-/cluster" >"$WORK/cluster-after.json"
 for id in 1 2 3 4; do
     curl -fsS --max-time 5 "http://127.0.0.1:${NODE_PORTS[$((id - 1))]}/-/metrics" >"$WORK/metrics-$id.txt" || true
@@ -248,10 +269,11 @@ done
 
 echo "== machine load at the end: $(uptime | sed 's/.*load average/load average/')"
 python3 - "$WORK" "$t0" "$t1" "$SNAP_BEFORE" "$SNAP_AFTER" "$THROTTLED_BEFORE" "$THROTTLED_AFTER" \
-    "$KEYS" "$PREFIX" "$SHARDS" "$REPLICAS" "$RATE" "$MAX" "$(uptime)" "$JSON_OUT" "$MOVE_FLAGS" <<'PY'
+    "$KEYS" "$PREFIX" "$SHARDS" "$REPLICAS" "$RATE" "$MAX" "$(uptime)" "$JSON_OUT" "$MOVE_FLAGS" \
+    "$PROXY_BASE" "$PROXY_BEFORE" "$PROXY_AFTER" "$LEADER_CHANGES_BASE" "$LEADER_CHANGES_BEFORE" "$LEADER_CHANGES_AFTER" <<'PY'
 import json, sys
 (work, t0, t1, snap0, snap1, thr0, thr1, keys, prefix, shards, replicas, rate, top,
- uptime, json_out, move_flags) = sys.argv[1:]
+ uptime, json_out, move_flags, proxyb, proxy0, proxy1, lcb, lc0, lc1) = sys.argv[1:]
 keys, shards, replicas = int(keys), int(shards), int(replicas)
 last = lambda name: [json.loads(l) for l in open(f"{work}/{name}.json") if l.strip()][-1]
 before, during = last("before"), last("during")
@@ -284,6 +306,15 @@ figures = {
     "throughput_ratio": round(tput, 3), "throughput_target": 0.7, "throughput_pass": tput >= 0.7,
     "p99_ratio": round(lat, 3), "p99_target": 2.0, "p99_pass": lat <= 2.0,
     "uptime": uptime.strip(),
+    # What the proxy met during the add: 421s followed (a shard's leader
+    # moved), waits for a leader, 503s for want of one.
+    "proxy_not_leader": int(proxy1.split()[0]) - int(proxy0.split()[0]),
+    "proxy_leader_waits": int(proxy1.split()[1]) - int(proxy0.split()[1]),
+    "proxy_no_leader": int(proxy1.split()[2]) - int(proxy0.split()[2]),
+    "leader_changes_seen": round(float(lc1) - float(lc0)),
+    "before_proxy_not_leader": int(proxy0.split()[0]) - int(proxyb.split()[0]),
+    "before_proxy_leader_waits": int(proxy0.split()[1]) - int(proxyb.split()[1]),
+    "before_leader_changes_seen": round(float(lc0) - float(lcb)),
 }
 mb = lambda b: f"{b / 1e6:.1f} MB"
 verdict = lambda ok: "PASS" if ok else "MISS"
@@ -300,6 +331,11 @@ rows = [
 ]
 for name, value, ratio, ok in rows:
     print(f"  {name:32} {value:26} {ratio:44} {ok}")
+print(f"  (during the add: {figures['proxy_not_leader']} 421s followed and {figures['proxy_leader_waits']} "
+      f"leader waits at the proxy, {figures['proxy_no_leader']} 503s; {figures['leader_changes_seen']} leader "
+      f"changes seen by the nodes' groups; {wall / max(moved, 1):.2f} s per move;\n"
+      f"   before it: {figures['before_proxy_not_leader']} 421s, {figures['before_proxy_leader_waits']} waits, "
+      f"{figures['before_leader_changes_seen']} leader changes)")
 print(f"  (open loop at {float(rate):.0f} req/s = {float(rate) / float(top):.2f} of the closed-loop "
       f"{float(top):.0f} req/s; snapshot sends waited {figures['throttled_s']} s for the throttle)")
 if json_out:
