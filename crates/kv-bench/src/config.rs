@@ -135,6 +135,22 @@ pub struct Config {
     #[arg(long, env = "KV_BENCH_PRELOAD")]
     pub preload: bool,
 
+    /// The keys outlive the run: no clean-up at its end, and a key this run
+    /// has not written yet may hold a value from an earlier run (a GET of
+    /// it accepts any value, or 404). For a data set loaded once
+    /// (`--preload --keep-keys`) and read by later runs given the same
+    /// --prefix and --keys (any --concurrency).
+    #[arg(long, env = "KV_BENCH_KEEP_KEYS")]
+    pub keep_keys: bool,
+
+    /// End the measurement early, and report it as usual, once this file
+    /// exists (looked for every 50 ms; --duration or --requests still bound
+    /// the run). For scripts that measure "until something happened", such
+    /// as a layout change settling. A file there at the start ends the run
+    /// at once.
+    #[arg(long, env = "KV_BENCH_STOP_FILE")]
+    pub stop_file: Option<PathBuf>,
+
     /// Open loop: send this many requests per second in total, on a fixed
     /// schedule, and report latency corrected for coordinated omission
     /// beside the raw figures.
@@ -394,6 +410,8 @@ pub struct Plan {
     pub distribution: Distribution,
     pub warmup: Duration,
     pub preload: bool,
+    /// `--keep-keys`.
+    pub keep_keys: bool,
     pub rate: Option<f64>,
     pub timeout: Duration,
     /// `--leader-wait`.
@@ -454,6 +472,24 @@ impl Config {
             if self.rate.is_some() {
                 return Err("--workload seed runs in batches; --rate needs --workload mix".into());
             }
+            if self.stop_file.is_some() {
+                return Err(
+                    "--stop-file needs --workload mix (the seed workload runs in batches)".into(),
+                );
+            }
+            if self.keep_keys {
+                return Err(
+                    "--keep-keys needs --workload mix (the seed workload deletes its keys itself)"
+                        .into(),
+                );
+            }
+        }
+        if self.keep_keys && self.history.is_some() {
+            // check-history assumes every key starts absent.
+            return Err(
+                "--history assumes the keys start absent; it cannot be used with --keep-keys"
+                    .into(),
+            );
         }
         if stop == Stop::Requests(0) {
             return Err("--requests must be at least 1".into());
@@ -522,6 +558,7 @@ impl Config {
             distribution: self.distribution,
             warmup: self.warmup,
             preload: self.preload,
+            keep_keys: self.keep_keys,
             rate: self.rate,
             timeout: self.timeout,
             leader_wait: self.leader_wait,
@@ -672,6 +709,11 @@ mod tests {
         assert!(plan(&["--mix", "jump=1"]).is_err());
         assert!(plan(&["--mix", "get=x"]).is_err());
         assert!(plan(&["--distribution", "pareto"]).is_err());
+        // Kept keys may hold values the history checker cannot know of.
+        assert!(plan(&["--keep-keys", "--history", "h.jsonl"]).is_err());
+        assert!(plan(&["--keep-keys", "--workload", "seed"]).is_err());
+        assert!(plan(&["--keep-keys", "--preload"]).unwrap().keep_keys);
+        assert!(!plan(&[]).unwrap().keep_keys);
         assert!(plan(&["--distribution", "zipf:-1"]).is_err());
         assert!(plan(&["--workload", "other"]).is_err());
     }

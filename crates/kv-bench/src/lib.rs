@@ -220,6 +220,18 @@ pub fn run(config: Config) -> Result<Outcome, BenchError> {
         let nodes = endpoints[..count].to_vec();
         println!("{}", describe(&plan, target, &nodes));
         let stop = Arc::new(AtomicBool::new(false));
+        let end = Arc::new(AtomicBool::new(false));
+        // Polled rather than watched (inotify): one stat every 50 ms costs
+        // nothing next to the run, and works on any file system.
+        let stop_file = config.stop_file.clone().map(|path| {
+            let end = end.clone();
+            runtime.spawn(async move {
+                while !path.exists() {
+                    tokio::time::sleep(STOP_FILE_POLL).await;
+                }
+                end.store(true, Ordering::Relaxed);
+            })
+        });
         let report = runtime.block_on(async {
             let run = run_once(
                 &plan,
@@ -230,6 +242,7 @@ pub fn run(config: Config) -> Result<Outcome, BenchError> {
                     show_progress,
                     history: config.history.as_deref(),
                     stop: stop.clone(),
+                    end,
                 },
                 cluster.clone(),
             );
@@ -252,7 +265,11 @@ pub fn run(config: Config) -> Result<Outcome, BenchError> {
                     Err(BenchError::Interrupted(signal))
                 }
             }
-        })?;
+        });
+        if let Some(watch) = stop_file {
+            watch.abort();
+        }
+        let report = report?;
         println!("{}", report.details());
         reports.push(report);
         report::set_speedups(&mut reports);
@@ -319,6 +336,9 @@ fn describe(plan: &Plan, target: &str, nodes: &[Endpoint]) -> String {
     )
 }
 
+/// How often `--stop-file` is looked for.
+const STOP_FILE_POLL: std::time::Duration = std::time::Duration::from_millis(50);
+
 /// After a signal, how much longer than one request's `--timeout` the
 /// workers get to stop and hand in their history.
 const STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
@@ -357,6 +377,8 @@ struct RunOptions<'a> {
     history: Option<&'a std::path::Path>,
     /// Set on SIGINT/SIGTERM (see [`worker::RunShared::stop`]).
     stop: Arc<AtomicBool>,
+    /// Set when `--stop-file` appears (see [`worker::RunShared::end`]).
+    end: Arc<AtomicBool>,
 }
 
 /// One run over `endpoints`.
@@ -372,6 +394,7 @@ async fn run_once(
         show_progress,
         history,
         stop,
+        end,
     } = options;
     let refresher = cluster
         .as_ref()
@@ -407,6 +430,7 @@ async fn run_once(
         prefix: prefix.clone(),
         cluster,
         stop,
+        end,
     });
     let handles: Vec<_> = (0..workers)
         .map(|id| match plan.workload {

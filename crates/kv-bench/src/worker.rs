@@ -79,6 +79,9 @@ pub struct RunShared {
     /// in flight, skip their cleanup, and hand in what they recorded (so
     /// `--history` keeps an interrupted run's operations).
     pub stop: Arc<AtomicBool>,
+    /// Set when `--stop-file` appears: the measurement ends after the
+    /// request in flight, and the run cleans up and reports as usual.
+    pub end: Arc<AtomicBool>,
 }
 
 /// A worker's results.
@@ -201,7 +204,12 @@ impl MixWorker {
                         None => ring.map_or(0, |r| r.owner_index(name.as_bytes()) as u32),
                     },
                     path: path_of(&name),
-                    state: State::Absent,
+                    // --keep-keys: an earlier run may have left a value.
+                    state: if plan.keep_keys {
+                        State::Unknown
+                    } else {
+                        State::Absent
+                    },
                 }
             })
             .collect();
@@ -372,7 +380,10 @@ impl MixWorker {
         let live = &shared.live[self.id];
         let (mut done, mut failed) = (0u64, 0u64);
 
-        while remaining > 0 && !shared.stop.load(Ordering::Relaxed) {
+        while remaining > 0
+            && !shared.stop.load(Ordering::Relaxed)
+            && !shared.end.load(Ordering::Relaxed)
+        {
             let intended = match interval {
                 Some(interval) => {
                     let this = due;
@@ -425,7 +436,7 @@ impl MixWorker {
         // Clean up only once every worker is done measuring, so cleanup
         // traffic never overlaps the measured tail of slower workers.
         shared.batch.wait().await;
-        if !shared.stop.load(Ordering::Relaxed) {
+        if !shared.stop.load(Ordering::Relaxed) && !plan.keep_keys {
             self.cleanup(&mut stats.errors).await;
         }
         stats.history = self.history.take();

@@ -603,3 +603,133 @@ fn spawned_nodes_stop_when_kv_bench_is_killed_and_the_next_run_removes_their_dat
     assert!(output.status.success(), "{}", explain(&output));
     assert_eq!(node_dirs(temp.path()), Vec::<std::path::PathBuf>::new());
 }
+
+/// Kills the child when dropped, so a failed assertion does not leave a
+/// 10-minute run behind.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn keep_keys_leaves_a_data_set_for_later_runs_and_a_stop_file_ends_a_run_early() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = node(dir.path());
+    let out = tempfile::tempdir().unwrap();
+    let json = out.path().join("runs.json");
+    let json_arg = json.to_str().unwrap();
+    let url = node.url();
+    let common = [
+        "--urls",
+        &url,
+        "--concurrency",
+        "4",
+        "--keys",
+        "100",
+        "--prefix",
+        "keep",
+        "--quiet",
+    ];
+    let run = |extra: &[&str]| {
+        let mut args = common.to_vec();
+        args.extend_from_slice(extra);
+        bench(&args)
+    };
+    let all_present = || {
+        (0..100).all(|i| {
+            request(node.addr, "GET", &format!("/keepn1_{i}"), None)
+                .unwrap()
+                .status
+                == 200
+        })
+    };
+
+    // The load: every key set once, and left there at the end.
+    let output = run(&[
+        "--preload",
+        "--keep-keys",
+        "-n",
+        "50",
+        "--mix",
+        "get=1",
+        "--json",
+        json_arg,
+    ]);
+    assert!(output.status.success(), "{}", explain(&output));
+    assert!(all_present(), "the preloaded keys stay");
+
+    // A later run reads values it did not write, and leaves them too.
+    let output = run(&[
+        "--keep-keys",
+        "-n",
+        "400",
+        "--mix",
+        "get=3,set=1",
+        "--json",
+        json_arg,
+    ]);
+    assert!(output.status.success(), "{}", explain(&output));
+    let second = &runs(&json)[1];
+    assert_eq!(second["errors_total"], 0, "{second}");
+    assert!(second["gets"].as_u64().unwrap() > 0, "{second}");
+    assert!(all_present(), "nothing cleaned up");
+
+    // Without the flag the same run expects the keys absent: the loaded
+    // values count as wrong answers.
+    let output = run(&["-n", "40", "--mix", "get=1"]);
+    assert_eq!(output.status.code(), Some(1), "{}", explain(&output));
+
+    // --stop-file ends a 10-minute run once the file appears, with the
+    // usual report: here once the run has written (key 0 exists).
+    let stop = out.path().join("stop");
+    let stopped_json = out.path().join("stopped.json");
+    let child = Command::new(binary("kv-bench"))
+        .args([
+            "--urls",
+            &url,
+            "--concurrency",
+            "2",
+            "--keys",
+            "2",
+            "--prefix",
+            "stopped",
+            "--mix",
+            "set=1",
+            "--rate",
+            "200",
+            "-d",
+            "10m",
+            "--quiet",
+            "--keep-keys",
+            "--stop-file",
+            stop.to_str().unwrap(),
+            "--json",
+            stopped_json.to_str().unwrap(),
+        ])
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut child = KillOnDrop(child);
+    wait_until("the run writes key 0", || {
+        request(node.addr, "GET", "/stoppedn1_0", None)
+            .unwrap()
+            .status
+            == 200
+    });
+    std::fs::write(&stop, b"").unwrap();
+    let mut status = None;
+    wait_until("kv-bench ends once the stop file exists", || {
+        status = child.0.try_wait().unwrap();
+        status.is_some()
+    });
+    assert!(status.unwrap().success(), "{status:?}");
+    let stopped = &runs(&stopped_json)[0];
+    assert!(stopped["sets"].as_u64().unwrap() > 0, "{stopped}");
+    assert_eq!(stopped["errors_total"], 0, "{stopped}");
+}
