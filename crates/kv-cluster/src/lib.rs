@@ -67,7 +67,8 @@ pub use meta::{
     MemberState, MetaCommand, Move, NodeId, Outcome, Phase, Refusal, StateError,
 };
 pub use placement::{
-    placement, placement_over, preferred_leaders, shard_point, NO_LEADER, PLACEMENT_VNODES,
+    placement, placement_over, preferred_leaders, preferred_leaders_toward, shard_point, NO_LEADER,
+    PLACEMENT_VNODES,
 };
 pub use plan::{
     next_swap, replicas_to_move, schedule, target_placement, LiveInfo, Settings,

@@ -28,15 +28,17 @@
 //! one old member giving its slot to the new one.
 //!
 //! **Preferred leaders.** Leadership is what costs (every write of a shard
-//! goes through its leader), so it is spread on its own: walk the shards in
-//! order and give each to the replica that leads the fewest shards so far
-//! (ties: placement order), then move a shard to another of its replicas
-//! while that one leads at least two fewer than the current choice, until no
-//! such move is left. Each move lowers the sum of squared loads, so the pass
-//! ends; afterwards no member can take a shard from a busier replica-mate
-//! without becoming the busier one. With 64 shards on 3 members × 3 replicas
-//! that is 22/21/21. Deterministic, so every node agrees who initialises a
-//! group on a fresh cluster and where leadership goes back after failures.
+//! goes through its leader), so it is spread on its own: each shard first
+//! goes to its replica with the highest rendezvous rank (a fixed hash of
+//! shard and member, so the choice depends on that shard's row only), then
+//! a shard moves to another of its replicas while that one leads at least
+//! two fewer than the current choice, until no such move is left. Each move
+//! lowers the sum of squared loads, so the pass ends; afterwards no member
+//! can take a shard from a busier replica-mate without becoming the busier
+//! one. Deterministic, so every node agrees who initialises a group on a
+//! fresh cluster and where leadership goes back after failures. While
+//! replicas move, [`preferred_leaders_toward`] anchors each shard on the
+//! target placement's balance, so one move re-targets one shard.
 
 use kv_ring::Ring;
 
@@ -100,20 +102,20 @@ pub fn preferred_leaders(placement: &[Vec<u64>]) -> Vec<u64> {
 
     let mut load: BTreeMap<u64, usize> = BTreeMap::new();
     let mut leaders = Vec::with_capacity(placement.len());
-    for row in placement {
-        let chosen = least_loaded(row, &load);
+    for (shard, row) in placement.iter().enumerate() {
+        let chosen = row.iter().copied().max_by_key(|id| rank(shard, *id));
         if let Some(id) = chosen {
             *load.entry(id).or_default() += 1;
         }
         leaders.push(chosen.unwrap_or(NO_LEADER));
     }
-    // Greedy in shard order can leave a member two or more ahead of a
-    // replica-mate on some shard; hand such shards over until none is left.
+    // Rendezvous alone spreads only on average; hand a shard to a
+    // replica-mate leading two or more fewer until none is left.
     loop {
         let mut moved = false;
-        for (row, leader) in placement.iter().zip(leaders.iter_mut()) {
+        for (shard, (row, leader)) in placement.iter().zip(leaders.iter_mut()).enumerate() {
             let current = load.get(leader).copied().unwrap_or(0);
-            if let Some(better) = least_loaded(row, &load) {
+            if let Some(better) = least_loaded(shard, row, &load) {
                 let theirs = load.get(&better).copied().unwrap_or(0);
                 if theirs + 2 <= current {
                     *load.entry(*leader).or_default() -= 1;
@@ -129,14 +131,62 @@ pub fn preferred_leaders(placement: &[Vec<u64>]) -> Vec<u64> {
     }
 }
 
+/// [`preferred_leaders`] while a layout change is under way (issue 13):
+/// `current` is each shard's voters now, `target` the placement the moves
+/// lead to. A shard leads where the target's balance puts it as soon as
+/// that member is a voter; until then, the best ranked of its voters that
+/// stay (or of all its voters). A shard's choice thus depends only on its
+/// own row and the fixed target, so a move changes the preferred leader of
+/// the shard it moves and of no other (recomputing the balance over
+/// `current` after every move re-targeted ~6 unrelated shards per move:
+/// 266 hand-overs for one add of a 4th member to 64 shards).
+/// With `current == target` this is [`preferred_leaders`]`(target)`.
+/// Rows of `current` past `target`'s end get their best ranked voter.
+pub fn preferred_leaders_toward(current: &[Vec<u64>], target: &[Vec<u64>]) -> Vec<u64> {
+    let goal = preferred_leaders(target);
+    current
+        .iter()
+        .enumerate()
+        .map(|(shard, row)| {
+            if let Some(leader) = goal.get(shard).filter(|id| row.contains(id)) {
+                return *leader;
+            }
+            let staying = target.get(shard).map_or(&[][..], Vec::as_slice);
+            row.iter()
+                .copied()
+                .filter(|id| staying.contains(id))
+                .max_by_key(|id| rank(shard, *id))
+                .or_else(|| row.iter().copied().max_by_key(|id| rank(shard, *id)))
+                .unwrap_or(NO_LEADER)
+        })
+        .collect()
+}
+
+/// Member `id`'s rendezvous rank for leading `shard`: a fixed hash, so a
+/// shard's choice depends only on its own replicas, never on other shards.
+fn rank(shard: usize, id: u64) -> u64 {
+    let mut bytes = [0u8; 16];
+    let (s, i) = bytes.split_at_mut(8);
+    s.copy_from_slice(&(shard as u64).to_le_bytes());
+    i.copy_from_slice(&id.to_le_bytes());
+    xxhash_rust::xxh3::xxh3_64(&bytes)
+}
+
 /// Leader given to a shard that has no replicas at all.
 pub const NO_LEADER: u64 = u64::MAX;
 
-/// The replica in `row` leading the fewest shards; the earliest on ties.
-fn least_loaded(row: &[u64], load: &std::collections::BTreeMap<u64, usize>) -> Option<u64> {
-    row.iter()
-        .copied()
-        .min_by_key(|id| load.get(id).copied().unwrap_or(0))
+/// The replica in `row` leading the fewest shards; the best ranked on ties.
+fn least_loaded(
+    shard: usize,
+    row: &[u64],
+    load: &std::collections::BTreeMap<u64, usize>,
+) -> Option<u64> {
+    row.iter().copied().min_by_key(|id| {
+        (
+            load.get(id).copied().unwrap_or(0),
+            std::cmp::Reverse(rank(shard, *id)),
+        )
+    })
 }
 
 #[cfg(test)]

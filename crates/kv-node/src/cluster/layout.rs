@@ -21,7 +21,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use kv_cluster::{preferred_leaders, ClusterSpec, ClusterState};
+use kv_cluster::{preferred_leaders_toward, ClusterSpec, ClusterState};
 use kv_raft::NodeId;
 use parking_lot::RwLock;
 
@@ -89,7 +89,8 @@ impl Layout {
         placement: Vec<Vec<NodeId>>,
         state: Option<Arc<ClusterState>>,
     ) -> Self {
-        let preferred = preferred_leaders(&current);
+        // Anchored on the target, so a move re-targets only its own shard.
+        let preferred = preferred_leaders_toward(&current, &placement);
         let solo = current
             .iter()
             .map(|replicas| match replicas.as_slice() {
