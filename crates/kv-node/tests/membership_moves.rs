@@ -201,6 +201,51 @@ fn metric(addr: SocketAddr, name: &str) -> u64 {
         .sum::<f64>() as u64
 }
 
+/// `/-/health`'s `groups_recovered`, `groups_hosted` and `shards_hosted`,
+/// and `/-/ready`'s status, of the node at `addr`.
+fn readiness(addr: SocketAddr) -> (u64, u64, u64, u16) {
+    let health = send(addr, "GET", "/-/health", &[], None).expect("GET /-/health");
+    assert_eq!(health.status, 200, "{}", health.text());
+    let json: serde_json::Value = serde_json::from_slice(&health.body).expect("JSON");
+    let field = |name: &str| {
+        json[name]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{name}: {json}"))
+    };
+    let ready = send(addr, "GET", "/-/ready", &[], None).map_or(0, |r| r.status);
+    (
+        field("groups_recovered"),
+        field("groups_hosted"),
+        field("shards_hosted"),
+        ready,
+    )
+}
+
+/// A node that gave replicas away and received others counts, for
+/// `/-/ready`, the recovered groups among those it hosts now (a dropped
+/// replica no longer counts, a received one counts once recovered), and is
+/// ready once they all are (waited for, bounded: a received replica may
+/// still be applying).
+fn assert_ready_counts(addrs: &[SocketAddr]) {
+    for addr in addrs {
+        let mut seen = readiness(*addr);
+        let deadline = std::time::Instant::now() + BOUND;
+        while !(seen.0 == seen.1 && seen.1 == seen.2 && seen.3 == 200)
+            && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(100));
+            seen = readiness(*addr);
+        }
+        let (recovered, groups, shards, ready) = seen;
+        assert_eq!(groups, shards, "{addr}: every hosted shard is a group");
+        assert_eq!(
+            recovered, groups,
+            "{addr}: recovered groups of those hosted"
+        );
+        assert_eq!(ready, 200, "{addr}: /-/ready");
+    }
+}
+
 /// Each node in `nodes` (id, address) hosts exactly the shards `placement`
 /// puts on it; every shard's group has exactly those voters, the same
 /// leader everywhere, and the same keys and digest on every replica (once
@@ -301,6 +346,8 @@ fn a_node_added_then_a_node_removed_move_replicas_and_the_removed_node_exits() {
     assert!(written > 0);
     let nodes: Vec<(u64, SocketAddr)> = (1..=4).zip(all.iter().copied()).collect();
     assert_placed(&nodes, &to);
+    // Nodes 1-3 gave replicas away, node 4 received its own.
+    assert_ready_counts(&all);
     assert_readable(&all, &keys);
     assert_readable(&all, &last);
     let on_4 = to.iter().filter(|replicas| replicas.contains(&4)).count() as u32;
@@ -340,6 +387,8 @@ fn a_node_added_then_a_node_removed_move_replicas_and_the_removed_node_exits() {
         },
     );
     assert_placed(&nodes, &after);
+    // Node 1 gave replicas to node 4 and received node 2's.
+    assert_ready_counts(&left);
     assert_readable(&left, &keys);
     wait_until("the metadata group's voters are 1, 3, 4", BOUND, || {
         view(addrs[0]).is_some_and(|v| {

@@ -572,6 +572,7 @@ impl ClusterNode {
         let Some(hosted) = self.hosted.empty(shard) else {
             return;
         };
+        self.forget_recovered(shard);
         self.groups.remove(shard);
         if tokio::time::timeout(Duration::from_secs(5), hosted.raft.shutdown())
             .await
