@@ -33,6 +33,9 @@ const SHARDS: u32 = 8;
 /// A whole rebalance (several moves, each a snapshot, a catch-up and two
 /// membership changes) on a shared 2-core machine running debug builds.
 const SETTLE: Duration = Duration::from_secs(120);
+/// How long a move waits for the same reason before `GET /-/cluster` shows
+/// it `stalled` (kv-node's executor).
+const STALLED_AFTER: Duration = Duration::from_secs(30);
 
 fn put(addr: SocketAddr, key: &str, value: &str) -> u16 {
     let body = format!(r#"{{"value": "{value}"}}"#);
@@ -448,7 +451,35 @@ fn a_joining_node_killed_mid_copy_finishes_its_moves_after_a_restart() {
     let mid = view(addrs[0]).unwrap();
     eprintln!("killing node 4 with moves {:?}", mid.moves);
     node4.kill9();
+    // A move whose learner is down says so once it has waited for it
+    // `STALLED_AFTER`; the executing leader's reason reaches any node's view.
+    let stalled = |v: &ClusterView| -> Vec<String> {
+        v.active
+            .iter()
+            .filter_map(|mv| mv.stalled.clone())
+            .collect()
+    };
+    let mut reasons = Vec::new();
+    wait_until(
+        "a move into node 4 shows it stalled",
+        STALLED_AFTER + 2 * BOUND,
+        || {
+            reasons = view(addrs[0]).map(|v| stalled(&v)).unwrap_or_default();
+            !reasons.is_empty()
+        },
+    );
+    eprintln!("stalled: {reasons:?}");
+    assert!(
+        reasons
+            .iter()
+            .all(|reason| reason.starts_with("learner 4 unreachable for ")),
+        "{reasons:?}"
+    );
     node4.restart();
+    // Back, the learner is reachable again: no move is shown stalled.
+    wait_until("no move shows stalled", 2 * BOUND, || {
+        view(addrs[0]).is_some_and(|v| stalled(&v).is_empty())
+    });
     let mut all = addrs.clone();
     all.push(addr4);
     let logs = || format!("node 4's log:\n{}", node4.log());
