@@ -504,6 +504,11 @@ fn admin_route(app: &App, method: &Method, path: &str) -> Result<Response<Body>,
                 body["node_id"] = cluster.id().into();
                 body["shards_led"] = cluster.shards_led().into();
                 body["shards_hosted"] = cluster.shards_hosted().into();
+                // Of the Raft groups hosted now (solo shards excluded), how
+                // many recovered: what `/-/ready` waits for.
+                let (recovered, groups) = cluster.recovered_of_hosted();
+                body["groups_hosted"] = groups.into();
+                body["groups_recovered"] = recovered.into();
                 // Still 200 (the process serves), but say which shards
                 // cannot serve linearizable requests, as kv-proxy's health
                 // names the nodes that are down.

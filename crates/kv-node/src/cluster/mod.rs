@@ -44,7 +44,7 @@ pub(crate) mod watch;
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -196,8 +196,11 @@ pub struct ClusterNode {
     pub(crate) shard_stats: Vec<ShardStats>,
     pub(crate) path_stats: PathStats,
     /// Hosted groups whose state machine has caught up with what was
-    /// committed before the start.
-    pub(crate) recovered: AtomicUsize,
+    /// committed before the start (or before the replica was created): a
+    /// set rather than a count, so that a replica a move drops leaves it
+    /// ([`ClusterNode::forget_recovered`]) and readiness counts only the
+    /// groups hosted now.
+    pub(crate) recovered: Mutex<BTreeSet<u32>>,
     pub(crate) stopping: AtomicBool,
     /// The cluster's id (design §8), once known: sent on every node-to-node
     /// request and checked on every one received.
@@ -537,6 +540,45 @@ impl ClusterNode {
         })
     }
 
+    /// How many of the groups hosted now have recovered, and how many are
+    /// hosted (`/-/ready`, `/-/health`).
+    pub fn recovered_of_hosted(&self) -> (usize, usize) {
+        let recovered = self
+            .recovered
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let hosted = self.hosted.all();
+        let done = hosted
+            .iter()
+            .filter(|(shard, _)| recovered.contains(shard))
+            .count();
+        (done, hosted.len())
+    }
+
+    /// Marks `shard` recovered if `replica` is still the one hosted (a
+    /// dropped replica's follower may see its last metrics after the drop).
+    pub(crate) fn mark_recovered(&self, shard: u32, replica: &std::sync::Weak<Hosted>) {
+        let mut recovered = self
+            .recovered
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let current = self
+            .hosted(shard)
+            .is_some_and(|hosted| std::ptr::eq(Arc::as_ptr(&hosted), replica.as_ptr()));
+        if current {
+            recovered.insert(shard);
+        }
+    }
+
+    /// `shard`'s replica was dropped (its slot already emptied): a replica
+    /// hosted again later recovers afresh.
+    pub(crate) fn forget_recovered(&self, shard: u32) {
+        self.recovered
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&shard);
+    }
+
     /// `/-/ready`: every hosted group has recovered, none has failed, and
     /// each can serve linearizable requests now ([`ClusterNode::unavailable`]).
     pub fn ready(&self) -> Result<(), NotReady> {
@@ -561,10 +603,9 @@ impl ClusterNode {
                 return Err(not_ready(format!("shard {shard} {}", request::STOPPED)));
             }
         }
-        let recovered = self.recovered.load(Relaxed);
         // Groups only: a solo shard has nothing to recover past the store,
         // whose writability the caller checks.
-        let hosted = self.hosted.count();
+        let (recovered, hosted) = self.recovered_of_hosted();
         if recovered < hosted {
             return Err(not_ready(format!(
                 "{recovered} of {hosted} shards recovered"

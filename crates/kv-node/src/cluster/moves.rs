@@ -107,8 +107,25 @@ struct Progress {
     add: NodeId,
     /// Snapshot bytes sent to `add` before the learner was added.
     baseline: Option<u64>,
-    /// The current wait, and since when.
-    waiting: Option<(Wait, Instant)>,
+    /// The current wait as a reason (what `stalled` says), since when it
+    /// has not changed, and what shows progress within it.
+    waiting: Option<Waiting>,
+}
+
+/// A wait the executor keeps seeing ([`ClusterNode::note_progress`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Waiting {
+    /// The reason, in words without the figures that change as it goes on
+    /// (a learner's catch-up target grows with every write).
+    reason: String,
+    /// The reason as shown, with its latest figures.
+    shown: String,
+    /// What changes when the move advances within the same reason (a
+    /// learner's matched index, and the snapshot bytes sent to it while it
+    /// answers): a change restarts the clock, so a slow but live copy is
+    /// not stalled.
+    advance: (Option<u64>, u64),
+    since: Instant,
 }
 
 impl Moves {
@@ -244,7 +261,7 @@ impl ClusterNode {
             }
             led.insert(shard);
             let step = next_step(&work, &observed.membership, &observed.replication, me);
-            self.note_progress(&work, &step);
+            self.note_progress(&work, &step, &observed.replication.live);
             match step {
                 Step::Idle => {}
                 Step::Wait(wait) => {
@@ -295,8 +312,11 @@ impl ClusterNode {
             .retain(|shard, _| led.contains(shard));
     }
 
-    /// Keeps the progress of `work`'s move (module docs).
-    fn note_progress(&self, work: &ShardWork<'_>, step: &Step) {
+    /// Keeps the progress of `work`'s move (module docs): the wait `step`
+    /// is, if any, with `live` (the targets heard within the lease) telling
+    /// a learner that is down from one that is copying.
+    fn note_progress(&self, work: &ShardWork<'_>, step: &Step, live: &BTreeSet<NodeId>) {
+        let sent = self.network.snapshot_throttle().bytes_sent();
         let mut progress = self
             .moves
             .progress
@@ -325,11 +345,33 @@ impl ClusterNode {
         }
         match step {
             Step::Wait(wait) => {
-                let same = entry.waiting.as_ref().is_some_and(|(was, _)| {
-                    std::mem::discriminant(was) == std::mem::discriminant(wait)
-                });
-                if !same {
-                    entry.waiting = Some((*wait, Instant::now()));
+                let (reason, shown, advance) = match *wait {
+                    Wait::CatchUp { id, matched, .. } => {
+                        if live.contains(&id) {
+                            let advance = (matched, sent.get(&id).copied().unwrap_or(0));
+                            (format!("learner {id} catching up"), describe(wait), advance)
+                        } else {
+                            // Bytes are counted as a snapshot is sent, so
+                            // openraft's retries to a node that is down
+                            // would look like progress.
+                            let reason = format!("learner {id} unreachable");
+                            (reason.clone(), reason, (matched, 0))
+                        }
+                    }
+                    _ => (describe(wait), describe(wait), (None, 0)),
+                };
+                match &mut entry.waiting {
+                    Some(was) if was.reason == reason && was.advance == advance => {
+                        was.shown = shown;
+                    }
+                    waiting => {
+                        *waiting = Some(Waiting {
+                            reason,
+                            shown,
+                            advance,
+                            since: Instant::now(),
+                        });
+                    }
                 }
             }
             _ => entry.waiting = None,
@@ -359,10 +401,10 @@ impl ClusterNode {
                     move_id: p.move_id,
                     bytes,
                     total_bytes: bytes.and(total_bytes),
-                    stalled: p.waiting.and_then(|(wait, since)| {
-                        (since.elapsed() >= STALLED_AFTER).then(|| {
-                            format!("{} for {}s", describe(&wait), since.elapsed().as_secs())
-                        })
+                    stalled: p.waiting.and_then(|waiting| {
+                        let waited = waiting.since.elapsed();
+                        (waited >= STALLED_AFTER)
+                            .then(|| format!("{} for {}s", waiting.shown, waited.as_secs()))
                     }),
                 }
             })
@@ -572,6 +614,7 @@ impl ClusterNode {
         let Some(hosted) = self.hosted.empty(shard) else {
             return;
         };
+        self.forget_recovered(shard);
         self.groups.remove(shard);
         if tokio::time::timeout(Duration::from_secs(5), hosted.raft.shutdown())
             .await

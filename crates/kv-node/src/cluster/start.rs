@@ -19,7 +19,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -300,7 +300,7 @@ pub async fn start(
         runtime: Handle::current(),
         shard_stats: (0..spec.shards).map(|_| ShardStats::default()).collect(),
         path_stats: PathStats::default(),
-        recovered: AtomicUsize::new(0),
+        recovered: Mutex::new(BTreeSet::new()),
         stopping: AtomicBool::new(false),
         cluster_id: stored
             .cluster_id

@@ -3,7 +3,9 @@
 //! [`follow`] watches one group's metrics: it logs each leader change once
 //! at info (`shard 17: leader 2 -> 3 (term 6)`), counts elections, records members this node exchanged Raft traffic with in
 //! `cluster.json` (the first-start guard, design §8), and marks the group
-//! recovered once its replica applied what was committed before the start.
+//! recovered once its replica applied what was committed before the start
+//! (`/-/ready` counts the recovered groups among those hosted now, so a
+//! replica a move dropped no longer counts).
 //!
 //! [`snapshots`] (design §4.3): once a second, kv-raft's snapshot scheduler
 //! snapshots the one shard whose log since its last snapshot is largest,
@@ -54,6 +56,9 @@ pub(crate) fn follow(node: &Arc<ClusterNode>, shard: u32) {
     };
     let mut metrics = hosted.raft.metrics();
     let mut server = hosted.raft.server_metrics();
+    // Which replica this task follows: a move may drop it and host a new
+    // one of the same shard, which has its own task.
+    let replica = Arc::downgrade(&hosted);
     let weak = Arc::downgrade(node);
     let task = node.runtime.spawn(async move {
         let mut seen_leader = LeaderSeen::default();
@@ -96,7 +101,7 @@ pub(crate) fn follow(node: &Arc<ClusterNode>, shard: u32) {
                         || (committed >= m.last_log_index && applied >= committed)
                     {
                         recovered = true;
-                        node.recovered.fetch_add(1, Relaxed);
+                        node.mark_recovered(shard, &replica);
                     }
                 }
             }
