@@ -259,7 +259,22 @@ pub fn assert_placed(nodes: &[(u64, SocketAddr)], placement: &[Vec<u64>]) {
         while !agree() && std::time::Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(100));
         }
-        assert!(agree(), "shard {shard}: replicas differ: {digests:?}");
+        if !agree() {
+            // A replica behind (lower applied index) or a real divergence
+            // (same applied index, different digest): say which.
+            let applied: Vec<(u64, serde_json::Value)> = nodes
+                .iter()
+                .filter_map(|(id, addr)| Some((*id, digest(*addr, shard)?["applied"].clone())))
+                .collect();
+            panic!(
+                "shard {shard}: replicas differ: {digests:?}; applied indexes {applied:?}; \
+                 leader seen by each: {:?}",
+                nodes
+                    .iter()
+                    .map(|(id, addr)| (*id, shards_view(*addr).groups[shard as usize].leader))
+                    .collect::<Vec<_>>()
+            );
+        }
         for (id, addr) in nodes {
             let group = shards_view(*addr).groups[shard as usize].clone();
             let replicas: BTreeSet<u64> = group.replicas.iter().copied().collect();
