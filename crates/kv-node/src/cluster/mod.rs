@@ -407,7 +407,13 @@ impl ClusterNode {
                     shard,
                     replicas: layout.replicas(shard).to_vec(),
                     preferred_leader: layout.preferred(shard),
-                    leader: cache.get(index).copied().flatten(),
+                    // A cached leader that left the cluster is not named
+                    // (clients refuse a view naming a non-member).
+                    leader: cache
+                        .get(index)
+                        .copied()
+                        .flatten()
+                        .filter(|id| layout.members.contains_key(id)),
                     term: None,
                     committed: None,
                     applied: None,

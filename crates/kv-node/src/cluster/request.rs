@@ -556,10 +556,15 @@ impl ClusterNode {
             .get(shard as usize)
             .copied()
             .flatten();
-        let id = cached.unwrap_or_else(|| self.layout().preferred(shard));
+        let layout = self.layout();
+        // A cached leader that has since been removed is forgotten: the
+        // preferred leader (a current replica) is asked instead.
+        let id = cached
+            .filter(|id| layout.members.contains_key(id))
+            .unwrap_or_else(|| layout.preferred(shard));
         LeaderAt {
             id,
-            addr: self.layout().members.get(&id).cloned().unwrap_or_default(),
+            addr: layout.members.get(&id).cloned().unwrap_or_default(),
             term: 0,
         }
     }
