@@ -89,6 +89,10 @@ pub struct BenchCluster {
     timeout: Duration,
 }
 
+/// How [`fetch_view`]'s error starts when the node answered 200 with a view
+/// that does not hold together (it is in a cluster), rather than not at all.
+const INVALID_VIEW: &str = "invalid /-/shards answer: ";
+
 /// `GET /-/shards` from `endpoint` on a fresh connection (the body read up
 /// to [`MAX_SHARDS_BODY`]), with the cluster id and placement version it
 /// shows: `Ok(None)` for a standalone node (404).
@@ -100,7 +104,7 @@ pub async fn fetch_view(
     match answer.status {
         200 => ShardsView::parse(&answer.body)
             .map(|view| Some((view, Placement::of(&answer.body))))
-            .map_err(|e| e.to_string()),
+            .map_err(|e| format!("{INVALID_VIEW}{e}")),
         404 => Ok(None),
         other => Err(format!("/-/shards answered {other}")),
     }
@@ -133,6 +137,9 @@ pub async fn discover(
     timeout: Duration,
 ) -> Result<Option<ShardTable>, String> {
     let mut table: Option<ShardTable> = None;
+    // A node that answered 200 with a view that does not hold together: it
+    // is in a cluster, so running as if it were standalone would be wrong.
+    let mut invalid: Option<String> = None;
     for endpoint in endpoints {
         let source = endpoint.authority.as_str();
         match fetch_view(endpoint, timeout).await {
@@ -152,10 +159,19 @@ pub async fn discover(
             },
             Ok(None) => {}
             // A node that is down now is the run's concern, not discovery's.
+            Err(why) if why.starts_with(INVALID_VIEW) => {
+                log::warn!("{}: {why}: ignored", endpoint.url);
+                invalid.get_or_insert(format!("{}: {why}", endpoint.url));
+            }
             Err(why) => log::debug!("{}: no /-/shards answer: {why}", endpoint.url),
         }
     }
-    Ok(table)
+    match (table, invalid) {
+        (None, Some(why)) => Err(format!(
+            "no node gave a usable /-/shards answer (not running as standalone nodes): {why}"
+        )),
+        (table, _) => Ok(table),
+    }
 }
 
 /// A member at `addr`, asked directly (no forwarding), with the run's

@@ -182,3 +182,28 @@ fn a_member_down_at_the_start_does_not_stop_the_run() {
     assert!(ops.len() >= 99, "{} lines", ops.len());
     assert!(ops.iter().all(|op| op["outcome"] == "ok"));
 }
+
+#[test]
+fn a_cluster_whose_every_view_is_invalid_is_refused_not_run_as_standalone_nodes() {
+    // Every node's /-/shards names a member whose address is not HOST:PORT:
+    // the answers are refused (as one naming a non-member leader is), and
+    // without one usable answer kv-bench must not treat the nodes as
+    // standalone stores (ring mode, no leader routing).
+    let fake = FakeCluster::start(4);
+    fake.set(|s| {
+        s.members.insert(9, "nowhere".to_string());
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let history = dir.path().join("h.jsonl");
+    let output = run(&fake, &history, &["--requests", "10"]);
+    assert!(!output.status.success(), "{}", explain(&output));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("no node gave a usable /-/shards answer") && stderr.contains("nowhere"),
+        "{stderr}"
+    );
+    assert_eq!(
+        fake.count(1, "PUT") + fake.count(2, "PUT") + fake.count(3, "PUT"),
+        0
+    );
+}
