@@ -448,10 +448,6 @@ impl ClusterNode {
                 }
             }
             Step::PurgeLog { through } => {
-                log::info!(
-                    "shard {shard}: move {move_id}: snapshot and purge the log through {through} \
-                     before adding the learner"
-                );
                 // A snapshot that already covers `through` was built by an
                 // earlier round whose purge openraft has not done yet (it
                 // waits while a follower, perhaps a down one, still
@@ -463,12 +459,19 @@ impl ClusterNode {
                 // and kills the group's Raft core in debug builds.
                 let built = raft.metrics().borrow_watched().snapshot.map(|s| s.index);
                 if let Some(index) = built.filter(|index| *index >= through) {
+                    // Asked again every round until openraft purges: once
+                    // at info (below) is enough.
+                    log::debug!("shard {shard}: move {move_id}: purge through {index} asked again");
                     raft.trigger()
                         .purge_log(index)
                         .await
                         .map_err(|e| e.to_string())?;
                     return Ok(());
                 }
+                log::info!(
+                    "shard {shard}: move {move_id}: snapshot and purge the log through {through} \
+                     before adding the learner"
+                );
                 // A new index first, so the snapshot is a new generation.
                 raft.client_write(Command::Delete {
                     key: NO_OP_KEY.to_owned(),
