@@ -50,7 +50,7 @@ use hyper::header::HeaderValue;
 use hyper::{Method, Uri};
 use kv_cluster::{
     is_final, Attempt, HintBackoff, Next, NotLeader, Placement, Routing, ShardTable, ShardsView,
-    Taken, BACKGROUND_REFRESH, NOT_LEADER_STATUS, REFRESH_EVERY,
+    TableError, Taken, BACKGROUND_REFRESH, NOT_LEADER_STATUS, REFRESH_EVERY,
 };
 
 /// Largest `/-/shards` body read (kv-proxy's bound): 4096 shards of three
@@ -89,8 +89,9 @@ pub struct BenchCluster {
     timeout: Duration,
 }
 
-/// How [`fetch_view`]'s error starts when the node answered 200 with a view
-/// that does not hold together (it is in a cluster), rather than not at all.
+/// How [`fetch_view`]'s error starts when the node answered 200 with a
+/// shards view that does not hold together (it is in a cluster), rather
+/// than not at all or with something that is no shards view.
 const INVALID_VIEW: &str = "invalid /-/shards answer: ";
 
 /// `GET /-/shards` from `endpoint` on a fresh connection (the body read up
@@ -102,9 +103,15 @@ pub async fn fetch_view(
 ) -> Result<Option<(ShardsView, Placement)>, String> {
     let answer = client::get_bounded(endpoint, "/-/shards", timeout, MAX_SHARDS_BODY).await?;
     match answer.status {
-        200 => ShardsView::parse(&answer.body)
-            .map(|view| Some((view, Placement::of(&answer.body))))
-            .map_err(|e| format!("{INVALID_VIEW}{e}")),
+        200 => match ShardsView::parse(&answer.body) {
+            Ok(view) => Ok(Some((view, Placement::of(&answer.body)))),
+            // Not a shards view at all (another store answering every
+            // path, such as the Flask store with a key named "-/shards"):
+            // not a node of a cluster.
+            Err(e @ TableError::Json(_)) => Err(e.to_string()),
+            // A shards view that does not hold together: a cluster node.
+            Err(e) => Err(format!("{INVALID_VIEW}{e}")),
+        },
         404 => Ok(None),
         other => Err(format!("/-/shards answered {other}")),
     }
