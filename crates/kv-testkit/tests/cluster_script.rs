@@ -10,17 +10,37 @@ fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
-/// A base port whose next three ports are free too.
+/// A base port whose next three ports are free too, below the kernel's
+/// ephemeral range: the test kills a node and runs `up` again on its port,
+/// and a port from the ephemeral range may meanwhile be taken as the local
+/// end of some outgoing connection (one CI run saw `up` refuse it as "in
+/// use by another program").
 fn free_base_port() -> u16 {
-    for _ in 0..50 {
-        let probe = TcpListener::bind("127.0.0.1:0").unwrap();
-        let base = probe.local_addr().unwrap().port();
-        drop(probe);
-        if base < 65000 && (0..4).all(|i| TcpListener::bind(("127.0.0.1", base + i)).is_ok()) {
-            return base;
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let (low, high) = (10_000u16, ephemeral_low.saturating_sub(8).max(10_100));
+    // Spread concurrent runs apart: the tests of this process (a call
+    // counter) and other processes (the pid).
+    static CALLS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let span = u32::from(high - low);
+    let spread = std::process::id()
+        .wrapping_mul(7919)
+        .wrapping_add(call * 1009);
+    let mut candidate = low + (spread % span) as u16;
+    for _ in 0..500 {
+        if (0..4).all(|i| TcpListener::bind(("127.0.0.1", candidate + i)).is_ok()) {
+            return candidate;
         }
+        candidate = if candidate + 13 >= high {
+            low
+        } else {
+            candidate + 13
+        };
     }
-    panic!("no four consecutive free ports");
+    panic!("no four consecutive free ports below {high}");
 }
 
 fn cluster(data: &Path, base: u16, command: &str) -> Output {
