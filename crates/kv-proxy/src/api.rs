@@ -244,6 +244,8 @@ fn admin_route(
         return Ok(allow(ADMIN_METHODS));
     }
     if !matches!(*method, Method::GET | Method::HEAD) {
+        // An unknown admin path is 404 whatever the method (as on kv-node).
+        admin_route(proxy, &Method::HEAD, path)?;
         return Err(ApiError::MethodNotAllowed {
             allow: ADMIN_METHODS,
         }

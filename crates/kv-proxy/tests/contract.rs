@@ -160,6 +160,14 @@ fn rfc_9110_and_9112_musts() {
         let r = exchange(addr, b"DELETE /-/health HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
         assert_eq!(r.status, 405, "{layer}");
         assert!(r.header("allow").unwrap().contains("GET"), "{layer}: {r:?}");
+        // An unknown admin path is 404 whatever the method.
+        for method in ["GET", "DELETE", "POST"] {
+            let bytes =
+                format!("{method} /-/nope HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n");
+            let r = exchange(addr, bytes.as_bytes()).unwrap();
+            assert_eq!(r.status, 404, "{layer}: {method} /-/nope: {r:?}");
+            assert_json_error(layer, "Unknown admin path", &r);
+        }
 
         // OPTIONS: 204 with Allow, for a key, an admin path and `*`.
         for target in ["/k", "/-/health", "*"] {
