@@ -55,11 +55,12 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use kv_bench::linearizability::Input;
-use kv_cluster::{placement_over, replicas_to_move, ClusterView, MemberState, Phase, TableView};
+use kv_cluster::{placement_over, ClusterView, MemberState, Phase, TableView};
 use kv_testkit::cluster::{free_ports, send, wait_until, BOUND};
 use kv_testkit::{binary, Cluster, ClusterOpts, Process};
 use support::membership::{
-    assert_placed, assert_readable, join, metric, view, wait_agreed, wait_settled, write_keys,
+    assert_dropped, assert_moves_finished, assert_placed, assert_readable, join, metric, view,
+    wait_agreed, wait_settled, write_keys,
 };
 use support::{key_per_shard, Answer, History, Load};
 
@@ -430,27 +431,9 @@ fn a_node_added_under_load_through_the_proxy_loses_nothing_and_the_proxy_follows
     let progress = assert_monotone(&samples);
 
     // The moves made are the ring's diff, each finished and dropped once.
-    let from = placement_over([1, 2, 3], SHARDS, 3);
+    let expected = assert_moves_finished(&all, &[1, 2, 3], &[1, 2, 3, 4], SHARDS);
+    assert_dropped(&all, expected);
     let to = placement_over([1, 2, 3, 4], SHARDS, 3);
-    let expected = replicas_to_move(&from, &to) as u64;
-    assert!(expected > 0);
-    for addr in &all {
-        assert_eq!(metric(*addr, "kv_cluster_moves_done"), expected, "{addr}");
-    }
-    let finished: u64 = all
-        .iter()
-        .map(|addr| metric(*addr, "kv_cluster_moves_finished_total"))
-        .sum();
-    assert_eq!(finished, expected, "each move finished by one executor");
-    let dropped = || -> u64 {
-        all.iter()
-            .map(|addr| metric(*addr, "kv_cluster_replicas_dropped_total"))
-            .sum()
-    };
-    wait_until("each replaced replica dropped", BOUND, || {
-        dropped() >= expected
-    });
-    assert_eq!(dropped(), expected, "only replaced replicas dropped");
 
     // The proxy, started before node 4 existed, routes to it: its table
     // has the new layout, and requests through it reach node 4 (which
@@ -568,20 +551,10 @@ fn a_node_removed_under_load_through_the_proxy_loses_nothing_and_exits() {
     let samples = poller.finish();
     let progress = assert_monotone(&samples);
 
-    let from = placement_over([1, 2, 3, 4], SHARDS, 3);
-    let to = placement_over(stay.iter().copied(), SHARDS, 3);
-    let expected = replicas_to_move(&from, &to) as u64;
-    assert!(expected > 0);
-    for addr in &left {
-        assert_eq!(metric(*addr, "kv_cluster_moves_done"), expected, "{addr}");
-    }
     // The leaving node never finishes a move: it is every move's `remove`
     // and hands the leadership over before the joint step.
-    let finished: u64 = left
-        .iter()
-        .map(|addr| metric(*addr, "kv_cluster_moves_finished_total"))
-        .sum();
-    assert_eq!(finished, expected, "each move finished by one executor");
+    let expected = assert_moves_finished(&left, &[1, 2, 3, 4], &stay, SHARDS);
+    let to = placement_over(stay.iter().copied(), SHARDS, 3);
 
     // The proxy drops the removed member without a restart.
     wait_table(proxy, removed.version, &stay);

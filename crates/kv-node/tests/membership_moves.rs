@@ -26,12 +26,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use kv_cluster::{placement_over, replicas_to_move, ClusterView, MemberState};
+use kv_cluster::{placement_over, ClusterView, MemberState};
 use kv_testkit::cluster::{free_ports, send, wait_until, BOUND};
 use kv_testkit::{binary, Cluster, ClusterOpts};
 use support::membership::{
-    assert_placed, assert_readable, digest, join, metric, put, retried, shards_view, view,
-    wait_agreed, wait_settled, write_keys,
+    assert_dropped, assert_moves_finished, assert_placed, assert_readable, digest, join, metric,
+    put, retried, shards_view, view, wait_agreed, wait_settled, write_keys,
 };
 
 const SHARDS: u32 = 8;
@@ -157,28 +157,10 @@ fn a_node_added_then_a_node_removed_move_replicas_and_the_removed_node_exits() {
     let added = wait_settled(&all, &[1, 2, 3, 4], &logs);
     eprintln!("add: settled in {:?}", started.elapsed());
     assert!(added.version > before.version);
-    let from = placement_over([1, 2, 3], SHARDS, 3);
     let to = placement_over([1, 2, 3, 4], SHARDS, 3);
-    let expected = replicas_to_move(&from, &to) as u64;
-    assert!(expected > 0);
-    for addr in &all {
-        assert_eq!(metric(*addr, "kv_cluster_moves_done"), expected, "{addr}");
-    }
-    let finished: u64 = all
-        .iter()
-        .map(|addr| metric(*addr, "kv_cluster_moves_finished_total"))
-        .sum();
-    assert_eq!(finished, expected, "each move finished by one executor");
     // A replica is dropped by its node once it applied the move's `Done`.
-    let dropped = || -> u64 {
-        all.iter()
-            .map(|addr| metric(*addr, "kv_cluster_replicas_dropped_total"))
-            .sum()
-    };
-    wait_until("each replaced replica dropped", BOUND, || {
-        dropped() >= expected
-    });
-    assert_eq!(dropped(), expected, "only replaced replicas dropped");
+    let expected = assert_moves_finished(&all, &[1, 2, 3], &[1, 2, 3, 4], SHARDS);
+    assert_dropped(&all, expected);
     let (written, last) = writer.finish();
     eprintln!("add: {written} writes acknowledged during the moves");
     assert!(written > 0);

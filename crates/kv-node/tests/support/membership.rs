@@ -297,3 +297,38 @@ pub fn assert_placed(nodes: &[(u64, SocketAddr)], placement: &[Vec<u64>]) {
         }
     }
 }
+
+/// The moves from the ring's placement over `from` to the one over `to`
+/// (replicas 3) are the ring's diff: every node of `addrs` counts them done,
+/// and each was finished by exactly one executor among them. Returns how
+/// many moves that is (more than zero).
+pub fn assert_moves_finished(addrs: &[SocketAddr], from: &[u64], to: &[u64], shards: u32) -> u64 {
+    let before = kv_cluster::placement_over(from.iter().copied(), shards, 3);
+    let after = kv_cluster::placement_over(to.iter().copied(), shards, 3);
+    let expected = kv_cluster::replicas_to_move(&before, &after) as u64;
+    assert!(expected > 0);
+    for addr in addrs {
+        assert_eq!(metric(*addr, "kv_cluster_moves_done"), expected, "{addr}");
+    }
+    let finished: u64 = addrs
+        .iter()
+        .map(|addr| metric(*addr, "kv_cluster_moves_finished_total"))
+        .sum();
+    assert_eq!(finished, expected, "each move finished by one executor");
+    expected
+}
+
+/// Exactly `expected` replicas are dropped across `addrs`, once each node
+/// applied its moves' `Done` (waited for, bounded).
+pub fn assert_dropped(addrs: &[SocketAddr], expected: u64) {
+    let dropped = || -> u64 {
+        addrs
+            .iter()
+            .map(|addr| metric(*addr, "kv_cluster_replicas_dropped_total"))
+            .sum()
+    };
+    wait_until("each replaced replica dropped", BOUND, || {
+        dropped() >= expected
+    });
+    assert_eq!(dropped(), expected, "only replaced replicas dropped");
+}
