@@ -53,22 +53,12 @@ python3 -c 'import xxhash' 2>/dev/null || python3 -m pip install --quiet xxhash
 WORK=$(mktemp -d -t kv-bench-replication.XXXXXX)
 PIDS=()
 stop_pids() {
-    local pid port deadline=$((SECONDS + 30))
+    local pid
     for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
     for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
     PIDS=()
-    # The nodes are disowned, so `wait` returns before they have exited (a
-    # node hands its leaderships over first, up to 1 s, more on a loaded
-    # machine): wait until the ports are free, or the next start fails.
-    for port in "$PROXY_PORT" "${NODE_PORTS[@]}" "${ETCD_CLIENT[@]}"; do
-        while (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; do
-            if [ $SECONDS -ge $deadline ]; then
-                echo "error: port $port still in use 30 s after stopping" >&2
-                return 1
-            fi
-            sleep 0.05
-        done
-    done
+    # Nodes are disowned, so `wait` returns before they have exited.
+    wait_ports_free "$PROXY_PORT" "${NODE_PORTS[@]}" "${ETCD_CLIENT[@]}"
 }
 cleanup() {
     stop_pids

@@ -41,6 +41,23 @@ wait_port() {
   done
 }
 
+# Waits until nothing accepts TCP connections on any of the given ports of
+# 127.0.0.1, within 30 s in all: processes that were sent SIGTERM (kv-node
+# hands its leaderships over first) may still hold them, and the next start
+# would fail.
+wait_ports_free() {
+  local port deadline=$((SECONDS + 30))
+  for port in "$@"; do
+    while (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; do
+      if [ $SECONDS -ge $deadline ]; then
+        echo "error: port $port still in use 30 s after stopping" >&2
+        return 1
+      fi
+      sleep 0.05
+    done
+  done
+}
+
 # Prints the Requests/sec figure of a wrk report on stdin.
 wrk_rps() { awk '/^Requests\/sec:/ {print $2}'; }
 # Prints the 50% / 99% latency lines of `wrk --latency` output on stdin.
