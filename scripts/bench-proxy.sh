@@ -12,8 +12,12 @@
 # on all three nodes: each request then finds its key (200, same body) however
 # it is routed, and all three runs do the same work.
 #
+# The proxies are measured in ROUNDS rounds, kv-proxy then nginx in each,
+# so both see the machine's changing load alike; each round's ratio and the
+# median are printed (single runs here swing ±10-15%, see ../shared/peers.md).
+#
 # Usage: scripts/bench-proxy.sh            (env: DURATION=10s CONNECTIONS=64
-#        THREADS=2 KEYS=10000 BASE_PORT=28080)
+#        THREADS=2 KEYS=10000 ROUNDS=3 BASE_PORT=28080)
 # Everything started here is stopped on exit (trap).
 set -euo pipefail
 # Benchmarks measure the path without tokens: a KV_AUTH_TOKEN exported in
@@ -24,6 +28,7 @@ DURATION=${DURATION:-10s}
 CONNECTIONS=${CONNECTIONS:-64}
 THREADS=${THREADS:-2}
 KEYS=${KEYS:-10000}
+ROUNDS=${ROUNDS:-3}
 BASE_PORT=${BASE_PORT:-28080}
 PROXY_PORT=$BASE_PORT
 NGINX_PORT=$((BASE_PORT + 10))
@@ -174,22 +179,38 @@ run() { # name, port, pids whose CPU time is the proxy's
     errors=$(awk '/Non-2xx|Socket errors/' "$WORK/$1.wrk")
     [ -z "$errors" ] || echo "   $1: $errors" >&2
     echo "$1 $rps $avg $p50 $p99 $cpu_us" >>"$WORK/results"
-    printf '%-9s %9.0f req/s   latency avg %7.0f us  p50 %7.0f us  p99 %7.0f us   proxy CPU %5s us/request\n' \
+    printf '%-11s %9.0f req/s   latency avg %7.0f us  p50 %7.0f us  p99 %7.0f us   proxy CPU %5s us/request\n' \
         "$1" "$rps" "$avg" "$p50" "$p99" "$cpu_us"
 }
 
-echo "== wrk: $THREADS threads, $CONNECTIONS connections, $DURATION, GETs over $KEYS keys ($(nproc) cores, shared)"
+echo "== wrk: $THREADS threads, $CONNECTIONS connections, $DURATION, GETs over $KEYS keys, $ROUNDS rounds ($(nproc) cores, shared)"
 run direct "${NODE_PORTS[0]}"
-run kv-proxy "$PROXY_PORT" "$PROXY_PID"
-# shellcheck disable=SC2046 # the master and its workers, one word each
-run nginx "$NGINX_PORT" "$NGINX_PID" $(pgrep -P "$NGINX_PID")
+for round in $(seq 1 "$ROUNDS"); do
+    run "kv-proxy#$round" "$PROXY_PORT" "$PROXY_PID"
+    # shellcheck disable=SC2046 # the master and its workers, one word each
+    run "nginx#$round" "$NGINX_PORT" "$NGINX_PID" $(pgrep -P "$NGINX_PID")
+done
 
 awk '
-    { rps[$1] = $2; avg[$1] = $3; p50[$1] = $4; p99[$1] = $5; cpu[$1] = $6 }
+    function median(values, n,    i, j, t) {
+        for (i = 1; i <= n; i++) for (j = i + 1; j <= n; j++)
+            if (values[j] < values[i]) { t = values[i]; values[i] = values[j]; values[j] = t }
+        return n % 2 ? values[(n + 1) / 2] : (values[n / 2] + values[n / 2 + 1]) / 2
+    }
+    { split($1, name, "#"); kind = name[1]; round = name[2]
+      rps[kind, round] = $2; avg[kind] += $3; p50[kind] += $4; p99[kind] += $5; cpu[kind, round] = $6; runs[kind]++ }
     END {
-        printf "kv-proxy / nginx requests/s: %.2f\n", rps["kv-proxy"] / rps["nginx"]
-        printf "kv-proxy / nginx CPU per request: %.2f (lower is better)\n", cpu["kv-proxy"] / cpu["nginx"]
-        for (name in rps) if (name != "direct")
-            printf "%-9s adds over direct: avg %+.0f us, p50 %+.0f us, p99 %+.0f us\n",
-                name, avg[name] - avg["direct"], p50[name] - p50["direct"], p99[name] - p99["direct"]
+        n = 0
+        for (r = 1; ("kv-proxy", r) in rps; r++) {
+            n++
+            ratio[n] = rps["kv-proxy", r] / rps["nginx", r]
+            cratio[n] = cpu["kv-proxy", r] / cpu["nginx", r]
+            printf "round %d: kv-proxy / nginx requests/s %.2f, CPU per request %.2f\n", r, ratio[n], cratio[n]
+        }
+        printf "kv-proxy / nginx requests/s: median %.2f over %d rounds\n", median(ratio, n), n
+        printf "kv-proxy / nginx CPU per request: median %.2f (lower is better)\n", median(cratio, n)
+        for (kind in runs) if (kind != "direct")
+            printf "%-9s adds over direct (mean of rounds): avg %+.0f us, p50 %+.0f us, p99 %+.0f us\n",
+                kind, avg[kind] / runs[kind] - avg["direct"], p50[kind] / runs[kind] - p50["direct"],
+                p99[kind] / runs[kind] - p99["direct"]
     }' "$WORK/results"
