@@ -133,6 +133,20 @@ fn assert_ready_counts(addrs: &[SocketAddr]) {
     }
 }
 
+/// `kv_raft_leader_changes_total` of `addr`, by its `shard="N"` label.
+fn leader_changes(addr: SocketAddr) -> BTreeMap<String, u64> {
+    let response = send(addr, "GET", "/-/metrics", &[], None).expect("GET /-/metrics");
+    response
+        .text()
+        .lines()
+        .filter_map(|line| line.strip_prefix("kv_raft_leader_changes_total{"))
+        .filter_map(|rest| {
+            let (labels, value) = rest.split_once("} ")?;
+            Some((labels.to_owned(), value.trim().parse().ok()?))
+        })
+        .collect()
+}
+
 #[test]
 fn a_node_added_then_a_node_removed_move_replicas_and_the_removed_node_exits() {
     let opts = ClusterOpts {
@@ -142,6 +156,9 @@ fn a_node_added_then_a_node_removed_move_replicas_and_the_removed_node_exits() {
     let mut cluster = Cluster::start(3, 3, opts);
     let addrs: Vec<SocketAddr> = (1..=3).map(|id| cluster.addr(id)).collect();
     let before = wait_agreed(&addrs, &[1, 2, 3]);
+    // Every hosted shard has seen its first leader by now: counted.
+    let counted: Vec<BTreeMap<String, u64>> =
+        addrs.iter().map(|addr| leader_changes(*addr)).collect();
     let keys = write_keys(&addrs, "add", 200, 100);
     let writer = Writer::start(addrs.clone());
 
@@ -161,6 +178,18 @@ fn a_node_added_then_a_node_removed_move_replicas_and_the_removed_node_exits() {
     // A replica is dropped by its node once it applied the move's `Done`.
     let expected = assert_moves_finished(&all, &[1, 2, 3], &[1, 2, 3, 4], SHARDS);
     assert_dropped(&all, expected);
+    // Counters are monotone: a replica given away keeps its shard's series
+    // (one that vanished and came back at 0 would read as a reset).
+    for (addr, before) in addrs.iter().zip(&counted) {
+        let after = leader_changes(*addr);
+        for (shard, count) in before {
+            let now = after.get(shard).copied();
+            assert!(
+                now.is_some_and(|now| now >= *count),
+                "{addr}: kv_raft_leader_changes_total of {shard} went from {count} to {now:?}"
+            );
+        }
+    }
     let (written, last) = writer.finish();
     eprintln!("add: {written} writes acknowledged during the moves");
     assert!(written > 0);

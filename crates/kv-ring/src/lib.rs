@@ -314,7 +314,11 @@ mod tests {
             // the ends of the ring and many keys' hashes.
             let mut hashes = vec![0, 1, u64::MAX, u64::MAX - 1];
             for point in ring.points.iter() {
-                hashes.extend([point.hash, point.hash.wrapping_sub(1), point.hash.wrapping_add(1)]);
+                hashes.extend([
+                    point.hash,
+                    point.hash.wrapping_sub(1),
+                    point.hash.wrapping_add(1),
+                ]);
             }
             for b in 0..(1u64 << ring.bits) {
                 let bound = b << (64 - ring.bits);

@@ -718,11 +718,22 @@ impl ClusterNode {
                     ));
                 }
             }
-            let stats = &self.shard_stats[shard as usize];
-            elections.push((label(), stats.elections.load(Relaxed)));
-            changes.push((label(), stats.leader_changes.load(Relaxed)));
             snapshots.push((label(), hosted.sm.snapshots_built()));
             installs.push((label(), hosted.sm.snapshot_installs()));
+        }
+        // The node's own counters outlive a replica moved away (issue 13):
+        // a counter series that vanished and came back at 0 would read as a
+        // reset, so every shard this node ever counted for keeps its series.
+        for (shard, stats) in self.shard_stats.iter().enumerate() {
+            let (stood, seen) = (
+                stats.elections.load(Relaxed),
+                stats.leader_changes.load(Relaxed),
+            );
+            if stood == 0 && seen == 0 && self.hosted(shard as u32).is_none() {
+                continue;
+            }
+            elections.push((vec![("shard", shard.to_string())], stood));
+            changes.push((vec![("shard", shard.to_string())], seen));
         }
         // Solo shards owned here: led by this node in term 0, no log.
         for shard in self.solo_owned() {
