@@ -222,6 +222,21 @@ impl Store {
         }
     }
 
+    /// Leaves a Raft group's committed log id for the log thread to write
+    /// with its next batch, without waking it; a newer one for the group
+    /// replaces it until then (`journal::writer`, "Committed indexes ride
+    /// along"). Never written ahead of the entries the group submitted
+    /// before this call, but a crash may lose it (recovery then gives back
+    /// an older committed), since nobody waits for it: an idle store writes
+    /// it within about a second, and [`Store::close`] writes it. In memory
+    /// there is nothing to log.
+    pub fn submit_committed(&self, group: u32, committed: Bytes) -> Result<(), StoreError> {
+        match &self.durable {
+            Some(durable) => durable.journal.submit_committed(group, committed),
+            None => GroupRecord::Committed(committed).check_size(),
+        }
+    }
+
     /// The Raft groups' logs as recovery found them (per group: the last
     /// vote, committed and purge, and the entries after the purge; or,
     /// for a group whose last record is a drop, nothing but `dropped`),

@@ -51,6 +51,37 @@
 //! gave, as for plain writes today. A batch that fails on disk completes
 //! its group records with the error, like its writers.
 //!
+//! # Committed indexes ride along
+//!
+//! A group's committed log id is the one record nobody waits for and that
+//! may be lost (openraft re-learns an older committed from the leader; it
+//! only must never be *ahead* of the entries durable before it). Sending it
+//! on the channel like the rest cost a wake-up of the parked thread per
+//! commit-index advance (§15.2 of `docs/replication.md`: 1.5 such records
+//! per replicated write, the futex wake ~6% of a node's CPU). So
+//! [`Journal::submit_committed`] only overwrites the group's slot in
+//! [`LazyCommitted`], and this thread frames the slots' newest values into
+//! the next batch it writes for any other reason, into a batch of their
+//! own at its periodic tick ([`COMMITTED_TICK`]: an idle node gets its
+//! last committed written within about that), and at close.
+//!
+//! **Never ahead of the entries.** A group's Raft core submits the entries
+//! covering a committed index (`append`) before it stores that index in the
+//! slot (`save_committed`): the entries message is on the channel before
+//! the slot holds the index. The thread takes the slots *before* it polls
+//! the channel for the rest of the batch, and frames what it took at the
+//! batch's end only if that poll ended on an empty channel (and backlog):
+//! since the channel is FIFO, an empty channel after the take means every
+//! message sent before the take, so every entries record a taken index
+//! covers, is in this batch (framed before) or in an earlier one (written
+//! before). A poll cut short (batch limits, a rotation, close) keeps what
+//! it took for a later batch that does drain the channel; a newer slot
+//! value replaces a kept one. A torn write cuts a suffix of the batch, so
+//! it can drop a committed record but never keep one without what it
+//! covers. A group's drop (or an eager `Committed` record through
+//! [`Journal::submit_group`]) clears its slot and what the thread kept, so
+//! an old incarnation's index never lands after its drop.
+//!
 //! Each rotation starts the new segment with the groups' checkpoint and
 //! syncs it (one extra `fdatasync` per rotation, only once a group record
 //! was ever logged), so retirement can delete older segments by the groups'
@@ -99,7 +130,7 @@
 //!
 //! A failed `fdatasync` stays fatal even when it says `ENOSPC`.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
@@ -110,6 +141,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use parking_lot::Mutex;
 use tokio::sync::oneshot;
 
@@ -128,6 +160,16 @@ pub const MAX_BATCH_BYTES: usize = 4 << 20;
 
 /// How often `everysec`'s syncer thread syncs.
 const EVERYSEC: Duration = Duration::from_secs(1);
+
+/// How long the log thread sleeps at most when nothing arrives, so that
+/// committed indexes left in their slots by an idle node reach the disk
+/// (a wake-up a second; one `write`, and with `always` one `fdatasync`,
+/// only when a slot holds something).
+pub(crate) const COMMITTED_TICK: Duration = Duration::from_secs(1);
+
+/// The newest committed log id of each group not yet taken by the log
+/// thread, overwritten per group (see "Committed indexes ride along").
+pub(crate) type LazyCommitted = Arc<Mutex<HashMap<u32, Bytes>>>;
 
 /// What a writer is told once its op is applied: whether its key was
 /// there (see [`Apply`]), or why it was not logged.
@@ -325,6 +367,8 @@ pub(crate) struct Journal {
     active_seq: Mutex<u64>,
     /// Which segments the Raft groups still need (read by retirement).
     pub book: Arc<Mutex<GroupBook>>,
+    /// Committed indexes waiting for the log thread's next batch.
+    lazy: LazyCommitted,
 }
 
 /// A segment the writer has rotated away from: no longer written to, not
@@ -399,7 +443,10 @@ impl Journal {
         let dir = config.dir.clone();
         let active_seq = Mutex::new(config.seq);
         let book = Arc::new(Mutex::new(book));
+        let lazy = LazyCommitted::default();
         let writer = Writer {
+            lazy: Arc::clone(&lazy),
+            held: BTreeMap::new(),
             group_dones: Vec::new(),
             purges: Vec::new(),
             records: Vec::new(),
@@ -439,6 +486,7 @@ impl Journal {
             dir,
             active_seq,
             book,
+            lazy,
         })
     }
 
@@ -452,12 +500,29 @@ impl Journal {
             done.complete(Err(error));
             return;
         }
+        if matches!(record, GroupRecord::Drop | GroupRecord::Committed(_)) {
+            // Nothing older of the group may be framed after this record
+            // (the thread also forgets what it took, when it takes it).
+            self.lazy.lock().remove(&group);
+        }
         // A send that fails drops the message, and `Pending` answers Closed.
         let _ = self.tx.send(Msg::Group {
             group,
             record,
             done,
         });
+    }
+
+    /// Leaves `committed` (a group's committed log id) for the log thread to
+    /// write with its next batch, without waking it (see "Committed indexes
+    /// ride along"); a newer call for the group before then replaces it.
+    /// Nobody is told when it is written: it may be lost in a crash, never
+    /// written ahead of the entries the group submitted before this call.
+    pub fn submit_committed(&self, group: u32, committed: Bytes) -> Result<(), StoreError> {
+        GroupRecord::Committed(committed.clone()).check_size()?;
+        self.health.broken()?;
+        self.lazy.lock().insert(group, committed);
+        Ok(())
     }
 
     /// Queues `op`; the receiver completes once it is committed and
@@ -615,6 +680,11 @@ struct Writer {
     closing: bool,
     /// Per group, what the next segment's checkpoint restates.
     checkpoints: BTreeMap<u32, Checkpoint>,
+    /// The groups' slots, and what this thread took from them and has not
+    /// framed yet (framed only at the end of a batch that drained the
+    /// channel: see "Committed indexes ride along").
+    lazy: LazyCommitted,
+    held: BTreeMap<u32, Bytes>,
     /// The directory holds [`GROUPS_FILE`].
     marked: bool,
     book: Arc<Mutex<GroupBook>>,
@@ -665,6 +735,15 @@ impl Failure {
     }
 }
 
+/// What the log thread's wait for a message ended with.
+enum Next {
+    Msg(Msg),
+    /// A [`COMMITTED_TICK`] passed without a message.
+    Idle,
+    /// Every handle is gone.
+    Gone,
+}
+
 /// First pause between tries for room, doubled after each failed try.
 const FIRST_ROOM_PAUSE: Duration = Duration::from_millis(20);
 /// Longest pause between tries for room: how late writes resume after
@@ -673,17 +752,37 @@ const MAX_ROOM_PAUSE: Duration = Duration::from_millis(500);
 
 impl Writer {
     fn run(mut self, rx: Receiver<Msg>) {
-        while let Some(first) = self.next(&rx) {
+        loop {
+            let first = match self.next(&rx) {
+                Next::Msg(msg) => Some(msg),
+                // A tick with nothing queued: a batch of the slots alone.
+                Next::Idle => None,
+                Next::Gone => break,
+            };
+            // Before the poll (see "Committed indexes ride along").
+            self.take_lazy();
+            if first.is_none() && self.held.is_empty() {
+                continue;
+            }
             let mut control = None;
-            self.take(first, &mut control);
+            if let Some(first) = first {
+                self.take(first, &mut control);
+            }
+            let mut drained = false;
             while control.is_none()
                 && self.ops.len() + self.group_dones.len() < MAX_BATCH
                 && self.buf.len() < MAX_BATCH_BYTES
             {
                 match self.poll(&rx) {
                     Some(msg) => self.take(msg, &mut control),
-                    None => break,
+                    None => {
+                        drained = true;
+                        break;
+                    }
                 }
+            }
+            if drained {
+                self.frame_held();
             }
             self.commit(&rx);
             match control {
@@ -704,6 +803,15 @@ impl Writer {
         // Closing (or every handle dropped): make everything written durable
         // (also when the disk is full: what was written before must be synced).
         if self.health.broken().is_ok() {
+            // The slots' last values, by the same rule as a batch: only if
+            // nothing is queued after the take. A message racing with close
+            // is dropped unlogged (as it always was: its sender hears
+            // `Closed`), and then the committed indexes are left out.
+            self.take_lazy();
+            if !self.held.is_empty() && self.poll(&rx).is_none() {
+                self.frame_held();
+                self.commit(&rx);
+            }
             if let Err(error) = self.seal() {
                 let path = self.segment_path();
                 self.health.fail(StoreError::disk("sealing", path, error));
@@ -719,9 +827,37 @@ impl Writer {
         );
     }
 
-    /// The next message (the backlog first); `None` once every handle is gone.
-    fn next(&mut self, rx: &Receiver<Msg>) -> Option<Msg> {
-        self.backlog.pop_front().or_else(|| rx.recv().ok())
+    /// The next message (the backlog first), waiting at most a
+    /// [`COMMITTED_TICK`].
+    fn next(&mut self, rx: &Receiver<Msg>) -> Next {
+        if let Some(msg) = self.backlog.pop_front() {
+            return Next::Msg(msg);
+        }
+        match rx.recv_timeout(COMMITTED_TICK) {
+            Ok(msg) => Next::Msg(msg),
+            Err(RecvTimeoutError::Timeout) => Next::Idle,
+            Err(RecvTimeoutError::Disconnected) => Next::Gone,
+        }
+    }
+
+    /// Moves the slots' values into `held` (newer replace older).
+    fn take_lazy(&mut self) {
+        let mut slots = self.lazy.lock();
+        if !slots.is_empty() {
+            self.held.extend(slots.drain());
+        }
+    }
+
+    /// Frames every held committed index at the end of the batch; only
+    /// once the batch's poll found the channel empty after the take (see
+    /// "Committed indexes ride along").
+    fn frame_held(&mut self) {
+        for (group, committed) in std::mem::take(&mut self.held) {
+            let record = GroupRecord::Committed(committed);
+            record.encode(group, &mut self.buf);
+            self.checkpoints.entry(group).or_default().note(&record);
+            self.records.push((group, record));
+        }
     }
 
     /// The next message if one is waiting (the backlog first).
@@ -753,6 +889,10 @@ impl Writer {
                     GroupRecord::Drop => self.purges.push((group, None)),
                     _ => {}
                 }
+                if matches!(record, GroupRecord::Drop | GroupRecord::Committed(_)) {
+                    // An index taken earlier must not follow this record.
+                    self.held.remove(&group);
+                }
                 self.checkpoints.entry(group).or_default().note(&record);
                 self.group_dones.push(done);
                 self.records.push((group, record));
@@ -766,7 +906,7 @@ impl Writer {
     /// is dropped unapplied. A batch without room waits for it
     /// ([`Writer::wait_for_room`]).
     fn commit(&mut self, rx: &Receiver<Msg>) {
-        if self.waiters.is_empty() && self.group_dones.is_empty() {
+        if self.waiters.is_empty() && self.records.is_empty() {
             return;
         }
         let committed = self
@@ -881,7 +1021,7 @@ impl Writer {
                 }
                 Err(RecvTimeoutError::Timeout) => {}
             }
-            let tried = if self.group_dones.is_empty() {
+            let tried = if self.records.is_empty() {
                 self.try_room(needed)
             } else {
                 self.write_batch()
@@ -913,7 +1053,7 @@ impl Writer {
         #[cfg(feature = "test-hooks")]
         self.hook(hooks::Event::BeforeWrite)
             .map_err(Failure::of_write)?;
-        if !self.marked && !self.group_dones.is_empty() {
+        if !self.marked && !self.records.is_empty() {
             // An empty file: creating it again after no room is harmless.
             mark_groups(&self.config.dir).map_err(Failure::of_write)?;
             self.marked = true;
@@ -932,7 +1072,7 @@ impl Writer {
             .active_log_bytes
             .store(self.segment_bytes, Ordering::Relaxed);
         self.dirty.store(true, Ordering::Release);
-        let records = self.ops.len() + self.group_dones.len();
+        let records = self.ops.len() + self.records.len();
         self.health
             .appended
             .fetch_add(records as u64, Ordering::Relaxed);
