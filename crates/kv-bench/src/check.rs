@@ -214,9 +214,10 @@ pub fn holds_value(body: &[u8], value: &[u8]) -> bool {
     const PREFIX: &[u8] = b"{\"value\":";
     let trimmed = body.strip_suffix(b"\n").unwrap_or(body);
     if trimmed.len() == PREFIX.len() + value.len() + 1
-        && trimmed.starts_with(PREFIX)
-        && trimmed.ends_with(b"}")
-        && &trimmed[PREFIX.len()..trimmed.len() - 1] == value
+        && trimmed
+            .strip_prefix(PREFIX)
+            .and_then(|rest| rest.strip_suffix(b"}"))
+            == Some(value)
     {
         return true;
     }

@@ -516,6 +516,8 @@ pub async fn routed(
                 if conns.len() <= node {
                     conns.resize_with(node + 1, || None);
                 }
+                // why: resized just above to hold `node`.
+                #[allow(clippy::indexing_slicing)]
                 let exchange = crate::worker::exchange(
                     &mut conns[node],
                     endpoint,
@@ -553,7 +555,9 @@ pub async fn routed(
         }
         if abandoned {
             // Dropped mid-exchange: the connection's state is unknown.
-            conns[last_node] = None;
+            if let Some(slot) = conns.get_mut(last_node) {
+                *slot = None;
+            }
         }
         let attempt = match &result {
             Ok(answer) if is_final(answer.status) => {

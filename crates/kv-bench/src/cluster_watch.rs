@@ -184,7 +184,10 @@ impl Watch {
         let count = self.sources.len();
         for turn in 0..count {
             let index = (self.preferred + turn) % count;
-            let endpoint = self.sources[index].clone();
+            // A remainder by `count`: always `Some`.
+            let Some(endpoint) = self.sources.get(index).cloned() else {
+                continue;
+            };
             match fetch(&endpoint).await {
                 Ok(view) => {
                     self.preferred = index;

@@ -517,13 +517,14 @@ impl Config {
             }
             Target::Spawn(nodes)
         } else if !self.urls.is_empty() {
-            let urls: Vec<String> = self.urls.iter().map(|u| u.trim().to_owned()).collect();
+            let mut urls: Vec<String> = self.urls.iter().map(|u| u.trim().to_owned()).collect();
             // --nodes may pick a prefix of --urls; it defaults to all of them.
             let nodes = self.nodes.unwrap_or(urls.len());
             if nodes == 0 || nodes > urls.len() {
                 return Err(format!("--nodes {nodes} but {} --urls given", urls.len()));
             }
-            Target::Nodes(urls[..nodes].to_vec())
+            urls.truncate(nodes);
+            Target::Nodes(urls)
         } else {
             let nodes = self.nodes.unwrap_or(1);
             if nodes == 0 {

@@ -210,13 +210,13 @@ impl Recorder {
     fn read_value(&mut self, body: &[u8]) -> Option<Value> {
         const PREFIX: &[u8] = b"{\"value\":\"";
         let trimmed = body.strip_suffix(b"\n").unwrap_or(body);
-        if trimmed.len() == PREFIX.len() + self.value_size + 2
-            && trimmed.starts_with(PREFIX)
-            && trimmed.ends_with(b"\"}")
-            && self.value_size >= 16
+        let text = trimmed
+            .strip_prefix(PREFIX)
+            .and_then(|rest| rest.strip_suffix(b"\"}"));
+        if let Some((digits, padding)) = text
+            .filter(|text| text.len() == self.value_size && self.value_size >= 16)
+            .and_then(|text| text.split_at_checked(16))
         {
-            let text = &trimmed[PREFIX.len()..trimmed.len() - 2];
-            let (digits, padding) = text.split_at(16);
             if padding.iter().all(|&b| b == b'x') {
                 if let Some(seq) = std::str::from_utf8(digits)
                     .ok()

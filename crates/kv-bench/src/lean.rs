@@ -247,17 +247,19 @@ fn parse_head(buffer: &mut BytesMut) -> Result<Option<Head>, String> {
 }
 
 fn push_decimal(out: &mut Vec<u8>, mut n: usize) {
+    // Filled from the end; 20 digits hold any `usize`.
     let mut digits = [0u8; 20];
-    let mut i = digits.len();
-    loop {
-        i -= 1;
-        digits[i] = b'0' + (n % 10) as u8;
+    let mut used = 0;
+    for digit in digits.iter_mut().rev() {
+        *digit = b'0' + (n % 10) as u8;
         n /= 10;
+        used += 1;
         if n == 0 {
             break;
         }
     }
-    out.extend_from_slice(&digits[i..]);
+    // `used` is at most 20, so the `get` never misses.
+    out.extend_from_slice(digits.get(digits.len() - used..).unwrap_or_default());
 }
 
 #[cfg(test)]

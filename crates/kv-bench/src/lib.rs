@@ -24,6 +24,8 @@
 //! * [`history`]: `--history` recording and `check-history`, over
 //!   [`linearizability`]'s checker.
 
+#![deny(clippy::indexing_slicing)]
+
 use std::fmt;
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -217,7 +219,8 @@ pub fn run(config: Config) -> Result<Outcome, BenchError> {
         } else {
             format!("{prefix}n{count}_")
         };
-        let nodes = endpoints[..count].to_vec();
+        // `count` is at most `endpoints.len()` (`node_counts`).
+        let nodes: Vec<_> = endpoints.iter().take(count).cloned().collect();
         println!("{}", describe(&plan, target, &nodes));
         let stop = Arc::new(AtomicBool::new(false));
         let end = Arc::new(AtomicBool::new(false));

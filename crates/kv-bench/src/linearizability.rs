@@ -130,6 +130,10 @@ struct Events {
     partner: Vec<usize>,
 }
 
+// why: every index here is a node of this list (`0..=2 * ops.len()`, or a
+// `next`/`prev`/`partner` read from it) or an op below `ops.len()` that `new`
+// itself numbered: in range by construction, on the search's hottest path.
+#[allow(clippy::indexing_slicing)]
 impl Events {
     fn new(ops: &[&Op]) -> Self {
         // (time, is_return, op): calls sort before returns at equal times.
@@ -200,6 +204,9 @@ impl Events {
 #[derive(Clone, PartialEq, Eq, Hash)]
 struct Bits(Box<[u64]>);
 
+// why: `set`/`clear` take an index below the `len` the set was made for
+// (`check` sizes `known` by the ops, `unknown` by their count of unknown).
+#[allow(clippy::indexing_slicing)]
 impl Bits {
     fn new(len: usize) -> Self {
         Bits(vec![0; len.div_ceil(64)].into_boxed_slice())
@@ -256,6 +263,10 @@ impl Cache {
 }
 
 /// Checks one key's operations, visiting at most `max_steps` events.
+// why: the search indexes `events` by nodes read from it, and `ops`/`rank`
+// by the op numbers `Events::new` gave out (below `ops.len()`): in range by
+// construction, in the loop that runs up to `max_steps` times.
+#[allow(clippy::indexing_slicing)]
 pub fn check(ops: &[Op], max_steps: u64) -> Checked {
     // An unknown GET could have read anything, or nothing: no constraint.
     let ops: Vec<&Op> = ops
@@ -400,7 +411,7 @@ pub fn minimise(ops: &[Op], max_steps: u64, max_ops: usize) -> Vec<usize> {
         if left == 0 {
             return false;
         }
-        let chosen: Vec<Op> = subset.iter().map(|&i| ops[i].clone()).collect();
+        let chosen: Vec<Op> = subset.iter().filter_map(|&i| ops.get(i)).cloned().collect();
         let checked = check(&chosen, max_steps.min(left));
         budget.set(left.saturating_sub(checked.steps));
         checked.verdict == Verdict::Violation
@@ -411,7 +422,7 @@ pub fn minimise(ops: &[Op], max_steps: u64, max_ops: usize) -> Vec<usize> {
     let close = |subset: &mut Vec<usize>| {
         let read: HashSet<u32> = subset
             .iter()
-            .filter_map(|&i| match ops[i].output {
+            .filter_map(|&i| match ops.get(i)?.output {
                 Output::Read(Some(v)) => Some(v),
                 _ => None,
             })
@@ -421,14 +432,15 @@ pub fn minimise(ops: &[Op], max_steps: u64, max_ops: usize) -> Vec<usize> {
                 subset.push(i);
             }
         }
-        subset.sort_by_key(|&i| (ops[i].invoke, i));
+        subset.sort_by_key(|&i| (ops.get(i).map(|op| op.invoke), i));
     };
+    // Indices of `ops` (so every `get` above finds its op), by invoke time.
     let mut by_invoke: Vec<usize> = (0..ops.len()).collect();
-    by_invoke.sort_by_key(|&i| (ops[i].invoke, i));
+    by_invoke.sort_by_key(|&i| (ops.get(i).map(|op| op.invoke), i));
     // The shortest prefix (by invoke) that already violates: found by
     // doubling, then bisecting, so it costs O(log n) checks.
     let prefix = |len: usize| {
-        let mut subset = by_invoke[..len].to_vec();
+        let mut subset: Vec<usize> = by_invoke.iter().take(len).copied().collect();
         close(&mut subset);
         subset
     };
@@ -510,20 +522,27 @@ pub fn describe_op(op: &Op, values: &[String]) -> String {
 /// `get by client 2 at t=… returned "v1", but put "v2" by client 1 was
 /// acknowledged at t=… before it began`.
 pub fn describe_violation(ops: &[Op], involved: &[usize], values: &[String]) -> String {
-    let mut involved = involved.to_vec();
-    involved.sort_by_key(|&i| (ops[i].invoke, i));
+    // Indices that name no operation (never given by `minimise`) are left out.
+    let mut involved: Vec<(usize, &Op)> = involved
+        .iter()
+        .filter_map(|&i| ops.get(i).map(|op| (i, op)))
+        .collect();
+    involved.sort_by_key(|&(i, op)| (op.invoke, i));
     let observer = involved
         .iter()
         .rev()
         .copied()
-        .find(|&i| matches!(ops[i].output, Output::Read(_) | Output::Deleted(_)))
+        .find(|(_, op)| matches!(op.output, Output::Read(_) | Output::Deleted(_)))
         .or_else(|| involved.last().copied());
-    let Some(observer) = observer else {
+    let Some((observer, seen)) = observer else {
         return "no operations".to_owned();
     };
-    let seen = &ops[observer];
     let mut text = describe_op(seen, values);
-    let others: Vec<usize> = involved.into_iter().filter(|&i| i != observer).collect();
+    let others: Vec<&Op> = involved
+        .into_iter()
+        .filter(|&(i, _)| i != observer)
+        .map(|(_, op)| op)
+        .collect();
     if others.is_empty() {
         text.push_str(match seen.output {
             Output::Read(Some(_)) => ", which no put wrote",
@@ -534,8 +553,7 @@ pub fn describe_violation(ops: &[Op], involved: &[usize], values: &[String]) -> 
     }
     text.push_str(", but");
     let shown = others.len().min(DESCRIBED);
-    for (n, &i) in others[others.len() - shown..].iter().enumerate() {
-        let other = &ops[i];
+    for (n, &other) in others.iter().skip(others.len() - shown).enumerate() {
         let what = match other.input {
             Input::Put(v) => format!(
                 "put {}",

@@ -1,6 +1,8 @@
 //! The `kv-bench` binary: parse flags, set up logging, run (or check a
 //! history, or watch a cluster's layout change), exit code.
 
+#![deny(clippy::indexing_slicing)]
+
 use std::process::ExitCode;
 
 use clap::Parser;

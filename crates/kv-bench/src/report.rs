@@ -236,6 +236,7 @@ impl RunReport {
                 self.redirects
             );
         }
+        let share = |i: usize| self.node_share.get(i).copied().unwrap_or_default();
         let shares: Vec<String> = self
             .urls
             .iter()
@@ -245,10 +246,10 @@ impl RunReport {
                 match &self.ring_share {
                     Some(ring) => format!(
                         "{url} {:.1}% (ring {:.1}%)",
-                        self.node_share[i] * 100.0,
+                        share(i) * 100.0,
                         ring.get(i).copied().unwrap_or_default() * 100.0
                     ),
-                    None => format!("{url} {:.1}%", self.node_share[i] * 100.0),
+                    None => format!("{url} {:.1}%", share(i) * 100.0),
                 }
             })
             .collect();

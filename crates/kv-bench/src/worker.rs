@@ -23,7 +23,7 @@ use hyper::{Method, Uri};
 use kv_ring::Ring;
 use tokio::sync::{watch, Barrier};
 
-use crate::check::{check, ErrorCounts, Failure};
+use crate::check::{check, ErrorCounts, ErrorKind, Failure};
 use crate::client::{self, Answer, ClientKind, Conn, Endpoint};
 use crate::cluster::{self, BenchCluster};
 use crate::config::{Plan, Stop};
@@ -158,9 +158,15 @@ impl ValueTemplate {
     /// Writes `seq` into the value; returns the whole PUT body.
     #[inline]
     fn render(&mut self, seq: u64) -> &[u8] {
-        let digits = &mut self.bytes[BODY_PREFIX.len()..BODY_PREFIX.len() + 16];
+        // `new` made room for the 16 digits (a value is at least 16 bytes),
+        // and a nibble indexes `HEX`: neither `get` misses.
+        let digits = self
+            .bytes
+            .get_mut(BODY_PREFIX.len()..BODY_PREFIX.len() + 16)
+            .unwrap_or_default();
         for (i, digit) in digits.iter_mut().enumerate() {
-            *digit = HEX[((seq >> (60 - 4 * i)) & 0xf) as usize];
+            let nibble = ((seq >> (60 - 4 * i)) & 0xf) as usize;
+            *digit = HEX.get(nibble).copied().unwrap_or(b'0');
         }
         &self.bytes
     }
@@ -168,8 +174,11 @@ impl ValueTemplate {
     /// The JSON text of the value with `seq` (what a GET must return).
     #[inline]
     fn value(&mut self, seq: u64) -> &[u8] {
-        let len = self.render(seq).len();
-        &self.bytes[BODY_PREFIX.len() - 1..len - 1]
+        // Between the prefix's opening quote and the closing brace.
+        self.render(seq)
+            .get(BODY_PREFIX.len() - 1..)
+            .and_then(|rest| rest.strip_suffix(b"}"))
+            .unwrap_or_default()
     }
 }
 
@@ -236,6 +245,9 @@ impl MixWorker {
 
     /// Sends one operation on local key `local` and checks the answer.
     async fn execute(&mut self, kind: OpKind, local: usize) -> (Result<(), Failure>, usize) {
+        // why: `local` is below `keys.len()`: the key picker draws below it
+        // and preload and cleanup walk `0..keys.len()`.
+        #[allow(clippy::indexing_slicing)]
         let key = &self.keys[local];
         let node = key.node as usize;
         let timeout = self.shared.plan.timeout;
@@ -291,16 +303,14 @@ impl MixWorker {
                 (routed.result, routed.node)
             }
             None => {
-                let answer = exchange(
-                    &mut self.conns[node],
-                    &self.shared.endpoints[node],
-                    client,
-                    method,
-                    &key.path,
-                    body,
-                    timeout,
-                )
-                .await;
+                // A key's node is an index of the endpoints, each with a
+                // connection slot, so the `_` arm is never taken.
+                let answer = match (self.conns.get_mut(node), self.shared.endpoints.get(node)) {
+                    (Some(slot), Some(endpoint)) => {
+                        exchange(slot, endpoint, client, method, &key.path, body, timeout).await
+                    }
+                    _ => Err(no_endpoint(node)),
+                };
                 (answer, node)
             }
         };
@@ -308,6 +318,8 @@ impl MixWorker {
             let answer = answer.as_ref().map(|a| (a.status, &a.body[..]));
             recorder.record(local as u32, kind, Value::Seq(seq), invoked, answer);
         }
+        // why: as above, `local` is below `keys.len()`.
+        #[allow(clippy::indexing_slicing)]
         let key = &mut self.keys[local];
         let verdict = match answer {
             Ok(Answer { status, body, .. }) => {
@@ -377,6 +389,8 @@ impl MixWorker {
         let ops = OpPicker::new(plan.mix);
         let picker = KeyPicker::new(plan.distribution, self.keys.len() as u64);
         let mut rng = Rng::for_worker(plan.rng_seed, self.id);
+        // why: `live` has one entry per worker, and ids are `0..workers`.
+        #[allow(clippy::indexing_slicing)]
         let live = &shared.live[self.id];
         let (mut done, mut failed) = (0u64, 0u64);
 
@@ -419,7 +433,9 @@ impl MixWorker {
                 if let Some(corrected) = stats.corrected.as_mut() {
                     let _ = corrected.record(micros(finished - due_at));
                 }
-                stats.ops[kind as usize] += 1;
+                if let Some(ops) = stats.ops.get_mut(kind as usize) {
+                    *ops += 1;
+                }
                 count_node(&mut stats.node_requests, node);
                 stats.finished = Some(finished);
                 remaining -= 1;
@@ -450,10 +466,11 @@ impl MixWorker {
             connect_members(&mut self.conns, &self.shared.endpoints, plan).await;
             return Ok(());
         }
-        for (node, endpoint) in self.shared.endpoints.iter().enumerate() {
+        // One slot per endpoint (`new`).
+        let slots = self.conns.iter_mut();
+        for ((node, endpoint), slot) in self.shared.endpoints.iter().enumerate().zip(slots) {
             if self.keys.iter().any(|k| k.node as usize == node) {
-                self.conns[node] =
-                    Some(client::connect(endpoint, plan.timeout, plan.client).await?);
+                *slot = Some(client::connect(endpoint, plan.timeout, plan.client).await?);
             }
         }
         Ok(())
@@ -473,7 +490,11 @@ impl MixWorker {
     /// still checked).
     async fn cleanup(&mut self, errors: &mut ErrorCounts) {
         for local in 0..self.keys.len() {
-            if self.keys[local].state != State::Absent {
+            if self
+                .keys
+                .get(local)
+                .is_some_and(|key| key.state != State::Absent)
+            {
                 if let (Err(failure), _) = self.execute(OpKind::Delete, local).await {
                     errors.record(failure);
                 }
@@ -527,13 +548,21 @@ async fn connect_members(conns: &mut [Option<Conn>], endpoints: &[Endpoint], pla
     }
 }
 
+/// The failure for a node with no endpoint: never made, as nodes are indices
+/// of the endpoints.
+fn no_endpoint(node: usize) -> Failure {
+    Failure::new(ErrorKind::Connect, format!("node {node} has no endpoint"))
+}
+
 /// One more request answered by `node`; cluster mode learns nodes during a
 /// run, so the counts grow with them.
 fn count_node(counts: &mut Vec<u64>, node: usize) {
     if counts.len() <= node {
         counts.resize(node + 1, 0);
     }
-    counts[node] += 1;
+    if let Some(count) = counts.get_mut(node) {
+        *count += 1;
+    }
 }
 
 async fn wait_start(mut start: watch::Receiver<Option<Instant>>) -> Option<Instant> {
@@ -589,7 +618,6 @@ impl SeedWorker {
         let name = format!("{}key_{}", self.shared.prefix, op.index);
         let value = format!("\"value_{}\"", op.index);
         let node = self.node_of(&name);
-        let endpoint = &self.shared.endpoints[node];
         let (method, body) = match op.kind {
             // The Flask client POSTs `{"value": "value_i"}`.
             OpKind::Set => (Method::POST, Some(format!("{{\"value\": {value}}}"))),
@@ -620,16 +648,23 @@ impl SeedWorker {
                 (routed.result, routed.node)
             }
             None => {
-                let answer = exchange(
-                    &mut self.conns[node],
-                    endpoint,
-                    self.shared.plan.client,
-                    method,
-                    &path,
-                    body.as_deref().map(str::as_bytes),
-                    self.shared.plan.timeout,
-                )
-                .await;
+                // `node_of` gives an index of the endpoints, each with a
+                // connection slot, so the `_` arm is never taken.
+                let answer = match (self.conns.get_mut(node), self.shared.endpoints.get(node)) {
+                    (Some(slot), Some(endpoint)) => {
+                        exchange(
+                            slot,
+                            endpoint,
+                            self.shared.plan.client,
+                            method,
+                            &path,
+                            body.as_deref().map(str::as_bytes),
+                            self.shared.plan.timeout,
+                        )
+                        .await
+                    }
+                    _ => Err(no_endpoint(node)),
+                };
                 (answer, node)
             }
         };
@@ -691,9 +726,10 @@ impl SeedWorker {
         if shared.cluster.is_some() {
             connect_members(&mut self.conns, &shared.endpoints, &shared.plan).await;
         } else {
-            for (node, endpoint) in shared.endpoints.iter().enumerate() {
+            // One slot per endpoint (`new`).
+            for (endpoint, slot) in shared.endpoints.iter().zip(self.conns.iter_mut()) {
                 match client::connect(endpoint, shared.plan.timeout, shared.plan.client).await {
-                    Ok(conn) => self.conns[node] = Some(conn),
+                    Ok(conn) => *slot = Some(conn),
                     Err(failure) => {
                         setup = Err(failure);
                         break;
@@ -710,6 +746,8 @@ impl SeedWorker {
         }
         let workers = shared.workers;
         let batches = shared.seed_ops.len().div_ceil(workers);
+        // why: `live` has one entry per worker, and ids are `0..workers`.
+        #[allow(clippy::indexing_slicing)]
         let live = &shared.live[self.id];
         let (mut done, mut failed) = (0u64, 0u64);
         for batch in 0..batches {
@@ -719,7 +757,9 @@ impl SeedWorker {
                     let (verdict, node) = self.execute(op).await;
                     let finished = Instant::now();
                     let _ = stats.latency.record(micros(finished - sent));
-                    stats.ops[op.kind as usize] += 1;
+                    if let Some(ops) = stats.ops.get_mut(op.kind as usize) {
+                        *ops += 1;
+                    }
                     count_node(&mut stats.node_requests, node);
                     stats.finished = Some(finished);
                     done += 1;

@@ -42,6 +42,8 @@
 //! preferred leader, which is what lets a fresh cluster initialise each Raft
 //! group exactly once (§8).
 
+#![deny(clippy::indexing_slicing)]
+
 pub mod exec;
 mod file;
 pub mod meta;

@@ -835,12 +835,20 @@ pub fn apply(state: &mut ClusterState, cmd: &MetaCommand) -> Result<Outcome, Ref
             if reported != goal || reported.len() != voters.len() {
                 return Err(Refusal::WrongVoters { shard: *shard });
             }
-            bump(state);
+            // `open_move` checked `shard < shards`, and `ClusterState::check`
+            // that both per-shard vectors have `shards` rows: never refused.
             let s = *shard as usize;
-            if let Some(mv) = state.moves.remove(shard) {
-                state.current[s] = mv.goal;
+            if s >= state.current.len() || s >= state.current_log_index.len() {
+                return Err(Refusal::NoSuchShard { shard: *shard });
             }
-            state.current_log_index[s] = *membership_log_index;
+            bump(state);
+            let goal = state.moves.remove(shard).map(|mv| mv.goal);
+            if let (Some(current), Some(goal)) = (state.current.get_mut(s), goal) {
+                *current = goal;
+            }
+            if let Some(log_index) = state.current_log_index.get_mut(s) {
+                *log_index = *membership_log_index;
+            }
             state.moves_done += 1;
             crate::plan::replan(state);
             finish(state)
@@ -854,6 +862,12 @@ pub fn apply(state: &mut ClusterState, cmd: &MetaCommand) -> Result<Outcome, Ref
                 return Err(Refusal::NoSuchShard { shard: *shard });
             }
             let s = *shard as usize;
+            // In range for a checked state (`ClusterState::check`).
+            let (Some(current), Some(&applied)) =
+                (state.current.get(s), state.current_log_index.get(s))
+            else {
+                return Err(Refusal::NoSuchShard { shard: *shard });
+            };
             if let Some(mv) = state
                 .moves
                 .get(shard)
@@ -865,15 +879,17 @@ pub fn apply(state: &mut ClusterState, cmd: &MetaCommand) -> Result<Outcome, Ref
                 });
             }
             let reported: BTreeSet<NodeId> = voters.iter().copied().collect();
-            let current: BTreeSet<NodeId> = state.current[s].iter().copied().collect();
+            let current: BTreeSet<NodeId> = current.iter().copied().collect();
             if reported != current || reported.len() != voters.len() {
                 return Err(Refusal::WrongVoters { shard: *shard });
             }
-            if *membership_log_index <= state.current_log_index[s] {
+            if *membership_log_index <= applied {
                 return unchanged;
             }
             bump(state);
-            state.current_log_index[s] = *membership_log_index;
+            if let Some(log_index) = state.current_log_index.get_mut(s) {
+                *log_index = *membership_log_index;
+            }
             finish(state)
         }
     }

@@ -87,7 +87,8 @@ pub fn placement_over(
         .map(|shard| {
             ring.successor_indices(shard_point(shard).as_bytes())
                 .take(replicas as usize)
-                .map(|index| ids[index])
+                // The ring was built from `ids`, so every index is in range.
+                .filter_map(|index| ids.get(index).copied())
                 .collect()
         })
         .collect()

@@ -93,7 +93,10 @@ pub(crate) fn replan(state: &mut ClusterState) {
     let leaving: BTreeSet<NodeId> = state.with_state(MemberState::Leaving).collect();
     for shard in 0..state.shards {
         let s = shard as usize;
-        let (current, target) = (&state.current[s], &state.placement[s]);
+        // Both have a row per shard (`target_placement`, `ClusterState::check`).
+        let (Some(current), Some(target)) = (state.current.get(s), state.placement.get(s)) else {
+            continue;
+        };
         if let Some(open) = state.moves.get(&shard) {
             let useful = target.contains(&open.add) && !target.contains(&open.remove);
             if open.phase == Phase::Joint || useful {
@@ -115,11 +118,15 @@ pub(crate) fn replan(state: &mut ClusterState) {
             }
             None => {
                 state.moves.remove(&shard);
-                if state.current[s] != state.placement[s] {
-                    // Same members, another order (ring order changes as
-                    // members come and go): adopt the ring's order, which
-                    // preferred leaders break ties by. No group changes.
-                    state.current[s] = state.placement[s].clone();
+                if let (Some(current), Some(target)) =
+                    (state.current.get_mut(s), state.placement.get(s))
+                {
+                    if current != target {
+                        // Same members, another order (ring order changes as
+                        // members come and go): adopt the ring's order, which
+                        // preferred leaders break ties by. No group changes.
+                        current.clone_from(target);
+                    }
                 }
             }
         }

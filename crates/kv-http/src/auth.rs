@@ -128,10 +128,11 @@ pub fn constant_time_eq(expected: &[u8], presented: &[u8]) -> bool {
 /// `Err` names what is wrong, for the 401's message.
 pub fn bearer_token(value: &HeaderValue) -> Result<&[u8], &'static str> {
     let bytes = value.as_bytes();
-    let (scheme, rest) = match bytes.iter().position(|&b| b == b' ') {
-        Some(space) => (&bytes[..space], &bytes[space..]),
-        None => (bytes, &b""[..]),
-    };
+    let (scheme, rest) = bytes
+        .iter()
+        .position(|&b| b == b' ')
+        .and_then(|space| bytes.split_at_checked(space))
+        .unwrap_or((bytes, &b""[..]));
     if !scheme.eq_ignore_ascii_case(b"bearer") {
         return Err("the Authorization scheme must be Bearer");
     }

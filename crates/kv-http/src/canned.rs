@@ -49,11 +49,11 @@ fn replacement(head: &[u8]) -> Option<Vec<u8>> {
         return None;
     }
     let end = head.windows(4).position(|w| w == b"\r\n\r\n")?;
-    let head = &head[..end];
-    if head
-        .split(|&b| b == b'\n')
-        .any(|line| line.len() >= 13 && line[..13].eq_ignore_ascii_case(b"content-type:"))
-    {
+    let head = head.get(..end)?;
+    if head.split(|&b| b == b'\n').any(|line| {
+        line.get(..13)
+            .is_some_and(|name| name.eq_ignore_ascii_case(b"content-type:"))
+    }) {
         return None;
     }
     let code = std::str::from_utf8(head.get(9..12)?).ok()?.parse().ok()?;
@@ -79,7 +79,10 @@ impl<T: AsyncWrite + Unpin> JsonErrors<T> {
             if *written == bytes.len() {
                 break;
             }
-            let n = ready!(Pin::new(&mut self.inner).poll_write(cx, &bytes[*written..]))?;
+            // `written` stays at most `bytes.len()` (the loop stops there), so
+            // the slice is never the empty default.
+            let rest = bytes.get(*written..).unwrap_or_default();
+            let n = ready!(Pin::new(&mut self.inner).poll_write(cx, rest))?;
             if n == 0 {
                 return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }

@@ -28,6 +28,8 @@
 //! * [`probe`]: the one `GET /-/health` probe (kv-health, kv-bench,
 //!   kv-proxy's health checks, kv-testkit), std only.
 
+#![deny(clippy::indexing_slicing)]
+
 pub mod auth;
 pub mod canned;
 pub mod error;

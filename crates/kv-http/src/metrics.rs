@@ -142,30 +142,45 @@ impl Default for Metrics {
 
 impl Metrics {
     /// The sum of one counter over all shards.
-    fn total(&self, counter: impl Fn(&Shard) -> &AtomicU64) -> u64 {
+    fn total(&self, counter: impl Fn(&Shard) -> Option<&AtomicU64>) -> u64 {
         self.shards
             .iter()
-            .map(|shard| counter(shard).load(Relaxed))
+            .filter_map(|shard| counter(shard).map(|counter| counter.load(Relaxed)))
             .sum()
     }
 
     /// Records one answered request.
     #[inline]
     pub fn record(&self, operation: Operation, status: u16, elapsed: Duration) {
+        // Every index is in range by construction (a slot modulo the shard
+        // count, an `Operation` into arrays of `Operation::ALL.len()`, a
+        // status or bucket position into arrays sized for their tables), so
+        // no `get` misses; each costs the bounds check an index would.
         let op = operation as usize;
-        let shard = &self.shards[thread_slot() % self.shards.len()];
-        shard.requests[op][status_index(status)].fetch_add(1, Relaxed);
+        let Some(shard) = self.shards.get(thread_slot() % self.shards.len()) else {
+            return;
+        };
+        if let Some(count) = shard
+            .requests
+            .get(op)
+            .and_then(|row| row.get(status_index(status)))
+        {
+            count.fetch_add(1, Relaxed);
+        }
         let seconds = elapsed.as_secs_f64();
         let bucket = BUCKETS
             .iter()
             .position(|&bound| seconds <= bound)
             .unwrap_or(BUCKETS.len());
-        let histogram = &shard.latency[op];
-        histogram.buckets[bucket].fetch_add(1, Relaxed);
-        histogram.sum_nanos.fetch_add(
-            u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX),
-            Relaxed,
-        );
+        if let Some(histogram) = shard.latency.get(op) {
+            if let Some(count) = histogram.buckets.get(bucket) {
+                count.fetch_add(1, Relaxed);
+            }
+            histogram.sum_nanos.fetch_add(
+                u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX),
+                Relaxed,
+            );
+        }
     }
 
     /// What the counters hold now, summed over the shards.
@@ -175,7 +190,7 @@ impl Metrics {
         for operation in Operation::ALL {
             let op = operation as usize;
             for (i, &status) in STATUSES.iter().enumerate() {
-                let count = self.total(|shard| &shard.requests[op][i]);
+                let count = self.total(|shard| shard.requests.get(op)?.get(i));
                 if count > 0 {
                     let status = if status == 0 {
                         "other".to_owned()
@@ -190,10 +205,15 @@ impl Metrics {
                 .iter()
                 .chain([f64::INFINITY].iter())
                 .enumerate()
-                .map(|(i, &bound)| (bound, self.total(|shard| &shard.latency[op].buckets[i])))
+                .map(|(i, &bound)| {
+                    (
+                        bound,
+                        self.total(|shard| shard.latency.get(op)?.buckets.get(i)),
+                    )
+                })
                 .collect();
             let count = buckets.iter().map(|(_, n)| n).sum();
-            let sum = self.total(|shard| &shard.latency[op].sum_nanos) as f64 / 1e9;
+            let sum = self.total(|shard| Some(&shard.latency.get(op)?.sum_nanos)) as f64 / 1e9;
             latency.push(Latency {
                 op: operation.label(),
                 sum,

@@ -74,12 +74,14 @@ fn exchange(
         .map_err(|e| format!("write: {e}"))?;
     let mut head = [0u8; 64];
     let mut filled = 0;
-    while !head[..filled].contains(&b'\n') && filled < head.len() {
+    // `read` returns at most the room it was given, so `filled` stays at most
+    // `head.len()` and the `get`s never miss.
+    while filled < head.len() && !head.get(..filled).unwrap_or_default().contains(&b'\n') {
         control
             .set_read_timeout(Some(left("read")?))
             .map_err(|e| format!("read: {e}"))?;
         let read = stream
-            .read(&mut head[filled..])
+            .read(head.get_mut(filled..).unwrap_or_default())
             .map_err(|e| match e.kind() {
                 std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
                     format!("no answer within {timeout:?}")
@@ -91,7 +93,7 @@ fn exchange(
         }
         filled += read;
     }
-    let line = String::from_utf8_lossy(&head[..filled]);
+    let line = String::from_utf8_lossy(head.get(..filled).unwrap_or_default());
     let line = line.lines().next().unwrap_or("");
     match status_of(line) {
         Some(200) => Ok(()),

@@ -117,7 +117,10 @@ pub async fn serve<W: Worker>(
         };
         // Round robin: connections are long-lived and alike.
         next = (next + 1) % senders.len();
-        if senders[next].send((stream, slot)).is_err() {
+        if senders
+            .get(next)
+            .is_none_or(|sender| sender.send((stream, slot)).is_err())
+        {
             log::error!("worker {next} has stopped");
         }
     }

@@ -154,6 +154,9 @@ pub async fn handle(
     Ok(response)
 }
 
+/// Never seen: the ring is built from the proxy's node list.
+const UNKNOWN_OWNER: &str = "the ring named a node the proxy does not know";
+
 async fn route(
     proxy: &Proxy,
     reserve: &Reserve,
@@ -211,9 +214,13 @@ async fn route(
         *forwarded = true;
         return cluster::forward(proxy, &proxy.cluster, cluster, request, shard).await;
     }
-    let node = &proxy.nodes[owner];
+    // The ring was built from `nodes`, and `pools` has one per node: the
+    // owner is in range of both.
+    let (Some(node), Some(pool)) = (proxy.nodes.get(owner), proxy.pools.get(owner)) else {
+        return Err(ApiError::Internal(UNKNOWN_OWNER).into());
+    };
     let result = upstream::forward(
-        &proxy.pools[owner],
+        pool,
         node,
         request,
         proxy.request_timeout,
@@ -329,12 +336,15 @@ fn admin_route(
             // after a wait, or 503: degraded too.
             if let Some(cluster) = proxy.cluster.get() {
                 let leaderless = cluster.without_leader();
-                if !leaderless.is_empty() {
-                    health["status"] = "degraded".into();
+                // `json!({...})` above is an object: always `Some`.
+                if let Some(fields) = health.as_object_mut() {
+                    if !leaderless.is_empty() {
+                        fields.insert("status".to_owned(), "degraded".into());
+                    }
+                    fields.insert("shards".to_owned(), cluster.shards().into());
+                    fields.insert("placement_version".to_owned(), cluster.version().into());
+                    fields.insert("shards_without_leader".to_owned(), leaderless.into());
                 }
-                health["shards"] = cluster.shards().into();
-                health["placement_version"] = cluster.version().into();
-                health["shards_without_leader"] = leaderless.into();
             }
             health
         }
@@ -374,7 +384,10 @@ fn admin_route(
             }
             Some(encoded) => {
                 let key = key::parse(encoded)?;
-                let node = &proxy.nodes[proxy.ring.owner_index(key.as_bytes())];
+                let node = proxy
+                    .nodes
+                    .get(proxy.ring.owner_index(key.as_bytes()))
+                    .ok_or(ApiError::Internal(UNKNOWN_OWNER))?;
                 serde_json::json!({
                     "key": key,
                     "owner": node.name,

@@ -918,8 +918,8 @@ impl Cluster {
         if replicas.is_empty() {
             return None;
         }
-        let id = replicas[turn % replicas.len()];
-        table.members().get(&id).cloned()
+        let id = replicas.get(turn % replicas.len())?;
+        table.members().get(id).cloned()
     }
 }
 

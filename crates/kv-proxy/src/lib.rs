@@ -20,6 +20,8 @@
 //!   core, one single-threaded runtime and node connection pool each, as
 //!   nginx's worker processes).
 
+#![deny(clippy::indexing_slicing)]
+
 use std::future::Future;
 use std::io;
 use std::sync::Arc;

@@ -1,5 +1,7 @@
 //! The `kv-proxy` binary: parse flags, set up logging, bind, run.
 
+#![deny(clippy::indexing_slicing)]
+
 use std::process::ExitCode;
 
 use clap::Parser;

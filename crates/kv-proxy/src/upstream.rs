@@ -127,8 +127,15 @@ impl NodeStats {
     #[inline]
     pub fn record<T>(&self, result: &Result<T, ProxyError>) {
         if let Some(outcome) = Outcome::of(result) {
-            let shard = &self.shards[thread_slot() % self.shards.len()];
-            shard[outcome as usize].fetch_add(1, Ordering::Relaxed);
+            // A slot modulo the shard count and an `Outcome` into an array of
+            // `Outcome::ALL.len()`: in range, so the `get`s never miss.
+            if let Some(count) = self
+                .shards
+                .get(thread_slot() % self.shards.len())
+                .and_then(|shard| shard.get(outcome as usize))
+            {
+                count.fetch_add(1, Ordering::Relaxed);
+            }
         }
     }
 
@@ -136,7 +143,8 @@ impl NodeStats {
     pub fn count(&self, outcome: Outcome) -> u64 {
         self.shards
             .iter()
-            .map(|shard| shard[outcome as usize].load(Ordering::Relaxed))
+            .filter_map(|shard| shard.get(outcome as usize))
+            .map(|count| count.load(Ordering::Relaxed))
             .sum()
     }
 }

@@ -13,6 +13,8 @@
 //! Adding a node moves only the keys that the new node's points take over;
 //! removing it gives them back to exactly their old owners.
 
+#![deny(clippy::indexing_slicing)]
+
 use std::fmt;
 
 use xxhash_rust::xxh3::xxh3_64;
@@ -110,7 +112,7 @@ impl Ring {
             return Err(RingError::NoVirtualNodes);
         }
         for (i, node) in nodes.iter().enumerate() {
-            if nodes[..i].contains(node) {
+            if nodes.iter().take(i).any(|earlier| earlier == node) {
                 return Err(RingError::DuplicateNode(node.clone()));
             }
         }
@@ -133,7 +135,7 @@ impl Ring {
         points.sort_unstable_by(|a, b| {
             a.hash
                 .cmp(&b.hash)
-                .then_with(|| nodes[a.node as usize].cmp(&nodes[b.node as usize]))
+                .then_with(|| nodes.get(a.node as usize).cmp(&nodes.get(b.node as usize)))
         });
         let bits = bucket_bits(points.len());
         let buckets = (0..=(1u64 << bits))
@@ -193,11 +195,19 @@ impl Ring {
     /// Index (into [`Ring::nodes`]) of the node that owns `key`.
     #[inline]
     pub fn owner_index(&self, key: &[u8]) -> usize {
-        self.points[self.point_index(key_hash(key))].node as usize
+        // `point_index` is always below `points.len()` (the ring is never
+        // empty), so the fallback is never taken; `get` costs the same bounds
+        // check an index would.
+        self.points
+            .get(self.point_index(key_hash(key)))
+            .map_or(0, |point| point.node as usize)
     }
 
     /// The node that owns `key`.
     #[inline]
+    // why: `owner_index` returns a point's `node`, which `Ring::new` set to an
+    // index of `nodes` (never empty), so the index is always in range.
+    #[allow(clippy::indexing_slicing)]
     pub fn owner(&self, key: &[u8]) -> &str {
         &self.nodes[self.owner_index(key)]
     }
@@ -232,7 +242,9 @@ impl Ring {
         for point in self.points.iter() {
             // A point owns the arc from the previous point (exclusive) to
             // itself (inclusive); the first point's arc wraps past zero.
-            owned[point.node as usize] += u128::from(point.hash.wrapping_sub(previous));
+            if let Some(arc) = owned.get_mut(point.node as usize) {
+                *arc += u128::from(point.hash.wrapping_sub(previous));
+            }
             previous = point.hash;
         }
         if self.nodes.len() == 1 {
@@ -253,7 +265,7 @@ impl<'a> Iterator for Successors<'a> {
 
     fn next(&mut self) -> Option<&'a str> {
         let index = self.indices.next()?;
-        Some(&self.indices.ring.nodes[index])
+        self.indices.ring.nodes.get(index).map(String::as_str)
     }
 }
 
@@ -275,11 +287,14 @@ impl Iterator for SuccessorIndices<'_> {
     fn next(&mut self) -> Option<usize> {
         let points = &self.ring.points;
         while self.found < self.seen.len() && self.walked < points.len() {
-            let node = points[self.next].node as usize;
+            // `next` stays below `points.len()` and a point's node below
+            // `seen.len()` (one flag per node), so neither `?` ends the walk.
+            let node = points.get(self.next)?.node as usize;
             self.next = (self.next + 1) % points.len();
             self.walked += 1;
-            if !self.seen[node] {
-                self.seen[node] = true;
+            let seen = self.seen.get_mut(node)?;
+            if !*seen {
+                *seen = true;
                 self.found += 1;
                 return Some(node);
             }

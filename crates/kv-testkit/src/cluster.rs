@@ -179,7 +179,8 @@ impl Cluster {
         if opts.relays {
             for from in 1..=members {
                 for to in (1..=members).filter(|to| *to != from) {
-                    let target = SocketAddr::from(([127, 0, 0, 1], ports[&to]));
+                    let port = ports.get(&to).copied().expect("every member has a port");
+                    let target = SocketAddr::from(([127, 0, 0, 1], port));
                     relays.insert((from, to), Relay::start(target).expect("start a relay"));
                 }
             }
@@ -254,7 +255,7 @@ impl Cluster {
     pub fn args(&self, id: u64) -> Vec<String> {
         let mut args: Vec<String> = vec![
             "--port".into(),
-            self.ports[&id].to_string(),
+            self.addr(id).port().to_string(),
             "--data-dir".into(),
             self.data_dir(id).to_string_lossy().into_owned(),
             "--node-id".into(),
@@ -328,7 +329,12 @@ impl Cluster {
 
     /// Node `id`'s client address (its own port, never a relay).
     pub fn addr(&self, id: u64) -> SocketAddr {
-        SocketAddr::from(([127, 0, 0, 1], self.ports[&id]))
+        let port = self
+            .ports
+            .get(&id)
+            .copied()
+            .unwrap_or_else(|| panic!("node {id} is not a member"));
+        SocketAddr::from(([127, 0, 0, 1], port))
     }
 
     /// The proxy's address, when one was started.
@@ -435,24 +441,28 @@ impl Cluster {
     /// what the shard's leader had committed when this was called.
     pub fn wait_caught_up(&self, id: u64, bound: Duration) {
         let leaders = self.wait_for_leaders(bound);
-        let mut target = vec![0u64; leaders.len()];
-        for (shard, leader) in leaders.iter().enumerate() {
-            let view = self.shards(*leader).expect("the leader answers /-/shards");
-            target[shard] = view
-                .groups
-                .get(shard)
-                .and_then(|g| g.committed)
-                .unwrap_or(0);
-        }
+        let target: Vec<u64> = leaders
+            .iter()
+            .enumerate()
+            .map(|(shard, leader)| {
+                let view = self.shards(*leader).expect("the leader answers /-/shards");
+                view.groups
+                    .get(shard)
+                    .and_then(|g| g.committed)
+                    .unwrap_or(0)
+            })
+            .collect();
         wait_until(
             &format!("node {id} applied what the leaders had committed ({target:?})"),
             bound,
             || {
                 self.shards(id).is_some_and(|view| {
-                    view.groups
-                        .iter()
-                        .filter(|g| g.hosted)
-                        .all(|g| g.applied.unwrap_or(0) >= target[g.shard as usize])
+                    view.groups.iter().filter(|g| g.hosted).all(|g| {
+                        let committed = target
+                            .get(g.shard as usize)
+                            .expect("a shard the leaders were asked about");
+                        g.applied.unwrap_or(0) >= *committed
+                    })
                 })
             },
         );
@@ -473,7 +483,8 @@ impl Cluster {
                     return None;
                 }
                 let json: serde_json::Value = serde_json::from_slice(&response.body).ok()?;
-                Some((id, json["keys"].clone(), json["digest"].clone()))
+                let field = |name| json.get(name).cloned().unwrap_or_default();
+                Some((id, field("keys"), field("digest")))
             })
             .collect()
     }

@@ -147,7 +147,11 @@ impl FakeState {
     /// Makes node `id` (a spare one) a member at its address, bumps the
     /// version and gives it the leadership of `shards` in a newer term.
     pub fn join(&mut self, id: u64, shards: &[u32]) {
-        let addr = self.addrs[(id - 1) as usize].clone();
+        let addr = self
+            .addrs
+            .get((id - 1) as usize)
+            .cloned()
+            .unwrap_or_else(|| panic!("node {id} is not one of the fake's nodes"));
         self.members.insert(id, addr);
         self.version = Some(self.version.unwrap_or(0) + 1);
         let term = self.actual_term.max(self.advertised_term) + 1;
@@ -483,10 +487,15 @@ fn answer_locked(
         {
             return Err(std::io::Error::other("down: closing without an answer"));
         }
-        let Some(last) = s.cluster_views.len().checked_sub(1) else {
+        // The next view in turn, then the last one again and again.
+        let Some(mut view) = s
+            .cluster_views
+            .get(s.cluster_served)
+            .or(s.cluster_views.last())
+            .cloned()
+        else {
             return Ok(json(404, "{\"error\":\"Not found\"}\n".into()));
         };
-        let mut view = s.cluster_views[s.cluster_served.min(last)].clone();
         s.cluster_served += 1;
         view.node_id = id;
         return Ok(json(200, serde_json::to_string(&view).unwrap()));
@@ -509,7 +518,9 @@ fn answer_locked(
         let mut body = shards_answer(id, s);
         if let Some(&pad) = s.shards_pad.get(&id) {
             let mut object: serde_json::Value = serde_json::from_slice(&body).unwrap();
-            object["pad"] = "x".repeat(pad).into();
+            if let Some(fields) = object.as_object_mut() {
+                fields.insert("pad".to_owned(), "x".repeat(pad).into());
+            }
             body = serde_json::to_vec(&object).unwrap();
         }
         return Ok(json(200, String::from_utf8(body).unwrap()));
@@ -545,7 +556,11 @@ fn answer_locked(
     if s.bounce {
         s.actual_term += 1;
         let next = id % 3 + 1;
-        let addr = s.members[&next].clone();
+        let addr = s
+            .members
+            .get(&next)
+            .cloned()
+            .expect("a bouncing fake has members 1, 2 and 3");
         let not_leader = NotLeader::new(shard, next, &addr, s.actual_term);
         return Ok(json(421, serde_json::to_string(&not_leader).unwrap()));
     }
@@ -600,10 +615,9 @@ fn answer_locked(
     Ok(match method.as_str() {
         "PUT" | "POST" => match serde_json::from_slice::<serde_json::Value>(&body) {
             Ok(value) if value.get("value").is_some() => {
-                s.data.insert(
-                    key,
-                    Bytes::from(format!("{{\"value\":{}}}\n", value["value"])),
-                );
+                let value = value.get("value").unwrap_or(&serde_json::Value::Null);
+                s.data
+                    .insert(key, Bytes::from(format!("{{\"value\":{value}}}\n")));
                 json(200, "{\"message\":\"Value stored successfully\"}\n".into())
             }
             _ => json(400, "{\"error\":\"Malformed JSON body\"}\n".into()),

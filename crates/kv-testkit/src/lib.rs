@@ -23,6 +23,7 @@
 //! HTTP here is a tiny blocking HTTP/1.1 client over `std::net` on purpose:
 //! readiness checks must not depend on the code under test.
 
+#![deny(clippy::indexing_slicing)]
 // Test support: a panic is how it reports a failed setup to the test.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
@@ -299,9 +300,13 @@ impl Process {
         self.kill9();
         let port = self.addr.port().to_string();
         let mut args = self.args.clone();
-        match args.iter().position(|a| a == "--port") {
-            Some(i) if i + 1 < args.len() => args[i + 1] = port,
-            _ => args.extend(["--port".to_owned(), port]),
+        let value = args
+            .iter()
+            .position(|a| a == "--port")
+            .and_then(|i| args.get_mut(i + 1));
+        match value {
+            Some(value) => *value = port,
+            None => args.extend(["--port".to_owned(), port]),
         }
         let fresh = Self::start(self.program.clone(), args);
         *self = fresh;
@@ -409,7 +414,7 @@ fn exchange_inner(
     let mut buf = [0u8; 8192];
     let complete = |raw: &[u8]| -> Option<usize> {
         let split = raw.windows(4).position(|w| w == b"\r\n\r\n")?;
-        let response = parse_response(&raw[..split + 4], true).ok()?;
+        let response = parse_response(raw.get(..split + 4)?, true).ok()?;
         let length = if head_only || response.status / 100 == 1 {
             0
         } else {
@@ -431,9 +436,11 @@ fn exchange_inner(
                 format!("closed mid-answer: {:?}", String::from_utf8_lossy(&raw)),
             ));
         }
-        raw.extend_from_slice(&buf[..n]);
+        // `read` returned at most the buffer's length.
+        raw.extend_from_slice(buf.get(..n).unwrap_or_default());
     };
-    let response = parse_response(&raw[..end], head_only)?;
+    // `complete` found `end` within `raw`.
+    let response = parse_response(raw.get(..end).unwrap_or_default(), head_only)?;
     let closed = if !see_close || raw.len() > end {
         false
     } else {
@@ -457,7 +464,10 @@ fn parse_response(raw: &[u8], head_only: bool) -> std::io::Result<Response> {
         .windows(4)
         .position(|w| w == b"\r\n\r\n")
         .ok_or_else(|| bad("no end of headers"))?;
-    let head = std::str::from_utf8(&raw[..split]).map_err(|_| bad("head is not UTF-8"))?;
+    let (head, rest) = raw
+        .split_at_checked(split)
+        .ok_or_else(|| bad("no end of headers"))?;
+    let head = std::str::from_utf8(head).map_err(|_| bad("head is not UTF-8"))?;
     let mut lines = head.split("\r\n");
     let status_line = lines.next().ok_or_else(|| bad("no status line"))?;
     let status = status_line
@@ -469,7 +479,7 @@ fn parse_response(raw: &[u8], head_only: bool) -> std::io::Result<Response> {
         .filter_map(|l| l.split_once(':'))
         .map(|(n, v)| (n.trim().to_owned(), v.trim().to_owned()))
         .collect();
-    let mut body = raw[split + 4..].to_vec();
+    let mut body = rest.get(4..).unwrap_or_default().to_vec();
     if head_only {
         body.clear();
     }

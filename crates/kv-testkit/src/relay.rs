@@ -503,7 +503,8 @@ fn pump(shared: &Shared, mut from: TcpStream, mut to: TcpStream, delivered: &Ato
         // Counted before the write, so that a client that has seen bytes
         // also sees them counted.
         shared.count(delivered, n as u64);
-        if to.write_all(&buffer[..n]).is_err() {
+        // `read` returned at most the buffer's length.
+        if to.write_all(buffer.get(..n).unwrap_or_default()).is_err() {
             break;
         }
     }
