@@ -7,8 +7,8 @@
 #      3-member etcd cluster (Debian's etcd-server) over its HTTP/JSON gateway
 #      (POST /v3/kv/put), vs kv with --replicas 1 (--fsync always) through
 #      kv-proxy;
-#   2. linearizable reads of existing keys: kv GET (read-index, the default;
-#      and --read-policy lease),
+#   2. linearizable reads of existing keys: kv GET (--read-policy read-index;
+#      and lease, the default since 2026-11-30; both passed explicitly),
 #      etcd POST /v3/kv/range (linearizable, its default), kv --replicas 1 GET;
 #   3. failover: KILLS times, kill -9 the node leading the most shards and time
 #      each of its shards from the kill to the first acknowledged write of a

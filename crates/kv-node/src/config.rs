@@ -168,14 +168,16 @@ pub struct Config {
     pub raft_write_timeout: Duration,
 
     /// Cluster mode: how a leader confirms it still leads before a
-    /// linearizable read. `read-index`: a quorum acknowledges a heartbeat
-    /// sent after the read arrived (one round per batch of reads; no clock
-    /// assumption). `lease`: a quorum acknowledgement younger than the leader
-    /// lease (the election timeout) is reused, so most reads need no round
-    /// trip; safe while clocks' rates differ by less than the margin between
-    /// the lease and the election timeout (openraft refuses votes while a
-    /// lease holds).
-    #[arg(long, env = "KV_READ_POLICY", value_enum, default_value = "read-index")]
+    /// linearizable read. `lease` (the default): a quorum acknowledgement
+    /// younger than the shortest election timeout (300 ms) is reused, so
+    /// most reads need no round trip; the followers that gave it refuse
+    /// votes for the longest election timeout (600 ms) after receiving it,
+    /// and a restarted node for 600 ms after it starts. It assumes the
+    /// nodes' clock *rates* differ by less than that margin (300 of 600 ms),
+    /// not that their clocks agree. `read-index`: a quorum acknowledges a
+    /// heartbeat sent after the read arrived (one round per batch of reads;
+    /// no clock assumption).
+    #[arg(long, env = "KV_READ_POLICY", value_enum, default_value = "lease")]
     pub read_policy: ReadPolicy,
 
     /// Cluster mode: how long a client's request (one without
@@ -267,12 +269,14 @@ fn parse_route(value: &str) -> Result<(u64, String), String> {
 /// `--read-policy`: how linearizable reads confirm leadership.
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum ReadPolicy {
-    /// A quorum round after the read arrived (openraft's `ReadIndex`).
-    #[default]
+    /// A quorum round after the read arrived (openraft's `ReadIndex`): no
+    /// clock assumption.
     ReadIndex,
     /// Reuse a quorum acknowledgement younger than the leader lease,
     /// heartbeating only when it is older (openraft's lease read, waiting
-    /// instead of failing when the lease lapsed).
+    /// instead of failing when the lease lapsed). Assumes bounded clock-rate
+    /// differences (see `--read-policy`); the default.
+    #[default]
     Lease,
 }
 
@@ -354,6 +358,17 @@ mod tests {
         assert_eq!(config.move_bytes_per_sec, 32 << 20);
         assert_eq!(config.raft_write_timeout, Duration::from_secs(2));
         assert_eq!(config.raft_timeouts(), kv_raft::Timeouts::default());
+    }
+
+    #[test]
+    fn reads_default_to_the_lease_and_read_index_stays_selectable() {
+        assert_eq!(
+            Config::parse_from(["kv-node"]).read_policy,
+            ReadPolicy::Lease
+        );
+        assert_eq!(ReadPolicy::default(), ReadPolicy::Lease);
+        let config = Config::parse_from(["kv-node", "--read-policy", "read-index"]);
+        assert_eq!(config.read_policy, ReadPolicy::ReadIndex);
     }
 
     #[test]

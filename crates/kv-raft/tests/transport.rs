@@ -671,3 +671,96 @@ async fn a_route_overrides_the_advertised_address() {
     assert_eq!(membership.membership().get_node(&3).unwrap().addr, dead);
     cluster.shutdown().await;
 }
+
+/// One vote (`/-/raft/vote`) or pre-vote (`/-/raft/pre-vote`) request of
+/// candidate `candidate` at `term` for group 0, empty log, over HTTP.
+async fn ask_vote(
+    addr: SocketAddr,
+    path: &str,
+    term: u64,
+    candidate: NodeId,
+    leadership_transfer: bool,
+) -> openraft::raft::VoteResponse<kv_raft::KvRaft> {
+    let mut rpc = openraft::raft::VoteRequest::<kv_raft::KvRaft>::new(
+        openraft::Vote::new(term, candidate),
+        None,
+    );
+    rpc.leadership_transfer = leadership_transfer;
+    let bytes = postcard::to_stdvec(&(0u32, rpc)).unwrap();
+    let (status, body) = raw_bytes(addr, path, &bytes).await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    postcard::from_bytes(&body).unwrap()
+}
+
+/// The restart guard (`net::server`): a group grants no vote or pre-vote
+/// for one leader lease after it is hosted, so a replica restarted inside
+/// a leader's lease cannot help elect another leader while the old one
+/// still serves lease reads; a leadership transfer passes, and once the
+/// lease has run out the same requests are granted. Without the guard
+/// openraft grants the first vote at once (a fresh replica has no lease).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_grants_no_vote_for_one_lease_after_it_is_hosted() {
+    // A lease long enough that the requests sent right after hosting
+    // arrive inside it, short enough that the test waits it out.
+    let timeouts = Timeouts {
+        heartbeat_ms: 500,
+        election_min_ms: 4_000,
+        election_max_ms: 5_000,
+    };
+    let config = raft_config(timeouts, 1 << 20).unwrap();
+    let mut node = Node {
+        id: 1,
+        addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+        groups: Arc::new(Groups::default()),
+        network: Network::new(),
+        sms: HashMap::new(),
+        server: None,
+    };
+    node.serve(0).await;
+    let raft = Raft::new(
+        node.id,
+        config,
+        node.network.factory(0),
+        MemLog::default(),
+        MemSm::default(),
+    )
+    .await
+    .unwrap();
+    node.groups.insert(0, raft);
+    let addr = node.addr;
+
+    // Inside the lease: refused as openraft refuses inside one (not
+    // granted, this replica's vote, which is not the candidate's).
+    let pre = ask_vote(addr, "/-/raft/pre-vote", 1, 2, false).await;
+    assert!(!pre.vote_granted, "{pre}");
+    let vote = ask_vote(addr, "/-/raft/vote", 1, 2, false).await;
+    assert!(!vote.vote_granted, "{vote}");
+    assert!(!vote.is_granted_to(&openraft::Vote::new(1, 2)), "{vote}");
+    assert_eq!(node.groups.restart_vote_refusals(), 2);
+
+    // A leadership transfer passes the guard, as it passes openraft's lease.
+    let transfer = ask_vote(addr, "/-/raft/vote", 1, 3, true).await;
+    assert!(transfer.vote_granted, "{transfer}");
+    assert!(transfer.is_granted_to(&openraft::Vote::new(1, 3)));
+    assert_eq!(node.groups.restart_vote_refusals(), 2);
+
+    // Once the lease has run out, a pre-vote is granted (polled: the
+    // condition, not a duration, ends the wait)...
+    tokio::time::timeout(Duration::from_secs(60), async {
+        while !ask_vote(addr, "/-/raft/pre-vote", 2, 2, false)
+            .await
+            .vote_granted
+        {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .expect("a pre-vote granted once the lease ran out");
+    // ... and so is the vote.
+    let vote = ask_vote(addr, "/-/raft/vote", 2, 2, false).await;
+    assert!(vote.vote_granted, "{vote}");
+    assert!(vote.is_granted_to(&openraft::Vote::new(2, 2)), "{vote}");
+
+    node.stop_server();
+    let _ = node.raft(0).shutdown().await;
+}

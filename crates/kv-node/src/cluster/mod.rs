@@ -830,6 +830,11 @@ impl ClusterNode {
             transport.posts,
         );
         scrape.counter_u64(
+            "kv_raft_restart_vote_refusals_total",
+            "Vote and pre-vote requests refused because their group was hosted less than one leader lease ago (the restart guard).",
+            self.groups.restart_vote_refusals(),
+        );
+        scrape.counter_u64(
             "kv_raft_not_leader_total",
             "421 answers given.",
             stats.not_leader.load(Relaxed),

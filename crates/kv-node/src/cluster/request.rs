@@ -10,9 +10,11 @@
 //!   leader *after* the read arrived) serves every read that arrived before
 //!   it started, then each waits for its replica to apply up to the read
 //!   index. A deposed leader cannot be confirmed and never answers stale.
-//!   With `--read-policy lease` a confirmation may reuse a quorum
-//!   acknowledgement younger than the leader lease instead of a new round
-//!   (openraft refuses votes while that lease holds).
+//!   With `--read-policy lease` (the default) a confirmation may reuse a
+//!   quorum acknowledgement younger than the shortest election timeout
+//!   instead of a new round: the acknowledging followers refuse votes for
+//!   the longest one (openraft's lease; kv-raft's restart guard after a
+//!   restart), and the difference is the margin for clock-rate drift.
 //! * **Stale reads** (`X-Kv-Consistency: stale`) answer from the local
 //!   replica with `X-Kv-Applied-Index`.
 //! * **Not leader**: with `X-Kv-Route: direct`, or on a request already
@@ -163,10 +165,22 @@ async fn drive(
 ) {
     let option = match policy {
         crate::config::ReadPolicy::ReadIndex => LinearizerOption::from(ReadPolicy::ReadIndex),
-        // openraft's own `LeaseRead` fails at once when the lease lapsed (an
-        // idle shard); this one heartbeats and waits instead, as read-index
-        // does, so an idle shard's first read is not a 503.
-        crate::config::ReadPolicy::Lease => LinearizerOption::new(None, true),
+        // A quorum acknowledgement is reused for the *shortest* election
+        // timeout after its heartbeat was sent, while the acknowledging
+        // followers refuse votes for the longest one after they received it
+        // (openraft's lease; kv-raft's restart guard after a restart): the
+        // difference (300 of 600 ms by default) is the margin by which clock
+        // rates may differ. openraft's default (`None`) would reuse it for
+        // the whole longest timeout, leaving only the message delay as
+        // margin. Heartbeats go every 100 ms, so a busy shard's last
+        // acknowledgement is younger than either. openraft's own `LeaseRead`
+        // fails at once when the lease lapsed (an idle shard); this one
+        // heartbeats and waits instead, as read-index does, so an idle
+        // shard's first read is not a 503.
+        crate::config::ReadPolicy::Lease => LinearizerOption::new(
+            Some(Duration::from_millis(raft.config().election_timeout_min)),
+            true,
+        ),
     };
     loop {
         let confirmation =

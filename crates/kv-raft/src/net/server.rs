@@ -15,6 +15,28 @@
 //! (400, or `WireError::Malformed` per item in a batch). This is a guard
 //! against bugs and garbage, not against a lying peer: authenticating peers
 //! is issue 14's.
+//!
+//! **Restart guard.** openraft refuses votes while the leader lease
+//! (`election_timeout_max`) of the last leader this replica heard from
+//! holds, and `--read-policy lease` relies on it: a leader serves reads from
+//! a quorum acknowledgement younger than the lease because that quorum will
+//! elect nobody else before it ends. But openraft keeps the lease only in
+//! memory: a replica restarted inside a leader's lease loads its vote with a
+//! zero lease and would vote at once, so a new leader could commit writes
+//! while the old one still serves lease reads. So a group's vote and
+//! pre-vote requests are refused for one lease after it is hosted here (in
+//! this process), answered as openraft answers inside a lease: not granted,
+//! with this replica's vote and last log id. Requests with
+//! `leadership_transfer` pass, as they pass openraft's own lease check: the
+//! leader that starts a transfer marks itself transferring, which makes it
+//! refuse new read linearizers (`ensure_leader_handler`, reason
+//! `LeadershipTransfer`), and disables its own lease before it sends the
+//! transfer (`LeaderHandler::transfer_leader`), so no lease read of the old
+//! leader is served once a transfer election can begin (a transfer goes
+//! straight to a vote; openraft never sets the flag on a pre-vote). The
+//! guard reads the lease from the group's own config, as openraft does:
+//! every node of a cluster runs the same timeouts. The cost: a fresh
+//! cluster's first election and a restarted replica's vote wait one lease.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -26,7 +48,8 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::header::{HeaderValue, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
 use openraft::alias::SnapshotOf;
-use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse};
+use openraft::async_runtime::WatchReceiver;
+use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, VoteRequest, VoteResponse};
 use openraft::storage::RaftStateMachine;
 
 use crate::net::wire::{self, WireError};
@@ -35,14 +58,18 @@ use crate::types::{GroupId, KvRaft, Raft, SnapshotData};
 /// The response body type of [`handle_raft`] (kv-http's).
 pub type Body = Full<Bytes>;
 
-/// The groups a node hosts: group id → its `Raft` handle, and when an
-/// append from the group's leader was last accepted here.
+/// The groups a node hosts: group id → its `Raft` handle, when an append
+/// from the group's leader was last accepted here, and when it was hosted
+/// (the restart guard's start).
 pub struct Groups<SM: RaftStateMachine<KvRaft>> {
     inner: RwLock<HashMap<GroupId, Hosted<SM>>>,
+    /// Vote and pre-vote requests refused by the restart guard.
+    restart_refusals: AtomicU64,
 }
 
-/// One hosted group: its handle and its leader contact time.
-type Hosted<SM> = (Raft<SM>, Arc<Contact>);
+/// One hosted group: its handle, its leader contact time, and when it was
+/// hosted in this process.
+type Hosted<SM> = (Raft<SM>, Arc<Contact>, Instant);
 
 /// When this replica last accepted an append or heartbeat from its group's
 /// leader (one that did not answer "higher vote"): a follower's evidence
@@ -77,17 +104,19 @@ impl<SM: RaftStateMachine<KvRaft>> Default for Groups<SM> {
     fn default() -> Self {
         Self {
             inner: RwLock::new(HashMap::new()),
+            restart_refusals: AtomicU64::new(0),
         }
     }
 }
 
 impl<SM: RaftStateMachine<KvRaft>> Groups<SM> {
-    /// Hosts `raft` as group `group` (replacing any earlier handle).
+    /// Hosts `raft` as group `group` (replacing any earlier handle). The
+    /// restart guard refuses the group's votes for one lease from now.
     pub fn insert(&self, group: GroupId, raft: Raft<SM>) {
         self.inner
             .write()
             .unwrap_or_else(PoisonError::into_inner)
-            .insert(group, (raft, Arc::default()));
+            .insert(group, (raft, Arc::default(), Instant::now()));
     }
 
     /// Stops hosting `group`; returns its handle.
@@ -96,7 +125,7 @@ impl<SM: RaftStateMachine<KvRaft>> Groups<SM> {
             .write()
             .unwrap_or_else(PoisonError::into_inner)
             .remove(&group)
-            .map(|(raft, _)| raft)
+            .map(|(raft, _, _)| raft)
     }
 
     /// Group `group`'s handle, if hosted.
@@ -105,7 +134,7 @@ impl<SM: RaftStateMachine<KvRaft>> Groups<SM> {
             .read()
             .unwrap_or_else(PoisonError::into_inner)
             .get(&group)
-            .map(|(raft, _)| raft.clone())
+            .map(|(raft, _, _)| raft.clone())
     }
 
     /// When this replica of `group` last accepted an append or heartbeat
@@ -115,7 +144,13 @@ impl<SM: RaftStateMachine<KvRaft>> Groups<SM> {
             .read()
             .unwrap_or_else(PoisonError::into_inner)
             .get(&group)
-            .and_then(|(_, contact)| contact.last())
+            .and_then(|(_, contact, _)| contact.last())
+    }
+
+    /// How many vote and pre-vote requests the restart guard refused (all
+    /// groups, since this `Groups` was made).
+    pub fn restart_vote_refusals(&self) -> u64 {
+        self.restart_refusals.load(Ordering::Relaxed)
     }
 
     fn get_with_contact(&self, group: GroupId) -> Option<Hosted<SM>> {
@@ -245,7 +280,7 @@ where
                     let reply = match (groups.get_with_contact(group), check_append(&rpc)) {
                         (None, _) => Err(WireError::UnknownGroup(group)),
                         (Some(_), Err(message)) => Err(WireError::Malformed { group, message }),
-                        (Some((raft, contact)), Ok(())) => {
+                        (Some((raft, contact, _)), Ok(())) => {
                             let reply = raft.append_entries(rpc).await.map_err(|error| {
                                 WireError::Fatal {
                                     group,
@@ -269,9 +304,22 @@ where
         wire::VOTE | wire::PRE_VOTE => {
             let (group, rpc): wire::VoteBody =
                 wire::decode(&body).map_err(RaftHttpError::Undecodable)?;
-            let raft = groups
-                .get(group)
+            let (raft, _, hosted_at) = groups
+                .get_with_contact(group)
                 .ok_or(RaftHttpError::UnknownGroup(group))?;
+            if let Some(refusal) = restart_guard(&raft, hosted_at, &rpc) {
+                groups.restart_refusals.fetch_add(1, Ordering::Relaxed);
+                log::debug!(
+                    "group {group}: refused {} {rpc}: hosted {:?} ago, inside one leader lease",
+                    if route == wire::VOTE {
+                        "vote"
+                    } else {
+                        "pre-vote"
+                    },
+                    hosted_at.elapsed()
+                );
+                return wire::encode(&refusal).map_err(RaftHttpError::Encode);
+            }
             let reply = if route == wire::VOTE {
                 raft.vote(rpc).await
             } else {
@@ -316,6 +364,31 @@ where
             wire::encode(&reply).map_err(RaftHttpError::Encode)
         }
     }
+}
+
+/// The restart guard (module docs): within one leader lease
+/// (`election_timeout_max`, openraft's `leader_lease`) of `hosted_at`, the
+/// answer to a vote or pre-vote request without `leadership_transfer`:
+/// what openraft answers inside a lease (`Engine::handle_vote_req`), not
+/// granted, with this replica's vote and last log id, so the candidate
+/// treats it as any refusal (it adopts a higher term, non-committed, and
+/// notes a longer log). Read from the group's metrics, which may trail the
+/// core by an instant: both fields only inform the candidate.
+fn restart_guard<SM: RaftStateMachine<KvRaft>>(
+    raft: &Raft<SM>,
+    hosted_at: Instant,
+    rpc: &VoteRequest<KvRaft>,
+) -> Option<VoteResponse<KvRaft>> {
+    if rpc.leadership_transfer {
+        return None;
+    }
+    let lease = Duration::from_millis(raft.config().election_timeout_max);
+    if hosted_at.elapsed() >= lease {
+        return None;
+    }
+    let vote = raft.server_metrics().borrow_watched().vote;
+    let last_log_id = raft.data_metrics().borrow_watched().last_log;
+    Some(VoteResponse::new(vote, last_log_id, false))
 }
 
 /// What every append from a protocol-following leader satisfies and
