@@ -70,14 +70,16 @@ pub fn new(key: &[u8], value: &[u8]) -> Option<Entry> {
     let total = KEY_LEN_BYTES + key.len() + value.len();
     let value_at = KEY_LEN_BYTES + key.len();
     // A mapped range is an `ExactSizeIterator`: one allocation, no temporary.
+    // Every `get` hits: `i` stays below `total`, the three parts' lengths.
     let bytes = (0..total).map(|i| {
-        if i < KEY_LEN_BYTES {
-            key_len[i]
+        let byte = if i < KEY_LEN_BYTES {
+            key_len.get(i)
         } else if i < value_at {
-            key[i - KEY_LEN_BYTES]
+            key.get(i - KEY_LEN_BYTES)
         } else {
-            value[i - value_at]
-        }
+            value.get(i - value_at)
+        };
+        byte.copied().unwrap_or(0)
     });
     Some(Entry(ThinArc::from_header_and_iter((), bytes)))
 }
@@ -88,17 +90,25 @@ pub fn is_well_formed(bytes: &[u8]) -> bool {
 }
 
 fn key_len(entry: &[u8]) -> usize {
-    usize::from(u16::from_le_bytes([entry[0], entry[1]]))
+    match entry {
+        [low, high, ..] => usize::from(u16::from_le_bytes([*low, *high])),
+        _ => 0,
+    }
 }
 
-/// The key of a well-formed entry.
+/// The key of a well-formed entry (empty for a malformed one, which
+/// [`is_well_formed`] keeps out of the map).
 pub fn key(entry: &[u8]) -> &[u8] {
-    &entry[KEY_LEN_BYTES..KEY_LEN_BYTES + key_len(entry)]
+    entry
+        .get(KEY_LEN_BYTES..KEY_LEN_BYTES + key_len(entry))
+        .unwrap_or_default()
 }
 
-/// The value of a well-formed entry.
+/// The value of a well-formed entry (empty for a malformed one).
 pub fn value(entry: &[u8]) -> &[u8] {
-    &entry[KEY_LEN_BYTES + key_len(entry)..]
+    entry
+        .get(KEY_LEN_BYTES + key_len(entry)..)
+        .unwrap_or_default()
 }
 
 /// Keeps an entry alive for as long as a [`Bytes`] of its value exists.

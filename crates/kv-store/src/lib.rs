@@ -38,6 +38,10 @@
 //! log thread retries and the store takes writes again by itself. Any other
 //! disk error ([`StoreError::DiskFailed`]) refuses every write from then on.
 
+// Input from disk (log records, snapshots) must never panic the node: an
+// index out of range is a panic, so indexing is `get` and checked slicing.
+#![deny(clippy::indexing_slicing)]
+
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions, TryLockError};
 use std::path::{Path, PathBuf};

@@ -28,7 +28,8 @@ pub type Table = HashTable<Entry>;
 /// read. kv-raft's state machine owns maps of its own and applies
 /// committed Raft entries to them with [`Map::insert`] and [`Map::remove`].
 pub struct Map {
-    shards: Box<[RwLock<Table>]>,
+    /// Exactly [`SHARD_COUNT`] of them; reached through [`Map::shard`].
+    shards: Box<[RwLock<Table>; SHARD_COUNT]>,
 }
 
 /// A change read back from a snapshot or the log.
@@ -95,10 +96,21 @@ impl Default for Map {
 
 impl Map {
     pub fn new() -> Self {
-        let shards = (0..SHARD_COUNT)
-            .map(|_| RwLock::new(HashTable::new()))
-            .collect();
+        let shards = Box::new(std::array::from_fn(|_| RwLock::new(HashTable::new())));
         Self { shards }
+    }
+
+    /// The shard of a key whose hash is `hash`.
+    #[inline]
+    fn shard(&self, hash: u64) -> &RwLock<Table> {
+        self.shard_at(Self::shard_index(hash))
+    }
+
+    /// Shard `index`, which [`Map::shard_index`] keeps below [`SHARD_COUNT`].
+    #[inline]
+    #[allow(clippy::indexing_slicing)] // why: masked to SHARD_COUNT - 1, the array's length
+    fn shard_at(&self, index: usize) -> &RwLock<Table> {
+        &self.shards[index & (SHARD_COUNT - 1)]
     }
 
     fn shard_index(hash: u64) -> usize {
@@ -108,13 +120,13 @@ impl Map {
     /// The write lock of `key`'s shard, and the key's hash.
     pub(crate) fn lock(&self, key: &[u8]) -> (RwLockWriteGuard<'_, Table>, u64) {
         let hash = hash(key);
-        (self.shards[Self::shard_index(hash)].write(), hash)
+        (self.shard(hash).write(), hash)
     }
 
     /// The entry stored under `key`.
     pub(crate) fn get_entry(&self, key: &[u8]) -> Option<Entry> {
         let hash = hash(key);
-        self.shards[Self::shard_index(hash)]
+        self.shard(hash)
             .read()
             .find(hash, |e| entry::key(e) == key)
             .cloned()
@@ -158,7 +170,7 @@ impl Map {
                 if index % parts != part {
                     continue;
                 }
-                let mut table = self.shards[index].write();
+                let mut table = self.shard_at(index).write();
                 match change.what {
                     Change::Put(body) => {
                         Self::insert_in(&mut table, change.hash, Entry::from(body));

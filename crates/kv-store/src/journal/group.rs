@@ -227,12 +227,12 @@ fn u32_at(bytes: &[u8], at: usize) -> Option<u32> {
 /// why a well-checksummed record makes no sense.
 pub(crate) fn decode(kind: Kind, body: &[u8]) -> Result<(u32, GroupRef<'_>), &'static str> {
     let group = u32_at(body, 0).ok_or("group record without a group id")?;
-    let rest = &body[4..];
+    let rest = body.get(4..).unwrap_or_default();
     let what = match kind {
         Kind::GroupEntries => {
             let first_index = u64_at(rest, 0).ok_or("malformed group entries record")?;
             let count = u32_at(rest, 8).ok_or("malformed group entries record")?;
-            let list = &rest[12..];
+            let list = rest.get(12..).unwrap_or_default();
             // Walk the list once so replay can trust it.
             let mut at = 0usize;
             for _ in 0..count {
@@ -264,7 +264,7 @@ pub(crate) fn decode(kind: Kind, body: &[u8]) -> Result<(u32, GroupRef<'_>), &'s
         }
         Kind::GroupPurge => GroupRef::Purge {
             upto: u64_at(rest, 0).ok_or("malformed group purge record")?,
-            log_id: &rest[8..],
+            log_id: rest.get(8..).unwrap_or_default(),
         },
         Kind::GroupDrop if rest.is_empty() => GroupRef::Drop,
         Kind::GroupDrop => return Err("malformed group drop record"),
@@ -329,8 +329,11 @@ impl RecoveredGroup {
                     let len = u32_at(list, at).unwrap_or(0) as usize;
                     let index = first_index + n;
                     if purged.is_none_or(|p| index > p) {
-                        let entry = Bytes::copy_from_slice(&list[at + 4..at + 4 + len]);
-                        self.entries.push_back((index, entry));
+                        let Some(entry) = list.get(at + 4..at + 4 + len) else {
+                            break;
+                        };
+                        self.entries
+                            .push_back((index, Bytes::copy_from_slice(entry)));
                     }
                     at += 4 + len;
                 }

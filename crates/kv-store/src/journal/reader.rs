@@ -114,7 +114,9 @@ pub fn stream_with_groups(
         let mut damage = None;
         want = CHUNK;
         loop {
-            match record::decode(&buf[pos..]) {
+            // `pos` only advances by whole records found in `buf`.
+            let rest = buf.get(pos..).unwrap_or_default();
+            match record::decode(rest) {
                 Ok(None) => break,
                 Ok(Some(rec)) => match convert(&rec) {
                     Ok(Item::Change(change)) => {
@@ -141,7 +143,7 @@ pub fn stream_with_groups(
                 },
                 Err(record::Damage::Truncated) if !eof => {
                     // Read on; a record larger than a chunk gets a buffer that fits.
-                    want = want.max(record::needed(&buf[pos..]));
+                    want = want.max(record::needed(rest));
                     break;
                 }
                 Err(found) => {

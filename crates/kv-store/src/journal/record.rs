@@ -114,8 +114,11 @@ pub fn encode(out: &mut Vec<u8>, kind: Kind, body: &[u8]) {
     let payload_at = out.len();
     out.push(kind as u8);
     out.extend_from_slice(body);
-    let checksum = xxh3_64(&out[payload_at..]);
-    out[checksum_at..payload_at].copy_from_slice(&checksum.to_le_bytes());
+    let checksum = xxh3_64(out.get(payload_at..).unwrap_or_default());
+    // The 8 bytes reserved above.
+    if let Some(slot) = out.get_mut(checksum_at..payload_at) {
+        slot.copy_from_slice(&checksum.to_le_bytes());
+    }
 }
 
 /// A record read from a buffer.
@@ -127,10 +130,8 @@ pub struct Record<'a> {
     pub framed_len: usize,
 }
 
-fn read_u32(bytes: &[u8], at: usize) -> [u8; 4] {
-    let mut out = [0; 4];
-    out.copy_from_slice(&bytes[at..at + 4]);
-    out
+fn read_u32(bytes: &[u8], at: usize) -> Option<[u8; 4]> {
+    bytes.get(at..at + 4)?.try_into().ok()
 }
 
 /// Decodes the record at the start of `buf`: `Ok(None)` if `buf` is empty.
@@ -138,11 +139,12 @@ pub fn decode(buf: &[u8]) -> Result<Option<Record<'_>>, Damage> {
     if buf.is_empty() {
         return Ok(None);
     }
-    if buf.len() < HEADER_LEN {
+    let (Some(len_bytes), Some(check), Some(checksum)) =
+        (read_u32(buf, 0), read_u32(buf, 4), buf.get(8..HEADER_LEN))
+    else {
         return Err(Damage::Truncated);
-    }
-    let len_bytes = read_u32(buf, 0);
-    if u32::from_le_bytes(read_u32(buf, 4)) != header_check(len_bytes) {
+    };
+    if u32::from_le_bytes(check) != header_check(len_bytes) {
         return Err(Damage::BadHeader);
     }
     let len = u32::from_le_bytes(len_bytes) as usize;
@@ -152,15 +154,16 @@ pub fn decode(buf: &[u8]) -> Result<Option<Record<'_>>, Damage> {
     let Some(payload) = buf.get(HEADER_LEN..HEADER_LEN + len) else {
         return Err(Damage::Truncated);
     };
-    let mut checksum = [0; 8];
-    checksum.copy_from_slice(&buf[8..16]);
+    let checksum: [u8; 8] = checksum.try_into().map_err(|_| Damage::Truncated)?;
     if u64::from_le_bytes(checksum) != xxh3_64(payload) {
         return Err(Damage::BadChecksum);
     }
-    let kind = Kind::from_byte(payload[0]).ok_or(Damage::BadChecksum)?;
+    // `len` is at least 1: the kind byte is there.
+    let (&kind, body) = payload.split_first().ok_or(Damage::BadHeader)?;
+    let kind = Kind::from_byte(kind).ok_or(Damage::BadChecksum)?;
     Ok(Some(Record {
         kind,
-        body: &payload[1..],
+        body,
         framed_len: HEADER_LEN + len,
     }))
 }
@@ -168,17 +171,17 @@ pub fn decode(buf: &[u8]) -> Result<Option<Record<'_>>, Damage> {
 /// How many bytes the record starting at `buf` needs in all, when
 /// [`decode`] found it [`Damage::Truncated`].
 pub fn needed(buf: &[u8]) -> usize {
-    if buf.len() < HEADER_LEN {
-        return HEADER_LEN;
+    match read_u32(buf, 0) {
+        Some(len) if buf.len() >= HEADER_LEN => HEADER_LEN + u32::from_le_bytes(len) as usize,
+        _ => HEADER_LEN,
     }
-    HEADER_LEN + u32::from_le_bytes(read_u32(buf, 0)) as usize
 }
 
 /// Whether any offset after `from` starts a valid record: if so, damage at
 /// `from` is in the middle of the log, not a torn tail.
 pub fn valid_record_after(buf: &[u8], from: usize) -> Option<usize> {
     (from + 1..buf.len().saturating_sub(HEADER_LEN - 1))
-        .find(|&at| matches!(decode(&buf[at..]), Ok(Some(_))))
+        .find(|&at| matches!(buf.get(at..).map(decode), Some(Ok(Some(_)))))
 }
 
 #[cfg(test)]

@@ -71,18 +71,17 @@ pub fn encode(seq: u64, follows: u64) -> [u8; HEADER_LEN as usize] {
 /// Decodes the first bytes of a segment (fewer than [`HEADER_LEN`] if the
 /// file is that short).
 pub fn decode(bytes: &[u8]) -> Header {
-    if bytes.len() < MAGIC.len() || &bytes[..MAGIC.len()] != MAGIC {
+    if !bytes.starts_with(MAGIC) {
         return Header::Legacy;
     }
-    if bytes.len() < HEADER_LEN as usize {
+    let Some(header) = bytes.get(..HEADER_LEN as usize) else {
         return Header::Damaged;
-    }
-    let word = |at: usize| {
-        let mut out = [0; 8];
-        out.copy_from_slice(&bytes[at..at + 8]);
-        u64::from_le_bytes(out)
     };
-    if word(24) != xxh3_64(&bytes[..24]) {
+    let word = |at: usize| {
+        let out: Option<[u8; 8]> = header.get(at..at + 8).and_then(|b| b.try_into().ok());
+        out.map_or(0, u64::from_le_bytes)
+    };
+    if word(24) != xxh3_64(header.get(..24).unwrap_or_default()) {
         return Header::Damaged;
     }
     Header::Linked {
@@ -129,7 +128,7 @@ pub fn zero_fill(file: &File, from: u64, to: u64) -> io::Result<()> {
     let mut at = from;
     while at < to {
         let len = (to - at).min(ZEROS.len() as u64) as usize;
-        file.write_all_at(&ZEROS[..len], at)?;
+        file.write_all_at(ZEROS.get(..len).unwrap_or_default(), at)?;
         at += len as u64;
     }
     Ok(())

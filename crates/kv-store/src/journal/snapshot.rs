@@ -138,11 +138,10 @@ pub fn load(path: &Path, map: &Map) -> io::Result<Result<usize, (u64, String)>> 
     let file_len = file.metadata()?.len();
     let mut preamble = Vec::with_capacity(PREAMBLE);
     Read::take(&mut file, PREAMBLE as u64).read_to_end(&mut preamble)?;
-    if preamble.len() < PREAMBLE || &preamble[..8] != MAGIC {
+    let count_bytes: Option<[u8; 8]> = preamble.get(8..16).and_then(|b| b.try_into().ok());
+    let (true, Some(count_bytes)) = (preamble.starts_with(MAGIC), count_bytes) else {
         return Ok(Err((0, "not a snapshot file (bad magic)".into())));
-    }
-    let mut count_bytes = [0; 8];
-    count_bytes.copy_from_slice(&preamble[8..16]);
+    };
     let count = u64::from_le_bytes(count_bytes);
     // Trust the count only as far as the file could hold that many records.
     map.reserve(count.min(file_len / record::HEADER_LEN as u64) as usize);
