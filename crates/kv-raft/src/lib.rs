@@ -26,6 +26,10 @@
 //! transfer leadership); keeping it inside this crate keeps an alpha's API
 //! changes in one place.
 
+// Snapshots and RPC bodies come from disk and the network: indexing is
+// `get` and checked slicing, never a panic.
+#![deny(clippy::indexing_slicing)]
+
 pub mod meta;
 pub mod net;
 pub mod storage;

@@ -102,14 +102,17 @@ pub(crate) fn encode(meta: &Meta, entries: &[kv_store::Entry]) -> io::Result<Vec
 
 /// Reads a snapshot's meta only (checked).
 pub(crate) fn decode_meta(bytes: &[u8]) -> Result<(Meta, usize), Damaged> {
-    if bytes.len() < META_HEADER || &bytes[..8] != MAGIC {
+    let len: Option<[u8; 4]> = bytes.get(8..12).and_then(|b| b.try_into().ok());
+    let sum: Option<[u8; 8]> = bytes.get(12..20).and_then(|b| b.try_into().ok());
+    let (true, true, Some(len), Some(sum)) = (
+        bytes.len() >= META_HEADER,
+        bytes.starts_with(MAGIC),
+        len,
+        sum,
+    ) else {
         return Err(damaged(0, "not a shard snapshot (bad magic)"));
-    }
-    let mut len = [0; 4];
-    len.copy_from_slice(&bytes[8..12]);
+    };
     let len = u32::from_le_bytes(len) as usize;
-    let mut sum = [0; 8];
-    sum.copy_from_slice(&bytes[12..20]);
     let meta_bytes = bytes
         .get(META_HEADER..META_HEADER + len)
         .ok_or_else(|| damaged(8, "snapshot meta truncated"))?;
@@ -127,7 +130,8 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<(Meta, Map), Damaged> {
     let map = Map::new();
     let mut count = 0u64;
     loop {
-        let rec = match record::decode(&bytes[at..]) {
+        // `at` only advances by whole records found in `bytes`.
+        let rec = match record::decode(bytes.get(at..).unwrap_or_default()) {
             Ok(Some(rec)) => rec,
             Ok(None) => return Err(damaged(at, "snapshot ends without its end record")),
             Err(damage) => return Err(damaged(at, damage.describe())),
@@ -159,7 +163,7 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<(Meta, Map), Damaged> {
 fn split_entry(body: &[u8]) -> Option<(&[u8], &[u8])> {
     let len = usize::from(u16::from_le_bytes([*body.first()?, *body.get(1)?]));
     let key = body.get(2..2 + len)?;
-    Some((key, &body[2 + len..]))
+    Some((key, body.get(2 + len..)?))
 }
 
 /// Writes `bytes` as the snapshot at `position` in `dir` (temp file,
