@@ -500,31 +500,34 @@ fn admin_route(app: &App, method: &Method, path: &str) -> Result<Response<Body>,
                 "uptime_seconds": app.started.elapsed().as_secs(),
                 "version": env!("CARGO_PKG_VERSION"),
             });
-            if let Some(cluster) = &app.cluster {
-                body["node_id"] = cluster.id().into();
-                body["shards_led"] = cluster.shards_led().into();
-                body["shards_hosted"] = cluster.shards_hosted().into();
+            if let (Some(cluster), Some(fields)) = (&app.cluster, body.as_object_mut()) {
+                fields.insert("node_id".into(), cluster.id().into());
+                fields.insert("shards_led".into(), cluster.shards_led().into());
+                fields.insert("shards_hosted".into(), cluster.shards_hosted().into());
                 // Of the Raft groups hosted now (solo shards excluded), how
                 // many recovered: what `/-/ready` waits for.
                 let (recovered, groups) = cluster.recovered_of_hosted();
-                body["groups_hosted"] = groups.into();
-                body["groups_recovered"] = recovered.into();
+                fields.insert("groups_hosted".into(), groups.into());
+                fields.insert("groups_recovered".into(), recovered.into());
                 // Still 200 (the process serves), but say which shards
                 // cannot serve linearizable requests, as kv-proxy's health
                 // names the nodes that are down.
                 let unavailable = cluster.unavailable();
                 if !unavailable.is_empty() {
-                    body["status"] = "degraded".into();
+                    fields.insert("status".into(), "degraded".into());
                 }
                 if let Some(foreign) = cluster.foreign_data_dir() {
-                    body["status"] = "degraded".into();
-                    body["error"] = foreign.to_string().into();
+                    fields.insert("status".into(), "degraded".into());
+                    fields.insert("error".into(), foreign.to_string().into());
                 }
-                body["shards_unavailable"] = unavailable
-                    .iter()
-                    .map(|u| u.to_json())
-                    .collect::<Vec<_>>()
-                    .into();
+                fields.insert(
+                    "shards_unavailable".into(),
+                    unavailable
+                        .iter()
+                        .map(|u| u.to_json())
+                        .collect::<Vec<_>>()
+                        .into(),
+                );
             }
             let mut bytes = body.to_string().into_bytes();
             bytes.push(b'\n');
@@ -556,12 +559,15 @@ fn admin_route(app: &App, method: &Method, path: &str) -> Result<Response<Body>,
                 )),
                 Err(NotReady { error, shards }) => {
                     let mut body = serde_json::json!({ "ready": false, "error": error });
-                    if !shards.is_empty() {
-                        body["shards"] = shards
-                            .iter()
-                            .map(|u| u.to_json())
-                            .collect::<Vec<_>>()
-                            .into();
+                    if let (false, Some(fields)) = (shards.is_empty(), body.as_object_mut()) {
+                        fields.insert(
+                            "shards".into(),
+                            shards
+                                .iter()
+                                .map(|u| u.to_json())
+                                .collect::<Vec<_>>()
+                                .into(),
+                        );
                     }
                     let mut bytes = body.to_string().into_bytes();
                     bytes.push(b'\n');

@@ -81,8 +81,11 @@ impl MembershipError {
     pub fn into_response(self) -> Response<Body> {
         let status = self.status();
         let mut body = serde_json::json!({ "error": self.to_string() });
-        if let MembershipError::Refused(refusal) = &self {
-            body["refusal"] = serde_json::to_value(refusal).unwrap_or_default();
+        if let (MembershipError::Refused(refusal), Some(fields)) = (&self, body.as_object_mut()) {
+            fields.insert(
+                "refusal".into(),
+                serde_json::to_value(refusal).unwrap_or_default(),
+            );
         }
         let mut bytes = body.to_string().into_bytes();
         bytes.push(b'\n');

@@ -21,6 +21,10 @@
 //! crate; [`run`] opens it on the data dir before accepting connections and
 //! closes it (flushing the log) after the last request.
 
+// Requests, peers' answers and files are input: indexing is `get` and
+// checked slicing, never a panic.
+#![deny(clippy::indexing_slicing)]
+
 use std::future::Future;
 use std::io;
 use std::sync::Arc;

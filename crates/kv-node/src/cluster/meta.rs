@@ -216,13 +216,17 @@ impl ClusterNode {
 fn proposal_answer(status: StatusCode, body: &[u8]) -> Result<meta::Outcome, MembershipError> {
     let json: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
     if status == StatusCode::OK {
-        return serde_json::from_value(json["outcome"].clone()).map_err(|error| {
-            MembershipError::Unknown(format!(
-                "the metadata leader's answer is unreadable: {error}"
-            ))
-        });
+        return serde_json::from_value(json.get("outcome").cloned().unwrap_or_default()).map_err(
+            |error| {
+                MembershipError::Unknown(format!(
+                    "the metadata leader's answer is unreadable: {error}"
+                ))
+            },
+        );
     }
-    if let Ok(refusal) = serde_json::from_value::<Refusal>(json["refusal"].clone()) {
+    if let Ok(refusal) =
+        serde_json::from_value::<Refusal>(json.get("refusal").cloned().unwrap_or_default())
+    {
         return Err(MembershipError::Refused(refusal));
     }
     match status {
@@ -231,7 +235,7 @@ fn proposal_answer(status: StatusCode, body: &[u8]) -> Result<meta::Outcome, Mem
         }
         _ => Err(MembershipError::Unknown(format!(
             "the metadata leader answered {status}: {}",
-            json["error"].as_str().unwrap_or("")
+            json.get("error").and_then(|e| e.as_str()).unwrap_or("")
         ))),
     }
 }

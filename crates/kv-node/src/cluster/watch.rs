@@ -171,9 +171,12 @@ impl LeaderSeen {
         term: u64,
         state: ServerState,
     ) -> Option<NodeId> {
-        let stats = &node.shard_stats[shard as usize];
+        // One per shard of the cluster: always there for a hosted shard.
+        let stats = node.shard_stats.get(shard as usize);
         if state == ServerState::Candidate && self.state != ServerState::Candidate {
-            stats.elections.fetch_add(1, Relaxed);
+            if let Some(stats) = stats {
+                stats.elections.fetch_add(1, Relaxed);
+            }
         }
         self.state = state;
         if leader == self.leader {
@@ -184,11 +187,13 @@ impl LeaderSeen {
         let new = leader?;
         let old = old.map_or_else(|| "none".to_owned(), |l| l.to_string());
         log::info!("shard {shard}: leader {old} -> {new} (term {term})");
-        stats.leader_changes.fetch_add(1, Relaxed);
-        *stats
-            .last_change
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = Some(Instant::now());
+        if let Some(stats) = stats {
+            stats.leader_changes.fetch_add(1, Relaxed);
+            *stats
+                .last_change
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner) = Some(Instant::now());
+        }
         Some(new)
     }
 }
@@ -229,11 +234,13 @@ pub(crate) fn balance(node: &Arc<ClusterNode>) {
                 let Some(hosted) = node.hosted(shard) else {
                     continue;
                 };
-                let settled = node.shard_stats[shard as usize]
-                    .last_change
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .is_none_or(|at| at.elapsed() >= settle);
+                let settled = node.shard_stats.get(shard as usize).is_none_or(|stats| {
+                    stats
+                        .last_change
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .is_none_or(|at| at.elapsed() >= settle)
+                });
                 if !settled {
                     continue;
                 }
