@@ -13,18 +13,10 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use kv_store::hooks::Event;
-use kv_store::{FsyncPolicy, GroupRecord, RecoveredGroup, Store, StoreError, StoreOptions};
+use kv_store::{FsyncPolicy, GroupRecord, RecoveredGroup, Store, StoreError};
 
-const WAIT: Duration = Duration::from_secs(30);
-
-fn options(fsync: FsyncPolicy, wal_max_bytes: u64) -> StoreOptions {
-    StoreOptions {
-        fsync,
-        snapshot_interval: Duration::from_secs(3600),
-        wal_max_bytes,
-        repair: false,
-    }
-}
+mod support;
+use support::{log, options, WAIT};
 
 /// One entry per index in `range`, in one record.
 fn entries(range: std::ops::RangeInclusive<u64>) -> GroupRecord {
@@ -32,19 +24,6 @@ fn entries(range: std::ops::RangeInclusive<u64>) -> GroupRecord {
         first_index: *range.start(),
         entries: range.map(|i| Bytes::from(format!("e{i}"))).collect(),
     }
-}
-
-/// Submits `record` and waits (bounded) for its completion.
-fn log(store: &Store, group: u32, record: GroupRecord) -> Result<(), StoreError> {
-    let (tx, rx) = mpsc::channel();
-    store.submit_group(
-        group,
-        record,
-        Box::new(move |result| {
-            let _ = tx.send(result);
-        }),
-    );
-    rx.recv_timeout(WAIT).expect("completion never called")
 }
 
 /// Submits `record` without waiting for it.

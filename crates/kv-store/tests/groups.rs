@@ -13,33 +13,10 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use kv_store::hooks::Event;
-use kv_store::{
-    FsyncPolicy, GroupRecord, OpenError, RecoveredGroup, Store, StoreError, StoreOptions,
-};
+use kv_store::{FsyncPolicy, GroupRecord, OpenError, RecoveredGroup, Store, StoreError};
 
-const WAIT: Duration = Duration::from_secs(30);
-
-fn options(fsync: FsyncPolicy, wal_max_bytes: u64) -> StoreOptions {
-    StoreOptions {
-        fsync,
-        snapshot_interval: Duration::from_secs(3600),
-        wal_max_bytes,
-        repair: false,
-    }
-}
-
-/// Submits `record` and waits (bounded) for its completion.
-fn log(store: &Store, group: u32, record: GroupRecord) -> Result<(), StoreError> {
-    let (tx, rx) = mpsc::channel();
-    store.submit_group(
-        group,
-        record,
-        Box::new(move |result| {
-            let _ = tx.send(result);
-        }),
-    );
-    rx.recv_timeout(WAIT).expect("completion never called")
-}
+mod support;
+use support::{log, options, WAIT};
 
 fn recovered(dir: &Path) -> BTreeMap<u32, RecoveredGroup> {
     let store = Store::open(dir, options(FsyncPolicy::Never, u64::MAX)).unwrap();
