@@ -38,6 +38,20 @@ struct Node {
 }
 
 impl Node {
+    /// Node `id` hosting nothing yet, serving `/-/raft/...` on a free port.
+    async fn started(id: NodeId) -> Node {
+        let mut node = Node {
+            id,
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            groups: Arc::new(Groups::default()),
+            network: Network::new(),
+            sms: HashMap::new(),
+            server: None,
+        };
+        node.serve(0).await;
+        node
+    }
+
     /// Serves `/-/raft/...` on `addr` (port 0 = any) until stopped.
     async fn serve(&mut self, port: u16) {
         let listener = kv_http::server::bind(IpAddr::V4(Ipv4Addr::LOCALHOST), port)
@@ -108,16 +122,7 @@ impl Cluster {
         let config = raft_config(Timeouts::default(), 1 << 20).unwrap();
         let mut nodes = BTreeMap::new();
         for id in 1..=3 {
-            let mut node = Node {
-                id,
-                addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-                groups: Arc::new(Groups::default()),
-                network: Network::new(),
-                sms: HashMap::new(),
-                server: None,
-            };
-            node.serve(0).await;
-            nodes.insert(id, node);
+            nodes.insert(id, Node::started(id).await);
         }
         let mut members: BTreeMap<u64, String> = nodes
             .iter()
@@ -708,15 +713,7 @@ async fn a_group_grants_no_vote_for_one_lease_after_it_is_hosted() {
         election_max_ms: 5_000,
     };
     let config = raft_config(timeouts, 1 << 20).unwrap();
-    let mut node = Node {
-        id: 1,
-        addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-        groups: Arc::new(Groups::default()),
-        network: Network::new(),
-        sms: HashMap::new(),
-        server: None,
-    };
-    node.serve(0).await;
+    let mut node = Node::started(1).await;
     let raft = Raft::new(
         node.id,
         config,
