@@ -42,7 +42,7 @@ use crate::oplog::{Entry, OpLog};
 pub use kv_http::Body;
 
 use crate::cluster::request::{is_forwarded, KeyRequest, DELETED, STORED};
-use crate::cluster::{ClusterNode, NotReady};
+use crate::cluster::{ClusterNode, NotReady, Unavailable};
 const KEY_METHODS: &str = "GET, HEAD, PUT, POST, DELETE, OPTIONS";
 const ADMIN_METHODS: &str = "GET, HEAD, OPTIONS";
 /// What a stored body looks like around the value's JSON text.
@@ -522,11 +522,7 @@ fn admin_route(app: &App, method: &Method, path: &str) -> Result<Response<Body>,
                 }
                 fields.insert(
                     "shards_unavailable".into(),
-                    unavailable
-                        .iter()
-                        .map(|u| u.to_json())
-                        .collect::<Vec<_>>()
-                        .into(),
+                    Unavailable::list_json(&unavailable),
                 );
             }
             let mut bytes = body.to_string().into_bytes();
@@ -560,14 +556,7 @@ fn admin_route(app: &App, method: &Method, path: &str) -> Result<Response<Body>,
                 Err(NotReady { error, shards }) => {
                     let mut body = serde_json::json!({ "ready": false, "error": error });
                     if let (false, Some(fields)) = (shards.is_empty(), body.as_object_mut()) {
-                        fields.insert(
-                            "shards".into(),
-                            shards
-                                .iter()
-                                .map(|u| u.to_json())
-                                .collect::<Vec<_>>()
-                                .into(),
-                        );
+                        fields.insert("shards".into(), Unavailable::list_json(&shards));
                     }
                     let mut bytes = body.to_string().into_bytes();
                     bytes.push(b'\n');

@@ -156,6 +156,11 @@ impl std::fmt::Display for Unavailable {
 }
 
 impl Unavailable {
+    /// `[{"shard": 3, ...}, ...]`: [`Unavailable::to_json`] of each.
+    pub fn list_json(list: &[Unavailable]) -> serde_json::Value {
+        list.iter().map(Unavailable::to_json).collect()
+    }
+
     /// `{"shard": 3, "reason": "no quorum", "detail": "..."}`.
     pub fn to_json(&self) -> serde_json::Value {
         serde_json::json!({
