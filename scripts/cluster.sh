@@ -104,6 +104,15 @@ alive() {
 
 port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
+# The process a pid file names is ours and still being torn down: not
+# `alive` (killed, a zombie), but still in /proc.
+exiting() {
+  local pid
+  [ -f "$1" ] || return 1
+  pid=$(cat "$1")
+  [ -n "$pid" ] && [ -d "/proc/$pid" ] && ! alive "$1"
+}
+
 start() { # name port command...
   local name=$1 port=$2
   shift 2
@@ -145,6 +154,13 @@ up() {
   for name in "${missing[@]}"; do
     port=${name#node-}
     [ "$name" = proxy ] && port=$PROXY_PORT
+    # A member killed a moment ago may still hold its port: after kill -9
+    # its main thread shows as a zombie before its other threads have
+    # exited and closed its sockets (seen under load). Wait for our own
+    # exiting process, bounded; anything else on the port is an error.
+    if port_in_use "$port" && exiting "$PIDS/$name.pid"; then
+      wait_ports_free "$port" || true
+    fi
     if port_in_use "$port"; then
       echo "error: port $port is already in use by another program; stop it or set KV_BASE_PORT" >&2
       exit 1
