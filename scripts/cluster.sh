@@ -256,13 +256,31 @@ up() {
 # Writes a few keys, kills one node with SIGKILL, shows every key still
 # readable and writable through the proxy, restarts the node and shows it
 # caught up; deletes its keys at the end.
+# PUTs $2 to the URL $1 for the demo. A 504 (the write's outcome unknown
+# within --raft-write-timeout, seen on a loaded machine with debug builds)
+# or a 503 is tried again, a few times: putting the same value twice is
+# harmless. Any other failure is shown and fails the demo.
+demo_put() {
+  local code try
+  for try in 1 2 3 4 5; do
+    code=$(kvcurl -sS -o /dev/null -w '%{http_code}' --max-time 10 -X PUT "$1" -d "$2") || code=000
+    case $code in
+      2??) return 0 ;;
+      503 | 504) sleep 0.2 ;;
+      *) break ;;
+    esac
+  done
+  echo "error: PUT $1 answered $code" >&2
+  return 1
+}
+
 demo_failover() {
   local proxy=$1 i code codes victim=${NODE_PORTS[2]} keys=()
   for i in 1 2 3 4 5 6; do keys+=("failover-demo-$$-$i"); done
   echo
   echo "Every key lives on $REPLICAS nodes. Writing ${#keys[@]} keys, then: kill -9 node-$victim"
   for key in "${keys[@]}"; do
-    kvcurl -fsS -o /dev/null -X PUT "$proxy/$key" -d '{"value": "before"}'
+    demo_put "$proxy/$key" '{"value": "before"}' || return 1
   done
   local pid
   pid=$(cat "$PIDS/node-$victim.pid")
