@@ -272,10 +272,11 @@ pub enum ReadPolicy {
     /// A quorum round after the read arrived (openraft's `ReadIndex`): no
     /// clock assumption.
     ReadIndex,
-    /// Reuse a quorum acknowledgement younger than the leader lease,
-    /// heartbeating only when it is older (openraft's lease read, waiting
-    /// instead of failing when the lease lapsed). Assumes bounded clock-rate
-    /// differences (see `--read-policy`); the default.
+    /// Reuse a quorum acknowledgement younger than the shortest election
+    /// timeout (not the whole leader lease), heartbeating only when it is
+    /// older (openraft's lease read, waiting instead of failing when the
+    /// lease lapsed). Assumes bounded clock-rate differences (see
+    /// `--read-policy`); the default.
     #[default]
     Lease,
 }

@@ -198,12 +198,15 @@ fn a_foreign_node_serves_again_once_its_peers_accept_it() {
     wait_until("node 2 serves B's keys again", BOUND, || {
         read_b(&b_keys[0]).status == 200
     });
+    // Ready first: a stale read answers from what node 2 has applied, and
+    // B's kill -9 may have cost it its last committed-index records (they
+    // ride the WAL's next batch) until the leader re-teaches the commit.
+    wait_until("node 2 is ready", BOUND, || {
+        send(node2, "GET", "/-/ready", &[], None).is_ok_and(|ready| ready.status == 200)
+    });
     for key in &b_keys {
         let read = read_b(key);
         assert_eq!(read.text(), "{\"value\":\"b\"}\n", "{key}");
     }
-    wait_until("node 2 is ready", BOUND, || {
-        send(node2, "GET", "/-/ready", &[], None).is_ok_and(|ready| ready.status == 200)
-    });
     assert!(a.log(2).contains("accept this node again"), "{}", a.log(2));
 }

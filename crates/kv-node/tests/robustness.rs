@@ -306,6 +306,13 @@ fn a_node_started_on_another_clusters_data_dir_is_refused_by_its_peers() {
     for id in 1..=3 {
         b.restart(id);
     }
+    // A stale read answers from what the replica has applied, and a replica
+    // restarted by kill -9 may have lost its last committed-index records
+    // (they ride the WAL's next batch): it re-learns them from the leader.
+    // Ready means every shard applied the cluster's commit.
+    wait_until("node 2 of cluster B is ready", BOUND, || {
+        send(b.addr(2), "GET", "/-/ready", &[], None).is_ok_and(|ready| ready.status == 200)
+    });
     for (a_key, b_key) in a_keys.iter().zip(&b_keys) {
         let theirs = send(b.addr(2), "GET", &format!("/{b_key}"), &stale, None).unwrap();
         assert_eq!(theirs.text(), "{\"value\":\"b\"}\n", "{b_key}");

@@ -156,6 +156,18 @@ pub fn raft_config(
         max_payload_entries,
         install_snapshot_timeout: 2000,
         api_channel_size: Some(1024),
+        // A leader restarted by kill -9 must win a new election, never take
+        // up its old term again: it may send entries to followers before its
+        // own WAL has them (openraft reads them from the in-memory log), so
+        // after a crash it can come back in the same term without an entry
+        // a follower kept, then propose a different entry at that index
+        // with the same log id; the follower keeps its own (same log id,
+        // so no conflict) and the replicas diverge for good (seen with all
+        // three nodes killed during writes: one replica's digest differed
+        // at the same applied index). A new term's blank entry truncates
+        // such leftovers. The price: after a restart of the whole cluster
+        // every shard elects (after the restart guard's lease).
+        enable_leader_restore: Some(false),
         ..Default::default()
     };
     Ok(Arc::new(config.validate()?))
@@ -172,6 +184,11 @@ mod tests {
         assert_eq!(config.enable_pre_vote, Some(true));
         assert_eq!(config.election_timeout_max, 600);
         assert!(matches!(config.snapshot_policy, SnapshotPolicy::Never));
+        assert_eq!(
+            config.enable_leader_restore,
+            Some(false),
+            "a restarted leader must be elected again"
+        );
     }
 
     #[test]
