@@ -11,6 +11,7 @@ use hyper::service::service_fn;
 use kv_http::server::{Admission, ConnectionLimits};
 use kv_raft::{handle_raft, Groups, NodeId, ShardRaft, ShardSm};
 use kv_store::{FsyncPolicy, StoreOptions};
+use openraft::async_runtime::WatchReceiver;
 use tokio::task::{JoinHandle, JoinSet};
 
 /// How long a test waits for a condition before failing.
@@ -61,31 +62,35 @@ pub async fn serve(port: u16, groups: Arc<Groups<ShardSm>>) -> (u16, JoinHandle<
 
 /// Waits (bounded) until every raft of `among` names the same leader, one
 /// of `among`, and that leader has a quorum's acknowledgement; returns it.
+/// All are read together each time round: after a restart, elections may
+/// still move the leadership after one raft has named a leader.
 pub async fn agreed_leader(among: &[(NodeId, ShardRaft)]) -> NodeId {
     let ids: Vec<NodeId> = among.iter().map(|(id, _)| *id).collect();
-    let mut leader = None;
-    for (_, raft) in among {
-        let metrics = raft
-            .wait(Some(BOUND))
-            .metrics(
-                |m| {
-                    m.current_leader.is_some_and(|l| ids.contains(&l))
-                        && (leader.is_none() || m.current_leader == leader)
-                },
-                "a leader",
-            )
-            .await
-            .unwrap();
-        leader = metrics.current_leader;
+    let deadline = tokio::time::Instant::now() + BOUND;
+    loop {
+        let named: Vec<Option<NodeId>> = among
+            .iter()
+            .map(|(_, raft)| raft.metrics().borrow_watched().current_leader)
+            .collect();
+        let agreed = match named.first() {
+            Some(Some(first)) if ids.contains(first) => {
+                named.iter().all(|n| *n == Some(*first)).then_some(*first)
+            }
+            _ => None,
+        };
+        let leading = agreed.and_then(|leader| {
+            let (_, raft) = among.iter().find(|(id, _)| *id == leader)?;
+            let m = raft.metrics().borrow_watched().clone();
+            (m.state.is_leader() && m.last_quorum_acked.is_some()).then_some(leader)
+        });
+        if let Some(leader) = leading {
+            return leader;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no agreed leader with a quorum within {BOUND:?}: leaders named {named:?}"
+        );
+        // Polling a condition, bounded; not synchronising on time.
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let leader = leader.unwrap();
-    let (_, raft) = among.iter().find(|(id, _)| *id == leader).unwrap();
-    raft.wait(Some(BOUND))
-        .metrics(
-            |m| m.state.is_leader() && m.last_quorum_acked.is_some(),
-            "leading",
-        )
-        .await
-        .unwrap();
-    leader
 }
