@@ -51,7 +51,8 @@ pub const REFRESH_EVERY: Duration = Duration::from_millis(50);
 /// another leader. Far above a healthy read's time (a read-index round on
 /// loopback takes well under a millisecond), near the election timeout a
 /// frozen leader's followers wait before electing another (kv-node's
-/// default 300-600 ms): checking sooner would only refresh tables.
+/// default 600-800 ms after its last heartbeat): checking sooner would
+/// only refresh tables.
 pub const READ_PATIENCE: Duration = Duration::from_millis(500);
 /// How often the table is refreshed in the background, waiting or not.
 pub const BACKGROUND_REFRESH: Duration = Duration::from_secs(1);

@@ -169,11 +169,11 @@ pub struct Config {
 
     /// Cluster mode: how a leader confirms it still leads before a
     /// linearizable read. `lease` (the default): a quorum acknowledgement
-    /// younger than the shortest election timeout (300 ms) is reused, so
+    /// younger than the shortest election timeout (200 ms) is reused, so
     /// most reads need no round trip; the followers that gave it refuse
-    /// votes for the longest election timeout (600 ms) after receiving it,
-    /// and a restarted node for 600 ms after it starts. It assumes the
-    /// nodes' clock *rates* differ by less than that margin (300 of 600 ms),
+    /// votes for the longest election timeout (400 ms) after receiving it,
+    /// and a restarted node for 400 ms after it starts. It assumes the
+    /// nodes' clock *rates* differ by less than that margin (200 of 400 ms),
     /// not that their clocks agree. `read-index`: a quorum acknowledges a
     /// heartbeat sent after the read arrived (one round per batch of reads;
     /// no clock assumption).
@@ -207,7 +207,7 @@ pub struct Config {
     pub raft_heartbeat: Option<Duration>,
 
     /// Cluster mode (tests): the shortest election timeout; the longest is
-    /// twice it [default: 300ms].
+    /// twice it [default: 200ms].
     /// Takes a duration such as 500ms, 30s or 2m.
     #[arg(long, env = "KV_RAFT_ELECTION_TIMEOUT", hide = true, value_parser = humantime::parse_duration)]
     pub raft_election_timeout: Option<Duration>,

@@ -169,7 +169,7 @@ async fn drive(
         // timeout after its heartbeat was sent, while the acknowledging
         // followers refuse votes for the longest one after they received it
         // (openraft's lease; kv-raft's restart guard after a restart): the
-        // difference (300 of 600 ms by default) is the margin by which clock
+        // difference (200 of 400 ms by default) is the margin by which clock
         // rates may differ. openraft's default (`None`) would reuse it for
         // the whole longest timeout, leaving only the message delay as
         // margin. Heartbeats go every 100 ms, so a busy shard's last
