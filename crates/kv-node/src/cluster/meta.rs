@@ -507,7 +507,7 @@ impl ClusterNode {
                 .find(|id| observed.voters.contains(id) && observed.live.contains(id))
                 .or_else(|| want.iter().copied().find(|id| observed.live.contains(id)));
             if let Some(target) = target {
-                if meta.raft.trigger().transfer_leader(target).await.is_ok() {
+                if meta.transfer_leader(target).await.is_ok() {
                     log::info!(
                         "metadata group: this node is no voter of {want:?}; handing leadership \
                          to node {target}"

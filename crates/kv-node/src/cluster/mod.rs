@@ -53,7 +53,7 @@ use kv_cluster::{
     encode_cluster, write_cluster, ClusterSpec, GroupView, ShardsView, StoredCluster,
     CLUSTER_ID_HEADER, NODE_ID_HEADER,
 };
-use kv_http::metrics::Scrape;
+use kv_http::metrics::{thread_slot, CachePadded, Scrape, SHARDS};
 use kv_raft::{GroupId, Groups, Network, NodeId, Timeouts};
 use kv_store::{Store, StoreError};
 use openraft::async_runtime::WatchReceiver;
@@ -87,6 +87,18 @@ pub(crate) struct PathStats {
     forwarded_writes: AtomicU64,
     not_leader: AtomicU64,
     outcome_unknown: AtomicU64,
+    /// Lease reads served off the published metrics, without asking the
+    /// group ([`ReadGate::lease_ready`]); per thread slot, as this is on
+    /// the read path of every core.
+    lease_local_reads: [CachePadded<AtomicU64>; SHARDS],
+}
+
+impl PathStats {
+    pub(crate) fn count_lease_local_read(&self) {
+        if let Some(slot) = self.lease_local_reads.get(thread_slot() % SHARDS) {
+            slot.fetch_add(1, Relaxed);
+        }
+    }
 }
 
 /// One hosted group: its handle, its state machine, its read gate.
@@ -95,6 +107,28 @@ pub(crate) struct Hosted {
     pub(crate) log: GroupLog,
     pub(crate) sm: ShardSm,
     pub(crate) gate: Arc<ReadGate>,
+}
+
+impl Hosted {
+    /// Hands the group's leadership to `to`. Every transfer goes through
+    /// here: the read gate must hear of it first ([`ReadGate::before_transfer`]).
+    pub(crate) async fn transfer_leader(
+        &self,
+        to: NodeId,
+    ) -> Result<(), openraft::errors::Fatal<kv_raft::KvRaft>> {
+        transfer_leader(&self.gate, &self.raft, to).await
+    }
+}
+
+/// [`Hosted::transfer_leader`] for a task that holds clones, not the
+/// `Hosted`.
+pub(crate) async fn transfer_leader(
+    gate: &ReadGate,
+    raft: &ShardRaft,
+    to: NodeId,
+) -> Result<(), openraft::errors::Fatal<kv_raft::KvRaft>> {
+    gate.before_transfer(raft);
+    raft.trigger().transfer_leader(to).await
 }
 
 /// Why `/-/ready` says no: the message, and the shards that cannot serve
@@ -838,6 +872,15 @@ impl ClusterNode {
             "kv_raft_restart_vote_refusals_total",
             "Vote and pre-vote requests refused because their group was hosted less than one leader lease ago (the restart guard).",
             self.groups.restart_vote_refusals(),
+        );
+        scrape.counter_u64(
+            "kv_raft_lease_local_reads_total",
+            "Linearizable reads a leader served on its lease as its published Raft metrics showed it, without a round through the group.",
+            stats
+                .lease_local_reads
+                .iter()
+                .map(|slot| slot.load(Relaxed))
+                .sum(),
         );
         scrape.counter_u64(
             "kv_raft_not_leader_total",

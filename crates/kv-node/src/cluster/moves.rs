@@ -527,7 +527,7 @@ impl ClusterNode {
                     "shard {shard}: move {move_id}: this node leaves the group; handing \
                      leadership to node {to}"
                 );
-                raft.trigger()
+                hosted
                     .transfer_leader(to)
                     .await
                     .map_err(|e| e.to_string())?;

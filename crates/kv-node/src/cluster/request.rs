@@ -15,6 +15,9 @@
 //!   instead of a new round: the acknowledging followers refuse votes for
 //!   the longest one (openraft's lease; kv-raft's restart guard after a
 //!   restart), and the difference is the margin for clock-rate drift.
+//!   A lease read whose conditions the group's published metrics already
+//!   show is served without asking the group at all
+//!   ([`ReadGate::lease_ready`]): most reads then cost a metrics borrow.
 //! * **Stale reads** (`X-Kv-Consistency: stale`) answer from the local
 //!   replica with `X-Kv-Applied-Index`.
 //! * **Not leader**: with `X-Kv-Route: direct`, or on a request already
@@ -29,7 +32,8 @@
 //! Client-visible errors are in our words: openraft's error text (which
 //! names its internals) goes to the log, never into an answer.
 
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering::{Relaxed, SeqCst};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -46,7 +50,7 @@ use openraft::errors::{
     ClientWriteError, ForwardReason, ForwardToLeader, LinearizableReadError, RaftError,
 };
 use openraft::raft::linearizable_read::Linearizer;
-use openraft::{LinearizerOption, ReadPolicy};
+use openraft::{LinearizerOption, ReadPolicy, ServerState};
 use tokio::sync::watch;
 
 use super::forward::{ForwardError, Forwarded};
@@ -100,6 +104,12 @@ type Confirmation = Result<Linearizer<KvRaft>, ReadFail>;
 #[derive(Default)]
 pub(crate) struct ReadGate {
     inner: Mutex<GateInner>,
+    /// The term in which this node last started handing the shard's
+    /// leadership away (0: never). A transfer's vote is granted inside the
+    /// lease, so from then on the term's lease proves nothing:
+    /// [`Self::lease_ready`] refuses while the metrics show this term or an
+    /// older one. Set by [`Self::before_transfer`].
+    transfer_term: AtomicU64,
 }
 
 #[derive(Default)]
@@ -109,6 +119,70 @@ struct GateInner {
 }
 
 impl ReadGate {
+    /// Call right before `trigger().transfer_leader(..)` of this shard's
+    /// group (no await in between): lease reads stop taking
+    /// [`Self::lease_ready`]'s shortcut for the current term. openraft
+    /// itself refuses new read linearizers once a transfer started, so the
+    /// slow path stays right.
+    ///
+    /// The term is read from the metrics, published after every turn of
+    /// the group's core loop, so it is the term the transfer will run in:
+    /// changing term *and* leading again takes several turns (a step down,
+    /// then an election's vote answers).
+    pub(crate) fn before_transfer(&self, raft: &ShardRaft) {
+        let term = raft.metrics().borrow_watched().current_term;
+        self.transfer_term.fetch_max(term, SeqCst);
+    }
+
+    /// Whether a lease read of this shard may be served from the local
+    /// replica right now without asking the group: what openraft's
+    /// `get_read_linearizer` with a lease of `election_timeout_min` checks,
+    /// read off the metrics it publishes after every core-loop turn, plus
+    /// the state machine's own applied index:
+    ///
+    /// - this node leads with a committed vote, and no leadership transfer
+    ///   started in its term (a transfer's election ignores the lease);
+    /// - its committed log id is of its own term, so the leader's first
+    ///   (blank) entry, and every entry of earlier leaders, is committed;
+    /// - a quorum acknowledged a heartbeat *sent* less than
+    ///   `election_timeout_min` ago (the followers that acknowledged it
+    ///   refuse votes for `election_timeout_max` after receiving it, so no
+    ///   other leader exists yet, as on the slow path);
+    /// - the state machine has applied the committed index in the metrics.
+    ///   The read index is then that index or the state machine's applied
+    ///   index, whichever is higher: a write acknowledged to a client was
+    ///   applied here first, even if the metrics were published before its
+    ///   commit, so the read sees it.
+    ///
+    /// `false` only means "ask the group" (the read-index or lease path).
+    pub(crate) fn lease_ready(&self, raft: &ShardRaft, sm: &super::storage::ShardSm) -> bool {
+        let lease = Duration::from_millis(raft.config().election_timeout_min);
+        let metrics = raft.metrics();
+        let m = metrics.borrow_watched();
+        if m.state != ServerState::Leader
+            || m.current_leader != Some(m.id)
+            || !m.vote.is_committed()
+            || m.current_term <= self.transfer_term.load(SeqCst)
+        {
+            return false;
+        }
+        let Some(committed) = m.local_committed.as_ref() else {
+            return false;
+        };
+        if committed.leader_id.term != m.current_term {
+            return false;
+        }
+        let Some(acked) = m.last_quorum_acked.as_ref() else {
+            return false;
+        };
+        let now = <openraft::alias::InstantOf<KvRaft> as openraft::Instant>::now();
+        let fresh = now < **acked + lease;
+        fresh
+            && sm
+                .applied_index()
+                .is_some_and(|applied| applied >= committed.index)
+    }
+
     /// Waits (at most `bound`) for a confirmation that started after this
     /// call, and returns it.
     async fn confirm(
@@ -447,6 +521,12 @@ impl ClusterNode {
             return self
                 .around_full_disk(request, &hosted, Bytes::new(), full)
                 .await;
+        }
+        if self.read_policy == crate::config::ReadPolicy::Lease
+            && hosted.gate.lease_ready(&hosted.raft, &hosted.sm)
+        {
+            self.path_stats.count_lease_local_read();
+            return read_response(storage::read(&hosted.sm, request.key));
         }
         let started = Instant::now();
         let bound = self.write_timeout;

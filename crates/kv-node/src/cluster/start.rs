@@ -639,7 +639,7 @@ impl ClusterNode {
                 }
             };
             if let Some(target) = target {
-                if hosted.raft.trigger().transfer_leader(target).await.is_ok() {
+                if hosted.transfer_leader(target).await.is_ok() {
                     moving.push(shard);
                 }
             }
@@ -697,7 +697,7 @@ impl ClusterNode {
             })
         };
         if let Some(target) = target {
-            if meta.raft.trigger().transfer_leader(target).await.is_ok() {
+            if meta.transfer_leader(target).await.is_ok() {
                 log::info!("stopping: handing the metadata group's leadership to node {target}");
             }
         }

@@ -256,14 +256,7 @@ pub(crate) fn balance(node: &Arc<ClusterNode>) {
                             .map(|l| l.index)
                             == m.last_log_index
                 };
-                if caught_up
-                    && hosted
-                        .raft
-                        .trigger()
-                        .transfer_leader(preferred)
-                        .await
-                        .is_ok()
-                {
+                if caught_up && hosted.transfer_leader(preferred).await.is_ok() {
                     log::debug!(
                         "shard {shard}: handing leadership back to preferred leader {preferred}"
                     );
@@ -405,9 +398,10 @@ fn hand_leaderships_away(node: &Arc<ClusterNode>, handed: &mut HashMap<u32, Inst
         };
         handed.insert(shard, Instant::now());
         let raft = hosted.raft.clone();
+        let gate = Arc::clone(&hosted.gate);
         node.runtime.spawn(async move {
-            let trigger = raft.trigger();
-            match tokio::time::timeout(HAND_AGAIN, trigger.transfer_leader(target)).await {
+            let transfer = super::transfer_leader(&gate, &raft, target);
+            match tokio::time::timeout(HAND_AGAIN, transfer).await {
                 Ok(Ok(())) => {
                     log::info!("shard {shard}: disk full, handing leadership to node {target}")
                 }
