@@ -17,7 +17,9 @@
 # median are printed (single runs here swing ±10-15%, see ../shared/peers.md).
 #
 # Usage: scripts/bench-proxy.sh            (env: DURATION=10s CONNECTIONS=64
-#        THREADS=2 KEYS=10000 ROUNDS=3 BASE_PORT=28080)
+#        THREADS=2 KEYS=10000 ROUNDS=3 BASE_PORT=28080 PROXY_BIN=<kv-proxy>)
+# PROXY_BIN runs another kv-proxy binary (say, a copy built from an older
+# commit) against the same nodes, to compare two builds run after run.
 # Everything started here is stopped on exit (trap).
 set -euo pipefail
 # Benchmarks measure the path without tokens: a KV_AUTH_TOKEN exported in
@@ -73,6 +75,7 @@ done
 echo "== building release binaries" >&2
 cargo build --release --quiet --bin kv-node --bin kv-proxy
 BIN=target/release
+PROXY_BIN=${PROXY_BIN:-$BIN/kv-proxy}
 
 wait_healthy() { # port, name
     for _ in $(seq 1 500); do
@@ -91,7 +94,7 @@ for port in "${NODE_PORTS[@]}"; do
 done
 for port in "${NODE_PORTS[@]}"; do wait_healthy "$port" kv-node; done
 
-RUST_LOG=warn "$BIN/kv-proxy" --port "$PROXY_PORT" --nodes "$NODES" 2>"$WORK/proxy.log" &
+RUST_LOG=warn "$PROXY_BIN" --port "$PROXY_PORT" --nodes "$NODES" 2>"$WORK/proxy.log" &
 PROXY_PID=$!
 PIDS+=($PROXY_PID)
 wait_healthy "$PROXY_PORT" kv-proxy
