@@ -47,10 +47,14 @@ fn counting_node(close_after_answer: bool) -> (SocketAddr, Arc<Seen>) {
                         break;
                     }
                     buffer.extend_from_slice(&chunk[..read]);
-                    // GETs only: a request is its head.
+                    // A request is its head and `content-length` bytes.
                     while let Some(end) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
                         let head = String::from_utf8_lossy(&buffer[..end]).into_owned();
-                        buffer.drain(..end + 4);
+                        let length = content_length(&head);
+                        if buffer.len() < end + 4 + length {
+                            break;
+                        }
+                        buffer.drain(..end + 4 + length);
                         if head.contains("kv-health-probe") {
                             let _ = stream.write_all(ANSWER);
                             return;
@@ -79,6 +83,13 @@ fn counting_node(close_after_answer: bool) -> (SocketAddr, Arc<Seen>) {
         }
     });
     (addr, seen)
+}
+
+fn content_length(head: &str) -> usize {
+    head.lines()
+        .filter_map(|line| line.split_once(':'))
+        .find(|(name, _)| name.trim().eq_ignore_ascii_case("content-length"))
+        .map_or(0, |(_, value)| value.trim().parse().unwrap())
 }
 
 fn start_proxy(node: SocketAddr, extra: &[&str]) -> Process {
@@ -138,6 +149,32 @@ fn a_node_closing_after_each_answer_costs_clients_nothing() {
     for i in 0..10 {
         let got = request(proxy.addr, "GET", &format!("/k{i}"), None).unwrap();
         assert_eq!(got.status, 200, "{}", got.text());
+    }
+    assert_eq!(seen.connections.load(Ordering::SeqCst), 10);
+    assert_eq!(seen.requests.load(Ordering::SeqCst), 10);
+}
+
+/// A connection the node closed while it sat idle in the pool must not be
+/// handed to the next request. PUTs, since a write that reached the node on
+/// a dead connection is not retried (a GET would hide the fault behind its
+/// one retry): each would answer 502.
+#[test]
+fn a_connection_the_node_closed_while_idle_is_not_reused() {
+    let (node, seen) = counting_node(true);
+    let proxy = start_proxy(node, &["--workers", "1"]);
+    for i in 0..10 {
+        let got = request(
+            proxy.addr,
+            "PUT",
+            &format!("/k{i}"),
+            Some(b"{\"value\": 1}".as_slice()),
+        )
+        .unwrap();
+        assert_eq!(got.status, 200, "request {i}: {}", got.text());
+        // The node has closed the connection before the next request comes.
+        wait_for("the node never closed its connection", || {
+            seen.closed.load(Ordering::SeqCst) == i + 1
+        });
     }
     assert_eq!(seen.connections.load(Ordering::SeqCst), 10);
     assert_eq!(seen.requests.load(Ordering::SeqCst), 10);
