@@ -8,9 +8,12 @@
 #     MODE: leader9 (kill -9 the node leading most shards, restart at once, x3),
 #           term (SIGTERM a node, restart), follower9 (kill -9 the node
 #           leading fewest shards, restart), mixed (all three in turn)
-#     RUN: a number; ports 26000+10*RUN'..'+3 (RUN 0-90), data in
+#     RUN: a number; ports 26000+10*RUN to +3 (RUN 0-89), data in
 #          /tmp/kvbreak/run-RUN
-# Env: KV_BREAK_ROUTE=proxy|direct (kv-bench through kv-proxy, or client-side).
+# Env: KV_BREAK_ROUTE=proxy|direct (kv-bench through kv-proxy, or client-side)
+#      or conflict (scripts/break-conflict.py: 8 clients racing on 2 keys through
+#      the proxy and every node; keep DURATION_S <= 20 so check-history can
+#      check the whole history).
 # Prints: ops, history verdict, kv_raft_lease_local_reads_total per node
 # incarnation (the counter restarts with the process).
 set -uo pipefail
@@ -91,9 +94,16 @@ for i in 1 2 3; do wait_ready $i || exit 3; done
 PROXY=$!
 until curl -sf -o /dev/null "http://127.0.0.1:$BASE/-/health"; do sleep 0.1; done
 
-if [ "$ROUTE" = proxy ]; then TARGET=(--proxy "http://127.0.0.1:$BASE"); else TARGET=(--urls "http://127.0.0.1:$((BASE + 1))" --only-max); fi
-"$BIN/kv-bench" "${TARGET[@]}" -c 8 --keys 8 --mix set=1,get=2,delete=1 -d "${DUR}s" \
-  --history "$D/h.jsonl" --allow-errors --quiet --timeout 5s >"$D/bench.out" 2>&1 &
+if [ "$ROUTE" = conflict ]; then
+  # Clients racing on the same 2 keys through the proxy and every node (a
+  # non-leader forwards): kv-bench's workers each own their keys.
+  python3 "scripts/break-conflict.py" "$D/h.jsonl" "$DUR" 2 8 \
+    "127.0.0.1:$BASE,127.0.0.1:$((BASE + 1)),127.0.0.1:$((BASE + 2)),127.0.0.1:$((BASE + 3))" >"$D/bench.out" 2>&1 &
+else
+  if [ "$ROUTE" = proxy ]; then TARGET=(--proxy "http://127.0.0.1:$BASE"); else TARGET=(--urls "http://127.0.0.1:$((BASE + 1))" --only-max); fi
+  "$BIN/kv-bench" "${TARGET[@]}" -c 8 --keys 8 --mix set=1,get=2,delete=1 -d "${DUR}s" \
+    --history "$D/h.jsonl" --allow-errors --quiet --timeout 5s >"$D/bench.out" 2>&1 &
+fi
 BENCH=$!
 sleep 2 # let the load start before the first fault (not synchronisation of results)
 
