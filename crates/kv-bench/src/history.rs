@@ -530,10 +530,26 @@ pub fn check_file(
             }
             Verdict::TooLarge => {
                 summary.too_large += 1;
-                Some(format!(
-                    "{}: too large to check ({} ops; more than {} search steps, see --max-steps)",
-                    report.key, report.ops, max_steps
-                ))
+                // Two bounds stop the search: the steps, and the search
+                // cache's memory (a bit per operation per configuration, so
+                // a key of ~30,000 racing operations can pass it long before
+                // the steps); name the one that did, since raising
+                // --max-steps does not help with the other.
+                Some(if report.checked.steps > max_steps {
+                    format!(
+                        "{}: too large to check ({} ops; more than {} search steps, see --max-steps)",
+                        report.key, report.ops, max_steps
+                    )
+                } else {
+                    format!(
+                        "{}: too large to check ({} ops; the search cache passed {} MiB after {} steps: \
+                         check a shorter history)",
+                        report.key,
+                        report.ops,
+                        crate::linearizability::MAX_CACHE_BYTES >> 20,
+                        report.checked.steps
+                    )
+                })
             }
         };
         if let Some(line) = line {

@@ -245,7 +245,7 @@ struct Cache {
 /// Most memory one key's cache may take before the key is reported too
 /// large: each entry holds a bit per operation, so a key with 100,000
 /// operations would need ~12 KB per configuration.
-const MAX_CACHE_BYTES: usize = 1 << 30;
+pub(crate) const MAX_CACHE_BYTES: usize = 1 << 30;
 
 impl Cache {
     /// Records the configuration; false if it (or one subsuming it) was

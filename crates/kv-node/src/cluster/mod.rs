@@ -110,8 +110,11 @@ pub(crate) struct Hosted {
 }
 
 impl Hosted {
-    /// Hands the group's leadership to `to`. Every transfer goes through
-    /// here: the read gate must hear of it first ([`ReadGate::before_transfer`]).
+    /// Hands the group's leadership to `to`. Every transfer kv starts goes
+    /// through here: the read gate must hear of it first
+    /// ([`ReadGate::before_transfer`]). openraft's own step-down transfer of
+    /// a removed leader is covered by [`ReadGate::lease_ready`]'s
+    /// membership check instead.
     pub(crate) async fn transfer_leader(
         &self,
         to: NodeId,

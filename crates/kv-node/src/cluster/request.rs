@@ -142,6 +142,14 @@ impl ReadGate {
     ///
     /// - this node leads with a committed vote, and no leadership transfer
     ///   started in its term (a transfer's election ignores the lease);
+    /// - this node is a voter of its effective membership: openraft's
+    ///   step-down watcher (`removed_leader_step_down`, on by default) hands
+    ///   the leadership of a leader its committed membership removed to
+    ///   another voter by itself, never through [`Self::before_transfer`],
+    ///   so such a leader's lease proves nothing (openraft lets a caught-up
+    ///   node that is no voter win a transfer's election, e.g. the leaving
+    ///   replica of a move whose goal membership is appended but not yet
+    ///   committed);
     /// - its committed log id is of its own term, so the leader's first
     ///   (blank) entry, and every entry of earlier leaders, is committed;
     /// - a quorum acknowledged a heartbeat *sent* less than
@@ -163,6 +171,12 @@ impl ReadGate {
             || m.current_leader != Some(m.id)
             || !m.vote.is_committed()
             || m.current_term <= self.transfer_term.load(SeqCst)
+            || !m
+                .membership_config
+                .membership()
+                .get_joint_config()
+                .iter()
+                .any(|voters| voters.contains(&m.id))
         {
             return false;
         }
