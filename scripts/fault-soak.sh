@@ -4,14 +4,14 @@
 # few keys while this script kill -9s / SIGTERMs nodes and restarts them at
 # once, then kv-bench check-history on the history.
 #
-#   scripts/break-faults.sh MODE RUN [DURATION_S]
+#   scripts/fault-soak.sh MODE RUN [DURATION_S]
 #     MODE: leader9 (kill -9 the node leading most shards, restart at once, x3),
 #           term (SIGTERM a node, restart), follower9 (kill -9 the node
 #           leading fewest shards, restart), mixed (all three in turn)
 #     RUN: a number; ports 26000+10*RUN to +3 (RUN 0-89), data in
-#          /tmp/kvbreak/run-RUN
+#          /tmp/kv-fault-soak/run-RUN
 # Env: KV_BREAK_ROUTE=proxy|direct (kv-bench through kv-proxy, or client-side)
-#      or conflict (scripts/break-conflict.py: 8 clients racing on 2 keys through
+#      or conflict (scripts/fault-soak-conflict.py: 8 clients racing on 2 keys through
 #      the proxy and every node; keep DURATION_S <= 20 so check-history can
 #      check the whole history).
 # Prints: ops, history verdict, kv_raft_lease_local_reads_total per node
@@ -24,7 +24,7 @@ DUR=${3:-30}
 ROUTE=${KV_BREAK_ROUTE:-proxy}
 BIN=target/release
 BASE=$((26000 + 10 * RUN))
-D=/tmp/kvbreak/run-$RUN
+D=/tmp/kv-fault-soak/run-$RUN
 rm -rf "$D"
 mkdir -p "$D/logs"
 PEERS="1=127.0.0.1:$((BASE + 1)),2=127.0.0.1:$((BASE + 2)),3=127.0.0.1:$((BASE + 3))"
@@ -97,7 +97,7 @@ until curl -sf -o /dev/null "http://127.0.0.1:$BASE/-/health"; do sleep 0.1; don
 if [ "$ROUTE" = conflict ]; then
   # Clients racing on the same 2 keys through the proxy and every node (a
   # non-leader forwards): kv-bench's workers each own their keys.
-  python3 "scripts/break-conflict.py" "$D/h.jsonl" "$DUR" 2 8 \
+  python3 "scripts/fault-soak-conflict.py" "$D/h.jsonl" "$DUR" 2 8 \
     "127.0.0.1:$BASE,127.0.0.1:$((BASE + 1)),127.0.0.1:$((BASE + 2)),127.0.0.1:$((BASE + 3))" >"$D/bench.out" 2>&1 &
 else
   if [ "$ROUTE" = proxy ]; then TARGET=(--proxy "http://127.0.0.1:$BASE"); else TARGET=(--urls "http://127.0.0.1:$((BASE + 1))" --only-max); fi

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Many clients racing on few keys, history in kv-bench's format.
 
-break-conflict.py OUT DURATION_S KEYS CLIENTS ENDPOINT[,ENDPOINT..]
+fault-soak-conflict.py OUT DURATION_S KEYS CLIENTS ENDPOINT[,ENDPOINT..]
 Each client picks a random endpoint per connection (proxy or any node: a
 non-leader forwards), random ops on KEYS keys; every PUT value unique.
 """
