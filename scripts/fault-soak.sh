@@ -10,19 +10,24 @@
 #           leading fewest shards, restart), mixed (all three in turn)
 #     RUN: a number; ports 26000+10*RUN to +3 (RUN 0-89), data in
 #          /tmp/kv-fault-soak/run-RUN
-# Env: KV_BREAK_ROUTE=proxy|direct (kv-bench through kv-proxy, or client-side)
+# Env: KV_SOAK_ROUTE=proxy|direct (kv-bench through kv-proxy, or client-side)
 #      or conflict (scripts/fault-soak-conflict.py: 8 clients racing on 2 keys through
 #      the proxy and every node; keep DURATION_S <= 20 so check-history can
 #      check the whole history).
-# Prints: ops, history verdict, kv_raft_lease_local_reads_total per node
-# incarnation (the counter restarts with the process).
+# Prints: ops, history verdict, kv_raft_lease_local_reads_total summed over
+# every node incarnation (the counter restarts with the process). Exits with
+# check-history's status: 0 when every key is linearizable, 1 when not.
+# Builds the release binaries first; everything started here is stopped on
+# exit (trap); the data and logs stay in the run's directory.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+. scripts/lib.sh
 MODE=${1:?mode}
 RUN=${2:?run}
 DUR=${3:-30}
-ROUTE=${KV_BREAK_ROUTE:-proxy}
-BIN=target/release
+ROUTE=${KV_SOAK_ROUTE:-proxy}
+BIN=${CARGO_TARGET_DIR:-target}/release
+cargo build --release --quiet --bin kv-node --bin kv-proxy --bin kv-bench || exit 2
 BASE=$((26000 + 10 * RUN))
 D=/tmp/kv-fault-soak/run-$RUN
 rm -rf "$D"
@@ -30,6 +35,15 @@ mkdir -p "$D/logs"
 PEERS="1=127.0.0.1:$((BASE + 1)),2=127.0.0.1:$((BASE + 2)),3=127.0.0.1:$((BASE + 3))"
 declare -A PID
 LEASE_TOTAL=0
+PROXY=""
+BENCH=""
+cleanup() {
+  local pid
+  for pid in "${PID[@]}" $PROXY $BENCH; do kill "$pid" 2>/dev/null; done
+  wait 2>/dev/null
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
 
 start_node() {
   local i=$1
@@ -92,7 +106,7 @@ for i in 1 2 3; do wait_ready $i || exit 3; done
 "$BIN/kv-proxy" --port "$BASE" --nodes "127.0.0.1:$((BASE + 1)),127.0.0.1:$((BASE + 2)),127.0.0.1:$((BASE + 3))" \
   >"$D/logs/proxy.log" 2>&1 &
 PROXY=$!
-until curl -sf -o /dev/null "http://127.0.0.1:$BASE/-/health"; do sleep 0.1; done
+wait_healthy "127.0.0.1:$BASE" 30 || exit 3
 
 if [ "$ROUTE" = conflict ]; then
   # Clients racing on the same 2 keys through the proxy and every node (a
@@ -117,8 +131,8 @@ wait $BENCH
 for i in 1 2 3; do count_lease $i; done
 echo "lease_local_reads=$LEASE_TOTAL"
 grep -E "ops|error|timeout|wrong|fail" "$D/bench.out" | head -8
-"$BIN/kv-bench" check-history --quiet "$D/h.jsonl" 2>&1 | tail -5
 echo "history_lines=$(wc -l <"$D/h.jsonl")"
-kill "$PROXY" 2>/dev/null
-for i in 1 2 3; do kill "${PID[$i]}" 2>/dev/null; done
-wait 2>/dev/null
+"$BIN/kv-bench" check-history --quiet "$D/h.jsonl" >"$D/check.out" 2>&1
+verdict=$?
+tail -5 "$D/check.out"
+exit $verdict
