@@ -17,7 +17,9 @@
 # median are printed (single runs here swing ±10-15%, see ../shared/peers.md).
 #
 # Usage: scripts/bench-proxy.sh            (env: DURATION=10s CONNECTIONS=64
-#        THREADS=2 KEYS=10000 ROUNDS=3 BASE_PORT=28080 PROXY_BIN=<kv-proxy>)
+#        THREADS=2 KEYS=10000 ROUNDS=3 BASE_PORT=28080 PROXY_BIN=<kv-proxy>
+#        STAT=1 to count each proxy's syscalls and context switches per
+#        request with perf stat, which costs the proxies some speed)
 # PROXY_BIN runs another kv-proxy binary (say, a copy built from an older
 # commit) against the same nodes, to compare two builds run after run.
 # Everything started here is stopped on exit (trap).
@@ -166,10 +168,26 @@ run() { # name, port, pids whose CPU time is the proxy's
     # A short warm-up fills connection pools and caches; it is not measured.
     wrk -t"$THREADS" -c"$CONNECTIONS" -d2s -s "$WORK/get.lua" "http://127.0.0.1:$port" >/dev/null
     local before after requests cpu_us=-
+    local stat_pid=""
+    if [ -n "${STAT:-}" ] && [ $# -gt 0 ]; then
+        # Syscalls and context switches of the proxy's processes over the run.
+        local pids
+        pids=$(IFS=,; echo "$*")
+        perf stat -x, -e raw_syscalls:sys_enter,context-switches -p "$pids" -o "$WORK/$name.stat" &
+        stat_pid=$!
+    fi
     before=$(cpu_ticks "$@")
     wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency -s "$WORK/get.lua" "http://127.0.0.1:$port" >"$WORK/$name.wrk"
     after=$(cpu_ticks "$@")
     requests=$(awk '/requests in/ { print $1 }' "$WORK/$name.wrk")
+    local stat_line=""
+    if [ -n "$stat_pid" ]; then
+        kill -INT "$stat_pid" 2>/dev/null || true
+        wait "$stat_pid" 2>/dev/null || true
+        stat_line=$(awk -F, -v n="$requests" '
+            /raw_syscalls:sys_enter/ { sc = $1 } /context-switches/ { cs = $1 }
+            END { printf "   syscalls %.2f, context switches %.2f per request", sc / n, cs / n }' "$WORK/$name.stat")
+    fi
     if [ $# -gt 0 ]; then
         cpu_us=$(awk -v t=$((after - before)) -v hz="$CLK_TCK" -v n="$requests" 'BEGIN { printf "%.1f", t / hz * 1e6 / n }')
     fi
@@ -184,6 +202,7 @@ run() { # name, port, pids whose CPU time is the proxy's
     echo "$1 $rps $avg $p50 $p99 $cpu_us" >>"$WORK/results"
     printf '%-11s %9.0f req/s   latency avg %7.0f us  p50 %7.0f us  p99 %7.0f us   proxy CPU %5s us/request\n' \
         "$1" "$rps" "$avg" "$p50" "$p99" "$cpu_us"
+    [ -z "$stat_line" ] || echo "$stat_line"
 }
 
 echo "== wrk: $THREADS threads, $CONNECTIONS connections, $DURATION, GETs over $KEYS keys, $ROUNDS rounds ($(nproc) cores, shared)"
