@@ -88,7 +88,8 @@ pub struct Config {
     /// Start even if the log is corrupt before its tail (cut it at the damage
     /// and keep the cut bytes in a `*.corrupt-<offset>` side file), the newest
     /// snapshot is damaged (set it aside, start from the previous one) or a
-    /// log segment is missing (go on without it, logging what is lost)
+    /// log segment is missing (go on without it, logging what is lost). In a
+    /// cluster, the shards' leaders send a repaired replica what was cut
     /// [default: off].
     #[arg(long, env = "KV_REPAIR")]
     pub repair: bool,

@@ -143,7 +143,8 @@ pub const MAX_REPLICATED_VALUE: usize = APPEND_BUDGET - ENTRY_OVERHEAD - crate::
 ///   size and WAL pressure (§4.3), not openraft's entry count;
 /// - a short log tail kept after a snapshot, so a briefly lagging follower
 ///   catches up from the log rather than a snapshot;
-/// - `api_channel_size` 1024 per group instead of 65536: 64 groups per node.
+/// - `api_channel_size` 1024 per group instead of 65536: 64 groups per node;
+/// - a follower's log may revert (`allow_log_reversion`, below).
 pub fn raft_config(
     timeouts: Timeouts,
     max_value_bytes: usize,
@@ -176,6 +177,17 @@ pub fn raft_config(
         // such leftovers. The price: after a restart of the whole cluster
         // every shard elects (after the restart guard's lease).
         enable_leader_restore: Some(false),
+        // A follower's log can come back shorter than its leader last saw
+        // it acknowledge: `--repair` cuts a damaged log, and with
+        // `--fsync everysec` a machine crash loses the last unsynced second.
+        // With this off, the leader's next heartbeat finds the acknowledged
+        // entry missing and openraft asserts (debug builds: the leader's
+        // group core panics) or keeps replicating from where the follower
+        // was (release: the follower never catches up while that leader
+        // lasts). On, the leader searches the follower's log again from the
+        // start and resends what is missing; the quorum's committed index
+        // never goes back (`VecProgress::reset_entry_with`).
+        allow_log_reversion: Some(true),
         ..Default::default()
     };
     Ok(Arc::new(config.validate()?))
@@ -196,6 +208,11 @@ mod tests {
             config.enable_leader_restore,
             Some(false),
             "a restarted leader must be elected again"
+        );
+        assert_eq!(
+            config.allow_log_reversion,
+            Some(true),
+            "a repaired follower must be caught up again"
         );
     }
 

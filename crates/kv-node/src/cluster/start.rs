@@ -182,7 +182,6 @@ pub async fn start(
     let timeouts = config.raft_timeouts();
     let raft_config = raft_config(timeouts, config.max_value_bytes)
         .map_err(|error| refuse(format!("raft timeouts: {error}")))?;
-    let raft_config = storage::adjust_config(raft_config);
     network.set_node_id(node_id);
     network
         .refusals()

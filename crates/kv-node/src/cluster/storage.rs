@@ -23,18 +23,6 @@ pub(crate) use kv_raft::{GroupLog, NodeStorage, ShardRaft, ShardSm};
 /// initialised one has its membership in the log and is left alone.
 pub(crate) const DURABLE: bool = true;
 
-/// Adjusts the openraft config to the storage: a memory log would come
-/// back empty after a restart, which leaders assert never happens; durable
-/// storage keeps that check.
-pub(crate) fn adjust_config(config: Arc<openraft::Config>) -> Arc<openraft::Config> {
-    if DURABLE {
-        return config;
-    }
-    let mut config = (*config).clone();
-    config.allow_log_reversion = Some(true);
-    Arc::new(config)
-}
-
 /// Opens the storage of every group on this node (blocking: reads the
 /// groups the store recovered).
 pub(crate) fn open(store: Arc<Store>, dir: &Path) -> io::Result<NodeStorage> {
