@@ -519,6 +519,21 @@ impl Cluster {
         }
     }
 
+    /// Slows every link to and from node `id`: each chunk is held `delay`
+    /// in each direction (a request to or from it and its answer take
+    /// `2 * delay` more). Clients still reach it directly. Needs `relays`.
+    pub fn delay_links(&self, id: u64, delay: Duration) {
+        assert!(
+            !self.relays.is_empty(),
+            "delay_links needs ClusterOpts::relays"
+        );
+        for ((from, to), relay) in &self.relays {
+            if *from == id || *to == id {
+                relay.set_delay(delay);
+            }
+        }
+    }
+
     /// Every link passes again (held bytes go on).
     pub fn heal(&self) {
         for relay in self.relays.values() {

@@ -117,6 +117,9 @@ struct Shared {
 
 struct State {
     mode: Mode,
+    /// Added to every chunk in either direction before it is passed on
+    /// (a slow link); zero by default.
+    delay: Duration,
     closing: bool,
     next_id: u64,
     /// A clone of every socket of every open connection, so that a mode
@@ -148,6 +151,7 @@ impl Relay {
             target,
             state: Mutex::new(State {
                 mode: Mode::Pass,
+                delay: Duration::ZERO,
                 closing: false,
                 next_id: 0,
                 open: HashMap::new(),
@@ -206,6 +210,14 @@ impl Relay {
     /// Accept and keep connections but forward nothing; stall existing ones.
     pub fn blackhole(&self) {
         self.set_mode(Mode::Blackhole);
+    }
+
+    /// Holds every chunk `delay` before passing it on, in each direction
+    /// (so a request and its answer take `2 * delay` more): a slow link.
+    /// Open connections get it from their next chunk; order is kept.
+    pub fn set_delay(&self, delay: Duration) {
+        self.shared.lock().delay = delay;
+        self.shared.changed.notify_all();
     }
 
     /// Close existing connections and reset new ones.
@@ -484,11 +496,53 @@ fn forward(shared: &Arc<Shared>, id: u64, client: TcpStream) {
     shared.pump_done(id);
 }
 
-/// Copies `from` to `to`, holding each chunk while black-holed. An end of
-/// stream is passed on as one (a half-close); a reset, a close or an error
-/// aborts both sockets.
-fn pump(shared: &Shared, mut from: TcpStream, mut to: TcpStream, delivered: &AtomicU64) {
+/// Copies `from` to `to`, holding each chunk while black-holed and, with a
+/// delay set, until `delay` after it was read (a writer thread keeps the
+/// order, so the reader goes on reading meanwhile: a delay, not a
+/// throttle). An end of stream is passed on as one (a half-close); a
+/// reset, a close or an error aborts both sockets.
+fn pump(shared: &Shared, mut from: TcpStream, to: TcpStream, delivered: &AtomicU64) {
     let mut buffer = vec![0u8; BUFFER];
+    let (queue, delayed) = std::sync::mpsc::channel::<(Instant, Option<Vec<u8>>)>();
+    let Ok(mut writer_to) = to.try_clone() else {
+        abort(&from);
+        abort(&to);
+        return;
+    };
+    let Ok(writer_from) = from.try_clone() else {
+        abort(&from);
+        abort(&to);
+        return;
+    };
+    let writer = thread::Builder::new()
+        .name("relay-delay".into())
+        .stack_size(STACK)
+        .spawn(move || {
+            for (due, chunk) in delayed {
+                let wait = due.saturating_duration_since(Instant::now());
+                if !wait.is_zero() {
+                    thread::sleep(wait);
+                }
+                match chunk {
+                    Some(chunk) => {
+                        if writer_to.write_all(&chunk).is_err() {
+                            abort(&writer_from);
+                            abort(&writer_to);
+                            return;
+                        }
+                    }
+                    None => {
+                        let _ = writer_to.shutdown(Shutdown::Write);
+                        return;
+                    }
+                }
+            }
+        });
+    let Ok(writer) = writer else {
+        abort(&from);
+        abort(&to);
+        return;
+    };
     loop {
         let read = from.read(&mut buffer);
         // A read woken by `abort` looks like an end of stream: ask the mode.
@@ -496,18 +550,24 @@ fn pump(shared: &Shared, mut from: TcpStream, mut to: TcpStream, delivered: &Ato
             Ok(n) if shared.wait_to_pass() => n,
             _ => break,
         };
+        let due = Instant::now() + shared.lock().delay;
         if n == 0 {
-            let _ = to.shutdown(Shutdown::Write);
+            let _ = queue.send((due, None));
+            drop(queue);
+            let _ = writer.join();
             return;
         }
         // Counted before the write, so that a client that has seen bytes
         // also sees them counted.
         shared.count(delivered, n as u64);
         // `read` returned at most the buffer's length.
-        if to.write_all(buffer.get(..n).unwrap_or_default()).is_err() {
+        let chunk = buffer.get(..n).unwrap_or_default().to_vec();
+        if queue.send((due, Some(chunk))).is_err() {
             break;
         }
     }
     abort(&from);
     abort(&to);
+    drop(queue);
+    let _ = writer.join();
 }
