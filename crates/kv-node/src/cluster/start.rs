@@ -332,6 +332,7 @@ pub async fn start(
     }
     watch::snapshots(&node, config.raft_log_max_bytes);
     watch::disk(&node);
+    watch::check_quorum(&node);
     if node.cluster_id.get().is_none() {
         adopt_cluster_id_later(&node);
     }

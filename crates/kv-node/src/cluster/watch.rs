@@ -15,10 +15,21 @@
 //!
 //! [`balance`] (design §9): every 2 s, for each shard this node leads whose
 //! preferred leader is another replica that is caught up (its matched index
-//! equals the leader's last log index), hand leadership over; at most 4 per
+//! equals the leader's last log index) and answered a heartbeat within a
+//! lease, hand leadership over; at most 4 per
 //! round, and not while the shard's leadership changed within the settling
 //! time. Nodes only give away their own leaderships, so there is nothing
 //! to coordinate and nothing oscillates.
+//!
+//! [`check_quorum`]: a leader that has gone [`quorum_lost_after`] without a
+//! quorum's acknowledgement hands its leadership to another replica. A
+//! leader whose links are slower than openraft's RPC timeout (which is the
+//! heartbeat interval) never sees an answer, so it can neither commit nor
+//! serve reads, yet its heartbeats still arrive and keep its followers from
+//! electing anyone: without this the shard stays down as long as the link
+//! stays slow. Handing over stops its heartbeats, so the replicas that
+//! reach each other elect (Raft's "check quorum", which openraft does not
+//! do itself).
 //!
 //! [`disk`] (design §6.7): while the store cannot persist (a full disk),
 //! this node stands for no election and hands every leadership it holds to
@@ -202,6 +213,7 @@ impl LeaderSeen {
 pub(crate) fn balance(node: &Arc<ClusterNode>) {
     let weak = Arc::downgrade(node);
     let settle = Duration::from_millis(2 * node.timeouts.election_max_ms);
+    let lease = Duration::from_millis(node.timeouts.election_max_ms);
     let task = node.runtime.spawn(async move {
         let mut rounds = tokio::time::interval(ROUND);
         rounds.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -247,7 +259,12 @@ pub(crate) fn balance(node: &Arc<ClusterNode>) {
                 let caught_up = {
                     let metrics = hosted.raft.metrics();
                     let m = metrics.borrow_watched();
+                    // Heard from within a lease: a preferred leader behind
+                    // a link slower than the RPC timeout would lose the
+                    // quorum's answers as soon as it led ([`check_quorum`]).
+                    let heard = super::moves::heard_within(&m, lease).contains(&preferred);
                     m.state == ServerState::Leader
+                        && heard
                         && m.last_log_index.is_some()
                         && m.replication
                             .as_ref()
@@ -297,6 +314,121 @@ pub(crate) fn snapshots(node: &Arc<ClusterNode>, max_log_bytes: u64) {
             };
             if let Some(shard) = scheduler.tick(&groups).await {
                 log::debug!("shard {shard}: snapshot taken (log over {max_log_bytes} bytes)");
+            }
+        }
+    });
+    node.keep_task(task);
+}
+
+/// How often [`check_quorum`] looks at the groups this node leads.
+const QUORUM_CHECK: Duration = Duration::from_millis(200);
+
+/// How long a leader may go without a quorum's acknowledgement before it
+/// hands its leadership away: four leases, so a merely slow or stalled
+/// machine (acknowledgements late, not missing) is not taken for a lost
+/// quorum, while a shard behind a slow link serves again within about
+/// 2 s (this plus an election), under the proxy's 3 s leader wait.
+pub(crate) fn quorum_lost_after(timeouts: &kv_raft::Timeouts) -> Duration {
+    Duration::from_millis(4 * timeouts.election_max_ms)
+}
+
+/// Starts the check-quorum watcher (module docs).
+pub(crate) fn check_quorum(node: &Arc<ClusterNode>) {
+    let weak = Arc::downgrade(node);
+    let lost_after = quorum_lost_after(&node.timeouts);
+    let task = node.runtime.spawn(async move {
+        let mut ticks = tokio::time::interval(QUORUM_CHECK);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut handed: HashMap<u32, Instant> = HashMap::new();
+        loop {
+            ticks.tick().await;
+            let Some(node) = weak.upgrade() else { return };
+            if node.stopping.load(Relaxed) {
+                return;
+            }
+            for shard in node.group_ids() {
+                if handed
+                    .get(&shard)
+                    .is_some_and(|at| at.elapsed() < HAND_AGAIN)
+                {
+                    continue;
+                }
+                let Some(hosted) = node.hosted(shard) else {
+                    continue;
+                };
+                // A leader elected a moment ago may not have an
+                // acknowledgement yet: count from its election too.
+                let led_for = node.shard_stats.get(shard as usize).and_then(|stats| {
+                    stats
+                        .last_change
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .map(|at| at.elapsed())
+                });
+                if led_for.is_some_and(|led| led < lost_after) {
+                    continue;
+                }
+                let (silent, target) = {
+                    let metrics = hosted.raft.metrics();
+                    let m = metrics.borrow_watched();
+                    if m.state != ServerState::Leader {
+                        continue;
+                    }
+                    let silent = m
+                        .last_quorum_acked
+                        .as_ref()
+                        .map(|at| openraft::Instant::elapsed(&**at));
+                    if silent.is_some_and(|silent| silent < lost_after) {
+                        continue;
+                    }
+                    // The voter this leader heard from last, else the one
+                    // with the most of its log.
+                    let me = node.id();
+                    let voters: Vec<u64> = m
+                        .membership_config
+                        .membership()
+                        .voter_ids()
+                        .filter(|id| *id != me)
+                        .collect();
+                    let heard = |id: &u64| {
+                        m.heartbeat
+                            .as_ref()
+                            .and_then(|h| h.get(id))
+                            .and_then(|at| at.as_ref())
+                            .map(|at| std::cmp::Reverse(openraft::Instant::elapsed(&**at)))
+                    };
+                    let matched = |id: &u64| {
+                        m.replication
+                            .as_ref()
+                            .and_then(|r| r.get(id))
+                            .and_then(|l| l.as_ref().map(|l| l.index))
+                    };
+                    let target = voters
+                        .iter()
+                        .copied()
+                        .max_by_key(|id| (heard(id), matched(id)));
+                    (silent, target)
+                };
+                let Some(target) = target else {
+                    continue;
+                };
+                handed.insert(shard, Instant::now());
+                log::warn!(
+                    "shard {shard}: no quorum acknowledgement for {} while leading; handing \
+                     leadership to node {target} so the replicas that reach each other can elect",
+                    silent.map_or_else(
+                        || "as long as this node has led it".to_owned(),
+                        |silent| format!("{} ms", silent.as_millis())
+                    )
+                );
+                let raft = hosted.raft.clone();
+                let gate = Arc::clone(&hosted.gate);
+                node.runtime.spawn(async move {
+                    let transfer = super::transfer_leader(&gate, &raft, target);
+                    if tokio::time::timeout(HAND_AGAIN, transfer).await.is_err() {
+                        log::debug!("shard {shard}: leadership transfer to {target} not started");
+                    }
+                });
             }
         }
     });
