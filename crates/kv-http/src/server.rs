@@ -59,14 +59,27 @@ pub struct ConnectionLimits {
     pub shutdown_timeout: Duration,
 }
 
+/// The largest request head (request line and headers) a connection
+/// buffers; a longer one is answered 431. hyper's default, ~408 KiB, let
+/// every one of `--max-connections` clients hold that much with an
+/// unfinished head until the header timeout, before any token is checked
+/// (1,000 such connections: 9 MB -> 399 MB resident, break session
+/// 2026-11-30). 32 KiB is nginx's default ceiling (`large_client_header_buffers
+/// 4 8k`) and far above a kv request's (a key is at most 1 KiB, 3 KiB
+/// percent-encoded). It also bounds each read of a body, which costs a
+/// 1 MiB value 32 reads instead of fewer.
+pub const MAX_HEAD_BYTES: usize = 32 * 1024;
+
 impl ConnectionLimits {
     /// hyper's HTTP/1.1 connection settings for these limits (header-read
-    /// timeout, which also closes idle keep-alive connections).
+    /// timeout, which also closes idle keep-alive connections; a head of at
+    /// most [`MAX_HEAD_BYTES`]).
     pub fn http1(&self) -> http1::Builder {
         let mut builder = http1::Builder::new();
         builder
             .timer(TokioTimer::new())
             .header_read_timeout(self.header_timeout)
+            .max_buf_size(MAX_HEAD_BYTES)
             .keep_alive(true);
         builder
     }
@@ -77,6 +90,7 @@ impl ConnectionLimits {
         builder
             .timer(TokioTimer::new())
             .header_read_timeout(PROBE_HEADER_TIMEOUT.min(self.header_timeout))
+            .max_buf_size(MAX_HEAD_BYTES)
             .keep_alive(false);
         builder
     }

@@ -346,6 +346,15 @@ async fn bad_input_matrix_then_still_serving(mode: Mode) {
     );
     let answer = raw_exchange(server.addr, long_header.as_bytes()).await;
     assert!(answer.starts_with("HTTP/1.1 431"), "{answer:.80}");
+    // One header of 100 KB: over the 32 KiB head limit, under hyper's
+    // default (~408 KiB), which let each connection hold that much.
+    let big_header = format!(
+        "GET /k HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(100_000)
+    );
+    let answer = raw_exchange(server.addr, big_header.as_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer:.80}");
+    assert!(answer.contains("application/json"), "{answer:.200}");
     // Garbage instead of HTTP.
     let answer = raw_exchange(server.addr, b"\x16\x03\x01 hello not http\r\n\r\n").await;
     assert!(answer.starts_with("HTTP/1.1 400"), "{answer:.80}");
