@@ -58,25 +58,30 @@ fn answers_from_hypers_parser_keep_the_json_contract() {
         "GET /k HTTP/1.1\r\nHost: x\r\n{}\r\n",
         "X-Many: h\r\n".repeat(150)
     );
-    let cases: [(&str, &[u8], u16); 5] = [
-        ("over-long URI", long_uri.as_bytes(), 414),
-        ("header overflow", long_header.as_bytes(), 431),
-        ("garbage", b"\x16\x03\x01 hello not http\r\n\r\n", 400),
+    let cases: [(&str, &[u8], &[u16]); 5] = [
+        // 414 from hyper's URI check, or 431 once the head passes kv-http's
+        // 32 KiB head limit first (a 70 KB request line does).
+        ("over-long URI", long_uri.as_bytes(), &[414, 431]),
+        ("header overflow", long_header.as_bytes(), &[431]),
+        ("garbage", b"\x16\x03\x01 hello not http\r\n\r\n", &[400]),
         (
             "two differing Content-Lengths",
             b"PUT /k HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd",
-            400,
+            &[400],
         ),
         (
             "Transfer-Encoding not chunked",
             b"PUT /k HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n",
-            400,
+            &[400],
         ),
     ];
     for (layer, addr) in layers.both() {
-        for (what, bytes, status) in cases {
+        for (what, bytes, statuses) in cases {
             let (response, closed) = exchange_then_closed(addr, bytes).unwrap();
-            assert_eq!(response.status, status, "{layer}, {what}: {response:?}");
+            assert!(
+                statuses.contains(&response.status),
+                "{layer}, {what}: {response:?}, expected one of {statuses:?}"
+            );
             assert_json_error(layer, what, &response);
             assert!(closed, "{layer}, {what}: the connection stays open");
         }

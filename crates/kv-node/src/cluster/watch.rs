@@ -246,13 +246,7 @@ pub(crate) fn balance(node: &Arc<ClusterNode>) {
                 let Some(hosted) = node.hosted(shard) else {
                     continue;
                 };
-                let settled = node.shard_stats.get(shard as usize).is_none_or(|stats| {
-                    stats
-                        .last_change
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .is_none_or(|at| at.elapsed() >= settle)
-                });
+                let settled = since_leader_change(&node, shard).is_none_or(|age| age >= settle);
                 if !settled {
                     continue;
                 }
@@ -320,6 +314,42 @@ pub(crate) fn snapshots(node: &Arc<ClusterNode>, max_log_bytes: u64) {
     node.keep_task(task);
 }
 
+/// How long since this node saw `shard`'s leader change (`None`: never).
+fn since_leader_change(node: &ClusterNode, shard: u32) -> Option<Duration> {
+    node.shard_stats.get(shard as usize).and_then(|stats| {
+        stats
+            .last_change
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .map(|at| at.elapsed())
+    })
+}
+
+/// Spawns a transfer of `shard`'s leadership to `target`, bounded by
+/// [`HAND_AGAIN`] so a group waiting on its disk holds nothing up; logs
+/// `why` at info once the transfer is under way.
+fn spawn_transfer(
+    node: &ClusterNode,
+    hosted: &super::Hosted,
+    shard: u32,
+    target: NodeId,
+    why: Option<&'static str>,
+) {
+    let raft = hosted.raft.clone();
+    let gate = Arc::clone(&hosted.gate);
+    node.runtime.spawn(async move {
+        let transfer = super::transfer_leader(&gate, &raft, target);
+        match tokio::time::timeout(HAND_AGAIN, transfer).await {
+            Ok(Ok(())) => {
+                if let Some(why) = why {
+                    log::info!("shard {shard}: {why}, handing leadership to node {target}");
+                }
+            }
+            _ => log::debug!("shard {shard}: leadership transfer to {target} not started"),
+        }
+    });
+}
+
 /// How often [`check_quorum`] looks at the groups this node leads.
 const QUORUM_CHECK: Duration = Duration::from_millis(200);
 
@@ -358,14 +388,7 @@ pub(crate) fn check_quorum(node: &Arc<ClusterNode>) {
                 };
                 // A leader elected a moment ago may not have an
                 // acknowledgement yet: count from its election too.
-                let led_for = node.shard_stats.get(shard as usize).and_then(|stats| {
-                    stats
-                        .last_change
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .map(|at| at.elapsed())
-                });
-                if led_for.is_some_and(|led| led < lost_after) {
+                if since_leader_change(&node, shard).is_some_and(|led| led < lost_after) {
                     continue;
                 }
                 let (silent, target) = {
@@ -421,14 +444,7 @@ pub(crate) fn check_quorum(node: &Arc<ClusterNode>) {
                         |silent| format!("{} ms", silent.as_millis())
                     )
                 );
-                let raft = hosted.raft.clone();
-                let gate = Arc::clone(&hosted.gate);
-                node.runtime.spawn(async move {
-                    let transfer = super::transfer_leader(&gate, &raft, target);
-                    if tokio::time::timeout(HAND_AGAIN, transfer).await.is_err() {
-                        log::debug!("shard {shard}: leadership transfer to {target} not started");
-                    }
-                });
+                spawn_transfer(&node, &hosted, shard, target, None);
             }
         }
     });
@@ -529,16 +545,6 @@ fn hand_leaderships_away(node: &Arc<ClusterNode>, handed: &mut HashMap<u32, Inst
             continue;
         };
         handed.insert(shard, Instant::now());
-        let raft = hosted.raft.clone();
-        let gate = Arc::clone(&hosted.gate);
-        node.runtime.spawn(async move {
-            let transfer = super::transfer_leader(&gate, &raft, target);
-            match tokio::time::timeout(HAND_AGAIN, transfer).await {
-                Ok(Ok(())) => {
-                    log::info!("shard {shard}: disk full, handing leadership to node {target}")
-                }
-                _ => log::debug!("shard {shard}: leadership transfer to {target} not started"),
-            }
-        });
+        spawn_transfer(node, &hosted, shard, target, Some("disk full"));
     }
 }
