@@ -311,6 +311,24 @@ async fn bad_input_matrix_then_still_serving(mode: Mode) {
     let response = client.delete(server.url("/-/health")).send().await.unwrap();
     assert_eq!(response.status(), StatusCode::METHOD_NOT_ALLOWED);
     assert_eq!(response.headers()["allow"], "GET, HEAD, OPTIONS");
+    if mode == Mode::OneNodeCluster {
+        // Node-to-node routes take POST only; OPTIONS says so, as on every
+        // other path (it was a 405).
+        let response = client
+            .request(Method::OPTIONS, server.url("/-/raft/append"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::NO_CONTENT);
+        assert_eq!(response.headers()["allow"], "POST");
+        let response = client
+            .get(server.url("/-/raft/append"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(response.headers()["allow"], "POST");
+    }
 
     // Unknown admin path.
     let (status, text) = send(&client, Method::GET, &server.url("/-/nope"), None).await;

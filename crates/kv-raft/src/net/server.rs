@@ -231,6 +231,16 @@ where
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     SM: RaftStateMachine<KvRaft, SnapshotData = SnapshotData>,
 {
+    // OPTIONS on a route: 204 with `Allow`, as on every other path
+    // (RFC 9110 §9.3.7).
+    if request.method() == Method::OPTIONS && route_of(request.uri().path()).is_some() {
+        let mut response = Response::new(Full::new(Bytes::new()));
+        *response.status_mut() = StatusCode::NO_CONTENT;
+        response
+            .headers_mut()
+            .insert(hyper::header::ALLOW, HeaderValue::from_static("POST"));
+        return response;
+    }
     match serve(request, groups).await {
         Ok(body) => {
             let mut response = Response::new(Full::new(Bytes::from(body)));
@@ -254,14 +264,7 @@ where
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     SM: RaftStateMachine<KvRaft, SnapshotData = SnapshotData>,
 {
-    let route: &'static str = match request.uri().path() {
-        wire::APPEND => wire::APPEND,
-        wire::VOTE => wire::VOTE,
-        wire::PRE_VOTE => wire::PRE_VOTE,
-        wire::TRANSFER_LEADER => wire::TRANSFER_LEADER,
-        wire::SNAPSHOT => wire::SNAPSHOT,
-        _ => return Err(RaftHttpError::UnknownPath),
-    };
+    let route = route_of(request.uri().path()).ok_or(RaftHttpError::UnknownPath)?;
     if request.method() != Method::POST {
         return Err(RaftHttpError::MethodNotAllowed);
     }
@@ -364,6 +367,18 @@ where
             wire::encode(&reply).map_err(RaftHttpError::Encode)
         }
     }
+}
+
+/// The route `path` names, if any.
+fn route_of(path: &str) -> Option<&'static str> {
+    Some(match path {
+        wire::APPEND => wire::APPEND,
+        wire::VOTE => wire::VOTE,
+        wire::PRE_VOTE => wire::PRE_VOTE,
+        wire::TRANSFER_LEADER => wire::TRANSFER_LEADER,
+        wire::SNAPSHOT => wire::SNAPSHOT,
+        _ => return None,
+    })
 }
 
 /// The restart guard (module docs): within one leader lease
