@@ -9,8 +9,9 @@
 //! saw it acknowledge. The leaders must notice (their next heartbeat finds
 //! the acknowledged entry missing) and send the entries again: with no
 //! further writes, every shard's three replicas end with equal digests.
-//! Before the fix the leaders kept replicating from where node 3 had been
-//! (openraft's `allow_log_reversion` off): node 3 stayed behind for good.
+//! Before the fix (openraft's `allow_log_reversion` off) a debug build's
+//! leader panicked in that shard's core on the conflict, and a release
+//! build kept replicating from where node 3 had been: it stayed behind.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
