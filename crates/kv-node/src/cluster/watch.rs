@@ -21,8 +21,9 @@
 //! time. Nodes only give away their own leaderships, so there is nothing
 //! to coordinate and nothing oscillates.
 //!
-//! [`check_quorum`]: a leader that has gone [`quorum_lost_after`] without a
-//! quorum's acknowledgement hands its leadership to another replica. A
+//! [`check_quorum`]: a leader (of a shard or of the metadata group) that
+//! has gone [`quorum_lost_after`] without a quorum's acknowledgement hands
+//! its leadership to another replica. A
 //! leader whose links are slower than openraft's RPC timeout (which is the
 //! heartbeat interval) never sees an answer, so it can neither commit nor
 //! serve reads, yet its heartbeats still arrive and keep its followers from
@@ -358,7 +359,7 @@ const QUORUM_CHECK: Duration = Duration::from_millis(200);
 /// machine (acknowledgements late, not missing) is not taken for a lost
 /// quorum, while a shard behind a slow link serves again within about
 /// 2 s (this plus an election), under the proxy's 3 s leader wait.
-pub(crate) fn quorum_lost_after(timeouts: &kv_raft::Timeouts) -> Duration {
+fn quorum_lost_after(timeouts: &kv_raft::Timeouts) -> Duration {
     Duration::from_millis(4 * timeouts.election_max_ms)
 }
 
@@ -376,18 +377,23 @@ pub(crate) fn check_quorum(node: &Arc<ClusterNode>) {
             if node.stopping.load(Relaxed) {
                 return;
             }
-            for shard in node.group_ids() {
+            // The shards and the metadata group (a stuck one stalls
+            // membership changes).
+            let groups = node.hosted.all().into_iter().chain(
+                node.meta()
+                    .map(|meta| (kv_raft::types::METADATA_GROUP, Arc::clone(meta))),
+            );
+            for (shard, hosted) in groups {
                 if handed
                     .get(&shard)
                     .is_some_and(|at| at.elapsed() < HAND_AGAIN)
                 {
                     continue;
                 }
-                let Some(hosted) = node.hosted(shard) else {
-                    continue;
-                };
                 // A leader elected a moment ago may not have an
-                // acknowledgement yet: count from its election too.
+                // acknowledgement yet: count from its election too (the
+                // metadata group keeps no such time; it waits for a first
+                // acknowledgement, below).
                 if since_leader_change(&node, shard).is_some_and(|led| led < lost_after) {
                     continue;
                 }
@@ -401,7 +407,10 @@ pub(crate) fn check_quorum(node: &Arc<ClusterNode>) {
                         .last_quorum_acked
                         .as_ref()
                         .map(|at| openraft::Instant::elapsed(&**at));
-                    if silent.is_some_and(|silent| silent < lost_after) {
+                    let is_meta = shard == kv_raft::types::METADATA_GROUP;
+                    if silent.is_some_and(|silent| silent < lost_after)
+                        || (is_meta && silent.is_none())
+                    {
                         continue;
                     }
                     // The voter this leader heard from last, else the one
@@ -436,8 +445,13 @@ pub(crate) fn check_quorum(node: &Arc<ClusterNode>) {
                     continue;
                 };
                 handed.insert(shard, Instant::now());
+                let group = if shard == kv_raft::types::METADATA_GROUP {
+                    "metadata group".to_owned()
+                } else {
+                    format!("shard {shard}")
+                };
                 log::warn!(
-                    "shard {shard}: no quorum acknowledgement for {} while leading; handing \
+                    "{group}: no quorum acknowledgement for {} while leading; handing \
                      leadership to node {target} so the replicas that reach each other can elect",
                     silent.map_or_else(
                         || "as long as this node has led it".to_owned(),
