@@ -509,6 +509,12 @@ fn admin_route(app: &App, method: &Method, path: &str) -> Result<Response<Body>,
                 let (recovered, groups) = cluster.recovered_of_hosted();
                 fields.insert("groups_hosted".into(), groups.into());
                 fields.insert("groups_recovered".into(), recovered.into());
+                // Groups that neither vote nor campaign until caught up
+                // after a repair (kv-raft's catch-up guard).
+                fields.insert(
+                    "groups_catching_up".into(),
+                    cluster.groups_catching_up().into(),
+                );
                 // Still 200 (the process serves), but say which shards
                 // cannot serve linearizable requests, as kv-proxy's health
                 // names the nodes that are down.

@@ -135,6 +135,9 @@ fn recovers_to(log: &[u8], want: &[(String, Vec<u8>)], keys: &[String], context:
     fs::write(dir.path().join(segment_name(1)), log).unwrap();
     let store = open(dir.path());
     assert_state(&store, want, keys, context);
+    // A torn or garbage tail was never acknowledged: not a repair.
+    let repaired = &store.recovery().unwrap().repaired;
+    assert!(repaired.is_empty(), "{context}: {repaired:?}");
     block(store.put("after", Bytes::from_static(b"new"))).unwrap();
     drop(store);
     let mut want = want.to_vec();
@@ -231,6 +234,12 @@ fn a_flipped_byte_mid_log_refuses_and_repair_cuts() {
     repair.repair = true;
     let store = Store::open(dir.path(), repair).unwrap();
     assert_state(&store, &expected(&changes[..4]), &keys, "repaired");
+    let repaired = store.recovery().unwrap().repaired.clone();
+    assert_eq!(repaired.len(), 1, "{repaired:?}");
+    assert!(
+        repaired[0].contains(&format!("offset {}", bounds[4])),
+        "{repaired:?}"
+    );
     drop(store);
     let side = dir
         .path()
@@ -238,6 +247,8 @@ fn a_flipped_byte_mid_log_refuses_and_repair_cuts() {
     assert_eq!(fs::read(side).unwrap(), &damaged[bounds[4]..]);
     let store = open(dir.path());
     assert_state(&store, &expected(&changes[..4]), &keys, "after repair");
+    // The next start has nothing to repair.
+    assert!(store.recovery().unwrap().repaired.is_empty());
 }
 
 #[test]
@@ -424,6 +435,8 @@ fn a_damaged_snapshot_refuses_and_repair_falls_back() {
     // Back to the previous snapshot plus the log since it: nothing lost.
     let report = store.recovery().unwrap().clone();
     assert_eq!(report.snapshot.as_ref().unwrap().1, 1, "{report:?}");
+    assert_eq!(report.repaired.len(), 1, "{report:?}");
+    assert!(report.repaired[0].contains("set aside"), "{report:?}");
     assert_state(&store, &expected(&changes), &all_keys(&changes), "fallback");
     let mut aside = path.into_os_string();
     aside.push(".corrupt");
@@ -583,6 +596,7 @@ fn a_missing_middle_segment_refuses_and_repair_says_what_is_lost() {
     let report = store.recovery().unwrap().clone();
     assert_eq!(report.gaps.len(), 1, "{report:?}");
     assert!(report.gaps[0].contains(&segment_name(2)), "{report:?}");
+    assert_eq!(report.repaired, report.gaps, "a gap is a repair");
     // What is left: the first and last starts' keys.
     let mut kept = starts[0].clone();
     kept.extend(starts[2].clone());

@@ -113,15 +113,54 @@ pub fn send(
     exchange(addr, raw.as_bytes())
 }
 
-/// Ports that were free a moment ago (bound to port 0, then released).
+/// Ports that were free a moment ago (bound, then released): any the
+/// system picks (port 0), or, with `KV_TEST_PORTS=LOW-HIGH` set (a machine
+/// shared by test runs that were each given a range), ones in that range.
 pub fn free_ports(count: usize) -> Vec<u16> {
-    let listeners: Vec<TcpListener> = (0..count)
-        .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0"))
-        .collect();
+    let listeners: Vec<TcpListener> = match std::env::var("KV_TEST_PORTS") {
+        Ok(range) => ports_in(&range, count),
+        Err(_) => (0..count)
+            .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0"))
+            .collect(),
+    };
     listeners
         .iter()
         .map(|l| l.local_addr().expect("local address").port())
         .collect()
+}
+
+/// `count` listeners on free ports of `range` (`LOW-HIGH`), tried from a
+/// point that differs per process and per call, so concurrent tests rarely
+/// race for the same port.
+fn ports_in(range: &str, count: usize) -> Vec<TcpListener> {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static CALLS: AtomicU32 = AtomicU32::new(0);
+    let (low, high) = range
+        .split_once('-')
+        .and_then(|(low, high)| {
+            Some((
+                low.trim().parse::<u16>().ok()?,
+                high.trim().parse::<u16>().ok()?,
+            ))
+        })
+        .filter(|(low, high)| low <= high)
+        .unwrap_or_else(|| panic!("KV_TEST_PORTS={range}: expected LOW-HIGH"));
+    let span = u32::from(high - low) + 1;
+    let start = std::process::id().wrapping_mul(7919)
+        + CALLS.fetch_add(1, Ordering::Relaxed).wrapping_mul(97);
+    let listeners: Vec<TcpListener> = (0..span)
+        .filter_map(|i| {
+            let port = low + ((start.wrapping_add(i)) % span) as u16;
+            TcpListener::bind(("127.0.0.1", port)).ok()
+        })
+        .take(count)
+        .collect();
+    assert_eq!(
+        listeners.len(),
+        count,
+        "KV_TEST_PORTS={range}: not {count} free ports"
+    );
+    listeners
 }
 
 impl Cluster {

@@ -588,6 +588,13 @@ impl ClusterNode {
         })
     }
 
+    /// How many Raft groups here (shards and the metadata group) are
+    /// catching up after a repair: they neither vote nor stand for election
+    /// (`/-/health`, kv-raft's catch-up guard).
+    pub fn groups_catching_up(&self) -> usize {
+        self.groups.catching_up()
+    }
+
     /// How many of the groups hosted now have recovered, and how many are
     /// hosted (`/-/ready`, `/-/health`).
     pub fn recovered_of_hosted(&self) -> (usize, usize) {
@@ -875,6 +882,16 @@ impl ClusterNode {
             "kv_raft_restart_vote_refusals_total",
             "Vote and pre-vote requests refused because their group was hosted less than one leader lease ago (the restart guard).",
             self.groups.restart_vote_refusals(),
+        );
+        scrape.counter_u64(
+            "kv_raft_catch_up_vote_refusals_total",
+            "Vote and pre-vote requests refused because their group was catching up after a repair (the catch-up guard).",
+            self.groups.catch_up_vote_refusals(),
+        );
+        scrape.gauge_u64(
+            "kv_raft_groups_catching_up",
+            "Raft groups here (shards and the metadata group) catching up after a repair: they neither vote nor stand for election until their committed index reaches their leader's.",
+            self.groups.catching_up() as u64,
         );
         scrape.counter_u64(
             "kv_raft_lease_local_reads_total",

@@ -211,11 +211,37 @@ pub async fn start(
             .await
             .map_err(io::Error::other)??,
     );
+    // What --repair cut, set aside or went on without: every group here may
+    // lack entries it acknowledged, so each is hosted catching up (kv-raft's
+    // catch-up guard): created with elections off, no vote until caught up.
+    // The guard outlives a restart: a second start finds nothing to repair,
+    // but its groups may still lack those entries.
+    let mut repaired = store
+        .recovery()
+        .map(|report| report.repaired.clone())
+        .unwrap_or_default();
+    let marker = data_dir.join(CATCHING_UP_FILE);
+    if repaired.is_empty() && marker.exists() {
+        repaired.push(format!(
+            "{} says an earlier start repaired it and its groups had not all caught up",
+            marker.display()
+        ));
+    } else if !repaired.is_empty() {
+        write_marker(&marker, &repaired)?;
+    }
+    let group_config = if repaired.is_empty() {
+        Arc::clone(&raft_config)
+    } else {
+        Arc::new(openraft::Config {
+            enable_elect: false,
+            ..(*raft_config).clone()
+        })
+    };
     // The metadata group first (issue 13): the state it applied before this
     // start says which shards live here, when it has one.
     let meta = if spec.replicas >= 2 {
         Some(Arc::new(
-            meta::open(node_id, &node_storage, &raft_config, &network).await?,
+            meta::open(node_id, &node_storage, &group_config, &network).await?,
         ))
     } else {
         None
@@ -256,8 +282,15 @@ pub async fn start(
     .await
     .map_err(io::Error::other)??;
     let groups = Arc::new(Groups::default());
+    let host = |group, raft| {
+        if repaired.is_empty() {
+            groups.insert(group, raft);
+        } else {
+            groups.insert_catching_up(group, raft);
+        }
+    };
     if let Some(meta) = &meta {
-        groups.insert(METADATA_GROUP, meta.raft.clone());
+        host(METADATA_GROUP, meta.raft.clone());
     }
     let hosted = HostedSlots::new(spec.shards);
     for shard in 0..spec.shards {
@@ -266,14 +299,14 @@ pub async fn start(
         };
         let raft = Raft::new(
             node_id,
-            Arc::clone(&raft_config),
+            Arc::clone(&group_config),
             network.factory(shard),
             log.clone(),
             sm.clone(),
         )
         .await
         .map_err(|error| io::Error::other(format!("shard {shard}: {error}")))?;
-        groups.insert(shard, raft.clone());
+        host(shard, raft.clone());
         hosted.fill(
             shard,
             Hosted {
@@ -282,6 +315,16 @@ pub async fn start(
                 sm,
                 gate: Arc::new(ReadGate::default()),
             },
+        );
+    }
+    if !repaired.is_empty() {
+        log::warn!(
+            "catch-up guard: recovery repaired this node's log ({}), so its {} Raft groups may \
+             lack entries they acknowledged; they neither vote nor stand for election until \
+             each has caught up with its leader (a shard whose leader is down meanwhile has no \
+             quorum and answers 503)",
+            repaired.join("; "),
+            groups.catching_up()
         );
     }
     let node = Arc::new(ClusterNode {
@@ -336,6 +379,9 @@ pub async fn start(
     if node.cluster_id.get().is_none() {
         adopt_cluster_id_later(&node);
     }
+    if node.groups.catching_up() > 0 {
+        forget_marker_once_caught_up(&node, marker);
+    }
     log::info!(
         "cluster mode: node {node_id} of {} members, {} shards x {} replicas, hosting {} ({} solo) ({})",
         node.spec.members.len(),
@@ -350,6 +396,51 @@ pub async fn start(
         }
     );
     Ok(node)
+}
+
+/// In the data dir while a repaired node's groups catch up (kv-raft's
+/// catch-up guard): a restart before they have caught up hosts them catching
+/// up again. Deleting it (node stopped) gives up the guard: see the README
+/// (`--repair`) for when an operator does that.
+pub const CATCHING_UP_FILE: &str = "CATCHING_UP";
+
+/// Writes `marker` (what was repaired, one line each), durably.
+fn write_marker(marker: &Path, repaired: &[String]) -> io::Result<()> {
+    use std::io::Write;
+    let mut file = std::fs::File::create(marker)?;
+    for line in repaired {
+        writeln!(file, "{line}")?;
+    }
+    file.sync_all()?;
+    if let Some(dir) = marker.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+/// Deletes `marker` once no group of `node` is catching up (checked every
+/// 200 ms; the guard releases the groups, this only records it).
+fn forget_marker_once_caught_up(node: &Arc<ClusterNode>, marker: std::path::PathBuf) {
+    let weak = Arc::downgrade(node);
+    let task = tokio::spawn(async move {
+        let mut ticks = tokio::time::interval(Duration::from_millis(200));
+        loop {
+            ticks.tick().await;
+            let Some(node) = weak.upgrade() else { return };
+            if node.groups.catching_up() > 0 {
+                continue;
+            }
+            match std::fs::remove_file(&marker) {
+                Ok(()) => {}
+                Err(error) if error.kind() == io::ErrorKind::NotFound => {}
+                Err(error) => {
+                    log::warn!("cannot delete {}: {error}", marker.display());
+                }
+            }
+            return;
+        }
+    });
+    node.keep_task(task);
 }
 
 /// The cluster id a node takes (design §8), from the ids of the peers that

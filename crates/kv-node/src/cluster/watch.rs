@@ -493,10 +493,10 @@ pub(crate) fn disk(node: &Arc<ClusterNode>) {
             let now_full = node.disk_full();
             if now_full.is_some() != full {
                 full = now_full.is_some();
+                // Through `Groups`: a group catching up after a repair
+                // stays out of elections whatever the disk.
                 for shard in node.group_ids() {
-                    if let Some(hosted) = node.hosted(shard) {
-                        hosted.raft.runtime_config().elect(!full);
-                    }
+                    node.groups.hold_elections(shard, full);
                 }
                 if full {
                     log::warn!(

@@ -6,8 +6,11 @@
 //! - [`client`]: openraft's network factory and per-(peer, group) client,
 //!   the per-peer append batcher and connection pool;
 //! - [`throttle`]: the node's snapshot send throttle and counters;
-//! - [`server`]: [`handle_raft`], which a node mounts for `/-/raft/...`.
+//! - [`server`]: [`handle_raft`], which a node mounts for `/-/raft/...`;
+//! - `catch_up`: the catch-up guard of a repaired node's groups (no vote,
+//!   no campaign until caught up).
 
+mod catch_up;
 pub mod client;
 pub mod refusals;
 pub mod server;

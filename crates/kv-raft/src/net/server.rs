@@ -37,9 +37,15 @@
 //! guard reads the lease from the group's own config, as openraft does:
 //! every node of a cluster runs the same timeouts. The cost: a fresh
 //! cluster's first election and a restarted replica's vote wait one lease.
+//!
+//! **Catch-up guard** (`super::catch_up`): a group hosted with
+//! [`Groups::insert_catching_up`] (every group of a node whose recovery
+//! repaired something) refuses every vote and pre-vote, transfer or not,
+//! with the restart guard's answer, and stands for no election, until its
+//! committed index reaches its leader's; appends set and check that.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
@@ -52,6 +58,7 @@ use openraft::async_runtime::WatchReceiver;
 use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, VoteRequest, VoteResponse};
 use openraft::storage::RaftStateMachine;
 
+use crate::net::catch_up::Election;
 use crate::net::wire::{self, WireError};
 use crate::types::{GroupId, KvRaft, Raft, SnapshotData};
 
@@ -59,17 +66,38 @@ use crate::types::{GroupId, KvRaft, Raft, SnapshotData};
 pub type Body = Full<Bytes>;
 
 /// The groups a node hosts: group id → its `Raft` handle, when an append
-/// from the group's leader was last accepted here, and when it was hosted
-/// (the restart guard's start).
+/// from the group's leader was last accepted here, when it was hosted
+/// (the restart guard's start), and its election switches (the catch-up
+/// guard's state).
 pub struct Groups<SM: RaftStateMachine<KvRaft>> {
     inner: RwLock<HashMap<GroupId, Hosted<SM>>>,
     /// Vote and pre-vote requests refused by the restart guard.
     restart_refusals: AtomicU64,
+    /// Vote and pre-vote requests refused by the catch-up guard.
+    catch_up_refusals: AtomicU64,
+    /// Groups catching up now; shared with their release watchers.
+    catching_up: Arc<AtomicUsize>,
 }
 
-/// One hosted group: its handle, its leader contact time, and when it was
-/// hosted in this process.
-type Hosted<SM> = (Raft<SM>, Arc<Contact>, Instant);
+/// One hosted group: its handle, its leader contact time, when it was
+/// hosted in this process, and its election switches.
+struct Hosted<SM: RaftStateMachine<KvRaft>> {
+    raft: Raft<SM>,
+    contact: Arc<Contact>,
+    hosted_at: Instant,
+    election: Arc<Election>,
+}
+
+impl<SM: RaftStateMachine<KvRaft>> Clone for Hosted<SM> {
+    fn clone(&self) -> Self {
+        Self {
+            raft: self.raft.clone(),
+            contact: Arc::clone(&self.contact),
+            hosted_at: self.hosted_at,
+            election: Arc::clone(&self.election),
+        }
+    }
+}
 
 /// When this replica last accepted an append or heartbeat from its group's
 /// leader (one that did not answer "higher vote"): a follower's evidence
@@ -105,6 +133,8 @@ impl<SM: RaftStateMachine<KvRaft>> Default for Groups<SM> {
         Self {
             inner: RwLock::new(HashMap::new()),
             restart_refusals: AtomicU64::new(0),
+            catch_up_refusals: AtomicU64::new(0),
+            catching_up: Arc::default(),
         }
     }
 }
@@ -113,19 +143,72 @@ impl<SM: RaftStateMachine<KvRaft>> Groups<SM> {
     /// Hosts `raft` as group `group` (replacing any earlier handle). The
     /// restart guard refuses the group's votes for one lease from now.
     pub fn insert(&self, group: GroupId, raft: Raft<SM>) {
-        self.inner
+        self.host(group, raft, Arc::new(Election::new(false)));
+    }
+
+    /// Hosts `raft` as group `group` catching up (module docs, catch-up
+    /// guard): no vote and no campaign until its committed index reaches
+    /// its leader's. Create `raft` with elections off (openraft's
+    /// `Config::enable_elect`), so that it never campaigns before this;
+    /// they are switched off here too. Spawns the task that releases the
+    /// group when its metrics say it caught up (also as a leader, which
+    /// gets no appends); appends check too. Call from within tokio.
+    pub fn insert_catching_up(&self, group: GroupId, raft: Raft<SM>) {
+        raft.runtime_config().elect(false);
+        let election = Arc::new(Election::new(true));
+        self.catching_up.fetch_add(1, Ordering::Relaxed);
+        self.host(group, raft.clone(), Arc::clone(&election));
+        let catching_up = Arc::clone(&self.catching_up);
+        let mut metrics = raft.metrics();
+        tokio::spawn(async move {
+            loop {
+                if !election.is_catching_up() {
+                    return;
+                }
+                if election.release_if_caught_up(&raft) {
+                    released(group, &catching_up);
+                    return;
+                }
+                // Ends when the group shuts down.
+                if metrics.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+
+    fn host(&self, group: GroupId, raft: Raft<SM>, election: Arc<Election>) {
+        let hosted = Hosted {
+            raft,
+            contact: Arc::default(),
+            hosted_at: Instant::now(),
+            election,
+        };
+        let old = self
+            .inner
             .write()
             .unwrap_or_else(PoisonError::into_inner)
-            .insert(group, (raft, Arc::default(), Instant::now()));
+            .insert(group, hosted);
+        if let Some(old) = old {
+            self.forget(group, &old);
+        }
+    }
+
+    fn forget(&self, group: GroupId, hosted: &Hosted<SM>) {
+        if hosted.election.forget() {
+            released(group, &self.catching_up);
+        }
     }
 
     /// Stops hosting `group`; returns its handle.
     pub fn remove(&self, group: GroupId) -> Option<Raft<SM>> {
-        self.inner
+        let hosted = self
+            .inner
             .write()
             .unwrap_or_else(PoisonError::into_inner)
-            .remove(&group)
-            .map(|(raft, _, _)| raft)
+            .remove(&group)?;
+        self.forget(group, &hosted);
+        Some(hosted.raft)
     }
 
     /// Group `group`'s handle, if hosted.
@@ -134,7 +217,7 @@ impl<SM: RaftStateMachine<KvRaft>> Groups<SM> {
             .read()
             .unwrap_or_else(PoisonError::into_inner)
             .get(&group)
-            .map(|(raft, _, _)| raft.clone())
+            .map(|hosted| hosted.raft.clone())
     }
 
     /// When this replica of `group` last accepted an append or heartbeat
@@ -144,13 +227,44 @@ impl<SM: RaftStateMachine<KvRaft>> Groups<SM> {
             .read()
             .unwrap_or_else(PoisonError::into_inner)
             .get(&group)
-            .and_then(|(_, contact, _)| contact.last())
+            .and_then(|hosted| hosted.contact.last())
     }
 
     /// How many vote and pre-vote requests the restart guard refused (all
     /// groups, since this `Groups` was made).
     pub fn restart_vote_refusals(&self) -> u64 {
         self.restart_refusals.load(Ordering::Relaxed)
+    }
+
+    /// How many vote and pre-vote requests the catch-up guard refused (all
+    /// groups, since this `Groups` was made).
+    pub fn catch_up_vote_refusals(&self) -> u64 {
+        self.catch_up_refusals.load(Ordering::Relaxed)
+    }
+
+    /// How many hosted groups are catching up (module docs): they neither
+    /// vote nor stand for election.
+    pub fn catching_up(&self) -> usize {
+        self.catching_up.load(Ordering::Relaxed)
+    }
+
+    /// Whether group `group` is hosted and catching up.
+    pub fn is_catching_up(&self, group: GroupId) -> bool {
+        self.inner
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&group)
+            .is_some_and(|hosted| hosted.election.is_catching_up())
+    }
+
+    /// Holds group `group`'s elections for the node (`held`: a full disk)
+    /// or lets them go again; a group catching up stands for none either
+    /// way until released. Instead of openraft's `runtime_config().elect`,
+    /// which would undo the catch-up guard.
+    pub fn hold_elections(&self, group: GroupId, held: bool) {
+        if let Some(hosted) = self.get_with_contact(group) {
+            hosted.election.hold(&hosted.raft, held);
+        }
     }
 
     fn get_with_contact(&self, group: GroupId) -> Option<Hosted<SM>> {
@@ -283,8 +397,15 @@ where
                     let reply = match (groups.get_with_contact(group), check_append(&rpc)) {
                         (None, _) => Err(WireError::UnknownGroup(group)),
                         (Some(_), Err(message)) => Err(WireError::Malformed { group, message }),
-                        (Some((raft, contact, _)), Ok(())) => {
-                            let reply = raft.append_entries(rpc).await.map_err(|error| {
+                        (Some(hosted), Ok(())) => {
+                            // The catch-up target (`catch_up` docs): the
+                            // sender's commit, when of its own term.
+                            let own_term_commit = rpc
+                                .leader_commit
+                                .as_ref()
+                                .filter(|commit| commit.leader_id == rpc.vote.leader_id)
+                                .map(|commit| commit.index);
+                            let reply = hosted.raft.append_entries(rpc).await.map_err(|error| {
                                 WireError::Fatal {
                                     group,
                                     message: error.to_string(),
@@ -294,7 +415,15 @@ where
                             // as leader.
                             if matches!(&reply, Ok(answer) if !matches!(answer, AppendEntriesResponse::HigherVote(_)))
                             {
-                                contact.touch();
+                                hosted.contact.touch();
+                                if hosted.election.is_catching_up() {
+                                    hosted.election.note_append(own_term_commit);
+                                    // Also here: an idle group's metrics may
+                                    // not change again once caught up.
+                                    if hosted.election.release_if_caught_up(&hosted.raft) {
+                                        released(group, &groups.catching_up);
+                                    }
+                                }
                             }
                             reply
                         }
@@ -307,9 +436,26 @@ where
         wire::VOTE | wire::PRE_VOTE => {
             let (group, rpc): wire::VoteBody =
                 wire::decode(&body).map_err(RaftHttpError::Undecodable)?;
-            let (raft, _, hosted_at) = groups
+            let Hosted {
+                raft,
+                hosted_at,
+                election,
+                ..
+            } = groups
                 .get_with_contact(group)
                 .ok_or(RaftHttpError::UnknownGroup(group))?;
+            if election.is_catching_up() {
+                groups.catch_up_refusals.fetch_add(1, Ordering::Relaxed);
+                log::debug!(
+                    "group {group}: refused {} {rpc}: catching up after a repair",
+                    if route == wire::VOTE {
+                        "vote"
+                    } else {
+                        "pre-vote"
+                    }
+                );
+                return wire::encode(&refusal(&raft)).map_err(RaftHttpError::Encode);
+            }
             if let Some(refusal) = restart_guard(&raft, hosted_at, &rpc) {
                 groups.restart_refusals.fetch_add(1, Ordering::Relaxed);
                 log::debug!(
@@ -401,9 +547,30 @@ fn restart_guard<SM: RaftStateMachine<KvRaft>>(
     if hosted_at.elapsed() >= lease {
         return None;
     }
+    Some(refusal(raft))
+}
+
+/// The refusal both guards answer: what openraft answers inside a lease,
+/// not granted, with this replica's vote and last log id.
+fn refusal<SM: RaftStateMachine<KvRaft>>(raft: &Raft<SM>) -> VoteResponse<KvRaft> {
     let vote = raft.server_metrics().borrow_watched().vote;
     let last_log_id = raft.data_metrics().borrow_watched().last_log;
-    Some(VoteResponse::new(vote, last_log_id, false))
+    VoteResponse::new(vote, last_log_id, false)
+}
+
+/// Counts a group released by the catch-up guard (or no longer hosted while
+/// catching up); logs once when none is left.
+fn released(group: GroupId, catching_up: &AtomicUsize) {
+    let left = catching_up
+        .fetch_sub(1, Ordering::Relaxed)
+        .saturating_sub(1);
+    log::debug!("group {group}: no longer catching up after the repair");
+    if left == 0 {
+        log::info!(
+            "catch-up guard: every group of this node has caught up after the repair; they vote \
+             and stand for election again"
+        );
+    }
 }
 
 /// What every append from a protocol-following leader satisfies and

@@ -203,6 +203,8 @@ pub struct SegmentRead {
     pub records: u64,
     /// Bytes cut (torn tail or repair).
     pub cut_bytes: u64,
+    /// What repair cut (not a torn tail), for [`super::recovery::RecoveryReport::repaired`].
+    pub repaired: Option<String>,
 }
 
 /// Streams the log segment at `path` into `apply`, handling damage as the
@@ -241,8 +243,8 @@ pub fn read_segment(
     )
     .map_err(io_error)?;
     let records = records + group_records;
-    let cut_bytes = match streamed.damage {
-        None => 0,
+    let (cut_bytes, repaired) = match streamed.damage {
+        None => (0, None),
         Some(found) => {
             let mut tail = Vec::new();
             file.seek(SeekFrom::Start(found.offset))
@@ -255,18 +257,20 @@ pub fn read_segment(
         header,
         records,
         cut_bytes,
+        repaired,
     })
 }
 
 /// Handles `found` as the module docs say, given the bytes from it to the
-/// end of the file; the bytes cut.
+/// end of the file; the bytes cut, and what repair cut (`None` for a torn
+/// tail or the preallocated zeros: never acknowledged).
 fn cut_damage(
     path: &Path,
     tail: &[u8],
     found: Found,
     is_last: bool,
     repair: bool,
-) -> Result<u64, OpenError> {
+) -> Result<(u64, Option<String>), OpenError> {
     let Found {
         offset: pos,
         reason,
@@ -276,7 +280,7 @@ fn cut_damage(
         // The unused part of the writer's zero-filled preallocation.
         log::debug!("{}: preallocated tail from offset {pos}", path.display());
         truncate(path, pos)?;
-        return Ok(0);
+        return Ok((0, None));
     }
     let dropped = tail.len();
     if may_be_tail && is_last && record::valid_record_after(tail, 0).is_none() {
@@ -285,7 +289,7 @@ fn cut_damage(
             path.display()
         );
         truncate(path, pos)?;
-        return Ok(dropped as u64);
+        return Ok((dropped as u64, None));
     }
     if !repair {
         return Err(OpenError::Corrupt {
@@ -314,7 +318,13 @@ fn cut_damage(
         side.display()
     );
     truncate(path, pos)?;
-    Ok(dropped as u64)
+    Ok((
+        dropped as u64,
+        Some(format!(
+            "{} cut at offset {pos} ({reason}): {dropped} bytes",
+            path.display()
+        )),
+    ))
 }
 
 fn truncate(path: &Path, len: u64) -> Result<(), OpenError> {

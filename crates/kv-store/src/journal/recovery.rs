@@ -59,6 +59,13 @@ pub struct RecoveryReport {
     pub legacy_segments: usize,
     /// What `repair` went on without: each missing piece of the log.
     pub gaps: Vec<String>,
+    /// Everything `repair` cut, set aside or went on without (damage cut
+    /// from a log, a snapshot set aside, a segment header it could not
+    /// check, and every gap): the writes there may have been acknowledged,
+    /// so in a cluster this node's replicas may lack entries they once
+    /// acknowledged and must not vote until caught up (kv-raft's catch-up
+    /// guard). A torn last record is not here: it was never acknowledged.
+    pub repaired: Vec<String>,
     /// Raft groups whose records the log holds.
     pub groups: usize,
 }
@@ -129,6 +136,10 @@ pub fn recover(
                 );
                 fs::rename(&path, &aside)
                     .map_err(|e| OpenError::io("move aside corrupt snapshot", &path, e))?;
+                report.repaired.push(format!(
+                    "snapshot {} set aside (corrupt at offset {offset})",
+                    path.display()
+                ));
                 set_aside.push(PathBuf::from(aside));
             }
             Err((offset, reason)) => {
@@ -180,6 +191,7 @@ pub fn recover(
         )?;
         report.cut_bytes += read.cut_bytes;
         report.records += read.records;
+        report.repaired.extend(read.repaired);
         // Numbers are never reused, even those of segments removed below.
         next = next.max(seq + 1);
         check_link(
@@ -235,6 +247,7 @@ pub fn recover(
                 "repair: {missing}; going on with the entries after them (the group's peers \
                  hold the missing ones if a majority of them still has them)"
             );
+            report.repaired.push(missing.clone());
             report.gaps.push(missing);
         }
     }
@@ -270,6 +283,10 @@ fn check_link(
                  segment before it is missing cannot be checked",
                 path.display()
             );
+            report.repaired.push(format!(
+                "{} has a damaged header (a missing segment before it cannot be ruled out)",
+                path.display()
+            ));
             return Ok(());
         }
         Header::Damaged => {
@@ -333,6 +350,7 @@ fn check_link(
         path.display(),
         segment_name(relinked)
     );
+    report.repaired.push(missing.clone());
     report.gaps.push(missing);
     Ok(())
 }
