@@ -36,8 +36,9 @@ use kv_ring::Ring;
 
 use crate::cluster::{self, ClusterWorker};
 use crate::error::ProxyError;
-use crate::pool::{NodePool, PooledBody};
-use crate::upstream::{self, Node, NodeClosed, Outcome};
+use crate::exchange::PooledBody;
+use crate::pool::NodePool;
+use crate::upstream::{self, Node, Outcome};
 
 /// The response body: a node's streamed answer, or one made here.
 pub type Body = Either<PooledBody, Full<Bytes>>;
@@ -141,10 +142,9 @@ pub async fn handle(
         Ok(response) => response,
         Err(error) => error.into_response().map(Either::Right),
     };
-    // Answered here (a bad key, a refused method, the node down) or by a
-    // node that closed, so the body may be unread: hyper closes such a
-    // connection, so say so.
-    if has_body && (!forwarded || response.extensions().get::<NodeClosed>().is_some()) {
+    // Answered here (a bad key, a refused method, the node down) before the
+    // body was read: hyper closes such a connection, so say so.
+    if has_body && !forwarded {
         close_after(&mut response);
     }
     // Time to the response head: the body streams on after this.
@@ -234,8 +234,7 @@ async fn route(
     if cluster::looks_clustered(response.status(), response.headers()) {
         proxy.cluster.mode.hint();
     }
-    // The node answered; if it did before reading the body, it said it
-    // would close (see `NodeClosed`).
+    // The node answered, so the client's body was read whole.
     *forwarded = true;
     Ok(response.map(Either::Left))
 }

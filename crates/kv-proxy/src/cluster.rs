@@ -85,29 +85,27 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use http_body_util::{BodyExt, Either, Full};
-use hyper::body::{Body as _, Incoming};
+use hyper::body::Incoming;
 use hyper::header::{HeaderValue, HOST};
 use hyper::http::request::Parts;
-use hyper::{Method, Request, Response, StatusCode, Uri, Version};
+use hyper::{Method, Request, Response, StatusCode, Uri};
 use hyper_util::rt::TokioIo;
 use kv_cluster::{
     wants_stale, Attempt, HintBackoff, Merge, Next, NotLeader, Placement, Routing, ShardTable,
     ShardsView, TableView, Taken, CONSISTENCY_HEADER, PLACEMENT_VERSION_HEADER, REFRESH_EVERY,
     ROUTE_DIRECT, ROUTE_HEADER,
 };
-use kv_http::request::discard;
 use kv_http::tls::Tls;
-use kv_http::ApiError;
 use parking_lot::{Mutex, RwLock};
 use tokio::task::JoinHandle;
 
 use crate::api::{Body, Proxy};
 use crate::error::ProxyError;
+use crate::exchange::PooledBody;
 use crate::health;
-use crate::pool::{NodePool, PoolSettings, PooledBody};
-use crate::request_body::UpstreamBody;
+use crate::pool::{NodePool, PoolSettings};
 use crate::upstream::{self, Node};
 
 /// Largest 421 body read to learn the leader (they are ~100 bytes).
@@ -933,7 +931,7 @@ pub async fn forward(
     shard: u32,
 ) -> Result<Response<Body>, ProxyError> {
     let (mut parts, body) = request.into_parts();
-    let body = read_body(body, proxy.max_body_bytes, proxy.request_timeout).await?;
+    let body = upstream::read_body(body, proxy.max_body_bytes, proxy.request_timeout).await?;
     prepare(&mut parts);
     let read = matches!(parts.method, Method::GET | Method::HEAD);
     let stale = read
@@ -1109,16 +1107,9 @@ async fn attempt(
         }));
         return Tried::NotSent;
     }
-    let mut request = Request::new(UpstreamBody::Buffered(Some(body.clone())));
-    *request.method_mut() = parts.method.clone();
-    *request.uri_mut() = parts.uri.clone();
-    *request.headers_mut() = parts.headers.clone();
-    if !request.headers().contains_key(HOST) {
-        request.headers_mut().insert(HOST, node.header.clone());
-    }
     let timeout = proxy.request_timeout;
     let pool = worker.pool(addr);
-    let sent = tokio::time::timeout(timeout, upstream::send(&pool, &node, request)).await;
+    let sent = tokio::time::timeout(timeout, upstream::send(&pool, &node, parts, body)).await;
     if let Ok(Ok(Ok(response))) = &sent {
         cluster.saw_version(response.headers());
     }
@@ -1186,70 +1177,10 @@ async fn read_small(response: Response<PooledBody>, timeout: Duration) -> Option
     }
 }
 
-/// Origin-form URI, HTTP/1.1, no hop-by-hop headers, `X-Kv-Route: direct`.
+/// [`upstream::prepare`], and `X-Kv-Route: direct`.
 fn prepare(parts: &mut Parts) {
-    if parts.uri.authority().is_some() {
-        parts.uri = parts
-            .uri
-            .path_and_query()
-            .map_or_else(|| Uri::from_static("/"), |pq| Uri::from(pq.clone()));
-    }
-    parts.version = Version::HTTP_11;
-    parts.extensions = Default::default();
-    upstream::strip_hop_by_hop(&mut parts.headers);
-    // The client's framing no longer applies: the buffered body is sent
-    // with its exact length.
-    parts.headers.remove(hyper::header::CONTENT_LENGTH);
-    // The body is here already: the node has nothing to say before it.
-    parts.headers.remove(hyper::header::EXPECT);
+    upstream::prepare(parts);
     parts
         .headers
         .insert(ROUTE_HEADER, HeaderValue::from_static(ROUTE_DIRECT));
-}
-
-/// The whole request body, at most `limit` bytes (413 past it, after
-/// discarding the rest as kv-node does), within `timeout` (408).
-async fn read_body(
-    mut body: Incoming,
-    limit: usize,
-    timeout: Duration,
-) -> Result<Bytes, ProxyError> {
-    if body.is_end_stream() {
-        return Ok(Bytes::new());
-    }
-    let read = async {
-        let mut first: Option<Bytes> = None;
-        let mut joined: Option<BytesMut> = None;
-        let mut total = 0usize;
-        while let Some(frame) = body.frame().await {
-            let frame = frame.map_err(|e| ApiError::BodyRead(e.to_string()))?;
-            let Ok(data) = frame.into_data() else {
-                continue; // trailers
-            };
-            total += data.len();
-            if total > limit {
-                discard(&mut body).await;
-                return Err(ApiError::BodyTooLarge { limit });
-            }
-            match (&mut first, &mut joined) {
-                (None, _) => first = Some(data),
-                (Some(head), None) => {
-                    let mut all = BytesMut::with_capacity(head.len() + data.len());
-                    all.extend_from_slice(head);
-                    all.extend_from_slice(&data);
-                    joined = Some(all);
-                }
-                (Some(_), Some(all)) => all.extend_from_slice(&data),
-            }
-        }
-        Ok(match (first, joined) {
-            (_, Some(all)) => all.freeze(),
-            (Some(one), None) => one,
-            (None, None) => Bytes::new(),
-        })
-    };
-    match tokio::time::timeout(timeout, read).await {
-        Ok(result) => result.map_err(ProxyError::Api),
-        Err(_) => Err(ApiError::BodyTimeout.into()),
-    }
 }

@@ -45,9 +45,10 @@ pub struct Config {
     pub workers: Option<usize>,
 
     /// Largest request body forwarded, in bytes; a larger one gets kv-node's
-    /// own 413 from the proxy (a declared Content-Length before forwarding,
-    /// a chunked body when it crosses the limit, which the node never sees).
-    /// Keep it no larger than the nodes' --max-value-bytes.
+    /// own 413 from the proxy (a declared Content-Length at once, a chunked
+    /// body when it crosses the limit; bodies are read whole before they are
+    /// forwarded, so the node never sees it). Keep it no larger than the
+    /// nodes' --max-value-bytes.
     #[arg(long, env = "KV_PROXY_MAX_BODY_BYTES", default_value_t = 1024 * 1024, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub max_body_bytes: usize,
 
@@ -57,8 +58,9 @@ pub struct Config {
     pub connect_timeout: Duration,
 
     /// Time a node has to answer (until its response headers), counted from
-    /// the last byte of the request body sent on; past it the request gets
-    /// 504. A client that stops sending its body for this long gets 408.
+    /// when the request (its body read whole first) is sent on; past it the
+    /// request gets 504. A client that stops sending its body for this long
+    /// gets 408.
     /// Takes a duration such as 500ms, 30s or 2m.
     #[arg(long, env = "KV_PROXY_REQUEST_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     pub request_timeout: Duration,

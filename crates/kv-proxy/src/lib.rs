@@ -10,9 +10,9 @@
 //!   retry rules.
 //! * [`api`]: routing, admin endpoints (`/-/health`, `/-/ready`, `/-/ring`,
 //!   `/-/owner/<key>`, `/-/metrics`).
-//! * [`upstream`]: forwarding (streaming, retries, timeouts).
+//! * [`upstream`]: forwarding (the body read first, retries, timeouts).
+//! * [`exchange`]: one HTTP/1.1 exchange with a node on a pooled connection.
 //! * [`pool`]: each worker's keep-alive connections to the nodes.
-//! * [`request_body`]: the body sent on, and the limit on chunked ones.
 //! * [`health`]: active and passive health of each node; fail closed.
 //! * [`error`]: every failure, mapped to a status in one place.
 //! * [`node_auth`]: the token the proxy sends to the nodes.
@@ -34,10 +34,10 @@ pub mod api;
 pub mod cluster;
 pub mod config;
 pub mod error;
+pub mod exchange;
 pub mod health;
 pub mod node_auth;
 pub mod pool;
-pub mod request_body;
 pub mod server;
 pub mod upstream;
 

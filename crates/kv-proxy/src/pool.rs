@@ -4,43 +4,34 @@
 //! the connection it borrows all stay on one thread (the lock is never
 //! contended; it is there because hyper's services must be `Send`).
 //!
-//! Why not hyper-util's pooled client, which this replaced: per request it
-//! hashed a `(scheme, authority)` key with SipHash, went through a checkout
-//! future with a oneshot, rebuilt the URI, and for HTTP/1 spawned a task to
-//! wait for the connection to be ready again. Here a request pops a ready
-//! connection off a stack and pushes it back when the node's answer has been
-//! read to its end; `scripts/bench-proxy.sh` measures the difference.
+//! A pooled [`Connection`] is the socket itself and its read buffer, driven
+//! by the request that borrowed it ([`crate::exchange`]): no task per
+//! connection and no channel between the request and its connection, which
+//! is what hyper's client costs (about 3 µs of the proxy's ~7 µs of user CPU
+//! per GET, measured with `scripts/bench-proxy.sh` on 2026-11-30).
 //!
 //! * The idle stack is LIFO: the most recently used connection is the
 //!   warmest and the least likely to have been closed by the node.
 //! * A connection goes back as soon as the node's answer has been read in
-//!   full ([`PooledBody`]), before the client has received it. One whose
-//!   answer was not read to the end (the client went away mid-body) is
-//!   dropped, which closes it: its next bytes would be the old answer's.
+//!   full, before the client has received it. One whose answer was not read
+//!   to the end (the client went away mid-body) is dropped, which closes it:
+//!   its next bytes would be the old answer's.
 //! * A connection idle longer than `--pool-idle-timeout` is never reused and
 //!   is closed by [`NodePool::evict_idle`], which each worker runs every
 //!   second. That timeout is below kv-node's idle timeout, so the proxy does
 //!   not send on a connection the node is closing at that moment.
-//! * A request that a pooled connection turns out unable to take (it was
-//!   closed) comes back unsent from hyper and is sent on a fresh connection,
-//!   whatever its method: the node never saw it.
+//! * Before reuse, an idle connection is checked without waiting
+//!   ([`Connection::is_reusable`]): one the node has closed (or that holds
+//!   bytes nobody asked for) is dropped, and the request goes on another,
+//!   whatever its method, since nothing was sent on the closed one.
 
-use std::pin::Pin;
-use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{Context, Waker};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use hyper::body::{Body, Frame, Incoming, SizeHint};
-use hyper::client::conn::http1::{self, SendRequest};
-use hyper_util::rt::TokioIo;
-use kv_http::tls::Tls;
+use bytes::BytesMut;
+use kv_http::tls::{ClientStream, Tls};
 use parking_lot::Mutex;
-
-use crate::request_body::UpstreamBody;
-
-/// The sending half of one connection to a node.
-pub type Sender = SendRequest<UpstreamBody>;
+use tokio::io::{AsyncRead, ReadBuf};
 
 /// How connections to nodes are made and kept.
 #[derive(Debug, Clone, Copy)]
@@ -51,6 +42,50 @@ pub struct PoolSettings {
     pub idle_timeout: Duration,
     /// Most idle connections kept per node; more are closed on return.
     pub max_idle: usize,
+}
+
+/// One HTTP/1.1 connection to a node: the stream and the bytes read from it
+/// that no answer has consumed yet.
+pub struct Connection {
+    pub(crate) stream: ClientStream,
+    pub(crate) buf: BytesMut,
+}
+
+/// Read buffer size: a GET's whole answer fits, and a larger body is read
+/// in steps of this.
+pub(crate) const READ_BUFFER: usize = 16 * 1024;
+
+impl Connection {
+    fn new(stream: ClientStream) -> Self {
+        Self {
+            stream,
+            buf: BytesMut::with_capacity(READ_BUFFER),
+        }
+    }
+
+    /// Whether an idle connection can carry a request: nothing left unread,
+    /// and a read that does not wait finds neither the node's close (EOF)
+    /// nor bytes nobody asked for. Never waits.
+    pub(crate) fn is_reusable(&mut self) -> bool {
+        if !self.buf.is_empty() {
+            return false;
+        }
+        let mut probe = [0u8; 1];
+        let mut read = ReadBuf::new(&mut probe);
+        let mut cx = Context::from_waker(Waker::noop());
+        // Ready means EOF, unasked-for bytes, or an error (a reset).
+        std::pin::Pin::new(&mut self.stream)
+            .poll_read(&mut cx, &mut read)
+            .is_pending()
+    }
+}
+
+impl std::fmt::Debug for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connection")
+            .field("buffered", &self.buf.len())
+            .finish_non_exhaustive()
+    }
 }
 
 /// The idle connections of one worker to one node.
@@ -65,7 +100,7 @@ pub struct NodePool {
 
 #[derive(Debug)]
 struct Idle {
-    sender: Sender,
+    connection: Connection,
     since: Instant,
 }
 
@@ -79,77 +114,44 @@ impl NodePool {
     }
 
     /// A connection ready for a request: the most recent idle one that is
-    /// still open and fresh, or else a new one. The error says why a new
-    /// connection could not be made; it counts against the node's health.
-    pub async fn checkout(&self) -> Result<Sender, String> {
+    /// still open and fresh (`true`: reused), or else a new one (`false`).
+    /// The error says why a new connection could not be made; it counts
+    /// against the node's health.
+    pub async fn checkout(&self) -> Result<(Connection, bool), String> {
         loop {
             let popped = self.idle.lock().pop();
-            let Some(idle) = popped else {
-                return self.connect().await;
+            let Some(mut idle) = popped else {
+                return self.connect().await.map(|connection| (connection, false));
             };
-            if idle.sender.is_ready() && idle.since.elapsed() < self.settings.idle_timeout {
-                return Ok(idle.sender);
+            if idle.since.elapsed() < self.settings.idle_timeout && idle.connection.is_reusable() {
+                return Ok((idle.connection, true));
             }
-            // Closed, stale or (rarely) still busy: dropping it closes it.
+            // Closed or stale: dropping it closes it.
         }
     }
 
     /// A new connection, not taken from the pool.
-    pub async fn connect(&self) -> Result<Sender, String> {
+    pub async fn connect(&self) -> Result<Connection, String> {
         // TCP (no delay: small request/response pairs) and the TLS
         // handshake, if any, within the connect timeout.
         let connecting = Tls::connect(crate::node_auth::tls(), self.target.as_str());
-        let stream = match tokio::time::timeout(self.settings.connect_timeout, connecting).await {
-            Ok(Ok(stream)) => stream,
-            Ok(Err(error)) => return Err(format!("connect: {error}")),
-            Err(_) => {
-                return Err(format!(
-                    "connect: no connection within {:?}",
-                    self.settings.connect_timeout
-                ))
-            }
-        };
-        let (sender, connection) = http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| format!("connect: handshake: {e}"))?;
-        let target = self.target.clone();
-        tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                log::debug!("connection to node {target} ended: {error}");
-            }
-        });
-        Ok(sender)
+        match tokio::time::timeout(self.settings.connect_timeout, connecting).await {
+            Ok(Ok(stream)) => Ok(Connection::new(stream)),
+            Ok(Err(error)) => Err(format!("connect: {error}")),
+            Err(_) => Err(format!(
+                "connect: no connection within {:?}",
+                self.settings.connect_timeout
+            )),
+        }
     }
 
-    /// Takes back a connection whose exchange is over. One not ready yet
-    /// (hyper has not yet noticed the end of the exchange) is waited for on
-    /// its own task, so the caller never waits.
-    fn put(self: Arc<Self>, mut sender: Sender) {
-        if sender.is_closed() {
-            return;
-        }
-        if sender.is_ready() {
-            self.push(sender);
-            return;
-        }
-        // A body can be dropped as the worker's runtime shuts down, outside
-        // it: then the connection just closes.
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        let idle_timeout = self.settings.idle_timeout;
-        runtime.spawn(async move {
-            if let Ok(Ok(())) = tokio::time::timeout(idle_timeout, sender.ready()).await {
-                self.push(sender);
-            }
-        });
-    }
-
-    fn push(&self, sender: Sender) {
+    /// Takes back a connection whose exchange is over (its answer read to
+    /// the end, and the node did not say it would close).
+    pub(crate) fn put(&self, connection: Connection) {
         let mut idle = self.idle.lock();
         if idle.len() < self.settings.max_idle {
             idle.push(Idle {
-                sender,
+                connection,
                 since: Instant::now(),
             });
         }
@@ -161,72 +163,11 @@ impl NodePool {
         let timeout = self.settings.idle_timeout;
         self.idle
             .lock()
-            .retain(|idle| !idle.sender.is_closed() && idle.since.elapsed() < timeout);
+            .retain_mut(|idle| idle.since.elapsed() < timeout && idle.connection.is_reusable());
     }
 
     /// How many idle connections the pool holds (for tests).
     pub fn idle_count(&self) -> usize {
         self.idle.lock().len()
-    }
-}
-
-/// A node's answer body, holding the connection it arrives on until it
-/// has been read to its end, then returning it to the pool.
-pub struct PooledBody {
-    body: Incoming,
-    connection: Option<(Sender, Arc<NodePool>)>,
-}
-
-impl PooledBody {
-    pub fn new(body: Incoming, sender: Sender, pool: Arc<NodePool>) -> Self {
-        Self {
-            body,
-            connection: Some((sender, pool)),
-        }
-    }
-
-    fn release(&mut self) {
-        if let Some((sender, pool)) = self.connection.take() {
-            pool.put(sender);
-        }
-    }
-}
-
-impl Body for PooledBody {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let this = self.get_mut();
-        let polled = Pin::new(&mut this.body).poll_frame(cx);
-        match &polled {
-            Poll::Ready(None) => this.release(),
-            Poll::Ready(Some(Ok(_))) if this.body.is_end_stream() => this.release(),
-            // A broken answer: the connection is not reusable.
-            Poll::Ready(Some(Err(_))) => this.connection = None,
-            _ => {}
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
-    }
-}
-
-impl Drop for PooledBody {
-    fn drop(&mut self) {
-        // hyper's server drops a body it has sent in full without polling
-        // it again; an empty one (HEAD, 204) is never polled at all.
-        if self.body.is_end_stream() {
-            self.release();
-        }
     }
 }

@@ -1,10 +1,12 @@
 //! Forwarding a request to the node that owns its key.
 //!
 //! * Connections come from the worker's keep-alive pool for the node
-//!   ([`crate::pool`]), so a request costs no TCP connect.
-//! * Bodies stream both ways: the client's body is handed to the node as it
-//!   arrives, the node's answer is handed back the same way. Nothing is
-//!   buffered in full.
+//!   ([`crate::pool`]), so a request costs no TCP connect; the exchange on
+//!   it is [`crate::exchange`]'s.
+//! * The client's body is read in full first ([`read_body`], as nginx's
+//!   default `proxy_request_buffering on`): a node never sees an oversized
+//!   or half-sent body, and a slow upload is the client's time (408), not
+//!   the node's. The node's answer streams back when it is long.
 //! * The request goes on as the client sent it: its own path and query
 //!   (moved, not copied), its headers minus the hop-by-hop ones. The
 //!   `X-Kv-Node` header value is built once at start-up; per request no
@@ -13,34 +15,35 @@
 //!   answer 503 at once (a refused connect is not retried: the next health
 //!   check decides). No answer within `--request-timeout` answers 504. A GET
 //!   or HEAD without a body is retried once after an exchange broke, since
-//!   it cannot have changed anything; writes are retried only when hyper
-//!   hands them back unsent (the node never saw them).
+//!   it cannot have changed anything; other requests are sent again only
+//!   when a reused connection could not take them (the node never saw them).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
+use http_body_util::BodyExt;
 use hyper::body::{Body as _, Incoming};
-use hyper::header::{HeaderMap, HeaderName, HeaderValue, HOST};
+use hyper::header::{HeaderMap, HeaderName, HeaderValue};
+use hyper::http::request::Parts;
 use hyper::http::uri::Authority;
 use hyper::{Method, Request, Response, Uri, Version};
-use tokio::time::Instant;
 
 use kv_http::metrics::{thread_slot, CachePadded, SHARDS};
 use kv_http::request::discard;
 use kv_http::ApiError;
 
 use crate::error::ProxyError;
+use crate::exchange::{exchange, ExchangeError, PooledBody};
 use crate::health::NodeHealth;
-use crate::pool::{NodePool, PooledBody};
-use crate::request_body::{ClientBody, UpstreamBody};
+use crate::pool::NodePool;
 
 /// The header naming the node that answered (or should have).
 pub const X_KV_NODE: HeaderName = HeaderName::from_static("x-kv-node");
 
 /// Headers that describe one hop's connection, not the message: never
-/// forwarded (RFC 9110 §7.6.1). hyper re-frames bodies itself.
+/// forwarded (RFC 9110 §7.6.1). Each hop frames its bodies itself.
 const HOP_BY_HOP: [HeaderName; 6] = [
     hyper::header::CONNECTION,
     HeaderName::from_static("keep-alive"),
@@ -169,21 +172,10 @@ impl Node {
     }
 }
 
-/// Marks a node's answer that closed its connection (`Connection: close`,
-/// which is hop-by-hop and so not forwarded): the node may have answered
-/// before reading all of the body, and then so must the client's connection
-/// close (see [`kv_http::request::close_after`]).
-#[derive(Debug, Clone, Copy)]
-pub struct NodeClosed;
-
-pub(crate) fn says_close(headers: &HeaderMap) -> bool {
-    headers.get(hyper::header::CONNECTION).is_some_and(|value| {
-        value
-            .to_str()
-            .unwrap_or("")
-            .split(',')
-            .any(|option| option.trim().eq_ignore_ascii_case("close"))
-    })
+/// Whether `name` is one of the hop-by-hop headers (not counting those a
+/// `Connection` header names).
+pub(crate) fn is_hop_by_hop(name: &HeaderName) -> bool {
+    HOP_BY_HOP.contains(name)
 }
 
 pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
@@ -211,7 +203,8 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 /// Sends `request` to `node` over a connection from `pool` and returns its
-/// answer, streaming, with `X-Kv-Node` added.
+/// answer, with `X-Kv-Node` added. The body is read in full first (see
+/// [`read_body`]).
 pub async fn forward(
     pool: &Arc<NodePool>,
     node: &Node,
@@ -225,111 +218,52 @@ pub async fn forward(
         });
     }
     let (mut parts, body) = request.into_parts();
-    // Origin form (`/key?query`) to the node, even if the client sent the
-    // absolute form.
+    let body = read_body(body, max_body_bytes, request_timeout).await?;
+    prepare(&mut parts);
+    // A GET or HEAD cannot have changed anything: after a broken exchange
+    // it goes once more, on a new connection.
+    let idempotent = matches!(parts.method, Method::GET | Method::HEAD) && body.is_empty();
+    let exchange = async {
+        let error = match send(pool, node, &parts, &body).await? {
+            Ok(response) => return Ok(response),
+            Err(error) => error,
+        };
+        if !idempotent {
+            return Err(upstream_error(node, &error));
+        }
+        log::debug!(
+            "retrying {} {} once after: {error}",
+            parts.method,
+            parts.uri
+        );
+        match send(pool, node, &parts, &body).await? {
+            Ok(response) => Ok(response),
+            Err(error) => Err(upstream_error(node, &error)),
+        }
+    };
+    match tokio::time::timeout(request_timeout, exchange).await {
+        Ok(result) => result,
+        Err(_) => Err(ProxyError::Timeout {
+            node: node.name.clone(),
+            after: request_timeout,
+        }),
+    }
+}
+
+/// Origin-form target, HTTP/1.1, no hop-by-hop headers, no `Expect` (the
+/// body is here already), and the proxy's node token if it has one.
+pub(crate) fn prepare(parts: &mut Parts) {
     if parts.uri.authority().is_some() {
         parts.uri = parts
             .uri
             .path_and_query()
             .map_or_else(|| Uri::from_static("/"), |pq| Uri::from(pq.clone()));
     }
-    // Speak HTTP/1.1 with the node whatever the client spoke, so the pooled
-    // connection stays alive; hyper answers the client in its own version.
     parts.version = Version::HTTP_11;
     parts.extensions = Default::default();
     strip_hop_by_hop(&mut parts.headers);
-    // HTTP/1.1 requires one; an HTTP/1.0 client may not have sent it.
-    if !parts.headers.contains_key(HOST) {
-        parts.headers.insert(HOST, node.header.clone());
-    }
-
-    // What a retry needs, kept only for requests that may be retried.
-    let retry =
-        (matches!(parts.method, Method::GET | Method::HEAD) && body.is_end_stream()).then(|| {
-            (
-                parts.method.clone(),
-                parts.uri.clone(),
-                parts.headers.clone(),
-            )
-        });
-
-    // A declared length was checked against the limit already; a chunked
-    // body is counted as it goes. A request without a body (a GET) costs
-    // no allocation here.
-    let (body, upload) = if body.is_end_stream() {
-        (UpstreamBody::Empty, None)
-    } else {
-        let (client, upload) = ClientBody::new(body, max_body_bytes);
-        (UpstreamBody::Client(client), Some(upload))
-    };
-    let request = Request::from_parts(parts, body);
-    let exchange = async {
-        let error = match send(pool, node, request).await? {
-            Ok(response) => return Ok(response),
-            Err(error) => error,
-        };
-        let Some((method, uri, headers)) = retry else {
-            return Err(upstream_error(node, &error));
-        };
-        log::debug!("retrying {method} {uri} once after: {error}");
-        let mut again = Request::new(UpstreamBody::Empty);
-        *again.method_mut() = method;
-        *again.uri_mut() = uri;
-        *again.headers_mut() = headers;
-        match send(pool, node, again).await? {
-            Ok(response) => Ok(response),
-            Err(error) => Err(upstream_error(node, &error)),
-        }
-    };
-    tokio::pin!(exchange);
-    let mut deadline = Instant::now() + request_timeout;
-    let result = loop {
-        if let Ok(result) = tokio::time::timeout_at(deadline, &mut exchange).await {
-            break result;
-        }
-        // The node's time counts from the last byte of the upload: a client
-        // still sending (slowly) is not the node's fault.
-        let Some(upload) = &upload else {
-            break Err(node_timeout(node, request_timeout));
-        };
-        let later = upload.last_progress() + request_timeout;
-        if later > deadline {
-            deadline = later;
-        } else if upload.stalled_on_client() {
-            // The client stopped sending its body: kv-node's own answer.
-            break Err(ApiError::BodyTimeout.into());
-        } else {
-            // Sent, or the node stopped reading it.
-            break Err(node_timeout(node, request_timeout));
-        }
-    };
-    if result.is_err() {
-        let client_error = upload
-            .as_ref()
-            .and_then(|upload| upload.take_client_error());
-        if let Some(why) = client_error {
-            // The client's body broke, not the node: kv-node's own answer.
-            return Err(ApiError::BodyRead(why).into());
-        }
-        // Failed because the body crossed the limit: the node got no more
-        // than the limit and will discard it; the client gets kv-node's 413.
-        let oversized = upload.and_then(|upload| upload.take_overflow());
-        if let Some(mut body) = oversized {
-            discard(&mut body).await;
-            return Err(ApiError::BodyTooLarge {
-                limit: max_body_bytes,
-            }
-            .into());
-        }
-    }
-    result
-}
-
-fn node_timeout(node: &Node, after: Duration) -> ProxyError {
-    ProxyError::Timeout {
-        node: node.name.clone(),
-        after,
-    }
+    parts.headers.remove(hyper::header::EXPECT);
+    crate::node_auth::mark(&mut parts.headers);
 }
 
 /// One exchange. The outer error is final (no connection could be made);
@@ -338,55 +272,90 @@ fn node_timeout(node: &Node, after: Duration) -> ProxyError {
 pub(crate) async fn send(
     pool: &Arc<NodePool>,
     node: &Node,
-    mut request: Request<UpstreamBody>,
-) -> Result<Result<Response<PooledBody>, hyper::Error>, ProxyError> {
+    parts: &Parts,
+    body: &Bytes,
+) -> Result<Result<Response<PooledBody>, ExchangeError>, ProxyError> {
     let mut fresh = false;
     loop {
         let checked_out = if fresh {
-            pool.connect().await
+            pool.connect().await.map(|connection| (connection, false))
         } else {
             pool.checkout().await
         };
-        let mut sender = checked_out.map_err(|why| {
+        let (connection, reused) = checked_out.map_err(|why| {
             node.health.record_failure(&why);
             ProxyError::Connect {
                 node: node.name.clone(),
                 why,
             }
         })?;
-        crate::node_auth::mark(request.headers_mut());
-        match sender.try_send_request(request).await {
+        match exchange(pool, connection, parts, body, &node.header).await {
             Ok(response) => {
                 node.health.record_success();
-                let (mut parts, body) = response.into_parts();
-                if says_close(&parts.headers) {
-                    parts.extensions.insert(NodeClosed);
-                }
-                strip_hop_by_hop(&mut parts.headers);
-                parts.headers.insert(X_KV_NODE, node.header.clone());
-                let body = PooledBody::new(body, sender, Arc::clone(pool));
-                return Ok(Ok(Response::from_parts(parts, body)));
+                return Ok(Ok(response));
             }
-            Err(mut error) => match error.take_message() {
-                // The connection could not take it (closed meanwhile): the
-                // node never saw it, so any method may go again, once, on
-                // a new connection.
-                Some(unsent) if !fresh => {
-                    log::debug!(
-                        "pooled connection to {} unusable: {}",
-                        node.name,
-                        error.error()
-                    );
-                    request = unsent;
-                    fresh = true;
-                }
-                _ => return Ok(Err(error.into_error())),
-            },
+            // A reused connection that could not take the request (the node
+            // closed it meanwhile): the node never saw it whole, so any
+            // method may go again, once, on a new connection.
+            Err(error) if reused && error.unsent() => {
+                log::debug!("pooled connection to {} unusable: {error}", node.name);
+                fresh = true;
+            }
+            Err(error) => return Ok(Err(error)),
         }
     }
 }
 
-fn upstream_error(node: &Node, error: &hyper::Error) -> ProxyError {
+/// The whole request body, at most `limit` bytes (413 past it, after
+/// discarding the rest as kv-node does). Read before anything is sent, as
+/// nginx does by default: a retry can send it again, a node never sees an
+/// oversized or half-sent body, and a slow upload is the client's time, not
+/// the node's. A client silent for `timeout` mid-body gets kv-node's 408; a
+/// slow one that keeps sending is waited for.
+pub(crate) async fn read_body(
+    mut body: Incoming,
+    limit: usize,
+    timeout: Duration,
+) -> Result<Bytes, ProxyError> {
+    if body.is_end_stream() {
+        return Ok(Bytes::new());
+    }
+    let mut first: Option<Bytes> = None;
+    let mut joined: Option<BytesMut> = None;
+    let mut total = 0usize;
+    loop {
+        let frame = match tokio::time::timeout(timeout, body.frame()).await {
+            Err(_) => return Err(ApiError::BodyTimeout.into()),
+            Ok(None) => break,
+            Ok(Some(frame)) => frame.map_err(|e| ApiError::BodyRead(e.to_string()))?,
+        };
+        let Ok(data) = frame.into_data() else {
+            continue; // trailers
+        };
+        total += data.len();
+        if total > limit {
+            discard(&mut body).await;
+            return Err(ApiError::BodyTooLarge { limit }.into());
+        }
+        match (&mut first, &mut joined) {
+            (None, _) => first = Some(data),
+            (Some(head), None) => {
+                let mut all = BytesMut::with_capacity(head.len() + data.len());
+                all.extend_from_slice(head);
+                all.extend_from_slice(&data);
+                joined = Some(all);
+            }
+            (Some(_), Some(all)) => all.extend_from_slice(&data),
+        }
+    }
+    Ok(match (first, joined) {
+        (_, Some(all)) => all.freeze(),
+        (Some(one), None) => one,
+        (None, None) => Bytes::new(),
+    })
+}
+
+fn upstream_error(node: &Node, error: &ExchangeError) -> ProxyError {
     ProxyError::Upstream {
         node: node.name.clone(),
         why: error_chain(error),
