@@ -45,6 +45,8 @@ pub const MAX_HEAD: usize = 64 * 1024;
 pub const WHOLE_BODY: u64 = 64 * 1024;
 /// The largest chunked or close-delimited body taken from a node.
 pub const MAX_UNFRAMED_BODY: usize = 64 << 20;
+/// The most write-buffer capacity a pooled connection keeps between requests.
+const KEPT_WRITE_BUFFER: usize = 4096;
 /// Headers an answer may have (kv-node's have 4-6).
 const MAX_HEADERS: usize = 64;
 
@@ -119,7 +121,9 @@ pub async fn exchange(
     body: &Bytes,
     node: &HeaderValue,
 ) -> Result<Response<PooledBody>, ExchangeError> {
-    let mut out = Vec::with_capacity(256 + body.len().min(WHOLE_BODY as usize));
+    // The connection's own write buffer, kept between its requests.
+    let mut out = std::mem::take(&mut connection.out);
+    out.clear();
     encode_head(parts, node, body, &mut out);
     // One write for the usual small request; a long body after its head.
     if body.len() as u64 <= WHOLE_BODY {
@@ -146,6 +150,11 @@ pub async fn exchange(
         .flush()
         .await
         .map_err(ExchangeError::Write)?;
+    // A long body's copy is not kept for the connection's idle life.
+    if out.capacity() > KEPT_WRITE_BUFFER {
+        out = Vec::new();
+    }
+    connection.out = out;
 
     let head = read_head(&mut connection).await?;
     let Head {
@@ -265,26 +274,32 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, ExchangeError> {
             .map_err(|_| ExchangeError::Malformed(format!("status {code}")))?;
         let http10 = parsed.version == Some(0);
         // Where each header's name and value lie in the head, to slice the
-        // values out of it without copying once it is split off.
+        // values out of it without copying once it is split off (offsets on
+        // the stack: no allocation per answer).
         let base = buf.as_ptr() as usize;
-        let spans: Vec<(HeaderName, usize, usize)> = parsed
-            .headers
-            .iter()
-            .map(|header| {
-                let name = HeaderName::from_bytes(header.name.as_bytes()).map_err(|_| {
-                    ExchangeError::Malformed(format!("header name {:?}", header.name))
-                })?;
-                let start = header.value.as_ptr() as usize - base;
-                Ok((name, start, start + header.value.len()))
-            })
-            .collect::<Result<_, ExchangeError>>()?;
+        let mut spans = [(0usize, 0usize, 0usize, 0usize); MAX_HEADERS];
+        let count = parsed.headers.len();
+        for (span, header) in spans.iter_mut().zip(parsed.headers.iter()) {
+            let name = header.name.as_ptr() as usize - base;
+            let value = header.value.as_ptr() as usize - base;
+            *span = (
+                name,
+                name + header.name.len(),
+                value,
+                value + header.value.len(),
+            );
+        }
         let head = buf.split_to(length).freeze();
-        let mut headers = HeaderMap::with_capacity(spans.len() + 1);
+        let mut headers = HeaderMap::with_capacity(count + 1);
         let mut keep_alive = !http10;
         let mut length_header: Option<u64> = None;
         let mut chunked = false;
         let mut hop_named: Vec<HeaderName> = Vec::new();
-        for (name, start, end) in spans {
+        for &(name_start, name_end, start, end) in spans.iter().take(count) {
+            let name = head
+                .get(name_start..name_end)
+                .and_then(|name| HeaderName::from_bytes(name).ok())
+                .ok_or_else(|| ExchangeError::Malformed("a header name".into()))?;
             let value = head.slice(start..end);
             if name == hyper::header::CONNECTION {
                 for option in String::from_utf8_lossy(&value).split(',') {

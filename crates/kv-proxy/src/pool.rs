@@ -49,6 +49,8 @@ pub struct PoolSettings {
 pub struct Connection {
     pub(crate) stream: ClientStream,
     pub(crate) buf: BytesMut,
+    /// The request being written, kept for the next one's head.
+    pub(crate) out: Vec<u8>,
 }
 
 /// Read buffer size: a GET's whole answer fits, and a larger body is read
@@ -60,6 +62,7 @@ impl Connection {
         Self {
             stream,
             buf: BytesMut::with_capacity(READ_BUFFER),
+            out: Vec::with_capacity(512),
         }
     }
 
