@@ -501,7 +501,7 @@ pub async fn routed(
 ) -> Routed {
     cluster.close_departed(conns, departures);
     let read = matches!(method, Method::GET | Method::HEAD);
-    let mut routing = Routing::new(shard, read, cluster.leader_wait);
+    let mut routing = Routing::new(shard, read, cluster.leader_wait, Instant::now());
     let mut last_node = 0;
     let mut redirects = 0;
     loop {

@@ -77,9 +77,9 @@ pub use plan::{
     DEFAULT_MAX_INCOMING, DEFAULT_MAX_MOVES,
 };
 pub use route::{
-    is_final, wants_stale, Attempt, HintBackoff, Next, Routing, BACKGROUND_REFRESH,
-    CONSISTENCY_HEADER, CONSISTENCY_STALE, DEFAULT_LEADER_WAIT, MAX_HOPS, READ_PATIENCE,
-    REFRESH_EVERY,
+    answer_margin, is_final, wait_deadline, wants_stale, Attempt, HintBackoff, Next, Routing,
+    BACKGROUND_REFRESH, CONSISTENCY_HEADER, CONSISTENCY_STALE, DEFAULT_LEADER_WAIT, MAX_HOPS,
+    READ_PATIENCE, REFRESH_EVERY, WAIT_BUDGET_HEADER,
 };
 pub use shard::{shard_of, MAX_SHARDS, SHARD_SEED};
 pub use spec::{

@@ -27,6 +27,15 @@
 //! read: the table still names it. Writes never do this: a write in flight
 //! may be applied, so giving up on it would be a 504 anyway.
 //!
+//! **One budget per request.** The wait bound counts from when the request
+//! arrived ([`Routing::new`]'s `arrived`), not from its first failure: a
+//! first try that took two seconds (a leader that could not confirm a read)
+//! leaves one of three. Every wait inside it ends at [`Routing::deadline`],
+//! [`answer_margin`] before the bound, so the 503 is given within the bound:
+//! the client sends what is left ([`Routing::budget`]) with each try in
+//! [`WAIT_BUDGET_HEADER`], and kv-node cuts its own wait for a quorum (a
+//! read's confirmation) there instead of at its `--raft-write-timeout`.
+//!
 //! The rules are pure: no clock of their own (the caller passes `now`), no
 //! I/O. Sending, sleeping and fetching `/-/shards` are the caller's, in its
 //! own client.
@@ -44,6 +53,12 @@ use crate::table::{NotLeader, ShardTable, NOT_LEADER_STATUS};
 pub const MAX_HOPS: u32 = 3;
 /// How long a request waits for its shard to elect a leader before 503.
 pub const DEFAULT_LEADER_WAIT: Duration = Duration::from_secs(3);
+/// Request header: the milliseconds left of the sender's wait for a leader
+/// (kv-proxy's, or a node's forwarding a client's request). A node stops
+/// waiting for a quorum to confirm the request once they have passed and
+/// answers 503 (not proposed), as it would at its own bound: the sender
+/// would give up by then anyway.
+pub const WAIT_BUDGET_HEADER: &str = "x-kv-wait-budget-ms";
 /// How often a waiting request refreshes the table from `/-/shards`.
 pub const REFRESH_EVERY: Duration = Duration::from_millis(50);
 /// How long a read waits at its shard's leader before the client starts
@@ -116,20 +131,25 @@ pub struct Routing {
     read: bool,
     leader_wait: Duration,
     hops: u32,
-    /// When the wait for a leader began; the bound counts from here.
+    /// When the request arrived: the bound counts from here.
+    arrived: Instant,
+    /// When the request first had to wait for a leader (none: it has not).
     waiting_since: Option<Instant>,
     /// When the table was last refreshed for this request.
     refreshed: Option<Instant>,
 }
 
 impl Routing {
-    /// The rules for one request on `shard`; `read` for GET and HEAD.
-    pub fn new(shard: u32, read: bool, leader_wait: Duration) -> Self {
+    /// The rules for one request on `shard`; `read` for GET and HEAD;
+    /// `arrived` is when the request came in, where its `leader_wait`
+    /// starts.
+    pub fn new(shard: u32, read: bool, leader_wait: Duration, arrived: Instant) -> Self {
         Self {
             shard,
             read,
             leader_wait,
             hops: 0,
+            arrived,
             waiting_since: None,
             refreshed: None,
         }
@@ -145,10 +165,28 @@ impl Routing {
         self.hops
     }
 
-    /// How long the request has waited for a leader so far.
+    /// How long the request has been under way at `now`, since it
+    /// arrived: what a 503 reports as waited (the first try included).
     pub fn waited(&self, now: Instant) -> Duration {
-        self.waiting_since
-            .map_or(Duration::ZERO, |since| now.saturating_duration_since(since))
+        now.saturating_duration_since(self.arrived)
+    }
+
+    /// Whether the request has had to wait for a leader.
+    pub fn has_waited(&self) -> bool {
+        self.waiting_since.is_some()
+    }
+
+    /// When every wait of this request ends: [`answer_margin`] before its
+    /// `leader_wait` is over. No refresh or try is waited for past it.
+    pub fn deadline(&self) -> Instant {
+        wait_deadline(self.arrived, self.leader_wait)
+    }
+
+    /// What is left of the request's wait at `now`, for
+    /// [`WAIT_BUDGET_HEADER`]; `None` with `leader_wait` 0 (no wait: the
+    /// node keeps its own bounds).
+    pub fn budget(&self, now: Instant) -> Option<Duration> {
+        (!self.leader_wait.is_zero()).then(|| self.deadline().saturating_duration_since(now))
     }
 
     /// The wait bound this request was given.
@@ -230,8 +268,8 @@ impl Routing {
     }
 
     fn wait(&mut self, now: Instant) -> Next {
-        let since = *self.waiting_since.get_or_insert(now);
-        if now.saturating_duration_since(since) >= self.leader_wait {
+        self.waiting_since.get_or_insert(now);
+        if now >= self.deadline() {
             Next::NoLeader
         } else {
             Next::WaitForLeader
@@ -239,23 +277,33 @@ impl Routing {
     }
 
     /// When to refresh the table next while waiting: at once the first
-    /// time, then [`REFRESH_EVERY`] after the last refresh, never past the
-    /// wait bound (so the last try happens at the bound, not after it).
+    /// time, then [`REFRESH_EVERY`] after the last refresh, never past
+    /// [`Routing::deadline`] (so the last try happens there, not after it).
     pub fn refresh_at(&self, now: Instant) -> Instant {
         let Some(last) = self.refreshed else {
             return now;
         };
-        let next = last + REFRESH_EVERY;
-        match self.waiting_since {
-            Some(since) => next.min(since + self.leader_wait),
-            None => next,
-        }
+        (last + REFRESH_EVERY).min(self.deadline())
     }
 
     /// Notes that the table was refreshed at `now`.
     pub fn refreshed(&mut self, now: Instant) {
         self.refreshed = Some(now);
     }
+}
+
+/// How long before its `leader_wait` is over a request stops waiting, so
+/// that its 503 is given within the wait, not one exchange after it:
+/// [`REFRESH_EVERY`], or a tenth of a shorter wait.
+pub fn answer_margin(leader_wait: Duration) -> Duration {
+    (leader_wait / 10).min(REFRESH_EVERY)
+}
+
+/// When every wait of a request that `arrived` with `leader_wait` ends
+/// (kv-proxy, kv-bench and kv-node's own wait share it): [`answer_margin`]
+/// before the wait is over.
+pub fn wait_deadline(arrived: Instant, leader_wait: Duration) -> Instant {
+    arrived + leader_wait.saturating_sub(answer_margin(leader_wait))
 }
 
 /// Pacing of the refreshes an answer's `X-Kv-Placement-Version` asks for
@@ -334,7 +382,7 @@ mod tests {
         let mut table = table();
         let now = Instant::now();
         for status in [200, 404, 400, 405, 413, 500, 502] {
-            let mut routing = Routing::new(0, false, DEFAULT_LEADER_WAIT);
+            let mut routing = Routing::new(0, false, DEFAULT_LEADER_WAIT, now);
             assert_eq!(
                 routing.next(&mut table, answered(status, b""), now),
                 Next::Deliver
@@ -347,7 +395,7 @@ mod tests {
     fn a_421_moves_the_table_and_later_ones_are_paced_until_the_wait_bound() {
         let mut table = table();
         let now = Instant::now();
-        let mut routing = Routing::new(0, false, DEFAULT_LEADER_WAIT);
+        let mut routing = Routing::new(0, false, DEFAULT_LEADER_WAIT, now);
         let body = serde_json::to_vec(&NotLeader::new(0, 3, "127.0.0.1:8083", 6)).unwrap();
         assert_eq!(
             routing.next(&mut table, answered(421, &body), now),
@@ -388,7 +436,7 @@ mod tests {
     fn a_421_without_a_usable_leader_waits() {
         let mut table = table();
         let now = Instant::now();
-        let mut routing = Routing::new(0, false, DEFAULT_LEADER_WAIT);
+        let mut routing = Routing::new(0, false, DEFAULT_LEADER_WAIT, now);
         assert_eq!(
             routing.next(
                 &mut table,
@@ -413,11 +461,17 @@ mod tests {
         let mut table = table();
         let start = Instant::now();
         let wait = Duration::from_millis(300);
-        let mut routing = Routing::new(0, false, wait);
+        let mut routing = Routing::new(0, false, wait, start);
+        // Every wait ends a margin before the bound, so the 503 is given
+        // within it.
+        let deadline = start + wait - answer_margin(wait);
+        assert_eq!(answer_margin(wait), Duration::from_millis(30));
+        assert_eq!(routing.deadline(), deadline);
         assert_eq!(
             routing.next(&mut table, answered(503, b""), start),
             Next::WaitForLeader
         );
+        assert!(routing.has_waited());
         assert_eq!(
             table.leader(0),
             None,
@@ -431,17 +485,50 @@ mod tests {
             routing.next(&mut table, Attempt::NotSent, later),
             Next::WaitForLeader
         );
-        routing.refreshed(start + Duration::from_millis(280));
+        assert_eq!(routing.budget(later), Some(deadline - later));
+        routing.refreshed(start + Duration::from_millis(260));
         assert_eq!(
             routing.refresh_at(later),
-            start + wait,
-            "never past the bound"
+            deadline,
+            "never past the deadline"
         );
         assert_eq!(
-            routing.next(&mut table, Attempt::NotSent, start + wait),
+            routing.next(&mut table, Attempt::NotSent, deadline),
             Next::NoLeader
         );
-        assert_eq!(routing.waited(start + wait), wait);
+        assert_eq!(routing.budget(deadline), Some(Duration::ZERO));
+        assert_eq!(routing.waited(deadline), wait - answer_margin(wait));
+    }
+
+    #[test]
+    fn the_bound_counts_from_arrival_not_from_the_first_failure() {
+        let mut table = table();
+        let arrived = Instant::now();
+        let wait = Duration::from_secs(3);
+        let mut routing = Routing::new(0, true, wait, arrived);
+        assert!(!routing.has_waited());
+        assert_eq!(routing.budget(arrived), Some(wait - REFRESH_EVERY));
+        // A first try that took 2 s (a leader that could not confirm a
+        // read) leaves the rest of the bound, not another 3 s.
+        let failed = arrived + Duration::from_secs(2);
+        assert_eq!(
+            routing.next(&mut table, answered(503, b""), failed),
+            Next::WaitForLeader
+        );
+        assert_eq!(routing.waited(failed), Duration::from_secs(2));
+        assert_eq!(
+            routing.budget(failed),
+            Some(Duration::from_secs(1) - REFRESH_EVERY)
+        );
+        let end = arrived + wait - REFRESH_EVERY;
+        assert_eq!(
+            routing.next(&mut table, answered(503, b""), end),
+            Next::NoLeader
+        );
+        // No wait at all: one try, and the node keeps its own bounds.
+        let none = Routing::new(0, true, Duration::ZERO, arrived);
+        assert_eq!(none.budget(arrived), None);
+        assert_eq!(none.deadline(), arrived);
     }
 
     #[test]
@@ -449,14 +536,14 @@ mod tests {
         let mut table = table();
         let now = Instant::now();
         for attempt in [answered(504, b""), Attempt::TimedOut, Attempt::Lost] {
-            let mut routing = Routing::new(0, false, DEFAULT_LEADER_WAIT);
+            let mut routing = Routing::new(0, false, DEFAULT_LEADER_WAIT, now);
             assert_eq!(routing.next(&mut table, attempt, now), Next::Unknown);
         }
         // A read is sent again, whatever became of it, once the table names
         // a leader: the one it was sent to is forgotten until a refresh.
         for attempt in [Attempt::Lost, Attempt::TimedOut, answered(504, b"")] {
             let mut table = self::table();
-            let mut read = Routing::new(0, true, DEFAULT_LEADER_WAIT);
+            let mut read = Routing::new(0, true, DEFAULT_LEADER_WAIT, now);
             assert_eq!(read.next(&mut table, attempt, now), Next::WaitForLeader);
             assert_eq!(table.leader(0), None);
         }
@@ -464,9 +551,10 @@ mod tests {
 
     #[test]
     fn a_read_waits_its_patience_then_moves_with_the_table() {
-        let write = Routing::new(0, false, DEFAULT_LEADER_WAIT);
+        let now = Instant::now();
+        let write = Routing::new(0, false, DEFAULT_LEADER_WAIT, now);
         assert_eq!(write.patience(), None, "a write is never abandoned");
-        let mut read = Routing::new(0, true, DEFAULT_LEADER_WAIT);
+        let mut read = Routing::new(0, true, DEFAULT_LEADER_WAIT, now);
         assert_eq!(read.patience(), Some(READ_PATIENCE));
         let mut table = table();
         assert!(!read.moved(&table, "127.0.0.1:8082"), "still the leader");
@@ -477,7 +565,6 @@ mod tests {
         view.groups[0].term = Some(6);
         table.refresh(view).unwrap();
         assert!(read.moved(&table, "127.0.0.1:8082"));
-        let now = Instant::now();
         assert_eq!(read.next(&mut table, Attempt::Abandoned, now), Next::Retry);
         assert_eq!(table.leader(0).unwrap().id, 3, "the new leader is kept");
         assert_eq!(read.hops(), 1);
@@ -494,7 +581,7 @@ mod tests {
     fn a_refused_connection_forgets_the_leader_until_a_refresh_names_one() {
         let mut table = table();
         let now = Instant::now();
-        let mut routing = Routing::new(0, false, DEFAULT_LEADER_WAIT);
+        let mut routing = Routing::new(0, false, DEFAULT_LEADER_WAIT, now);
         assert_eq!(
             routing.next(&mut table, Attempt::NotSent, now),
             Next::WaitForLeader

@@ -41,7 +41,7 @@ use crate::oplog::{Entry, OpLog};
 
 pub use kv_http::Body;
 
-use crate::cluster::request::{is_forwarded, KeyRequest, DELETED, STORED};
+use crate::cluster::request::{is_forwarded, DELETED, STORED};
 use crate::cluster::{ClusterNode, NotReady, Unavailable};
 const KEY_METHODS: &str = "GET, HEAD, PUT, POST, DELETE, OPTIONS";
 const ADMIN_METHODS: &str = "GET, HEAD, OPTIONS";
@@ -100,7 +100,7 @@ pub async fn handle(
     // the common, undecoded key is never copied.
     let (parts, body) = request.into_parts();
     let mut body = Some(body);
-    let mut response = route(&app, &reserve, &parts, &mut body)
+    let mut response = route(&app, &reserve, &parts, &mut body, started)
         .await
         .unwrap_or_else(NodeError::into_response);
     if let Some(cluster) = &app.cluster {
@@ -138,6 +138,7 @@ async fn route(
     reserve: &Reserve,
     parts: &Parts,
     body: &mut Option<Incoming>,
+    arrived: Instant,
 ) -> Result<Response<Body>, NodeError> {
     let path = parts.uri.path();
     reserve.admit(path)?;
@@ -193,7 +194,7 @@ async fn route(
     }
     let key = key::parse(path)?;
     if let Some(cluster) = &app.cluster {
-        return cluster_key(app, cluster, parts, &key, body).await;
+        return cluster_key(app, cluster, parts, &key, body, arrived).await;
     }
     local_key(app, parts, &key, body, true).await
 }
@@ -241,12 +242,15 @@ async fn local_key(
 /// A key request in cluster mode: validated here exactly as standalone
 /// (400/405/413 before anything else), then the replicated path, or for a
 /// solo shard the owner's store (here, or forwarded to the owner).
+/// `arrived` is when the request came in: its wait for a leader counts
+/// from there.
 async fn cluster_key(
     app: &App,
     cluster: &ClusterNode,
     parts: &Parts,
     key: &str,
     body: &mut Option<Incoming>,
+    arrived: Instant,
 ) -> Result<Response<Body>, NodeError> {
     let shard = cluster.shard_of(key);
     let logged = !is_forwarded(&parts.headers);
@@ -263,7 +267,7 @@ async fn cluster_key(
     if solo == Some(cluster.id()) {
         return local_key(app, parts, key, body, logged).await;
     }
-    let request = KeyRequest { parts, key, shard };
+    let request = cluster.key_request(parts, key, shard, arrived);
     match parts.method {
         Method::GET | Method::HEAD => {
             if logged {

@@ -8,6 +8,8 @@
 //! every client relies on: **421 and 503 mean the write was not proposed
 //! and never will be applied; only 504 means the outcome is unknown.**
 
+use std::time::Duration;
+
 use bytes::Bytes;
 use hyper::header::{HeaderName, HeaderValue, RETRY_AFTER};
 use hyper::{Response, StatusCode};
@@ -130,6 +132,16 @@ pub enum ClusterError {
         addr: String,
         why: String,
     },
+    /// A client's request that waited out this node's `--leader-wait` for
+    /// one of [`ClusterError::NoLeader`], [`ClusterError::NoQuorum`] or
+    /// [`ClusterError::LeaderUnreachable`] (`last`, the reason at the end):
+    /// its answer, with how long the request took from its arrival, every
+    /// try included, to the millisecond. Not proposed.
+    #[error("{last}; waited {}", humantime::format_duration(whole_ms(*waited)))]
+    Waited {
+        last: Box<ClusterError>,
+        waited: Duration,
+    },
     /// The write was proposed (or may have been) and no answer came: it may
     /// still commit. Never retried by anyone.
     #[error("outcome unknown: {0}")]
@@ -159,6 +171,7 @@ impl ClusterError {
             | ClusterError::NoQuorum { .. }
             | ClusterError::LeaderUnreachable { .. }
             | ClusterError::ForeignDataDir { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ClusterError::Waited { last, .. } => last.status(),
             ClusterError::OutcomeUnknown(_) => StatusCode::GATEWAY_TIMEOUT,
             ClusterError::OtherCluster { .. } => StatusCode::CONFLICT,
         }
@@ -196,6 +209,12 @@ impl ClusterError {
         }
         response
     }
+}
+
+/// A wait as it was, to the millisecond ("2s 953ms"): not rounded to a
+/// figure that looks like the bound.
+fn whole_ms(waited: Duration) -> Duration {
+    Duration::from_millis(u64::try_from(waited.as_millis()).unwrap_or(u64::MAX))
 }
 
 impl From<ApiError> for NodeError {
@@ -301,11 +320,26 @@ mod tests {
             (ClusterError::NoLeader { shard: 1 }, 503),
             (ClusterError::NoQuorum { shard: 1 }, 503),
             (ClusterError::OutcomeUnknown("timed out".into()), 504),
+            (
+                ClusterError::Waited {
+                    last: Box::new(ClusterError::NoQuorum { shard: 1 }),
+                    waited: Duration::from_millis(2_950),
+                },
+                503,
+            ),
         ] {
             let response = error.into_response();
             assert_eq!(response.status().as_u16(), status);
             assert_eq!(response.headers().contains_key(RETRY_AFTER), status == 503);
         }
+        let waited = ClusterError::Waited {
+            last: Box::new(ClusterError::NoLeader { shard: 17 }),
+            waited: Duration::from_micros(2_953_700),
+        };
+        assert_eq!(
+            waited.to_string(),
+            "shard 17 has no leader (election in progress); waited 2s 953ms"
+        );
     }
 
     #[test]

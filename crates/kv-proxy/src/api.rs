@@ -4,7 +4,8 @@
 //! | request               | answer                                                  |
 //! |-----------------------|---------------------------------------------------------|
 //! | `<any> /<key>`        | the owner node's answer, plus `X-Kv-Node: <owner>`      |
-//! | `GET /-/health`       | 200 `{"status": "ok", "nodes": N, "nodes_up": M, ...}`; `"degraded"` (still 200) with `"nodes_down"` named when any node is down |
+//! | `GET /-/health`       | 200 `{"status": "ok", "nodes": N, "nodes_up": M, ...}`; `"degraded"` (still 200) with `"nodes_down"` named when any node is down, and `"nodes_unchecked"` when no check has answered for some yet |
+//! | `GET /-/ready`        | 200 while some node is up (cluster mode: some shard has a leader that is up with most of its replicas); else 503; up means answered ([`crate::health::NodeHealth::is_known_up`]) |
 //! | `OPTIONS *`, `OPTIONS /-/...` | 204 with `Allow` (`OPTIONS /<key>` is forwarded) |
 //! | `GET /-/ring`         | nodes, their health, vnodes, each node's share          |
 //! | `GET /-/owner/<key>`  | `{"key": ..., "owner": ..., "up": ...}`                 |
@@ -280,9 +281,25 @@ fn admin_route(
         // balancer should look elsewhere (the node's /-/ready shape). In
         // cluster mode the same holds per shard: ready while any shard has
         // a leader that is up with most of its replicas, naming the shards
-        // that have none.
-        "ready" if nodes.iter().all(|n| !n.health.is_up()) => {
-            let body = serde_json::json!({ "ready": false, "error": "no node is up" });
+        // that have none. Up means answered (`NodeHealth::is_known_up`): a
+        // proxy whose first checks have not come back yet knows of nothing
+        // it can serve.
+        "ready" if nodes.iter().all(|n| !n.health.is_known_up()) => {
+            let unchecked: Vec<&str> = nodes
+                .iter()
+                .filter(|n| n.health.is_unchecked())
+                .map(|n| n.name.as_str())
+                .collect();
+            let error = if unchecked.is_empty() {
+                "no node is up"
+            } else {
+                "no node is up: waiting for the first health checks"
+            };
+            let body = serde_json::json!({
+                "ready": false,
+                "error": error,
+                "nodes_unchecked": unchecked,
+            });
             let mut bytes = body.to_string().into_bytes();
             bytes.push(b'\n');
             return Ok(json_response(
@@ -318,16 +335,24 @@ fn admin_route(
                 .filter(|n| !n.health.is_up())
                 .map(|n| n.name.as_str())
                 .collect();
+            // Not checked yet (the proxy just started, or the node was just
+            // learnt): neither up nor down.
+            let unchecked: Vec<&str> = nodes
+                .iter()
+                .filter(|n| n.health.is_unchecked())
+                .map(|n| n.name.as_str())
+                .collect();
             // Still 200: the proxy itself serves, and the keys of the
             // nodes that are up are answered. Which nodes are down is here
             // for whoever looks.
             let mut health = serde_json::json!({
-                "status": if down.is_empty() { "ok" } else { "degraded" },
+                "status": if down.is_empty() && unchecked.is_empty() { "ok" } else { "degraded" },
                 "role": "proxy",
                 "mode": if proxy.cluster.get().is_some() { "cluster" } else { "ring" },
                 "nodes": nodes.len(),
-                "nodes_up": nodes.len() - down.len(),
+                "nodes_up": nodes.len() - down.len() - unchecked.len(),
                 "nodes_down": down,
+                "nodes_unchecked": unchecked,
                 "uptime_seconds": proxy.started.elapsed().as_secs(),
                 "version": env!("CARGO_PKG_VERSION"),
             });

@@ -64,6 +64,14 @@
 //! The request body is read in full first (bodies are bounded by
 //! `--max-body-bytes`), so a retry can send it again.
 //!
+//! **One wait per request.** `--leader-wait` counts from when the request
+//! arrived, first try included, and every try carries what is left of it
+//! (`X-Kv-Wait-Budget-Ms`): the node cuts its own wait for a quorum there,
+//! so a leader that cannot confirm a read costs the rest of the budget, not
+//! another `--raft-write-timeout` on top of the proxy's wait. The waits end
+//! [`kv_cluster::answer_margin`] (50 ms) before the bound, so the 503 is
+//! given within it, and says how long the request took (`waited 2s 958ms`).
+//!
 //! **Stale reads.** A GET or HEAD with `X-Kv-Consistency: stale` may be
 //! answered by any replica of its shard (design §6.3): the first try goes to
 //! the shard's replicas in turn, spreading them; if that one cannot be
@@ -88,14 +96,14 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Either, Full};
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, HOST};
+use hyper::header::{HeaderName, HeaderValue, HOST};
 use hyper::http::request::Parts;
 use hyper::{Method, Request, Response, StatusCode, Uri};
 use hyper_util::rt::TokioIo;
 use kv_cluster::{
     wants_stale, Attempt, HintBackoff, Merge, Next, NotLeader, Placement, Routing, ShardTable,
     ShardsView, TableView, Taken, CONSISTENCY_HEADER, PLACEMENT_VERSION_HEADER, REFRESH_EVERY,
-    ROUTE_DIRECT, ROUTE_HEADER,
+    ROUTE_DIRECT, ROUTE_HEADER, WAIT_BUDGET_HEADER,
 };
 use kv_http::tls::Tls;
 use parking_lot::{Mutex, RwLock};
@@ -656,8 +664,8 @@ impl Cluster {
 
     /// The shards without a leader that can serve them right now: none is
     /// known, the one the table names is at a node its health checker
-    /// sees down, or most of the shard's replicas are at nodes seen down
-    /// (no quorum is possible, so the leader named, alive or not, can
+    /// sees down (or has not heard from yet), or most of the shard's
+    /// replicas are at such nodes (no quorum is possible, so the leader named, alive or not, can
     /// neither commit a write nor serve a linearizable read). The second
     /// and third matter when a quorum is lost: the survivors keep naming
     /// their leaders at the same term (pre-vote keeps them from raising
@@ -680,11 +688,13 @@ impl Cluster {
         };
         // One lock at a time: never the nodes' while holding the table's.
         let nodes = self.nodes.read();
-        // An address without a node (not learnt yet) is not known down.
+        // An address without a node (not learnt yet) is not known down; a
+        // node whose first check has not answered yet is not known up
+        // either (a fresh proxy is not ready before its checks say so).
         let down = |addr: &String| {
             nodes
                 .get(addr)
-                .is_some_and(|member| !member.node.health.is_up())
+                .is_some_and(|member| !member.node.health.is_known_up())
         };
         (0..)
             .zip(shards)
@@ -930,6 +940,9 @@ pub async fn forward(
     request: Request<Incoming>,
     shard: u32,
 ) -> Result<Response<Body>, ProxyError> {
+    // The request's one budget for a leader counts from here, whatever its
+    // first try costs (module docs).
+    let arrived = Instant::now();
     let (mut parts, body) = request.into_parts();
     let body = upstream::read_body(body, proxy.max_body_bytes, proxy.request_timeout).await?;
     prepare(&mut parts);
@@ -939,7 +952,7 @@ pub async fn forward(
             .headers
             .get(CONSISTENCY_HEADER)
             .is_some_and(|value| wants_stale(value.as_bytes()));
-    let mut routing = Routing::new(shard, read, cluster.leader_wait);
+    let mut routing = Routing::new(shard, read, cluster.leader_wait, arrived);
     let mut first = stale
         .then(|| {
             let turn = worker.stale_turn.fetch_add(1, Ordering::Relaxed);
@@ -954,14 +967,18 @@ pub async fn forward(
             // A read at the leader: abandoned if the leader moves while it
             // waits (a frozen leader), see `kv_cluster::Routing::moved`.
             (Some(addr), Some(patience)) if !stale_try => {
-                let send = attempt(proxy, worker, cluster, addr, &parts, &body);
+                let budget = routing.budget(Instant::now());
+                let send = attempt(proxy, worker, cluster, addr, &parts, &body, budget);
                 let moved = cluster.leader_moved(&routing, addr, patience);
                 tokio::select! {
                     tried = send => tried,
                     () = moved => Tried::Abandoned,
                 }
             }
-            (Some(addr), _) => attempt(proxy, worker, cluster, addr, &parts, &body).await,
+            (Some(addr), _) => {
+                let budget = routing.budget(Instant::now());
+                attempt(proxy, worker, cluster, addr, &parts, &body, budget).await
+            }
             (None, _) => Tried::NotSent,
         };
         // The common case, decided without the table's lock.
@@ -980,6 +997,7 @@ pub async fn forward(
             continue;
         }
         let now = Instant::now();
+        let waited_before = routing.has_waited();
         let next = {
             let mut table = cluster.table.write();
             let seen = match &tried {
@@ -1013,7 +1031,7 @@ pub async fn forward(
                 counter.fetch_add(1, Ordering::Relaxed);
             }
             Next::WaitForLeader => {
-                if routing.waited(now).is_zero() {
+                if !waited_before {
                     cluster.stats.waited.fetch_add(1, Ordering::Relaxed);
                 }
                 if let Tried::NotLeader(_) = tried {
@@ -1030,6 +1048,7 @@ pub async fn forward(
                 return Err(ProxyError::LeaderMoving {
                     shard,
                     hops: routing.hops() - 1,
+                    waited: routing.waited(now),
                 });
             }
             Next::Unknown => {
@@ -1085,7 +1104,9 @@ enum Tried {
 
 /// One attempt at the node at `addr`: everything about the node is in
 /// [`Tried`]. An answer showing a newer placement version, or a 421 naming
-/// an unknown address, refreshes the table in the background.
+/// an unknown address, refreshes the table in the background. `budget` is
+/// what is left of the request's wait for a leader, sent on so the node
+/// stops waiting for a quorum when the proxy would stop waiting for it.
 async fn attempt(
     proxy: &Proxy,
     worker: &ClusterWorker,
@@ -1093,6 +1114,7 @@ async fn attempt(
     addr: &str,
     parts: &Parts,
     body: &Bytes,
+    budget: Option<Duration>,
 ) -> Tried {
     let node = match cluster.node(addr) {
         Ok(node) => node,
@@ -1107,9 +1129,21 @@ async fn attempt(
         }));
         return Tried::NotSent;
     }
+    // What is left of the wait, sent on as a header of this attempt only.
+    let budget = budget.map(|budget| {
+        let ms = u64::try_from(budget.as_millis()).unwrap_or(u64::MAX);
+        (
+            HeaderName::from_static(WAIT_BUDGET_HEADER),
+            HeaderValue::from(ms),
+        )
+    });
     let timeout = proxy.request_timeout;
     let pool = worker.pool(addr);
-    let sent = tokio::time::timeout(timeout, upstream::send(&pool, &node, parts, body)).await;
+    let sent = tokio::time::timeout(
+        timeout,
+        upstream::send(&pool, &node, parts, body, budget.as_ref()),
+    )
+    .await;
     if let Ok(Ok(Ok(response))) = &sent {
         cluster.saw_version(response.headers());
     }
@@ -1183,4 +1217,6 @@ fn prepare(parts: &mut Parts) {
     parts
         .headers
         .insert(ROUTE_HEADER, HeaderValue::from_static(ROUTE_DIRECT));
+    // The budget sent on is the proxy's own (`attempt`), never a client's.
+    parts.headers.remove(WAIT_BUDGET_HEADER);
 }

@@ -38,11 +38,17 @@ pub enum ProxyError {
     Timeout { node: String, after: Duration },
     /// The owner broke the exchange (reset or closed mid-answer).
     Upstream { node: String, why: String },
-    /// Cluster mode: no leader of `shard` answered within `--leader-wait`.
+    /// Cluster mode: no leader of `shard` answered within `--leader-wait`;
+    /// `waited` is the time since the request arrived (every try counted).
     NoLeader { shard: u32, waited: Duration },
     /// Cluster mode: the leader of `shard` moved more than `hops` times
-    /// while the request followed it.
-    LeaderMoving { shard: u32, hops: u32 },
+    /// while the request followed it, until `--leader-wait` was over
+    /// (`waited`: since the request arrived).
+    LeaderMoving {
+        shard: u32,
+        hops: u32,
+        waited: Duration,
+    },
     /// Cluster mode: a write reached `node` and then the exchange broke, so
     /// whether it was applied is unknown (504, never retried).
     OutcomeUnknown { node: String, why: String },
@@ -67,13 +73,19 @@ impl ProxyError {
             ProxyError::NoLeader { shard, waited } => (
                 ApiError::Unavailable(format!(
                     "shard {shard} has no leader (waited {})",
-                    humantime::format_duration(round_ms(waited))
+                    humantime::format_duration(whole_ms(waited))
                 )),
                 None,
             ),
-            ProxyError::LeaderMoving { shard, hops } => (
+            ProxyError::LeaderMoving {
+                shard,
+                hops,
+                waited,
+            } => (
                 ApiError::Unavailable(format!(
-                    "shard {shard} changed leader {hops} times during the request; retry"
+                    "shard {shard} changed leader {hops} times during the request \
+                     (waited {}); retry",
+                    humantime::format_duration(whole_ms(waited))
                 )),
                 None,
             ),
@@ -152,11 +164,11 @@ impl ProxyError {
     }
 }
 
-/// A wait as people read it: to the nearest 100 ms ("3s", "1s 500ms"),
-/// not the timer's overshoot ("3s 1ms").
-fn round_ms(waited: Duration) -> Duration {
-    let ms = u64::try_from(waited.as_millis()).unwrap_or(u64::MAX);
-    Duration::from_millis(ms.saturating_add(50) / 100 * 100)
+/// A wait as it was, to the millisecond ("2s 953ms"): not rounded to a
+/// figure that looks like the bound, which once hid waits of 5 s behind
+/// "waited 3s".
+fn whole_ms(waited: Duration) -> Duration {
+    Duration::from_millis(u64::try_from(waited.as_millis()).unwrap_or(u64::MAX))
 }
 
 #[cfg(test)]
@@ -199,12 +211,12 @@ mod tests {
     fn cluster_refusals_are_503_with_retry_after_and_unknown_is_504() {
         let (api, _) = ProxyError::NoLeader {
             shard: 17,
-            waited: Duration::from_millis(3_001),
+            waited: Duration::from_micros(2_953_700),
         }
         .into_api();
         assert_eq!(
             api.message(),
-            "Service unavailable: shard 17 has no leader (waited 3s)"
+            "Service unavailable: shard 17 has no leader (waited 2s 953ms)"
         );
         let response = ProxyError::NoLeader {
             shard: 17,
@@ -214,7 +226,17 @@ mod tests {
         assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(response.headers()[RETRY_AFTER], "1");
         assert_eq!(response.headers()[X_KV_SHARD], "17");
-        let moving = ProxyError::LeaderMoving { shard: 2, hops: 3 }.into_response();
+        let moving = || ProxyError::LeaderMoving {
+            shard: 2,
+            hops: 3,
+            waited: Duration::from_millis(2_950),
+        };
+        assert_eq!(
+            moving().into_api().0.message(),
+            "Service unavailable: shard 2 changed leader 3 times during the request \
+             (waited 2s 950ms); retry"
+        );
+        let moving = moving().into_response();
         assert_eq!(moving.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(moving.headers()[RETRY_AFTER], "1");
         let unknown = ProxyError::OutcomeUnknown {

@@ -77,7 +77,13 @@ impl ExchangeError {
 
 /// The request line and headers for `parts` with a body of `body_len`
 /// bytes, `host` added when the client sent no `Host`.
-fn encode_head(parts: &Parts, host: &HeaderValue, body: &[u8], out: &mut Vec<u8>) {
+fn encode_head(
+    parts: &Parts,
+    host: &HeaderValue,
+    extra: Option<&(HeaderName, HeaderValue)>,
+    body: &[u8],
+    out: &mut Vec<u8>,
+) {
     out.extend_from_slice(parts.method.as_str().as_bytes());
     out.push(b' ');
     let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
@@ -91,6 +97,9 @@ fn encode_head(parts: &Parts, host: &HeaderValue, body: &[u8], out: &mut Vec<u8>
         if name == CONTENT_LENGTH || name == TRANSFER_ENCODING {
             continue;
         }
+        header(out, name.as_str(), value.as_bytes());
+    }
+    if let Some((name, value)) = extra {
         header(out, name.as_str(), value.as_bytes());
     }
     if !body.is_empty() || matches!(parts.method, Method::PUT | Method::POST | Method::PATCH) {
@@ -120,11 +129,12 @@ pub async fn exchange(
     parts: &Parts,
     body: &Bytes,
     node: &HeaderValue,
+    extra: Option<&(HeaderName, HeaderValue)>,
 ) -> Result<Response<PooledBody>, ExchangeError> {
     // The connection's own write buffer, kept between its requests.
     let mut out = std::mem::take(&mut connection.out);
     out.clear();
-    encode_head(parts, node, body, &mut out);
+    encode_head(parts, node, extra, body, &mut out);
     // One write for the usual small request; a long body after its head.
     if body.len() as u64 <= WHOLE_BODY {
         out.extend_from_slice(body);
@@ -637,6 +647,7 @@ mod tests {
         encode_head(
             &parts,
             &HeaderValue::from_static("n1:8081"),
+            None,
             b"{}",
             &mut out,
         );
@@ -649,10 +660,20 @@ mod tests {
             .headers
             .insert(HOST, HeaderValue::from_static("client"));
         let mut out = Vec::new();
-        encode_head(&parts, &HeaderValue::from_static("n1:8081"), b"", &mut out);
+        let extra = (
+            HeaderName::from_static("x-extra"),
+            HeaderValue::from_static("7"),
+        );
+        encode_head(
+            &parts,
+            &HeaderValue::from_static("n1:8081"),
+            Some(&extra),
+            b"",
+            &mut out,
+        );
         assert_eq!(
             String::from_utf8(out).unwrap(),
-            "GET /key?x=1 HTTP/1.1\r\ncontent-type: application/json\r\nhost: client\r\n\r\n"
+            "GET /key?x=1 HTTP/1.1\r\ncontent-type: application/json\r\nhost: client\r\nx-extra: 7\r\n\r\n"
         );
     }
 }

@@ -11,6 +11,14 @@
 //! * A node is down after [`FAILURES_TO_DOWN`] consecutive failures and up
 //!   again after one success. The state is an atomic flag read on every
 //!   request; a change is logged once, by whichever check flips it.
+//! * Until a node has answered once (a check or a request), it is
+//!   *unchecked*: requests still go to it (the first check runs at once,
+//!   and a request that cannot connect counts as a failure), but it does
+//!   not count as up for `/-/ready` and `/-/health`
+//!   ([`NodeHealth::is_known_up`]), so a proxy started while its nodes are
+//!   down never says ready before its first checks have failed. The
+//!   checkers start with the proxy and check at once, so a proxy whose
+//!   nodes are up is ready after one check's round trip.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
@@ -26,23 +34,38 @@ pub const FAILURES_TO_DOWN: u32 = 2;
 pub struct NodeHealth {
     node: String,
     up: AtomicBool,
+    /// The node answered a check or a request at least once.
+    answered: AtomicBool,
     failures: AtomicU32,
 }
 
 impl NodeHealth {
-    /// A node is presumed up until checks or requests say otherwise.
+    /// A node is presumed up for routing until checks or requests say
+    /// otherwise, but is not known up until it has answered once.
     pub fn new(node: &str) -> Self {
         Self {
             node: node.to_owned(),
             up: AtomicBool::new(true),
+            answered: AtomicBool::new(false),
             failures: AtomicU32::new(0),
         }
     }
 
-    /// Whether requests may be sent to the node.
+    /// Whether requests may be sent to the node (not marked down).
     #[inline]
     pub fn is_up(&self) -> bool {
         self.up.load(Ordering::Relaxed)
+    }
+
+    /// Whether the node has answered and is not marked down since: what
+    /// `/-/ready` and `/-/health` count as up.
+    pub fn is_known_up(&self) -> bool {
+        self.answered.load(Ordering::Acquire) && self.is_up()
+    }
+
+    /// Neither answered yet nor marked down: no check has told.
+    pub fn is_unchecked(&self) -> bool {
+        !self.answered.load(Ordering::Acquire) && self.is_up()
     }
 
     /// A check or a request succeeded.
@@ -53,6 +76,9 @@ impl NodeHealth {
         // would bounce it.
         if self.failures.load(Ordering::Relaxed) != 0 {
             self.failures.store(0, Ordering::Relaxed);
+        }
+        if !self.answered.load(Ordering::Relaxed) {
+            self.answered.store(true, Ordering::Release);
         }
         if !self.up.load(Ordering::Relaxed) && !self.up.swap(true, Ordering::AcqRel) {
             log::info!("node {} is up", self.node);
@@ -124,6 +150,23 @@ pub async fn check(node: &str, timeout: Duration) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unchecked_until_it_answers() {
+        let health = NodeHealth::new("n");
+        assert!(health.is_up(), "requests may go to it");
+        assert!(health.is_unchecked());
+        assert!(!health.is_known_up(), "not up for readiness yet");
+        health.record_failure("x");
+        assert!(health.is_unchecked(), "one failure says nothing yet");
+        assert!(!health.is_known_up());
+        health.record_failure("x");
+        assert!(!health.is_unchecked(), "down now");
+        assert!(!health.is_known_up());
+        health.record_success();
+        assert!(health.is_known_up());
+        assert!(!health.is_unchecked());
+    }
 
     #[test]
     fn down_after_two_failures_up_after_one_success() {

@@ -224,7 +224,7 @@ pub async fn forward(
     // it goes once more, on a new connection.
     let idempotent = matches!(parts.method, Method::GET | Method::HEAD) && body.is_empty();
     let exchange = async {
-        let error = match send(pool, node, &parts, &body).await? {
+        let error = match send(pool, node, &parts, &body, None).await? {
             Ok(response) => return Ok(response),
             Err(error) => error,
         };
@@ -236,7 +236,7 @@ pub async fn forward(
             parts.method,
             parts.uri
         );
-        match send(pool, node, &parts, &body).await? {
+        match send(pool, node, &parts, &body, None).await? {
             Ok(response) => Ok(response),
             Err(error) => Err(upstream_error(node, &error)),
         }
@@ -266,7 +266,8 @@ pub(crate) fn prepare(parts: &mut Parts) {
     crate::node_auth::mark(&mut parts.headers);
 }
 
-/// One exchange. The outer error is final (no connection could be made);
+/// One exchange, with `extra` (one header of this attempt's own) added to
+/// the request. The outer error is final (no connection could be made);
 /// the inner one is a failure after the request may have reached the node,
 /// which the caller may retry.
 pub(crate) async fn send(
@@ -274,6 +275,7 @@ pub(crate) async fn send(
     node: &Node,
     parts: &Parts,
     body: &Bytes,
+    extra: Option<&(HeaderName, HeaderValue)>,
 ) -> Result<Result<Response<PooledBody>, ExchangeError>, ProxyError> {
     let mut fresh = false;
     loop {
@@ -289,7 +291,7 @@ pub(crate) async fn send(
                 why,
             }
         })?;
-        match exchange(pool, connection, parts, body, &node.header).await {
+        match exchange(pool, connection, parts, body, &node.header, extra).await {
             Ok(response) => {
                 node.health.record_success();
                 return Ok(Ok(response));

@@ -11,6 +11,11 @@
 //! A GET with `X-Kv-Consistency: stale` is answered by any node. `fault`
 //! makes the leader answer writes 504, or close without answering;
 //! `bounce` makes every node answer 421 naming the next one.
+//! `unconfirmed` makes every node hold each key request, then answer 503
+//! "no quorum", as a kv-node leader that lost its quorum holds a read while
+//! it tries to confirm it: for that long, or for the milliseconds the
+//! request's `X-Kv-Wait-Budget-Ms` leaves, whichever is shorter (as
+//! kv-node does); `held` records each hold.
 //!
 //! Issue 13 (membership change): [`FakeCluster::start_with`] starts spare
 //! nodes beyond the three members, which a test makes members by editing
@@ -32,6 +37,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::thread;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -67,6 +73,8 @@ pub struct Seen {
     pub direct: bool,
     /// Its `X-Kv-Consistency`, if any.
     pub consistency: Option<String>,
+    /// Its `X-Kv-Wait-Budget-Ms`, if any.
+    pub budget_ms: Option<u64>,
 }
 
 /// A node that has not applied the newest layout yet: what it still shows.
@@ -141,6 +149,11 @@ pub struct FakeState {
     /// Node id → once this many views were served, the node closes
     /// `/-/cluster` requests without answering.
     pub cluster_silent: BTreeMap<u64, usize>,
+    /// Every key request is held this long (or its wait budget, if
+    /// shorter), then answered 503 "no quorum" (see the module docs).
+    pub unconfirmed: Option<Duration>,
+    /// How long each key request was held for `unconfirmed`, in order.
+    pub held: Vec<Duration>,
 }
 
 impl FakeState {
@@ -213,6 +226,8 @@ impl FakeCluster {
             cluster_views: Vec::new(),
             cluster_served: 0,
             cluster_silent: BTreeMap::new(),
+            unconfirmed: None,
+            held: Vec::new(),
         }));
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let shared = state.clone();
@@ -403,6 +418,40 @@ async fn answer(
         .await
         .map(|b| b.to_bytes())
         .unwrap_or_default();
+    let budget_ms = budget_of(&parts.headers);
+    let hold = {
+        let s = state.lock().unwrap();
+        s.unconfirmed
+            .filter(|_| !parts.uri.path().starts_with("/-/"))
+            .map(|hold| budget_ms.map_or(hold, |ms| hold.min(Duration::from_millis(ms))))
+    };
+    if let Some(hold) = hold {
+        // A leader trying to confirm a request without a quorum.
+        let started = Instant::now();
+        tokio::time::sleep(hold).await;
+        let held = started.elapsed();
+        let mut s = state.lock().unwrap();
+        let path = parts.uri.path().to_owned();
+        s.seen.push(Seen {
+            node: id,
+            method: parts.method.as_str().to_owned(),
+            path: path.clone(),
+            body,
+            direct: true,
+            consistency: None,
+            budget_ms,
+        });
+        s.held.push(held);
+        let shard = shard_of(path.trim_start_matches('/').as_bytes(), s.shards);
+        let mut response = json(
+            503,
+            format!("{{\"error\":\"shard {shard} has no quorum\"}}\n"),
+        );
+        response
+            .headers_mut()
+            .insert("retry-after", "1".parse().unwrap());
+        return Ok(response);
+    }
     let mut s = state.lock().unwrap();
     let version = match s.lagging.get(&id) {
         Some(lagging) => Some(lagging.version),
@@ -415,6 +464,16 @@ async fn answer(
             .insert(PLACEMENT_VERSION_HEADER, version.into());
     }
     Ok(response)
+}
+
+/// A request's `X-Kv-Wait-Budget-Ms`.
+fn budget_of(headers: &hyper::HeaderMap) -> Option<u64> {
+    headers
+        .get("x-kv-wait-budget-ms")?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
 }
 
 /// Node `id`'s `/-/shards` body: the layout it shows (its own if lagging).
@@ -542,6 +601,7 @@ fn answer_locked(
         body: body.clone(),
         direct,
         consistency: consistency.clone(),
+        budget_ms: budget_of(&parts.headers),
     });
     if s.join_after
         .as_ref()

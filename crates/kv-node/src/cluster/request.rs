@@ -42,7 +42,9 @@ use http_body_util::Full;
 use hyper::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE, RETRY_AFTER};
 use hyper::http::request::Parts;
 use hyper::{Method, Request, Response, StatusCode};
-use kv_cluster::{NotLeader, LEADER_ID_HEADER, READ_PATIENCE, ROUTE_DIRECT, ROUTE_HEADER};
+use kv_cluster::{
+    NotLeader, LEADER_ID_HEADER, READ_PATIENCE, ROUTE_DIRECT, ROUTE_HEADER, WAIT_BUDGET_HEADER,
+};
 use kv_http::{json_response, ApiError, Body};
 use kv_raft::{Command, KvRaft, NodeId, Outcome};
 use openraft::async_runtime::WatchReceiver;
@@ -328,15 +330,32 @@ fn header_is(headers: &HeaderMap, name: &str, value: &str) -> bool {
         .is_some_and(|v| v.trim().eq_ignore_ascii_case(value))
 }
 
-/// A key request as the request path needs it.
+/// A key request as the request path needs it ([`ClusterNode::key_request`]).
 pub(crate) struct KeyRequest<'a> {
     pub parts: &'a Parts,
     pub key: &'a str,
     /// The key's shard, computed once by the caller.
     pub shard: u32,
+    /// When the request arrived: its wait for a leader counts from here.
+    arrived: Instant,
+    /// When every wait for a leader or a quorum of this request ends: this
+    /// node's own `--leader-wait` deadline for a request it waits out
+    /// ([`ClusterNode::with_leader_wait`]), the sender's
+    /// [`WAIT_BUDGET_HEADER`] for one it does not (kv-proxy's, a forwarded
+    /// one), the earlier of both when both apply; `None`: only the node's
+    /// own bounds (`--raft-write-timeout`).
+    until: Option<Instant>,
 }
 
 impl KeyRequest<'_> {
+    /// How long a wait may last from `now`: at most `bound`, and never past
+    /// [`KeyRequest::until`].
+    fn bounded(&self, bound: Duration, now: Instant) -> Duration {
+        self.until.map_or(bound, |until| {
+            bound.min(until.saturating_duration_since(now))
+        })
+    }
+
     fn direct(&self) -> bool {
         header_is(&self.parts.headers, ROUTE_HEADER, ROUTE_DIRECT)
     }
@@ -368,7 +387,43 @@ pub(crate) const STOPPED: &str = "stopped on this node after a storage failure (
 /// pacing of retries, not synchronisation (each try re-reads the state).
 const LEADER_RETRY_PAUSE: Duration = Duration::from_millis(50);
 
+/// The deadline a sender's [`WAIT_BUDGET_HEADER`] sets for a request that
+/// `arrived`: `None` without one (or one that is not a number).
+fn budget_deadline(headers: &HeaderMap, arrived: Instant) -> Option<Instant> {
+    let ms = headers
+        .get(WAIT_BUDGET_HEADER)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse::<u64>()
+        .ok()?;
+    arrived.checked_add(Duration::from_millis(ms))
+}
+
 impl ClusterNode {
+    /// `parts` as a key request of `shard`, with the deadline of its waits
+    /// (see [`KeyRequest::until`]).
+    pub(crate) fn key_request<'a>(
+        &self,
+        parts: &'a Parts,
+        key: &'a str,
+        shard: u32,
+        arrived: Instant,
+    ) -> KeyRequest<'a> {
+        let mut request = KeyRequest {
+            parts,
+            key,
+            shard,
+            arrived,
+            until: budget_deadline(&parts.headers, arrived),
+        };
+        if self.may_wait(&request) {
+            let own = kv_cluster::wait_deadline(arrived, self.leader_wait);
+            request.until = Some(request.until.map_or(own, |theirs| theirs.min(own)));
+        }
+        request
+    }
+
     /// A PUT or DELETE of `request.key`, waiting out an election (see
     /// [`ClusterNode::with_leader_wait`]).
     pub(crate) async fn write(
@@ -383,8 +438,10 @@ impl ClusterNode {
         if !self.may_wait(request) {
             return self.write_once(request, command, raw).await;
         }
-        self.with_leader_wait(|| self.write_once(request, command.clone(), raw.clone()))
-            .await
+        self.with_leader_wait(request, || {
+            self.write_once(request, command.clone(), raw.clone())
+        })
+        .await
     }
 
     /// Whether a request waits out an election (see
@@ -398,7 +455,8 @@ impl ClusterNode {
         if !self.may_wait(request) {
             return self.read_once(request).await;
         }
-        self.with_leader_wait(|| self.read_once(request)).await
+        self.with_leader_wait(request, || self.read_once(request))
+            .await
     }
 
     /// Runs `attempt` until it answers something other than "not proposed:
@@ -408,27 +466,43 @@ impl ClusterNode {
     /// Callers skip it for requests from kv-proxy or kv-bench (`X-Kv-Route:
     /// direct`) and forwarded ones ([`ClusterNode::may_wait`]): their sender
     /// waits itself.
-    async fn with_leader_wait<F, Fut>(&self, mut attempt: F) -> Result<Response<Body>, NodeError>
+    ///
+    /// One deadline for the whole request ([`KeyRequest::until`]): it counts
+    /// from the request's arrival, every try's own wait for a quorum (a
+    /// read's confirmation, a forwarded request's at its leader) ends there
+    /// too, and it is [`kv_cluster::answer_margin`] short of `--leader-wait`,
+    /// so the 503 is given within `--leader-wait` and says how long the
+    /// request waited ([`ClusterError::Waited`]).
+    async fn with_leader_wait<F, Fut>(
+        &self,
+        request: &KeyRequest<'_>,
+        mut attempt: F,
+    ) -> Result<Response<Body>, NodeError>
     where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Result<Response<Body>, NodeError>>,
     {
-        let deadline = Instant::now() + self.leader_wait;
+        let deadline = request.until.unwrap_or(request.arrived);
         loop {
             let answer = attempt().await;
-            let retry = matches!(
-                answer,
+            let last = match answer {
                 Err(NodeError::Cluster(
-                    ClusterError::NoLeader { .. }
-                        | ClusterError::NoQuorum { .. }
-                        | ClusterError::LeaderUnreachable { .. }
-                ))
-            );
+                    last @ (ClusterError::NoLeader { .. }
+                    | ClusterError::NoQuorum { .. }
+                    | ClusterError::LeaderUnreachable { .. }),
+                )) => last,
+                answer => return answer,
+            };
             let now = Instant::now();
-            if !retry || now + LEADER_RETRY_PAUSE >= deadline {
-                return answer;
+            if now >= deadline {
+                return Err(ClusterError::Waited {
+                    last: Box::new(last),
+                    waited: now.saturating_duration_since(request.arrived),
+                }
+                .into());
             }
-            tokio::time::sleep(LEADER_RETRY_PAUSE).await;
+            // The last try is made at the deadline, not skipped before it.
+            tokio::time::sleep_until((now + LEADER_RETRY_PAUSE).min(deadline).into()).await;
         }
     }
 
@@ -543,7 +617,9 @@ impl ClusterNode {
             return read_response(storage::read(&hosted.sm, request.key));
         }
         let started = Instant::now();
-        let bound = self.write_timeout;
+        // A confirmation waits for a quorum: never past the request's
+        // deadline (its sender would have given up by then).
+        let bound = request.bounded(self.write_timeout, started);
         match hosted
             .gate
             .confirm(&hosted.raft, bound, self.read_policy)
@@ -867,6 +943,15 @@ impl ClusterNode {
             .method(method)
             .uri(path)
             .header(FORWARDED_BY_HEADER, self.id());
+        if let Some(until) = request.until {
+            // The leader cuts its wait for a quorum where this request's
+            // wait ends.
+            let left = until.saturating_duration_since(Instant::now());
+            builder = builder.header(
+                WAIT_BUDGET_HEADER,
+                u64::try_from(left.as_millis()).unwrap_or(u64::MAX),
+            );
+        }
         for name in [CONTENT_TYPE.as_str(), CONSISTENCY_HEADER] {
             if let Some(value) = parts.headers.get(name) {
                 builder = builder.header(name, value);
