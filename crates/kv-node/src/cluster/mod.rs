@@ -442,6 +442,8 @@ impl ClusterNode {
             .unwrap_or_else(PoisonError::into_inner)
             .clone();
         let layout = self.layout();
+        let (me, now) = (self.id(), Instant::now());
+        let lease = Duration::from_millis(self.timeouts.election_max_ms);
         let groups = (0..self.spec.shards)
             .map(|shard| {
                 let index = shard as usize;
@@ -473,7 +475,20 @@ impl ClusterNode {
                     let metrics = hosted.raft.metrics();
                     let m = metrics.borrow_watched();
                     view.hosted = true;
-                    view.leader = m.current_leader;
+                    // A follower names its leader only while it hears from
+                    // it (within the lease, as `unavailable` judges):
+                    // openraft keeps naming a silent leader, which clients
+                    // would route to. Found with the catch-up guard: the
+                    // third replica kept naming the held one, its leader
+                    // before a crash, while no shard could elect.
+                    view.leader = match m.current_leader {
+                        Some(leader) if leader != me => self
+                            .groups
+                            .last_leader_contact(shard)
+                            .is_some_and(|at| now.saturating_duration_since(at) < lease)
+                            .then_some(leader),
+                        other => other,
+                    };
                     view.term = Some(m.current_term);
                     view.committed = m.local_committed.as_ref().map(|l| l.index);
                     view.applied = m.last_applied.as_ref().map(|l| l.index);
