@@ -60,7 +60,8 @@ pub struct Config {
     /// Time a node has to answer (until its response headers), counted from
     /// when the request (its body read whole first) is sent on; past it the
     /// request gets 504. A client that stops sending its body for this long
-    /// gets 408.
+    /// gets 408; a node that stops sending a long answer for this long has
+    /// the answer cut off.
     /// Takes a duration such as 500ms, 30s or 2m.
     #[arg(long, env = "KV_PROXY_REQUEST_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     pub request_timeout: Duration,

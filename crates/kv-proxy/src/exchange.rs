@@ -535,8 +535,18 @@ impl Stream {
                     }
                     if connection.buf.is_empty() {
                         connection.buf.reserve(READ_BUFFER);
+                        // A node silent mid-body for the request timeout
+                        // cuts the answer off, as nginx's proxy_read_timeout.
+                        let patience = self.pool.read_timeout();
                         self.state = StreamState::Reading(Box::pin(async move {
-                            let read = connection.stream.read_buf(&mut connection.buf).await;
+                            let read = connection.stream.read_buf(&mut connection.buf);
+                            let read = match tokio::time::timeout(patience, read).await {
+                                Ok(read) => read,
+                                Err(_) => Err(io::Error::new(
+                                    io::ErrorKind::TimedOut,
+                                    format!("the node sent nothing for {patience:?} mid-body"),
+                                )),
+                            };
                             (connection, read)
                         }));
                         continue;

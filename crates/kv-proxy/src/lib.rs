@@ -99,6 +99,7 @@ pub async fn run(
         connect_timeout: config.connect_timeout,
         idle_timeout: config.pool_idle_timeout,
         max_idle: config.pool_max_idle,
+        read_timeout: config.request_timeout,
     };
     let metrics = Arc::new(kv_http::metrics::Metrics::default());
     // One copy per worker thread, each with its own connection pool; the

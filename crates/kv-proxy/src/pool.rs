@@ -42,6 +42,9 @@ pub struct PoolSettings {
     pub idle_timeout: Duration,
     /// Most idle connections kept per node; more are closed on return.
     pub max_idle: usize,
+    /// Longest silence of a node in the middle of a long (streamed) answer
+    /// body (`--request-timeout`); past it the answer is cut off.
+    pub read_timeout: Duration,
 }
 
 /// One HTTP/1.1 connection to a node: the stream and the bytes read from it
@@ -167,6 +170,11 @@ impl NodePool {
         self.idle
             .lock()
             .retain_mut(|idle| idle.since.elapsed() < timeout && idle.connection.is_reusable());
+    }
+
+    /// The longest a node may be silent mid-body.
+    pub(crate) fn read_timeout(&self) -> Duration {
+        self.settings.read_timeout
     }
 
     /// How many idle connections the pool holds (for tests).

@@ -49,6 +49,14 @@ fn script(path: &str, head: &str, body: &[u8]) -> (Vec<u8>, bool) {
             answer.extend((0..BIG).map(|i| b'a' + (i % 26) as u8));
             (answer, false)
         }
+        "/stall" => {
+            // A third of a long body, then silence (a stalled node that
+            // keeps its connection open), then the close.
+            let mut answer =
+                format!("HTTP/1.1 200 OK\r\ncontent-length: {BIG}\r\n\r\n").into_bytes();
+            answer.extend(std::iter::repeat_n(b's', BIG / 3));
+            (answer, true)
+        }
         "/garbage" => (b"NOT HTTP AT ALL\r\n\r\n".to_vec(), true),
         "/short" => (
             b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nonly this".to_vec(),
@@ -111,6 +119,11 @@ fn scripted_node() -> SocketAddr {
                         let path = head.split(' ').nth(1).unwrap_or("/").to_owned();
                         let (answer, close) = script(&path, &head, &body);
                         if stream.write_all(&answer).is_err() || close {
+                            if path == "/stall" {
+                                // Holds the connection open, silent, far
+                                // past the proxy's timeout.
+                                thread::sleep(Duration::from_secs(30));
+                            }
                             return;
                         }
                     }
@@ -129,20 +142,23 @@ fn content_length(head: &str) -> usize {
 }
 
 fn start_proxy(node: SocketAddr) -> Process {
+    start_proxy_with(node, &[])
+}
+
+fn start_proxy_with(node: SocketAddr, extra: &[&str]) -> Process {
     let node = node.to_string();
-    Process::spawn(
-        &binary("kv-proxy"),
-        &[
-            "--port",
-            "0",
-            "--nodes",
-            &node,
-            "--health-interval",
-            "1h",
-            "--workers",
-            "1",
-        ],
-    )
+    let mut args = vec![
+        "--port",
+        "0",
+        "--nodes",
+        &node,
+        "--health-interval",
+        "1h",
+        "--workers",
+        "1",
+    ];
+    args.extend_from_slice(extra);
+    Process::spawn(&binary("kv-proxy"), &args)
 }
 
 /// A raw exchange with the proxy: the whole answer as text, or what the
@@ -261,4 +277,30 @@ fn the_request_reaches_the_node_with_its_own_framing_and_no_hop_by_hop_headers()
         text.contains("get /echo http/1.1\r\nhost: 127.0.0.1:"),
         "{text}"
     );
+}
+
+#[test]
+fn a_node_silent_mid_body_gets_its_answer_cut_off_after_the_request_timeout() {
+    let proxy = start_proxy_with(scripted_node(), &["--request-timeout", "500ms"]);
+    // The node sends the head and a third of a long body, then nothing for
+    // 30 s. The proxy cuts the answer off after 500 ms of silence: the
+    // client's read ends short (EOF or reset) well before its own 10 s
+    // read timeout, which is what it hit before (the answer hung).
+    let (answer, ended) = raw(proxy.addr, "GET /stall HTTP/1.1\r\nHost: kv\r\n\r\n");
+    assert!(
+        !matches!(
+            ended,
+            Some(std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut)
+        ),
+        "the client waited out its own read timeout: the proxy kept the stalled answer open"
+    );
+    let head_end = answer.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    assert_eq!(
+        answer.len() - head_end,
+        BIG / 3,
+        "what the node sent, and no more"
+    );
+    // The proxy goes on serving.
+    let fine = request(proxy.addr, "GET", "/chunked", None).unwrap();
+    assert_eq!((fine.status, fine.text()), (200, "hello world".into()));
 }
