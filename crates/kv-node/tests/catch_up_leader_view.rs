@@ -19,25 +19,10 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
-use std::path::PathBuf;
-
 use kv_testkit::cluster::{send, wait_until, BOUND};
 use kv_testkit::{Cluster, ClusterOpts};
 
 const MARK: &str = "marker-acknowledged-by-l-and-r-only";
-
-fn segments(cluster: &Cluster, id: u64) -> Vec<PathBuf> {
-    let mut segments: Vec<PathBuf> = std::fs::read_dir(cluster.data_dir(id))
-        .unwrap()
-        .map(|entry| entry.unwrap().path())
-        .filter(|path| {
-            let name = path.file_name().unwrap().to_string_lossy().into_owned();
-            name.starts_with("wal-") && name.ends_with(".log")
-        })
-        .collect();
-    segments.sort();
-    segments
-}
 
 /// The leader node `id` names for `shard` (`None`: no view or no leader).
 fn named_leader(cluster: &Cluster, id: u64, shard: u32) -> Option<u64> {
@@ -87,7 +72,8 @@ fn no_node_names_a_guarded_replica_as_leader_of_a_shard_it_does_not_lead() {
             .unwrap_or(false)
     });
     cluster.kill9(r);
-    let (segment, at) = segments(&cluster, r)
+    let (segment, at) = cluster
+        .wal_segments(r)
         .into_iter()
         .find_map(|segment| {
             let bytes = std::fs::read(&segment).unwrap();

@@ -17,7 +17,7 @@
 use std::time::{Duration, Instant};
 
 use kv_testkit::cluster::{send, wait_until, BOUND};
-use kv_testkit::{Cluster, ClusterOpts};
+use kv_testkit::{reported_wait, Cluster, ClusterOpts};
 
 const LEADER_WAIT: Duration = Duration::from_secs(1);
 
@@ -34,17 +34,6 @@ fn key_per_shard(shards: u32) -> Vec<String> {
         n += 1;
     }
     keys.into_iter().flatten().collect()
-}
-
-/// The wait a 503's error reports: "...; waited 953ms" or "(waited 1s)".
-fn reported_wait(error: &str) -> Duration {
-    let after = error
-        .rsplit("waited ")
-        .next()
-        .filter(|after| *after != error)
-        .unwrap_or_else(|| panic!("no wait reported: {error}"));
-    let figure = after.split(')').next().unwrap();
-    humantime::parse_duration(figure).unwrap_or_else(|e| panic!("{figure:?}: {e}"))
 }
 
 #[test]

@@ -47,20 +47,6 @@ fn put(cluster: &Cluster, i: u64) {
     });
 }
 
-/// Node `id`'s log segments, oldest first.
-fn segments(cluster: &Cluster, id: u64) -> Vec<PathBuf> {
-    let mut segments: Vec<PathBuf> = std::fs::read_dir(cluster.data_dir(id))
-        .unwrap()
-        .map(|entry| entry.unwrap().path())
-        .filter(|path| {
-            let name = path.file_name().unwrap().to_string_lossy().into_owned();
-            name.starts_with("wal-") && name.ends_with(".log")
-        })
-        .collect();
-    segments.sort();
-    segments
-}
-
 #[test]
 fn a_replica_repaired_after_log_damage_gets_the_cut_entries_back_from_its_peers() {
     let opts = ClusterOpts {
@@ -78,7 +64,7 @@ fn a_replica_repaired_after_log_damage_gets_the_cut_entries_back_from_its_peers(
 
     // Flip one byte half-way through the written part of the newest
     // segment (segments are preallocated: the tail is zeros).
-    let segment = segments(&cluster, DAMAGED).pop().expect("a log segment");
+    let segment = cluster.wal_segments(DAMAGED).pop().expect("a log segment");
     let mut bytes = std::fs::read(&segment).unwrap();
     let written = bytes
         .iter()
@@ -217,7 +203,7 @@ fn put_on(cluster: &Cluster, id: u64, key: &str, value: &str) {
 
 /// Where `needle` first occurs in node `id`'s log segments: (segment, offset).
 fn find_in_log(cluster: &Cluster, id: u64, needle: &[u8]) -> Option<(PathBuf, usize)> {
-    segments(cluster, id).into_iter().find_map(|segment| {
+    cluster.wal_segments(id).into_iter().find_map(|segment| {
         let bytes = std::fs::read(&segment).unwrap();
         bytes
             .windows(needle.len())

@@ -18,20 +18,9 @@
 
 use std::time::{Duration, Instant};
 
-use kv_testkit::{binary, request, FakeCluster, Process};
+use kv_testkit::{binary, reported_wait, request, FakeCluster, Process};
 
 const LEADER_WAIT: Duration = Duration::from_secs(1);
-
-/// The wait a 503's error text reports: "... (waited 1s 953ms)".
-fn reported_wait(error: &str) -> Duration {
-    let after = error
-        .rsplit("waited ")
-        .next()
-        .filter(|after| *after != error)
-        .unwrap_or_else(|| panic!("no wait reported: {error}"));
-    let figure = after.split(')').next().unwrap();
-    humantime::parse_duration(figure).unwrap_or_else(|e| panic!("{figure:?}: {e}"))
-}
 
 #[test]
 fn a_leader_that_cannot_confirm_costs_one_budget_not_one_per_try() {

@@ -264,6 +264,25 @@ impl Cluster {
         self.dir.path().join(format!("node{id}"))
     }
 
+    /// Node `id`'s write-ahead log segments (`wal-*.log`), oldest first,
+    /// for tests that damage them.
+    pub fn wal_segments(&self, id: u64) -> Vec<PathBuf> {
+        let mut segments: Vec<PathBuf> = std::fs::read_dir(self.data_dir(id))
+            .map(|entries| {
+                entries
+                    .filter_map(|entry| entry.ok().map(|entry| entry.path()))
+                    .filter(|path| {
+                        path.file_name()
+                            .map(|name| name.to_string_lossy())
+                            .is_some_and(|name| name.starts_with("wal-") && name.ends_with(".log"))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        segments.sort();
+        segments
+    }
+
     /// The file holding [`ClusterOpts::token`], read by each server when it
     /// starts (a test may rewrite it to start one node with another token).
     pub fn token_file(&self) -> PathBuf {

@@ -490,6 +490,20 @@ fn parse_response(raw: &[u8], head_only: bool) -> std::io::Result<Response> {
     })
 }
 
+/// The wait a 503's error text reports, as kv-node and kv-proxy word it:
+/// "...; waited 953ms" or "(waited 1s 953ms)". Panics (a test helper) when
+/// the text reports none.
+#[allow(clippy::panic)]
+pub fn reported_wait(error: &str) -> Duration {
+    let after = error
+        .rsplit("waited ")
+        .next()
+        .filter(|after| *after != error)
+        .unwrap_or_else(|| panic!("no wait reported: {error}"));
+    let figure = after.split(')').next().unwrap_or(after);
+    humantime::parse_duration(figure).unwrap_or_else(|e| panic!("{figure:?}: {e}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
