@@ -414,7 +414,8 @@ async fn read_chunked(connection: &mut Connection) -> Result<Bytes, ExchangeErro
                 read_more(connection).await?;
             }
         }
-        if body.len() + size > MAX_UNFRAMED_BODY {
+        // Compared without adding: a node's size may be near usize::MAX.
+        if size > MAX_UNFRAMED_BODY.saturating_sub(body.len()) {
             return Err(ExchangeError::BodyTooLarge);
         }
         fill(connection, size + 2).await?;

@@ -57,6 +57,9 @@ fn script(path: &str, head: &str, body: &[u8]) -> (Vec<u8>, bool) {
             answer.extend(std::iter::repeat_n(b's', BIG / 3));
             (answer, true)
         }
+        "/hugechunk" => fixed(
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n1\r\nx\r\nffffffffffffffff\r\nx\r\n0\r\n\r\n",
+        ),
         "/garbage" => (b"NOT HTTP AT ALL\r\n\r\n".to_vec(), true),
         "/short" => (
             b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nonly this".to_vec(),
@@ -223,7 +226,7 @@ fn every_framing_a_node_may_answer_with_is_relayed_whole() {
 #[test]
 fn a_broken_answer_is_a_json_502_and_the_proxy_goes_on() {
     let proxy = start_proxy(scripted_node());
-    for path in ["/garbage", "/short"] {
+    for path in ["/garbage", "/short", "/hugechunk"] {
         let got = request(proxy.addr, "GET", path, None).unwrap();
         assert_eq!(got.status, 502, "{path}: {}", got.text());
         assert_eq!(got.header("content-type"), Some("application/json"));
